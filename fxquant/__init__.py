@@ -1,0 +1,28 @@
+"""fxquant: a torch.fx graph-transformation compiler that quantizes super-resolution networks.
+
+    import fxquant
+    qmodel = fxquant.compile(model, "minmax-w8a8", calib=patches)
+"""
+
+from fxquant.compiler import compile, load, save
+from fxquant.errors import (
+    CalibrationError,
+    CheckpointError,
+    DataError,
+    FxquantError,
+    PassError,
+    RecipeError,
+    TraceFailure,
+)
+from fxquant.pipeline import Pass, PassContext, PassManager, PassResult, parse_pipeline, register_pass
+from fxquant.recipe import Recipe, available_presets, load_preset, resolve_recipe
+from fxquant.tracing import trace
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CalibrationError", "CheckpointError", "DataError", "FxquantError", "Pass", "PassContext",
+    "PassError", "PassManager", "PassResult", "Recipe", "RecipeError", "TraceFailure",
+    "available_presets", "compile", "load", "load_preset", "parse_pipeline", "register_pass",
+    "resolve_recipe", "save", "trace",
+]

@@ -1,0 +1,103 @@
+"""Graph queries and small edits shared by the passes: which nodes are convs, which are
+selected by a recipe, and inserting a module call on a node's input."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from dataclasses import dataclass
+
+from torch import fx, nn
+
+from fxquant.recipe import LayerConfig
+
+OP_TYPE_MODULES: dict[str, tuple[type[nn.Module], ...]] = {
+    "conv2d": (nn.Conv2d,),
+    "conv_transpose2d": (nn.ConvTranspose2d,),
+    "linear": (nn.Linear,),
+}
+CONV_TYPES = (nn.Conv2d, nn.ConvTranspose2d)
+
+
+def module_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    if node.op != "call_module":
+        return None
+    return gm.get_submodule(node.target)
+
+
+def conv_nodes(gm: fx.GraphModule) -> list[fx.Node]:
+    """Every call of a conv or transposed-conv module, in graph (topological) order."""
+    return [n for n in gm.graph.nodes if isinstance(module_of(gm, n), CONV_TYPES)]
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The nodes a recipe quantizes, and why the others were left out."""
+
+    nodes: tuple[fx.Node, ...]
+    skipped: dict  # node name -> reason
+
+
+def select_layers(gm: fx.GraphModule, layers: LayerConfig) -> Selection:
+    """Apply op types, include/exclude globs and the keep-first-last rule."""
+    wanted = tuple(t for op in layers.op_types for t in OP_TYPE_MODULES[op])
+    convs = conv_nodes(gm)
+    edge = {convs[0].name, convs[-1].name} if layers.keep_first_last and convs else set()
+    chosen, skipped = [], {}
+    for node in gm.graph.nodes:
+        module = module_of(gm, node)
+        if module is None or not isinstance(module, wanted + CONV_TYPES):
+            continue
+        name = str(node.target)
+        if not isinstance(module, wanted):
+            skipped[node.name] = f"op type {type(module).__name__} not in layers.op_types"
+        elif node.name in edge:
+            skipped[node.name] = "first/last conv kept full precision (layers.keep_first_last)"
+        elif not any(fnmatch.fnmatchcase(name, p) for p in layers.include):
+            skipped[node.name] = "not matched by layers.include"
+        elif any(fnmatch.fnmatchcase(name, p) for p in layers.exclude):
+            skipped[node.name] = "matched by layers.exclude"
+        else:
+            chosen.append(node)
+    return Selection(tuple(chosen), skipped)
+
+
+def unique_attr_name(gm: fx.GraphModule, base: str) -> str:
+    base = re.sub(r"\W", "_", base)
+    name, index = base, 1
+    while hasattr(gm, name):
+        name = f"{base}_{index}"
+        index += 1
+    return name
+
+
+def insert_input_module(gm: fx.GraphModule, node: fx.Node, module: nn.Module,
+                        suffix: str) -> fx.Node:
+    """Route ``node``'s first argument through a new ``call_module`` of ``module``.
+
+    Only this consumer sees the new node: other users of the same value are untouched,
+    so every quantized layer has its own input quantizer.
+    """
+    name = unique_attr_name(gm, f"{node.name}_{suffix}")
+    gm.add_submodule(name, module)
+    source = node.args[0]
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_module(name, (source,))
+    node.update_arg(0, new)
+    return new
+
+
+def replace_module_node(gm: fx.GraphModule, node: fx.Node, module: nn.Module,
+                        name: str) -> fx.Node:
+    """Replace ``call_module`` node ``node`` by a call of ``module``, registered as ``name``
+    (the new node is named after it); the old submodule goes once nothing calls it."""
+    old = node.target
+    name = unique_attr_name(gm, name)
+    gm.add_submodule(name, module)
+    with gm.graph.inserting_before(node):
+        new = gm.graph.call_module(name, node.args, node.kwargs)
+    node.replace_all_uses_with(new)
+    gm.graph.erase_node(node)
+    if not any(n.op == "call_module" and n.target == old for n in gm.graph.nodes):
+        gm.delete_submodule(old)
+    return new

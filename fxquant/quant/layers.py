@@ -1,0 +1,39 @@
+"""Layers whose weights pass through a quantizer."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fxquant.quant.base import Quantizer
+
+
+class QuantConv2d(nn.Conv2d):
+    """A ``Conv2d`` that fake-quantizes its weight on every call (bias stays FP).
+
+    It shares the original conv's parameters, so state_dict keys keep the upstream names
+    (``<conv>.weight``, ``<conv>.bias``) plus ``<conv>.weight_quantizer.*``.
+    """
+
+    def __init__(self, conv: nn.Conv2d, weight_quantizer: Quantizer):
+        super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size,
+                         stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
+                         groups=conv.groups, bias=conv.bias is not None,
+                         padding_mode=conv.padding_mode, device="meta")
+        self.weight = conv.weight
+        self.bias = conv.bias
+        self.weight_quantizer = weight_quantizer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, self.weight_quantizer(self.weight), self.bias)
+
+
+def swap_in_quant_conv(root: nn.Module, target: str, weight_quantizer: Quantizer) -> QuantConv2d:
+    """Replace submodule ``target`` of ``root`` (a Conv2d) by a QuantConv2d in place."""
+    parent_name, _, child = target.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    conv = getattr(parent, child)
+    quant = QuantConv2d(conv, weight_quantizer)
+    quant.train(conv.training)
+    setattr(parent, child, quant)
+    return quant

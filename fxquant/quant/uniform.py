@@ -1,0 +1,112 @@
+"""Uniform affine fake-quantization with straight-through gradients.
+
+``q = clamp(round(x / s) + z, qmin, qmax)`` and ``x̂ = (q - z)·s``. ``round`` is
+``torch.round`` (half to even) in the forward pass and the identity in the backward pass,
+so gradients reach both the input (masked outside the range by the clamp) and the scale,
+which lets quantization-aware training learn ranges (LSQ-style).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fxquant.quant.base import Quantizer
+
+EPS = 1e-12
+
+
+def round_ste(x: torch.Tensor) -> torch.Tensor:
+    """Round half to even forward, identity backward."""
+    return x + (torch.round(x) - x).detach()
+
+
+def fake_quantize(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                  qmin: int, qmax: int) -> torch.Tensor:
+    q = torch.clamp(round_ste(x / scale) + zero_point, qmin, qmax)
+    return (q - zero_point) * scale
+
+
+def unsigned_range(bits: int) -> tuple[int, int]:
+    return 0, 2 ** bits - 1
+
+
+def symmetric_range(bits: int) -> tuple[int, int]:
+    """Restricted symmetric range ``±(2^(b-1) - 1)`` so that 0 is a level and the grid is odd."""
+    limit = 2 ** (bits - 1) - 1
+    return -limit, limit
+
+
+def affine_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int, *,
+                   include_zero: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale and zero point mapping ``[lo, hi]`` onto ``0..2^b - 1``.
+
+    With ``include_zero`` the range is widened to contain 0 (activations, so that zero
+    padding is exact). Without it the grid is still aligned to multiples of the step (the
+    DFSQ weight quantizer): ``x̂ = s·clip(round(x/s), round(lo/s), round(lo/s) + 2^b - 1)``.
+    """
+    lo = torch.as_tensor(lo, dtype=torch.float32)
+    hi = torch.as_tensor(hi, dtype=torch.float32)
+    if include_zero:
+        lo = torch.minimum(lo, torch.zeros_like(lo))
+        hi = torch.maximum(hi, torch.zeros_like(hi))
+    qmin, qmax = unsigned_range(bits)
+    scale = torch.clamp((hi - lo) / (qmax - qmin), min=EPS)
+    zero_point = qmin - torch.round(lo / scale)
+    return scale, zero_point
+
+
+def symmetric_qparams(max_abs: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    max_abs = torch.as_tensor(max_abs, dtype=torch.float32)
+    _, qmax = symmetric_range(bits)
+    scale = torch.clamp(max_abs / qmax, min=EPS)
+    return scale, torch.zeros_like(scale)
+
+
+class UniformQuantizer(Quantizer):
+    """Static uniform fake-quantizer, per tensor or per channel along ``ch_axis``.
+
+    ``scale`` and ``zero_point`` are buffers (state_dict round-trips); with ``learnable``
+    the scale is a Parameter for QAT.
+    """
+
+    kind = "uniform"
+
+    def __init__(self, bits: int, *, symmetric: bool = False, channels: int | None = None,
+                 ch_axis: int = 1, ndim: int = 4, learnable: bool = False):
+        super().__init__()
+        self.bits = bits
+        self.symmetric = symmetric
+        self.channels = channels
+        self.ch_axis = ch_axis
+        self.qmin, self.qmax = symmetric_range(bits) if symmetric else unsigned_range(bits)
+        shape = [1] * ndim if channels is not None else []
+        if channels is not None:
+            shape[ch_axis] = channels
+        scale = torch.ones(shape)
+        if learnable:
+            self.scale = torch.nn.Parameter(scale)
+        else:
+            self.register_buffer("scale", scale)
+        self.register_buffer("zero_point", torch.zeros(shape))
+
+    @property
+    def granularity(self) -> str:
+        return "per-channel" if self.channels is not None else "per-tensor"
+
+    def set_qparams(self, scale: torch.Tensor, zero_point: torch.Tensor) -> None:
+        with torch.no_grad():
+            self.scale.copy_(scale.reshape(self.scale.shape))
+            self.zero_point.copy_(zero_point.reshape(self.zero_point.shape))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fake_quantize(x, self.scale, self.zero_point, self.qmin, self.qmax)
+
+    def describe(self) -> dict:
+        return {"kind": self.kind, "bits": self.bits, "granularity": self.granularity,
+                "mode": "static", "symmetric": self.symmetric}
+
+    def check(self) -> None:
+        if not torch.isfinite(self.scale).all() or (self.scale <= 0).any():
+            raise ValueError("uniform quantizer has a non-finite or non-positive scale")
+        if not torch.isfinite(self.zero_point).all():
+            raise ValueError("uniform quantizer has a non-finite zero point")

@@ -1,0 +1,350 @@
+"""Recipes: what to quantize and how, as a validated tree of dataclasses.
+
+A recipe is loaded from a preset name (``"minmax-w8a8"``), a TOML file, a dict, or built
+directly. Every key is checked: an unknown key is named together with the valid ones, and
+values outside their domain (bits outside 2..16, an unknown observer) are rejected with the
+valid choices listed. Methods (uniform, DAQ, DFSQ, ...) register an options dataclass and a
+default pass pipeline with :func:`register_method`; their options live in ``[options]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fxquant.errors import RecipeError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised only on 3.10
+    import tomli as tomllib
+
+PRESET_DIR = Path(__file__).parent / "recipes"
+
+MIN_BITS, MAX_BITS = 2, 16
+WEIGHT_OBSERVERS = ("minmax", "symmetric")
+ACTIVATION_OBSERVERS = ("minmax", "percentile", "mse")
+GRANULARITIES = ("per-tensor", "per-channel")
+OP_TYPES = ("conv2d", "conv_transpose2d", "linear")
+
+
+def _check_bits(bits: int, where: str) -> None:
+    if not MIN_BITS <= bits <= MAX_BITS:
+        raise RecipeError(f"{where}: bits = {bits} is impossible; use an integer in "
+                          f"{MIN_BITS}..{MAX_BITS}")
+
+
+def _check_choice(value: str, choices: tuple[str, ...], where: str) -> None:
+    if value not in choices:
+        raise RecipeError(f"{where}: '{value}' is not valid; choose one of {', '.join(choices)}")
+
+
+@dataclass
+class WeightConfig:
+    """Weight quantizer: uniform, per output channel by default.
+
+    ``observer = "minmax"`` is the asymmetric min/max grid of the DFSQ code (the grid is
+    aligned to multiples of the step, the range need not contain 0); ``"symmetric"`` is
+    max-abs with levels ``-(2^(b-1)-1)..2^(b-1)-1``.
+    """
+
+    bits: int = 8
+    granularity: str = "per-channel"
+    observer: str = "minmax"
+
+    def validate(self, where: str = "weights") -> None:
+        _check_bits(self.bits, f"{where}.bits")
+        _check_choice(self.granularity, GRANULARITIES, f"{where}.granularity")
+        _check_choice(self.observer, WEIGHT_OBSERVERS, f"{where}.observer")
+
+
+@dataclass
+class ActivationConfig:
+    """Activation quantizer for conv inputs: static uniform per tensor by default.
+
+    ``observer`` picks how the static range is calibrated: ``minmax``, ``percentile``
+    (the ``percentile``-th and ``100 - percentile``-th percentiles), or ``mse`` (the clipping
+    range minimising the expected squared quantization error on the calibration histogram).
+    """
+
+    bits: int = 8
+    granularity: str = "per-tensor"
+    observer: str = "minmax"
+    percentile: float = 99.99
+
+    def validate(self, where: str = "activations") -> None:
+        _check_bits(self.bits, f"{where}.bits")
+        _check_choice(self.granularity, GRANULARITIES, f"{where}.granularity")
+        _check_choice(self.observer, ACTIVATION_OBSERVERS, f"{where}.observer")
+        if not 50.0 < self.percentile <= 100.0:
+            raise RecipeError(f"{where}.percentile = {self.percentile} must lie in (50, 100]")
+
+
+@dataclass
+class LayerConfig:
+    """Which layers are quantized.
+
+    ``include``/``exclude`` are glob patterns on qualified module names (``body.*.conv1``);
+    ``op_types`` restricts the layer kinds. As in all four SR papers, the first and last conv
+    of the network stay full precision unless ``keep_first_last`` is false.
+    """
+
+    op_types: list[str] = field(default_factory=lambda: ["conv2d"])
+    include: list[str] = field(default_factory=lambda: ["*"])
+    exclude: list[str] = field(default_factory=list)
+    keep_first_last: bool = True
+
+    def validate(self, where: str = "layers") -> None:
+        if not self.op_types:
+            raise RecipeError(f"{where}.op_types is empty; give at least one of "
+                              f"{', '.join(OP_TYPES)}")
+        for op in self.op_types:
+            _check_choice(op, OP_TYPES, f"{where}.op_types")
+
+
+@dataclass
+class CalibrationConfig:
+    """Calibration data drawn by the CLI and the results command: seeded LR patches."""
+
+    num_patches: int = 32
+    patch_size: int = 48
+    batch_size: int = 8
+    seed: int = 0
+    sets: list[str] = field(default_factory=lambda: ["T91"])
+
+    def validate(self, where: str = "calibration") -> None:
+        for name in ("num_patches", "patch_size", "batch_size"):
+            if getattr(self, name) < 1:
+                raise RecipeError(f"{where}.{name} = {getattr(self, name)} must be >= 1")
+        if not self.sets:
+            raise RecipeError(f"{where}.sets is empty; name at least one training set, e.g. T91")
+
+
+@dataclass
+class TracingConfig:
+    """Escape hatches for models FX cannot trace as written.
+
+    ``leaf_modules`` lists qualified names or class names kept as opaque calls.
+    """
+
+    leaf_modules: list[str] = field(default_factory=list)
+
+
+@dataclass
+class UniformOptions:
+    """The uniform baselines have no method-specific options."""
+
+
+@dataclass(frozen=True)
+class MethodInfo:
+    name: str
+    options: type
+    pipeline: str
+    description: str
+
+
+_METHODS: dict[str, MethodInfo] = {}
+
+
+def register_method(name: str, options: type, pipeline: str, description: str) -> None:
+    """Make a quantization method available to recipes (``method = name``)."""
+    _METHODS[name] = MethodInfo(name, options, pipeline, description)
+
+
+def methods() -> dict[str, MethodInfo]:
+    return dict(_METHODS)
+
+
+register_method("uniform", UniformOptions, "trace,observe,calibrate,quantize,verify",
+                "uniform fake-quant: per-channel weights, static per-tensor activations")
+
+
+@dataclass
+class Recipe:
+    """A complete quantization recipe. See ``docs/recipes.md`` for every key."""
+
+    name: str = "custom"
+    method: str = "uniform"
+    pipeline: str = ""
+    weights: WeightConfig = field(default_factory=WeightConfig)
+    activations: ActivationConfig = field(default_factory=ActivationConfig)
+    layers: LayerConfig = field(default_factory=LayerConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    tracing: TracingConfig = field(default_factory=TracingConfig)
+    options: Any = None
+
+    def __post_init__(self) -> None:
+        if self.options is None and self.method in _METHODS:
+            self.options = _METHODS[self.method].options()
+
+    # ----------------------------------------------------------------- validation
+    def validate(self) -> "Recipe":
+        _check_choice(self.method, tuple(_METHODS), "method")
+        self.weights.validate()
+        self.activations.validate()
+        self.layers.validate()
+        self.calibration.validate()
+        expected = _METHODS[self.method].options
+        if not isinstance(self.options, expected):
+            raise RecipeError(f"options: expected {expected.__name__} for method "
+                              f"'{self.method}', got {type(self.options).__name__}")
+        validate_options = getattr(self.options, "validate", None)
+        if validate_options is not None:
+            validate_options("options")
+        return self
+
+    @property
+    def pipeline_spec(self) -> str:
+        """The pass pipeline: the explicit one, else the method's default."""
+        return self.pipeline or _METHODS[self.method].pipeline
+
+    # ----------------------------------------------------------------- conversion
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["options"] = dataclasses.asdict(self.options) if self.options is not None else {}
+        return data
+
+    def to_toml(self) -> str:
+        import tomli_w
+
+        return tomli_w.dumps(_drop_none(self.to_dict()))
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_toml())
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Recipe":
+        if not isinstance(data, dict):
+            raise RecipeError(f"a recipe must be a table/dict, got {type(data).__name__}")
+        data = dict(data)
+        options = data.pop("options", {})
+        recipe = _build(cls, data, "recipe")
+        method = _METHODS.get(recipe.method)
+        if method is None:
+            _check_choice(recipe.method, tuple(_METHODS), "method")
+        recipe.options = _build(method.options, options or {}, "options")
+        return recipe.validate()
+
+    @classmethod
+    def from_toml(cls, text: str, source: str = "<string>") -> "Recipe":
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise RecipeError(f"{source} is not valid TOML: {exc}") from None
+        try:
+            return cls.from_dict(data)
+        except RecipeError as exc:
+            raise RecipeError(f"{source}: {exc}") from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Recipe":
+        path = Path(path)
+        if not path.is_file():
+            raise RecipeError(f"recipe file {path} does not exist")
+        return cls.from_toml(path.read_text(), str(path))
+
+
+def _drop_none(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _drop_none(v) for k, v in data.items() if v is not None}
+    return data
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, dict):
+            raise RecipeError(f"{where} must be a table, got {value!r}")
+        return _build(tp, value, where)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(value, args[0], where)
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        if isinstance(value, str) or not isinstance(value, (list, tuple)):
+            raise RecipeError(f"{where} must be a list of {_type_name(item)}, got {value!r}")
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise RecipeError(f"{where} must be a table, got {value!r}")
+        return dict(value)
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise RecipeError(f"{where} must be true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise RecipeError(f"{where} must be an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise RecipeError(f"{where} must be a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise RecipeError(f"{where} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def _build(cls: type, data: dict, where: str) -> Any:
+    """Build dataclass ``cls`` from ``data``, naming unknown keys and listing valid ones."""
+    if not isinstance(data, dict):
+        raise RecipeError(f"{where} must be a table, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        valid = ", ".join(fields) or "(none)"
+        raise RecipeError(f"unknown key{'s' if len(unknown) > 1 else ''} "
+                          f"{', '.join(repr(k) for k in unknown)} in {where}; valid keys: {valid}")
+    kwargs = {name: _coerce(value, hints[name], f"{where}.{name}" if where != "recipe" else name)
+              for name, value in data.items()}
+    return cls(**kwargs)
+
+
+def available_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.toml"))
+
+
+def load_preset(name: str) -> Recipe:
+    path = PRESET_DIR / f"{name}.toml"
+    if not path.is_file():
+        raise RecipeError(f"unknown recipe preset '{name}'; presets: "
+                          f"{', '.join(available_presets())} (or give a .toml path)")
+    return Recipe.from_toml(path.read_text(), f"preset {name}")
+
+
+RecipeLike = typing.Union[str, Path, dict, Recipe]
+
+
+def resolve_recipe(recipe: RecipeLike) -> Recipe:
+    """Turn a preset name, TOML path, dict or Recipe into a validated :class:`Recipe`."""
+    if isinstance(recipe, Recipe):
+        return recipe.validate()
+    if isinstance(recipe, dict):
+        return Recipe.from_dict(recipe)
+    if isinstance(recipe, Path) or (isinstance(recipe, str) and recipe.endswith(".toml")):
+        return Recipe.load(recipe)
+    if isinstance(recipe, str):
+        return load_preset(recipe)
+    raise RecipeError(f"a recipe must be a preset name, a .toml path, a dict or a Recipe; "
+                      f"got {type(recipe).__name__}")
+

@@ -1,0 +1,45 @@
+"""``calibrate``: run calibration batches through the graph so observers see data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import fx
+from tqdm import tqdm
+
+from fxquant.calibration import as_batches
+from fxquant.observers import Observer
+from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
+
+
+@register_pass
+@dataclass(frozen=True)
+class CalibratePass(Pass):
+    """Run ``ctx.calib`` through the graph in eval mode, without gradients.
+
+    The graph is not changed; observers (and any module with calibration state) record
+    statistics. ``batches`` limits how many batches are used. Skipped when a compiled model
+    is being rebuilt for loading (``ctx.calibrate`` false).
+    """
+
+    name: ClassVar[str] = "calibrate"
+    batches: int | None = None
+
+    def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        needs_data = any(isinstance(m, Observer) or getattr(m, "needs_calibration", False)
+                         for m in gm.modules())
+        if not ctx.calibrate or not needs_data:
+            return PassResult(gm, False, {"batches": 0})
+        batches = as_batches(ctx.calib, ctx.recipe.calibration.batch_size)
+        if self.batches is not None:
+            batches = batches[: self.batches]
+        was_training = gm.training
+        gm.eval()
+        with torch.no_grad():
+            for batch in tqdm(batches, desc="calibrate", disable=not ctx.progress, leave=False):
+                gm(*batch)
+        gm.train(was_training)
+        return PassResult(gm, False, {"batches": len(batches),
+                                      "samples": sum(b[0].shape[0] for b in batches)})

@@ -1,0 +1,54 @@
+"""``observe``: put an observer in front of every selected layer's input."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from torch import fx
+
+from fxquant.graph import insert_input_module, select_layers
+from fxquant.observers import make_activation_observer
+from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
+from fxquant.recipe import ACTIVATION_OBSERVERS, GRANULARITIES, RecipeError
+
+
+@register_pass
+@dataclass(frozen=True)
+class ObservePass(Pass):
+    """Insert an activation observer on the input of each layer the recipe selects.
+
+    Before::                          After::
+
+        x ──► body_0_conv1               x ──► body_0_conv1_input_observer ──► body_0_conv1
+        x ──► body_0_conv2               x ──► body_0_conv2_input_observer ──► body_0_conv2
+
+    Each consumer gets its own observer, even where several convs read the same value.
+    ``observer`` / ``granularity`` override the recipe's activation settings. Observers are
+    identities, so outputs are unchanged.
+    """
+
+    name: ClassVar[str] = "observe"
+    observer: str | None = None
+    granularity: str | None = None
+
+    def __post_init__(self):
+        if self.observer is not None and self.observer not in ACTIVATION_OBSERVERS + ("moments",):
+            raise RecipeError(f"observer '{self.observer}' unknown; valid: "
+                              f"{', '.join(ACTIVATION_OBSERVERS + ('moments',))}")
+        if self.granularity is not None and self.granularity not in GRANULARITIES:
+            raise RecipeError(f"granularity '{self.granularity}' unknown; valid: "
+                              f"{', '.join(GRANULARITIES)}")
+
+    def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        acts = ctx.recipe.activations
+        method = self.observer or acts.observer
+        per_channel = (self.granularity or acts.granularity) == "per-channel"
+        selection = select_layers(gm, ctx.recipe.layers)
+        for node in selection.nodes:
+            observer = make_activation_observer(method, node.name, per_channel)
+            insert_input_module(gm, node, observer, "input_observer")
+        gm.recompile()
+        ctx.state["skipped_layers"] = selection.skipped
+        return PassResult(gm, bool(selection.nodes),
+                          {"observed": len(selection.nodes), "skipped": len(selection.skipped)})
