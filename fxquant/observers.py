@@ -72,13 +72,18 @@ class HistogramObserver(Observer):
 
     When a batch falls outside the current range the old counts are re-binned into the
     wider range (each old bin's count placed at its centre), as torch.ao's observer does.
+    ``range_method`` (``percentile`` or ``mse``) says how the quantize pass turns the
+    histogram into a clipping range.
     """
 
     kind = "histogram"
 
-    def __init__(self, node_name: str = "", bins: int = HISTOGRAM_BINS):
+    def __init__(self, node_name: str = "", bins: int = HISTOGRAM_BINS,
+                 range_method: str = "mse", percentile: float = 99.99):
         super().__init__(node_name)
         self.bins = bins
+        self.range_method = range_method
+        self.percentile = percentile
         self.hist = torch.zeros(bins, dtype=torch.float64)
         self.lo = self.hi = 0.0
         self.min_val = self.max_val = None
@@ -138,7 +143,8 @@ class MomentsObserver(Observer):
         return torch.clamp(self.sum_sq / self.count - self.mean ** 2, min=0.0)
 
 
-def make_activation_observer(method: str, node_name: str, per_channel: bool) -> Observer:
+def make_activation_observer(method: str, node_name: str, per_channel: bool,
+                             percentile: float = 99.99) -> Observer:
     """The observer a recipe's activation ``observer`` setting needs."""
     if method == "minmax":
         return MinMaxObserver(node_name, per_channel=per_channel)
@@ -146,7 +152,7 @@ def make_activation_observer(method: str, node_name: str, per_channel: bool) -> 
         if per_channel:
             raise CalibrationError(f"observer '{method}' is per tensor only; use 'minmax' "
                                    "for per-channel activations")
-        return HistogramObserver(node_name)
+        return HistogramObserver(node_name, range_method=method, percentile=percentile)
     if method == "moments":
         return MomentsObserver(node_name)
     raise CalibrationError(f"unknown observer '{method}'; valid: minmax, percentile, mse, moments")

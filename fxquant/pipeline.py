@@ -156,7 +156,6 @@ def parse_pipeline(spec: str) -> list[Pass]:
 
 def verify_graph(gm: fx.GraphModule) -> None:
     """Structural checks run after every pass; raise ``ValueError(node, message)``."""
-    gm.graph.lint()
     modules = dict(gm.named_modules())
     for node in gm.graph.nodes:
         if node.op == "call_module" and node.target not in modules:
@@ -172,6 +171,7 @@ def verify_graph(gm: fx.GraphModule) -> None:
                 check()
             except ValueError as exc:
                 raise _NodeProblem(name, str(exc)) from None
+    gm.graph.lint()
 
 
 class _NodeProblem(Exception):

@@ -35,7 +35,7 @@ OP_TYPES = ("conv2d", "conv_transpose2d", "linear")
 
 def _check_bits(bits: int, where: str) -> None:
     if not MIN_BITS <= bits <= MAX_BITS:
-        raise RecipeError(f"{where}: bits = {bits} is impossible; use an integer in "
+        raise RecipeError(f"{where} = {bits} is impossible; use an integer in "
                           f"{MIN_BITS}..{MAX_BITS}")
 
 

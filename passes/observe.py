@@ -46,7 +46,7 @@ class ObservePass(Pass):
         per_channel = (self.granularity or acts.granularity) == "per-channel"
         selection = select_layers(gm, ctx.recipe.layers)
         for node in selection.nodes:
-            observer = make_activation_observer(method, node.name, per_channel)
+            observer = make_activation_observer(method, node.name, per_channel, acts.percentile)
             insert_input_module(gm, node, observer, "input_observer")
         gm.recompile()
         ctx.state["skipped_layers"] = selection.skipped

@@ -15,21 +15,18 @@ from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
 from fxquant.quant import QuantConv2d, UniformQuantizer, swap_in_quant_conv
 from fxquant.quant.ranges import mse_range, percentile_range
 from fxquant.quant.uniform import affine_qparams, symmetric_qparams
-from fxquant.recipe import MAX_BITS, MIN_BITS, ActivationConfig, RecipeError, WeightConfig
+from fxquant.recipe import MAX_BITS, MIN_BITS, RecipeError, WeightConfig
 
 
-def activation_range(observer: Observer, config: ActivationConfig,
-                     bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The static range an observer's statistics give under the recipe's method."""
+def activation_range(observer: Observer, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The static range an observer's statistics give (min/max, percentile or MSE search)."""
     if isinstance(observer, MinMaxObserver):
         return observer.min_val, observer.max_val
     if isinstance(observer, HistogramObserver):
-        if config.observer == "percentile":
-            lo, hi = percentile_range(observer.hist, observer.lo, observer.hi, config.percentile)
-        elif config.observer == "mse":
-            lo, hi = mse_range(observer.hist, observer.centres(), bits)
+        if observer.range_method == "percentile":
+            lo, hi = percentile_range(observer.hist, observer.lo, observer.hi, observer.percentile)
         else:
-            lo, hi = observer.min_val, observer.max_val
+            lo, hi = mse_range(observer.hist, observer.centres(), bits)
         return torch.tensor(lo), torch.tensor(hi)
     raise CalibrationError(f"observer {type(observer).__name__} at '{observer.node_name}' "
                            "gives no uniform range")
@@ -93,7 +90,7 @@ class QuantizePass(Pass):
             channels = conv.in_channels if recipe.activations.granularity == "per-channel" else None
             quantizer = UniformQuantizer(a_bits, channels=channels)
             if observer.has_data:
-                lo, hi = activation_range(observer, recipe.activations, a_bits)
+                lo, hi = activation_range(observer, a_bits)
                 quantizer.set_qparams(*affine_qparams(lo, hi, a_bits))
             elif ctx.calibrate:
                 raise CalibrationError(f"observer '{node.target}' saw no calibration data: "

@@ -1,0 +1,35 @@
+# Set-up is part of every target: a fresh clone needs only `make demo` or `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# The shared data folder beside the repo, unless FXQUANT_DATA is already set.
+FXQUANT_DATA ?= $(abspath ../shared/data)
+export FXQUANT_DATA
+# torch==2.13.0 resolves to the local CPU wheel; constraints.txt stops any dependency from
+# pulling a CUDA build.
+PIP := $(PY) -m pip install -q --disable-pip-version-check -c constraints.txt
+
+.PHONY: install demo test test-fast results clean
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) torch==2.13.0
+	$(PIP) -e '.[test,viz]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(PY) -m fxquant.cli demo
+
+test: install
+	$(PY) -m pytest -q -n 2 --dist loadfile
+
+test-fast: install
+	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
+
+results: install
+	$(PY) -m fxquant.cli table --config docs/results.toml --out docs/results.md
+
+clean:
+	rm -rf $(VENV) .pytest_cache
