@@ -29,7 +29,7 @@ test-fast: install
 	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
 
 results: install
-	$(PY) -m fxquant.cli table --config docs/results.toml --out docs/results.md
+	for c in docs/results/*.toml; do $(PY) -m fxquant.cli table --config $$c --out docs/results.md || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -18,6 +18,8 @@ from fxquant.pipeline import Pass, PassContext, PassManager, PassResult, parse_p
 from fxquant.recipe import Recipe, available_presets, load_preset, resolve_recipe
 from fxquant.tracing import trace
 
+import fxquant.passes  # noqa: E402,F401  - registers the built-in passes and methods
+
 __version__ = "0.1.0"
 
 __all__ = [

@@ -101,3 +101,49 @@ def replace_module_node(gm: fx.GraphModule, node: fx.Node, module: nn.Module,
     if not any(n.op == "call_module" and n.target == old for n in gm.graph.nodes):
         gm.delete_submodule(old)
     return new
+
+
+# Ops after which a value is >= 0 whatever their input.
+_NONNEGATIVE_MODULES = (nn.ReLU, nn.ReLU6, nn.Sigmoid, nn.Softmax, nn.Hardsigmoid)
+_NONNEGATIVE_FUNCTIONS = {"relu", "relu_", "relu6", "sigmoid", "softmax", "hardsigmoid", "abs"}
+# Ops that keep a value >= 0 when all their tensor inputs are.
+_PRESERVING_MODULES = (nn.PixelShuffle, nn.PixelUnshuffle, nn.MaxPool2d, nn.AvgPool2d,
+                       nn.AdaptiveAvgPool2d, nn.Upsample, nn.Identity, nn.Dropout, nn.Flatten)
+_PRESERVING_FUNCTIONS = {"pixel_shuffle", "pixel_unshuffle", "cat", "concat", "max_pool2d",
+                         "avg_pool2d", "adaptive_avg_pool2d", "interpolate", "upsample",
+                         "flatten", "reshape", "view", "contiguous", "clone", "add", "mul",
+                         "getitem", "chunk", "split", "permute", "transpose", "pad"}
+
+
+def _op_name(node: fx.Node) -> str:
+    target = node.target
+    return target if isinstance(target, str) else getattr(target, "__name__", "")
+
+
+def produces_nonnegative(gm: fx.GraphModule, node: fx.Node, _depth: int = 0) -> bool:
+    """True when ``node``'s value is provably >= 0 from the graph (e.g. a post-ReLU input).
+
+    DAQ's and DFSQ's post-ReLU quantizer branches use this instead of hand-set flags:
+    ReLU-like ops make a value non-negative; pixel shuffle, pooling, concatenation,
+    interpolation, addition and multiplication keep it non-negative when all inputs are.
+    """
+    if _depth > 64:
+        return False
+    if node.op == "call_module":
+        module = gm.get_submodule(node.target)
+        if isinstance(module, _NONNEGATIVE_MODULES):
+            return True
+        if not isinstance(module, _PRESERVING_MODULES) and not getattr(module, "preserves_sign", False):
+            return False
+    elif node.op in ("call_function", "call_method"):
+        name = _op_name(node)
+        if name in _NONNEGATIVE_FUNCTIONS:
+            return True
+        if name not in _PRESERVING_FUNCTIONS:
+            return False
+        if name in ("add", "mul") and any(isinstance(a, (int, float)) and a < 0 for a in node.args):
+            return False
+    else:
+        return False
+    inputs = node.all_input_nodes
+    return bool(inputs) and all(produces_nonnegative(gm, n, _depth + 1) for n in inputs)
