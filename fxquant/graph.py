@@ -7,6 +7,7 @@ import fnmatch
 import re
 from dataclasses import dataclass
 
+import torch
 from torch import fx, nn
 
 from fxquant.recipe import LayerConfig
@@ -30,6 +31,17 @@ def conv_nodes(gm: fx.GraphModule) -> list[fx.Node]:
     return [n for n in gm.graph.nodes if isinstance(module_of(gm, n), CONV_TYPES)]
 
 
+def is_channel_affine(module: nn.Module) -> bool:
+    """A 1×1 conv with a diagonal weight (e.g. EDSR's MeanShift): a fixed per-channel
+    affine map rather than a learned feature layer."""
+    if not isinstance(module, nn.Conv2d) or module.kernel_size != (1, 1) or module.groups != 1:
+        return False
+    if module.in_channels != module.out_channels:
+        return False
+    weight = module.weight.detach()[:, :, 0, 0]
+    return bool((weight - torch.diag(torch.diagonal(weight)) == 0).all())
+
+
 @dataclass(frozen=True)
 class Selection:
     """The nodes a recipe quantizes, and why the others were left out."""
@@ -41,7 +53,7 @@ class Selection:
 def select_layers(gm: fx.GraphModule, layers: LayerConfig) -> Selection:
     """Apply op types, include/exclude globs and the keep-first-last rule."""
     wanted = tuple(t for op in layers.op_types for t in OP_TYPE_MODULES[op])
-    convs = conv_nodes(gm)
+    convs = [n for n in conv_nodes(gm) if not is_channel_affine(module_of(gm, n))]
     edge = {convs[0].name, convs[-1].name} if layers.keep_first_last and convs else set()
     chosen, skipped = [], {}
     for node in gm.graph.nodes:
@@ -51,6 +63,8 @@ def select_layers(gm: fx.GraphModule, layers: LayerConfig) -> Selection:
         name = str(node.target)
         if not isinstance(module, wanted):
             skipped[node.name] = f"op type {type(module).__name__} not in layers.op_types"
+        elif is_channel_affine(module):
+            skipped[node.name] = "per-channel affine 1x1 conv (e.g. mean shift) kept full precision"
         elif node.name in edge:
             skipped[node.name] = "first/last conv kept full precision (layers.keep_first_last)"
         elif not any(fnmatch.fnmatchcase(name, p) for p in layers.include):

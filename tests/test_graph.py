@@ -38,3 +38,19 @@ def test_post_relu_inputs_are_found_from_the_graph():
     flags = {str(n.target): produces_nonnegative(gm, n.args[0]) for n in conv_nodes(gm)}
     assert flags == {"a": False, "after_relu": True, "after_shuffle_cat": True,
                      "after_leaky": False, "after_residual": False, "after_neg_scale": False}
+
+
+def test_mean_shift_convs_are_not_first_or_last_and_stay_float():
+    from fxquant.graph import select_layers
+    from fxquant.models import build_model
+    from fxquant.recipe import LayerConfig
+
+    gm = trace(build_model("edsr_baseline", 2))
+    selection = select_layers(gm, LayerConfig())
+    chosen = [str(n.target) for n in selection.nodes]
+    assert "head.0" not in chosen and "tail.1" not in chosen
+    assert "sub_mean" not in chosen and "add_mean" not in chosen
+    assert "mean shift" in selection.skipped["sub_mean"]
+    assert "first/last" in selection.skipped["head_0"] and "first/last" in selection.skipped["tail_1"]
+    assert chosen[0] == "body.0.body.0" and chosen[-1] == "tail.0.0"
+    assert len(chosen) == 16 * 2 + 1 + 1  # block convs, body.16, the x2 upsampler conv

@@ -1,0 +1,177 @@
+"""The ``fxquant`` command line: eval, compile, inspect, table, demo, models, recipes."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+from fxquant.errors import FxquantError
+
+
+def _datasets(text: str) -> list[str]:
+    return [d.strip() for d in text.split(",") if d.strip()]
+
+
+def _add_model_args(parser: argparse.ArgumentParser, recipe_default: str | None = None) -> None:
+    parser.add_argument("--model", required=True, help="zoo model name (see `fxquant models`)")
+    parser.add_argument("--scale", type=int, required=True, help="upscaling factor")
+    parser.add_argument("--recipe", default=recipe_default,
+                        help="preset name (see `fxquant recipes`) or path to a .toml recipe")
+    parser.add_argument("--checkpoint", help="load this checkpoint instead of the pretrained one")
+    parser.add_argument("--data", help="data root (default: $FXQUANT_DATA)")
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from fxquant.workflow import evaluate_sets, prepare
+
+    models = prepare(args.model, args.scale, args.recipe, data_root=args.data,
+                     checkpoint=args.checkpoint, progress=not args.json)
+    datasets = _datasets(args.datasets)
+    results = {}
+    for which in ("fp", "quant"):
+        scores = evaluate_sets(models.runner(which), models.spec, args.scale, datasets,
+                               data_root=args.data, limit=args.limit, progress=not args.json,
+                               label=which)
+        for ds, score in scores.items():
+            results.setdefault(ds, {})[which] = {"psnr": round(score.psnr, 4),
+                                                 "ssim": round(score.ssim, 4)}
+    report = {"model": args.model, "scale": args.scale, "recipe": args.recipe,
+              "datasets": results}
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    print(f"{args.model} x{args.scale}, recipe {args.recipe}"
+          + (f" (first {args.limit} images per set)" if args.limit else ""))
+    print(f"{'dataset':<10} {'FP PSNR':>8} {'FP SSIM':>8} {'Q PSNR':>8} {'Q SSIM':>8} {'ΔPSNR':>7}")
+    for ds, r in results.items():
+        print(f"{ds:<10} {r['fp']['psnr']:>8.3f} {r['fp']['ssim']:>8.4f} {r['quant']['psnr']:>8.3f} "
+              f"{r['quant']['ssim']:>8.4f} {r['quant']['psnr'] - r['fp']['psnr']:>+7.3f}")
+    return 0
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    import fxquant
+    from fxquant.workflow import prepare
+
+    models = prepare(args.model, args.scale, args.recipe, data_root=args.data,
+                     checkpoint=args.checkpoint, progress=True, dump_dir=args.dump_dir)
+    fxquant.save(models.quant_model, args.out, model_name=args.model, scale=args.scale)
+    summary = {"out": args.out, "pipeline": models.quant_model.fxquant_pipeline,
+               "passes": [{"pass": p, **info} for p, info in models.quant_model.fxquant_history]}
+    print(json.dumps(summary) if args.json else
+          f"saved {args.out}\npipeline: {summary['pipeline']}\n" +
+          "\n".join(f"  {p['pass']}: {p}" for p in summary["passes"]))
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    import fxquant
+    from fxquant.inspect import graph_table, node_rows
+    from fxquant.workflow import prepare
+
+    if args.compiled:
+        gm = fxquant.load(args.compiled, data_root=args.data)
+    else:
+        if not (args.model and args.scale and args.recipe):
+            raise FxquantError("inspect needs --compiled FILE, or --model, --scale and --recipe")
+        gm = prepare(args.model, args.scale, args.recipe, data_root=args.data).quant_model
+    if args.json:
+        print(json.dumps({"nodes": node_rows(gm)}, default=str))
+    else:
+        print(graph_table(gm), end="")
+    return 0
+
+
+def cmd_table(args: argparse.Namespace) -> int:
+    from fxquant.results import run_table
+
+    run_table(args.config, args.out, data_root=args.data)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    args.model, args.scale, args.recipe, args.datasets = "imdn", 4, "minmax-w4a4", "Set5"
+    args.checkpoint, args.limit, args.json = None, None, False
+    print("fxquant demo: IMDN x4 compiled with the 4-bit uniform preset (minmax-w4a4)")
+    return cmd_eval(args)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from fxquant.models import available_models, get_spec
+
+    for name in available_models():
+        spec = get_spec(name)
+        weights = "pretrained" if spec.weight_files else "no weights here"
+        print(f"{name:<14} x{','.join(map(str, spec.scales)):<6} {spec.color:<4} {weights:<16} "
+              f"{spec.description}")
+    return 0
+
+
+def cmd_recipes(args: argparse.Namespace) -> int:
+    from fxquant.recipe import available_presets, load_preset
+
+    for name in available_presets():
+        r = load_preset(name)
+        print(f"{name:<18} method={r.method} w{r.weights.bits}/{r.weights.granularity} "
+              f"a{r.activations.bits}/{r.activations.granularity}/{r.activations.observer}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fxquant", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("eval", help="FP vs quantized PSNR/SSIM of a zoo model")
+    _add_model_args(p, "minmax-w8a8")
+    p.add_argument("--datasets", default="Set5", help="comma-separated: Set5,Set14,B100,Urban100")
+    p.add_argument("--limit", type=int, help="evaluate only the first N images of each set")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("compile", help="compile a zoo model and save it")
+    _add_model_args(p, "minmax-w8a8")
+    p.add_argument("--out", required=True, help="output file (.fxq)")
+    p.add_argument("--dump-dir", help="write the graph after every pass to this folder")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_compile)
+
+    p = sub.add_parser("inspect", help="print the graph with each node's quantizer")
+    p.add_argument("--compiled", help="a saved compiled model")
+    p.add_argument("--model")
+    p.add_argument("--scale", type=int)
+    p.add_argument("--recipe")
+    p.add_argument("--data", help="data root (default: $FXQUANT_DATA)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("table", help="run a models x scales x recipes x datasets matrix into Markdown")
+    p.add_argument("--config", default="docs/results/uniform.toml",
+                   help="TOML file of [[run]] tables; results go to the .json beside it")
+    p.add_argument("--out", default="docs/results.md",
+                   help="Markdown rendered from every store in the config's folder")
+    p.add_argument("--data", help="data root (default: $FXQUANT_DATA)")
+    p.set_defaults(func=cmd_table)
+
+    p = sub.add_parser("demo", help="IMDN x4, 4-bit uniform, FP vs quantized on Set5")
+    p.add_argument("--data", help="data root (default: $FXQUANT_DATA)")
+    p.set_defaults(func=cmd_demo)
+
+    sub.add_parser("models", help="list zoo models").set_defaults(func=cmd_models)
+    sub.add_parser("recipes", help="list recipe presets").set_defaults(func=cmd_recipes)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except FxquantError as exc:
+        print(f"fxquant {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

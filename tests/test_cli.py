@@ -1,0 +1,88 @@
+"""The fxquant command line: help everywhere, JSON shapes, clean errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fxquant.cli import build_parser, main
+
+COMMANDS = ["eval", "compile", "inspect", "table", "demo", "models", "recipes"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    assert "usage: fxquant " + command in capsys.readouterr().out
+
+
+def test_top_level_help_lists_commands():
+    text = build_parser().format_help()
+    for command in COMMANDS:
+        assert command in text
+
+
+def test_recipes_and_models_listings(capsys):
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    assert "minmax-w8a8" in out and "mse-w4a4" in out
+    assert main(["models"]) == 0
+    out = capsys.readouterr().out
+    for name in ("imdn", "pan", "carn_m", "fsrcnn", "edsr_baseline", "rdn", "srresnet"):
+        assert name in out
+
+
+def test_bad_recipe_is_a_clean_error(capsys, data):
+    code = main(["eval", "--model", "imdn", "--scale", "4", "--recipe", "minmax-w9a9",
+                 "--datasets", "Set5", "--limit", "1"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "error: unknown recipe preset 'minmax-w9a9'" in err and "Traceback" not in err
+
+
+def test_missing_data_root_is_a_clean_error(monkeypatch, capsys):
+    monkeypatch.delenv("FXQUANT_DATA", raising=False)
+    code = main(["eval", "--model", "imdn", "--scale", "4", "--datasets", "Set5"])
+    err = capsys.readouterr().err
+    assert code == 2 and "no data root given: pass --data PATH or set FXQUANT_DATA" in err
+
+
+def test_unknown_model_is_a_clean_error(capsys, data):
+    assert main(["eval", "--model", "imdm", "--scale", "4"]) == 2
+    assert "unknown model 'imdm'" in capsys.readouterr().err
+
+
+@pytest.mark.data
+def test_eval_json_prints_exactly_one_object(data):
+    proc = subprocess.run(
+        [sys.executable, "-m", "fxquant.cli", "eval", "--model", "fsrcnn", "--scale", "3",
+         "--recipe", "minmax-w8a8", "--datasets", "Set5,Set14", "--limit", "1", "--json"],
+        capture_output=True, text=True, check=True)
+    report = json.loads(proc.stdout)
+    assert set(report) == {"model", "scale", "recipe", "datasets"}
+    assert report["model"] == "fsrcnn" and report["scale"] == 3
+    assert set(report["datasets"]) == {"Set5", "Set14"}
+    for scores in report["datasets"].values():
+        assert set(scores) == {"fp", "quant"}
+        assert set(scores["fp"]) == {"psnr", "ssim"}
+        assert 20 < scores["quant"]["psnr"] <= scores["fp"]["psnr"] + 0.05
+        assert 0 < scores["quant"]["ssim"] <= 1
+
+
+@pytest.mark.data
+def test_compile_then_inspect_a_saved_model(tmp_path, data, capsys):
+    out = tmp_path / "fsrcnn.fxq"
+    assert main(["compile", "--model", "fsrcnn", "--scale", "2", "--recipe", "minmax-w4a4",
+                 "--out", str(out), "--dump-dir", str(tmp_path / "dumps")]) == 0
+    assert out.is_file() and len(list((tmp_path / "dumps").glob("*.txt"))) == 5
+    capsys.readouterr()
+    assert main(["inspect", "--compiled", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "mid_part_0_input_quantizer" in table
+    assert "uniform bits=4 granularity=per-tensor mode=static" in table
+    assert "weight uniform bits=4 granularity=per-channel" in table
