@@ -30,38 +30,23 @@ def quantization_mse(values: torch.Tensor, weights: torch.Tensor, lows: torch.Te
 
 
 def mse_range(hist: torch.Tensor, centres: torch.Tensor, bits: int,
-              steps: int = 48, refine_steps: int = 16) -> tuple[float, float]:
+              steps: int = 48) -> tuple[float, float]:
     """Clip range minimising the expected quantization MSE of the histogram.
 
-    A coarse grid over the fraction kept on each side (``lo·a``, ``hi·b`` for a, b in (0, 1])
-    is searched exhaustively, then a finer grid spanning one coarse cell around the best
-    pair; each bin is represented by its centre.
+    A grid over the fraction kept on each side (``lo·a``, ``hi·b`` for a, b in (0, 1]) is
+    searched exhaustively; each bin is represented by its centre.
     """
     keep = hist > 0
     values, weights = centres[keep].double(), hist[keep].double()
-    lo, hi = min(float(values.min()), 0.0), max(float(values.max()), 0.0)
-
-    def search(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
-        if lo == 0.0:  # one-sided data: only the upper end needs searching
-            lows, highs = torch.zeros_like(b), hi * b
-        elif hi == 0.0:
-            lows, highs = lo * a, torch.zeros_like(a)
-        else:
-            lows = (lo * a)[:, None].expand(len(a), len(b)).reshape(-1)
-            highs = (hi * b)[None, :].expand(len(a), len(b)).reshape(-1)
-        errors = torch.cat([quantization_mse(values, weights, lows[i:i + 256],
-                                             highs[i:i + 256], bits)
-                            for i in range(0, len(lows), 256)])
-        best = int(torch.argmin(errors))
-        return float(lows[best]), float(highs[best])
-
+    lo, hi = float(values.min()), float(values.max())
     fractions = torch.linspace(1.0 / steps, 1.0, steps, dtype=torch.float64)
-    best_lo, best_hi = search(fractions, fractions)
-    cell = 1.0 / steps
-
-    def around(best: float, end: float) -> torch.Tensor:
-        centre = best / end if end != 0.0 else 1.0
-        return torch.clamp(torch.linspace(centre - cell, centre + cell, refine_steps,
-                                          dtype=torch.float64), 1e-3, 1.0)
-
-    return search(around(best_lo, lo), around(best_hi, hi))
+    lows = (min(lo, 0.0) * fractions)[:, None].expand(steps, steps).reshape(-1)
+    highs = (max(hi, 0.0) * fractions)[None, :].expand(steps, steps).reshape(-1)
+    if lo >= 0.0:  # one-sided data: only the upper end needs searching
+        lows, highs = torch.zeros(steps, dtype=torch.float64), max(hi, 0.0) * fractions
+    elif hi <= 0.0:
+        lows, highs = min(lo, 0.0) * fractions, torch.zeros(steps, dtype=torch.float64)
+    errors = torch.cat([quantization_mse(values, weights, lows[i:i + 256], highs[i:i + 256], bits)
+                        for i in range(0, len(lows), 256)])
+    best = int(torch.argmin(errors))
+    return float(lows[best]), float(highs[best])
