@@ -22,14 +22,22 @@ install: $(VENV)/.installed
 demo: install
 	$(PY) -m fxquant.cli demo
 
+# One torch thread per xdist worker: two workers on two cores, no oversubscription.
 test: install
-	$(PY) -m pytest -q -n 2 --dist loadfile
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile
 
 test-fast: install
-	$(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -n 2 --dist loadfile -m "not slow"
 
 results: install
 	for c in docs/results/*.toml; do $(PY) -m fxquant.cli table --config $$c --out docs/results.md || exit 1; done
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# Headless Chromium for tests/test_report.py's browser test (the test installs it itself when
+# it runs as root; this is the same step for a machine set up ahead of time).
+.PHONY: browser-deps
+browser-deps:
+	test -x /usr/bin/chromium || (apt-get install -y --no-install-recommends chromium || \
+		(apt-get update && apt-get install -y --no-install-recommends chromium))

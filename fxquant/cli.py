@@ -1,4 +1,4 @@
-"""The ``fxquant`` command line: eval, compile, inspect, table, demo, models, recipes."""
+"""The ``fxquant`` command line: eval, compile, inspect, report, table, demo, models, recipes."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import argparse
 import json
 import sys
 
-import torch
-
 from fxquant.errors import FxquantError
+
+FLOAT_ONLY = "fp"  # --recipe fp: evaluate the float model alone
 
 
 def _datasets(text: str) -> list[str]:
@@ -19,7 +19,8 @@ def _add_model_args(parser: argparse.ArgumentParser, recipe_default: str | None 
     parser.add_argument("--model", required=True, help="zoo model name (see `fxquant models`)")
     parser.add_argument("--scale", type=int, required=True, help="upscaling factor")
     parser.add_argument("--recipe", default=recipe_default,
-                        help="preset name (see `fxquant recipes`) or path to a .toml recipe")
+                        help="preset name (see `fxquant recipes`) or path to a .toml recipe; "
+                             "`eval --recipe fp` evaluates the float model alone")
     parser.add_argument("--checkpoint", help="load this checkpoint instead of the pretrained one")
     parser.add_argument("--data", help="data root (default: $FXQUANT_DATA)")
 
@@ -27,11 +28,12 @@ def _add_model_args(parser: argparse.ArgumentParser, recipe_default: str | None 
 def cmd_eval(args: argparse.Namespace) -> int:
     from fxquant.workflow import evaluate_sets, prepare
 
-    models = prepare(args.model, args.scale, args.recipe, data_root=args.data,
-                     checkpoint=args.checkpoint, progress=not args.json)
+    float_only = args.recipe == FLOAT_ONLY
+    models = prepare(args.model, args.scale, None if float_only else args.recipe,
+                     data_root=args.data, checkpoint=args.checkpoint, progress=not args.json)
     datasets = _datasets(args.datasets)
     results = {}
-    for which in ("fp", "quant"):
+    for which in ("fp",) if float_only else ("fp", "quant"):
         scores = evaluate_sets(models.runner(which), models.spec, args.scale, datasets,
                                data_root=args.data, limit=args.limit, progress=not args.json,
                                label=which)
@@ -45,6 +47,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         return 0
     print(f"{args.model} x{args.scale}, recipe {args.recipe}"
           + (f" (first {args.limit} images per set)" if args.limit else ""))
+    if float_only:
+        print(f"{'dataset':<10} {'FP PSNR':>8} {'FP SSIM':>8}")
+        for ds, r in results.items():
+            print(f"{ds:<10} {r['fp']['psnr']:>8.3f} {r['fp']['ssim']:>8.4f}")
+        return 0
     print(f"{'dataset':<10} {'FP PSNR':>8} {'FP SSIM':>8} {'Q PSNR':>8} {'Q SSIM':>8} {'ΔPSNR':>7}")
     for ds, r in results.items():
         print(f"{ds:<10} {r['fp']['psnr']:>8.3f} {r['fp']['ssim']:>8.4f} {r['quant']['psnr']:>8.3f} "
@@ -79,9 +86,36 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             raise FxquantError("inspect needs --compiled FILE, or --model, --scale and --recipe")
         gm = prepare(args.model, args.scale, args.recipe, data_root=args.data).quant_model
     if args.json:
-        print(json.dumps({"nodes": node_rows(gm)}, default=str))
+        text = json.dumps({"nodes": node_rows(gm)}, default=str) + "\n"
+    elif args.format == "text":
+        text = graph_table(gm)
     else:
-        print(graph_table(gm), end="")
+        from fxquant.graphviz import render
+
+        title = args.compiled or f"{args.model} x{args.scale} {args.recipe}"
+        text = render(gm, args.format, title=title)
+    if args.out:
+        from pathlib import Path
+
+        Path(args.out).write_text(text)
+        print(f"wrote {args.out}")
+    else:
+        print(text, end="")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from fxquant.report import ReportConfig, load_models, write_report
+
+    models = load_models(model=args.model, scale=args.scale, recipe=args.recipe,
+                         compiled=args.compiled, data_root=args.data, checkpoint=args.checkpoint)
+    config = ReportConfig(datasets=_datasets(args.datasets), limit=args.limit,
+                          analysis_images=args.images, crop=args.crop, worst=args.worst,
+                          sweep=not args.no_sweep, graph=not args.no_graph)
+    progress = None if args.quiet else (lambda m: print(f"  {m} ...", file=sys.stderr))
+    report = write_report(args.out, models, config=config, data_root=args.data, progress=progress)
+    print(report.summary())
+    print(f"wrote {args.out}")
     return 0
 
 
@@ -145,7 +179,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--recipe")
     p.add_argument("--data", help="data root (default: $FXQUANT_DATA)")
     p.add_argument("--json", action="store_true")
+    p.add_argument("--format", choices=("text", "dot", "html"), default="text",
+                   help="node table (text), Graphviz DOT, or a self-contained HTML/SVG view")
+    p.add_argument("--out", help="write to this file instead of stdout")
     p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("report", help="self-contained HTML report: quality, per-layer error, "
+                                      "sensitivity, distributions, image crops")
+    p.add_argument("--compiled", help="a saved compiled model (instead of --model/--recipe)")
+    p.add_argument("--model", help="zoo model name (see `fxquant models`)")
+    p.add_argument("--scale", type=int, help="upscaling factor")
+    p.add_argument("--recipe", help="preset name or .toml recipe")
+    p.add_argument("--checkpoint", help="float weights instead of the pretrained ones")
+    p.add_argument("--data", help="data root (default: $FXQUANT_DATA)")
+    p.add_argument("--datasets", default="Set5", help="comma-separated benchmark sets")
+    p.add_argument("--limit", type=int, help="evaluate only the first N images of each set")
+    p.add_argument("--images", type=int, default=2,
+                   help="images (of the first set) the analyses run on (default 2)")
+    p.add_argument("--crop", type=int, default=48,
+                   help="centred LR crop side for the analyses, 0 = whole images (default 48)")
+    p.add_argument("--worst", type=int, default=3, help="layers to highlight and plot")
+    p.add_argument("--no-sweep", action="store_true", help="skip the sensitivity sweep")
+    p.add_argument("--no-graph", action="store_true", help="leave the graph drawing out")
+    p.add_argument("--quiet", action="store_true", help="no progress messages")
+    p.add_argument("--out", required=True, help="output HTML file")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("table", help="run a models x scales x recipes x datasets matrix into Markdown")
     p.add_argument("--config", default="docs/results/uniform.toml",

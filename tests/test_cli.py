@@ -86,3 +86,12 @@ def test_compile_then_inspect_a_saved_model(tmp_path, data, capsys):
     assert "mid_part_0_input_quantizer" in table
     assert "uniform bits=4 granularity=per-tensor mode=static" in table
     assert "weight uniform bits=4 granularity=per-channel" in table
+
+
+@pytest.mark.data
+def test_eval_float_only(data, capsys):
+    assert main(["eval", "--model", "fsrcnn", "--scale", "4", "--recipe", "fp",
+                 "--datasets", "Set5", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["datasets"]["Set5"]) == {"fp"}
+    assert report["datasets"]["Set5"]["fp"]["psnr"] == pytest.approx(30.505, abs=0.01)

@@ -1,0 +1,444 @@
+"""Pictures of a graph: Graphviz DOT, and a self-contained SVG/HTML view drawn without ``dot``.
+
+* :func:`to_dot` writes DOT text. Nodes are coloured by the kind of quantizer they carry
+  (``uniform``, ``daq``, ``dfsq``, observers ...) or, given ``errors`` (``{layer: SQNR dB}``,
+  e.g. ``LayerErrorReport.sqnr_map()``), quantized layers are coloured from red (worst SQNR) to
+  green (best), as Samsung/ONE's error-coloured DOT does. Output is deterministic (golden tests).
+* :func:`layered_layout` places nodes on the topological generations of the graph (networkx),
+  ordered within a generation by the barycentre of their predecessors; :func:`to_svg` draws
+  that layout and :func:`to_html` wraps it in a page with a legend, a zoom slider and a node
+  search; no external reference, so the file works offline and ``dot`` is not needed.
+* :class:`GraphDumper` is a ``dump_fn`` for :class:`~fxquant.pipeline.PassManager`: it returns
+  the text table (written as ``NN-<pass>.txt``) and writes ``NN-<pass>.dot`` (and optionally
+  ``.html``) beside it. :func:`write_dumps` writes one graph in several formats.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import networkx as nx
+from torch import fx
+
+from fxquant.inspect import format_quantizer, graph_table, node_rows
+
+__all__ = [
+    "KIND_COLOURS", "node_style", "to_dot", "layered_layout", "to_svg", "to_html",
+    "GraphDumper", "write_dumps", "render", "FORMATS", "error_colour",
+]
+
+FORMATS = ("text", "dot", "html", "svg")
+
+# Fill colours per quantizer kind: (activation quantizer / observer node, quantized layer).
+KIND_COLOURS: dict[str, tuple[str, str]] = {
+    "uniform": ("#c6dbef", "#6baed6"),
+    "daq": ("#c7e9c0", "#74c476"),
+    "dfsq": ("#fdd0a2", "#fd8d3c"),
+    "minmax": ("#e5e1f0", "#bcbddc"),
+    "histogram": ("#e5e1f0", "#bcbddc"),
+    "moments": ("#e5e1f0", "#bcbddc"),
+    "observer": ("#e5e1f0", "#bcbddc"),
+}
+_OTHER_PALETTE = [("#fcc5c0", "#f768a1"), ("#d9f0a3", "#addd8e"), ("#fff7bc", "#fec44f"),
+                  ("#d0d1e6", "#a6bddb"), ("#ccece6", "#66c2a4")]
+FLOAT_MODULE = "#ffffff"
+IO_COLOUR = "#eeeeee"
+FUNCTION_COLOUR = "#f7f7f7"
+
+
+def kind_colours(kind: str) -> tuple[str, str]:
+    """The (light, strong) fill colours of a quantizer kind; unknown kinds get a stable one."""
+    if kind in KIND_COLOURS:
+        return KIND_COLOURS[kind]
+    digest = int(hashlib.sha1(kind.encode()).hexdigest(), 16)
+    return _OTHER_PALETTE[digest % len(_OTHER_PALETTE)]
+
+
+def error_colour(value: float, lo: float, hi: float) -> str:
+    """Red (``lo``, worst) → yellow → green (``hi``, best) for a dB value."""
+    if math.isnan(value):
+        return "#dddddd"
+    t = 1.0 if hi <= lo else min(max((value - lo) / (hi - lo), 0.0), 1.0)
+    stops = [(0.0, (215, 48, 39)), (0.5, (254, 224, 139)), (1.0, (26, 152, 80))]
+    for (t0, c0), (t1, c1) in zip(stops, stops[1:]):
+        if t <= t1:
+            f = (t - t0) / (t1 - t0)
+            rgb = [round(a + (b - a) * f) for a, b in zip(c0, c1)]
+            return "#{:02x}{:02x}{:02x}".format(*rgb)
+    return "#1a9850"
+
+
+@dataclass(frozen=True)
+class NodeStyle:
+    """How one node is drawn: label lines, fill, shape, and the tooltip text."""
+
+    name: str
+    lines: tuple[str, ...]
+    fill: str
+    shape: str  # box | ellipse | note
+    bold: bool
+    tooltip: str
+    error: float | None = None
+
+
+def _error_range(errors: Mapping[str, float]) -> tuple[float, float]:
+    finite = [v for v in errors.values() if v is not None and math.isfinite(v)]
+    return (min(finite), max(finite)) if finite else (0.0, 1.0)
+
+
+def node_style(gm: fx.GraphModule, errors: Mapping[str, float] | None = None,
+               ) -> list[NodeStyle]:
+    """One :class:`NodeStyle` per node, in graph order."""
+    rows = node_rows(gm)
+    lo, hi = _error_range(errors) if errors else (0.0, 1.0)
+    styles = []
+    for row in rows:
+        info = row["quantizer"]
+        lines = [row["node"]]
+        if row["op"] == "call_module":
+            lines.append(row["module"])
+        elif row["op"] in ("call_function", "call_method", "get_attr"):
+            lines.append(row["target"])
+        else:
+            lines.append(row["op"])
+        if info is not None:
+            lines.append(format_quantizer(info))
+        fill, shape, bold = FUNCTION_COLOUR, "box", False
+        if row["op"] in ("placeholder", "output"):
+            fill, shape = IO_COLOUR, "ellipse"
+        elif row["op"] == "get_attr":
+            shape = "note"
+        elif row["op"] == "call_module":
+            fill = FLOAT_MODULE
+            if info is not None:
+                light, strong = kind_colours(str(info.get("kind", "quantizer")))
+                fill, bold = (strong, True) if info.get("weight") else (light, False)
+        error = None
+        if errors is not None:
+            key = row["target"] if row["target"] in errors else row["node"]
+            if key in errors and row["op"] == "call_module":
+                error = float(errors[key])
+                fill, bold = error_colour(error, lo, hi), True
+                lines.append(f"SQNR {error:.1f} dB")
+            elif row["op"] == "call_module" and info is not None and not info.get("weight"):
+                fill = "#f0f0f0"
+        tooltip = "\n".join(filter(None, [
+            f"{row['node']} ({row['op']})",
+            f"target: {row['target']}" if row["target"] != row["node"] else "",
+            f"module: {row['module']}" if row["module"] else "",
+            f"inputs: {', '.join(row['inputs'])}" if row["inputs"] else "",
+            f"quantizer: {format_quantizer(info)}" if info else "",
+            f"SQNR: {error:.2f} dB" if error is not None else ""]))
+        styles.append(NodeStyle(row["node"], tuple(lines), fill, shape, bold, tooltip, error))
+    return styles
+
+
+# ----------------------------------------------------------------------------- DOT
+def _q(text: str) -> str:
+    """A DOT quoted string; line breaks become DOT's ``\\n`` escape."""
+    escaped = text.replace("\\", "\\\\").replace('"', '\\"')
+    return '"' + escaped.replace("\n", "\\n") + '"'
+
+
+def to_dot(gm: fx.GraphModule, *, errors: Mapping[str, float] | None = None,
+           title: str | None = None, rankdir: str = "TB", legend: bool = True) -> str:
+    """Graphviz DOT text of ``gm``; see the module docstring for colours."""
+    styles = node_style(gm, errors)
+    name = title or type(gm).__name__
+    out = [f"digraph {_q(name)} {{"]
+    graph_attrs = [f"rankdir={rankdir}", 'fontname="Helvetica"', "fontsize=11"]
+    if title:
+        graph_attrs += [f"label={_q(title)}", "labelloc=t"]
+    out.append(f"  graph [{', '.join(graph_attrs)}];")
+    out.append('  node [shape=box, style="rounded,filled", fontname="Helvetica", fontsize=9, '
+               'fillcolor="#ffffff", color="#555555"];')
+    out.append('  edge [arrowsize=0.6, color="#555555"];')
+    for s in styles:
+        attrs = [f"label={_q(chr(10).join(s.lines))}", f"fillcolor={_q(s.fill)}"]
+        if s.shape != "box":
+            attrs.append(f"shape={s.shape}")
+        if s.bold:
+            attrs.append("penwidth=2")
+        attrs.append(f"tooltip={_q(s.tooltip)}")
+        out.append(f"  {_q(s.name)} [{', '.join(attrs)}];")
+    for node in gm.graph.nodes:
+        for source in node.all_input_nodes:
+            out.append(f"  {_q(source.name)} -> {_q(node.name)};")
+    if legend:
+        out.extend(_dot_legend(styles, errors))
+    out.append("}")
+    return "\n".join(out) + "\n"
+
+
+def _legend_entries(styles: Sequence[NodeStyle], errors) -> list[tuple[str, str]]:
+    if errors:
+        finite = [s.error for s in styles if s.error is not None and math.isfinite(s.error)]
+        if not finite:
+            return []
+        lo, hi = min(finite), max(finite)
+        mid = (lo + hi) / 2
+        return [(f"SQNR {v:.1f} dB", error_colour(v, lo, hi)) for v in (lo, mid, hi)]
+    entries, seen = [], set()
+    for s in styles:
+        if s.fill in seen or s.fill in (FUNCTION_COLOUR, IO_COLOUR, FLOAT_MODULE):
+            continue
+        seen.add(s.fill)
+        what = s.lines[-1]
+        entries.append((what if len(what) < 60 else what[:57] + "...", s.fill))
+    return entries
+
+
+def _dot_legend(styles, errors) -> list[str]:
+    entries = _legend_entries(styles, errors)
+    if not entries:
+        return []
+    lines = ["  subgraph cluster_legend {", '    label="legend"; fontsize=9; color="#999999";']
+    for i, (text, colour) in enumerate(entries):
+        lines.append(f"    legend_{i} [label={_q(text)}, fillcolor={_q(colour)}];")
+    lines.append("  }")
+    return lines
+
+
+# ----------------------------------------------------------------------------- layout
+CHAR_W = 6.0      # px per character of the 10px monospace label font
+LINE_H = 13.0
+PAD_X, PAD_Y = 8.0, 5.0
+GAP_X, GAP_Y = 18.0, 30.0
+
+
+@dataclass
+class Box:
+    x: float  # centre
+    y: float  # top
+    w: float
+    h: float
+    layer: int = 0
+
+
+def layered_layout(gm: fx.GraphModule, styles: Sequence[NodeStyle] | None = None,
+                   ) -> dict[str, Box]:
+    """Node boxes on topological generations, ordered by predecessor barycentres."""
+    styles = styles or node_style(gm)
+    by_name = {s.name: s for s in styles}
+    graph = nx.DiGraph()
+    order = {}
+    for i, node in enumerate(gm.graph.nodes):
+        graph.add_node(node.name)
+        order[node.name] = i
+        for source in node.all_input_nodes:
+            graph.add_edge(source.name, node.name)
+    sizes = {n: (max(len(line) for line in by_name[n].lines) * CHAR_W + 2 * PAD_X,
+                 len(by_name[n].lines) * LINE_H + 2 * PAD_Y) for n in graph.nodes}
+    boxes: dict[str, Box] = {}
+    y = 0.0
+    for level, generation in enumerate(nx.topological_generations(graph)):
+        desired = {}
+        for n in generation:
+            preds = [boxes[p].x for p in graph.predecessors(n) if p in boxes]
+            desired[n] = sum(preds) / len(preds) if preds else 0.0
+        ranked = sorted(generation, key=lambda n: (desired[n], order[n]))
+        xs, cursor = [], -math.inf
+        for n in ranked:  # left to right, no overlaps
+            w = sizes[n][0]
+            x = max(desired[n], cursor + w / 2)
+            xs.append(x)
+            cursor = x + w / 2 + GAP_X
+        shift = sum(desired[n] - x for n, x in zip(ranked, xs)) / len(ranked)
+        height = max(sizes[n][1] for n in ranked)
+        for n, x in zip(ranked, xs):
+            boxes[n] = Box(x + shift, y + (height - sizes[n][1]) / 2, *sizes[n], level)
+        y += height + GAP_Y
+    left = min(b.x - b.w / 2 for b in boxes.values()) if boxes else 0.0
+    for b in boxes.values():
+        b.x -= left - 10.0
+    return boxes
+
+
+def _edge_path(a: Box, b: Box, boxes: dict[str, Box]) -> tuple[str, float]:
+    """An S-curve from the bottom of ``a`` to the top of ``b``; an edge that skips layers and
+    would cross boxes on the way (a residual connection) detours through a lane on the right."""
+    x1, y1, x2, y2 = a.x, a.y + a.h, b.x, b.y
+    lo, hi = min(x1, x2) - 4, max(x1, x2) + 4
+    between = [c for c in boxes.values() if a.layer < c.layer < b.layer
+               and c.x - c.w / 2 < hi and c.x + c.w / 2 > lo]
+    if not between:
+        dy = max((y2 - y1) / 2, 10.0)
+        return (f"M{x1:.1f},{y1:.1f} C{x1:.1f},{y1 + dy:.1f} {x2:.1f},{y2 - dy:.1f} "
+                f"{x2:.1f},{y2:.1f}"), max(x1, x2)
+    lane = max(c.x + c.w / 2 for c in between) + 12 + 4 * ((b.layer - a.layer) % 4)
+    top, bottom = y1 + GAP_Y * 0.8, y2 - GAP_Y * 0.8
+    return (f"M{x1:.1f},{y1:.1f} C{x1:.1f},{top:.1f} {lane:.1f},{y1:.1f} {lane:.1f},{top:.1f} "
+            f"L{lane:.1f},{bottom:.1f} C{lane:.1f},{y2:.1f} {x2:.1f},{bottom:.1f} "
+            f"{x2:.1f},{y2:.1f}"), lane
+
+
+# ----------------------------------------------------------------------------- SVG / HTML
+_BOLD = ' font-weight="bold"'
+
+
+def _e(text: str) -> str:
+    return html.escape(text, quote=True)
+
+
+def to_svg(gm: fx.GraphModule, *, errors: Mapping[str, float] | None = None,
+           standalone: bool = True, id_prefix: str = "g") -> str:
+    """SVG of ``gm`` on :func:`layered_layout`. ``standalone`` adds the XML namespace (for a
+    ``.svg`` file); inline in HTML it is left out so the page holds no URL at all."""
+    styles = node_style(gm, errors)
+    boxes = layered_layout(gm, styles)
+    edges = [(_edge_path(boxes[source.name], boxes[node.name], boxes))
+             for node in gm.graph.nodes for source in node.all_input_nodes]
+    width = max([b.x + b.w / 2 for b in boxes.values()] + [x for _, x in edges] + [0.0]) + 10
+    height = max((b.y + b.h for b in boxes.values()), default=0.0) + 10
+    ns = ' xmlns="http://www.w3.org/2000/svg"' if standalone else ""
+    out = [f'<svg{ns} width="{width:.0f}" height="{height:.0f}" '
+           f'viewBox="0 0 {width:.0f} {height:.0f}" font-family="monospace" font-size="10" '
+           f'class="fxq-graph">',
+           f'<defs><marker id="{id_prefix}-arrow" viewBox="0 0 10 10" refX="10" refY="5" '
+           'markerWidth="6" markerHeight="6" orient="auto-start-reverse">'
+           '<path d="M0,0 L10,5 L0,10 z" fill="#555"/></marker></defs>',
+           '<g class="edges" fill="none" stroke="#777" stroke-width="1">']
+    for path, _ in edges:
+        out.append(f'<path d="{path}" marker-end="url(#{id_prefix}-arrow)"/>')
+    out.append("</g>")
+    out.append('<g class="nodes">')
+    for s in styles:
+        b = boxes[s.name]
+        x0 = b.x - b.w / 2
+        stroke = ' stroke-width="2"' if s.bold else ""
+        if s.shape == "ellipse":
+            shape = (f'<ellipse cx="{b.x:.1f}" cy="{b.y + b.h / 2:.1f}" rx="{b.w / 2:.1f}" '
+                     f'ry="{b.h / 2:.1f}" fill="{s.fill}" stroke="#555"{stroke}/>')
+        else:
+            shape = (f'<rect x="{x0:.1f}" y="{b.y:.1f}" width="{b.w:.1f}" height="{b.h:.1f}" '
+                     f'rx="4" fill="{s.fill}" stroke="#555"{stroke}/>')
+        texts = "".join(
+            f'<text x="{b.x:.1f}" y="{b.y + PAD_Y + LINE_H * (i + 0.78):.1f}" '
+            f'text-anchor="middle"{_BOLD if i == 0 else ""}>{_e(line)}</text>'
+            for i, line in enumerate(s.lines))
+        out.append(f'<g class="node" data-name="{_e(s.name)}"><title>{_e(s.tooltip)}</title>'
+                   f"{shape}{texts}</g>")
+    out.append("</g></svg>")
+    return "\n".join(out) + "\n"
+
+
+def legend_html(gm: fx.GraphModule, errors: Mapping[str, float] | None = None) -> str:
+    entries = _legend_entries(node_style(gm, errors), errors)
+    items = "".join(f'<span class="fxq-key"><span class="fxq-swatch" style="background:{c}">'
+                    f"</span>{_e(t)}</span>" for t, c in entries)
+    return f'<div class="fxq-legend">{items}</div>'
+
+
+_PAGE_CSS = """
+body { font-family: sans-serif; margin: 1em; }
+.fxq-legend { margin: 0.5em 0; font-size: 12px; }
+.fxq-key { display: inline-block; margin-right: 1.2em; }
+.fxq-swatch { display: inline-block; width: 1.1em; height: 0.9em; border: 1px solid #555;
+              vertical-align: middle; margin-right: 0.3em; }
+.fxq-view { overflow: auto; border: 1px solid #ccc; max-height: 85vh; }
+.fxq-graph .node.hit rect, .fxq-graph .node.hit ellipse { stroke: #e6007e; stroke-width: 4; }
+"""
+
+_PAGE_JS = """
+(function () {
+  var svg = document.querySelector('.fxq-view svg');
+  var w = svg.getAttribute('width'), h = svg.getAttribute('height');
+  document.getElementById('fxq-zoom').addEventListener('input', function (ev) {
+    var z = ev.target.value / 100;
+    svg.setAttribute('width', w * z); svg.setAttribute('height', h * z);
+  });
+  document.getElementById('fxq-find').addEventListener('input', function (ev) {
+    var q = ev.target.value.toLowerCase(), first = null;
+    document.querySelectorAll('.fxq-graph .node').forEach(function (n) {
+      var hit = q && n.getAttribute('data-name').toLowerCase().indexOf(q) >= 0;
+      n.classList.toggle('hit', !!hit);
+      if (hit && !first) { first = n; }
+    });
+    if (first) { first.scrollIntoView({block: 'center', inline: 'center'}); }
+  });
+})();
+"""
+
+
+def to_html(gm: fx.GraphModule, *, errors: Mapping[str, float] | None = None,
+            title: str = "fxquant graph") -> str:
+    """A self-contained HTML page: the SVG drawing, a legend, zoom and node search."""
+    svg = to_svg(gm, errors=errors, standalone=False)
+    quantized = sum(1 for r in node_rows(gm) if r["quantizer"] is not None)
+    return (f"<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\"><title>{_e(title)}</title>"
+            f"<style>{_PAGE_CSS}</style></head><body>\n<h1>{_e(title)}</h1>\n"
+            f"<p>{len(gm.graph.nodes)} nodes, {quantized} carry a quantizer or observer. "
+            "Hover a node for its details.</p>\n"
+            '<label>zoom <input id="fxq-zoom" type="range" min="10" max="200" value="100">'
+            '</label> <label>find node <input id="fxq-find" type="search"></label>\n'
+            f"{legend_html(gm, errors)}\n<div class=\"fxq-view\">\n{svg}</div>\n"
+            f"<script>{_PAGE_JS}</script>\n</body></html>\n")
+
+
+# ----------------------------------------------------------------------------- dumps
+def render(gm: fx.GraphModule, fmt: str, *, errors: Mapping[str, float] | None = None,
+           title: str | None = None) -> str:
+    """``gm`` as ``text`` (the node table), ``dot``, ``svg`` or ``html``."""
+    if fmt == "text":
+        return graph_table(gm)
+    if fmt == "dot":
+        return to_dot(gm, errors=errors, title=title)
+    if fmt == "svg":
+        return to_svg(gm, errors=errors)
+    if fmt == "html":
+        return to_html(gm, errors=errors, title=title or "fxquant graph")
+    raise ValueError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
+
+
+_SUFFIX = {"text": "txt", "dot": "dot", "svg": "svg", "html": "html"}
+
+
+def write_dumps(gm: fx.GraphModule, stem: str | Path, formats: Sequence[str] = ("text", "dot"),
+                *, errors: Mapping[str, float] | None = None) -> list[Path]:
+    """Write ``<stem>.txt``, ``<stem>.dot`` ... for each format; returns the paths."""
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for fmt in formats:
+        path = stem.with_name(f"{stem.name}.{_SUFFIX[fmt]}")
+        path.write_text(render(gm, fmt, errors=errors, title=stem.name))
+        paths.append(path)
+    return paths
+
+
+class GraphDumper:
+    """A ``dump_fn`` for :class:`~fxquant.pipeline.PassManager` that also writes DOT (and any
+    of ``svg``/``html``) next to the text dumps::
+
+        ctx = PassContext(recipe=recipe, calib=[(calib,)])
+        manager = PassManager(recipe.pipeline_spec, dump_dir="dumps",
+                              dump_fn=GraphDumper("dumps", ctx=ctx))
+        gm = manager.run(model, ctx)   # dumps/00-trace.txt, dumps/00-trace.dot, ...
+
+    The manager writes ``NN-<pass>.txt`` from the returned text; this writes
+    ``NN-<pass>.<fmt>`` for the other formats, taking the pass name from ``ctx.history``
+    (``NN-graph`` without a context).
+    """
+
+    def __init__(self, dump_dir: str | Path, formats: Sequence[str] = ("dot",), ctx=None):
+        self.dump_dir = Path(dump_dir)
+        self.formats = [f for f in formats if f != "text"]
+        for fmt in self.formats:
+            if fmt not in FORMATS:
+                raise ValueError(f"unknown format {fmt!r}; valid: {', '.join(FORMATS)}")
+        self.ctx = ctx
+        self.index = 0
+
+    def __call__(self, gm: fx.GraphModule) -> str:
+        name = "graph"
+        if self.ctx is not None and self.ctx.history:
+            name = self.ctx.history[-1][0].split("{")[0]
+        stem = self.dump_dir / f"{self.index:02d}-{name}"
+        self.index += 1
+        write_dumps(gm, stem, self.formats)
+        return graph_table(gm)

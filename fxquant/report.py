@@ -1,0 +1,546 @@
+"""One self-contained HTML report on a quantized SR model: where it loses quality, and why.
+
+``fxquant report --model imdn --scale 4 --recipe minmax-w4a4 --datasets Set5 --out r.html``
+(or ``--compiled m.fxq``) writes a single HTML file with every image and plot embedded as a
+``data:`` URI (no URL, no script from the network; it opens offline). It holds:
+
+1. the recipe (TOML) and the pass pipeline;
+2. FP vs quantized PSNR/SSIM per dataset;
+3. per-layer error attribution (:func:`fxquant.analysis.layer_errors`): a bar chart of every
+   quantized layer's isolated SQNR (worst highlighted) with the propagated SQNR, and a table;
+4. the sensitivity sweep (:func:`fxquant.analysis.sensitivity_sweep`): output SQNR with one
+   layer quantized at a time, ranked, and how well it agrees with the per-layer ranking;
+5. distribution plots (:mod:`fxquant.distributions`) of the worst layers' inputs, with the
+   activation quantizer's clipping range;
+6. image crops: HR, bicubic, FP, quantized, and the error maps |FP − quant| and |HR − quant|;
+7. the graph, drawn as SVG with layers coloured by their SQNR.
+
+Analysis runs on small LR crops of the first images of the first dataset (``crop``,
+``analysis_images``) so the report takes tens of seconds on a CPU.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime
+import html
+import io
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from fxquant.analysis import (
+    LayerErrorReport,
+    SweepResult,
+    benchmark_crops,
+    layer_errors,
+    sensitivity_sweep,
+)
+from fxquant.errors import CheckpointError
+
+__all__ = ["ReportConfig", "Report", "build_report", "write_report", "models_from_compiled",
+           "load_models", "rank_agreement", "spearman"]
+
+
+@dataclass
+class ReportConfig:
+    """What the report computes. ``crop`` is the side of the centred LR crop the analyses
+    use (0: whole images); ``worst`` the number of layers highlighted and plotted."""
+
+    datasets: list[str] = field(default_factory=lambda: ["Set5"])
+    limit: int | None = None
+    analysis_images: int = 2
+    crop: int = 48
+    worst: int = 3
+    sweep: bool = True
+    sweep_strategy: str = "only"
+    view_images: int = 2
+    view_crop: int = 128
+    graph: bool = True
+
+
+@dataclass
+class Report:
+    """The HTML text and the numbers behind it (``data`` is JSON-serialisable)."""
+
+    html: str
+    data: dict
+    errors: LayerErrorReport | None = None
+    sweep: SweepResult | None = None
+
+    def summary(self) -> str:
+        """A few lines for the terminal: quality, worst layers, sweep ranking."""
+        d = self.data
+        lines = [f"{d['model']} x{d['scale']}, recipe {d['recipe_name']}"]
+        for ds, r in d["quality"].items():
+            lines.append(f"  {ds}: FP {r['fp']['psnr']:.3f} dB / quantized {r['quant']['psnr']:.3f}"
+                         f" dB (ΔPSNR {r['quant']['psnr'] - r['fp']['psnr']:+.3f}), SSIM "
+                         f"{r['fp']['ssim']:.4f} / {r['quant']['ssim']:.4f}")
+        if self.errors is not None:
+            worst = self.errors.ranked("isolated")[:d["config"]["worst"] + 2]
+            lines.append("  worst layers (isolated SQNR): " + ", ".join(
+                f"{e.layer} {e.sqnr_isolated:.2f} dB" for e in worst))
+        if self.sweep is not None:
+            ranked = self.sweep.ranked()[:d["config"]["worst"] + 2]
+            lines.append("  sensitivity sweep (output SQNR, one layer quantized): " + ", ".join(
+                f"{s.layer} {s.sqnr:.2f} dB" for s in ranked))
+            agree = d.get("agreement")
+            if agree:
+                lines.append(f"  agreement: top-5 overlap {agree['overlap5']}/5, sweep's worst "
+                             f"layer is #{agree['sweep_worst_isolated_rank']} by isolated SQNR, "
+                             f"Spearman {agree['spearman']:.2f}")
+        if d.get("timings_s"):
+            lines.append("  time (s): " + ", ".join(f"{k} {v:.1f}" for k, v in
+                                                   d["timings_s"].items()))
+        return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- models
+def models_from_compiled(path: str | os.PathLike, *, data_root=None, checkpoint=None):
+    """A :class:`~fxquant.workflow.ZooModels` from a saved compiled model: the float network
+    is the zoo model named in the file (pretrained, or ``checkpoint``)."""
+    import fxquant
+    from fxquant.compiler import read_compiled
+    from fxquant.models import build_model, get_spec
+    from fxquant.workflow import ZooModels
+
+    payload = read_compiled(path)
+    info = payload["model"]
+    if not info.get("name"):
+        raise CheckpointError(f"{path} names no zoo model; a report needs the float network")
+    name, scale = info["name"], info["scale"]
+    float_model = build_model(name, scale, pretrained=checkpoint is None, checkpoint=checkpoint,
+                              data_root=data_root)
+    quant = fxquant.load(path, build_model(name, scale, data_root=data_root), data_root=data_root)
+    return ZooModels(get_spec(name), scale, quant.fxquant_recipe, float_model, quant)
+
+
+def load_models(*, model: str | None = None, scale: int | None = None, recipe=None,
+                compiled: str | os.PathLike | None = None, data_root=None, checkpoint=None):
+    """FP and quantized zoo models, from a saved compiled model or by compiling ``model`` at
+    ``scale`` with ``recipe`` (what ``fxquant report`` and the ``tools/`` scripts accept)."""
+    from fxquant.errors import FxquantError
+    from fxquant.workflow import prepare
+
+    if compiled:
+        models = models_from_compiled(compiled, data_root=data_root, checkpoint=checkpoint)
+        if model and model != models.spec.name:
+            raise FxquantError(f"--model {model} does not match {compiled}, which holds "
+                               f"{models.spec.name}")
+        return models
+    if not (model and scale and recipe):
+        raise FxquantError("give --compiled FILE, or --model, --scale and --recipe")
+    return prepare(model, scale, recipe, data_root=data_root, checkpoint=checkpoint)
+
+
+# ----------------------------------------------------------------------------- statistics
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman rank correlation (ties broken by order; infinities clamped)."""
+    if len(a) < 2:
+        return float("nan")
+    ra = np.argsort(np.argsort(np.nan_to_num(np.asarray(a, float), posinf=1e9, neginf=-1e9),
+                               kind="stable"), kind="stable")
+    rb = np.argsort(np.argsort(np.nan_to_num(np.asarray(b, float), posinf=1e9, neginf=-1e9),
+                               kind="stable"), kind="stable")
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def rank_agreement(errors: LayerErrorReport, sweep: SweepResult) -> dict:
+    """How the sweep's ranking compares with the isolated per-layer SQNR ranking."""
+    iso = [e.layer for e in errors.ranked("isolated")]
+    swp = [s.layer for s in sweep.ranked()]
+    by_sweep = {s.layer: s.sqnr for s in sweep.layers}
+    common = [e for e in errors.layers if e.layer in by_sweep]
+    return {
+        "overlap3": len(set(iso[:3]) & set(swp[:3])),
+        "overlap5": len(set(iso[:5]) & set(swp[:5])),
+        "sweep_worst_isolated_rank": iso.index(swp[0]) + 1 if swp and swp[0] in iso else None,
+        "isolated_worst_sweep_rank": swp.index(iso[0]) + 1 if iso and iso[0] in swp else None,
+        "spearman": spearman([e.sqnr_isolated for e in common],
+                             [by_sweep[e.layer] for e in common]),
+    }
+
+
+# ----------------------------------------------------------------------------- images
+def _png_uri(array: np.ndarray) -> str:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(array)).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _heat(values: np.ndarray, top: float) -> np.ndarray:
+    """A black-red-yellow-white map of ``values`` in [0, top] as uint8 RGB."""
+    v = np.clip(values / max(top, 1e-12), 0.0, 1.0)
+    rgb = np.stack([np.clip(3 * v, 0, 1), np.clip(3 * v - 1, 0, 1), np.clip(3 * v - 2, 0, 1)], -1)
+    return (rgb * 255).round().astype(np.uint8)
+
+
+def _centre(img: np.ndarray, size: int) -> np.ndarray:
+    h, w = img.shape[:2]
+    size = min(size, h, w)
+    top, left = (h - size) // 2, (w - size) // 2
+    return img[top:top + size, left:left + size]
+
+
+def _as_display(img: np.ndarray) -> np.ndarray:
+    if img.ndim == 2:
+        return np.clip(np.round(img), 0, 255).astype(np.uint8)
+    return img.astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------- plots
+def _plot_available() -> bool:
+    try:
+        from fxquant.distributions import require_matplotlib
+
+        require_matplotlib()
+        return True
+    except ImportError:
+        return False
+
+
+def _bar_chart(names: list[str], values: list[float], highlight: set[str], *, title: str,
+               ylabel: str, second: list[float] | None = None, second_label: str = "",
+               first_label: str = "") -> str:
+    from fxquant.distributions import figure_to_png, png_data_uri, require_matplotlib
+
+    plt = require_matplotlib()
+    fig, ax = plt.subplots(figsize=(max(7.0, 0.2 * len(names) + 2), 3.6))
+    finite = [v for v in values + (second or []) if math.isfinite(v)]
+    cap = max(finite) + 3 if finite else 1.0
+    shown = [v if math.isfinite(v) else cap for v in values]
+    colours = ["#d73027" if n in highlight else "#6baed6" for n in names]
+    xs = np.arange(len(names))
+    ax.bar(xs, shown, color=colours, label=first_label or None)
+    if second is not None:
+        ax.plot(xs, [v if math.isfinite(v) else cap for v in second], "k.", markersize=5,
+                label=second_label)
+    ax.axhline(0, color="#555", linewidth=0.6)
+    ax.set_xticks(xs)
+    ax.set_xticklabels(names, rotation=90, fontsize=7)
+    for tick, n in zip(ax.get_xticklabels(), names):
+        if n in highlight:
+            tick.set_color("#d73027")
+            tick.set_fontweight("bold")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    if first_label or second is not None:
+        ax.legend(fontsize=8, loc="lower right")
+    ax.set_xlim(-0.7, len(names) - 0.3)
+    fig.tight_layout()
+    return png_data_uri(figure_to_png(fig))
+
+
+# ----------------------------------------------------------------------------- HTML pieces
+def _e(text: object) -> str:
+    return html.escape(str(text), quote=True)
+
+
+def _table(header: list[str], rows: list[list[object]], highlight_rows: set[int] = frozenset()
+           ) -> str:
+    head = "".join(f"<th>{_e(h)}</th>" for h in header)
+    worst = ' class="worst"'
+    body = "".join(
+        f"<tr{worst if i in highlight_rows else ''}>"
+        + "".join(f"<td>{_e(c)}</td>" for c in row) + "</tr>" for i, row in enumerate(rows))
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _fmt(value: float, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return f"{value:.{digits}f}"
+
+
+_CSS = """
+body { font-family: sans-serif; margin: 1.5em auto; max-width: 1200px; color: #222; }
+h1 { font-size: 1.5em; } h2 { border-bottom: 1px solid #ccc; padding-bottom: 0.2em; }
+table { border-collapse: collapse; margin: 0.6em 0; font-size: 13px; }
+th, td { border: 1px solid #ccc; padding: 0.25em 0.6em; text-align: right; }
+td:first-child, th:first-child { text-align: left; }
+tr.worst td { background: #fde0dd; font-weight: bold; }
+pre { background: #f6f6f6; padding: 0.8em; overflow: auto; font-size: 12px; }
+img.plot { max-width: 100%; border: 1px solid #eee; }
+.crops { display: flex; flex-wrap: wrap; gap: 8px; margin-bottom: 1em; }
+.crops figure { margin: 0; text-align: center; font-size: 12px; }
+.crops img { width: 160px; height: 160px; image-rendering: pixelated; border: 1px solid #ccc; }
+.note { color: #666; font-size: 13px; }
+.graph { overflow: auto; max-height: 80vh; border: 1px solid #ccc; }
+"""
+
+
+def _section(title: str, body: str, anchor: str) -> str:
+    return f'<section id="{anchor}"><h2>{_e(title)}</h2>\n{body}\n</section>\n'
+
+
+# ----------------------------------------------------------------------------- main
+def build_report(models, *, model_name: str | None = None, config: ReportConfig | None = None,
+                 data_root=None, progress: Callable[[str], None] | None = None) -> Report:
+    """Evaluate, analyse and render ``models`` (a :class:`~fxquant.workflow.ZooModels`)."""
+    import fxquant
+    from fxquant.data import BenchmarkSet, bicubic_upscale
+    from fxquant.evaluate import score_image, super_resolve
+    from fxquant.metrics import rgb_to_y
+    from fxquant.workflow import evaluate_sets
+
+    config = config or ReportConfig()
+    timings: dict[str, float] = {}
+    clock = [time.perf_counter(), ""]
+
+    def say(message: str, phase: str = "") -> None:
+        now = time.perf_counter()
+        if clock[1]:
+            timings[clock[1]] = round(now - clock[0], 2)
+        clock[0], clock[1] = now, phase
+        if progress is not None and message:
+            progress(message)
+
+    spec, scale, recipe = models.spec, models.scale, models.recipe
+    name = model_name or spec.name
+    gm = models.quant_model
+    fp_fn, q_fn = models.runner("fp"), models.runner("quant")
+    plots = _plot_available()
+    data: dict = {"model": name, "scale": scale, "recipe_name": recipe.name,
+                  "pipeline": getattr(gm, "fxquant_pipeline", ""),
+                  "config": dict(config.__dict__), "quality": {}}
+
+    # 1. quality -----------------------------------------------------------------------
+    say("evaluating FP and quantized models", "quality")
+    fp_scores = evaluate_sets(fp_fn, spec, scale, config.datasets, data_root=data_root,
+                              limit=config.limit)
+    q_scores = evaluate_sets(q_fn, spec, scale, config.datasets, data_root=data_root,
+                             limit=config.limit)
+    rows = []
+    for ds in config.datasets:
+        f, q = fp_scores[ds], q_scores[ds]
+        data["quality"][ds] = {"fp": {"psnr": f.psnr, "ssim": f.ssim},
+                               "quant": {"psnr": q.psnr, "ssim": q.ssim},
+                               "images": len(f.images)}
+        rows.append([ds, len(f.images), f"{f.psnr:.3f}", f"{q.psnr:.3f}", f"{q.psnr - f.psnr:+.3f}",
+                     f"{f.ssim:.4f}", f"{q.ssim:.4f}", f"{q.ssim - f.ssim:+.4f}"])
+    quality_html = _table(["dataset", "images", "FP PSNR", "quant PSNR", "ΔPSNR", "FP SSIM",
+                           "quant SSIM", "ΔSSIM"], rows)
+    quality_html += ('<p class="note">PSNR/SSIM on the Y channel, borders of '
+                     f'{scale} pixels shaved' + (f"; first {config.limit} images per set"
+                                                 if config.limit else "") + ".</p>")
+
+    # 2. analysis inputs ----------------------------------------------------------------
+    dataset = BenchmarkSet(config.datasets[0], scale, root=data_root,
+                           limit=max(config.view_images, 1))
+    pairs = [dataset[i] for i in range(len(dataset))]
+    inputs, labels = benchmark_crops(config.datasets[0], scale, images=config.analysis_images,
+                                     crop=config.crop, color=spec.color, root=data_root)
+    crop_note = (f"centred {config.crop}×{config.crop} LR crops of " if config.crop else "") + \
+        f"{', '.join(labels)} ({config.datasets[0]})"
+
+    say(f"per-layer error attribution on {crop_note}", "attribution")
+    errors = layer_errors(models.float_model, gm, inputs, float_fn=fp_fn, quant_fn=q_fn)
+    ranked = errors.ranked("isolated")
+    worst = [e.layer for e in ranked[:config.worst]]
+    data["layers"] = errors.to_dict()
+    data["worst"] = worst
+    names = [e.layer for e in errors.layers]
+    attribution_html = (
+        f"<p>Each quantized layer's output is compared with the float layer of the same name on "
+        f"{_e(crop_note)}. <b>Isolated</b>: the quantized layer is fed the float model's input "
+        "(its local error, split into weight-only and activation-only parts). "
+        "<b>Propagated</b>: the quantized model runs on its own activations (the error "
+        "accumulated up to that layer). Network output: SQNR "
+        f"{_fmt(errors.output_sqnr)} dB, PSNR against the FP output "
+        f"{_fmt(errors.output_psnr)} dB.</p>")
+    if plots:
+        attribution_html += (
+            f'<img class="plot" alt="per-layer SQNR" src="' + _bar_chart(
+                names, [e.sqnr_isolated for e in errors.layers], set(worst),
+                title=f"isolated SQNR per quantized layer (worst {config.worst} in red)",
+                ylabel="SQNR (dB)", first_label="isolated",
+                second=[e.sqnr_propagated for e in errors.layers],
+                second_label="propagated") + '">')
+    else:
+        attribution_html += _no_plots()
+    if errors.transformed:
+        attribution_html += (
+            '<p class="note"><b>Warning:</b> a pass changed the weights of '
+            f"{_e(', '.join(errors.transformed))} (e.g. fold_channel_norm folds scales into "
+            "them): their outputs are rescaled, so their per-layer numbers and those of the "
+            "layers they feed do not measure quantization error alone. The sensitivity sweep "
+            "is unaffected when the folding is exact.</p>")
+    top = ranked[:max(10, config.worst)]
+    attribution_html += "<h3>Worst layers by isolated SQNR</h3>" + _table(
+        ["layer", "module", "quantizer", "isolated dB", "weight-only dB", "activation-only dB",
+         "propagated dB", "isolated MSE"],
+        [[e.layer, e.module_type, e.quantizer, _fmt(e.sqnr_isolated), _fmt(e.sqnr_weight_only),
+          _fmt(e.sqnr_activation_only), _fmt(e.sqnr_propagated), f"{e.mse_isolated:.3g}"]
+         for e in top], set(range(config.worst)))
+    attribution_html += ("<details><summary>all layers in graph order</summary><pre>"
+                         + _e(errors.table()) + "</pre></details>")
+
+    # 3. sensitivity --------------------------------------------------------------------
+    sweep = None
+    sweep_html = '<p class="note">sweep not run (--no-sweep).</p>'
+    if config.sweep:
+        say(f"sensitivity sweep over {len(errors.layers)} layers", "sweep")
+        sweep = sensitivity_sweep(models.float_model, gm, inputs, strategy=config.sweep_strategy,
+                                  float_fn=fp_fn, quant_fn=q_fn)
+        agreement = rank_agreement(errors, sweep)
+        data["sweep"] = sweep.to_dict()
+        data["agreement"] = agreement
+        sranked = sweep.ranked()
+        sworst = {s.layer for s in sranked[:config.worst]}
+        iso_rank = {e.layer: i + 1 for i, e in enumerate(ranked)}
+        what = ("only this layer quantized, every other quantizer switched off"
+                if sweep.strategy == "only" else "every layer quantized except this one")
+        sweep_html = (
+            f"<p>Network output with {what}, against the FP output on the same crops. With all "
+            f"layers quantized the output SQNR is {_fmt(sweep.baseline_sqnr)} dB.</p>")
+        if plots:
+            sweep_html += '<img class="plot" alt="sensitivity sweep" src="' + _bar_chart(
+                [s.layer for s in sweep.layers], [s.sqnr for s in sweep.layers], sworst,
+                title=f"output SQNR with one layer quantized (most sensitive {config.worst} "
+                      "in red)", ylabel="output SQNR (dB)") + '">'
+        else:
+            sweep_html += _no_plots()
+        sweep_html += "<h3>Ranking</h3>" + _table(
+            ["rank", "layer", "output SQNR dB", "PSNR vs FP dB", "rank by isolated SQNR"],
+            [[i + 1, s.layer, _fmt(s.sqnr), _fmt(s.psnr), iso_rank.get(s.layer, "-")]
+             for i, s in enumerate(sranked[:max(10, config.worst)])], set(range(config.worst)))
+        sweep_html += (
+            f"<p>Agreement with the isolated per-layer ranking: top-3 overlap "
+            f"{agreement['overlap3']}/3, top-5 overlap {agreement['overlap5']}/5; the sweep's most "
+            f"sensitive layer is #{agreement['sweep_worst_isolated_rank']} by isolated SQNR and "
+            "the "
+            f"worst isolated layer is #{agreement['isolated_worst_sweep_rank']} in the sweep; "
+            f"Spearman rank correlation {agreement['spearman']:.2f}. The two differ where a "
+            "layer's local error is damped (or not) on its way to the output: a layer writing "
+            "straight into the residual trunk or the upsampler passes its error on undamped, "
+            "while a branch gated by attention or mixed with many other channels damps it.</p>")
+
+    # 4. distributions ------------------------------------------------------------------
+    dist_html = ""
+    if plots:
+        from fxquant.distributions import activation_stats, figure_to_png, plot_activation, \
+            png_data_uri
+
+        say(f"activation distributions of {', '.join(worst)}", "distributions")
+        stats = activation_stats(models.float_model, inputs, worst, where="input", fn=fp_fn,
+                                 quant_model=gm, labels=labels)
+        data["distributions"] = {}
+        for layer in worst:
+            s = stats[layer]
+            no_range = "" if s.clip is not None else (
+                " The quantizer in front of this layer has no static range to draw (it is "
+                "dynamic, non-uniform or per-channel).")
+            dist_html += (f"<h3>{_e(layer)}</h3><p>{_e(s.summary() + no_range)}</p>"
+                          f'<img class="plot" alt="distribution of {_e(layer)} input" src="'
+                          f'{png_data_uri(figure_to_png(plot_activation(s)))}">')
+            data["distributions"][layer] = {"lo": s.lo, "hi": s.hi, "clip": s.clip,
+                                            "clipped_fraction": s.clipped_fraction()}
+        dist_html = ("<p>Inputs of the worst layers in the float model, per channel for each "
+                     "image (bar: min..max, box: mean±std) and as a histogram; dashed lines are "
+                     "the range of the activation quantizer in front of the layer.</p>"
+                     + dist_html)
+    else:
+        dist_html = _no_plots()
+
+    # 5. image crops ---------------------------------------------------------------------
+    say("image crops", "images")
+    crops_html = ""
+    for pair in pairs[:config.view_images]:
+        fp_img = super_resolve(fp_fn, pair.lr, spec.color)
+        q_img = super_resolve(q_fn, pair.lr, spec.color)
+        hr = pair.hr if spec.color != "y" else rgb_to_y(pair.hr)
+        bicubic = bicubic_upscale(pair.lr, scale)
+        if spec.color == "y":
+            bicubic = rgb_to_y(bicubic)
+        fp_score = score_image(fp_img, pair.hr, scale)
+        q_score = score_image(q_img, pair.hr, scale)
+        bic_score = score_image(bicubic, pair.hr, scale)
+        diff_fq = np.abs(fp_img.astype(np.float64) - q_img.astype(np.float64))
+        diff_hq = np.abs(hr.astype(np.float64) - q_img.astype(np.float64))
+        if diff_fq.ndim == 3:
+            diff_fq, diff_hq = diff_fq.mean(axis=2), diff_hq.mean(axis=2)
+        top_err = float(np.percentile(np.concatenate([_centre(diff_fq, config.view_crop).ravel(),
+                                                      _centre(diff_hq, config.view_crop).ravel()]),
+                                      99.5)) or 1.0
+        panels = [("HR", _as_display(hr), ""),
+                   ("bicubic", _as_display(bicubic), f"{bic_score[0]:.2f} dB"),
+                   ("FP", _as_display(fp_img), f"{fp_score[0]:.2f} dB"),
+                   ("quantized", _as_display(q_img), f"{q_score[0]:.2f} dB"),
+                   ("|FP − quant|", _heat(diff_fq, top_err), f"0..{top_err:.0f}/255"),
+                   ("|HR − quant|", _heat(diff_hq, top_err), f"0..{top_err:.0f}/255")]
+        figures = "".join(
+            f'<figure><img alt="{_e(pair.name)} {_e(t)}" '
+            f'src="{_png_uri(_centre(a, config.view_crop))}">'
+            f"<figcaption>{_e(t)}<br>{_e(c)}</figcaption></figure>" for t, a, c in panels)
+        crops_html += (f"<h3>{_e(pair.name)}</h3><p class=\"note\">centre {config.view_crop}×"
+                       f"{config.view_crop} HR crop; PSNR of the whole image; error maps share "
+                       "one colour scale (black 0, white = the 99.5th percentile).</p>"
+                       f'<div class="crops">{figures}</div>')
+
+    # 6. graph ----------------------------------------------------------------------------
+    graph_html = ""
+    say("", "graph")
+    if config.graph:
+        from fxquant.graphviz import legend_html, to_svg
+
+        sqnr = errors.sqnr_map("isolated", key="node")
+        graph_html = ("<details><summary>show the graph (quantized layers coloured by isolated "
+                      "SQNR; hover a node for details)</summary>" + legend_html(gm, sqnr)
+                      + '<div class="graph">' + to_svg(gm, errors=sqnr, standalone=False,
+                                                       id_prefix="report")
+                      + "</div></details>")
+
+    # page ----------------------------------------------------------------------------------
+    say("", "")
+    data["timings_s"] = timings
+    when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    toml = recipe.to_toml()
+    title = f"fxquant report: {name} ×{scale}, recipe {recipe.name}"
+    summary_items = []
+    for ds, r in data["quality"].items():
+        delta = r["quant"]["psnr"] - r["fp"]["psnr"]
+        summary_items.append(f"{ds}: FP {r['fp']['psnr']:.2f} dB → quantized "
+                             f"{r['quant']['psnr']:.2f} dB ({delta:+.2f})")
+    summary_items.append("layers that lose most (isolated SQNR): " + ", ".join(
+        f"{e.layer} ({_fmt(e.sqnr_isolated)} dB)" for e in ranked[:config.worst]))
+    if sweep is not None:
+        summary_items.append("most sensitive layers (sweep): " + ", ".join(
+            f"{s.layer} ({_fmt(s.sqnr)} dB)" for s in sweep.ranked()[:config.worst]))
+    body = (f"<h1>{_e(title)}</h1>"
+            f'<p class="note">{_e(when)} · fxquant {_e(fxquant.__version__)} · torch '
+            f"{_e(torch.__version__)} · pipeline <code>{_e(data['pipeline'])}</code></p>"
+            "<ul>" + "".join(f"<li>{_e(s)}</li>" for s in summary_items) + "</ul>"
+            + _section("Recipe", f"<pre>{html.escape(toml, quote=False)}</pre>", "recipe")
+            + _section("Quality", quality_html, "quality")
+            + _section("Per-layer error", attribution_html, "layers")
+            + _section("Sensitivity sweep", sweep_html, "sweep")
+            + _section("Distributions of the worst layers' inputs", dist_html, "distributions")
+            + _section("Images", crops_html, "images")
+            + (_section("Graph", graph_html, "graph") if graph_html else "")
+            + '<p class="note">time (s): ' + _e(", ".join(f"{k} {v:.1f}" for k, v in
+                                                         timings.items())) + "</p>")
+    page = (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+            f"<title>{_e(title)}</title><style>{_CSS}</style></head>\n<body>\n{body}\n"
+            "</body></html>\n")
+    return Report(page, data, errors, sweep)
+
+
+def _no_plots() -> str:
+    return ('<p class="note">plots need matplotlib: pip install \'fxquant[viz]\'</p>')
+
+
+def write_report(path: str | os.PathLike, models, **kwargs) -> Report:
+    """:func:`build_report` and write the HTML to ``path``."""
+    report = build_report(models, **kwargs)
+    Path(path).write_text(report.html, encoding="utf-8")
+    return report
