@@ -1,0 +1,153 @@
+"""Run-time cost of DAQ's dynamic statistics relative to the conv they feed.
+
+    .venv/bin/python tools/bench_daq.py [--sizes 128,256] [--rounds 30] [--no-compile]
+                                        [--write docs/performance.md]
+
+A 64-channel 3×3 conv (64→64, padding 1) on 1×64×S×S is the reference (fp32, NCHW,
+``F.conv2d``). Against it: the per-(image, channel) statistics alone (``torch.std_mean``
+and the post-ReLU sums), the DAQ activation fake-quantizer (signed and post-ReLU branches,
+4 bits, eager and under ``torch.compile`` when it works), the weight fake-quantizer, and
+the whole fake-quantized layer (DAQ input quantizer + weight quantizer + conv). Every case
+runs once per round, rounds interleaved; the table gives medians as ratios to the fp32 conv.
+With ``--write FILE`` the table replaces the ``## DAQ`` section of FILE (created with a
+``# Performance`` title if missing); other sections are left untouched.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import re
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from fxquant.quant.daq import daq_quantize, daq_weight_quantize, relu_stats
+
+SECTION = "## DAQ"
+
+
+def _cases(size: int, compiled: bool) -> dict:
+    torch.manual_seed(0)
+    x = torch.randn(1, 64, size, size)
+    xr = torch.relu(x)
+    w = torch.randn(64, 64, 3, 3) * 0.05
+    b = torch.zeros(64)
+    cases = {
+        "fp32 conv 3×3 64→64 (reference)": lambda: F.conv2d(x, w, b, padding=1),
+        "stats only: torch.std_mean (signed)": lambda: torch.std_mean(x, dim=(2, 3)),
+        "stats only: post-ReLU sums": lambda: relu_stats(xr),
+        "DAQ act fake-quant, signed, eager": lambda: daq_quantize(x, 4),
+        "DAQ act fake-quant, post-ReLU, eager": lambda: daq_quantize(xr, 4, branch="relu"),
+        "DAQ act fake-quant, signed + σ quant (qq=4), eager":
+            lambda: daq_quantize(x, 4, qq_bits=4),
+        "DAQ weight fake-quant (per tensor), eager": lambda: daq_weight_quantize(w, 4),
+        "DAQ layer, eager (act + weight fake-quant + conv)":
+            lambda: F.conv2d(daq_quantize(x, 4), daq_weight_quantize(w, 4), b, padding=1),
+    }
+    if compiled:
+        signed = torch.compile(lambda t: daq_quantize(t, 4), dynamic=False)
+        relu = torch.compile(lambda t: daq_quantize(t, 4, branch="relu"), dynamic=False)
+        try:
+            for _ in range(2):  # compile and warm up
+                signed(x), relu(xr)
+        except Exception as exc:  # noqa: BLE001 - report and go on without compile
+            print(f"torch.compile failed ({type(exc).__name__}: {exc}); eager only",
+                  file=sys.stderr)
+        else:
+            cases["DAQ act fake-quant, signed, torch.compile"] = lambda: signed(x)
+            cases["DAQ act fake-quant, post-ReLU, torch.compile"] = lambda: relu(xr)
+            cases["DAQ layer, compiled act + eager conv"] = lambda: F.conv2d(
+                signed(x), daq_weight_quantize(w, 4), b, padding=1)
+    return cases
+
+
+def measure(size: int, rounds: int, compiled: bool) -> dict[str, float]:
+    """Median seconds per call of every case, rounds interleaved."""
+    cases = _cases(size, compiled)
+    with torch.inference_mode():
+        for fn in cases.values():  # warm-up
+            fn(), fn()
+        times: dict[str, list[float]] = {name: [] for name in cases}
+        for _ in range(rounds):
+            for name, fn in cases.items():
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def table(results: dict[int, dict[str, float]]) -> str:
+    sizes = sorted(results)
+    names = list(results[sizes[0]])
+    head = "| Case | " + " | ".join(f"1×64×{s}² ratio" for s in sizes) + " |"
+    lines = [head, "|---|" + "---:|" * len(sizes)]
+    for name in names:
+        cells = []
+        for s in sizes:
+            ref = results[s]["fp32 conv 3×3 64→64 (reference)"]
+            cells.append(f"{results[s][name] / ref:.3f}" if name in results[s] else "—")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def section(text: str, rounds: int) -> str:
+    cpu = platform.processor() or platform.machine()
+    return "\n".join([
+        SECTION, "",
+        "Cost of DAQ's run-time statistics relative to the conv they feed, from",
+        "`tools/bench_daq.py`: medians of "
+        f"{rounds} interleaved rounds, ratios to one fp32 3×3 64→64 conv (`F.conv2d`, NCHW)",
+        f"on the same input; torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{cpu} (the 2-vCPU build machine of",
+        "LOWERING.md §1; absolute times vary 10–20 % with the shared host, ratios less).",
+        "",
+        text, "",
+        "- *stats only* is the per-(image, channel) reduction DAQ adds to every quantized",
+        "  conv input; the fake-quant rows add the rounding/clipping elementwise work.",
+        "- DAQ's activation quantizer is memory-bound elementwise work plus one reduction, so",
+        "  its ratio to the (compute-bound) conv is about constant across sizes; compiled, it",
+        "  fuses into ~2 passes over the tensor.",
+        "- The weight fake-quantizer runs on the 37k-element weight, independent of the",
+        "  image size. In an integer deployment the per-(image, channel) step would be folded",
+        "  into per-call weight requantization (LOWERING.md §6); that path is not built here.",
+        "",
+    ])
+
+
+def write_section(path: Path, body: str) -> None:
+    text = path.read_text() if path.exists() else "# Performance\n"
+    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: body + "\n", text)
+    else:
+        text = text.rstrip("\n") + "\n\n" + body + "\n"
+    path.write_text(text.rstrip("\n") + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="128,256", help="spatial sizes S of 1×64×S×S")
+    parser.add_argument("--rounds", type=int, default=30)
+    parser.add_argument("--no-compile", action="store_true", help="skip torch.compile cases")
+    parser.add_argument("--write", help="replace the '## DAQ' section of this Markdown file")
+    args = parser.parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",")]
+    results = {s: measure(s, args.rounds, not args.no_compile) for s in sizes}
+    text = table(results)
+    print(text)
+    refs = ", ".join(f"{s}²: {results[s]['fp32 conv 3×3 64→64 (reference)'] * 1e3:.2f} ms"
+                     for s in sizes)
+    print(f"\nfp32 conv reference on this machine: {refs}")
+    if args.write:
+        write_section(Path(args.write), section(text, args.rounds))
+        print(f"wrote the {SECTION} section of {args.write}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
