@@ -1,9 +1,14 @@
 """fxquant's FX passes, one per module. Importing this package registers them by name."""
 
 from fxquant.passes.calibrate import CalibratePass
+from fxquant.passes.dfsq_observe import DFSQObservePass
+from fxquant.passes.fold_channel_norm import FoldChannelNormPass
+from fxquant.passes.daq import DAQPass, DAQSensitivityPass
 from fxquant.passes.observe import ObservePass
 from fxquant.passes.quantize import QuantizePass
+from fxquant.passes.subset_quant import DFSQOptions, SubsetQuantizePass
 from fxquant.passes.trace import TracePass
 from fxquant.passes.verify import VerifyPass
 
-__all__ = ["CalibratePass", "ObservePass", "QuantizePass", "TracePass", "VerifyPass"]
+__all__ = ["CalibratePass", "DFSQObservePass", "DFSQOptions", "FoldChannelNormPass", "SubsetQuantizePass",
+           "DAQPass", "DAQSensitivityPass", "ObservePass", "QuantizePass", "TracePass", "VerifyPass"]
