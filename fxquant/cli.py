@@ -127,9 +127,9 @@ def cmd_table(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    args.model, args.scale, args.recipe, args.datasets = "imdn", 4, "minmax-w4a4", "Set5"
+    args.model, args.scale, args.recipe, args.datasets = "imdn", 4, "mse-w4a4", "Set5"
     args.checkpoint, args.limit, args.json = None, None, False
-    print("fxquant demo: IMDN x4 compiled with the 4-bit uniform preset (minmax-w4a4)")
+    print("fxquant demo: IMDN x4 compiled with the 4-bit uniform preset (mse-w4a4)")
     return cmd_eval(args)
 
 
