@@ -300,7 +300,7 @@ class LayerErrorReport:
             summary += f"; unmatched layers: {', '.join(self.unmatched)}"
         if self.transformed:
             summary += (f"\nwarning: a pass changed the weights of {', '.join(self.transformed)} "
-                        "(e.g. fold_channel_norm folds scales into them), so their outputs are "
+                        "(e.g. fold-channel-norm folds scales into them), so their outputs are "
                         "rescaled and their per-layer numbers (and those of the layers they "
                         "feed) do not measure quantization error alone")
         return text + "\n" + summary + "\n"

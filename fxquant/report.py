@@ -371,7 +371,7 @@ def build_report(models, *, model_name: str | None = None, config: ReportConfig 
     if errors.transformed:
         attribution_html += (
             '<p class="note"><b>Warning:</b> a pass changed the weights of '
-            f"{_e(', '.join(errors.transformed))} (e.g. fold_channel_norm folds scales into "
+            f"{_e(', '.join(errors.transformed))} (e.g. fold-channel-norm folds scales into "
             "them): their outputs are rescaled, so their per-layer numbers and those of the "
             "layers they feed do not measure quantization error alone. The sensitivity sweep "
             "is unaffected when the folding is exact.</p>")

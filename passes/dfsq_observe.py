@@ -1,4 +1,4 @@
-"""``dfsq_observe``: sample each selected layer's normalized input for DFSQ point selection."""
+"""``dfsq-observe``: sample each selected layer's normalized input for DFSQ point selection."""
 
 from __future__ import annotations
 
@@ -35,16 +35,16 @@ class DFSQObservePass(Pass):
     identities, so outputs are unchanged.
     """
 
-    name: ClassVar[str] = "dfsq_observe"
+    name: ClassVar[str] = "dfsq-observe"
     normalization: str | None = None
     memory_mb: float | None = None
 
     def __post_init__(self):
         if self.normalization is not None and self.normalization not in MODES:
-            raise RecipeError(f"dfsq_observe.normalization '{self.normalization}' unknown; "
+            raise RecipeError(f"dfsq-observe.normalization '{self.normalization}' unknown; "
                               f"choose one of {', '.join(MODES)}")
         if self.memory_mb is not None and not self.memory_mb > 0:
-            raise RecipeError(f"dfsq_observe.memory_mb = {self.memory_mb} must be > 0")
+            raise RecipeError(f"dfsq-observe.memory_mb = {self.memory_mb} must be > 0")
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         options = dfsq_options(ctx)

@@ -1,4 +1,4 @@
-"""``fold_channel_norm``: fold static DFSQ channel scales into neighbouring convs."""
+"""``fold-channel-norm``: fold static DFSQ channel scales into neighbouring convs."""
 
 from __future__ import annotations
 
@@ -209,7 +209,7 @@ class FoldChannelNormPass(Pass):
     module is shared by several calls. Folded convs are copies (the float model is untouched)
     and their weight quantizers are re-fitted. A scale that cannot be folded stays a float
     per-channel multiply inside the quantizer; every refusal is reported with its reason in
-    ``ctx.state["fold_channel_norm"]`` and counted in ``info``.
+    ``ctx.state["fold-channel-norm"]`` and counted in ``info``.
 
     With ``check`` (and a probe input: ``ctx.example_inputs`` or the first calibration
     sample), every fold is verified: the graph in float mode (no rounding) must give the
@@ -217,7 +217,7 @@ class FoldChannelNormPass(Pass):
     Dynamic-mode quantizers cannot be folded statically and are skipped.
     """
 
-    name: ClassVar[str] = "fold_channel_norm"
+    name: ClassVar[str] = "fold-channel-norm"
     check: bool = True
     tol: float = 1e-5
 
@@ -286,7 +286,7 @@ class FoldChannelNormPass(Pass):
                 counts["post_refused"] += 1
             report[qnode.name] = entry
         gm.recompile()
-        ctx.state["fold_channel_norm"] = report
+        ctx.state["fold-channel-norm"] = report
         info = {"static_quantizers": len(qnodes), "dynamic_skipped": dynamic, **counts}
         if reference is not None:
             info["max_rel_error"] = worst

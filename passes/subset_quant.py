@@ -1,4 +1,4 @@
-"""``subset_quantize``: DFSQ's subset quantizers from the sampled calibration values, and the
+"""``subset-quant``: DFSQ's subset quantizers from the sampled calibration values, and the
 ``dfsq`` method (options, default pipeline)."""
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def dfsq_options(ctx: PassContext) -> DFSQOptions:
 
 
 register_method("dfsq", DFSQOptions,
-                "trace,dfsq_observe,calibrate,subset_quantize,fold_channel_norm,verify",
+                "trace,dfsq-observe,calibrate,subset-quant,fold-channel-norm,verify",
                 "DFSQ: per-channel normalized activations, per-channel subsets of a universal "
                 "set chosen by K-means; per-output-channel min/max weights")
 
@@ -133,7 +133,7 @@ class SubsetQuantizePass(Pass):
     and ``weights=false`` leaves the convs' weights in float.
     """
 
-    name: ClassVar[str] = "subset_quantize"
+    name: ClassVar[str] = "subset-quant"
     w: int | None = None
     a: int | None = None
     selection: str | None = None
@@ -143,10 +143,10 @@ class SubsetQuantizePass(Pass):
         for key in ("w", "a"):
             bits = getattr(self, key)
             if bits is not None and not MIN_BITS <= bits <= MAX_BITS:
-                raise RecipeError(f"subset_quantize.{key} = {bits} is impossible; use "
+                raise RecipeError(f"subset-quant.{key} = {bits} is impossible; use "
                                   f"{MIN_BITS}..{MAX_BITS}")
         if self.selection is not None and self.selection not in SELECTIONS:
-            raise RecipeError(f"subset_quantize.selection '{self.selection}' unknown; choose one "
+            raise RecipeError(f"subset-quant.selection '{self.selection}' unknown; choose one "
                               f"of {', '.join(SELECTIONS)}")
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -212,7 +212,7 @@ class SubsetQuantizePass(Pass):
                 swap_in_quant_conv(gm, consumer.target, weight_quantizer(conv, recipe.weights, w_bits))
                 weights += 1
         gm.recompile()
-        ctx.state["subset_quantize"] = report
+        ctx.state["subset-quant"] = report
         mses = [r["mse"] for r in report.values()]
         return PassResult(gm, bool(nodes), {
             "activation_quantizers": len(nodes), "weight_quantizers": weights,

@@ -74,3 +74,14 @@ def tiny_sr() -> TinySR:
 def calib() -> torch.Tensor:
     return torch.rand(16, 3, 12, 12, generator=torch.Generator().manual_seed(1))
 
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for tests of tiny tensors: under ``pytest -n 2`` on 2 shared cores,
+    two OpenMP threads per worker spin-wait and make small convs 30-100x slower. Modules opt in
+    with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -21,17 +21,10 @@ from fxquant.analysis import (
 from fxquant.metrics import sqnr_db
 from fxquant.quant import Quantizer
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 LAYERS = ["blocks.0.0", "blocks.0.2", "blocks.1.0", "blocks.1.2"]
 WEAK = "blocks.0.2"  # at 8 bits it is one of the best layers; at 2 bits it must be the worst
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two OpenMP threads on a loaded 2-core machine make small convs ~100x slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

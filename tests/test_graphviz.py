@@ -24,16 +24,10 @@ from fxquant.graphviz import (
 )
 from fxquant.inspect import graph_table, node_rows
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 # Fixed SQNRs so the error-coloured golden does not depend on floating point.
 FAKE_ERRORS = {"blocks.0.0": 12.0, "blocks.0.2": 30.0, "blocks.1.0": 3.5, "blocks.1.2": 21.0}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture

@@ -20,6 +20,8 @@ from fxquant.models import ModelSpec
 from fxquant.report import ReportConfig, build_report, rank_agreement, spearman, write_report
 from fxquant.workflow import ZooModels
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 CHROMIUM = "/usr/bin/chromium"
 INSTALL_TIMEOUT_S = 600
 BROWSER_TIMEOUT_S = 60
@@ -40,14 +42,6 @@ class SmallSR(nn.Module):
     def forward(self, x):
         h = self.head(x)
         return nn.functional.pixel_shuffle(self.tail(h + self.body(h)), self.scale)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

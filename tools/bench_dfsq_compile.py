@@ -5,7 +5,7 @@ calibrate, point selection, weights, verify.
         [--scales 4] [--recipes dfsq-w4a4] [--threads N]
 
 Prints a Markdown table: total wall time of ``fxquant.compile`` (patches drawn beforehand,
-timed separately), the point-selection part (``select_s`` of ``subset_quantize``), the
+timed separately), the point-selection part (``select_s`` of ``subset-quant``), the
 number of quantized layers and channels, and the samples per channel.
 """
 
@@ -56,8 +56,8 @@ def main() -> None:
                 quantizers = [m for m in gm.modules() if isinstance(m, SubsetQuantizer)]
                 print(f"| {name} | x{scale} | {recipe_name} | {len(quantizers)} | "
                       f"{sum(q.channels for q in quantizers)} | "
-                      f"{history['dfsq_observe']['samples_per_channel']} | {patches_s:.1f} s | "
-                      f"{compile_s:.1f} s | {history['subset_quantize']['select_s']:.1f} s |",
+                      f"{history['dfsq-observe']['samples_per_channel']} | {patches_s:.1f} s | "
+                      f"{compile_s:.1f} s | {history['subset-quant']['select_s']:.1f} s |",
                       flush=True)
 
 

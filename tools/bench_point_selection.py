@@ -38,7 +38,7 @@ def layer_samples(model: str, scale: int, layer: str, channel: int, max_samples:
     spec = get_spec(model)
     ctx = PassContext(recipe, calib=calibration_data(spec, scale, recipe),
                       concrete_args={"scale": scale} if spec.takes_scale else None)
-    gm = PassManager("trace,dfsq_observe,calibrate").run(build_model(model, scale, pretrained=True), ctx)
+    gm = PassManager("trace,dfsq-observe,calibrate").run(build_model(model, scale, pretrained=True), ctx)
     (observer,) = [m for m in gm.modules() if isinstance(m, SampleObserver)]
     return observer.normalized_samples()[channel:channel + 1], observer.post_relu
 

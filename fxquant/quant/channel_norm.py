@@ -11,7 +11,7 @@ Static (fxquant's foldable variant): one scale ``s_c`` per channel from calibrat
 (``s_c = max |x_c|`` over every calibration value), ``x̃ = x / s_c`` and ``y = x̂·s_c``. No
 mean shift, because a constant shift does not commute with a conv's zero padding. The two
 multiplies can be folded into neighbouring convs (:func:`fold_output_scale`,
-:func:`fold_input_scale`); the graph decisions live in the ``fold_channel_norm`` pass.
+:func:`fold_input_scale`); the graph decisions live in the ``fold-channel-norm`` pass.
 """
 
 from __future__ import annotations

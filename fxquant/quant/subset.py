@@ -102,7 +102,7 @@ class SubsetQuantizer(Quantizer):
     ``mode="dynamic"`` is the official per-(image, channel) normalization (mean shift unless
     ``post_relu``); ``mode="static"`` divides by a calibrated per-channel scale: ``pre``
     (= 1/s_c) multiplies before quantization and ``post`` (= s_c) after. The
-    ``fold_channel_norm`` pass folds them into neighbouring convs and sets them to 1.
+    ``fold-channel-norm`` pass folds them into neighbouring convs and sets them to 1.
     ``enabled=False`` skips the rounding (the module is then the identity up to float
     rounding), which is how folds are checked for equivalence.
     """

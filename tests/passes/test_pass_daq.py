@@ -15,6 +15,8 @@ from fxquant.observers import Observer
 from fxquant.quant import QuantConv2d
 from fxquant.quant.daq import DAQActivationQuantizer, DAQSensitivityObserver, DAQWeightQuantizer
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 def _daq(bits: int, **options) -> dict:
     return {"method": "daq", "weights": {"bits": bits}, "activations": {"bits": bits},
@@ -202,20 +204,26 @@ def test_bits_outside_the_step_table_are_rejected(tiny_sr):
 
 
 def test_presets_load():
-    for name in ("daq-w4a4", "daq-w3a3", "daq-w2a2", "daq-w4a4qq4", "daq-mp3"):
+    names = [n for n in fxquant.available_presets() if n.startswith("daq-")]
+    assert {"daq-w4a4", "daq-w3a3", "daq-w2a2", "daq-w4a4qq4", "daq-mp3", "daq-mp4"} <= set(names)
+    for name in names:
         recipe = fxquant.load_preset(name)
-        assert recipe.method == "daq"
+        assert recipe.method == "daq" and recipe.name == name
     assert fxquant.load_preset("daq-mp3").options.mixed_precision
 
 
 @pytest.mark.slow
 @pytest.mark.data
 def test_daq_w4a4_beats_uniform_minmax_on_imdn(data):
-    from fxquant.workflow import evaluate_sets, prepare
+    from fxquant.data import BenchmarkSet, calibration_patches
+    from fxquant.evaluate import evaluate
+    from fxquant.models import build_model
 
+    images = BenchmarkSet("Set5", 4, root=data, limit=2)
+    calib = calibration_patches(16, 48, 4, root=data)
     scores = {}
     for recipe in ("daq-w4a4", "minmax-w4a4"):
-        models = prepare("imdn", 4, recipe, data_root=data)
-        scores[recipe] = evaluate_sets(models.runner("quant"), models.spec, 4, ["Set5"],
-                                       data_root=data, limit=2)["Set5"].psnr
+        model = compile(build_model("imdn", 4, pretrained=True, data_root=data), recipe,
+                        calib=calib)
+        scores[recipe] = evaluate(model, images, "rgb").psnr
     assert scores["daq-w4a4"] > scores["minmax-w4a4"] + 1.0

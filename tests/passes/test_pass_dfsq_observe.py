@@ -1,4 +1,4 @@
-"""``dfsq_observe``: structure (golden), post-ReLU detection, identity, memory budget."""
+"""``dfsq-observe``: structure (golden), post-ReLU detection, identity, memory budget."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ def dfsq(bits: int, **options) -> dict:
 
 def test_dfsq_observe_structure(tiny_sr, calib, golden):
     ctx = PassContext(Recipe.from_dict(dfsq(4)), calib=calib)
-    gm = PassManager("trace,dfsq_observe").run(tiny_sr, ctx)
-    golden("tiny_sr.dfsq_observe.txt", graph_table(gm))
+    gm = PassManager("trace,dfsq-observe").run(tiny_sr, ctx)
+    golden("tiny_sr.dfsq-observe.txt", graph_table(gm))
     observers = {n: m for n, m in gm.named_modules() if isinstance(m, SampleObserver)}
     assert sorted(observers) == ["blocks_0_0_input_observer", "blocks_0_2_input_observer",
                                  "blocks_1_0_input_observer", "blocks_1_2_input_observer"]
@@ -33,7 +33,7 @@ def test_dfsq_observe_structure(tiny_sr, calib, golden):
 def test_dfsq_observe_respects_the_memory_budget(tiny_sr, calib):
     recipe = Recipe.from_dict(dfsq(4, memory_mb=0.01))  # 10485 bytes for 4 layers × 8 channels
     ctx = PassContext(recipe, calib=calib)
-    gm = PassManager("trace,dfsq_observe,calibrate").run(tiny_sr, ctx)
+    gm = PassManager("trace,dfsq-observe,calibrate").run(tiny_sr, ctx)
     cap = int(0.01 * 2 ** 20) // (4 * 32)
     assert ctx.history[1][1]["samples_per_channel"] == cap == 81
     observers = [m for m in gm.modules() if isinstance(m, SampleObserver)]

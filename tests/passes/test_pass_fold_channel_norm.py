@@ -1,4 +1,4 @@
-"""``fold_channel_norm``: structure (golden), float equivalence of every fold, refusals."""
+"""``fold-channel-norm``: structure (golden), float equivalence of every fold, refusals."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from fxquant.quant.subset import SubsetQuantizer
 
 STATIC = {"method": "dfsq", "weights": {"bits": 4}, "activations": {"bits": 4},
           "options": {"normalization": "static", "restarts": 2, "kmeans_iters": 20}}
-FLOAT_PIPELINE = ("trace,dfsq_observe,calibrate,subset_quantize{weights=false},"
-                  "fold_channel_norm")
+FLOAT_PIPELINE = ("trace,dfsq-observe,calibrate,subset-quant{weights=false},"
+                  "fold-channel-norm")
 
 
 class ResidualNet(nn.Module):
@@ -49,8 +49,8 @@ def float_error(gm, model, x) -> float:
 
 def test_fold_structure(tiny_sr, calib, golden):
     gm = compile(tiny_sr, STATIC, calib=calib)
-    golden("tiny_sr.fold_channel_norm.txt", graph_table(gm))
-    info = dict(gm.fxquant_history)["fold_channel_norm"]
+    golden("tiny_sr.fold-channel-norm.txt", graph_table(gm))
+    info = dict(gm.fxquant_history)["fold-channel-norm"]
     assert info["static_quantizers"] == 4
     assert (info["pre_folded"], info["pre_refused"], info["post_folded"], info["post_refused"]) == (2, 2, 4, 0)
     assert info["max_rel_error"] < 1e-5
@@ -64,7 +64,7 @@ def test_every_fold_keeps_the_float_output_of_tiny_sr(tiny_sr, calib):
     gm = PassManager(FLOAT_PIPELINE).run(tiny_sr, ctx)
     x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(3))
     assert float_error(gm, tiny_sr, x) < 1e-5
-    report = ctx.state["fold_channel_norm"]
+    report = ctx.state["fold-channel-norm"]
     assert report["blocks_0_2_input_quantizer"]["pre"] == "folded into blocks.0.0 (output channels)"
     assert report["blocks_0_2_input_quantizer"]["post"] == "folded into blocks.0.2 (input channels)"
     assert report["blocks_0_0_input_quantizer"]["pre"].startswith("refused: head also feeds add")
@@ -78,7 +78,7 @@ def test_residual_and_shared_convs_are_refused_and_reported():
     calib = torch.rand(8, 3, 10, 10, generator=torch.Generator().manual_seed(1))
     ctx = PassContext(Recipe.from_dict(STATIC), calib=calib)
     gm = PassManager(FLOAT_PIPELINE).run(model, ctx)
-    report = ctx.state["fold_channel_norm"]
+    report = ctx.state["fold-channel-norm"]
     assert report["c2_input_quantizer"]["pre"] == "refused: relu also feeds add (e.g. a residual add)"
     assert report["c2_input_quantizer"]["post"] == "folded into c2 (input channels)"
     assert report["c1_input_quantizer"]["pre"] == "folded into head (output channels)"
@@ -99,7 +99,7 @@ def test_residual_and_shared_convs_are_refused_and_reported():
 def test_folded_quantized_model_stays_accurate(tiny_sr, calib):
     x = torch.rand(4, 3, 12, 12, generator=torch.Generator().manual_seed(5))
     unfolded = compile(tiny_sr, STATIC, calib=calib,
-                       pipeline="trace,dfsq_observe,calibrate,subset_quantize,verify")
+                       pipeline="trace,dfsq-observe,calibrate,subset-quant,verify")
     folded = compile(tiny_sr, STATIC, calib=calib)
     with torch.no_grad():
         ref = tiny_sr(x)
@@ -116,7 +116,7 @@ def test_a_wrong_fold_is_caught(tiny_sr, calib, monkeypatch):
 
 def test_dynamic_quantizers_are_skipped(tiny_sr, calib):
     gm = compile(tiny_sr, {**STATIC, "options": {"restarts": 1, "kmeans_iters": 5}}, calib=calib)
-    info = dict(gm.fxquant_history)["fold_channel_norm"]
+    info = dict(gm.fxquant_history)["fold-channel-norm"]
     assert info["dynamic_skipped"] == 4 and info["static_quantizers"] == 0
 
 
@@ -156,7 +156,7 @@ def test_split_slices_fold_into_their_output_channels_only():
     calib = torch.rand(8, 3, 10, 10, generator=torch.Generator().manual_seed(1))
     ctx = PassContext(Recipe.from_dict(STATIC), calib=calib)
     gm = PassManager(FLOAT_PIPELINE).run(model, ctx)
-    report = ctx.state["fold_channel_norm"]
+    report = ctx.state["fold-channel-norm"]
     assert report["c2_input_quantizer"]["pre"] == "folded into c1 (output channels 2..7)"
     assert report["fuse_input_quantizer"]["pre"].startswith("refused: input comes from cat")
     assert gm.get_submodule("c2_input_quantizer").folded == "pre+post"

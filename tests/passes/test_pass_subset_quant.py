@@ -1,4 +1,4 @@
-"""``subset_quantize`` (the ``dfsq`` method): structure (golden), numerics, options."""
+"""``subset-quant`` (the ``dfsq`` method): structure (golden), numerics, options."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def probe():
 
 def test_subset_quantize_structure(tiny_sr, calib, golden):
     gm = compile(tiny_sr, dfsq(4), calib=calib)
-    golden("tiny_sr.subset_quantize.txt", graph_table(gm))
+    golden("tiny_sr.subset-quant.txt", graph_table(gm))
     assert not any(isinstance(m, Observer) for m in gm.modules())
     quant_convs = sorted(n for n, m in gm.named_modules() if isinstance(m, QuantConv2d))
     assert quant_convs == ["blocks.0.0", "blocks.0.2", "blocks.1.0", "blocks.1.2"]
@@ -42,7 +42,7 @@ def test_subset_quantize_structure(tiny_sr, calib, golden):
         if isinstance(m, SubsetQuantizer):
             assert m.points.shape == (8, 16) and torch.isin(m.points, u).all()
             assert (m.points == 0).any(1).all()  # the pinned centre
-    info = dict(gm.fxquant_history)["subset_quantize"]
+    info = dict(gm.fxquant_history)["subset-quant"]
     assert info["activation_quantizers"] == 4 and info["weight_quantizers"] == 4
 
 
@@ -56,8 +56,8 @@ def test_dfsq_output_sqnr_floor(tiny_sr, calib, probe, bits, floor_db):
 def test_dfsq_8bit_is_near_float_and_activations_cost_little(tiny_sr, calib, probe):
     with torch.no_grad():
         ref = tiny_sr(probe)
-        a8 = compile(tiny_sr, dfsq(8), calib=calib, pipeline="trace,dfsq_observe,calibrate,"
-                     "subset_quantize{weights=false}")(probe)
+        a8 = compile(tiny_sr, dfsq(8), calib=calib, pipeline="trace,dfsq-observe,calibrate,"
+                     "subset-quant{weights=false}")(probe)
         assert sqnr_db(ref, a8) > 45.0
 
 
@@ -127,8 +127,8 @@ def test_exhaustive_selection_is_no_worse_than_kmeans(tiny_sr, calib):
     small = {"universal_words": 2}  # 29 values, C(28, 3) subsets with the pinned 0
     kms = compile(tiny_sr, dfsq(2, **small), calib=calib)
     exh = compile(tiny_sr, dfsq(2, selection="exhaustive", **small), calib=calib)
-    k_info = dict(kms.fxquant_history)["subset_quantize"]
-    e_info = dict(exh.fxquant_history)["subset_quantize"]
+    k_info = dict(kms.fxquant_history)["subset-quant"]
+    e_info = dict(exh.fxquant_history)["subset-quant"]
     assert e_info["selection"] == "exhaustive"
     assert e_info["mean_mse"] <= k_info["mean_mse"] + 1e-12
     with pytest.raises(RecipeError, match="exceeds the limit"):

@@ -23,6 +23,9 @@ from fxquant.quant.daq import (
     step_for_bits,
 )
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
 bits_st = st.integers(2, 8)
 FLOAT32_MAX = float(torch.finfo(torch.float32).max)
 shape_st = st.tuples(st.integers(1, 2), st.integers(1, 3), st.integers(1, 5), st.integers(2, 6))
