@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -106,50 +107,116 @@ def run_table(config: str | os.PathLike, out: str | os.PathLike, *,
     return results
 
 
+DATASET_ORDER = ("Set5", "Set14", "B100", "Urban100")
+# Row order inside a model: the float model, the uniform baselines, then each method.
+FAMILY_ORDER = ("fp", "minmax", "mse", "percentile", "daq", "dfsq")
+# The at-a-glance table: these recipes as columns, where measured.
+HEADLINE = ("fp", "minmax-w4a4", "mse-w4a4", "daq-w4a4", "dfsq-w4a4", "mse-w3a3", "daq-w3a3",
+            "daq-mp3", "dfsq-w3a3")
+
+
+def recipe_sort_key(recipe: str) -> tuple:
+    """``fp`` first, then families in FAMILY_ORDER (others after, alphabetically), and within
+    a family the higher bit-width first (``mse-w8a8`` before ``mse-w4a4``), a mixed-precision
+    budget (``daq-mp3``) after the uniform recipe of the same bits."""
+    family = recipe.split("-")[0]
+    rank = FAMILY_ORDER.index(family) if family in FAMILY_ORDER else len(FAMILY_ORDER)
+    found = re.search(r"-w(\d+)a\d+|-mp(\d+)", recipe)
+    bits = int(found.group(1) or found.group(2)) if found else 0
+    mixed = bool(found and found.group(2))
+    return (rank, family, -bits, mixed, recipe)
+
+
+def _column_label(dataset: str, limit: int | None) -> str:
+    return f"{dataset} (first {limit})" if limit else dataset
+
+
+def _columns(rows: list[dict]) -> list[tuple[str, int | None]]:
+    """(dataset, limit) pairs present, datasets in DATASET_ORDER, subsets before full sets."""
+    pairs = {(r["dataset"], r["limit"] or None) for r in rows}
+    order = {d: i for i, d in enumerate(DATASET_ORDER)}
+    return sorted(pairs, key=lambda p: (order.get(p[0], len(order)), p[0], p[1] is None,
+                                        p[1] or 0))
+
+
+def _find(rows: list[dict], model: str, recipe: str, dataset: str,
+          limit: int | None) -> dict | None:
+    for r in rows:
+        if (r["model"], r["recipe"], r["dataset"], r["limit"] or None) == (model, recipe,
+                                                                            dataset, limit):
+            return r
+    return None
+
+
 def render_markdown(results: dict) -> str:
-    """One table per scale: rows model × recipe (FP first), columns datasets."""
+    """Per scale: an at-a-glance PSNR table of the HEADLINE recipes, then the full table (rows
+    model × recipe, FP first; one column per dataset and image subset). Δ is always taken
+    against the FP result on exactly the same images."""
     rows = list(results.values())
     lines = [
         "# Results",
         "",
         "PSNR (dB) / SSIM on the Y channel (BT.601), `scale` pixels shaved, LR from MATLAB",
-        "bicubic; Δ is the PSNR change from the FP model (shown when both cover the same",
-        "images). Calibration: each recipe's seeded LR training patches. `[first N]` marks rows",
-        "on the first N images of a set. Produced by `make results` (`fxquant table --config",
-        "docs/results/<name>.toml` for each config), which runs only cells missing from the",
-        f"config's JSON store. Machine: {platform.machine()}, CPU only.",
+        "bicubic; (Δ) is the PSNR change from the FP model on the same images. Columns marked",
+        "`(first N)` cover the first N images of the set (sorted by file name). Calibration:",
+        "each recipe's seeded LR training patches. Produced by `make results` (`fxquant table",
+        "--config docs/results/<name>.toml` for each config), which runs only cells missing",
+        f"from the config's JSON store. Machine: {platform.machine()}, CPU only.",
         "",
     ]
     for scale in sorted({r["scale"] for r in rows}):
         at_scale = [r for r in rows if r["scale"] == scale]
-        datasets = [d for d in ("Set5", "Set14", "B100", "Urban100")
-                    if any(r["dataset"] == d for r in at_scale)]
-        lines += [f"## ×{scale}", "",
-                  "| Model | Recipe | " + " | ".join(datasets) + " |",
-                  "|---|---|" + "---|" * len(datasets)]
-        for model in sorted({r["model"] for r in at_scale}):
+        columns = _columns(at_scale)
+        models = sorted({r["model"] for r in at_scale})
+        lines += [f"## ×{scale}", ""]
+        lines += _headline(at_scale, models, columns)
+        lines += ["| Model | Recipe | " + " | ".join(_column_label(*c) for c in columns) + " |",
+                  "|---|---|" + "---|" * len(columns)]
+        for model in models:
             recipes = sorted({r["recipe"] for r in at_scale if r["model"] == model},
-                             key=lambda x: (x != FP, x))
+                             key=recipe_sort_key)
             for recipe in recipes:
                 cells = []
-                for ds in datasets:
-                    cell = _best(at_scale, model, recipe, ds)
-                    fp = _best(at_scale, model, FP, ds)
+                for dataset, limit in columns:
+                    cell = _find(at_scale, model, recipe, dataset, limit)
+                    fp = _find(at_scale, model, FP, dataset, limit)
                     if cell is None:
                         cells.append("—")
                         continue
                     text = f"{cell['psnr']:.2f} / {cell['ssim']:.4f}"
-                    if recipe != FP and fp is not None and fp["limit"] == cell["limit"]:
+                    if recipe != FP and fp is not None:
                         text += f" ({cell['psnr'] - fp['psnr']:+.2f})"
-                    if cell["limit"]:
-                        text += f" [first {cell['limit']}]"
                     cells.append(text)
                 lines.append(f"| {model} | {recipe} | " + " | ".join(cells) + " |")
         lines.append("")
     return "\n".join(lines)
 
 
-def _best(rows: list[dict], model: str, recipe: str, dataset: str) -> dict | None:
-    """The full-set result if there is one, else the one on most images."""
-    matches = [r for r in rows if (r["model"], r["recipe"], r["dataset"]) == (model, recipe, dataset)]
-    return max(matches, key=lambda r: r["images"], default=None)
+def _headline(rows: list[dict], models: list[str],
+              columns: list[tuple[str, int | None]]) -> list[str]:
+    """PSNR only, one row per (model, dataset column), the HEADLINE recipes as columns; the
+    best quantized PSNR of each row in bold."""
+    recipes = [r for r in HEADLINE if any(row["recipe"] == r for row in rows)]
+    if len(recipes) < 2:
+        return []
+    out = ["At a glance (PSNR dB; best quantized result of each row in bold):", "",
+           "| Model | Images | " + " | ".join(recipes) + " |",
+           "|---|---|" + "---:|" * len(recipes)]
+    for model in models:
+        for dataset, limit in columns:
+            found = {r: _find(rows, model, r, dataset, limit) for r in recipes}
+            quantized = [f["psnr"] for r, f in found.items() if f and r != FP]
+            if not quantized:
+                continue
+            best = max(quantized)
+            cells = []
+            for recipe, f in found.items():
+                if f is None:
+                    cells.append("—")
+                elif recipe != FP and f["psnr"] == best:
+                    cells.append(f"**{f['psnr']:.2f}**")
+                else:
+                    cells.append(f"{f['psnr']:.2f}")
+            out.append(f"| {model} | {_column_label(dataset, limit)} | " + " | ".join(cells)
+                       + " |")
+    return out + [""]
