@@ -149,8 +149,7 @@ def cmd_recipes(args: argparse.Namespace) -> int:
 
     for name in available_presets():
         r = load_preset(name)
-        print(f"{name:<18} method={r.method} w{r.weights.bits}/{r.weights.granularity} "
-              f"a{r.activations.bits}/{r.activations.granularity}/{r.activations.observer}")
+        print(f"{name:<19} {r.method:<8} w{r.weights.bits}a{r.activations.bits}  {r.description}")
     return 0
 
 

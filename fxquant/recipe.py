@@ -173,6 +173,7 @@ class Recipe:
     """A complete quantization recipe. See ``docs/recipes.md`` for every key."""
 
     name: str = "custom"
+    description: str = ""
     method: str = "uniform"
     pipeline: str = ""
     weights: WeightConfig = field(default_factory=WeightConfig)

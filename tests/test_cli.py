@@ -31,6 +31,8 @@ def test_recipes_and_models_listings(capsys):
     assert main(["recipes"]) == 0
     out = capsys.readouterr().out
     assert "minmax-w8a8" in out and "mse-w4a4" in out
+    daq = next(line for line in out.splitlines() if line.startswith("daq-w4a4 "))
+    assert daq.split()[1:3] == ["daq", "w4a4"] and "DAQ" in daq
     assert main(["models"]) == 0
     out = capsys.readouterr().out
     for name in ("imdn", "pan", "carn_m", "fsrcnn", "edsr_baseline", "rdn", "srresnet"):

@@ -11,6 +11,7 @@ from fxquant import Recipe, RecipeError, available_presets, load_preset, resolve
 def test_every_preset_loads_and_round_trips_through_toml(name):
     recipe = load_preset(name)
     assert recipe.name == name
+    assert recipe.description and "\n" not in recipe.description  # `fxquant recipes` shows it
     again = Recipe.from_toml(recipe.to_toml())
     assert again == recipe
 
