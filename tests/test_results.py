@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -108,3 +109,11 @@ def test_run_table_runs_only_missing_cells_and_reuses_fp_from_other_stores(tmp_p
     assert "| imdn | daq-w3a3 | 28.70 / 0.8000 (-3.50) |" in out.read_text()
     run_table(config, out)  # everything present: nothing runs
     assert prepared == ["daq-w3a3"]
+
+
+def test_docs_results_md_is_rendered_from_the_committed_stores():
+    root = Path(__file__).resolve().parents[1] / "docs"
+    expected = render_markdown(results_mod.load_all_stores(root / "results"))
+    assert (root / "results.md").read_text() == expected, (
+        "docs/results.md is stale: re-render it (fxquant table --config any "
+        "docs/results/*.toml re-renders it after running the missing cells)")
