@@ -25,6 +25,16 @@ def _add_model_args(parser: argparse.ArgumentParser, recipe_default: str | None 
     parser.add_argument("--data", help="data root (default: $FXQUANT_DATA)")
 
 
+def add_model_source_args(parser: argparse.ArgumentParser) -> None:
+    """A compiled model to inspect: a saved one (``--compiled``), or a zoo model compiled
+    here (``--model/--scale/--recipe``). Shared by ``inspect`` and the tools/ scripts."""
+    parser.add_argument("--compiled", help="a saved compiled model")
+    parser.add_argument("--model")
+    parser.add_argument("--scale", type=int)
+    parser.add_argument("--recipe")
+    parser.add_argument("--data", help="data root (default: $FXQUANT_DATA)")
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from fxquant.workflow import evaluate_sets, prepare
 
@@ -172,11 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_compile)
 
     p = sub.add_parser("inspect", help="print the graph with each node's quantizer")
-    p.add_argument("--compiled", help="a saved compiled model")
-    p.add_argument("--model")
-    p.add_argument("--scale", type=int)
-    p.add_argument("--recipe")
-    p.add_argument("--data", help="data root (default: $FXQUANT_DATA)")
+    add_model_source_args(p)
     p.add_argument("--json", action="store_true")
     p.add_argument("--format", choices=("text", "dot", "html"), default="text",
                    help="node table (text), Graphviz DOT, or a self-contained HTML/SVG view")

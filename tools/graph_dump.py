@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from fxquant.cli import add_model_source_args
 from fxquant.errors import FxquantError
 
 
@@ -40,11 +41,7 @@ def dump_passes(args) -> None:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--compiled", help="a saved compiled model")
-    parser.add_argument("--model")
-    parser.add_argument("--scale", type=int)
-    parser.add_argument("--recipe")
-    parser.add_argument("--data", help="data root (default: $FXQUANT_DATA)")
+    add_model_source_args(parser)
     parser.add_argument("--format", default="text", choices=("text", "dot", "svg", "html"))
     parser.add_argument("--out", help="output file (default: stdout)")
     parser.add_argument("--errors", action="store_true",

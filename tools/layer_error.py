@@ -16,17 +16,14 @@ import argparse
 import json
 import sys
 
+from fxquant.cli import add_model_source_args
 from fxquant.errors import FxquantError
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--compiled", help="a saved compiled model")
-    parser.add_argument("--model")
-    parser.add_argument("--scale", type=int)
-    parser.add_argument("--recipe")
-    parser.add_argument("--data", help="data root (default: $FXQUANT_DATA)")
+    add_model_source_args(parser)
     parser.add_argument("--dataset", default="Set5")
     parser.add_argument("--images", type=int, default=2, help="first N images (default 2)")
     parser.add_argument("--crop", type=int, default=48, help="LR crop side, 0 = whole image")
