@@ -14,8 +14,8 @@ Two questions, two tools (in the spirit of torch.ao's Numeric Suite and AIMET's 
     (quantized input, float weights).
 
 * :func:`sensitivity_sweep` quantizes one layer at a time (every other quantizer is switched
-  off with :func:`quantizers_disabled`) and measures how far the network output moves from the
-  float output; ``strategy="all-but"`` does the converse (all quantized but one).
+  off with the quantizers' one mode switch, :func:`fxquant.quant.quant_mode`) and measures
+  how far the network output moves from the float output; ``strategy="all-but"`` does the converse (all quantized but one).
   :func:`sensitivity_sweep_recompile` does the same by recompiling with a recipe whose
   ``layers.include`` is the single layer, for methods where switching quantizers off is not
   equivalent.
@@ -28,21 +28,20 @@ float model's module of the same qualified name (``IMDB1.c1``).
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import fx, nn
 
 from fxquant.inspect import format_quantizer, node_quantizer
-from fxquant.quant.base import Quantizer
+from fxquant.quant.base import Quantizer, quant_mode
 
 __all__ = [
     "QuantLayer", "LayerError", "LayerErrorReport", "LayerSensitivity", "SweepResult",
-    "quantized_layers", "quantizers_disabled", "layer_errors", "sensitivity_sweep",
+    "quantized_layers", "layer_errors", "sensitivity_sweep",
     "sensitivity_sweep_recompile", "as_batches", "psnr_db", "benchmark_crops", "split_label",
 ]
 
@@ -128,29 +127,6 @@ def _select(found: list[QuantLayer], layers: Sequence[str] | None) -> list[Quant
         return found
     wanted = set(layers)
     return [q for q in found if q.label in wanted or q.name in wanted or q.node in wanted]
-
-
-@contextlib.contextmanager
-def quantizers_disabled(gm: nn.Module, keep: Iterable[str] = ()) -> Iterator[list[str]]:
-    """Within the block, every Quantizer module of ``gm`` except those named in ``keep``
-    (qualified names) is the identity. Yields the names switched off."""
-    keep = set(keep)
-    off = []
-    for name, module in gm.named_modules():
-        if isinstance(module, Quantizer) and name not in keep:
-            module.forward = _identity  # instance attribute shadows the class's forward
-            off.append(name)
-    try:
-        yield off
-    finally:
-        for name in off:
-            module = gm.get_submodule(name)
-            if "forward" in module.__dict__:
-                del module.forward
-
-
-def _identity(x, *args, **kwargs):
-    return x
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -366,7 +342,7 @@ def layer_errors(float_model: nn.Module, quant_model: fx.GraphModule,
                     for name in q.input_quantizers:
                         qx = quant_model.get_submodule(name)(qx)
                     acc["isolated"][q.label].add(ref, _first_tensor(quant_layer(qx)))
-                    with quantizers_disabled(quant_layer):
+                    with quant_mode(quant_layer, "off"):
                         acc["activation"][q.label].add(ref, _first_tensor(quant_layer(qx)))
                     if q.owned_quantizers:
                         acc["weight"][q.label].add(ref, _first_tensor(quant_layer(x)))
@@ -531,7 +507,7 @@ def sensitivity_sweep(float_model: nn.Module, quant_model: fx.GraphModule,
         if progress:
             progress(q.label)
         keep = set(q.quantizers) if strategy == "only" else all_quantizers - set(q.quantizers)
-        with quantizers_disabled(quant_model, keep=keep):
+        with quant_mode(quant_model, "off", keep=keep):
             sqnr, psnr, target = _score(reference, _run(quant_fn, batches), tgt)
         results.append(LayerSensitivity(q.label, i, sqnr, psnr, target, float_target - target))
     return SweepResult(strategy, results, base[0], base[1])

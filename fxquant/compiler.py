@@ -28,11 +28,15 @@ def compile(model: nn.Module, recipe: RecipeLike = "minmax-w8a8", calib: object 
     for ``load_state_dict`` (that is how :func:`load` rebuilds a saved model).
     """
     recipe = resolve_recipe(recipe)
-    model = model.eval()
     ctx = PassContext(recipe=recipe, calib=calib, example_inputs=example_inputs,
                       concrete_args=concrete_args, calibrate=calibrate, progress=progress)
     manager = PassManager(pipeline or recipe.pipeline_spec, dump_dir=dump_dir)
-    gm = manager.run(model, ctx)
+    was_training = model.training
+    model.eval()  # traced in eval mode; the user's model gets its own mode back
+    try:
+        gm = manager.run(model, ctx)
+    finally:
+        model.train(was_training)
     gm.eval()
     gm.fxquant_recipe = recipe
     gm.fxquant_pipeline = manager.spec

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import inspect
 import os
 import traceback
@@ -85,7 +87,9 @@ def trace(model: nn.Module, leaf_modules: list[str] | tuple[str, ...] = (),
         graph = tracer.trace(model, concrete_args=concrete_args)
     except Exception as exc:  # FX raises many kinds (TraceError, TypeError, RuntimeError)
         raise _explain_failure(model, tracer, exc, concrete_args) from exc
-    gm = fx.GraphModule(tracer.root, graph, type(model).__name__)
+    # GraphModule shares the root's submodules: copy them, so that no later pass (folding,
+    # weight quantization, lowering, training) can reach the user's float model.
+    gm = fx.GraphModule(copy.deepcopy(tracer.root), graph, type(model).__name__)
     if concrete_args:
         _default_specialised_args(model, gm, concrete_args)
     return gm

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -13,7 +12,7 @@ from fxquant.calibration import as_batches
 from fxquant.errors import PassError
 from fxquant.passes.quantize import weight_quantizer
 from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
-from fxquant.quant import QuantConv2d
+from fxquant.quant import QuantConv2d, quant_mode
 from fxquant.quant.channel_norm import fold_input_scale, fold_output_scale
 from fxquant.quant.subset import SubsetQuantizer
 
@@ -149,26 +148,6 @@ def find_consumer(gm: fx.GraphModule, qnode: fx.Node) -> tuple[fx.Node | None, s
     return user, ""
 
 
-@contextmanager
-def float_mode(gm: fx.GraphModule):
-    """Subset quantizers off and weight quantizers bypassed: the graph computes in float."""
-    quantizers = [m for m in gm.modules() if isinstance(m, SubsetQuantizer)]
-    convs = [m for m in gm.modules() if isinstance(m, QuantConv2d)]
-    saved_q = [q.enabled for q in quantizers]
-    saved_w = [c.weight_quantizer for c in convs]
-    for q in quantizers:
-        q.enabled = False
-    for c in convs:
-        c.weight_quantizer = nn.Identity()
-    try:
-        yield gm
-    finally:
-        for q, e in zip(quantizers, saved_q):
-            q.enabled = e
-        for c, w in zip(convs, saved_w):
-            c.weight_quantizer = w
-
-
 def _probe(ctx: PassContext, size: int = 24) -> tuple | None:
     if ctx.example_inputs is not None:
         return tuple(ctx.example_inputs)
@@ -230,7 +209,7 @@ class FoldChannelNormPass(Pass):
         probe = _probe(ctx) if self.check and ctx.calibrate and qnodes else None
         reference = None
         if probe is not None:
-            with torch.no_grad(), float_mode(gm):
+            with torch.no_grad(), quant_mode(gm, "off"):
                 reference = gm(*probe)
         worst = 0.0
         counts = {"pre_folded": 0, "post_folded": 0, "pre_refused": 0, "post_refused": 0}
@@ -239,7 +218,7 @@ class FoldChannelNormPass(Pass):
             nonlocal worst
             if reference is None:
                 return
-            with torch.no_grad(), float_mode(gm):
+            with torch.no_grad(), quant_mode(gm, "off"):
                 err = _relative_error(reference, gm(*probe))
             worst = max(worst, err)
             if err > self.tol:

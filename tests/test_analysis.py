@@ -14,7 +14,6 @@ from fxquant.analysis import (
     layer_errors,
     psnr_db,
     quantized_layers,
-    quantizers_disabled,
     sensitivity_sweep,
     sensitivity_sweep_recompile,
 )
@@ -55,15 +54,15 @@ def test_quantized_layers_are_found_with_their_quantizers(tiny_sr, calib):
     assert "uniform bits=4" in first.description and "weight uniform" in first.description
 
 
-def test_quantizers_disabled_gives_the_float_model_back(tiny_sr, calib, inputs):
+def test_quant_mode_off_gives_the_float_model_back(tiny_sr, calib, inputs):
     gm = fxquant.compile(tiny_sr, "minmax-w4a4", calib=calib)
     with torch.no_grad():
         quantized = gm(inputs)
-        with quantizers_disabled(gm) as off:
+        with fxquant.quant.quant_mode(gm, "off") as off:
             assert len(off) == 8
             torch.testing.assert_close(gm(inputs), tiny_sr(inputs))
         torch.testing.assert_close(gm(inputs), quantized)  # restored
-    assert not any("forward" in m.__dict__ for m in gm.modules() if isinstance(m, Quantizer))
+    assert all(m.quant_mode == "fake-quant" for m in gm.modules() if isinstance(m, Quantizer))
 
 
 def test_errors_of_the_first_layer_agree_in_both_modes(tiny_sr, calib, inputs):

@@ -108,3 +108,24 @@ def test_observer_option_in_the_pipeline_decides_the_range_method(own_model):
     minmax = fxquant.compile(own_model, "minmax-w4a4", calib=calib)
     scale = lambda gm: float(gm.get_submodule("mid_input_quantizer").scale)  # noqa: E731
     assert scale(via_pipeline) == scale(via_recipe) != scale(minmax)
+
+
+@pytest.mark.parametrize("recipe", ["minmax-w4a4", "dfsq-static-w4a4", "daq-w4a4"])
+def test_compile_and_training_never_touch_the_users_model(tiny_sr, calib, recipe):
+    """The compiled model owns its weights: compiling (folds included), a training step on
+    the compiled model and switching its quantizers leave the float model as it was."""
+    tiny_sr.train()
+    before = {k: v.clone() for k, v in tiny_sr.state_dict().items()}
+    gm = fxquant.compile(tiny_sr, recipe, calib=calib)
+    assert tiny_sr.training  # its mode is given back too
+    gm.train()
+    loss = gm(calib[:2]).square().mean()
+    loss.backward()
+    with torch.no_grad():
+        for p in gm.parameters():
+            if p.grad is not None:
+                p -= 0.1 * p.grad
+    ours = {id(p) for p in tiny_sr.parameters()}
+    assert not ours & {id(p) for p in gm.parameters()}
+    for key, value in tiny_sr.state_dict().items():
+        torch.testing.assert_close(value, before[key], rtol=0, atol=0, msg=key)

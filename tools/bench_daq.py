@@ -99,7 +99,7 @@ MODEL_CASES = ("float", "daq-w4a4, weight fake-quant only", "daq-w4a4")
 def measure_models(names: list[str], size: int, rounds: int) -> dict[str, dict[str, float]]:
     """Median seconds per forward of each model in each MODEL_CASES state, interleaved."""
     import fxquant
-    from fxquant.analysis import quantizers_disabled
+    from fxquant.quant import quant_mode
     from fxquant.models import build_model, get_spec
     from fxquant.quant.daq import DAQActivationQuantizer
     from fxquant.workflow import as_sr_function
@@ -120,7 +120,7 @@ def measure_models(names: list[str], size: int, rounds: int) -> dict[str, dict[s
                         and not isinstance(m, DAQActivationQuantizer)]
 
         def no_act(model=quant, keep=weights_only, x=x):
-            with quantizers_disabled(model, keep=keep):
+            with quant_mode(model, "off", keep=keep):
                 return model(x)
 
         cases = dict(zip(MODEL_CASES, (lambda f=float_fn, x=x: f(x), no_act,

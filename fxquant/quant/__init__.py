@@ -1,6 +1,13 @@
 """Quantizer math and the modules that passes insert into graphs."""
 
-from fxquant.quant.base import Quantizer
+from fxquant.quant.base import (
+    QUANT_MODES,
+    AffineCodes,
+    CodebookCodes,
+    Quantizer,
+    quant_mode,
+    set_quant_mode,
+)
 from fxquant.quant.layers import QuantConv2d, swap_in_quant_conv
 from fxquant.quant.uniform import (
     UniformQuantizer,
@@ -11,7 +18,12 @@ from fxquant.quant.uniform import (
 )
 
 __all__ = [
+    "QUANT_MODES",
+    "AffineCodes",
+    "CodebookCodes",
     "Quantizer",
+    "quant_mode",
+    "set_quant_mode",
     "QuantConv2d",
     "UniformQuantizer",
     "affine_qparams",

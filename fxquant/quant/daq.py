@@ -36,7 +36,7 @@ import torch.fx
 import torch.nn.functional as F
 
 from fxquant.observers import Observer
-from fxquant.quant.base import Quantizer
+from fxquant.quant.base import AffineCodes, Quantizer
 
 # ``gaussian_steps`` of the official code: key j -> MSE-optimal uniform step (in units of σ)
 # for a unit Gaussian with 2^j levels (j = 1: 2 levels -> 1.596, j = 2: 4 levels -> 0.996...).
@@ -122,6 +122,31 @@ def quantize_sigma(sigma: torch.Tensor, qq_bits: int, step_index: str = "head") 
 
 
 # --------------------------------------------------------------------------- fake-quant
+def _daq_params(x: torch.Tensor, bits, branch: str, qq_bits: int, step_index: str):
+    """Per-(image, channel) ``(μ, Δ, valid, finite, h)`` of the DAQ quantizer (no gradient):
+    ``valid`` channels quantize with step Δ, the others output μ; channels that are not
+    ``finite`` pass through."""
+    x = x.detach()
+    channels = x.shape[1]
+    s, h = _steps_and_half(bits, step_index, x, (1, channels, 1, 1))
+    mu, sigma = signed_stats(x) if branch == "signed" else relu_stats(x)
+    finite = torch.isfinite(mu) & torch.isfinite(sigma)
+    spread = sigma > 0  # σ = 0 channels output μ, also when σ is quantized
+    raw_sigma = sigma
+    if qq_bits:
+        sigma = quantize_sigma(torch.where(finite, sigma, torch.zeros_like(sigma)), qq_bits,
+                               step_index)
+    delta = s * sigma
+    valid = finite & spread & (delta > 0) & torch.isfinite(delta)
+    safe = torch.where(valid, delta, torch.ones_like(delta))
+    zero = torch.zeros_like(mu)
+    mu_safe = torch.where(finite, mu, zero)
+    # A channel whose output range would overflow the dtype passes through unchanged.
+    finite = finite & (_output_bound(branch, mu_safe, raw_sigma, safe * valid, h,
+                                     x.shape[-1] * x.shape[-2]) < torch.finfo(x.dtype).max)
+    return mu_safe, safe, valid, finite, h
+
+
 def daq_quantize(x: torch.Tensor, bits: int | torch.Tensor, *, branch: str = "signed",
                  qq_bits: int = 0, step_index: str = "head") -> torch.Tensor:
     """DAQ fake-quantization of an N×C×H×W activation, without gradient (see module doc).
@@ -137,23 +162,7 @@ def daq_quantize(x: torch.Tensor, bits: int | torch.Tensor, *, branch: str = "si
         raise ValueError(f"unknown DAQ branch '{branch}'; valid: {', '.join(BRANCHES)}")
     with torch.no_grad():
         x = x.detach()
-        channels = x.shape[1]
-        s, h = _steps_and_half(bits, step_index, x, (1, channels, 1, 1))
-        mu, sigma = signed_stats(x) if branch == "signed" else relu_stats(x)
-        finite = torch.isfinite(mu) & torch.isfinite(sigma)
-        spread = sigma > 0  # σ = 0 channels output μ, also when σ is quantized
-        raw_sigma = sigma
-        if qq_bits:
-            sigma = quantize_sigma(torch.where(finite, sigma, torch.zeros_like(sigma)), qq_bits,
-                                   step_index)
-        delta = s * sigma
-        valid = finite & spread & (delta > 0) & torch.isfinite(delta)
-        safe = torch.where(valid, delta, torch.ones_like(delta))
-        zero = torch.zeros_like(mu)
-        mu_safe = torch.where(finite, mu, zero)
-        # A channel whose output range would overflow the dtype passes through unchanged.
-        finite = finite & (_output_bound(branch, mu_safe, raw_sigma, safe * valid, h,
-                                         x.shape[-1] * x.shape[-2]) < torch.finfo(x.dtype).max)
+        mu_safe, safe, valid, finite, h = _daq_params(x, bits, branch, qq_bits, step_index)
         if branch == "signed":
             # in place: ((x − μ)/Δ + 0.5) -> round -> − 0.5 -> clip to ±h -> ·Δ -> + μ
             r = (x - mu_safe).div_(safe).add_(0.5).round_().sub_(0.5)
@@ -177,6 +186,38 @@ def daq_quantize(x: torch.Tensor, bits: int | torch.Tensor, *, branch: str = "si
         return torch.where(finite, q, x)
 
 
+def daq_codes(x: torch.Tensor, bits: int | torch.Tensor, *, branch: str = "signed",
+              qq_bits: int = 0, step_index: str = "head") -> AffineCodes:
+    """The integer form of :func:`daq_quantize`: codes and per-(image, channel) steps.
+
+    ``signed``: ``c = clip(round((x − μ)/Δ + ½), −h + ½, h + ½)``, ``x̂ = (c − ½)·Δ + μ``;
+    ``relu``: ``c = round(x/Δ − k) + k`` (unbounded, int64), ``x̂ = c·Δ``; ``relu-clipped``:
+    ``c = clip(round(x/Δ), 0, 2h)``. Channels with σ = 0 get step 0 and offset μ. The
+    ``relu-initial`` branch clips to ``−μ``, which is off the step grid: it has no integer form.
+    """
+    if branch not in BRANCHES:
+        raise ValueError(f"unknown DAQ branch '{branch}'; valid: {', '.join(BRANCHES)}")
+    if branch == "relu-initial":
+        raise ValueError("DAQ branch 'relu-initial' clips to −μ, off the step grid: it has no "
+                         "integer form; use 'signed', 'relu' or 'relu-clipped'")
+    with torch.no_grad():
+        x = x.detach()
+        mu, safe, valid, finite, h = _daq_params(x, bits, branch, qq_bits, step_index)
+        if not bool(finite.all()):
+            raise ValueError("DAQ input has channels whose statistics overflow float: they "
+                             "pass through unquantized and have no integer form")
+        step = safe * valid
+        if branch == "signed":
+            c = torch.clamp(torch.round((x - mu) / safe + 0.5), -h + 0.5, h + 0.5)
+            return AffineCodes(c.to(torch.int32), step, 0.5, mu)
+        offset = mu * ~valid
+        if branch == "relu":
+            k = h - 0.5
+            return AffineCodes((torch.round(x / safe - k) + k).to(torch.int64), step, 0, offset)
+        c = torch.clamp(torch.clamp(torch.round(x / safe), min=0), max=2 * h)
+        return AffineCodes(c.to(torch.int32), step, 0, offset)
+
+
 def _output_bound(branch: str, mu: torch.Tensor, sigma: torch.Tensor, delta: torch.Tensor,
                   h, pixels: int) -> torch.Tensor:
     """Per-channel bound on |x̂| (float64, on the N×C×1×1 statistics only)."""
@@ -198,8 +239,16 @@ def ste(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return x + (q - x).detach()
 
 
+def daq_weight_codes(w: torch.Tensor, bits: int | torch.Tensor, *,
+                     granularity: str = "per-tensor", step_index: str = "head") -> AffineCodes:
+    """The integer form of :func:`daq_weight_quantize`: ``Ŵ = (c − ½)·Δ``."""
+    return daq_weight_quantize(w, bits, granularity=granularity, step_index=step_index,
+                               codes=True)
+
+
 def daq_weight_quantize(w: torch.Tensor, bits: int | torch.Tensor, *,
-                        granularity: str = "per-tensor", step_index: str = "head") -> torch.Tensor:
+                        granularity: str = "per-tensor", step_index: str = "head",
+                        codes: bool = False) -> torch.Tensor:
     """Symmetric mid-rise weight fake-quantization, without gradient.
 
     ``σ_w`` = std(W) over the tensor (official) or per output channel; ``Δ = s·σ_w``;
@@ -223,7 +272,8 @@ def daq_weight_quantize(w: torch.Tensor, bits: int | torch.Tensor, *,
         valid = torch.isfinite(delta) & (delta > 0)
         safe = torch.where(valid, delta, torch.ones_like(delta))
         r = torch.clamp(torch.round(w / safe + 0.5) - 0.5, -h, h)
-        return r * safe * valid
+        return (r * safe * valid) if not codes else AffineCodes(
+            (r + 0.5).to(torch.int32), safe * valid, 0.5)
 
 
 # --------------------------------------------------------------------------- modules
@@ -264,11 +314,18 @@ class DAQActivationQuantizer(Quantizer):
         with torch.no_grad():
             self.bits.copy_(torch.as_tensor(bits, dtype=torch.int64).expand(self.channels))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _bits_arg(self) -> int | torch.Tensor:
         lo, hi = int(self.bits.min()), int(self.bits.max())  # uniform bits: Python scalars
-        q = daq_quantize(x, lo if lo == hi else self.bits, branch=self.branch,
-                         qq_bits=self.qq_bits, step_index=self.step_index)
+        return lo if lo == hi else self.bits
+
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        q = daq_quantize(x, self._bits_arg(), branch=self.branch, qq_bits=self.qq_bits,
+                         step_index=self.step_index)
         return ste(x, q)
+
+    def integer_codes(self, x: torch.Tensor) -> AffineCodes:
+        return daq_codes(x, self._bits_arg(), branch=self.branch, qq_bits=self.qq_bits,
+                         step_index=self.step_index)
 
     def describe(self) -> dict:
         return {"kind": self.kind, "bits": _bits_summary(self.bits),
@@ -331,11 +388,19 @@ class DAQWeightQuantizer(Quantizer):
                 bits = weight_bits_map(bits, self.out_channels, self.groups)
             self.bits.copy_(torch.as_tensor(bits, dtype=torch.int64).expand_as(self.bits))
 
-    def forward(self, w: torch.Tensor) -> torch.Tensor:
+    def _bits_arg(self) -> int | torch.Tensor:
         lo, hi = int(self.bits.min()), int(self.bits.max())
-        q = daq_weight_quantize(w, lo if lo == hi else self.bits,
-                                granularity=self.weight_granularity, step_index=self.step_index)
+        return lo if lo == hi else self.bits
+
+    def fake_quant(self, w: torch.Tensor) -> torch.Tensor:
+        q = daq_weight_quantize(w, self._bits_arg(), granularity=self.weight_granularity,
+                                step_index=self.step_index)
         return ste(w, q)
+
+    def integer_codes(self, w: torch.Tensor) -> AffineCodes:
+        """Mid-rise codes ``c = clip(round(W/Δ + ½), −h + ½, h + ½)``, ``Ŵ = (c − ½)·Δ``."""
+        return daq_weight_codes(w, self._bits_arg(), granularity=self.weight_granularity,
+                                step_index=self.step_index)
 
     def describe(self) -> dict:
         return {"kind": self.kind, "bits": _bits_summary(self.bits),

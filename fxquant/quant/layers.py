@@ -11,7 +11,8 @@ from fxquant.quant.base import Quantizer
 class QuantConv2d(nn.Conv2d):
     """A ``Conv2d`` that fake-quantizes its weight on every call (bias stays FP).
 
-    It shares the original conv's parameters, so state_dict keys keep the upstream names
+    It owns copies of the original conv's parameters (training or lowering the compiled
+    model never touches the user's float model); state_dict keys keep the upstream names
     (``<conv>.weight``, ``<conv>.bias``) plus ``<conv>.weight_quantizer.*``.
     """
 
@@ -20,8 +21,10 @@ class QuantConv2d(nn.Conv2d):
                          stride=conv.stride, padding=conv.padding, dilation=conv.dilation,
                          groups=conv.groups, bias=conv.bias is not None,
                          padding_mode=conv.padding_mode, device="meta")
-        self.weight = conv.weight
-        self.bias = conv.bias
+        self.weight = nn.Parameter(conv.weight.detach().clone(),
+                                   requires_grad=conv.weight.requires_grad)
+        self.bias = None if conv.bias is None else nn.Parameter(
+            conv.bias.detach().clone(), requires_grad=conv.bias.requires_grad)
         self.weight_quantizer = weight_quantizer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from fxquant.observers import Observer
-from fxquant.quant.base import Quantizer
+from fxquant.quant.base import CodebookCodes, Quantizer
 from fxquant.quant.channel_norm import (
     EPS,
     denormalize,
@@ -103,8 +103,9 @@ class SubsetQuantizer(Quantizer):
     ``post_relu``); ``mode="static"`` divides by a calibrated per-channel scale: ``pre``
     (= 1/s_c) multiplies before quantization and ``post`` (= s_c) after. The
     ``fold-channel-norm`` pass folds them into neighbouring convs and sets them to 1.
-    ``enabled=False`` skips the rounding (the module is then the identity up to float
-    rounding), which is how folds are checked for equivalence.
+    ``quant_mode = "off"`` (the quantizer contract's one switch) skips the rounding but keeps
+    the static normalization multiplies (the identity up to float rounding), which is how
+    folds are checked for equivalence.
     """
 
     kind = "subset"
@@ -119,7 +120,6 @@ class SubsetQuantizer(Quantizer):
         self.post_relu = post_relu
         self.mode = mode
         self.eps = eps
-        self.enabled = True
         k = 2 ** bits
         self.register_buffer("points", torch.linspace(-1.0, 1.0, k).expand(channels, k).clone())
         if mode == "static":
@@ -166,22 +166,45 @@ class SubsetQuantizer(Quantizer):
 
     def quantize_normalized(self, x: torch.Tensor) -> torch.Tensor:
         """``x̃ + stopgrad(q − x̃)`` for an already normalized ``x̃``."""
-        if not self.enabled:
-            return x
         q = self._lookup(x.detach())
         if not (x.requires_grad and torch.is_grad_enabled()):
             return q  # the exact point (x + (q − x) can be off by an ulp)
         return x + (q - x).detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # "off" keeps the normalization: a static quantizer's pre/post multiplies are part of
+        # the float function that the folds must preserve.
+        if self.quant_mode == "off":
+            normalized, scale, mean = self._normalize(x)
+            return denormalize(normalized, scale, mean)
+        return super().forward(x)
+
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        normalized, scale, mean = self._normalize(x)
+        return denormalize(self.quantize_normalized(normalized), scale, mean)
+
+    def integer_codes(self, x: torch.Tensor) -> CodebookCodes:
+        """Index of each value's point in its channel's sorted point set, with the points and
+        the de-normalization (per (image, channel) when dynamic, per channel when static)."""
+        with torch.no_grad():
+            normalized, scale, mean = self._normalize(x.detach())
+            q = self._lookup(normalized)
+            n, c = q.shape[:2]
+            # q is exactly one of the channel's points: its rank among them is the code
+            codes = torch.searchsorted(self.points.to(q.dtype).unsqueeze(0).expand(n, c, -1)
+                                       .contiguous(), q.reshape(n, c, -1).contiguous())
+        return CodebookCodes(codes.reshape(q.shape).to(torch.int32), self.points.to(q.dtype),
+                             scale, mean)
+
+    def _normalize(self, x: torch.Tensor):
+        """``(x̃, scale, mean)`` with ``x = x̃·scale [+ mean]`` (mean None when not shifted)."""
         if self.guard:
             shape = (1, -1) + (1,) * (x.ndim - 2)
             x = torch.clamp(x, self.guard_lo.view(shape), self.guard_hi.view(shape))
         if self.mode == "dynamic":
-            normalized, scale, mean = normalize_dynamic(x, self.post_relu, self.eps)
-            return denormalize(self.quantize_normalized(normalized), scale, mean)
+            return normalize_dynamic(x, self.post_relu, self.eps)
         shape = (1, -1) + (1,) * (x.ndim - 2)
-        return self.quantize_normalized(x * self.pre.view(shape)) * self.post.view(shape)
+        return x * self.pre.view(shape), self.post.view(shape), None
 
     @property
     def folded(self) -> str:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from fxquant.quant.base import Quantizer
+from fxquant.quant.base import AffineCodes, Quantizer
 
 EPS = 1e-12
 
@@ -98,8 +98,16 @@ class UniformQuantizer(Quantizer):
             self.scale.copy_(scale.reshape(self.scale.shape))
             self.zero_point.copy_(zero_point.reshape(self.zero_point.shape))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         return fake_quantize(x, self.scale, self.zero_point, self.qmin, self.qmax)
+
+    def integer_codes(self, x: torch.Tensor) -> AffineCodes:
+        """``q = clamp(round(x/s) + z, qmin, qmax)`` as int32, with ``s`` and ``z``."""
+        with torch.no_grad():
+            q = torch.clamp(torch.round(x.detach() / self.scale) + self.zero_point,
+                            self.qmin, self.qmax).to(torch.int32)
+        return AffineCodes(q, self.scale.detach(), self.zero_point.detach(), None,
+                           self.qmin, self.qmax)
 
     def describe(self) -> dict:
         return {"kind": self.kind, "bits": self.bits, "granularity": self.granularity,

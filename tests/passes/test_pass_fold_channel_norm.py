@@ -10,7 +10,7 @@ import fxquant.passes.fold_channel_norm as fold_module
 from fxquant import PassContext, PassError, PassManager, Recipe, compile
 from fxquant.inspect import graph_table
 from fxquant.metrics import sqnr_db
-from fxquant.passes.fold_channel_norm import float_mode
+from fxquant.quant import quant_mode
 from fxquant.quant.subset import SubsetQuantizer
 
 STATIC = {"method": "dfsq", "weights": {"bits": 4}, "activations": {"bits": 4},
@@ -42,7 +42,7 @@ class ResidualNet(nn.Module):
 
 
 def float_error(gm, model, x) -> float:
-    with torch.no_grad(), float_mode(gm):
+    with torch.no_grad(), quant_mode(gm, "off"):
         out, ref = gm(x), model(x)
     return float((out - ref).abs().max() / ref.abs().max())
 

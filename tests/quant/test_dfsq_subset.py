@@ -102,9 +102,9 @@ def test_static_mode_scales_and_identity_when_disabled():
     q = SubsetQuantizer(4, 3, mode="static")
     q.set_scale(torch.tensor([2.0, 4.0, 0.5]))
     x = torch.randn(2, 3, 4, 4)
-    q.enabled = False
+    q.quant_mode = "off"
     assert torch.allclose(q(x), x, rtol=1e-6)
-    q.enabled = True
+    q.quant_mode = "fake-quant"
     xn = x * torch.tensor([0.5, 0.25, 2.0]).view(1, 3, 1, 1)
     expected = nearest_point(xn, q.points) * torch.tensor([2.0, 4.0, 0.5]).view(1, 3, 1, 1)
     assert torch.allclose(q(x), expected)
