@@ -30,7 +30,10 @@ MIN_BITS, MAX_BITS = 2, 16
 WEIGHT_OBSERVERS = ("minmax", "symmetric")
 ACTIVATION_OBSERVERS = ("minmax", "percentile", "mse")
 GRANULARITIES = ("per-tensor", "per-channel")
-OP_TYPES = ("conv2d", "conv_transpose2d", "linear")
+OP_TYPES = ("conv2d",)
+# Named so the error can say they are known but have no quantized layer (no fake-quant
+# weights, no integer kernel) yet: offering them would leave them silently in float.
+UNSUPPORTED_OP_TYPES = ("conv_transpose2d", "linear")
 
 
 def _check_bits(bits: int, where: str) -> None:
@@ -104,6 +107,10 @@ class LayerConfig:
             raise RecipeError(f"{where}.op_types is empty; give at least one of "
                               f"{', '.join(OP_TYPES)}")
         for op in self.op_types:
+            if op in UNSUPPORTED_OP_TYPES:
+                raise RecipeError(f"{where}.op_types: '{op}' layers cannot be quantized yet "
+                                  f"(no quantized weights or integer kernel; they stay float "
+                                  f"islands); valid: {', '.join(OP_TYPES)}")
             _check_choice(op, OP_TYPES, f"{where}.op_types")
 
 

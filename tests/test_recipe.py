@@ -63,6 +63,9 @@ def test_wrong_types_and_choices_say_what_is_valid():
         Recipe.from_dict({"activations": {"observer": "kl"}})
     with pytest.raises(RecipeError, match="choose one of conv2d"):
         Recipe.from_dict({"layers": {"op_types": ["conv3d"]}})
+    for op in ("conv_transpose2d", "linear"):  # known, refused rather than left float silently
+        with pytest.raises(RecipeError, match=f"'{op}' layers cannot be quantized yet.*conv2d"):
+            Recipe.from_dict({"layers": {"op_types": ["conv2d", op]}})
     with pytest.raises(RecipeError, match="method.*uniform"):
         Recipe.from_dict({"method": "nope"})
 

@@ -1,0 +1,15 @@
+"""Integer execution targets for compiled graphs: ``reference`` (the exact integer semantics,
+the oracle) and ``cpu`` (oneDNN int8). The ``lower`` pass swaps them in."""
+
+from fxquant.lower.conv import (
+    TARGETS,
+    CpuConv2d,
+    IntegerConv2d,
+    LoweringError,
+    ReferenceConv2d,
+    accumulator_bound,
+)
+from fxquant.lower.guard import InputGuard
+
+__all__ = ["TARGETS", "CpuConv2d", "InputGuard", "IntegerConv2d", "LoweringError",
+           "ReferenceConv2d", "accumulator_bound"]

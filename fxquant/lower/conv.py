@@ -1,0 +1,233 @@
+"""Integer convolutions: the ``reference`` oracle and the ``cpu`` (oneDNN int8) kernel.
+
+Both compute, for a static uniform input quantizer ``(s_x, z_x)`` and per-output-channel
+integer weights ``W = s_w[o]·k`` (``k`` the weight quantizer's integer codes)::
+
+    q     = clamp(round(x / s_x) + z_x, qmin, qmax)           uint8 codes (a <= 8 bits)
+    acc_o = Σ (q − z_x)·k_o                                   exact int32 accumulation
+    y_o   = acc_o · (s_x·s_w[o]) + bias_o                     float32 output
+
+oneDNN takes symmetric int8 weights only. An asymmetric weight grid (min/max weights: the
+codes of a channel are ``2^b`` consecutive integers anywhere, e.g. 8..263) is centred:
+``k = (k − c_o) + c_o`` with ``k − c_o`` in int8 and ``acc_o = Σ(q − z)(k − c_o) + c_o·S``
+where ``S = Σ(q − z)`` over the receptive field (one all-ones output row per group, run in the
+same int8 conv). Exact, and free when every ``c_o`` is 0 (symmetric weights).
+
+Overflow bound (asserted by the ``lower`` pass): with ``K = C_in/g·k_h·k_w``, both int32
+accumulators are bounded by ``K·(2^a − 1)·128``, below 2^31 − 1 for ``K <= 65 793`` at
+``a = 8`` (a 3×3 conv with up to 7 310 input channels). docs/lowering.md derives it.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fxquant.errors import FxquantError
+
+INT8_MIN, INT8_MAX = -128, 127
+INT32_MAX = 2 ** 31 - 1
+
+
+class LoweringError(FxquantError, ValueError):
+    """A graph, layer or input that the integer targets cannot take."""
+
+
+def accumulator_bound(fan_in: int, act_bits: int) -> int:
+    """Largest |int32 accumulator| of a lowered conv (see the module docstring)."""
+    return fan_in * (2 ** act_bits - 1) * (-INT8_MIN)
+
+
+def centre_codes(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Split per-output-channel integer codes ``k`` (O × ...) into int8 ``k − c`` and ``c``.
+
+    ``c_o = 0`` where the channel's codes already fit int8 (always for symmetric weights)."""
+    flat = k.reshape(k.shape[0], -1).long()
+    lo, hi = flat.min(dim=1).values, flat.max(dim=1).values
+    if bool((hi - lo > INT8_MAX - INT8_MIN).any()):
+        raise LoweringError("weight codes span more than 256 levels: weights above 8 bits "
+                            "have no int8 form")
+    fits = (lo >= INT8_MIN) & (hi <= INT8_MAX)
+    centre = torch.where(fits, torch.zeros_like(lo), lo - INT8_MIN)
+    return (k.long() - centre.view((-1,) + (1,) * (k.ndim - 1))).to(torch.int8), centre
+
+
+class IntegerConv2d(nn.Module):
+    """State shared by the integer targets: int8 weight codes, scales, the input quantizer's
+    integer parameters. Built by :meth:`from_quantized`; ``state_dict`` round-trips."""
+
+    target = ""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride, padding,
+                 dilation, groups: int, has_bias: bool, act_bits: int):
+        super().__init__()
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size, self.stride = tuple(kernel_size), tuple(stride)
+        self.padding, self.dilation = tuple(padding), tuple(dilation)
+        self.act_bits = act_bits
+        self.qmin, self.qmax = 0, 2 ** act_bits - 1
+        self.source = ""
+        self.register_buffer("weight_codes", torch.zeros(
+            (out_channels, in_channels // groups) + self.kernel_size, dtype=torch.int8))
+        self.register_buffer("weight_centre", torch.zeros(out_channels, dtype=torch.int64))
+        self.register_buffer("weight_scale", torch.ones(out_channels))
+        self.register_buffer("bias", torch.zeros(out_channels) if has_bias else None)
+        self.register_buffer("input_scale", torch.ones(()))
+        self.register_buffer("input_zero_point", torch.zeros((), dtype=torch.int64))
+
+    @classmethod
+    def from_quantized(cls, input_quantizer, conv, source: str = "") -> "IntegerConv2d":
+        """From a static uniform input quantizer and a QuantConv2d (uniform weights);
+        ``source`` names the conv in the fake-quant graph (for comparisons)."""
+        if isinstance(conv.padding, str):
+            raise LoweringError(f"padding='{conv.padding}' has no lowered form; give numbers")
+        if conv.padding_mode != "zeros":
+            raise LoweringError(f"padding_mode='{conv.padding_mode}' has no lowered form; "
+                                "only zero padding is supported")
+        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                    conv.padding, conv.dilation, conv.groups, conv.bias is not None,
+                    input_quantizer.bits)
+        layer.source = source
+        codes = conv.weight_quantizer.integer_codes(conv.weight)
+        k = codes.codes.long() - codes.zero_point.long()
+        scale = codes.scale.reshape(-1).expand(conv.out_channels)
+        with torch.no_grad():
+            weight_codes, centre = centre_codes(k)
+            layer.weight_codes.copy_(weight_codes)
+            layer.weight_centre.copy_(centre)
+            layer.weight_scale.copy_(scale)
+            if conv.bias is not None:
+                layer.bias.copy_(conv.bias.detach())
+            layer.input_scale.copy_(input_quantizer.scale.detach().reshape(()))
+            layer.input_zero_point.copy_(input_quantizer.zero_point.detach().reshape(()).long())
+        layer.prepare()
+        return layer
+
+    @property
+    def fan_in(self) -> int:
+        return self.in_channels // self.groups * self.kernel_size[0] * self.kernel_size[1]
+
+    def prepare(self) -> None:
+        """Build derived state after the buffers change (prepacking for ``cpu``)."""
+
+    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The input's integer codes, exactly as the fake-quantizer rounds them."""
+        return torch.clamp(torch.round(x / self.input_scale) + self.input_zero_point,
+                           self.qmin, self.qmax)
+
+    def extra_repr(self) -> str:
+        centred = int((self.weight_centre != 0).sum())
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, groups={self.groups}, "
+                f"a{self.act_bits} u8 x int8, centred_channels={centred}")
+
+    def describe(self) -> dict:
+        return {"target": self.target, "act_bits": self.act_bits,
+                "input_scale": float(self.input_scale),
+                "input_zero_point": int(self.input_zero_point),
+                "centred_channels": int((self.weight_centre != 0).sum())}
+
+
+class ReferenceConv2d(IntegerConv2d):
+    """Portable integer semantics: int codes, exact int32 accumulators, float32 rescale::
+
+        acc_o = Σ (q − z)·(k_o − c_o)        S = Σ (q − z)     (both int32)
+        y_o   = acc_o·(s_x·s_w[o]) + bias_o + (c_o·s_w[o])·(s_x·S)
+
+    The accumulations run as float64 convolutions of integer-valued tensors, exact because
+    every partial sum stays far below 2^53; they are checked against the int32 range."""
+
+    target = "reference"
+
+    def integer_accumulators(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(acc, S)`` as int32 (``S`` is None when no channel is centred)."""
+        q = self.quantize_input(x).double() - self.input_zero_point.double()
+        acc = F.conv2d(q, self.weight_codes.double(), None, self.stride, self.padding,
+                       self.dilation, self.groups)
+        window_sum = None
+        if bool((self.weight_centre != 0).any()):
+            ones = torch.ones((self.groups, self.in_channels // self.groups) + self.kernel_size,
+                              dtype=torch.float64)
+            window_sum = F.conv2d(q, ones, None, self.stride, self.padding, self.dilation,
+                                  self.groups)
+        for value in (acc, window_sum):
+            if value is not None and bool((value.abs() > INT32_MAX).any()):
+                raise LoweringError("int32 accumulator overflow")
+        return acc.to(torch.int32), None if window_sum is None else window_sum.to(torch.int32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        acc, window_sum = self.integer_accumulators(x)
+        y = acc.float() * (self.input_scale * self.weight_scale).view(1, -1, 1, 1)
+        if self.bias is not None:
+            y = y + self.bias.view(1, -1, 1, 1)
+        if window_sum is None:
+            return y
+        n, _, h, w = y.shape
+        correction = (self.weight_centre.float() * self.weight_scale).view(1, self.groups, -1, 1, 1)
+        s = (window_sum.float() * self.input_scale).view(n, self.groups, 1, h, w)
+        return (y.view(n, self.groups, -1, h, w) + correction * s).view(n, -1, h, w)
+
+
+class CpuConv2d(IntegerConv2d):
+    """oneDNN int8 convolution on uint8 NHWC codes with prepacked int8 weights, fp32 output.
+
+    Asymmetric (centred) weights add one all-ones output row per group whose result
+    ``s_x·S`` corrects the main rows (module docstring)."""
+
+    target = "cpu"
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # buffers loaded from a state_dict need repacking
+        self.register_load_state_dict_post_hook(lambda module, _keys: module.prepare())
+
+    def __getstate__(self):  # the packed weight is opaque (no storage): rebuilt, not copied
+        state = dict(self.__dict__)
+        state.pop("_packed", None)
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self.prepare()
+
+    def prepare(self) -> None:
+        groups, out = self.groups, self.out_channels
+        weight, scale = self.weight_codes, self.weight_scale
+        self._corrected = bool((self.weight_centre != 0).any())
+        if self._corrected:  # interleave one ones-row after each group's rows
+            per = out // groups
+            w = weight.reshape((groups, per) + tuple(weight.shape[1:]))
+            ones = torch.ones((groups, 1) + tuple(weight.shape[1:]), dtype=torch.int8)
+            weight = torch.cat([w, ones], dim=1).reshape((-1,) + tuple(weight.shape[1:]))
+            scale = torch.cat([scale.reshape(groups, per), torch.ones(groups, 1)], 1).reshape(-1)
+            bias = None if self.bias is None else torch.cat(
+                [self.bias.reshape(groups, per), torch.zeros(groups, 1)], 1).reshape(-1)
+            self._correction = (self.weight_centre.float() * self.weight_scale).view(
+                1, groups, per, 1, 1)
+        else:
+            bias = self.bias
+        self._packed = torch.ops.onednn.qconv_prepack(
+            weight.contiguous(), scale.float().contiguous(), float(self.input_scale),
+            int(self.input_zero_point), list(self.stride), list(self.padding),
+            list(self.dilation), groups, None)
+        self._scale = scale.float().contiguous()
+        self._zero_points = torch.zeros(scale.numel(), dtype=torch.int64)
+        self._bias = None if bias is None else bias.float().contiguous()
+        self._x_scale, self._x_zp = float(self.input_scale), int(self.input_zero_point)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        q = self.quantize_input(x).to(torch.uint8).contiguous(memory_format=torch.channels_last)
+        y = torch.ops.onednn.qconv_pointwise(
+            q, self._x_scale, self._x_zp, self._packed, self._scale, self._zero_points,
+            self._bias, list(self.stride), list(self.padding), list(self.dilation),
+            self.groups, 1.0, 0, torch.float32, "none", [None], "")
+        if not self._corrected:
+            return y
+        n, _, h, w = y.shape
+        y = y.reshape(n, self.groups, -1, h, w)
+        main = y[:, :, :-1] + self._correction * y[:, :, -1:]
+        return main.reshape(n, self.out_channels, h, w)
+
+
+TARGETS = {"reference": ReferenceConv2d, "cpu": CpuConv2d}

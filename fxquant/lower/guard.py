@@ -1,0 +1,38 @@
+"""The check in front of a lowered graph: inputs it cannot take get a clear error, not a
+oneDNN stack trace."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fxquant.lower.conv import LoweringError
+
+
+class InputGuard(nn.Module):
+    """Passes a N×C×H×W floating-point image through, or raises :class:`LoweringError`."""
+
+    def __init__(self, channels: int | None):
+        super().__init__()
+        self.channels = channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise LoweringError(f"lowered model takes a N×C×H×W image batch, got {shape}")
+        if not x.is_floating_point():
+            raise LoweringError(f"lowered model takes a floating-point image, got {x.dtype}")
+        n, c, h, w = x.shape
+        if n < 1 or h < 1 or w < 1:
+            raise LoweringError(f"lowered model got an empty batch {tuple(x.shape)}; give at "
+                                "least one image of at least 1×1 pixels")
+        if self.channels is not None and c != self.channels:
+            raise LoweringError(f"lowered model takes {self.channels}-channel images, got {c} "
+                                f"channels (shape {tuple(x.shape)})")
+        if x.device.type != "cpu":
+            raise LoweringError(f"the reference and cpu targets run on the CPU; got a tensor "
+                                f"on {x.device}")
+        return x
+
+    def extra_repr(self) -> str:
+        return f"channels={self.channels}"

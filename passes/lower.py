@@ -1,0 +1,131 @@
+"""``lower``: replace each fake-quantized conv by an integer conv (``reference`` or ``cpu``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from torch import fx, nn
+
+from fxquant.errors import PassError, RecipeError
+from fxquant.graph import replace_module_node
+from fxquant.lower.conv import INT32_MAX, TARGETS, IntegerConv2d, accumulator_bound
+from fxquant.lower.guard import InputGuard
+from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
+from fxquant.quant import QuantConv2d, Quantizer, UniformQuantizer
+
+SUPPORTED = ("static uniform per-tensor activation quantizers of 2..8 bits in front of a "
+             "Conv2d with uniform weights of 2..8 bits (the minmax-/mse-/percentile- presets)")
+
+
+@register_pass
+@dataclass(frozen=True)
+class LowerPass(Pass):
+    """Integer execution of every quantized conv.
+
+    Before::                                          After (target=cpu)::
+
+        x ──► c1_input_quantizer ──► c1 (QuantConv2d)     x ──► c1 (CpuConv2d: u8 codes,
+                                                                    int8 weights, int32 acc)
+
+    ``reference`` is the portable integer semantics (int codes, exact int32 accumulation,
+    float32 rescale), the oracle of every other target; ``cpu`` runs the same on oneDNN
+    (u8 NHWC activations, prepacked int8 weights). Ops without an integer kernel (sigmoid
+    attention, pixel shuffle, concat, the float first/last convs) stay float islands, listed
+    in the pass info. A guard in front of the graph rejects inputs the model cannot take.
+    ``compile`` (cpu only) compiles the module with Inductor on first call, which fuses each
+    input quantization into the float op before it.
+    """
+
+    name: ClassVar[str] = "lower"
+    target: str = "reference"
+    compile: bool = False
+
+    def __post_init__(self):
+        if self.target not in TARGETS:
+            raise RecipeError(f"lower target '{self.target}' unknown; valid: {', '.join(TARGETS)}")
+        if self.compile and self.target != "cpu":
+            raise RecipeError("lower.compile applies to target=cpu only")
+
+    def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        if getattr(gm, "fxquant_lowered", None):
+            raise PassError(self.name, f"the graph is already lowered (target "
+                            f"'{gm.fxquant_lowered}')")
+        lowered = 0
+        quantizer_nodes = [n for n in gm.graph.nodes if isinstance(_module(gm, n), Quantizer)]
+        for node in quantizer_nodes:
+            quantizer = gm.get_submodule(node.target)
+            conv_node, conv = self._conv_of(gm, node, quantizer)
+            layer = TARGETS[self.target].from_quantized(quantizer, conv, str(conv_node.target))
+            source = node.args[0]
+            conv_node.update_arg(0, source)
+            gm.graph.erase_node(node)
+            gm.delete_submodule(node.target)
+            replace_module_node(gm, conv_node, layer, str(conv_node.target).replace(".", "_"))
+            lowered += 1
+        if not lowered:
+            raise PassError(self.name, "nothing to lower: the graph has no quantizers; put "
+                            "'lower' after 'quantize' (e.g. 'trace,observe,calibrate,quantize,"
+                            "lower{target=cpu}')")
+        left = [n for n, m in gm.named_modules() if isinstance(m, (Quantizer, QuantConv2d))]
+        if left:
+            raise PassError(self.name, f"{left[0]} is quantized but has no quantized input to "
+                            f"lower with it; supported: {SUPPORTED}")
+        first_input = self._add_guard(gm)
+        gm.recompile()
+        gm.fxquant_lowered = self.target
+        if self.compile:
+            gm.compile(dynamic=False)
+        islands = sorted({type(gm.get_submodule(n.target)).__name__ if n.op == "call_module"
+                          else getattr(n.target, "__name__", str(n.target))
+                          for n in gm.graph.nodes if n.op in ("call_module", "call_function",
+                                                              "call_method")
+                          and not isinstance(_module(gm, n), (InputGuard, *TARGETS.values()))})
+        return PassResult(gm, True, {"target": self.target, "integer_convs": lowered,
+                                     "float_ops": ", ".join(islands), "guarded": first_input})
+
+    def _conv_of(self, gm: fx.GraphModule, node: fx.Node, quantizer: Quantizer):
+        """The QuantConv2d this activation quantizer feeds, after checking both lower."""
+        if not isinstance(quantizer, UniformQuantizer):
+            raise PassError(self.name, f"{quantizer.kind} quantizer ({quantizer.describe()['mode']})"
+                            f" has no integer kernel yet; supported: {SUPPORTED}", node=node.name)
+        if quantizer.channels is not None or not quantizer.bits <= 8 or quantizer.symmetric:
+            raise PassError(self.name, f"activation quantizer is {quantizer.granularity}, "
+                            f"{quantizer.bits} bits, {'symmetric' if quantizer.symmetric else 'affine'}"
+                            f": the u8 kernels take per-tensor affine 2..8 bits; supported: "
+                            f"{SUPPORTED}", node=node.name)
+        users = list(node.users)
+        conv = _module(gm, users[0]) if len(users) == 1 else None
+        if not isinstance(conv, QuantConv2d) or users[0].args[0] is not node:
+            what = ", ".join(f"{u.name} ({type(_module(gm, u)).__name__ if _module(gm, u) else u.target})"
+                             for u in users)
+            raise PassError(self.name, f"quantized value feeds {what}, which has no integer "
+                            f"kernel; supported: {SUPPORTED}", node=node.name)
+        wq = conv.weight_quantizer
+        if not isinstance(wq, UniformQuantizer) or wq.bits > 8:
+            raise PassError(self.name, f"weights of '{users[0].target}' use a {wq.kind} quantizer "
+                            f"of {wq.describe()['bits']} bits; supported: {SUPPORTED}",
+                            node=users[0].name)
+        fan_in = conv.in_channels // conv.groups * conv.kernel_size[0] * conv.kernel_size[1]
+        if accumulator_bound(fan_in, quantizer.bits) > INT32_MAX:
+            raise PassError(self.name, f"fan-in {fan_in} at {quantizer.bits} bits can overflow "
+                            "the int32 accumulator (bound K·(2^a − 1)·128 < 2^31)",
+                            node=users[0].name)
+        return users[0], conv
+
+    @staticmethod
+    def _add_guard(gm: fx.GraphModule) -> str:
+        """Route the first image input through an InputGuard sized from the first conv."""
+        image = next(n for n in gm.graph.nodes if n.op == "placeholder")
+        first = next((m for m in map(lambda n: _module(gm, n), gm.graph.nodes)
+                      if isinstance(m, (nn.Conv2d, IntegerConv2d))), None)
+        guard = InputGuard(first.in_channels if first is not None else None)
+        gm.add_submodule("input_guard", guard)
+        with gm.graph.inserting_after(image):
+            checked = gm.graph.call_module("input_guard", (image,))
+        image.replace_all_uses_with(checked, delete_user_cb=lambda user: user is not checked)
+        return image.name
+
+
+def _module(gm: fx.GraphModule, node: fx.Node):
+    return gm.get_submodule(node.target) if node.op == "call_module" else None

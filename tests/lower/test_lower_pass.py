@@ -1,0 +1,165 @@
+"""The ``lower`` pass: graph structure, whole-model agreement between targets, the lowered
+state through save/load, and the errors it gives instead of silent garbage."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import fx, nn
+
+import fxquant
+from fxquant.errors import PassError, RecipeError
+from fxquant.lower import CpuConv2d, InputGuard, LoweringError, ReferenceConv2d
+from fxquant.lower.compare import code_agreement
+from fxquant.quant import UniformQuantizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+UNIFORM = "trace,observe,calibrate,quantize"
+
+
+def lowered(model, calib, recipe="minmax-w8a8", target="reference", extra=""):
+    return fxquant.compile(model, recipe, calib=calib,
+                           pipeline=f"{UNIFORM},lower{{target={target}{extra}}},verify")
+
+
+@pytest.mark.parametrize("target,cls", [("reference", ReferenceConv2d), ("cpu", CpuConv2d)])
+def test_structure_every_quantized_conv_is_integer(tiny_sr, calib, target, cls):
+    gm = lowered(tiny_sr, calib, target=target)
+    kinds = [type(gm.get_submodule(n.target)).__name__ for n in gm.graph.nodes
+             if n.op == "call_module"]
+    # guard, float head, 2 blocks of (int conv, ReLU, int conv), float tail
+    assert kinds == ["InputGuard", "Conv2d", cls.__name__, "ReLU", cls.__name__,
+                     cls.__name__, "ReLU", cls.__name__, "Conv2d"]
+    assert not any(isinstance(m, UniformQuantizer) for m in gm.modules())
+    assert gm.fxquant_lowered == target
+    info = dict(gm.fxquant_history)[f"lower{{target={target}}}" if target != "reference" else "lower"]
+    assert info["integer_convs"] == 4 and "pixel_shuffle" in info["float_ops"]
+
+
+@pytest.mark.parametrize("recipe", ["minmax-w8a8", "minmax-w6a6", "minmax-w4a4", "mse-w4a4",
+                                    "percentile-w8a8"])
+def test_targets_agree_with_fake_quant_on_the_whole_model(tiny_sr, calib, recipe):
+    x = torch.rand(2, 3, 12, 10)
+    fake_gm = fxquant.compile(tiny_sr, recipe, calib=calib)
+    ref_gm = lowered(tiny_sr, calib, recipe, "reference")
+    cpu_gm = lowered(tiny_sr, calib, recipe, "cpu")
+    # every conv's integer input codes agree within one step (an ulp-level difference in the
+    # rescale can flip a value sitting on a rounding boundary), and almost all exactly
+    for other in (ref_gm, cpu_gm):
+        agreement = code_agreement(fake_gm, other, [x])
+        assert len(agreement) == 4
+        assert all(a.max_step_difference <= 1 for a in agreement), agreement
+        assert all(a.fraction_different < 0.01 for a in agreement), agreement
+    with torch.no_grad():
+        fake, ref, cpu = fake_gm(x), ref_gm(x), cpu_gm(x)
+    span = float(fake.max() - fake.min())
+    assert float((ref - fake).abs().max()) < 1e-2 * span
+    assert float((cpu - ref).abs().max()) < 1e-2 * span
+
+
+def test_symmetric_weights_need_no_correction(tiny_sr, calib):
+    recipe = fxquant.Recipe.from_dict({"weights": {"observer": "symmetric"}})
+    gm = lowered(tiny_sr, calib, recipe, "cpu")
+    layers = [m for m in gm.modules() if isinstance(m, CpuConv2d)]
+    assert layers and all(int((m.weight_centre != 0).sum()) == 0 for m in layers)
+
+
+def test_lowered_model_saves_and_loads_with_its_state(tiny_sr, calib, tmp_path):
+    gm = lowered(tiny_sr, calib, "minmax-w4a4", "cpu")
+    path = tmp_path / "m.fxq"
+    fxquant.save(gm, path)
+    payload = torch.load(path, weights_only=True)
+    assert payload["state_dict"]["blocks_0_0.weight_codes"].dtype == torch.int8
+    fresh = type(tiny_sr)()  # other random weights: everything must come from the file
+    loaded = fxquant.load(path, model=fresh)
+    assert loaded.fxquant_lowered == "cpu"
+    x = torch.rand(1, 3, 9, 9)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), gm(x))
+        assert torch.equal(copy.deepcopy(gm)(x), gm(x))  # the opaque packed weight is rebuilt
+
+
+def test_compiled_cpu_target_matches_eager(tiny_sr, calib):
+    x = torch.rand(1, 3, 16, 16)
+    eager = lowered(tiny_sr, calib, "minmax-w8a8", "cpu")
+    compiled = lowered(tiny_sr, calib, "minmax-w8a8", "cpu", ",compile=true")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-5)
+
+
+def test_lowering_leaves_the_users_model_alone(tiny_sr, calib):
+    before = {k: v.clone() for k, v in tiny_sr.state_dict().items()}
+    lowered(tiny_sr, calib, "minmax-w4a4", "cpu")
+    for key, value in tiny_sr.state_dict().items():
+        assert torch.equal(value, before[key]), key
+
+
+# ----------------------------------------------------------------------------- errors
+def test_nothing_to_lower(tiny_sr, calib):
+    with pytest.raises(PassError, match="nothing to lower.*after 'quantize'"):
+        fxquant.compile(tiny_sr, "minmax-w8a8", calib=calib, pipeline="trace,lower")
+
+
+@pytest.mark.parametrize("recipe,kind", [("daq-w4a4", "daq quantizer \\(dynamic\\)"),
+                                         ("dfsq-w4a4", "subset quantizer \\(dynamic\\)"),
+                                         ("dfsq-static-w4a4", "subset quantizer \\(static\\)")])
+def test_dynamic_and_subset_quantizers_are_named_with_what_is_supported(tiny_sr, calib,
+                                                                        recipe, kind):
+    spec = fxquant.compile(tiny_sr, recipe, calib=calib).fxquant_pipeline
+    pipeline = spec.replace(",verify", "") + ",lower{target=cpu}"
+    with pytest.raises(PassError, match=f"{kind} has no integer kernel yet; supported: static "
+                                        "uniform per-tensor"):
+        fxquant.compile(tiny_sr, recipe, calib=calib, pipeline=pipeline)
+
+
+def test_per_channel_activations_are_refused(tiny_sr, calib):
+    recipe = fxquant.Recipe.from_dict({"activations": {"granularity": "per-channel"}})
+    with pytest.raises(PassError, match="per-channel.*u8 kernels take per-tensor"):
+        lowered(tiny_sr, calib, recipe)
+
+
+def test_a_quantized_value_feeding_an_op_without_integer_kernel(tiny_sr, calib):
+    gm = fxquant.compile(tiny_sr, "minmax-w8a8", calib=calib, pipeline=UNIFORM)
+    # route one quantizer's output into a ConvTranspose2d instead of its conv
+    qnode = next(n for n in gm.graph.nodes if n.op == "call_module"
+                 and isinstance(gm.get_submodule(n.target), UniformQuantizer))
+    gm.add_submodule("deconv", nn.ConvTranspose2d(8, 8, 3, padding=1))
+    with gm.graph.inserting_after(qnode):
+        deconv = gm.graph.call_module("deconv", (qnode,))
+    conv = next(u for u in qnode.users if u is not deconv)
+    conv.update_arg(0, deconv)
+    gm.recompile()
+    manager = fxquant.pipeline.PassManager("lower")
+    ctx = fxquant.pipeline.PassContext(recipe=gm.fxquant_recipe)
+    with pytest.raises(PassError, match="feeds deconv \\(ConvTranspose2d\\), which has no "
+                                        "integer kernel"):
+        manager.run(gm, ctx)
+
+
+def test_bad_target_and_lowering_twice(tiny_sr, calib):
+    with pytest.raises(RecipeError, match="lower target 'gpu' unknown; valid: reference, cpu"):
+        lowered(tiny_sr, calib, target="gpu")
+    gm = lowered(tiny_sr, calib)
+    with pytest.raises(PassError, match="already lowered"):
+        fxquant.pipeline.PassManager("lower").run(gm, fxquant.pipeline.PassContext(
+            recipe=gm.fxquant_recipe))
+
+
+@pytest.mark.parametrize("bad,message", [
+    (torch.rand(1, 4, 8, 8), "takes 3-channel images, got 4 channels"),
+    (torch.rand(3, 8, 8), "N×C×H×W image batch, got \\(3, 8, 8\\)"),
+    (torch.zeros(1, 3, 8, 8, dtype=torch.uint8), "floating-point image, got torch.uint8"),
+    (torch.rand(0, 3, 8, 8), "empty batch"),
+])
+def test_inputs_the_lowered_model_cannot_take(tiny_sr, calib, bad, message):
+    gm = lowered(tiny_sr, calib, target="cpu")
+    assert isinstance(gm.get_submodule("input_guard"), InputGuard)
+    with pytest.raises(LoweringError, match=message):
+        gm(bad)
+
+
+def test_lowered_graph_is_a_graph_module(tiny_sr, calib):
+    assert isinstance(lowered(tiny_sr, calib), fx.GraphModule)
