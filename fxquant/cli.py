@@ -140,7 +140,52 @@ def cmd_demo(args: argparse.Namespace) -> int:
     args.model, args.scale, args.recipe, args.datasets = "imdn", 4, "mse-w4a4", "Set5"
     args.checkpoint, args.limit, args.json = None, None, False
     print("fxquant demo: IMDN x4 compiled with the 4-bit uniform preset (mse-w4a4)")
-    return cmd_eval(args)
+    code = cmd_eval(args)
+    if code:
+        return code
+    print("\nInteger execution: IMDN x4, mse-w8a8 lowered to oneDNN int8 (lower{target=cpu})")
+    return _demo_lowered(args.data)
+
+
+def _demo_lowered(data: str | None) -> int:
+    import copy
+
+    import torch
+
+    from fxquant.bench import interleaved, summarize
+    from fxquant.pipeline import PassContext, PassManager
+    from fxquant.workflow import evaluate_sets, prepare
+
+    zoo = prepare("imdn", 4, "mse-w8a8", data_root=data, progress=True)
+    fake = zoo.quant_model
+    lowered = {}
+    for opts in ("target=cpu", "target=cpu,compile=true"):
+        lowered[opts] = PassManager(f"lower{{{opts}}}").run(
+            copy.deepcopy(fake), PassContext(recipe=fake.fxquant_recipe))
+    scores = {name: evaluate_sets(fn, zoo.spec, 4, ["Set5"], data_root=data)["Set5"].psnr
+              for name, fn in (("fp", zoo.float_model), ("fake", fake),
+                               ("lowered", lowered["target=cpu"]))}
+    x = torch.rand(1, 3, 128, 128)
+    fns = {"fp32_eager": lambda: zoo.float_model(x),
+           "lowered": lambda: lowered["target=cpu,compile=true"](x)}
+    print("compiling the lowered model with Inductor and timing (1x3x128x128, 5 rounds)...")
+    rows = {r.variant: r for r in summarize("imdn", interleaved(fns, rounds=5))}
+    ratio = rows["lowered"]
+    print(f"{'model':<28} {'Set5 PSNR':>9} {'latency':>10} {'speed-up':>9}")
+    print(f"{'FP32 eager':<28} {scores['fp']:>9.3f} {rows['fp32_eager'].median_ms:>8.1f}ms "
+          f"{'1.00x':>9}")
+    print(f"{'W8A8 fake-quant (float)':<28} {scores['fake']:>9.3f} {'':>10} {'':>9}")
+    print(f"{'W8A8 lowered, oneDNN int8':<28} {scores['lowered']:>9.3f} "
+          f"{ratio.median_ms:>8.1f}ms {ratio.ratio:>8.2f}x  (per-round {ratio.ratio_min:.2f}-"
+          f"{ratio.ratio_max:.2f}x, {torch.get_num_threads()} threads)")
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from fxquant.bench import run
+
+    args.argv = sys.argv[sys.argv.index("bench") + 1:] if "bench" in sys.argv else []
+    return run(args)
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -221,6 +266,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="IMDN x4, 4-bit uniform, FP vs quantized on Set5")
     p.add_argument("--data", help="data root (default: $FXQUANT_DATA)")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bench", help="latency, peak memory and Set5 PSNR of FP32, bf16, "
+                                     "compiled, fake-quant, lowered and torch int8 variants")
+    from fxquant.bench import build_parser as bench_parser
+
+    bench_parser(p)
+    p.set_defaults(func=cmd_bench)
 
     sub.add_parser("models", help="list zoo models").set_defaults(func=cmd_models)
     sub.add_parser("recipes", help="list recipe presets").set_defaults(func=cmd_recipes)

@@ -12,7 +12,7 @@ from torch import fx, nn
 import fxquant
 from fxquant.errors import PassError, RecipeError
 from fxquant.lower import CpuConv2d, InputGuard, LoweringError, ReferenceConv2d
-from fxquant.lower.compare import code_agreement
+from fxquant.lower.compare import layer_agreement
 from fxquant.quant import UniformQuantizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -46,13 +46,11 @@ def test_targets_agree_with_fake_quant_on_the_whole_model(tiny_sr, calib, recipe
     fake_gm = fxquant.compile(tiny_sr, recipe, calib=calib)
     ref_gm = lowered(tiny_sr, calib, recipe, "reference")
     cpu_gm = lowered(tiny_sr, calib, recipe, "cpu")
-    # every conv's integer input codes agree within one step (an ulp-level difference in the
-    # rescale can flip a value sitting on a rounding boundary), and almost all exactly
+    # on the same input every integer conv is within one output step of its fake-quant conv
     for other in (ref_gm, cpu_gm):
-        agreement = code_agreement(fake_gm, other, [x])
+        agreement = layer_agreement(fake_gm, other, [x])
         assert len(agreement) == 4
-        assert all(a.max_step_difference <= 1 for a in agreement), agreement
-        assert all(a.fraction_different < 0.01 for a in agreement), agreement
+        assert all(a.max_steps <= 1 for a in agreement), agreement
     with torch.no_grad():
         fake, ref, cpu = fake_gm(x), ref_gm(x), cpu_gm(x)
     span = float(fake.max() - fake.min())

@@ -1,0 +1,261 @@
+"""``fxquant bench``: end-to-end latency, peak memory and Set5 PSNR of a model's variants.
+
+Variants (FP32 eager is the 1.0): FP32 channels-last, FP32 ``torch.compile``, bf16 autocast,
+fxquant fake-quant, fxquant lowered ``reference`` and ``cpu`` (Inductor-compiled), torch.ao
+FX int8 and torchao PT2E int8 (``fxquant.bench_variants``). Everything runs in one process:
+every variant is built and warmed up, then each round calls every variant once in turn
+(interleaved, so load changes hit all alike); the table gives the median time and the
+median, min and max of the per-round ratio to FP32 eager.
+
+Peak memory is the largest growth of the C heap in use during one forward, sampled by a
+thread (torch's CPU allocator has no peak counter; see :func:`peak_memory_mb`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import os
+import statistics
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+
+from fxquant.bench_variants import BUILDERS, Variant, VariantUnavailable
+
+FXQUANT_VARIANTS = ("fake-quant", "lowered reference", "lowered cpu")
+ORDER = ("fp32_eager", "fp32_channels_last", "fp32_compile", "bf16_autocast", *FXQUANT_VARIANTS,
+         "torch_ao_fx_int8", "pt2e_int8")
+
+
+@dataclass
+class Row:
+    model: str
+    variant: str
+    median_ms: float | None = None
+    ratio: float | None = None  # FP32 eager time / this variant's time (>1 = faster)
+    ratio_min: float | None = None
+    ratio_max: float | None = None
+    peak_mb: float | None = None
+    psnr: float | None = None
+    note: str = ""
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+        "fordblks", "keepcost")]
+
+
+def _heap_bytes() -> int | None:
+    """Bytes in use on the C heap (glibc ``mallinfo2``: arena + mmapped blocks); None where
+    the C library has no ``mallinfo2``."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _MallInfo2
+    except (OSError, AttributeError):
+        return None
+    info = libc.mallinfo2()
+    return info.uordblks + info.hblkhd
+
+
+def peak_memory_mb(fn: Callable[[], object]) -> float | None:
+    """Largest growth (MiB) of C-heap bytes in use while ``fn`` runs once, sampled every
+    0.2 ms (torch's CPU allocator and oneDNN both allocate through malloc; the resident set
+    would not show memory that the allocator reuses)."""
+    base = _heap_bytes()
+    if base is None:
+        return None
+    peak, done = [base], threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], _heap_bytes())
+            time.sleep(0.0002)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        thread.join()
+    return (max(peak[0], _heap_bytes()) - base) / 2 ** 20
+
+
+def interleaved(fns: dict[str, Callable[[], object]], rounds: int, warmup: int = 2
+                ) -> dict[str, list[float]]:
+    """Seconds per call of each function, ``rounds`` times, one call of each per round."""
+    with torch.inference_mode():
+        for fn in fns.values():
+            for _ in range(warmup):
+                fn()
+        times: dict[str, list[float]] = {name: [] for name in fns}
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+    return times
+
+
+def summarize(model: str, times: dict[str, list[float]], baseline: str = "fp32_eager"
+              ) -> list[Row]:
+    base = times[baseline]
+    rows = []
+    for name, t in times.items():
+        ratios = [b / v for b, v in zip(base, t)]
+        rows.append(Row(model, name, 1e3 * statistics.median(t), statistics.median(ratios),
+                        min(ratios), max(ratios)))
+    return rows
+
+
+def fxquant_variants(model, calib: torch.Tensor, recipe, example: torch.Tensor,
+                     concrete_args: dict | None) -> list[Variant]:
+    """Fake-quant and the two lowered targets, all from one compile of ``recipe``."""
+    import copy
+
+    import fxquant
+    from fxquant.pipeline import PassContext, PassManager
+
+    fake = fxquant.compile(model, recipe, calib=calib, concrete_args=concrete_args)
+    out = [Variant("fake-quant", fake, f"fxquant {fake.fxquant_recipe.name} fake-quant graph")]
+    for target, compiled in (("reference", False), ("cpu", True)):
+        opts = f"target={target}" + (",compile=true" if compiled else "")
+        lowered = PassManager(f"lower{{{opts}}}").run(copy.deepcopy(fake),
+                                                     PassContext(recipe=fake.fxquant_recipe))
+        if compiled:
+            with torch.inference_mode():
+                lowered(example)  # compile now, outside the timed rounds
+        out.append(Variant(f"lowered {target}", lowered, f"lower{{{opts}}}"))
+    return out
+
+
+def build_all(model, example, calib_batches, calib, recipe, concrete_args, names=None
+              ) -> tuple[list[Variant], dict[str, str]]:
+    names = list(names or ORDER)
+    built, missing = [], {}
+    ours = {v.name: v for v in fxquant_variants(model, calib, recipe, example, concrete_args)} \
+        if set(FXQUANT_VARIANTS) & set(names) else {}
+    for name in names:
+        if name in ours:
+            built.append(ours[name])
+            continue
+        try:
+            built.append(BUILDERS[name](model, example, calib_batches,
+                                        concrete_args=concrete_args))
+        except VariantUnavailable as exc:
+            missing[name] = exc.reason
+    return built, missing
+
+
+def rows_to_dicts(rows: list[Row]) -> list[dict]:
+    return [asdict(r) for r in rows]
+
+
+# ----------------------------------------------------------------------------- command
+SECTION = "## Integer execution (fxquant bench)"
+DEFAULT_MODELS = "imdn,pan,carn_m,fsrcnn,edsr_baseline"
+
+
+def bench_model(name: str, args) -> list:
+    from fxquant.models import build_model, get_spec
+    from fxquant.recipe import resolve_recipe
+    from fxquant.workflow import calibration_data, evaluate_sets
+
+    spec = get_spec(name)
+    recipe = resolve_recipe(args.recipe)
+    pretrained = bool(spec.weight_files)
+    model = build_model(name, args.scale, pretrained=pretrained, data_root=args.data).eval()
+    channels = 1 if spec.color == "y" else 3
+    torch.manual_seed(0)
+    example = torch.rand(1, channels, args.size, args.size)
+    if pretrained:
+        calib = calibration_data(spec, args.scale, recipe, args.data)
+    else:
+        calib = torch.rand(recipe.calibration.num_patches, channels,
+                           recipe.calibration.patch_size, recipe.calibration.patch_size)
+    batches = list(calib.split(recipe.calibration.batch_size))
+    concrete = {"scale": args.scale} if spec.takes_scale else None
+    names = args.variants.split(",") if args.variants else ORDER
+    variants, missing = build_all(model, example, batches, calib, recipe, concrete, names)
+    fns = {v.name: (lambda f=v.fn: f(example)) for v in variants}
+    rows = summarize(name, interleaved(fns, args.rounds))
+    notes = {v.name: v.note for v in variants}
+    for row in rows:
+        row.note = notes[row.variant]
+        with torch.inference_mode():
+            peak = peak_memory_mb(fns[row.variant])
+            row.peak_mb = None if peak is None else round(peak, 1)
+        if pretrained and not args.no_psnr:
+            fn = next(v.fn for v in variants if v.name == row.variant)
+            try:
+                score = evaluate_sets(fn, spec, args.scale, ["Set5"], data_root=args.data)
+                row.psnr = round(score["Set5"].psnr, 4)
+            except Exception as exc:  # noqa: BLE001 - a variant failing on other sizes is reported
+                row.note += f"; PSNR failed: {type(exc).__name__}: {str(exc).splitlines()[0]}"
+    rows += [Row(name, v, note=f"unavailable: {why}") for v, why in missing.items()]
+    return rows
+
+
+def render(rows: list, args, command: str) -> str:
+    lines = [SECTION, "",
+             f"`{command}`", "",
+             f"×{args.scale}, 1×C×{args.size}×{args.size} LR input, torch threads "
+             f"{torch.get_num_threads()}, {args.rounds} interleaved rounds after warm-up; ratio "
+             "= FP32 eager time / variant time (higher is faster), median with the min–max of "
+             f"the per-round ratio. W8A8 recipe `{args.recipe}` for the fxquant variants. PSNR: "
+             "Set5 Y, the variant itself run on every image. Peak MiB: largest growth of the C "
+             "heap in use during one forward (activations and workspaces, not weights).", ""]
+    lines += ["| model | variant | median ms | speed-up vs FP32 eager (min–max) | peak MiB | "
+              "Set5 PSNR | how |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        if r.median_ms is None:
+            lines.append(f"| {r.model} | {r.variant} | — | — | — | — | {r.note} |")
+            continue
+        psnr = f"{r.psnr:.3f}" if r.psnr is not None else "—"
+        peak = f"{r.peak_mb:.0f}" if r.peak_mb is not None else "—"
+        lines.append(f"| {r.model} | {r.variant} | {r.median_ms:.1f} | {r.ratio:.2f}× "
+                     f"({r.ratio_min:.2f}–{r.ratio_max:.2f}) | {peak} | {psnr} | "
+                     f"{r.note} |")
+    return "\n".join(lines) + "\n"
+
+
+def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(prog="fxquant bench", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default=DEFAULT_MODELS)
+    parser.add_argument("--scale", type=int, default=4)
+    parser.add_argument("--size", type=int, default=256, help="LR input side (default 256)")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--recipe", default="mse-w8a8")
+    parser.add_argument("--variants", help="comma-separated subset (default: all)")
+    parser.add_argument("--no-psnr", action="store_true", help="skip the Set5 evaluation")
+    parser.add_argument("--data", help="data root (default: $FXQUANT_DATA)")
+    parser.add_argument("--json", help="write the rows as JSON here")
+    parser.add_argument("--write", help="replace this tool's section of this Markdown file")
+    return parser
+
+
+def run(args) -> int:
+    from fxquant.markdown import write_section
+
+    rows = []
+    for name in args.models.split(","):
+        rows += bench_model(name.strip(), args)
+        print(render(rows, args, "(partial)"), file=sys.stderr, flush=True)
+    command = "fxquant bench " + " ".join(args.argv)
+    text = render(rows, args, command.strip())
+    print(text)
+    if args.json:
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
+            json.dump([asdict(r) for r in rows], f, indent=1)
+        os.replace(tmp, args.json)
+    if args.write:
+        write_section(args.write, SECTION, text)
+    return 0

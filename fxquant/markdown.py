@@ -1,0 +1,22 @@
+"""Replacing one ``## section`` of a Markdown document, atomically (write, then rename)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def write_section(path: str | os.PathLike, heading: str, text: str) -> None:
+    """Replace the section that starts with the line ``heading`` (up to the next ``## ``
+    heading) by ``text``, or append it; the other sections are kept as they are."""
+    path = Path(path)
+    old = path.read_text() if path.exists() else ""
+    start = old.find(heading + "\n")
+    if start >= 0:
+        end = old.find("\n## ", start + len(heading))
+        new = old[:start] + text.rstrip("\n") + "\n" + (old[end:] if end >= 0 else "")
+    else:
+        new = old.rstrip("\n") + ("\n\n" if old else "") + text.rstrip("\n") + "\n"
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(new)
+    tmp.replace(path)
