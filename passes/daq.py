@@ -26,11 +26,9 @@ from fxquant.quant.daq import (
     STEP_INDICES,
     WEIGHT_GRANULARITIES,
     DAQActivationQuantizer,
-    DAQSensitivityObserver,
     DAQWeightQuantizer,
-    allocate_bits,
-    downstream_gains,
 )
+from fxquant.quant.daq_mixed import DAQSensitivityObserver, allocate_network_bits, downstream_gains
 from fxquant.recipe import register_method
 
 POST_RELU = {"unclipped": "relu", "clipped": "relu-clipped", "initial": "relu-initial",
@@ -308,25 +306,7 @@ class DAQPass(Pass):
             middle = choices[len(choices) // 2]
             return {t: torch.full((gm.get_submodule(t).in_channels,), middle, dtype=torch.int64)
                     for t in per_conv}
-        errors = {t: sum(o.errors for o in group) for t, group in per_conv.items()}
-        if options.mp_scope == "layer":
-            return {t: allocate_bits(e, choices, options.mp_avg_bits) for t, e in errors.items()}
-        # network scope, one joint budget: downstream-weighted errors are already in units
-        # of network-output error; unweighted ones are made relative to the layer's output
-        if options.mp_weighting != "none" and options.mp_sensitivity == "output":
-            energy = {t: 1.0 for t in per_conv}
-        else:
-            energy = {t: max(sum(o.output_energy for o in group), 1e-30)
-                      for t, group in per_conv.items()}
-        joint = torch.cat([errors[t] / energy[t] for t in per_conv], dim=1)
-        costs = None
-        if options.mp_budget == "mac":  # MACs per input channel, summed over the calls
-            costs = torch.cat([torch.full((errors[t].shape[1],), float(max(
-                sum(o.macs_per_channel for o in group), 1))) for t, group in per_conv.items()])
-        bits = allocate_bits(joint, choices, options.mp_avg_bits, costs=costs)
-        result, start = {}, 0
-        for t in per_conv:
-            width = errors[t].shape[1]
-            result[t] = bits[start:start + width]
-            start += width
-        return result
+        weighted = options.mp_weighting != "none" and options.mp_sensitivity == "output"
+        return allocate_network_bits(per_conv, choices, options.mp_avg_bits,
+                                     scope=options.mp_scope, weighted=weighted,
+                                     budget=options.mp_budget)

@@ -10,7 +10,7 @@ from torch import fx, nn
 
 from fxquant.calibration import as_batches
 from fxquant.errors import PassError
-from fxquant.passes.quantize import weight_quantizer
+from fxquant.quant.fitting import weight_quantizer
 from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
 from fxquant.quant import QuantConv2d, quant_mode
 from fxquant.quant.channel_norm import fold_input_scale, fold_output_scale

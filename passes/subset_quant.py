@@ -15,7 +15,7 @@ from torch import fx, nn
 
 from fxquant.errors import CalibrationError
 from fxquant.graph import replace_module_node
-from fxquant.passes.quantize import weight_quantizer
+from fxquant.quant.fitting import weight_quantizer
 from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
 from fxquant.quant import QuantConv2d, swap_in_quant_conv
 from fxquant.quant.point_selection import INITS, exhaustive_select, kmeans_select

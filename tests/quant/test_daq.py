@@ -12,9 +12,6 @@ from fxquant.quant.daq import (
     GAUSSIAN_STEPS,
     DAQActivationQuantizer,
     DAQWeightQuantizer,
-    allocate_bits,
-    channel_output_errors,
-    channel_sensitivity,
     daq_quantize,
     daq_weight_quantize,
     quantize_sigma,
@@ -22,6 +19,7 @@ from fxquant.quant.daq import (
     signed_stats,
     step_for_bits,
 )
+from fxquant.quant.daq_mixed import allocate_bits, channel_output_errors, channel_sensitivity
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -312,7 +310,7 @@ def test_downstream_gains_of_a_linear_tail():
     """For z -> y = A z (1×1 conv), g_o = E_v[(Aᵀv)_o²] = Σ_k A_ko² for white and DC errors."""
     from torch import fx, nn
 
-    from fxquant.quant.daq import downstream_gains
+    from fxquant.quant.daq_mixed import downstream_gains
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.Conv2d(3, 4, 1, bias=False))
