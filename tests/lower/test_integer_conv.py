@@ -11,7 +11,7 @@ from torch import nn
 
 from fxquant.lower import CpuConv2d, ReferenceConv2d, accumulator_bound
 from fxquant.lower.conv import INT32_MAX, LoweringError, centre_codes
-from fxquant.passes.quantize import weight_quantizer
+from fxquant.quant.fitting import weight_quantizer
 from fxquant.quant import QuantConv2d, UniformQuantizer
 from fxquant.quant.uniform import affine_qparams
 from fxquant.recipe import WeightConfig
