@@ -101,11 +101,36 @@ def insert_input_module(gm: fx.GraphModule, node: fx.Node, module: nn.Module,
     return new
 
 
+def insert_shared_input_module(gm: fx.GraphModule, nodes: list[fx.Node], module: nn.Module,
+                               suffix: str) -> fx.Node:
+    """Route the common first argument of ``nodes`` through one new ``call_module`` of
+    ``module`` that all of them read (one quantizer per produced tensor). A single node gets
+    ``<node>_<suffix>`` as before; a value read by several gets ``<value>_shared_<suffix>``."""
+    if len(nodes) == 1:
+        return insert_input_module(gm, nodes[0], module, suffix)
+    source = nodes[0].args[0]
+    name = unique_attr_name(gm, f"{source.name}_shared_{suffix}")
+    gm.add_submodule(name, module)
+    first = min(nodes, key=lambda n: _position(gm, n))
+    with gm.graph.inserting_before(first):
+        new = gm.graph.call_module(name, (source,))
+    for node in nodes:
+        node.update_arg(0, new)
+    return new
+
+
+def _position(gm: fx.GraphModule, node: fx.Node) -> int:
+    return next(i for i, n in enumerate(gm.graph.nodes) if n is node)
+
+
 def replace_module_node(gm: fx.GraphModule, node: fx.Node, module: nn.Module,
                         name: str) -> fx.Node:
     """Replace ``call_module`` node ``node`` by a call of ``module``, registered as ``name``
     (the new node is named after it); the old submodule goes once nothing calls it."""
     old = node.target
+    shared = any(n is not node and n.op == "call_module" and n.target == old for n in gm.graph.nodes)
+    if name == old and not shared:
+        gm.delete_submodule(old)  # the replacement takes over its name
     name = unique_attr_name(gm, name)
     gm.add_submodule(name, module)
     with gm.graph.inserting_before(node):

@@ -9,7 +9,13 @@ from torch import fx, nn
 
 from fxquant.errors import PassError, RecipeError
 from fxquant.graph import replace_module_node
-from fxquant.lower.conv import INT32_MAX, TARGETS, IntegerConv2d, accumulator_bound
+from fxquant.lower.conv import (
+    INT32_MAX,
+    TARGETS,
+    IntegerConv2d,
+    IntegerQuantize,
+    accumulator_bound,
+)
 from fxquant.lower.guard import InputGuard
 from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
 from fxquant.quant import QuantConv2d, Quantizer, UniformQuantizer
@@ -23,10 +29,12 @@ SUPPORTED = ("static uniform per-tensor activation quantizers of 2..8 bits in fr
 class LowerPass(Pass):
     """Integer execution of every quantized conv.
 
-    Before::                                          After (target=cpu)::
+    Before::                                      After (target=cpu)::
 
-        x ──► c1_input_quantizer ──► c1 (QuantConv2d)     x ──► c1 (CpuConv2d: u8 codes,
-                                                                    int8 weights, int32 acc)
+        x ──► c1_input_quantizer ──► c1 (QuantConv2d)   x ──► c1_input_codes (u8 NHWC) ──► c1
+                                                               (CpuConv2d: int8 weights, int32 acc)
+
+    A quantizer shared by several convs becomes one integer tensor that all of them read.
 
     ``reference`` is the portable integer semantics (int codes, exact int32 accumulation,
     float32 rescale), the oracle of every other target; ``cpu`` runs the same on oneDNN
@@ -53,16 +61,18 @@ class LowerPass(Pass):
                             f"'{gm.fxquant_lowered}')")
         lowered = 0
         quantizer_nodes = [n for n in gm.graph.nodes if isinstance(_module(gm, n), Quantizer)]
+        layer_cls = TARGETS[self.target]
         for node in quantizer_nodes:
             quantizer = gm.get_submodule(node.target)
-            conv_node, conv = self._conv_of(gm, node, quantizer)
-            layer = TARGETS[self.target].from_quantized(quantizer, conv, str(conv_node.target))
-            source = node.args[0]
-            conv_node.update_arg(0, source)
-            gm.graph.erase_node(node)
-            gm.delete_submodule(node.target)
-            replace_module_node(gm, conv_node, layer, str(conv_node.target).replace(".", "_"))
-            lowered += 1
+            consumers = self._convs_of(gm, node, quantizer)
+            codes = replace_module_node(
+                gm, node, IntegerQuantize.from_quantizer(quantizer, layer_cls.channels_last),
+                str(node.target).replace("_quantizer", "_codes"))
+            for conv_node, conv in consumers:
+                layer = layer_cls.from_quantized(quantizer, conv, str(conv_node.target))
+                conv_node.update_arg(0, codes)
+                replace_module_node(gm, conv_node, layer, str(conv_node.target).replace(".", "_"))
+                lowered += 1
         if not lowered:
             raise PassError(self.name, "nothing to lower: the graph has no quantizers; put "
                             "'lower' after 'quantize' (e.g. 'trace,observe,calibrate,quantize,"
@@ -80,12 +90,14 @@ class LowerPass(Pass):
                           else getattr(n.target, "__name__", str(n.target))
                           for n in gm.graph.nodes if n.op in ("call_module", "call_function",
                                                               "call_method")
-                          and not isinstance(_module(gm, n), (InputGuard, *TARGETS.values()))})
+                          and not isinstance(_module(gm, n), (InputGuard, IntegerQuantize,
+                                                              *TARGETS.values()))})
         return PassResult(gm, True, {"target": self.target, "integer_convs": lowered,
                                      "float_ops": ", ".join(islands), "guarded": first_input})
 
-    def _conv_of(self, gm: fx.GraphModule, node: fx.Node, quantizer: Quantizer):
-        """The QuantConv2d this activation quantizer feeds, after checking both lower."""
+    def _convs_of(self, gm: fx.GraphModule, node: fx.Node, quantizer: Quantizer):
+        """The QuantConv2d nodes and modules this activation quantizer feeds, after checking
+        that they all lower."""
         if not isinstance(quantizer, UniformQuantizer):
             raise PassError(self.name, f"{quantizer.kind} quantizer ({quantizer.describe()['mode']})"
                             f" has no integer kernel yet; supported: {SUPPORTED}", node=node.name)
@@ -95,23 +107,28 @@ class LowerPass(Pass):
                             f": the u8 kernels take per-tensor affine 2..8 bits; supported: "
                             f"{SUPPORTED}", node=node.name)
         users = list(node.users)
-        conv = _module(gm, users[0]) if len(users) == 1 else None
-        if not isinstance(conv, QuantConv2d) or users[0].args[0] is not node:
+        bad = [u for u in users if not isinstance(_module(gm, u), QuantConv2d) or u.args[0] is not node
+               or node in list(u.args[1:]) + list(u.kwargs.values())]
+        if bad or not users:
             what = ", ".join(f"{u.name} ({type(_module(gm, u)).__name__ if _module(gm, u) else u.target})"
-                             for u in users)
+                             for u in bad) or "nothing"
             raise PassError(self.name, f"quantized value feeds {what}, which has no integer "
                             f"kernel; supported: {SUPPORTED}", node=node.name)
-        wq = conv.weight_quantizer
-        if not isinstance(wq, UniformQuantizer) or wq.bits > 8:
-            raise PassError(self.name, f"weights of '{users[0].target}' use a {wq.kind} quantizer "
-                            f"of {wq.describe()['bits']} bits; supported: {SUPPORTED}",
-                            node=users[0].name)
-        fan_in = conv.in_channels // conv.groups * conv.kernel_size[0] * conv.kernel_size[1]
-        if accumulator_bound(fan_in, quantizer.bits) > INT32_MAX:
-            raise PassError(self.name, f"fan-in {fan_in} at {quantizer.bits} bits can overflow "
-                            "the int32 accumulator (bound K·(2^a − 1)·128 < 2^31)",
-                            node=users[0].name)
-        return users[0], conv
+        result = []
+        for user in users:
+            conv = gm.get_submodule(user.target)
+            wq = conv.weight_quantizer
+            if not isinstance(wq, UniformQuantizer) or wq.bits > 8:
+                raise PassError(self.name, f"weights of '{user.target}' use a {wq.kind} quantizer "
+                                f"of {wq.describe()['bits']} bits; supported: {SUPPORTED}",
+                                node=user.name)
+            fan_in = conv.in_channels // conv.groups * conv.kernel_size[0] * conv.kernel_size[1]
+            if accumulator_bound(fan_in, quantizer.bits) > INT32_MAX:
+                raise PassError(self.name, f"fan-in {fan_in} at {quantizer.bits} bits can overflow "
+                                "the int32 accumulator (bound K·(2^a − 1)·128 < 2^31)",
+                                node=user.name)
+            result.append((user, conv))
+        return result
 
     @staticmethod
     def _add_guard(gm: fx.GraphModule) -> str:

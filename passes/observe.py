@@ -7,7 +7,7 @@ from typing import ClassVar
 
 from torch import fx
 
-from fxquant.graph import insert_input_module, select_layers
+from fxquant.graph import insert_shared_input_module, select_layers
 from fxquant.observers import make_activation_observer
 from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
 from fxquant.recipe import ACTIVATION_OBSERVERS, GRANULARITIES, RecipeError
@@ -23,7 +23,9 @@ class ObservePass(Pass):
         x ──► body_0_conv1               x ──► body_0_conv1_input_observer ──► body_0_conv1
         x ──► body_0_conv2               x ──► body_0_conv2_input_observer ──► body_0_conv2
 
-    Each consumer gets its own observer, even where several convs read the same value.
+    One observer per observed tensor: where several selected convs read the same value
+    (a residual stream read by two branches), they share one ``<value>_shared_input_observer``,
+    so the value is quantized once and a lowered graph can keep it as integers.
     ``observer`` / ``granularity`` override the recipe's activation settings. Observers are
     identities, so outputs are unchanged.
     """
@@ -45,10 +47,15 @@ class ObservePass(Pass):
         method = self.observer or acts.observer
         per_channel = (self.granularity or acts.granularity) == "per-channel"
         selection = select_layers(gm, ctx.recipe.layers)
+        by_value: dict[fx.Node, list[fx.Node]] = {}
         for node in selection.nodes:
-            observer = make_activation_observer(method, node.name, per_channel, acts.percentile)
-            insert_input_module(gm, node, observer, "input_observer")
+            by_value.setdefault(node.args[0], []).append(node)
+        for consumers in by_value.values():
+            name = consumers[0].name if len(consumers) == 1 else consumers[0].args[0].name
+            observer = make_activation_observer(method, name, per_channel, acts.percentile)
+            insert_shared_input_module(gm, consumers, observer, "input_observer")
         gm.recompile()
         ctx.state["skipped_layers"] = selection.skipped
         return PassResult(gm, bool(selection.nodes),
-                          {"observed": len(selection.nodes), "skipped": len(selection.skipped)})
+                          {"observed": len(selection.nodes), "observers": len(by_value),
+                           "skipped": len(selection.skipped)})

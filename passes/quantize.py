@@ -25,7 +25,8 @@ class QuantizePass(Pass):
 
         x ──► c1_input_observer ──► c1 (Conv2d)     x ──► c1_input_quantizer ──► c1 (QuantConv2d)
 
-    The activation quantizer takes its static range from the observer (min/max, percentile
+    One quantizer per observed tensor (shared by the convs that read it, as the observers
+    were). The activation quantizer takes its static range from the observer (min/max, percentile
     or MSE search, per the recipe); the conv becomes a :class:`QuantConv2d` whose weight is
     fake-quantized per output channel. ``w``/``a`` override the recipe's bit-widths.
     """
@@ -51,18 +52,21 @@ class QuantizePass(Pass):
             observer = gm.get_submodule(node.target)
             if not isinstance(observer, Observer):
                 continue
-            (consumer,) = node.users
-            conv = gm.get_submodule(consumer.target)
-            channels = conv.in_channels if recipe.activations.granularity == "per-channel" else None
+            consumers = list(node.users)
+            convs = [gm.get_submodule(c.target) for c in consumers]
+            channels = convs[0].in_channels if recipe.activations.granularity == "per-channel" else None
             quantizer = activation_quantizer(observer, a_bits, channels)
             if not observer.has_data and ctx.calibrate:
                 raise CalibrationError(f"observer '{node.target}' saw no calibration data: "
                                        "is the layer reached by the forward pass?")
-            replace_module_node(gm, node, quantizer, f"{consumer.name}_input_quantizer")
+            name = str(node.target).replace("_input_observer", "_input_quantizer")
+            replace_module_node(gm, node, quantizer, name)
             activations += 1
-            if isinstance(conv, nn.Conv2d) and not isinstance(conv, QuantConv2d):
-                swap_in_quant_conv(gm, consumer.target, weight_quantizer(conv, recipe.weights, w_bits))
-                weights += 1
+            for consumer, conv in zip(consumers, convs):
+                if isinstance(conv, nn.Conv2d) and not isinstance(conv, QuantConv2d):
+                    swap_in_quant_conv(gm, consumer.target,
+                                       weight_quantizer(conv, recipe.weights, w_bits))
+                    weights += 1
         gm.recompile()
         return PassResult(gm, bool(activations), {"activation_quantizers": activations,
                                                   "weight_quantizers": weights})

@@ -5,11 +5,12 @@ from fxquant.lower.conv import (
     TARGETS,
     CpuConv2d,
     IntegerConv2d,
+    IntegerQuantize,
     LoweringError,
     ReferenceConv2d,
     accumulator_bound,
 )
 from fxquant.lower.guard import InputGuard
 
-__all__ = ["TARGETS", "CpuConv2d", "InputGuard", "IntegerConv2d", "LoweringError",
+__all__ = ["TARGETS", "CpuConv2d", "InputGuard", "IntegerConv2d", "IntegerQuantize", "LoweringError",
            "ReferenceConv2d", "accumulator_bound"]

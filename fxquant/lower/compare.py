@@ -38,7 +38,7 @@ def layer_agreement(fake: fx.GraphModule, lowered: fx.GraphModule,
     for name, layer in layers.items():
         def compare(_m, args, out, name=name, layer=layer):
             step = (layer.input_scale * layer.weight_scale).view(1, -1, 1, 1)
-            diff = (layer(args[0]) - out).abs() / step
+            diff = (layer(layer.codes_of(args[0])) - out).abs() / step
             worst[name] = max(worst[name], float(diff.max()))
 
         hooks.append(fake.get_submodule(layer.source).register_forward_hook(compare))

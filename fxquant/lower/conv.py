@@ -53,11 +53,45 @@ def centre_codes(k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return (k.long() - centre.view((-1,) + (1,) * (k.ndim - 1))).to(torch.int8), centre
 
 
+def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                   qmax: int) -> torch.Tensor:
+    """``clamp(round(x / s) + z, 0, qmax)`` as uint8: the codes the fake-quantizer rounds to."""
+    return torch.clamp(torch.round(x / scale) + zero_point, 0, qmax).to(torch.uint8)
+
+
+class IntegerQuantize(nn.Module):
+    """Float tensor → uint8 codes of a static per-tensor quantizer; one per quantized tensor,
+    read by every integer conv that consumes it (NHWC for the ``cpu`` target)."""
+
+    def __init__(self, bits: int, channels_last: bool):
+        super().__init__()
+        self.bits, self.qmax, self.channels_last = bits, 2 ** bits - 1, channels_last
+        self.register_buffer("scale", torch.ones(()))
+        self.register_buffer("zero_point", torch.zeros((), dtype=torch.int64))
+
+    @classmethod
+    def from_quantizer(cls, quantizer, channels_last: bool) -> "IntegerQuantize":
+        module = cls(quantizer.bits, channels_last)
+        with torch.no_grad():
+            module.scale.copy_(quantizer.scale.detach().reshape(()))
+            module.zero_point.copy_(quantizer.zero_point.detach().reshape(()).long())
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        codes = quantize_codes(x, self.scale, self.zero_point, self.qmax)
+        return codes.contiguous(memory_format=torch.channels_last) if self.channels_last else codes
+
+    def extra_repr(self) -> str:
+        return f"u{self.bits} codes, scale={float(self.scale):.4g}, " \
+               f"zero_point={int(self.zero_point)}" + (", NHWC" if self.channels_last else "")
+
+
 class IntegerConv2d(nn.Module):
     """State shared by the integer targets: int8 weight codes, scales, the input quantizer's
     integer parameters. Built by :meth:`from_quantized`; ``state_dict`` round-trips."""
 
     target = ""
+    channels_last = False  # the layout of the codes it prefers
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride, padding,
                  dilation, groups: int, has_bias: bool, act_bits: int):
@@ -111,10 +145,9 @@ class IntegerConv2d(nn.Module):
     def prepare(self) -> None:
         """Build derived state after the buffers change (prepacking for ``cpu``)."""
 
-    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
-        """The input's integer codes, exactly as the fake-quantizer rounds them."""
-        return torch.clamp(torch.round(x / self.input_scale) + self.input_zero_point,
-                           self.qmin, self.qmax)
+    def codes_of(self, x: torch.Tensor) -> torch.Tensor:
+        """The uint8 codes of a float input, as :class:`IntegerQuantize` computes them."""
+        return quantize_codes(x, self.input_scale, self.input_zero_point, self.qmax)
 
     def extra_repr(self) -> str:
         centred = int((self.weight_centre != 0).sum())
@@ -140,9 +173,10 @@ class ReferenceConv2d(IntegerConv2d):
 
     target = "reference"
 
-    def integer_accumulators(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """``(acc, S)`` as int32 (``S`` is None when no channel is centred)."""
-        q = self.quantize_input(x).double() - self.input_zero_point.double()
+    def integer_accumulators(self, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``(acc, S)`` of uint8 input codes as int32 (``S`` is None when no channel is
+        centred)."""
+        q = codes.double() - self.input_zero_point.double()
         acc = F.conv2d(q, self.weight_codes.double(), None, self.stride, self.padding,
                        self.dilation, self.groups)
         window_sum = None
@@ -156,8 +190,8 @@ class ReferenceConv2d(IntegerConv2d):
                 raise LoweringError("int32 accumulator overflow")
         return acc.to(torch.int32), None if window_sum is None else window_sum.to(torch.int32)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        acc, window_sum = self.integer_accumulators(x)
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        acc, window_sum = self.integer_accumulators(codes)
         y = acc.float() * (self.input_scale * self.weight_scale).view(1, -1, 1, 1)
         if self.bias is not None:
             y = y + self.bias.view(1, -1, 1, 1)
@@ -176,6 +210,7 @@ class CpuConv2d(IntegerConv2d):
     ``s_x·S`` corrects the main rows (module docstring)."""
 
     target = "cpu"
+    channels_last = True
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -216,8 +251,8 @@ class CpuConv2d(IntegerConv2d):
         self._bias = None if bias is None else bias.float().contiguous()
         self._x_scale, self._x_zp = float(self.input_scale), int(self.input_zero_point)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        q = self.quantize_input(x).to(torch.uint8).contiguous(memory_format=torch.channels_last)
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        q = codes.contiguous(memory_format=torch.channels_last)  # no copy when already NHWC
         y = torch.ops.onednn.qconv_pointwise(
             q, self._x_scale, self._x_zp, self._packed, self._scale, self._zero_points,
             self._bias, list(self.stride), list(self.padding), list(self.dilation),

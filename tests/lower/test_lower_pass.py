@@ -11,7 +11,7 @@ from torch import fx, nn
 
 import fxquant
 from fxquant.errors import PassError, RecipeError
-from fxquant.lower import CpuConv2d, InputGuard, LoweringError, ReferenceConv2d
+from fxquant.lower import CpuConv2d, InputGuard, IntegerQuantize, LoweringError, ReferenceConv2d
 from fxquant.lower.compare import layer_agreement
 from fxquant.quant import UniformQuantizer
 
@@ -30,9 +30,11 @@ def test_structure_every_quantized_conv_is_integer(tiny_sr, calib, target, cls):
     gm = lowered(tiny_sr, calib, target=target)
     kinds = [type(gm.get_submodule(n.target)).__name__ for n in gm.graph.nodes
              if n.op == "call_module"]
-    # guard, float head, 2 blocks of (int conv, ReLU, int conv), float tail
-    assert kinds == ["InputGuard", "Conv2d", cls.__name__, "ReLU", cls.__name__,
-                     cls.__name__, "ReLU", cls.__name__, "Conv2d"]
+    # guard, float head, 2 blocks of (codes, int conv, ReLU, codes, int conv), float tail
+    block = ["IntegerQuantize", cls.__name__, "ReLU", "IntegerQuantize", cls.__name__]
+    assert kinds == ["InputGuard", "Conv2d", *block, *block, "Conv2d"]
+    codes = gm.get_submodule("blocks_0_0_input_codes")
+    assert codes.channels_last == (target == "cpu")
     assert not any(isinstance(m, UniformQuantizer) for m in gm.modules())
     assert gm.fxquant_lowered == target
     info = dict(gm.fxquant_history)[f"lower{{target={target}}}" if target != "reference" else "lower"]
@@ -161,3 +163,31 @@ def test_inputs_the_lowered_model_cannot_take(tiny_sr, calib, bad, message):
 
 def test_lowered_graph_is_a_graph_module(tiny_sr, calib):
     assert isinstance(lowered(tiny_sr, calib), fx.GraphModule)
+
+
+class Fork(nn.Module):
+    """A value (h) read by two convs, then a residual add: h is quantized once."""
+
+    def __init__(self):
+        super().__init__()
+        self.head, self.b, self.c = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1), \
+            nn.Conv2d(8, 8, 1)
+        self.tail = nn.Conv2d(8, 3, 3, padding=1)
+
+    def forward(self, x):
+        h = self.head(x)
+        return self.tail(self.b(h) + self.c(h) + h)
+
+
+@pytest.mark.parametrize("target", ["reference", "cpu"])
+def test_a_shared_tensor_is_one_integer_tensor_read_by_both_convs(calib, target):
+    torch.manual_seed(0)
+    model = Fork().eval()
+    gm = lowered(model, calib, target=target)
+    codes = [n for n in gm.graph.nodes if n.op == "call_module"
+             and isinstance(gm.get_submodule(n.target), IntegerQuantize)]
+    assert [n.name for n in codes] == ["head_shared_input_codes"]
+    assert sorted(u.target for u in codes[0].users) == ["b", "c"]
+    x = torch.rand(1, 3, 10, 10)
+    fake = fxquant.compile(model, "minmax-w8a8", calib=calib)
+    assert all(a.max_steps <= 1 for a in layer_agreement(fake, gm, [x]))

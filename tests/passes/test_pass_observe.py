@@ -5,9 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+import fxquant
 from fxquant import PassContext, PassManager, Recipe
 from fxquant.inspect import graph_table
 from fxquant.observers import HistogramObserver, MinMaxObserver, Observer
+from fxquant.quant import UniformQuantizer
 
 
 def _observe(model, recipe=None, spec="trace,observe"):
@@ -51,7 +53,7 @@ def test_observer_kind_follows_the_recipe_or_the_pass_option(tiny_sr):
     assert observers and all(isinstance(m, MinMaxObserver) and m.per_channel for m in observers)
 
 
-def test_shared_input_gets_one_observer_per_consumer():
+def test_a_tensor_read_by_two_convs_gets_one_shared_observer():
     class Fork(torch.nn.Module):
         def __init__(self):
             super().__init__()
@@ -62,5 +64,18 @@ def test_shared_input_gets_one_observer_per_consumer():
             h = self.a(x)
             return self.d(self.b(h) + self.c(h))
 
-    gm, _ = _observe(Fork().eval())
-    assert _observed_convs(gm) == ["b", "c"]
+    gm, ctx = _observe(Fork().eval(), Recipe.from_dict({"layers": {"keep_first_last": False}}))
+    observers = [n for n in gm.graph.nodes if n.op == "call_module"
+                 and isinstance(gm.get_submodule(n.target), Observer)]
+    # x -> a, h -> (b, c), add -> d: three observed tensors, h's observer read by b and c
+    assert [n.name for n in observers] == ["a_input_observer", "a_shared_input_observer",
+                                           "d_input_observer"]
+    assert sorted(u.target for u in observers[1].users) == ["b", "c"]
+    assert dict(ctx.history)["observe"] == {"observed": 4, "observers": 3, "skipped": 0}
+    # the quantize pass keeps the sharing: one quantizer, both convs' weights quantized
+    calib = torch.rand(4, 3, 8, 8)
+    gm = fxquant.compile(Fork().eval(), Recipe.from_dict({"layers": {"keep_first_last": False}}),
+                         calib=calib)
+    shared = gm.get_submodule("a_shared_input_quantizer")
+    assert isinstance(shared, UniformQuantizer)
+    assert [type(gm.get_submodule(t)).__name__ for t in ("b", "c")] == ["QuantConv2d"] * 2
