@@ -7,18 +7,24 @@ one-line reason. ``concrete_args`` (CARN-M: ``{"scale": 4}``) are bound into a s
 module, so eager, compiled, FX-traced and exported variants all see ``forward(x)``.
 
 Dynamo and several models in one process: Dynamo caches compiled code per code object, so a
-second model could in principle reuse the first model's artifact. Verified with torch 2.13 /
-torchao 0.18: fp32_compile of a random FSRCNN, then of a random EDSR-baseline, then of a second
-FSRCNN with other weights (same class, same code object), and pt2e_int8 of two same-class
-models with Inductor freezing (weights folded into the graph as constants): each compiled output
-matched its own eager/int8-reference output, and the earlier compiled fns still did after the
-later builds. No ``torch._dynamo.reset()`` is needed (it would only force the earlier variants
-to recompile); guards on the bound module keep the artifacts apart.
+later model could reuse an earlier model's artifact. Checked with torch 2.13 / torchao 0.18, all
+in one process: fp32_compile of a random FSRCNN x4, an EDSR-baseline x4, then a second FSRCNN
+with other weights (same class, same code object); pt2e_int8 (weights frozen into the graph as
+constants) of two such FSRCNNs and an EDSR-baseline; and all six variants of imdn, pan, carn_m,
+fsrcnn x4 built one after another. Every compiled output matched its own model (fp32_compile:
+<2e-6 from eager; pt2e_int8: within one int8 step of its convert_pt2e graph run eagerly, far
+from the other FSRCNN's), and the earlier variants' outputs were unchanged after the later
+builds. The pitfall did not bite: Dynamo lifts module parameters to graph inputs and guards
+frozen ones by identity. So no ``torch._dynamo.reset()``, which would only make the earlier
+variants recompile inside a timed call; tests/test_bench_variants.py keeps the same-class check.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
+import logging
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -137,20 +143,29 @@ def build_torch_ao_fx_int8(model, example, calib, *, concrete_args=None) -> Vari
                                       f"{len(calib or [example])} calibration batches")
 
 
+@contextlib.contextmanager
+def _quiet_loggers(*names: str):
+    """Raise ``names`` to ERROR for the block: torchao's import warns once per CUDA kernel
+    library it cannot load on a CPU build, and torch's pytree about torchao's Enum constants."""
+    loggers = [logging.getLogger(n) for n in names]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+
 def _import_pt2e():
     """The torchao PT2E API; VariantUnavailable when torchao is missing."""
     try:
-        import logging
-        # torchao logs a warning per optional CUDA kernel library it cannot load on CPU.
-        log = logging.getLogger("torchao")
-        level = log.level
-        log.setLevel(logging.ERROR)
-        try:
+        with _quiet_loggers("torchao", "torch.utils._pytree"), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
             from torchao.quantization.pt2e.quantizer.x86_inductor_quantizer import (
                 X86InductorQuantizer, get_default_x86_inductor_quantization_config)
-        finally:
-            log.setLevel(level)
     except ImportError as exc:
         raise VariantUnavailable(
             "pt2e_int8", f"torchao is not installed ({_first_line(exc)}): "
@@ -158,35 +173,61 @@ def _import_pt2e():
     return prepare_pt2e, convert_pt2e, X86InductorQuantizer, get_default_x86_inductor_quantization_config
 
 
+def _frozen(compiled: Callable) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Call ``compiled`` with Inductor freezing on, restoring the global flags afterwards.
+
+    Freezing folds the int8 weights into the graph, which the x86 int8 conv fusions need, and a
+    call at a new input shape recompiles: with the flag set only around the warm-up, that
+    recompile had no qconv fusions (torch._dynamo.utils.counters["inductor"]).
+    ``torch.compile(options={"freezing": True})`` fails in torch 2.13 (UnsupportedOperator
+    onednn.qconv_prepack). ``compiled`` must be static (``dynamic=False``): a dynamic-shape
+    recompile with freezing fails for FSRCNN (qconv stride assertion). Each shape (and grad
+    mode: no_grad vs inference_mode) compiles once, a Set5 PSNR pass needs ~7, so the
+    recompile limit is 64 during calls, and past it a call raises instead of silently running
+    the uncompiled reference graph. The flags cost ~1 us a call.
+    """
+    import torch._dynamo.config as dynamo_config
+    import torch._inductor.config as inductor_config
+
+    def fn(x: torch.Tensor) -> torch.Tensor:
+        saved = (inductor_config.freezing, dynamo_config.fail_on_recompile_limit_hit,
+                 dynamo_config.recompile_limit)
+        inductor_config.freezing = dynamo_config.fail_on_recompile_limit_hit = True
+        dynamo_config.recompile_limit = max(saved[2], 64)
+        try:
+            with torch.no_grad():
+                return compiled(x)
+        finally:
+            (inductor_config.freezing, dynamo_config.fail_on_recompile_limit_hit,
+             dynamo_config.recompile_limit) = saved
+    return fn
+
+
 def build_pt2e_int8(model, example, calib, *, concrete_args=None) -> Variant:
     name = "pt2e_int8"
     prepare_pt2e, convert_pt2e, Quantizer, default_config = _import_pt2e()
     m = _copy(model, concrete_args)
-    import torch._inductor.config as inductor_config
-    freezing = inductor_config.freezing
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             # H and W dynamic: calibration patches and benchmark images differ from `example`.
+            # The batch size is dynamic too unless it is 1 (export specialises size-1 dims).
+            # On failure export prints the partial graph to stderr; the reason line says enough.
             auto = torch.export.Dim.AUTO
-            exported = torch.export.export(
-                m, (example,), dynamic_shapes=({2: auto, 3: auto},)).module()
-            quantizer = Quantizer().set_global(default_config())
-            prepared = prepare_pt2e(exported, quantizer)
+            with contextlib.redirect_stderr(io.StringIO()), \
+                    _quiet_loggers("torch.fx.experimental.symbolic_shapes",
+                                   "torch._export.non_strict_utils"):
+                exported = torch.export.export(
+                    m, (example,), dynamic_shapes=({0: auto, 2: auto, 3: auto},)).module()
+            prepared = prepare_pt2e(exported, Quantizer().set_global(default_config()))
             _calibrate(prepared, example, calib)
-            q = convert_pt2e(prepared)
-            # Freezing folds the int8 weights into the graph, which the x86 int8 conv fusion
-            # patterns need; it is a global flag, so set it only around compile and warm-up.
-            inductor_config.freezing = True
-            fn = _no_grad(torch.compile(q))
-            fn(example)
+            fn = _frozen(torch.compile(convert_pt2e(prepared), dynamic=False))
+            fn(example)  # warm-up compile
     except Exception as exc:  # noqa: BLE001
         raise VariantUnavailable(name, _first_line(exc)) from exc
-    finally:
-        inductor_config.freezing = freezing
     return Variant(name, fn, "torchao PT2E: export, X86InductorQuantizer default config, "
                              f"{len(calib or [example])} calibration batches, "
-                             "torch.compile with Inductor freezing")
+                             "torch.compile (static shapes) with Inductor freezing")
 
 
 BUILDERS: dict[str, Callable[..., Variant]] = {
