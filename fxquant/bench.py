@@ -180,7 +180,8 @@ def bench_model(name: str, args) -> list:
     else:
         calib = torch.rand(recipe.calibration.num_patches, channels,
                            recipe.calibration.patch_size, recipe.calibration.patch_size)
-    batches = list(calib.split(recipe.calibration.batch_size))
+    # one image per batch: PT2E exports with the example's batch size of 1
+    batches = list(calib.split(1))
     concrete = {"scale": args.scale} if spec.takes_scale else None
     names = args.variants.split(",") if args.variants else ORDER
     variants, missing = build_all(model, example, batches, calib, recipe, concrete, names)
@@ -232,7 +233,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--scale", type=int, default=4)
     parser.add_argument("--size", type=int, default=256, help="LR input side (default 256)")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--recipe", default="mse-w8a8")
+    parser.add_argument("--recipe", default="mse-w8a8-sym")
     parser.add_argument("--variants", help="comma-separated subset (default: all)")
     parser.add_argument("--no-psnr", action="store_true", help="skip the Set5 evaluation")
     parser.add_argument("--data", help="data root (default: $FXQUANT_DATA)")

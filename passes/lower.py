@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from fxquant.errors import PassError, RecipeError
@@ -16,6 +18,7 @@ from fxquant.lower.conv import (
     IntegerQuantize,
     accumulator_bound,
 )
+from fxquant.lower import ops  # noqa: F401 - registers fxquant::pixel_shuffle
 from fxquant.lower.guard import InputGuard
 from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
 from fxquant.quant import QuantConv2d, Quantizer, UniformQuantizer
@@ -81,6 +84,8 @@ class LowerPass(Pass):
         if left:
             raise PassError(self.name, f"{left[0]} is quantized but has no quantized input to "
                             f"lower with it; supported: {SUPPORTED}")
+        if self.target == "cpu":
+            _route_pixel_shuffles(gm)
         first_input = self._add_guard(gm)
         gm.recompile()
         gm.fxquant_lowered = self.target
@@ -146,3 +151,36 @@ class LowerPass(Pass):
 
 def _module(gm: fx.GraphModule, node: fx.Node):
     return gm.get_submodule(node.target) if node.op == "call_module" else None
+
+
+def _pixel_shuffle_factor(gm: fx.GraphModule, node: fx.Node) -> int | None:
+    """The upscale factor when ``node`` is a pixel shuffle (function or module), else None."""
+    if node.op == "call_function" and node.target in (F.pixel_shuffle, torch.pixel_shuffle):
+        return node.args[1] if len(node.args) > 1 else node.kwargs["upscale_factor"]
+    module = _module(gm, node)
+    return module.upscale_factor if isinstance(module, nn.PixelShuffle) else None
+
+
+def _route_pixel_shuffles(gm: fx.GraphModule) -> None:
+    """Every pixel shuffle becomes ``fxquant::pixel_shuffle`` (ATen's channels-last kernel,
+    opaque to Inductor: fxquant/lower/ops.py), and a shuffle whose only reader is a
+    quantizer moves behind it, shuffling uint8 codes instead of floats (quantization is
+    elementwise with one scale, so the order does not matter)."""
+    for node in list(gm.graph.nodes):
+        factor = _pixel_shuffle_factor(gm, node)
+        if factor is None:
+            continue
+        source, users = node.args[0], list(node.users)
+        quantize = users[0] if len(users) == 1 and isinstance(_module(gm, users[0]),
+                                                               IntegerQuantize) else None
+        with gm.graph.inserting_before(node):
+            if quantize is not None:
+                codes = gm.graph.call_module(quantize.target, (source,))
+                shuffled = gm.graph.call_function(torch.ops.fxquant.pixel_shuffle, (codes, factor))
+                quantize.replace_all_uses_with(shuffled)
+                gm.graph.erase_node(quantize)
+            else:
+                shuffled = gm.graph.call_function(torch.ops.fxquant.pixel_shuffle, (source, factor))
+                node.replace_all_uses_with(shuffled)
+        gm.graph.erase_node(node)
+    gm.delete_all_unused_submodules()

@@ -10,8 +10,8 @@ integer weights ``W = s_w[o]·k`` (``k`` the weight quantizer's integer codes)::
 oneDNN takes symmetric int8 weights only. An asymmetric weight grid (min/max weights: the
 codes of a channel are ``2^b`` consecutive integers anywhere, e.g. 8..263) is centred:
 ``k = (k − c_o) + c_o`` with ``k − c_o`` in int8 and ``acc_o = Σ(q − z)(k − c_o) + c_o·S``
-where ``S = Σ(q − z)`` over the receptive field (one all-ones output row per group, run in the
-same int8 conv). Exact, and free when every ``c_o`` is 0 (symmetric weights).
+where ``S = Σ(q − z)`` over the receptive field (a channel sum and a box filter, exact in
+float32). Exact, and free when every ``c_o`` is 0 (symmetric weights).
 
 Overflow bound (asserted by the ``lower`` pass): with ``K = C_in/g·k_h·k_w``, both int32
 accumulators are bounded by ``K·(2^a − 1)·128``, below 2^31 − 1 for ``K <= 65 793`` at
@@ -57,6 +57,19 @@ def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tenso
                    qmax: int) -> torch.Tensor:
     """``clamp(round(x / s) + z, 0, qmax)`` as uint8: the codes the fake-quantizer rounds to."""
     return torch.clamp(torch.round(x / scale) + zero_point, 0, qmax).to(torch.uint8)
+
+
+def window_sum(codes: torch.Tensor, zero_point: torch.Tensor, groups: int, kernel_size,
+               stride, padding, dilation, dtype: torch.dtype) -> torch.Tensor:
+    """``S = Σ (q − z)`` over each output's receptive field, per group: N × groups × H' × W'.
+
+    The sum over a group's channels comes first, then a k_h×k_w box filter on that single
+    plane: O(H·W·(C + k²)) against the conv's O(H·W·C·O·k²). Exact in float32 while
+    ``C/g·k_h·k_w·(2^a − 1) < 2^24`` (the lower pass's accumulator bound is stricter)."""
+    q = codes.to(dtype) - zero_point.to(dtype)
+    plane = q.unflatten(1, (groups, -1)).sum(2)
+    ones = torch.ones((groups, 1) + tuple(kernel_size), dtype=dtype, device=codes.device)
+    return F.conv2d(plane, ones, None, stride, padding, dilation, groups)
 
 
 class IntegerQuantize(nn.Module):
@@ -145,6 +158,11 @@ class IntegerConv2d(nn.Module):
     def prepare(self) -> None:
         """Build derived state after the buffers change (prepacking for ``cpu``)."""
 
+    def window_sum(self, codes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """``S`` of the centring correction (see :func:`window_sum`)."""
+        return window_sum(codes, self.input_zero_point, self.groups, self.kernel_size,
+                          self.stride, self.padding, self.dilation, dtype)
+
     def codes_of(self, x: torch.Tensor) -> torch.Tensor:
         """The uint8 codes of a float input, as :class:`IntegerQuantize` computes them."""
         return quantize_codes(x, self.input_scale, self.input_zero_point, self.qmax)
@@ -181,10 +199,7 @@ class ReferenceConv2d(IntegerConv2d):
                        self.dilation, self.groups)
         window_sum = None
         if bool((self.weight_centre != 0).any()):
-            ones = torch.ones((self.groups, self.in_channels // self.groups) + self.kernel_size,
-                              dtype=torch.float64)
-            window_sum = F.conv2d(q, ones, None, self.stride, self.padding, self.dilation,
-                                  self.groups)
+            window_sum = self.window_sum(codes, torch.float64)
         for value in (acc, window_sum):
             if value is not None and bool((value.abs() > INT32_MAX).any()):
                 raise LoweringError("int32 accumulator overflow")
@@ -206,8 +221,8 @@ class ReferenceConv2d(IntegerConv2d):
 class CpuConv2d(IntegerConv2d):
     """oneDNN int8 convolution on uint8 NHWC codes with prepacked int8 weights, fp32 output.
 
-    Asymmetric (centred) weights add one all-ones output row per group whose result
-    ``s_x·S`` corrects the main rows (module docstring)."""
+    Centred (asymmetric) weights add ``c_o·s_w[o]·s_x·S`` with the window sums ``S`` of the
+    codes (:func:`window_sum`, a channel sum and a box filter: cheap beside the conv)."""
 
     target = "cpu"
     channels_last = True
@@ -227,28 +242,17 @@ class CpuConv2d(IntegerConv2d):
         self.prepare()
 
     def prepare(self) -> None:
-        groups, out = self.groups, self.out_channels
-        weight, scale = self.weight_codes, self.weight_scale
         self._corrected = bool((self.weight_centre != 0).any())
-        if self._corrected:  # interleave one ones-row after each group's rows
-            per = out // groups
-            w = weight.reshape((groups, per) + tuple(weight.shape[1:]))
-            ones = torch.ones((groups, 1) + tuple(weight.shape[1:]), dtype=torch.int8)
-            weight = torch.cat([w, ones], dim=1).reshape((-1,) + tuple(weight.shape[1:]))
-            scale = torch.cat([scale.reshape(groups, per), torch.ones(groups, 1)], 1).reshape(-1)
-            bias = None if self.bias is None else torch.cat(
-                [self.bias.reshape(groups, per), torch.zeros(groups, 1)], 1).reshape(-1)
-            self._correction = (self.weight_centre.float() * self.weight_scale).view(
-                1, groups, per, 1, 1)
-        else:
-            bias = self.bias
+        # c_o·s_w[o]·s_x, applied to the window sums S
+        self._correction = (self.weight_centre.double() * self.weight_scale.double()
+                            * float(self.input_scale)).float().view(1, self.groups, -1, 1, 1)
         self._packed = torch.ops.onednn.qconv_prepack(
-            weight.contiguous(), scale.float().contiguous(), float(self.input_scale),
-            int(self.input_zero_point), list(self.stride), list(self.padding),
-            list(self.dilation), groups, None)
-        self._scale = scale.float().contiguous()
-        self._zero_points = torch.zeros(scale.numel(), dtype=torch.int64)
-        self._bias = None if bias is None else bias.float().contiguous()
+            self.weight_codes.contiguous(), self.weight_scale.float().contiguous(),
+            float(self.input_scale), int(self.input_zero_point), list(self.stride),
+            list(self.padding), list(self.dilation), self.groups, None)
+        self._scale = self.weight_scale.float().contiguous()
+        self._zero_points = torch.zeros(self.out_channels, dtype=torch.int64)
+        self._bias = None if self.bias is None else self.bias.float().contiguous()
         self._x_scale, self._x_zp = float(self.input_scale), int(self.input_zero_point)
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
@@ -259,10 +263,10 @@ class CpuConv2d(IntegerConv2d):
             self.groups, 1.0, 0, torch.float32, "none", [None], "")
         if not self._corrected:
             return y
+        s = self.window_sum(q, torch.float32)  # exact: integers below 2^24
         n, _, h, w = y.shape
-        y = y.reshape(n, self.groups, -1, h, w)
-        main = y[:, :, :-1] + self._correction * y[:, :, -1:]
-        return main.reshape(n, self.out_channels, h, w)
+        return (y.view(n, self.groups, -1, h, w) + self._correction * s.unsqueeze(2)).view(
+            n, self.out_channels, h, w)
 
 
 TARGETS = {"reference": ReferenceConv2d, "cpu": CpuConv2d}

@@ -1,0 +1,28 @@
+"""Ops the ``cpu`` target keeps out of Inductor's code generation.
+
+``pixel_shuffle``: Inductor's generated kernel for a channels-last pixel shuffle (the layout
+the oneDNN convs produce) is 3× slower than ATen's own channels-last kernel (1×256×256² float:
+125 ms against 39 ms on this CPU, measured with ``fxquant.bench.interleaved``), and SR
+upsamplers shuffle the largest tensors of the network. As a custom op it stays an opaque call
+to the ATen kernel inside a compiled graph.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+@torch.library.custom_op("fxquant::pixel_shuffle", mutates_args=())
+def pixel_shuffle(x: torch.Tensor, upscale_factor: int) -> torch.Tensor:
+    out = torch.pixel_shuffle(x, upscale_factor)
+    # a custom op's output must not alias its input
+    return out.clone() if out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() else out
+
+
+@pixel_shuffle.register_fake
+def _(x: torch.Tensor, upscale_factor: int) -> torch.Tensor:
+    n, c, h, w = x.shape
+    r = upscale_factor
+    return x.new_empty((n, c // (r * r), h * r, w * r)).contiguous(
+        memory_format=torch.channels_last if x.is_contiguous(memory_format=torch.channels_last)
+        and not x.is_contiguous() else torch.contiguous_format)
