@@ -88,6 +88,25 @@ def peak_memory_mb(fn: Callable[[], object]) -> float | None:
     return (max(peak[0], _heap_bytes()) - base) / 2 ** 20
 
 
+def op_breakdown(fn: Callable[[], object], rounds: int = 3, top: int = 8
+                 ) -> list[tuple[str, float, float]]:
+    """``(op, ms per call, share of the call)`` of the ops with the most self CPU time in
+    ``fn`` (torch profiler; Inductor kernels are named when compiled with
+    ``torch._inductor.config.cpp.enable_kernel_profile``)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.inference_mode():
+        fn()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(rounds):
+                fn()
+    events = [e for e in prof.key_averages() if not e.key.startswith(("## Call", "Torch-Compiled"))]
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    events.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+    return [(e.key, e.self_cpu_time_total / 1e3 / rounds, e.self_cpu_time_total / total)
+            for e in events[:top]]
+
+
 def interleaved(fns: dict[str, Callable[[], object]], rounds: int, warmup: int = 2
                 ) -> dict[str, list[float]]:
     """Seconds per call of each function, ``rounds`` times, one call of each per round."""
@@ -201,6 +220,9 @@ def bench_model(name: str, args) -> list:
             except Exception as exc:  # noqa: BLE001 - a variant failing on other sizes is reported
                 row.note += f"; PSNR failed: {type(exc).__name__}: {str(exc).splitlines()[0]}"
     rows += [Row(name, v, note=f"unavailable: {why}") for v, why in missing.items()]
+    if name in args.breakdown.split(","):
+        args.breakdowns[name] = {v: op_breakdown(fns[v]) for v in ("fp32_eager", "lowered cpu")
+                                 if v in fns}
     return rows
 
 
@@ -224,6 +246,12 @@ def render(rows: list, args, command: str) -> str:
         lines.append(f"| {r.model} | {r.variant} | {r.median_ms:.1f} | {r.ratio:.2f}× "
                      f"({r.ratio_min:.2f}–{r.ratio_max:.2f}) | {peak} | {psnr} | "
                      f"{r.note} |")
+    for model, variants in getattr(args, "breakdowns", {}).items():
+        lines += ["", f"Per-op breakdown, {model} (self CPU time per forward, torch profiler):", ""]
+        for variant, ops in variants.items():
+            lines += [f"| {variant}: op | ms | share |", "|---|---|---|"]
+            lines += [f"| `{op[:70]}` | {ms:.2f} | {100 * share:.0f} % |" for op, ms, share in ops]
+            lines.append("")
     return "\n".join(lines) + "\n"
 
 
@@ -236,6 +264,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--recipe", default="mse-w8a8-sym")
     parser.add_argument("--variants", help="comma-separated subset (default: all)")
     parser.add_argument("--no-psnr", action="store_true", help="skip the Set5 evaluation")
+    parser.add_argument("--breakdown", default="",
+                        help="comma-separated models to profile op by op (FP32 eager, lowered cpu)")
     parser.add_argument("--data", help="data root (default: $FXQUANT_DATA)")
     parser.add_argument("--json", help="write the rows as JSON here")
     parser.add_argument("--write", help="replace this tool's section of this Markdown file")
@@ -245,6 +275,11 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 def run(args) -> int:
     from fxquant.markdown import write_section
 
+    args.breakdowns = {}
+    if args.breakdown:  # name Inductor's kernels in the profile (before anything compiles)
+        import torch._inductor.config as inductor_config
+
+        inductor_config.cpp.enable_kernel_profile = True
     rows = []
     for name in args.models.split(","):
         rows += bench_model(name.strip(), args)

@@ -44,6 +44,8 @@ class LowerPass(Pass):
     (u8 NHWC activations, prepacked int8 weights). Ops without an integer kernel (sigmoid
     attention, pixel shuffle, concat, the float first/last convs) stay float islands, listed
     in the pass info. A guard in front of the graph rejects inputs the model cannot take.
+    On ``cpu`` every pixel shuffle runs as ATen's channels-last kernel (opaque to Inductor)
+    and a shuffle read only by a quantizer moves behind it, shuffling uint8 codes.
     ``compile`` (cpu only) compiles the module with Inductor on first call, which fuses each
     input quantization into the float op before it.
     """

@@ -172,9 +172,9 @@ class SubsetQuantizer(Quantizer):
         return x + (q - x).detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # "off" keeps the normalization: a static quantizer's pre/post multiplies are part of
-        # the float function that the folds must preserve.
-        if self.quant_mode == "off":
+        # "off" keeps a static quantizer's pre/post multiplies: once some are folded into
+        # neighbouring convs, the rest are part of the float function the folds preserve.
+        if self.quant_mode == "off" and self.mode == "static":
             normalized, scale, mean = self._normalize(x)
             return denormalize(normalized, scale, mean)
         return super().forward(x)

@@ -191,3 +191,34 @@ def test_a_shared_tensor_is_one_integer_tensor_read_by_both_convs(calib, target)
     x = torch.rand(1, 3, 10, 10)
     fake = fxquant.compile(model, "minmax-w8a8", calib=calib)
     assert all(a.max_steps <= 1 for a in layer_agreement(fake, gm, [x]))
+
+
+class Upsampler(nn.Module):
+    """conv -> pixel shuffle -> conv -> pixel shuffle -> conv (EDSR's x4 tail)."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Conv2d(3, 8, 3, padding=1)
+        self.up1, self.up2 = nn.Conv2d(8, 32, 3, padding=1), nn.Conv2d(8, 32, 3, padding=1)
+        self.tail = nn.Conv2d(8, 3, 3, padding=1)
+
+    def forward(self, x):
+        h = nn.functional.pixel_shuffle(self.up1(self.head(x)), 2)
+        return self.tail(nn.functional.pixel_shuffle(self.up2(h), 2))
+
+
+def test_cpu_target_shuffles_codes_and_keeps_shuffles_out_of_inductor(calib):
+    torch.manual_seed(0)
+    model = Upsampler().eval()
+    gm = lowered(model, calib, target="cpu")
+    ops = [(n.op, str(n.target)) for n in gm.graph.nodes if n.op != "placeholder"]
+    shuffles = [i for i, (_, t) in enumerate(ops) if "fxquant.pixel_shuffle" in t]
+    assert len(shuffles) == 2 and not any(t.endswith(".pixel_shuffle") and "fxquant" not in t
+                                          for _, t in ops)
+    # the first shuffle reads uint8 codes (quantize moved in front of it), the second floats
+    first = [n for n in gm.graph.nodes if "fxquant.pixel_shuffle" in str(n.target)][0]
+    assert isinstance(gm.get_submodule(first.args[0].target), IntegerQuantize)
+    x = torch.rand(1, 3, 6, 7)
+    with torch.no_grad():
+        ref = lowered(model, calib, target="reference")(x)
+        torch.testing.assert_close(gm(x), ref, rtol=1e-5, atol=1e-5)
