@@ -143,7 +143,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     code = cmd_eval(args)
     if code:
         return code
-    print("\nInteger execution: IMDN x4, mse-w8a8 lowered to oneDNN int8 (lower{target=cpu})")
+    print("\nInteger execution: IMDN x4, mse-w8a8-sym lowered to oneDNN int8 (lower{target=cpu})")
     return _demo_lowered(args.data)
 
 
@@ -156,7 +156,7 @@ def _demo_lowered(data: str | None) -> int:
     from fxquant.pipeline import PassContext, PassManager
     from fxquant.workflow import evaluate_sets, prepare
 
-    zoo = prepare("imdn", 4, "mse-w8a8", data_root=data, progress=True)
+    zoo = prepare("imdn", 4, "mse-w8a8-sym", data_root=data, progress=True)
     fake = zoo.quant_model
     lowered = {}
     for opts in ("target=cpu", "target=cpu,compile=true"):
