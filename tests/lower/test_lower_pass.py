@@ -222,3 +222,12 @@ def test_cpu_target_shuffles_codes_and_keeps_shuffles_out_of_inductor(calib):
     with torch.no_grad():
         ref = lowered(model, calib, target="reference")(x)
         torch.testing.assert_close(gm(x), ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("config,message", [
+    ({"weights": {"bits": 12}}, "weights of 'blocks.0.0' use a uniform quantizer of 12 bits"),
+    ({"activations": {"bits": 12}}, "per-tensor, 12 bits, affine: the u8 kernels take"),
+])
+def test_bit_widths_beyond_int8_are_refused(tiny_sr, calib, config, message):
+    with pytest.raises(PassError, match=message):
+        lowered(tiny_sr, calib, fxquant.Recipe.from_dict(config))
