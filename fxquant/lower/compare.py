@@ -32,16 +32,27 @@ def layer_agreement(fake: fx.GraphModule, lowered: fx.GraphModule,
                     inputs: list[torch.Tensor]) -> list[LayerAgreement]:
     """Per integer conv of ``lowered``: the largest output difference against its
     fake-quant conv on the same input, in output steps, over ``inputs`` run through ``fake``."""
-    layers = {name: m for name, m in lowered.named_modules() if isinstance(m, IntegerConv2d)}
-    worst = {name: 0.0 for name in layers}
-    hooks = []
+    # graph order = call order: a conv module the model calls k times (CARN-M's shared
+    # blocks) has k lowered layers, the i-th for its i-th call
+    modules = dict(lowered.named_modules())
+    layers = {n.target: modules[n.target] for n in lowered.graph.nodes
+              if n.op == "call_module" and isinstance(modules[n.target], IntegerConv2d)}
+    by_source: dict[str, list[str]] = {}
     for name, layer in layers.items():
-        def compare(_m, args, out, name=name, layer=layer):
+        by_source.setdefault(layer.source, []).append(name)
+    worst = {name: 0.0 for name in layers}
+    calls = {source: 0 for source in by_source}
+    hooks = []
+    for source, names in by_source.items():
+        def compare(_m, args, out, source=source, names=names):
+            name = names[calls[source] % len(names)]
+            calls[source] += 1
+            layer = layers[name]
             step = (layer.input_scale * layer.weight_scale).view(1, -1, 1, 1)
             diff = (layer(layer.codes_of(args[0])) - out).abs() / step
             worst[name] = max(worst[name], float(diff.max()))
 
-        hooks.append(fake.get_submodule(layer.source).register_forward_hook(compare))
+        hooks.append(fake.get_submodule(source).register_forward_hook(compare))
     try:
         with torch.no_grad():
             for x in inputs:
