@@ -14,6 +14,7 @@ from fxquant.graph import replace_module_node
 from fxquant.lower.conv import (
     INT32_MAX,
     TARGETS,
+    CpuConv2d,
     IntegerConv2d,
     IntegerQuantize,
     accumulator_bound,
@@ -44,7 +45,9 @@ class LowerPass(Pass):
     (u8 NHWC activations, prepacked int8 weights). Ops without an integer kernel (sigmoid
     attention, pixel shuffle, concat, the float first/last convs) stay float islands, listed
     in the pass info. A guard in front of the graph rejects inputs the model cannot take.
-    On ``cpu`` every pixel shuffle runs as ATen's channels-last kernel (opaque to Inductor)
+    On ``cpu`` with ``fuse`` (default), a conv with symmetric weights whose only reader is a
+    quantizer (directly or through a ReLU) emits that quantizer's uint8 codes itself (ReLU and
+    requantization in oneDNN's epilogue); every pixel shuffle runs as ATen's channels-last kernel (opaque to Inductor)
     and a shuffle read only by a quantizer moves behind it, shuffling uint8 codes.
     ``compile`` (cpu only) compiles the module with Inductor on first call, which fuses each
     input quantization into the float op before it.
@@ -53,12 +56,15 @@ class LowerPass(Pass):
     name: ClassVar[str] = "lower"
     target: str = "reference"
     compile: bool = False
+    fuse: bool = True
 
     def __post_init__(self):
         if self.target not in TARGETS:
             raise RecipeError(f"lower target '{self.target}' unknown; valid: {', '.join(TARGETS)}")
         if self.compile and self.target != "cpu":
             raise RecipeError("lower.compile applies to target=cpu only")
+        if not self.fuse and self.target != "cpu":
+            raise RecipeError("lower.fuse applies to target=cpu only")
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if getattr(gm, "fxquant_lowered", None):
@@ -86,8 +92,11 @@ class LowerPass(Pass):
         if left:
             raise PassError(self.name, f"{left[0]} is quantized but has no quantized input to "
                             f"lower with it; supported: {SUPPORTED}")
+        fused = 0
         if self.target == "cpu":
             _route_pixel_shuffles(gm)
+            if self.fuse:
+                fused = _fuse_uint8_outputs(gm)
         first_input = self._add_guard(gm)
         gm.recompile()
         gm.fxquant_lowered = self.target
@@ -100,6 +109,7 @@ class LowerPass(Pass):
                           and not isinstance(_module(gm, n), (InputGuard, IntegerQuantize,
                                                               *TARGETS.values()))})
         return PassResult(gm, True, {"target": self.target, "integer_convs": lowered,
+                                     "uint8_outputs": fused,
                                      "float_ops": ", ".join(islands), "guarded": first_input})
 
     def _convs_of(self, gm: fx.GraphModule, node: fx.Node, quantizer: Quantizer):
@@ -186,3 +196,37 @@ def _route_pixel_shuffles(gm: fx.GraphModule) -> None:
                 node.replace_all_uses_with(shuffled)
         gm.graph.erase_node(node)
     gm.delete_all_unused_submodules()
+
+
+def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_function":
+        return node.target in (F.relu, torch.relu) and not node.kwargs.get("inplace", False)
+    if node.op == "call_method":
+        return node.target == "relu"
+    return isinstance(_module(gm, node), nn.ReLU)
+
+
+def _fuse_uint8_outputs(gm: fx.GraphModule) -> int:
+    """conv → [ReLU] → quantize, with the conv the value's only producer and the quantizer its
+    only reader, becomes one conv emitting uint8 codes. Symmetric-weight convs only: the
+    decision must follow from the recipe, not from weight values, so that a saved model
+    rebuilds to the same graph."""
+    fused = 0
+    for node in list(gm.graph.nodes):
+        conv = _module(gm, node)
+        if not isinstance(conv, CpuConv2d) or not conv.symmetric_weights or len(node.users) != 1:
+            continue
+        (user,) = node.users
+        relu = _is_relu(gm, user) and len(user.users) == 1
+        quantize_node = next(iter(user.users)) if relu else user
+        quantize = _module(gm, quantize_node)
+        if not isinstance(quantize, IntegerQuantize):
+            continue
+        conv.fuse_output(quantize, relu)
+        quantize_node.replace_all_uses_with(node)
+        gm.graph.erase_node(quantize_node)
+        if relu:
+            gm.graph.erase_node(user)
+        fused += 1
+    gm.delete_all_unused_submodules()
+    return fused

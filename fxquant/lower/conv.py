@@ -115,6 +115,7 @@ class IntegerConv2d(nn.Module):
         self.act_bits = act_bits
         self.qmin, self.qmax = 0, 2 ** act_bits - 1
         self.source = ""
+        self.symmetric_weights = False  # set from the weight quantizer: no centring possible
         self.register_buffer("weight_codes", torch.zeros(
             (out_channels, in_channels // groups) + self.kernel_size, dtype=torch.int8))
         self.register_buffer("weight_centre", torch.zeros(out_channels, dtype=torch.int64))
@@ -136,6 +137,7 @@ class IntegerConv2d(nn.Module):
                     conv.padding, conv.dilation, conv.groups, conv.bias is not None,
                     input_quantizer.bits)
         layer.source = source
+        layer.symmetric_weights = bool(getattr(conv.weight_quantizer, "symmetric", False))
         codes = conv.weight_quantizer.integer_codes(conv.weight)
         k = codes.codes.long() - codes.zero_point.long()
         scale = codes.scale.reshape(-1).expand(conv.out_channels)
@@ -229,8 +231,28 @@ class CpuConv2d(IntegerConv2d):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
+        # uint8 output at the next quantizer's scale (output_scale 0: float32 output); always
+        # registered so that fused and unfused layers have the same state_dict keys
+        self.register_buffer("output_scale", torch.zeros(()))
+        self.register_buffer("output_zero_point", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("output_qmax", torch.full((), 255, dtype=torch.int64))
+        self.register_buffer("output_relu", torch.zeros((), dtype=torch.bool))
         # buffers loaded from a state_dict need repacking
         self.register_load_state_dict_post_hook(lambda module, _keys: module.prepare())
+
+    def fuse_output(self, quantize: "IntegerQuantize", relu: bool) -> None:
+        """Emit the codes of ``quantize(relu?(y))`` directly: oneDNN requantizes in its
+        epilogue (rounding ``y/s`` in its own float order: a code can differ by one from the
+        reference's at an exact tie)."""
+        if bool((self.weight_centre != 0).any()):
+            raise LoweringError("a centred (asymmetric-weight) conv needs its float output "
+                                "for the correction; it cannot emit uint8 codes")
+        with torch.no_grad():
+            self.output_scale.copy_(quantize.scale)
+            self.output_zero_point.copy_(quantize.zero_point)
+            self.output_qmax.fill_(quantize.qmax)
+            self.output_relu.fill_(relu)
+        self.prepare()
 
     def __getstate__(self):  # the packed weight is opaque (no storage): rebuilt, not copied
         state = dict(self.__dict__)
@@ -254,9 +276,18 @@ class CpuConv2d(IntegerConv2d):
         self._zero_points = torch.zeros(self.out_channels, dtype=torch.int64)
         self._bias = None if self.bias is None else self.bias.float().contiguous()
         self._x_scale, self._x_zp = float(self.input_scale), int(self.input_zero_point)
+        self._out_scale, self._out_zp = float(self.output_scale), int(self.output_zero_point)
+        self._out_qmax, self._out_attr = int(self.output_qmax), \
+            "relu" if bool(self.output_relu) else "none"
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
         q = codes.contiguous(memory_format=torch.channels_last)  # no copy when already NHWC
+        if self._out_scale > 0:  # uint8 codes for the next integer conv
+            y = torch.ops.onednn.qconv_pointwise(
+                q, self._x_scale, self._x_zp, self._packed, self._scale, self._zero_points,
+                self._bias, list(self.stride), list(self.padding), list(self.dilation),
+                self.groups, self._out_scale, self._out_zp, torch.uint8, self._out_attr, [None], "")
+            return y if self._out_qmax == 255 else torch.clamp(y, max=self._out_qmax)
         y = torch.ops.onednn.qconv_pointwise(
             q, self._x_scale, self._x_zp, self._packed, self._scale, self._zero_points,
             self._bias, list(self.stride), list(self.padding), list(self.dilation),

@@ -231,3 +231,44 @@ def test_cpu_target_shuffles_codes_and_keeps_shuffles_out_of_inductor(calib):
 def test_bit_widths_beyond_int8_are_refused(tiny_sr, calib, config, message):
     with pytest.raises(PassError, match=message):
         lowered(tiny_sr, calib, fxquant.Recipe.from_dict(config))
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_symmetric_convs_emit_the_next_quantizers_codes(tiny_sr, calib, tmp_path, bits):
+    """conv → ReLU → quantize fuses into one conv emitting uint8 codes (ReLU and
+    requantization in oneDNN); codes match the reference's within one step."""
+    recipe = fxquant.Recipe.from_dict({"weights": {"observer": "symmetric", "bits": bits},
+                                       "activations": {"bits": bits}})
+    gm = lowered(tiny_sr, calib, recipe, "cpu")
+    info = gm.fxquant_history[-2][1]
+    assert info["uint8_outputs"] == 2  # blocks.0.0 and blocks.1.0 (each followed by a ReLU)
+    kinds = [type(gm.get_submodule(n.target)).__name__ for n in gm.graph.nodes
+             if n.op == "call_module"]
+    assert kinds == ["InputGuard", "Conv2d", "IntegerQuantize", "CpuConv2d", "CpuConv2d",
+                     "IntegerQuantize", "CpuConv2d", "CpuConv2d", "Conv2d"]
+    ref = lowered(tiny_sr, calib, recipe, "reference")
+    x = torch.rand(2, 3, 11, 9)
+    fused, ref_codes = {}, {}
+    gm.get_submodule("blocks_0_0").register_forward_hook(lambda m, a, out: fused.update(c=out))
+    ref.get_submodule("blocks_0_2").register_forward_pre_hook(
+        lambda m, a: ref_codes.update(c=a[0]))
+    with torch.no_grad():
+        out, expected = gm(x), ref(x)
+    assert fused["c"].dtype == torch.uint8 and int(fused["c"].max()) <= 2 ** bits - 1
+    assert int((fused["c"].int() - ref_codes["c"].int()).abs().max()) <= 1
+    span = float(expected.max() - expected.min())
+    assert float((out - expected).abs().max()) < 0.05 * span
+    # the fusion follows from the recipe: a saved model rebuilds to the same graph
+    path = tmp_path / "fused.fxq"
+    fxquant.save(gm, path)
+    loaded = fxquant.load(path, model=type(tiny_sr)())
+    with torch.no_grad():
+        assert torch.equal(loaded(x), out)
+
+
+def test_fusion_can_be_switched_off(tiny_sr, calib):
+    recipe = fxquant.Recipe.from_dict({"weights": {"observer": "symmetric"}})
+    gm = lowered(tiny_sr, calib, recipe, "cpu", ",fuse=false")
+    assert gm.fxquant_history[-2][1]["uint8_outputs"] == 0
+    with pytest.raises(RecipeError, match="lower.fuse applies to target=cpu only"):
+        lowered(tiny_sr, calib, recipe, "reference", ",fuse=false")
