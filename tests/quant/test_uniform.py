@@ -37,7 +37,10 @@ def test_error_at_most_half_a_step_inside_the_range(xs, a, c, b):
     low, high = (qmin - zp) * scale, (qmax - zp) * scale
     inside = (x >= low) & (x <= high)
     err = (q(x) - x).abs()[inside]
-    assert (err <= scale / 2 * (1 + 1e-4) + 1e-6).all()
+    # half a step, plus float32 rounding of x̂ = (q − z)·s itself (at 16 bits and |x| ~ 700
+    # an ulp of x̂ is 6e-5, a visible part of a 0.016 step)
+    slack = 4 * torch.finfo(torch.float32).eps * x.abs()[inside]
+    assert (err <= scale / 2 * (1 + 1e-4) + 1e-6 + slack).all()
 
 
 @settings(max_examples=200, deadline=None)
