@@ -6,11 +6,13 @@ import os
 from pathlib import Path
 
 
-def write_section(path: str | os.PathLike, heading: str, text: str) -> None:
+def write_section(path: str | os.PathLike, heading: str, text: str, *,
+                  preamble: str = "") -> None:
     """Replace the section that starts with the line ``heading`` (up to the next ``## ``
-    heading) by ``text``, or append it; the other sections are kept as they are."""
+    heading) by ``text``, or append it; the other sections are kept as they are. A file that
+    does not exist yet starts with ``preamble``."""
     path = Path(path)
-    old = path.read_text() if path.exists() else ""
+    old = path.read_text() if path.exists() else preamble
     start = old.find(heading + "\n")
     if start >= 0:
         end = old.find("\n## ", start + len(heading))

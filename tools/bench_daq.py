@@ -25,15 +25,15 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import re
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
+from fxquant import markdown
+from fxquant.bench import interleaved
 from fxquant.quant.daq import daq_quantize, daq_weight_quantize, relu_stats
 
 SECTION = "## DAQ"
@@ -77,16 +77,7 @@ def _cases(size: int, compiled: bool) -> dict:
 def interleaved_medians(cases: dict, rounds: int) -> dict[str, float]:
     """Median seconds per call of every case; each round calls every case once, so load
     changes on the shared machine hit all cases alike."""
-    with torch.inference_mode():
-        for fn in cases.values():  # warm-up
-            fn(), fn()
-        times: dict[str, list[float]] = {name: [] for name in cases}
-        for _ in range(rounds):
-            for name, fn in cases.items():
-                start = time.perf_counter()
-                fn()
-                times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return {name: statistics.median(t) for name, t in interleaved(cases, rounds).items()}
 
 
 def measure(size: int, rounds: int, compiled: bool) -> dict[str, float]:
@@ -190,13 +181,7 @@ def section(text: str, rounds: int, models_text: str = "") -> str:
 
 
 def write_section(path: Path, body: str) -> None:
-    text = path.read_text() if path.exists() else "# Performance\n"
-    pattern = re.compile(rf"^{re.escape(SECTION)}\n.*?(?=^## |\Z)", re.S | re.M)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: body + "\n", text)
-    else:
-        text = text.rstrip("\n") + "\n\n" + body + "\n"
-    path.write_text(text.rstrip("\n") + "\n")
+    markdown.write_section(path, SECTION, body, preamble="# Performance\n")
 
 
 def main(argv: list[str] | None = None) -> int:
