@@ -4,7 +4,7 @@
     qmodel = fxquant.compile(model, "minmax-w8a8", calib=patches)
 """
 
-from fxquant.compiler import compile, load, save
+from fxquant.compiler import compile, load, lowered_copy, save
 from fxquant.errors import (
     CalibrationError,
     CheckpointError,
@@ -25,6 +25,6 @@ __version__ = "0.1.0"
 __all__ = [
     "CalibrationError", "CheckpointError", "DataError", "FxquantError", "Pass", "PassContext",
     "PassError", "PassManager", "PassResult", "Recipe", "RecipeError", "TraceFailure",
-    "available_presets", "compile", "load", "load_preset", "parse_pipeline", "register_pass",
+    "available_presets", "compile", "load", "load_preset", "lowered_copy", "parse_pipeline", "register_pass",
     "resolve_recipe", "save", "trace",
 ]

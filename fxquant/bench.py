@@ -29,6 +29,7 @@ import torch
 from fxquant.bench_variants import BUILDERS, Variant, VariantUnavailable
 
 FXQUANT_VARIANTS = ("fake-quant", "lowered reference", "lowered cpu")
+BREAKDOWN_VARIANTS = ("fp32_eager", "lowered cpu", "pt2e_int8")
 ORDER = ("fp32_eager", "fp32_channels_last", "fp32_compile", "bf16_autocast", *FXQUANT_VARIANTS,
          "torch_ao_fx_int8", "pt2e_int8")
 
@@ -137,22 +138,16 @@ def summarize(model: str, times: dict[str, list[float]], baseline: str = "fp32_e
 def fxquant_variants(model, calib: torch.Tensor, recipe, example: torch.Tensor,
                      concrete_args: dict | None) -> list[Variant]:
     """Fake-quant and the two lowered targets, all from one compile of ``recipe``."""
-    import copy
-
     import fxquant
-    from fxquant.pipeline import PassContext, PassManager
 
     fake = fxquant.compile(model, recipe, calib=calib, concrete_args=concrete_args)
-    out = [Variant("fake-quant", fake, f"fxquant {fake.fxquant_recipe.name} fake-quant graph")]
-    for target, compiled in (("reference", False), ("cpu", True)):
-        opts = f"target={target}" + (",compile=true" if compiled else "")
-        lowered = PassManager(f"lower{{{opts}}}").run(copy.deepcopy(fake),
-                                                     PassContext(recipe=fake.fxquant_recipe))
-        if compiled:
-            with torch.inference_mode():
-                lowered(example)  # compile now, outside the timed rounds
-        out.append(Variant(f"lowered {target}", lowered, f"lower{{{opts}}}"))
-    return out
+    reference = fxquant.lowered_copy(fake, "reference")
+    cpu = fxquant.lowered_copy(fake, "cpu", compile=True)
+    with torch.inference_mode():
+        cpu(example)  # compile now, outside the timed rounds
+    return [Variant("fake-quant", fake, f"fxquant {fake.fxquant_recipe.name} fake-quant graph"),
+            Variant("lowered reference", reference, "lower{target=reference}"),
+            Variant("lowered cpu", cpu, "lower{target=cpu,compile=true}")]
 
 
 def build_all(model, example, calib_batches, calib, recipe, concrete_args, names=None
@@ -220,13 +215,13 @@ def bench_model(name: str, args) -> list:
             except Exception as exc:  # noqa: BLE001 - a variant failing on other sizes is reported
                 row.note += f"; PSNR failed: {type(exc).__name__}: {str(exc).splitlines()[0]}"
     rows += [Row(name, v, note=f"unavailable: {why}") for v, why in missing.items()]
-    if name in args.breakdown.split(","):
-        args.breakdowns[name] = {v: op_breakdown(fns[v]) for v in ("fp32_eager", "lowered cpu")
-                                 if v in fns}
-    return rows
+    breakdown = {v: op_breakdown(fns[v]) for v in BREAKDOWN_VARIANTS if v in fns} \
+        if name in args.breakdown.split(",") else {}
+    return rows, breakdown
 
 
-def render(rows: list, args, command: str) -> str:
+def render(rows: list, args, command: str, breakdowns: dict | None = None) -> str:
+    """The Markdown section: the table, then ``{model: {variant: op_breakdown(...)}}``."""
     lines = [SECTION, "",
              f"`{command}`", "",
              f"×{args.scale}, 1×C×{args.size}×{args.size} LR input, torch threads "
@@ -246,7 +241,7 @@ def render(rows: list, args, command: str) -> str:
         lines.append(f"| {r.model} | {r.variant} | {r.median_ms:.1f} | {r.ratio:.2f}× "
                      f"({r.ratio_min:.2f}–{r.ratio_max:.2f}) | {peak} | {psnr} | "
                      f"{r.note} |")
-    for model, variants in getattr(args, "breakdowns", {}).items():
+    for model, variants in (breakdowns or {}).items():
         lines += ["", f"Per-op breakdown, {model} (self CPU time per forward, torch profiler):", ""]
         for variant, ops in variants.items():
             lines += [f"| {variant}: op | ms | share |", "|---|---|---|"]
@@ -265,7 +260,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--variants", help="comma-separated subset (default: all)")
     parser.add_argument("--no-psnr", action="store_true", help="skip the Set5 evaluation")
     parser.add_argument("--breakdown", default="",
-                        help="comma-separated models to profile op by op (FP32 eager, lowered cpu)")
+                        help="comma-separated models to profile op by op (FP32 eager, lowered "
+                             "cpu, PT2E int8)")
     parser.add_argument("--data", help="data root (default: $FXQUANT_DATA)")
     parser.add_argument("--json", help="write the rows as JSON here")
     parser.add_argument("--write", help="replace this tool's section of this Markdown file")
@@ -275,17 +271,19 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 def run(args) -> int:
     from fxquant.markdown import write_section
 
-    args.breakdowns = {}
     if args.breakdown:  # name Inductor's kernels in the profile (before anything compiles)
         import torch._inductor.config as inductor_config
 
         inductor_config.cpp.enable_kernel_profile = True
-    rows = []
+    rows, breakdowns = [], {}
     for name in args.models.split(","):
-        rows += bench_model(name.strip(), args)
-        print(render(rows, args, "(partial)"), file=sys.stderr, flush=True)
+        model_rows, breakdown = bench_model(name.strip(), args)
+        rows += model_rows
+        if breakdown:
+            breakdowns[name.strip()] = breakdown
+        print(render(rows, args, "(partial)", breakdowns), file=sys.stderr, flush=True)
     command = "fxquant bench " + " ".join(args.argv)
-    text = render(rows, args, command.strip())
+    text = render(rows, args, command.strip(), breakdowns)
     print(text)
     if args.json:
         tmp = args.json + ".tmp"

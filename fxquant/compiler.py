@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 from pathlib import Path
 
@@ -43,6 +44,24 @@ def compile(model: nn.Module, recipe: RecipeLike = "minmax-w8a8", calib: object 
     gm.fxquant_history = list(ctx.history)
     gm.fxquant_concrete_args = dict(concrete_args or {})
     return gm
+
+
+def lowered_copy(gm: fx.GraphModule, target: str = "cpu", *, compile: bool = False,
+                 fuse: bool = True) -> fx.GraphModule:
+    """A copy of compiled model ``gm`` run through ``lower{target=...}``; ``gm`` stays as it
+    is. The copy's pipeline and history record the lower pass, so :func:`save` and
+    :func:`load` round-trip the lowered model."""
+    from fxquant.passes.lower import LowerPass
+
+    lower = LowerPass(target=target, compile=compile, fuse=fuse)
+    ctx = PassContext(recipe=gm.fxquant_recipe, concrete_args=gm.fxquant_concrete_args or None)
+    lowered = PassManager([lower]).run(copy.deepcopy(gm), ctx)
+    # GraphModule's deepcopy keeps modules and graph, not these attributes
+    lowered.fxquant_recipe = gm.fxquant_recipe
+    lowered.fxquant_concrete_args = dict(gm.fxquant_concrete_args)
+    lowered.fxquant_pipeline = f"{gm.fxquant_pipeline},{lower.spec()}"
+    lowered.fxquant_history = list(gm.fxquant_history) + ctx.history
+    return lowered
 
 
 def save(gm: fx.GraphModule, path: str | os.PathLike, *, model_name: str | None = None,

@@ -1,5 +1,5 @@
-"""Lowered models against their fake-quant models: integer-code agreement and Set5 PSNR of
-the fake-quant, ``reference`` and ``cpu`` versions of each zoo model × uniform preset.
+"""Lowered models against their fake-quant models: per-layer agreement (in output steps) and
+Set5 PSNR of the fake-quant, ``reference`` and ``cpu`` versions of each zoo model × preset.
 
     python tools/lower_check.py [--models imdn,pan,carn_m,fsrcnn] [--scale 4]
         [--recipes minmax-w8a8,...] [--json out.json] [--write docs/lowering.md]
@@ -11,17 +11,16 @@ run on a copy), so any difference is the integer execution alone.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 from pathlib import Path
 
 import torch
 
-from fxquant.data import BenchmarkSet
+import fxquant
+from fxquant.data import BenchmarkSet, to_tensor, to_y_tensor
 from fxquant.lower.compare import layer_agreement
 from fxquant.markdown import write_section
-from fxquant.pipeline import PassContext, PassManager
 from fxquant.workflow import as_sr_function, evaluate_sets, prepare
 
 PRESETS = ("minmax-w8a8", "mse-w8a8", "percentile-w8a8", "minmax-w6a6", "minmax-w4a4",
@@ -30,18 +29,11 @@ MODELS = ("imdn", "pan", "carn_m", "fsrcnn")
 SECTION = "## Lowered vs fake-quant"
 
 
-def lower_copy(gm, target: str):
-    ctx = PassContext(recipe=gm.fxquant_recipe)
-    return PassManager(f"lower{{target={target}}}").run(copy.deepcopy(gm), ctx)
-
-
 def check(model: str, scale: int, recipe: str, data: str | None) -> dict:
     zoo = prepare(model, scale, recipe, data_root=data)
     fake = zoo.quant_model
-    lowered = {t: lower_copy(fake, t) for t in ("reference", "cpu")}
+    lowered = {t: fxquant.lowered_copy(fake, t) for t in ("reference", "cpu")}
     probe = [pair.lr for pair in BenchmarkSet("Set5", scale, root=data, limit=2)]
-    from fxquant.data import to_tensor, to_y_tensor
-
     to_input = to_y_tensor if zoo.spec.color == "y" else to_tensor
     probes = [to_input(lr) for lr in probe]
     row = {"model": model, "scale": scale, "recipe": recipe}

@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> int:
               and (not args.models or r["model"] in args.models.split(","))
               and (not args.recipes or r["recipe"] in args.recipes.split(","))]
     worst = 0.0
-    print(f"| model | recipe | stored PSNR | now | Δ |\n|---|---|---|---|---|")
+    print("| model | recipe | stored PSNR | now | Δ |\n|---|---|---|---|---|")
     for row in sorted(stored, key=lambda r: (r["model"], r["recipe"])):
         zoo = prepare(row["model"], row["scale"], row["recipe"], data_root=args.data)
         now = evaluate_sets(zoo.runner("quant"), zoo.spec, row["scale"], [args.dataset],

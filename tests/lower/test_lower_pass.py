@@ -272,3 +272,26 @@ def test_fusion_can_be_switched_off(tiny_sr, calib):
     assert gm.fxquant_history[-2][1]["uint8_outputs"] == 0
     with pytest.raises(RecipeError, match="lower.fuse applies to target=cpu only"):
         lowered(tiny_sr, calib, recipe, "reference", ",fuse=false")
+
+
+def test_lowered_copy_records_the_lower_pass_and_round_trips(tiny_sr, calib, tmp_path):
+    fake = fxquant.compile(tiny_sr, "minmax-w8a8", calib=calib)
+    gm = fxquant.lowered_copy(fake, "cpu")
+    assert not getattr(fake, "fxquant_lowered", None)  # the fake-quant model is untouched
+    assert gm.fxquant_pipeline == fake.fxquant_pipeline + ",lower{target=cpu}"
+    assert gm.fxquant_history[-1][0] == "lower{target=cpu}"
+    fxquant.save(gm, tmp_path / "m.fxq")
+    loaded = fxquant.load(tmp_path / "m.fxq", model=type(tiny_sr)())
+    x = torch.rand(1, 3, 8, 8)
+    with torch.no_grad():
+        assert loaded.fxquant_lowered == "cpu" and torch.equal(loaded(x), gm(x))
+
+
+def test_a_fan_in_beyond_the_int32_bound_is_refused():
+    """7 400 input channels × 3×3 = 66 600 > 65 793: the pass names the layer."""
+    model = nn.Sequential(nn.Conv2d(3, 7400, 1), nn.Conv2d(7400, 2, 3, padding=1),
+                          nn.Conv2d(2, 3, 1)).eval()
+    with pytest.raises(PassError, match="fan-in 66600 at 8 bits can overflow the int32 "
+                                        "accumulator"):
+        fxquant.compile(model, "minmax-w8a8", calib=torch.rand(1, 3, 4, 4),
+                        pipeline=f"{UNIFORM},lower")
