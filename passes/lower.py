@@ -76,12 +76,11 @@ class LowerPass(Pass):
         for node in quantizer_nodes:
             quantizer = gm.get_submodule(node.target)
             consumers = self._convs_of(gm, node, quantizer)
-            codes = replace_module_node(
+            replace_module_node(  # the convs now read the codes node
                 gm, node, IntegerQuantize.from_quantizer(quantizer, layer_cls.channels_last),
                 str(node.target).replace("_quantizer", "_codes"))
             for conv_node, conv in consumers:
                 layer = layer_cls.from_quantized(quantizer, conv, str(conv_node.target))
-                conv_node.update_arg(0, codes)
                 replace_module_node(gm, conv_node, layer, str(conv_node.target).replace(".", "_"))
                 lowered += 1
         if not lowered:
@@ -102,12 +101,7 @@ class LowerPass(Pass):
         gm.fxquant_lowered = self.target
         if self.compile:
             gm.compile(dynamic=False)
-        islands = sorted({type(gm.get_submodule(n.target)).__name__ if n.op == "call_module"
-                          else getattr(n.target, "__name__", str(n.target))
-                          for n in gm.graph.nodes if n.op in ("call_module", "call_function",
-                                                              "call_method")
-                          and not isinstance(_module(gm, n), (InputGuard, IntegerQuantize,
-                                                              *TARGETS.values()))})
+        islands = _float_ops(gm)
         return PassResult(gm, True, {"target": self.target, "integer_convs": lowered,
                                      "uint8_outputs": fused,
                                      "float_ops": ", ".join(islands), "guarded": first_input})
@@ -151,14 +145,29 @@ class LowerPass(Pass):
     def _add_guard(gm: fx.GraphModule) -> str:
         """Route the first image input through an InputGuard sized from the first conv."""
         image = next(n for n in gm.graph.nodes if n.op == "placeholder")
-        first = next((m for m in map(lambda n: _module(gm, n), gm.graph.nodes)
-                      if isinstance(m, (nn.Conv2d, IntegerConv2d))), None)
+        modules = (_module(gm, n) for n in gm.graph.nodes)
+        first = next((m for m in modules if isinstance(m, (nn.Conv2d, IntegerConv2d))), None)
         guard = InputGuard(first.in_channels if first is not None else None)
         gm.add_submodule("input_guard", guard)
         with gm.graph.inserting_after(image):
             checked = gm.graph.call_module("input_guard", (image,))
         image.replace_all_uses_with(checked, delete_user_cb=lambda user: user is not checked)
         return image.name
+
+
+def _float_ops(gm: fx.GraphModule) -> list[str]:
+    """The kinds of op left in float: every call that is not integer machinery."""
+    integer = (InputGuard, IntegerQuantize, *TARGETS.values())
+    names = set()
+    for node in gm.graph.nodes:
+        if node.op not in ("call_module", "call_function", "call_method"):
+            continue
+        module = _module(gm, node)
+        if module is None:
+            names.add(getattr(node.target, "__name__", str(node.target)))
+        elif not isinstance(module, integer):
+            names.add(type(module).__name__)
+    return sorted(names)
 
 
 def _module(gm: fx.GraphModule, node: fx.Node):

@@ -165,6 +165,14 @@ class IntegerConv2d(nn.Module):
         return window_sum(codes, self.input_zero_point, self.groups, self.kernel_size,
                           self.stride, self.padding, self.dilation, dtype)
 
+    def add_centring(self, y: torch.Tensor, window_sums: torch.Tensor) -> torch.Tensor:
+        """``y_o + (c_o·s_w[o])·(s_x·S)``: the centred channels' correction, one ``S`` plane
+        per group (N × groups × H' × W', float32)."""
+        n, _, h, w = y.shape
+        correction = (self.weight_centre.float() * self.weight_scale).view(1, self.groups, -1, 1, 1)
+        s = (window_sums * self.input_scale).unsqueeze(2)
+        return (y.view(n, self.groups, -1, h, w) + correction * s).view(n, -1, h, w)
+
     def codes_of(self, x: torch.Tensor) -> torch.Tensor:
         """The uint8 codes of a float input, as :class:`IntegerQuantize` computes them."""
         return quantize_codes(x, self.input_scale, self.input_zero_point, self.qmax)
@@ -212,12 +220,7 @@ class ReferenceConv2d(IntegerConv2d):
         y = acc.float() * (self.input_scale * self.weight_scale).view(1, -1, 1, 1)
         if self.bias is not None:
             y = y + self.bias.view(1, -1, 1, 1)
-        if window_sum is None:
-            return y
-        n, _, h, w = y.shape
-        correction = (self.weight_centre.float() * self.weight_scale).view(1, self.groups, -1, 1, 1)
-        s = (window_sum.float() * self.input_scale).view(n, self.groups, 1, h, w)
-        return (y.view(n, self.groups, -1, h, w) + correction * s).view(n, -1, h, w)
+        return y if window_sum is None else self.add_centring(y, window_sum.float())
 
 
 class CpuConv2d(IntegerConv2d):
@@ -265,9 +268,6 @@ class CpuConv2d(IntegerConv2d):
 
     def prepare(self) -> None:
         self._corrected = bool((self.weight_centre != 0).any())
-        # c_o·s_w[o]·s_x, applied to the window sums S
-        self._correction = (self.weight_centre.double() * self.weight_scale.double()
-                            * float(self.input_scale)).float().view(1, self.groups, -1, 1, 1)
         self._packed = torch.ops.onednn.qconv_prepack(
             self.weight_codes.contiguous(), self.weight_scale.float().contiguous(),
             float(self.input_scale), int(self.input_zero_point), list(self.stride),
@@ -294,10 +294,7 @@ class CpuConv2d(IntegerConv2d):
             self.groups, 1.0, 0, torch.float32, "none", [None], "")
         if not self._corrected:
             return y
-        s = self.window_sum(q, torch.float32)  # exact: integers below 2^24
-        n, _, h, w = y.shape
-        return (y.view(n, self.groups, -1, h, w) + self._correction * s.unsqueeze(2)).view(
-            n, self.out_channels, h, w)
+        return self.add_centring(y, self.window_sum(q, torch.float32))  # S exact below 2^24
 
 
 TARGETS = {"reference": ReferenceConv2d, "cpu": CpuConv2d}

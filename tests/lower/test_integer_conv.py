@@ -107,17 +107,41 @@ def test_cpu_output_is_within_a_few_ulp_of_the_reference():
 
 
 @settings(max_examples=30, deadline=None)
-@given(st.sampled_from([1, 3, 5, 7]), st.integers(1, 4096), st.integers(2, 8))
-def test_accumulator_bound_holds_on_the_worst_input(kernel, channels, act_bits):
-    """The worst case (every code at its extreme, every weight −128) reaches the bound
-    exactly; the bound is what the lower pass checks against int32."""
-    fan_in = channels * kernel * kernel
-    worst = fan_in * (2 ** act_bits - 1) * 128  # |q − z| <= 2^a − 1, |k − c| <= 128
-    assert accumulator_bound(fan_in, act_bits) == worst
-    # every supported layer (fan-in up to 65 793 at 8 bits) fits int32
-    assert (accumulator_bound(fan_in, act_bits) <= INT32_MAX) == (worst <= INT32_MAX)
-    if kernel == 3 and channels <= 4096:
-        assert accumulator_bound(fan_in, 8) <= INT32_MAX
+@given(st.sampled_from([1, 3, 5]), st.integers(1, 64), st.integers(2, 8), st.booleans())
+def test_the_worst_input_reaches_the_accumulator_bound_exactly(kernel, channels, act_bits, low):
+    """Every code at an extreme and every weight −128: the accumulator the integer conv
+    computes is exactly the bound the lower pass checks against int32, on both targets."""
+    layer = ReferenceConv2d(channels, 2, (kernel, kernel), (1, 1), (0, 0), (1, 1), 1, False,
+                            act_bits)
+    layer.weight_codes.fill_(-128)
+    qmax = 2 ** act_bits - 1
+    layer.input_zero_point.fill_(qmax if low else 0)  # all codes 0 (q − z = −qmax) or qmax
+    codes = torch.full((1, channels, kernel, kernel), 0 if low else qmax, dtype=torch.uint8)
+    acc, window_sum = layer.integer_accumulators(codes)
+    bound = accumulator_bound(channels * kernel * kernel, act_bits)
+    assert window_sum is None and int(acc.abs().max()) == bound
+    cpu = CpuConv2d(*_shape_args(layer))
+    cpu.load_state_dict(layer.state_dict(), strict=False)
+    assert float(cpu(codes).abs().max()) == bound  # below 2^24 here: exact in float32
+
+
+def test_the_bound_keeps_int32_up_to_the_documented_fan_in():
+    assert accumulator_bound(65_793, 8) <= INT32_MAX < accumulator_bound(65_794, 8)
+    assert accumulator_bound(7_310 * 9, 8) <= INT32_MAX  # a 3×3 conv of 7 310 channels
+
+
+def test_onednn_rejects_leaky_relu_as_a_fused_post_op():
+    """Why IMDN's and PAN's leaky-ReLU convs keep float32 outputs (docs/lowering.md)."""
+    weight = torch.ones(4, 4, 1, 1, dtype=torch.int8)
+    scales = torch.ones(4)
+    packed = torch.ops.onednn.qconv_prepack(weight, scales, 1.0, 0, [1, 1], [0, 0], [1, 1], 1,
+                                            None)
+    codes = torch.zeros(1, 4, 2, 2, dtype=torch.uint8).contiguous(memory_format=torch.channels_last)
+    args = (codes, 1.0, 0, packed, scales, torch.zeros(4, dtype=torch.int64), None, [1, 1],
+            [0, 0], [1, 1], 1, 1.0, 0, torch.uint8)
+    assert torch.ops.onednn.qconv_pointwise(*args, "relu", [None], "").dtype == torch.uint8
+    with pytest.raises(RuntimeError, match="leaky_relu"):
+        torch.ops.onednn.qconv_pointwise(*args, "leaky_relu", [0.05], "")
 
 
 def test_worst_case_accumulator_is_exact_on_both_targets():
