@@ -38,11 +38,11 @@ def test_peak_memory_sees_a_temporary_allocation():
 
 
 def test_render_and_section_replacement(tmp_path):
-    args = argparse.Namespace(scale=4, size=64, rounds=3, recipe="mse-w8a8-sym",
-                              breakdowns={"m": {"lowered cpu": [("onednn::qconv_pointwise", 1.5, 0.6)]}})
+    args = argparse.Namespace(scale=4, size=64, rounds=3, recipe="mse-w8a8-sym")
+    breakdowns = {"m": {"lowered cpu": [("onednn::qconv_pointwise", 1.5, 0.6)]}}
     rows = [Row("m", "fp32_eager", 10.0, 1.0, 1.0, 1.0, 5.0, 30.0, "eager"),
             Row("m", "pt2e_int8", note="unavailable: ValueError: boom")]
-    text = render(rows, args, "fxquant bench --models m")
+    text = render(rows, args, "fxquant bench --models m", breakdowns)
     assert "| m | fp32_eager | 10.0 | 1.00× (1.00–1.00) | 5 | 30.000 | eager |" in text
     assert "| m | pt2e_int8 | — | — | — | — | unavailable: ValueError: boom |" in text
     assert "| `onednn::qconv_pointwise` | 1.50 | 60 % |" in text
