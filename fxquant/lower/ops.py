@@ -1,8 +1,8 @@
 """Ops the ``cpu`` target keeps out of Inductor's code generation.
 
 ``pixel_shuffle``: Inductor's generated kernel for a channels-last pixel shuffle (the layout
-the oneDNN convs produce) is 3× slower than ATen's own channels-last kernel (1×256×256² float:
-125 ms against 39 ms on this CPU, measured with ``fxquant.bench.interleaved``), and SR
+the oneDNN convs produce) is several times slower than ATen's own channels-last kernel
+(``python tools/bench_pixel_shuffle.py``; docs/lowering.md has its numbers), and SR
 upsamplers shuffle the largest tensors of the network. As a custom op it stays an opaque call
 to the ATen kernel inside a compiled graph.
 """
