@@ -7,12 +7,17 @@ parameters and removes it. Observers reject non-finite inputs with the node they
 
 from __future__ import annotations
 
+import zlib
+
 import torch
 from torch import nn
 
 from fxquant.errors import CalibrationError
 
 HISTOGRAM_BINS = 2048
+SAMPLES_PER_CHANNEL = 8192
+# Every kind make_activation_observer builds: the recipe's choices plus the method-internal ones.
+OBSERVER_KINDS = ("minmax", "percentile", "mse", "moments", "samples")
 
 
 class Observer(nn.Module):
@@ -155,4 +160,9 @@ def make_activation_observer(method: str, node_name: str, per_channel: bool,
         return HistogramObserver(node_name, range_method=method, percentile=percentile)
     if method == "moments":
         return MomentsObserver(node_name)
-    raise CalibrationError(f"unknown observer '{method}'; valid: minmax, percentile, mse, moments")
+    if method == "samples":  # raw per-channel samples for fitted level sets (I²NQ)
+        from fxquant.quant.subset import SampleObserver  # quant.subset imports this module
+
+        return SampleObserver(node_name, mode="static", max_samples=SAMPLES_PER_CHANNEL,
+                              seed=zlib.crc32(node_name.encode()))
+    raise CalibrationError(f"unknown observer '{method}'; valid: {', '.join(OBSERVER_KINDS)}")

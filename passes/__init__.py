@@ -3,8 +3,10 @@
 from fxquant.passes.calibrate import CalibratePass
 from fxquant.passes.dfsq_observe import DFSQObservePass
 from fxquant.passes.fold_channel_norm import FoldChannelNormPass
+from fxquant.passes.fswa import FSWAPass
 from fxquant.passes.daq import DAQPass, DAQSensitivityPass
 from fxquant.passes.lower import LowerPass
+from fxquant.passes.nonuniform_quant import I2NQOptions, NonUniformQuantizePass
 from fxquant.passes.observe import ObservePass
 from fxquant.passes.quantize import QuantizePass
 from fxquant.passes.subset_quant import DFSQOptions, SubsetQuantizePass
@@ -12,4 +14,4 @@ from fxquant.passes.trace import TracePass
 from fxquant.passes.verify import VerifyPass
 
 __all__ = ["CalibratePass", "DFSQObservePass", "DFSQOptions", "FoldChannelNormPass", "SubsetQuantizePass",
-           "DAQPass", "DAQSensitivityPass", "LowerPass", "ObservePass", "QuantizePass", "TracePass", "VerifyPass"]
+           "DAQPass", "DAQSensitivityPass", "FSWAPass", "I2NQOptions", "NonUniformQuantizePass", "LowerPass", "ObservePass", "QuantizePass", "TracePass", "VerifyPass"]

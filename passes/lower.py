@@ -20,12 +20,15 @@ from fxquant.lower.conv import (
     accumulator_bound,
 )
 from fxquant.lower import ops  # noqa: F401 - registers fxquant::pixel_shuffle
+from fxquant.lower.codebook import CodebookQuantize
 from fxquant.lower.guard import InputGuard
 from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
 from fxquant.quant import QuantConv2d, Quantizer, UniformQuantizer
+from fxquant.quant.nonuniform import NonUniformQuantizer
 
-SUPPORTED = ("static uniform per-tensor activation quantizers of 2..8 bits in front of a "
-             "Conv2d with uniform weights of 2..8 bits (the minmax-/mse-/percentile- presets)")
+SUPPORTED = ("static uniform per-tensor activation quantizers of 2..8 bits, or non-uniform "
+             "levels on a uint8 grid (i2nq presets, integer_grid = 8), in front of a Conv2d "
+             "with uniform weights of 2..8 bits (the minmax-/mse-/percentile-/i2nq- presets)")
 
 
 @register_pass
@@ -39,6 +42,9 @@ class LowerPass(Pass):
                                                                (CpuConv2d: int8 weights, int32 acc)
 
     A quantizer shared by several convs becomes one integer tensor that all of them read.
+    A non-uniform quantizer whose levels lie on a uint8 grid (I²NQ) becomes a table lookup
+    (level index → grid code, :class:`~fxquant.lower.codebook.CodebookQuantize`) and the
+    convs read the grid codes as 8-bit uniform input.
 
     ``reference`` is the portable integer semantics (int codes, exact int32 accumulation,
     float32 rescale), the oracle of every other target; ``cpu`` runs the same on oneDNN
@@ -76,11 +82,16 @@ class LowerPass(Pass):
         for node in quantizer_nodes:
             quantizer = gm.get_submodule(node.target)
             consumers = self._convs_of(gm, node, quantizer)
+            if isinstance(quantizer, NonUniformQuantizer):  # levels → their uint8 grid codes
+                codes = CodebookQuantize.from_quantizer(quantizer, layer_cls.channels_last)
+                grid = quantizer.integer_grid()
+            else:
+                codes = IntegerQuantize.from_quantizer(quantizer, layer_cls.channels_last)
+                grid = quantizer
             replace_module_node(  # the convs now read the codes node
-                gm, node, IntegerQuantize.from_quantizer(quantizer, layer_cls.channels_last),
-                str(node.target).replace("_quantizer", "_codes"))
+                gm, node, codes, str(node.target).replace("_quantizer", "_codes"))
             for conv_node, conv in consumers:
-                layer = layer_cls.from_quantized(quantizer, conv, str(conv_node.target))
+                layer = layer_cls.from_quantized(grid, conv, str(conv_node.target))
                 replace_module_node(gm, conv_node, layer, str(conv_node.target).replace(".", "_"))
                 lowered += 1
         if not lowered:
@@ -109,10 +120,17 @@ class LowerPass(Pass):
     def _convs_of(self, gm: fx.GraphModule, node: fx.Node, quantizer: Quantizer):
         """The QuantConv2d nodes and modules this activation quantizer feeds, after checking
         that they all lower."""
-        if not isinstance(quantizer, UniformQuantizer):
+        act_bits = quantizer.bits
+        if isinstance(quantizer, NonUniformQuantizer):
+            if quantizer.integer_grid() is None:
+                raise PassError(self.name, "non-uniform levels are free floats with no integer "
+                                "form; set options.integer_grid = 8 (levels on a uint8 grid) "
+                                f"to lower them; supported: {SUPPORTED}", node=node.name)
+            act_bits = quantizer.integer_grid().bits
+        elif not isinstance(quantizer, UniformQuantizer):
             raise PassError(self.name, f"{quantizer.kind} quantizer ({quantizer.describe()['mode']})"
                             f" has no integer kernel yet; supported: {SUPPORTED}", node=node.name)
-        if quantizer.channels is not None or not quantizer.bits <= 8 or quantizer.symmetric:
+        elif quantizer.channels is not None or not quantizer.bits <= 8 or quantizer.symmetric:
             raise PassError(self.name, f"activation quantizer is {quantizer.granularity}, "
                             f"{quantizer.bits} bits, {'symmetric' if quantizer.symmetric else 'affine'}"
                             f": the u8 kernels take per-tensor affine 2..8 bits; supported: "
@@ -134,8 +152,8 @@ class LowerPass(Pass):
                                 f"of {wq.describe()['bits']} bits; supported: {SUPPORTED}",
                                 node=user.name)
             fan_in = conv.in_channels // conv.groups * conv.kernel_size[0] * conv.kernel_size[1]
-            if accumulator_bound(fan_in, quantizer.bits) > INT32_MAX:
-                raise PassError(self.name, f"fan-in {fan_in} at {quantizer.bits} bits can overflow "
+            if accumulator_bound(fan_in, act_bits) > INT32_MAX:
+                raise PassError(self.name, f"fan-in {fan_in} at {act_bits} bits can overflow "
                                 "the int32 accumulator (bound K·(2^a − 1)·128 < 2^31)",
                                 node=user.name)
             result.append((user, conv))
@@ -157,7 +175,7 @@ class LowerPass(Pass):
 
 def _float_ops(gm: fx.GraphModule) -> list[str]:
     """The kinds of op left in float: every call that is not integer machinery."""
-    integer = (InputGuard, IntegerQuantize, *TARGETS.values())
+    integer = (InputGuard, IntegerQuantize, CodebookQuantize, *TARGETS.values())
     names = set()
     for node in gm.graph.nodes:
         if node.op not in ("call_module", "call_function", "call_method"):

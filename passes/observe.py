@@ -8,9 +8,9 @@ from typing import ClassVar
 from torch import fx
 
 from fxquant.graph import insert_shared_input_module, select_layers
-from fxquant.observers import make_activation_observer
+from fxquant.observers import OBSERVER_KINDS, make_activation_observer
 from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
-from fxquant.recipe import ACTIVATION_OBSERVERS, GRANULARITIES, RecipeError
+from fxquant.recipe import GRANULARITIES, RecipeError
 
 
 @register_pass
@@ -35,9 +35,9 @@ class ObservePass(Pass):
     granularity: str | None = None
 
     def __post_init__(self):
-        if self.observer is not None and self.observer not in ACTIVATION_OBSERVERS + ("moments",):
+        if self.observer is not None and self.observer not in OBSERVER_KINDS:
             raise RecipeError(f"observer '{self.observer}' unknown; valid: "
-                              f"{', '.join(ACTIVATION_OBSERVERS + ('moments',))}")
+                              f"{', '.join(OBSERVER_KINDS)}")
         if self.granularity is not None and self.granularity not in GRANULARITIES:
             raise RecipeError(f"granularity '{self.granularity}' unknown; valid: "
                               f"{', '.join(GRANULARITIES)}")

@@ -1,0 +1,131 @@
+"""The I²NQ passes (``observe{observer=samples}``, ``nonuniform-quant``, ``fswa``) on a tiny SR
+network: graph structure, what FSWA does to the output error, save/load, integer lowering
+against fake-quant, determinism and the errors for impossible recipes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fxquant
+from fxquant.errors import PassError, RecipeError
+from fxquant.lower import CpuConv2d, ReferenceConv2d
+from fxquant.lower.codebook import CodebookQuantize
+from fxquant.lower.compare import layer_agreement
+from fxquant.quant import QuantConv2d
+from fxquant.quant.nonuniform import NonUniformQuantizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def recipe(bits: int = 4, **options):
+    r = fxquant.load_preset(f"i2nq-w{bits}a{bits}")
+    for key, value in options.items():
+        setattr(r.options, key, value)
+    return r.validate()
+
+
+def test_structure_a_level_table_in_front_of_every_quantized_conv(tiny_sr, calib):
+    gm = fxquant.compile(tiny_sr, recipe(), calib=calib)
+    kinds = [type(gm.get_submodule(n.target)).__name__ for n in gm.graph.nodes if n.op == "call_module"]
+    block = ["NonUniformQuantizer", "QuantConv2d", "ReLU", "NonUniformQuantizer", "QuantConv2d"]
+    assert kinds == ["Conv2d", *block, *block, "Conv2d"]
+    q = gm.get_submodule("blocks_0_0_input_quantizer")
+    assert q.levels.shape == (8, 16) and q.integer_grid().bits == 8
+    # the post-ReLU input has a level at exactly 0 in every channel
+    relu_input = gm.get_submodule("blocks_0_2_input_quantizer")
+    assert bool((relu_input.levels == 0).any(1).all())
+    history = dict(gm.fxquant_history)
+    assert history["fswa"]["layers"] == 4 and history["fswa"]["output_error_ratio"] < 1
+
+
+def test_fswa_lowers_the_error_and_off_keeps_the_float_weights(tiny_sr, calib):
+    x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = tiny_sr(x)
+    errors = {}
+    for mode in ("off", "scale", "adjust"):
+        gm = fxquant.compile(tiny_sr, recipe(3, fswa=mode), calib=calib)
+        with torch.no_grad():
+            errors[mode] = float((gm(x) - ref).pow(2).mean())
+        conv = gm.get_submodule("blocks.0.0")
+        same = torch.equal(conv.weight, tiny_sr.blocks[0][0].weight)
+        assert same == (mode != "adjust")
+    assert errors["adjust"] < errors["off"]
+    assert errors["scale"] < errors["off"]
+
+
+def test_compile_is_deterministic_and_leaves_the_float_model_alone(tiny_sr, calib):
+    before = {k: v.clone() for k, v in tiny_sr.state_dict().items()}
+    a = fxquant.compile(tiny_sr, recipe(), calib=calib).state_dict()
+    b = fxquant.compile(tiny_sr, recipe(), calib=calib).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(v, before[k]) for k, v in tiny_sr.state_dict().items())
+
+
+def test_saved_model_loads_with_its_levels_and_grid(tiny_sr, calib, tmp_path):
+    gm = fxquant.compile(tiny_sr, recipe(), calib=calib)
+    path = tmp_path / "i2nq.pt"
+    fxquant.save(gm, path)
+    fresh = type(tiny_sr)().eval()
+    loaded = fxquant.load(path, model=fresh)
+    q = loaded.get_submodule("blocks_1_0_input_quantizer")
+    assert isinstance(q, NonUniformQuantizer) and q.integer_grid() is not None
+    x = torch.rand(2, 3, 10, 10)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), gm(x))
+    lowered = fxquant.lowered_copy(loaded, "reference")  # the loaded copy still lowers
+    assert any(isinstance(m, CodebookQuantize) for m in lowered.modules())
+
+
+@pytest.mark.parametrize("target,cls", [("reference", ReferenceConv2d), ("cpu", CpuConv2d)])
+@pytest.mark.parametrize("granularity", ["per-channel", "per-tensor"])
+def test_lowered_integer_model_matches_fake_quant(tiny_sr, calib, target, cls, granularity):
+    r = recipe()
+    r.activations.granularity = granularity
+    gm = fxquant.compile(tiny_sr, r, calib=calib)
+    low = fxquant.lowered_copy(gm, target)
+    assert sum(isinstance(m, cls) for m in low.modules()) == 4
+    assert sum(isinstance(m, CodebookQuantize) for m in low.modules()) == 4
+    assert not any(isinstance(m, (QuantConv2d, NonUniformQuantizer)) for m in low.modules())
+    x = torch.rand(2, 3, 12, 10, generator=torch.Generator().manual_seed(2))
+    agreement = layer_agreement(gm, low, [x])
+    assert len(agreement) == 4 and all(a.max_steps <= 1 for a in agreement), agreement
+    with torch.no_grad():
+        fake, out = gm(x), low(x)
+    assert float((out - fake).abs().max()) < 1e-2 * float(fake.max() - fake.min())
+
+
+def test_codes_are_the_grid_codes_of_the_fake_quant_levels(tiny_sr, calib):
+    gm = fxquant.compile(tiny_sr, recipe(), calib=calib)
+    q = gm.get_submodule("blocks_0_0_input_quantizer")
+    codes = CodebookQuantize.from_quantizer(q, channels_last=False)
+    x = torch.randn(2, 8, 6, 6) * 2
+    grid = q.integer_grid()
+    dequantized = (codes(x).double() - float(grid.zero_point)) * float(grid.scale)
+    assert torch.equal(dequantized.float(), q.fake_quant(x))
+
+
+def test_float_levels_are_refused_by_lower_with_the_option_to_set(tiny_sr, calib):
+    gm = fxquant.compile(tiny_sr, recipe(integer_grid=0), calib=calib)
+    with pytest.raises(PassError, match="integer_grid = 8"):
+        fxquant.lowered_copy(gm, "reference")
+
+
+def test_impossible_recipes_are_named():
+    with pytest.raises(RecipeError, match="levels.*lloyd-max"):
+        recipe(levels="kmeans")
+    with pytest.raises(RecipeError, match="integer_grid"):
+        recipe(integer_grid=4)
+    with pytest.raises(RecipeError, match="fswa"):
+        recipe(fswa="yes")
+    with pytest.raises(RecipeError, match="fswa_min_ratio"):
+        recipe(fswa_min_ratio=0)
+
+
+def test_pipeline_without_sample_observers_is_refused(tiny_sr, calib):
+    with pytest.raises(RecipeError, match="observer=samples"):
+        fxquant.compile(tiny_sr, recipe(), calib=calib,
+                        pipeline="trace,observe,calibrate,nonuniform-quant")
+    with pytest.raises(PassError, match="quantizing pass"):
+        fxquant.compile(tiny_sr, recipe(), calib=calib, pipeline="trace,fswa")
