@@ -34,7 +34,8 @@ class I2NQOptions:
       (``relu``), for every input (``always``) or never;
     * ``integer_grid``: snap each layer's levels onto one uint8 grid (8: the int8 CPU path
       can run it) or keep float levels (0: fake-quant only);
-    * ``learnable_levels``: levels as trainable parameters (reconstruction/QAT);
+    * ``learnable``: the levels and the weights' (flex) scales as trainable Parameters
+      (for reconstruction or QAT; PTQ itself does not train them);
     * ``fswa``: flex scale + weight adjust (``adjust``), flex scale only (``scale``) or
       ``off``; ``fswa_ratios`` clipping ratios from 1 to ``fswa_min_ratio``; ``fswa_damp``
       the Gram diagonal damping; ``fswa_batches`` calibration batches per layer.
@@ -45,7 +46,7 @@ class I2NQOptions:
     tol: float = 1e-5
     pin_zero: str = "relu"
     integer_grid: int = 8
-    learnable_levels: bool = False
+    learnable: bool = False
     fswa: str = "adjust"
     fswa_ratios: int = 40
     fswa_min_ratio: float = 0.3
@@ -134,7 +135,7 @@ class NonUniformQuantizePass(Pass):
             convs = [gm.get_submodule(c.target) for c in consumers]
             channels = convs[0].in_channels
             quantizer = NonUniformQuantizer(a_bits, channels if per_channel else None,
-                                            learnable=options.learnable_levels)
+                                            learnable=options.learnable)
             if observer.has_data:
                 moved = max(moved, self._fit(gm, node, observer, quantizer, options))
                 report[str(node.target)] = float(quantizer.levels.detach().diff(dim=1).amax())
@@ -148,7 +149,8 @@ class NonUniformQuantizePass(Pass):
             for consumer, conv in zip(consumers, convs):
                 if isinstance(conv, nn.Conv2d) and not isinstance(conv, QuantConv2d):
                     swap_in_quant_conv(gm, consumer.target,
-                                       weight_quantizer(conv, recipe.weights, w_bits))
+                                       weight_quantizer(conv, recipe.weights, w_bits,
+                                                        learnable=options.learnable))
                     weights += 1
         gm.recompile()
         ctx.state["nonuniform-quant"] = report

@@ -3,6 +3,7 @@ Set5 PSNR of the fake-quant, ``reference`` and ``cpu`` versions of each zoo mode
 
     python tools/lower_check.py [--models imdn,pan,carn_m,fsrcnn] [--scale 4]
         [--recipes minmax-w8a8,...] [--json out.json] [--write docs/lowering.md]
+        [--section "## Lowered vs fake-quant: I²NQ"]
 
 Both lowered targets are built from the same calibrated fake-quant model (the ``lower`` pass
 run on a copy), so any difference is the integer execution alone.
@@ -49,8 +50,8 @@ def check(model: str, scale: int, recipe: str, data: str | None) -> dict:
     return row
 
 
-def render(rows: list[dict], command: str) -> str:
-    lines = [SECTION, "", f"`{command}`", "",
+def render(rows: list[dict], command: str, section: str = SECTION) -> str:
+    lines = [section, "", f"`{command}`", "",
              "Set5 PSNR of each version; per layer, the largest output difference between each "
              "integer conv and its fake-quant conv on the same input (the first two Set5 images "
              "through the fake-quant model), in output steps s_x·s_w.", "",
@@ -75,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data", help="data root (default: $FXQUANT_DATA)")
     parser.add_argument("--json", help="also write the rows here")
     parser.add_argument("--write", help="replace the section of this Markdown file")
+    parser.add_argument("--section", default=SECTION,
+                        help=f"the Markdown section to write (default '{SECTION}')")
     args = parser.parse_args(argv)
     torch.manual_seed(0)
     rows = []
@@ -83,12 +86,12 @@ def main(argv: list[str] | None = None) -> int:
             rows.append(check(model, args.scale, recipe, args.data))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     command = "python tools/lower_check.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = render(rows, command.strip())
+    text = render(rows, command.strip(), args.section)
     print(text)
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
     if args.write:
-        write_section(args.write, SECTION, text)
+        write_section(args.write, args.section, text)
     return 0
 
 

@@ -37,14 +37,16 @@ def activation_quantizer(observer: Observer, bits: int, channels: int | None) ->
     return quantizer
 
 
-def weight_quantizer(conv: nn.Conv2d, config: WeightConfig, bits: int) -> UniformQuantizer:
-    """Per-output-channel (or per-tensor) uniform weight quantizer fitted to ``conv.weight``."""
+def weight_quantizer(conv: nn.Conv2d, config: WeightConfig, bits: int, *,
+                     learnable: bool = False) -> UniformQuantizer:
+    """Per-output-channel (or per-tensor) uniform weight quantizer fitted to ``conv.weight``
+    (``learnable``: its scale is a Parameter, for reconstruction and QAT)."""
     weight = conv.weight.detach()
     per_channel = config.granularity == "per-channel"
     symmetric = config.observer == "symmetric"
     quantizer = UniformQuantizer(bits, symmetric=symmetric,
                                  channels=weight.shape[0] if per_channel else None,
-                                 ch_axis=0, ndim=weight.ndim)
+                                 ch_axis=0, ndim=weight.ndim, learnable=learnable)
     flat = weight.reshape(weight.shape[0], -1) if per_channel else weight.reshape(1, -1)
     if symmetric:
         scale, zero_point = symmetric_qparams(flat.abs().max(dim=1).values, bits)

@@ -129,3 +129,14 @@ def test_pipeline_without_sample_observers_is_refused(tiny_sr, calib):
                         pipeline="trace,observe,calibrate,nonuniform-quant")
     with pytest.raises(PassError, match="quantizing pass"):
         fxquant.compile(tiny_sr, recipe(), calib=calib, pipeline="trace,fswa")
+
+
+def test_learnable_levels_and_flex_scales_receive_gradients(tiny_sr, calib):
+    gm = fxquant.compile(tiny_sr, recipe(learnable=True), calib=calib)
+    q = gm.get_submodule("blocks_0_0_input_quantizer")
+    wq = gm.get_submodule("blocks.0.0").weight_quantizer
+    assert isinstance(q.levels, torch.nn.Parameter) and q.levels.requires_grad
+    assert isinstance(wq.scale, torch.nn.Parameter)
+    gm(torch.rand(2, 3, 8, 8)).abs().mean().backward()
+    assert q.levels.grad is not None and float(q.levels.grad.abs().sum()) > 0
+    assert wq.scale.grad is not None and float(wq.scale.grad.abs().sum()) > 0
