@@ -20,6 +20,20 @@ OP_TYPE_MODULES: dict[str, tuple[type[nn.Module], ...]] = {
 CONV_TYPES = (nn.Conv2d, nn.ConvTranspose2d)
 
 
+def with_outputs(gm: fx.GraphModule, names: list[str]) -> fx.GraphModule:
+    """A GraphModule over the same modules as ``gm`` (training it trains ``gm``) that returns
+    ``(output, (value of node names[0], ...))``: intermediate values for feature losses."""
+    graph = fx.Graph()
+    mapping: dict[fx.Node, fx.Node] = {}
+    output = graph.graph_copy(gm.graph, mapping)
+    by_name = {n.name: n for n in gm.graph.nodes}
+    missing = [name for name in names if name not in by_name]
+    if missing:
+        raise KeyError(f"no node named {missing[0]!r} in the graph")
+    graph.output((output, tuple(mapping[by_name[name]] for name in names)))
+    return fx.GraphModule(gm, graph)
+
+
 def module_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
     if node.op != "call_module":
         return None

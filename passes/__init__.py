@@ -9,9 +9,10 @@ from fxquant.passes.lower import LowerPass
 from fxquant.passes.nonuniform_quant import I2NQOptions, NonUniformQuantizePass
 from fxquant.passes.observe import ObservePass
 from fxquant.passes.quantize import QuantizePass
+from fxquant.passes.reconstruct import ReconstructPass
 from fxquant.passes.subset_quant import DFSQOptions, SubsetQuantizePass
 from fxquant.passes.trace import TracePass
 from fxquant.passes.verify import VerifyPass
 
 __all__ = ["CalibratePass", "DFSQObservePass", "DFSQOptions", "FoldChannelNormPass", "SubsetQuantizePass",
-           "DAQPass", "DAQSensitivityPass", "FSWAPass", "I2NQOptions", "NonUniformQuantizePass", "LowerPass", "ObservePass", "QuantizePass", "TracePass", "VerifyPass"]
+           "DAQPass", "DAQSensitivityPass", "FSWAPass", "I2NQOptions", "NonUniformQuantizePass", "LowerPass", "ObservePass", "QuantizePass", "ReconstructPass", "TracePass", "VerifyPass"]

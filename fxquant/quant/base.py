@@ -9,6 +9,7 @@ A :class:`Quantizer` has
   level sets); ``integer_codes(x).dequantize()`` equals ``fake_quant(x)`` up to float rounding;
 - ``describe()`` (graph dumps, ``fxquant inspect``) and ``check()`` (run by the pass manager
   after every pass);
+- ``trainable_parameters()``: its static parameters made trainable (reconstruction, QAT);
 - **one mode switch**, ``quant_mode``: ``fake-quant`` (default), ``observe`` (identity, and
   the running min/max of the input is recorded in ``observed_range``) or ``off`` (identity).
   :func:`set_quant_mode` / :func:`quant_mode` switch every quantizer of a model; every tool
@@ -99,6 +100,11 @@ class Quantizer(nn.Module):
 
     def describe(self) -> dict:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Make the quantizer's static parameters (ranges, levels) trainable and return them,
+        for reconstruction and QAT; a quantizer with none to offer returns []."""
+        return []
 
     def check(self) -> None:
         """Subclasses override; the base quantizer has nothing to check."""

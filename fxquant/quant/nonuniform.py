@@ -215,6 +215,22 @@ class NonUniformQuantizer(Quantizer):
             self.levels.copy_(levels)
             self.grid_bits.zero_()
 
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The levels. Training moves them off a uint8 grid: snap again before lowering."""
+        self.levels.requires_grad_(True)
+        return [self.levels]
+
+    def tidy(self) -> None:
+        """After training: levels sorted and strictly increasing again, and back on their
+        uint8 grid when they had one."""
+        levels = self.levels.detach()
+        lo, hi = levels.amin(1), levels.amax(1)
+        grid = int(self.grid_bits)
+        with torch.no_grad():
+            self.levels.copy_(_enforce_gap(levels.double(), lo.double(), hi.double()).float())
+        if grid:
+            self.snap_to_grid(grid)
+
     def snap_to_grid(self, bits: int = 8) -> float:
         """Move the levels onto one ``bits``-bit grid (the int8 path's input); returns the
         largest level move in grid steps' units of the old table (≤ 0.5 unless codes collided)."""
@@ -266,3 +282,9 @@ class NonUniformQuantizer(Quantizer):
             raise ValueError("non-uniform quantizer has non-finite levels")
         if not bool((levels[:, 1:] > levels[:, :-1]).all()):
             raise ValueError("non-uniform quantizer levels are not strictly increasing")
+        grid = self.integer_grid()
+        if grid is not None:
+            on_grid = ((self.grid_levels.double() - float(grid.zero_point)) * float(grid.scale)).float()
+            if not torch.equal(on_grid, levels):
+                raise ValueError("non-uniform quantizer levels left their uint8 grid (trained "
+                                 "after snapping?); call snap_to_grid() again")

@@ -101,6 +101,16 @@ class UniformQuantizer(Quantizer):
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         return fake_quantize(x, self.scale, self.zero_point, self.qmin, self.qmax)
 
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """The scale as a Parameter (LSQ-style: the step learns through the straight-through
+        rounding; the zero point stays fixed). The state_dict key stays ``scale``."""
+        if not isinstance(self.scale, torch.nn.Parameter):
+            scale = self.scale.detach().clone()
+            del self._buffers["scale"]
+            self.scale = torch.nn.Parameter(scale)
+        self.scale.requires_grad_(True)
+        return [self.scale]
+
     def integer_codes(self, x: torch.Tensor) -> AffineCodes:
         """``q = clamp(round(x/s) + z, qmin, qmax)`` as int32, with ``s`` and ``z``."""
         with torch.no_grad():

@@ -1,0 +1,183 @@
+"""``reconstruct``: train the static parameters of the quantizers a pipeline inserted (and the
+weights' rounding) by distillation from the float model on the calibration data."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import fx
+
+from fxquant.calibration import as_batches
+from fxquant.errors import PassError
+from fxquant.graph import with_outputs
+from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
+from fxquant.quant import QuantConv2d, Quantizer, UniformQuantizer
+from fxquant.quant import rounding
+from fxquant.quant.nonuniform import NonUniformQuantizer
+from fxquant.recipe import RecipeError
+from fxquant.train import TrainConfig, Trainer
+
+EPS = 1e-12
+
+
+def feature_loss(student: tuple, teacher: tuple) -> torch.Tensor:
+    """Mean over features of ‖f_q − f‖² / ‖f‖² per image (scale-free: every feature counts
+    alike whatever its magnitude)."""
+    losses = []
+    for s, t in zip(student, teacher):
+        dims = tuple(range(1, t.ndim))
+        losses.append(((s - t).pow(2).sum(dims) / (t.pow(2).sum(dims) + EPS)).mean())
+    return torch.stack(losses).mean()
+
+
+@register_pass
+@dataclass(frozen=True)
+class ReconstructPass(Pass):
+    """Distillation of the quantized graph towards the float graph (its copy from ``trace``).
+
+    The graph keeps its structure; trained are the quantizers' static parameters
+    (``ranges``: uniform steps, LSQ-style; non-uniform levels) and the weights' rounding
+    (``rounding``: an offset of ±1 step per weight, baked into the weights at the end). The
+    float weights are frozen. Loss: L1 between the outputs plus ``feature_weight`` × the
+    normalized squared error of every quantized tensor's float source::
+
+        x ──► q1 ──► c1 ──► ... ──► y_q          L = |y_q − y| + λ·mean_f ‖f_q − f‖²/‖f‖²
+        x ──► (float copy)      ──► y
+
+    Adam with cosine decay, ``lr`` relative to each parameter's magnitude; the last
+    ``heldout`` fraction of calibration batches picks the best step and stops early.
+    Skipped when a saved model is rebuilt for loading (its state dict holds the result).
+    """
+
+    name: ClassVar[str] = "reconstruct"
+    steps: int = 500
+    lr: float = 1e-3
+    rounding_lr: float = 1e-2
+    feature_weight: float = 1.0
+    ranges: bool = True
+    rounding: bool = True
+    heldout: float = 0.125
+    eval_every: int = 50
+    patience: int = 4
+    seed: int = 0
+
+    def __post_init__(self):
+        TrainConfig(self.steps, self.lr, self.seed, self.eval_every, self.patience).validate(self.name)
+        if not self.rounding_lr > 0:
+            raise RecipeError(f"reconstruct.rounding_lr = {self.rounding_lr} must be > 0")
+        if not self.feature_weight >= 0:
+            raise RecipeError(f"reconstruct.feature_weight = {self.feature_weight} must be >= 0")
+        if not 0 <= self.heldout < 1:
+            raise RecipeError(f"reconstruct.heldout = {self.heldout} must lie in [0, 1)")
+
+    def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        if not ctx.calibrate:
+            return PassResult(gm, False, {"steps": 0})
+        teacher = ctx.state.get("float_model")
+        if teacher is None:
+            raise PassError(self.name, "no float model to distil from: the pipeline must start "
+                            "with 'trace'")
+        groups, offsets = self._trainable(gm)
+        names = self._features(gm, teacher)
+        student_f, teacher_f = with_outputs(gm, names), with_outputs(teacher, names)
+
+        def loss_fn(batch):
+            with torch.no_grad():
+                target, target_features = teacher_f(*batch)
+            out, features = student_f(*batch)
+            loss = (out - target).abs().mean()
+            if self.feature_weight and names:
+                loss = loss + self.feature_weight * feature_loss(features, target_features)
+            return loss
+
+        batches = as_batches(ctx.calib, ctx.recipe.calibration.batch_size)
+        held = int(round(len(batches) * self.heldout)) if len(batches) > 1 else 0
+        train, heldout = (batches[:-held], batches[-held:]) if held else (batches, batches[:1])
+        trained = {id(p) for g in groups for p in g["params"]}
+        frozen = {name: p.requires_grad for name, p in gm.named_parameters() if id(p) not in trained}
+        for name, p in gm.named_parameters():
+            if id(p) not in trained:
+                p.requires_grad_(False)
+        quantizers = [m for m in gm.modules() if isinstance(m, UniformQuantizer)]
+        started = time.perf_counter()
+        try:
+            trainer = Trainer(groups, loss_fn, train, heldout,
+                              TrainConfig(self.steps, self.lr, self.seed, self.eval_every,
+                                          self.patience),
+                              progress=ctx.progress, desc="reconstruct",
+                              after_step=lambda: _keep_positive(quantizers))
+            result = trainer.run()
+        finally:
+            for conv in offsets:
+                rounding.bake(conv)
+            for name, p in gm.named_parameters():  # the result is static again
+                p.requires_grad_(frozen.get(name, False))
+        for module in gm.modules():
+            if isinstance(module, NonUniformQuantizer):
+                module.tidy()
+        with torch.no_grad():
+            final = sum(float(loss_fn(b)) for b in heldout) / len(heldout)
+        return PassResult(gm, True, {
+            "steps": result.steps, "best_step": result.best_step,
+            "heldout_loss_before": round(result.first_heldout, 6),
+            "heldout_loss_after": round(final, 6), "stopped_early": result.stopped_early,
+            "parameters": sum(p.numel() for g in groups for p in g["params"]),
+            "features": len(names), "seconds": round(time.perf_counter() - started, 1),
+            "history": [(s, round(t, 6), round(h, 6)) for s, t, h in result.history]})
+
+    def _trainable(self, gm: fx.GraphModule) -> tuple[list[dict], list[QuantConv2d]]:
+        groups, offsets, kinds = [], [], set()
+        for name, module in gm.named_modules():
+            if not isinstance(module, Quantizer):
+                continue
+            kinds.add(module.kind)
+            if self.ranges:
+                for p in module.trainable_parameters():
+                    groups.append({"params": [p], "lr_scale": _magnitude(module, p)})
+        if self.rounding:
+            for module in gm.modules():
+                if isinstance(module, QuantConv2d) and isinstance(module.weight_quantizer,
+                                                                  UniformQuantizer):
+                    groups.append({"params": [rounding.attach(module)],
+                                   "lr_scale": self.rounding_lr / self.lr})
+                    offsets.append(module)
+        if not groups:
+            raise PassError(self.name, "nothing to train: the pipeline inserted no quantizer "
+                            "with trainable parameters (found: "
+                            f"{', '.join(sorted(kinds)) or 'no quantizers'}); reconstruct trains "
+                            "uniform steps, non-uniform levels and uniform weight rounding — put "
+                            "it after quantize or nonuniform-quant")
+        return groups, offsets
+
+    @staticmethod
+    def _features(gm: fx.GraphModule, teacher: fx.GraphModule) -> list[str]:
+        """The float values the activation quantizers read, present in both graphs."""
+        in_teacher = {n.name for n in teacher.graph.nodes}
+        names = []
+        for node in gm.graph.nodes:
+            if node.op == "call_module" and isinstance(gm.get_submodule(node.target), Quantizer):
+                source = node.args[0]
+                if isinstance(source, fx.Node) and source.name in in_teacher \
+                        and source.name not in names and source.op != "placeholder":
+                    names.append(source.name)
+        return names
+
+
+def _magnitude(module: Quantizer, p: torch.nn.Parameter) -> float:
+    """Learning-rate scale of a parameter: a step's size (uniform scales: their mean; levels:
+    the mean gap between them)."""
+    values = p.detach()
+    if isinstance(module, NonUniformQuantizer):
+        return float(values.diff(dim=1).abs().mean().clamp(min=EPS))
+    return float(values.abs().mean().clamp(min=EPS))
+
+
+def _keep_positive(quantizers: list[UniformQuantizer]) -> None:
+    """Steps stay positive (their clipping bounds stay ordered)."""
+    with torch.no_grad():
+        for q in quantizers:
+            if isinstance(q.scale, torch.nn.Parameter):
+                q.scale.clamp_(min=1e-8)

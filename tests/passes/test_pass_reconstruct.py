@@ -1,0 +1,79 @@
+"""The ``reconstruct`` pass on a tiny SR network: the distillation loss goes down, the same
+seed gives the same parameters, learned steps stay positive (bounds ordered) and finite,
+weights end on their grid, the float model is untouched, and a pipeline with nothing to
+train is refused by name."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fxquant
+from fxquant.errors import PassError
+from fxquant.quant import QuantConv2d, UniformQuantizer
+from fxquant.quant.nonuniform import NonUniformQuantizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+UNIFORM = "trace,observe,calibrate,quantize,reconstruct{steps=40,eval_every=10,patience=10},verify"
+
+
+def test_loss_decreases_and_weights_end_on_their_grid(tiny_sr, calib):
+    gm = fxquant.compile(tiny_sr, "minmax-w3a3", calib=calib, pipeline=UNIFORM)
+    info = dict(gm.fxquant_history)["reconstruct{steps=40,eval_every=10,patience=10}"]
+    assert info["heldout_loss_after"] < info["heldout_loss_before"]
+    assert info["features"] == 4 and info["steps"] == 40
+    for module in gm.modules():
+        if isinstance(module, QuantConv2d):
+            assert torch.equal(module.weight_quantizer.fake_quant(module.weight), module.weight)
+            assert not hasattr(module, "parametrizations")  # offsets baked and dropped
+        if isinstance(module, UniformQuantizer):
+            assert torch.isfinite(module.scale).all() and bool((module.scale > 0).all())
+
+
+def test_quantized_output_gets_closer_to_the_float_model(tiny_sr, calib):
+    x = torch.rand(4, 3, 12, 12, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        ref = tiny_sr(x)
+        plain = fxquant.compile(tiny_sr, "minmax-w3a3", calib=calib)(x)
+        trained = fxquant.compile(tiny_sr, "minmax-w3a3", calib=calib, pipeline=UNIFORM)(x)
+    assert float((trained - ref).abs().mean()) < float((plain - ref).abs().mean())
+
+
+def test_same_seed_same_parameters_and_float_model_untouched(tiny_sr, calib):
+    before = {k: v.clone() for k, v in tiny_sr.state_dict().items()}
+    a = fxquant.compile(tiny_sr, "minmax-w4a4", calib=calib, pipeline=UNIFORM).state_dict()
+    b = fxquant.compile(tiny_sr, "minmax-w4a4", calib=calib, pipeline=UNIFORM).state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(v, before[k]) for k, v in tiny_sr.state_dict().items())
+    assert all(p.requires_grad for p in tiny_sr.parameters())
+
+
+def test_nonuniform_levels_train_and_return_to_their_grid(tiny_sr, calib):
+    pipeline = ("trace,observe{observer=samples},calibrate,nonuniform-quant,fswa,"
+                "reconstruct{steps=30,eval_every=10,patience=10},verify")
+    gm = fxquant.compile(tiny_sr, "i2nq-w3a3", calib=calib, pipeline=pipeline)
+    q = gm.get_submodule("blocks_0_0_input_quantizer")
+    assert isinstance(q, NonUniformQuantizer) and q.integer_grid() is not None
+    q.check()  # strictly increasing and on the grid
+    assert not q.levels.requires_grad  # a static result again
+    assert fxquant.lowered_copy(gm, "reference") is not None
+
+
+def test_saved_reconstructed_model_loads_identically(tiny_sr, calib, tmp_path):
+    gm = fxquant.compile(tiny_sr, "minmax-w4a4", calib=calib, pipeline=UNIFORM)
+    fxquant.save(gm, tmp_path / "r.pt")
+    loaded = fxquant.load(tmp_path / "r.pt", model=type(tiny_sr)().eval())
+    x = torch.rand(2, 3, 10, 10)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), gm(x))
+
+
+def test_nothing_to_train_is_refused(tiny_sr, calib):
+    with pytest.raises(PassError, match="nothing to train.*no quantizers"):
+        fxquant.compile(tiny_sr, "minmax-w4a4", calib=calib,
+                        pipeline="trace,reconstruct{steps=5}")
+    with pytest.raises(PassError, match="nothing to train"):
+        fxquant.compile(tiny_sr, "minmax-w4a4", calib=calib,
+                        pipeline="trace,observe,calibrate,quantize,"
+                                 "reconstruct{steps=5,ranges=false,rounding=false}")
