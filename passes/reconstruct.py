@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import fx
 
 from fxquant.calibration import as_batches
@@ -24,12 +25,13 @@ EPS = 1e-12
 
 
 def feature_loss(student: tuple, teacher: tuple) -> torch.Tensor:
-    """Mean over features of ‖f_q − f‖² / ‖f‖² per image (scale-free: every feature counts
-    alike whatever its magnitude)."""
+    """Mean over features of ‖f_q/‖f_q‖ − f/‖f‖‖² per image (2DQuant's normalized feature
+    loss): scale-free, so every feature counts alike whatever its magnitude, and bounded by 4,
+    so a feature that is all zeros for an image (a ReLU branch) cannot blow the loss up."""
     losses = []
     for s, t in zip(student, teacher):
-        dims = tuple(range(1, t.ndim))
-        losses.append(((s - t).pow(2).sum(dims) / (t.pow(2).sum(dims) + EPS)).mean())
+        s, t = F.normalize(s.flatten(1), dim=1), F.normalize(t.flatten(1), dim=1)
+        losses.append((s - t).pow(2).sum(1).mean())
     return torch.stack(losses).mean()
 
 
@@ -44,7 +46,7 @@ class ReconstructPass(Pass):
     float weights are frozen. Loss: L1 between the outputs plus ``feature_weight`` × the
     normalized squared error of every quantized tensor's float source::
 
-        x ──► q1 ──► c1 ──► ... ──► y_q          L = |y_q − y| + λ·mean_f ‖f_q − f‖²/‖f‖²
+        x ──► q1 ──► c1 ──► ... ──► y_q          L = |y_q − y| + λ·mean_f ‖f_q/‖f_q‖ − f/‖f‖‖²
         x ──► (float copy)      ──► y
 
     Adam with cosine decay, ``lr`` relative to each parameter's magnitude; the last
