@@ -142,8 +142,6 @@ class NonUniformQuantizePass(Pass):
             elif ctx.calibrate:
                 raise CalibrationError(f"observer '{node.target}' saw no calibration data: "
                                        "is the layer reached by the forward pass?")
-            elif options.integer_grid:  # rebuilt for loading: the state dict brings the levels
-                quantizer.grid_bits.fill_(options.integer_grid)
             name = str(node.target).replace("_input_observer", "_input_quantizer")
             replace_module_node(gm, node, quantizer, name)
             for consumer, conv in zip(consumers, convs):
