@@ -227,7 +227,7 @@ def render(rows: list, args, command: str, breakdowns: dict | None = None) -> st
              f"×{args.scale}, 1×C×{args.size}×{args.size} LR input, torch threads "
              f"{torch.get_num_threads()}, {args.rounds} interleaved rounds after warm-up; ratio "
              "= FP32 eager time / variant time (higher is faster), median with the min–max of "
-             f"the per-round ratio. W8A8 recipe `{args.recipe}` for the fxquant variants. PSNR: "
+             f"the per-round ratio. recipe `{args.recipe}` for the fxquant variants. PSNR: "
              "Set5 Y, the variant itself run on every image. Peak MiB: largest growth of the C "
              "heap in use during one forward (activations and workspaces, not weights).", ""]
     lines += ["| model | variant | median ms | speed-up vs FP32 eager (min–max) | peak MiB | "
