@@ -109,7 +109,7 @@ def run_table(config: str | os.PathLike, out: str | os.PathLike, *,
 
 DATASET_ORDER = ("Set5", "Set14", "B100", "Urban100")
 # Row order inside a model: the float model, the uniform baselines, then each method.
-FAMILY_ORDER = ("fp", "minmax", "mse", "percentile", "daq", "dfsq", "i2nq")
+FAMILY_ORDER = ("fp", "minmax", "mse", "percentile", "daq", "dfsq", "i2nq", "recon")
 # The at-a-glance table: these recipes as columns, where measured.
 HEADLINE = ("fp", "minmax-w4a4", "mse-w4a4", "daq-w4a4", "daq-mp4", "dfsq-w4a4", "i2nq-w4a4",
             "minmax-w3a3", "mse-w3a3", "daq-w3a3", "daq-mp3", "dfsq-w3a3", "i2nq-w3a3")
