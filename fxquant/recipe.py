@@ -36,6 +36,18 @@ OP_TYPES = ("conv2d",)
 UNSUPPORTED_OP_TYPES = ("conv_transpose2d", "linear")
 
 
+def check_pass_options(pass_name: str, bits: dict[str, int | None],
+                       choices: dict[str, tuple[object, tuple[str, ...]]] | None = None) -> None:
+    """A pass's overrides of the recipe: bit-widths in range and names among their choices
+    (``None``: not overridden), each error naming ``<pass>.<option>``."""
+    for key, value in bits.items():
+        if value is not None:
+            _check_bits(value, f"{pass_name}.{key}")
+    for key, (value, valid) in (choices or {}).items():
+        if value is not None:
+            _check_choice(value, valid, f"{pass_name}.{key}")
+
+
 def _check_bits(bits: int, where: str) -> None:
     if not MIN_BITS <= bits <= MAX_BITS:
         raise RecipeError(f"{where} = {bits} is impossible; use an integer in "
@@ -209,6 +221,11 @@ class Recipe:
         if validate_options is not None:
             validate_options("options")
         return self
+
+    def options_for(self, options_type: type):
+        """This recipe's method options when they are of ``options_type``, else that type's
+        defaults: a method's pass run inside another method's pipeline gets its defaults."""
+        return self.options if isinstance(self.options, options_type) else options_type()
 
     @property
     def pipeline_spec(self) -> str:

@@ -126,8 +126,8 @@ register_method("daq", DAQOptions, "trace,daq-sensitivity,calibrate,daq,verify",
 
 
 def _options(ctx: PassContext) -> DAQOptions:
-    options = ctx.recipe.options
-    return options if isinstance(options, DAQOptions) else DAQOptions()
+    """The recipe's DAQ options, or their defaults under another method."""
+    return ctx.recipe.options_for(DAQOptions)
 
 
 def _branch(gm: fx.GraphModule, source, options: DAQOptions) -> str:

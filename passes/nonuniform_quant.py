@@ -15,7 +15,7 @@ from fxquant.quant import QuantConv2d, swap_in_quant_conv
 from fxquant.quant.fitting import weight_quantizer
 from fxquant.quant.nonuniform import LEVEL_METHODS, NonUniformQuantizer, fit_levels
 from fxquant.quant.subset import SampleObserver
-from fxquant.recipe import MAX_BITS, MIN_BITS, RecipeError, register_method
+from fxquant.recipe import RecipeError, check_pass_options, register_method
 
 PIN_ZERO = ("relu", "always", "never")
 FSWA_MODES = ("adjust", "scale", "off")
@@ -72,9 +72,8 @@ class I2NQOptions:
 
 
 def i2nq_options(ctx: PassContext) -> I2NQOptions:
-    """The recipe's I²NQ options, or the defaults when the recipe is another method's."""
-    options = ctx.recipe.options
-    return options if isinstance(options, I2NQOptions) else I2NQOptions()
+    """The recipe's I2NQ options, or their defaults under another method."""
+    return ctx.recipe.options_for(I2NQOptions)
 
 
 register_method("i2nq", I2NQOptions,
@@ -105,14 +104,8 @@ class NonUniformQuantizePass(Pass):
     levels: str | None = None
 
     def __post_init__(self):
-        for key in ("w", "a"):
-            bits = getattr(self, key)
-            if bits is not None and not MIN_BITS <= bits <= MAX_BITS:
-                raise RecipeError(f"nonuniform-quant.{key} = {bits} is impossible; use "
-                                  f"{MIN_BITS}..{MAX_BITS}")
-        if self.levels is not None and self.levels not in LEVEL_METHODS:
-            raise RecipeError(f"nonuniform-quant.levels '{self.levels}' unknown; choose one "
-                              f"of {', '.join(LEVEL_METHODS)}")
+        check_pass_options(self.name, {"w": self.w, "a": self.a},
+                           {"levels": (self.levels, LEVEL_METHODS)})
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         recipe, options = ctx.recipe, i2nq_options(ctx)

@@ -13,7 +13,7 @@ from fxquant.observers import Observer
 from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
 from fxquant.quant import QuantConv2d, swap_in_quant_conv
 from fxquant.quant.fitting import activation_quantizer, weight_quantizer
-from fxquant.recipe import MAX_BITS, MIN_BITS, RecipeError
+from fxquant.recipe import check_pass_options
 
 
 @register_pass
@@ -36,10 +36,7 @@ class QuantizePass(Pass):
     a: int | None = None
 
     def __post_init__(self):
-        for key in ("w", "a"):
-            bits = getattr(self, key)
-            if bits is not None and not MIN_BITS <= bits <= MAX_BITS:
-                raise RecipeError(f"quantize.{key} = {bits} is impossible; use {MIN_BITS}..{MAX_BITS}")
+        check_pass_options(self.name, {"w": self.w, "a": self.a})
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         recipe = ctx.recipe

@@ -21,7 +21,7 @@ from fxquant.quant import QuantConv2d, swap_in_quant_conv
 from fxquant.quant.point_selection import INITS, exhaustive_select, kmeans_select
 from fxquant.quant.subset import MODES, SampleObserver, SubsetQuantizer
 from fxquant.quant.universal_set import universal_set
-from fxquant.recipe import MAX_BITS, MIN_BITS, RecipeError, register_method
+from fxquant.recipe import RecipeError, check_pass_options, register_method
 
 SELECTIONS = ("kmeans", "exhaustive")
 
@@ -94,9 +94,8 @@ class DFSQOptions:
 
 
 def dfsq_options(ctx: PassContext) -> DFSQOptions:
-    """The recipe's DFSQ options, or the defaults when the recipe is another method's."""
-    options = ctx.recipe.options
-    return options if isinstance(options, DFSQOptions) else DFSQOptions()
+    """The recipe's DFSQ options, or their defaults under another method."""
+    return ctx.recipe.options_for(DFSQOptions)
 
 
 register_method("dfsq", DFSQOptions,
@@ -140,14 +139,8 @@ class SubsetQuantizePass(Pass):
     weights: bool = True
 
     def __post_init__(self):
-        for key in ("w", "a"):
-            bits = getattr(self, key)
-            if bits is not None and not MIN_BITS <= bits <= MAX_BITS:
-                raise RecipeError(f"subset-quant.{key} = {bits} is impossible; use "
-                                  f"{MIN_BITS}..{MAX_BITS}")
-        if self.selection is not None and self.selection not in SELECTIONS:
-            raise RecipeError(f"subset-quant.selection '{self.selection}' unknown; choose one "
-                              f"of {', '.join(SELECTIONS)}")
+        check_pass_options(self.name, {"w": self.w, "a": self.a},
+                           {"selection": (self.selection, SELECTIONS)})
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         recipe, options = ctx.recipe, dfsq_options(ctx)
