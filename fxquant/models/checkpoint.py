@@ -5,7 +5,8 @@ tensors and plain containers, never arbitrary pickled objects. Accepted layouts:
 state_dict, or a dict that wraps it under ``params_ema``, ``params``, ``state_dict`` or ``model``
 (looked up in that order, so a BasicSR file's EMA weights win; wrappers may nest). A ``module.``
 prefix (``nn.DataParallel``, e.g. the IMDN releases) is stripped. Any missing key, unexpected key
-or shape mismatch raises :class:`~fxquant.errors.CheckpointError`.
+or shape mismatch raises :class:`~fxquant.errors.CheckpointError`. A ``.safetensors`` file is
+read with ``safetensors.torch.load_file`` (tensors only by construction).
 """
 
 from __future__ import annotations
@@ -66,8 +67,21 @@ def _load_failure(exc: Exception) -> str:
         return f"not a torch.save file of tensors, or the file is corrupt or truncated{extra}"
     if "PytorchStreamReader" in text or isinstance(exc, RuntimeError):
         return "corrupt or truncated checkpoint archive"
-    first = text.strip().splitlines()[0][:200] if text.strip() else type(exc).__name__
-    return first
+    # legacy-format reads of arbitrary bytes fail deep inside the unpickler (KeyError,
+    # IndexError, ...): say what the file is not rather than echo that
+    return (f"not a torch.save file (.pth/.pt) or a .safetensors file "
+            f"({type(exc).__name__}: {text.strip()[:80]})")
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot read checkpoint {path}: not a valid .safetensors file "
+                              f"({exc})") from None
 
 
 def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -75,6 +89,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist or is not a file")
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt zip, truncated file, non-weights pickle, ...
@@ -86,7 +102,11 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def load_checkpoint(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Load the checkpoint at ``path`` into ``model`` (strict) and return ``model``."""
-    state = read_state_dict(path)
+    return load_state(model, read_state_dict(path), path)
+
+
+def load_state(model: nn.Module, state: Mapping, path: str | os.PathLike) -> nn.Module:
+    """Load ``state`` (read from ``path``) into ``model``, strictly, with the messages above."""
     name = type(model).__name__
     expected = model.state_dict()
     # BatchNorm fills a missing num_batches_tracked itself (old checkpoints lack it).
