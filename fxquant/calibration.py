@@ -45,3 +45,70 @@ def as_batches(calib: object, batch_size: int = 8) -> list[tuple[torch.Tensor, .
                 raise CalibrationError(f"calibration batch {index} contains {bad} NaN/inf "
                                        "values; calibration data must be finite")
     return batches
+
+
+# Smallest patch side accepted: a 3×3 conv on a smaller patch sees mostly zero padding, so the
+# ranges it yields describe the padding, not images.
+MIN_PATCH_SIDE = 3
+# Below this side the statistics come from few pixels per patch: accepted with a warning.
+SMALL_PATCH_SIDE = 8
+
+
+def _as_float(tensor: torch.Tensor, where: str) -> torch.Tensor:
+    if tensor.is_floating_point():
+        return tensor if tensor.dtype == torch.float32 else tensor.float()
+    raise CalibrationError(f"{where} has dtype {str(tensor.dtype).replace('torch.', '')}; "
+                           "calibration data must be floating point in the model's input range "
+                           "(for 8-bit images: x.float() / 255 for a model taking [0, 1])")
+
+
+def prepare_calibration(calib: object, input_range: tuple[float, float] | None = (0.0, 1.0)
+                        ) -> object:
+    """Calibration data as every pass can read it, checked once before compiling.
+
+    A generator or iterator is materialized into a list (several passes read the data, a
+    generator only once); float16/float64 tensors become float32; integer tensors, values far
+    outside ``input_range`` (0..255 images for a [0, 1] model), constant data and patches too
+    small for a 3×3 conv are errors naming what is wrong; ``input_range=None`` skips the range
+    check (a model with normalised inputs).
+    """
+    import warnings
+
+    if calib is None:
+        return None
+    if isinstance(calib, torch.Tensor):
+        prepared: object = _as_float(calib, "the calibration tensor")
+    elif isinstance(calib, Iterable) and not isinstance(calib, (str, bytes)):
+        items = list(calib)  # materialize once: a generator cannot be read by each pass
+        prepared = [_as_float(item, f"calibration batch {i}") if isinstance(item, torch.Tensor)
+                    else tuple(_as_float(t, f"calibration batch {i}")
+                               if isinstance(t, torch.Tensor) else t for t in item)
+                    if isinstance(item, (tuple, list)) else item
+                    for i, item in enumerate(items)]
+    else:
+        prepared = calib
+    images = [batch[0] for batch in as_batches(prepared)]  # the first argument is the image
+    lo = min(float(t.min()) for t in images)
+    hi = max(float(t.max()) for t in images)
+    if lo == hi:
+        raise CalibrationError(f"calibration data is constant (every value is {lo:g}): ranges "
+                               "calibrated on it are degenerate; use real image patches")
+    if input_range is not None:
+        a, b = input_range
+        margin = 0.5 * (b - a)
+        if hi > b + margin or lo < a - margin:
+            raise CalibrationError(
+                f"calibration data spans [{lo:g}, {hi:g}] but the model's inputs lie in "
+                f"[{a:g}, {b:g}] (input_range); rescale it (0..255 images: divide by 255) or "
+                "pass the model's real input_range (None for normalised inputs)")
+    sides = [min(t.shape[-2:]) for t in images if t.ndim == 4]
+    if sides and min(sides) < MIN_PATCH_SIDE:
+        raise CalibrationError(f"calibration patches are {min(sides)} pixels on a side; give "
+                               f"patches of at least {SMALL_PATCH_SIDE}×{SMALL_PATCH_SIDE} "
+                               "(the zoo default is 48×48)")
+    if sides and min(sides) < SMALL_PATCH_SIDE:
+        warnings.warn(f"calibration patches are only {min(sides)} pixels on a side: ranges come "
+                      f"mostly from zero padding at the borders; {SMALL_PATCH_SIDE}×"
+                      f"{SMALL_PATCH_SIDE} or larger (48×48 by default) calibrates better",
+                      stacklevel=3)
+    return prepared

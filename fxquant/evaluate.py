@@ -10,7 +10,8 @@ import torch
 from tqdm import tqdm
 
 from fxquant.data import BenchmarkSet, to_tensor, to_uint8, to_y_tensor
-from fxquant.metrics import psnr_y, rgb_to_y, ssim_y
+from fxquant.errors import DataError
+from fxquant.metrics import SSIM_WINDOW, psnr_y, rgb_to_y, ssim_y
 
 SRFunction = Callable[[torch.Tensor], torch.Tensor]
 
@@ -53,7 +54,14 @@ def evaluate(model: SRFunction, dataset: BenchmarkSet, color: str, *,
              progress: bool = False, label: str = "") -> SetScore:
     """Mean PSNR/SSIM of ``model`` (a callable on a 1×C×h×w tensor) over ``dataset``."""
     images = []
+    need = 2 * dataset.scale + SSIM_WINDOW  # shaved borders, then one SSIM window
     for pair in tqdm(dataset, desc=label or dataset.name, disable=not progress, leave=False):
+        if min(pair.hr.shape[:2]) < need:
+            raise DataError(f"{dataset.name} image '{pair.name}' is {pair.hr.shape[0]}×"
+                            f"{pair.hr.shape[1]} (HR, cropped to a multiple of {dataset.scale}): "
+                            f"too small for x{dataset.scale} scoring, which shaves "
+                            f"{dataset.scale} pixels per border and needs an {SSIM_WINDOW}×"
+                            f"{SSIM_WINDOW} SSIM window; HR images must be at least {need}×{need}")
         psnr, ssim = score_image(super_resolve(model, pair.lr, color), pair.hr, dataset.scale)
         images.append(ImageScore(pair.name, psnr, ssim))
     return SetScore(dataset.name, float(np.mean([i.psnr for i in images])),

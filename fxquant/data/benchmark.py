@@ -36,8 +36,12 @@ class SRPair(NamedTuple):
 
 def list_images(folder: Path, suffixes: tuple[str, ...] = IMAGE_SUFFIXES) -> list[Path]:
     """Image files directly in ``folder``, sorted by file name."""
-    return sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in suffixes),
-                  key=lambda p: p.name)
+    try:
+        return sorted((p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in suffixes),
+                      key=lambda p: p.name)
+    except OSError as exc:  # permissions, a vanished folder
+        raise DataError(f"cannot list images in {folder}: {exc.strerror or exc}; the folder must "
+                        "be readable") from None
 
 
 def hr_folder(group: str, name: str, root: str | os.PathLike | None = None) -> Path:
@@ -58,10 +62,11 @@ class BenchmarkSet:
 
     def __init__(self, name: str, scale: int, root: str | os.PathLike | None = None,
                  limit: int | None = None):
-        if not isinstance(scale, int) or scale < 1:
-            raise ValueError(f"scale must be a positive int, got {scale!r}")
-        if limit is not None and limit < 1:
-            raise ValueError(f"limit must be a positive int or None, got {limit!r}")
+        if isinstance(scale, bool) or not isinstance(scale, int) or scale < 1:
+            raise DataError(f"scale must be a positive int, got {scale!r}")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)
+                                  or limit < 1):
+            raise DataError(f"limit must be a positive int or None, got {limit!r}")
         self.name = name
         self.scale = scale
         folder = hr_folder("benchmark", name, root)

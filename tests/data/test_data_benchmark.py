@@ -92,7 +92,29 @@ def test_missing_stored_lr_file_is_reported(tmp_path):
 
 def test_invalid_scale_and_limit(tmp_path):
     _make_set(tmp_path, "Tiny", [(8, 8)])
-    with pytest.raises(ValueError, match="scale"):
+    with pytest.raises(DataError, match="scale"):
         BenchmarkSet("Tiny", 0, root=tmp_path)
-    with pytest.raises(ValueError, match="limit"):
+    with pytest.raises(DataError, match="limit"):
         BenchmarkSet("Tiny", 2, root=tmp_path, limit=0)
+
+
+def test_an_unreadable_benchmark_folder_is_a_data_error(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    _make_set(tmp_path, "Locked", [(8, 8)])
+
+    def denied(self):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(Path, "iterdir", denied)
+    with pytest.raises(DataError, match=r"cannot list images in .*Locked.*Permission denied"):
+        BenchmarkSet("Locked", 2, root=tmp_path)
+
+
+def test_an_hr_image_too_small_to_score_is_named(tmp_path):
+    from fxquant.evaluate import evaluate
+
+    _make_set(tmp_path, "Small", [(64, 64), (16, 40)])
+    upscale = lambda x: x.repeat_interleave(4, -1).repeat_interleave(4, -2)  # noqa: E731
+    with pytest.raises(DataError, match=r"Small image 'im1' is 16×40 .*at least 19×19"):
+        evaluate(upscale, BenchmarkSet("Small", 4, root=tmp_path), "rgb")

@@ -1,0 +1,24 @@
+"""Numeric command-line arguments are checked by the parser: a clear usage error, exit 2, before
+any model is built (``--limit 0`` used to evaluate nothing, ``--crop -5`` crashed in numpy)."""
+
+from __future__ import annotations
+
+import pytest
+
+from fxquant.cli import main
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["eval", "--model", "imdn", "--scale", "4", "--limit", "0"], "--limit: 0 must be 1 or more"),
+    (["eval", "--model", "imdn", "--scale", "0"], "--scale: 0 must be 1 or more"),
+    (["eval", "--model", "imdn", "--scale", "x4"], "--scale: 'x4' is not an integer"),
+    (["report", "--model", "imdn", "--scale", "4", "--recipe", "mse-w4a4", "--out", "r.html",
+      "--images", "0"], "--images: 0 must be 1 or more"),
+    (["report", "--model", "imdn", "--scale", "4", "--recipe", "mse-w4a4", "--out", "r.html",
+      "--crop", "-5"], "--crop: -5 must be 0 or more"),
+])
+def test_bad_numbers_are_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
