@@ -1,0 +1,316 @@
+"""ONNX export of static uniform models: the ``reference`` lowering written as ONNX integer ops.
+
+The compiled model is lowered (``fxquant.lowered_copy(gm, "reference")``: uint8 activation
+codes, int8 weight codes, the exact integer semantics of docs/lowering.md) and traced by
+torch's TorchScript ONNX exporter; every float op (pixel shuffle → DepthToSpace CRD,
+interpolate → Resize, cat, add, mul, sigmoid, leaky ReLU, IMDN's mean/std) is the exporter's
+own translation, and the integer modules emit their ONNX form:
+
+- activation quantizer → ``QuantizeLinear`` (per tensor, uint8 zero point; ``Clip`` below 8
+  bits);
+- quantized conv, two forms:
+
+  ``qdq``: ``DequantizeLinear`` of the uint8 codes, of the int8 weight initializer (per
+  output channel, axis 0, zero point 0) and of an int32 bias at scale ``s_x·s_w`` → ``Conv``.
+  ONNX Runtime fuses ``DQ → Conv → Q`` into ``QLinearConv``, so this form is chosen for a
+  conv whose only reader is the next layer's quantizer (a ReLU in between is dropped when
+  that quantizer's zero point is 0: exact, the quantizer clamps negatives to code 0);
+
+  ``integer``: ``ConvInteger`` (uint8 codes × int8 weights → int32) → ``Cast`` → ``Mul`` by
+  ``s_x·s_w`` → ``Add`` bias: a float output computed exactly as the ``reference`` target,
+  for every other conv (leaky ReLU, residual adds, attention, concatenation read it; ONNX
+  Runtime keeps ``DQ → Conv`` without a following ``Q`` as a float conv).
+  Asymmetric weights (the ``minmax`` weight observer: a channel's codes need not contain 0)
+  are centred as in the lowering, ``k = (k − c) + c``, and the ``c`` part is an exact
+  second ``ConvInteger`` with an all-ones kernel (the window sums ``S``).
+
+``form="integer"`` (default) picks per conv as above; ``form="qdq"`` writes every conv in the
+QDQ form (what TensorRT and other QDQ consumers read) and refuses asymmetric weights.
+Opset 13: the first with per-axis ``QuantizeLinear``/``DequantizeLinear``, read by every
+current runtime (ONNX Runtime, TensorRT 8+, OpenVINO).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from fxquant.deploy.errors import ExportError
+from fxquant.errors import PassError
+from fxquant.files import atomic_write_bytes
+from fxquant.lower.codebook import CodebookQuantize
+from fxquant.lower.conv import IntegerQuantize, ReferenceConv2d
+from fxquant.lower.guard import InputGuard
+from fxquant.quant import Quantizer, UniformQuantizer
+
+OPSET = 13
+FORMS = ("integer", "qdq")
+INPUT, OUTPUT = "lr", "sr"
+_FLOAT, _UINT8, _INT8, _INT32 = 1, 2, 3, 6  # onnx.TensorProto data types
+
+
+def _const(g, value: torch.Tensor):
+    return g.op("Constant", value_t=value)
+
+
+def _conv_attrs(conv: ReferenceConv2d, groups: int) -> dict:
+    ph, pw = conv.padding
+    return {"kernel_shape_i": list(conv.kernel_size), "strides_i": list(conv.stride),
+            "pads_i": [ph, pw, ph, pw], "dilations_i": list(conv.dilation), "group_i": groups}
+
+
+def _untraced(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)`` with the TorchScript tracer paused: the autograd function's symbolic is
+    its ONNX form, and a recorded body of ATen ops only breaks the exporter's passes."""
+    state = torch._C._get_tracing_state()
+    torch._C._set_tracing_state(None)
+    try:
+        return module(x)
+    finally:
+        torch._C._set_tracing_state(state)
+
+
+class _QuantizeFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, module: IntegerQuantize):
+        return _untraced(module, x)
+
+    @staticmethod
+    def symbolic(g, x, module: IntegerQuantize):
+        zero_point = _const(g, module.zero_point.to(torch.uint8).reshape(()))
+        codes = g.op("QuantizeLinear", x, _const(g, module.scale.float().reshape(())), zero_point)
+        if module.qmax < 255:  # below 8 bits QuantizeLinear saturates at 255: clip to qmax
+            codes = g.op("Clip", codes, _const(g, torch.tensor(0, dtype=torch.uint8)),
+                         _const(g, torch.tensor(module.qmax, dtype=torch.uint8)))
+        return codes
+
+
+class _ConvFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, codes, module: ReferenceConv2d, form: str):
+        return _untraced(module, codes)
+
+    @staticmethod
+    def symbolic(g, codes, conv: ReferenceConv2d, form: str):
+        out = conv.out_channels
+        rescale = (conv.input_scale * conv.weight_scale).float()  # as ReferenceConv2d computes it
+        if form == "qdq":
+            x = g.op("DequantizeLinear", codes, _const(g, conv.input_scale.float().reshape(())),
+                     _const(g, conv.input_zero_point.to(torch.uint8).reshape(())))
+            w = g.op("DequantizeLinear", _const(g, conv.weight_codes), _const(g, conv.weight_scale.float()),
+                     _const(g, torch.zeros(out, dtype=torch.int8)), axis_i=0)
+            inputs = [x, w]
+            if conv.bias is not None:
+                b32 = torch.round(conv.bias.double() / rescale.double())
+                b32 = b32.clamp(-2 ** 31, 2 ** 31 - 1).to(torch.int32)
+                inputs.append(g.op("DequantizeLinear", _const(g, b32), _const(g, rescale),
+                                   _const(g, torch.zeros(out, dtype=torch.int32)), axis_i=0))
+            return g.op("Conv", *inputs, **_conv_attrs(conv, conv.groups))
+        x_zp = _const(g, conv.input_zero_point.to(torch.uint8).reshape(()))
+        w_zp = _const(g, torch.tensor(0, dtype=torch.int8))
+        acc = g.op("ConvInteger", codes, _const(g, conv.weight_codes), x_zp, w_zp,
+                   **_conv_attrs(conv, conv.groups))
+        y = g.op("Mul", g.op("Cast", acc, to_i=_FLOAT), _const(g, rescale.view(1, out, 1, 1)))
+        if conv.bias is not None:
+            y = g.op("Add", y, _const(g, conv.bias.float().view(1, out, 1, 1)))
+        if not bool((conv.weight_centre != 0).any()):
+            return y
+        # centring: y + (c_o·s_w[o])·(s_x·S), S the window sums of (q − z) per group
+        groups = conv.groups
+        ones = torch.ones((groups, conv.in_channels // groups) + conv.kernel_size, dtype=torch.int8)
+        sums = g.op("ConvInteger", codes, _const(g, ones), x_zp, w_zp, **_conv_attrs(conv, groups))
+        s = g.op("Mul", g.op("Cast", sums, to_i=_FLOAT), _const(g, conv.input_scale.float().reshape(())))
+        correction = (conv.weight_centre.float() * conv.weight_scale).view(1, groups, -1, 1, 1)
+        if groups == 1:
+            return g.op("Add", y, g.op("Mul", _const(g, correction.view(1, out, 1, 1)), s))
+        s = g.op("Unsqueeze", s, _const(g, torch.tensor([2], dtype=torch.int64)))
+        term = g.op("Reshape", g.op("Mul", _const(g, correction), s), g.op("Shape", y))
+        return g.op("Add", y, term)
+
+
+class _Quantize(nn.Module):
+    def __init__(self, module: IntegerQuantize):
+        super().__init__()
+        self.module = [module]  # a plain reference: its buffers are constants of the symbolic
+
+    def forward(self, x):
+        return _QuantizeFn.apply(x, self.module[0])
+
+
+class _Conv(nn.Module):
+    def __init__(self, module: ReferenceConv2d, form: str):
+        super().__init__()
+        self.module, self.form = [module], form
+
+    def forward(self, codes):
+        return _ConvFn.apply(codes, self.module[0], self.form)
+
+
+def _module(gm: fx.GraphModule, node: fx.Node):
+    return gm.get_submodule(node.target) if node.op == "call_module" else None
+
+
+def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_function":
+        return node.target in (F.relu, torch.relu)
+    if node.op == "call_method":
+        return node.target == "relu"
+    return isinstance(_module(gm, node), nn.ReLU)
+
+
+def _quantize_reader(gm: fx.GraphModule, node: fx.Node):
+    """``(quantize node, relu node or None)`` when ``node``'s only reader is an 8-bit
+    quantizer, directly or through a ReLU that the quantizer makes redundant (zero point 0)."""
+    if len(node.users) != 1:
+        return None
+    (user,) = node.users
+    relu = None
+    if _is_relu(gm, user) and len(user.users) == 1:
+        relu, user = user, next(iter(user.users))
+    quantize = _module(gm, user)
+    if not isinstance(quantize, IntegerQuantize) or quantize.bits != 8:
+        return None
+    if relu is not None and int(quantize.zero_point) != 0:
+        return None
+    return user, relu
+
+
+def check_exportable(gm: fx.GraphModule) -> None:
+    """Refuse, naming the quantizer, what has no static ONNX form (before lowering, whose
+    own errors speak of integer kernels)."""
+    if not hasattr(gm, "fxquant_recipe"):
+        raise ExportError("export takes a model compiled by fxquant.compile (or fxquant.load); "
+                          f"got a {type(gm).__name__} without a recipe")
+    if getattr(gm, "fxquant_lowered", None):
+        raise ExportError(f"the model is already lowered (target '{gm.fxquant_lowered}'); export "
+                          "the fake-quant model it was lowered from")
+    for name, module in gm.named_modules():
+        if not isinstance(module, Quantizer) or isinstance(module, UniformQuantizer):
+            continue
+        what = {"daq": "DAQ's per-(image, channel) ranges (mean ± k·std computed per input)",
+                "subset": "DFSQ's per-input channel normalization and subset levels",
+                "nonuniform": "non-uniform level lookup (I²NQ)"}.get(module.kind, module.kind)
+        raise ExportError(
+            f"quantizer '{name}' ({module.kind}, recipe '{gm.fxquant_recipe.name}'): {what} has "
+            "no static ONNX QuantizeLinear/DequantizeLinear form; ONNX export takes static uniform "
+            "presets (minmax-w8a8, mse-w8a8, mse-w8a8-sym, percentile-w8a8); use "
+            "format='torch-export' for this model")
+
+
+def integer_graph(gm: fx.GraphModule, form: str = "integer") -> fx.GraphModule:
+    """The ``reference`` lowering of ``gm`` with each integer module wrapped for the ONNX
+    exporter (see the module docstring); ReLUs made redundant by a QLinearConv's output
+    quantizer are removed."""
+    import fxquant
+
+    if form not in FORMS:
+        raise ExportError(f"ONNX form '{form}' unknown; valid: {', '.join(FORMS)}")
+    check_exportable(gm)
+    try:
+        lowered = fxquant.lowered_copy(gm, "reference")
+    except PassError as exc:
+        raise ExportError(f"ONNX export writes the integer lowering, which refused the model: {exc}") from exc
+    graph = lowered.graph
+    for node in list(graph.nodes):
+        module = _module(lowered, node)
+        if isinstance(module, InputGuard):
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+        elif isinstance(module, CodebookQuantize):
+            raise ExportError(f"'{node.target}': the non-uniform level lookup has no ONNX form yet")
+    for node in list(graph.nodes):
+        module = _module(lowered, node)
+        if isinstance(module, IntegerQuantize):
+            if form == "qdq" and module.bits != 8:
+                raise ExportError(f"'{node.target}' is a {module.bits}-bit activation quantizer; "
+                                  "the QDQ form writes 8-bit ones only; use form='integer'")
+            lowered.add_submodule(node.target, _Quantize(module))
+        elif isinstance(module, ReferenceConv2d):
+            centred = bool((module.weight_centre != 0).any())
+            reader = _quantize_reader(lowered, node)
+            if form == "qdq" and centred:
+                raise ExportError(
+                    f"conv '{module.source}' has asymmetric per-channel weights (recipe "
+                    f"'{gm.fxquant_recipe.name}', weights.observer = 'minmax'), which QDQ cannot "
+                    "write with int8 zero points; use the mse-w8a8-sym preset (symmetric "
+                    "weights) or form='integer' (exact, ConvInteger)")
+            use_qdq = form == "qdq" or (not centred and reader is not None)
+            if use_qdq and reader is not None and reader[1] is not None:
+                reader[1].replace_all_uses_with(node)
+                graph.erase_node(reader[1])
+            lowered.add_submodule(node.target, _Conv(module, "qdq" if use_qdq else "integer"))
+    graph.lint()
+    lowered.recompile()
+    return lowered
+
+
+def _example(gm: fx.GraphModule, example_inputs: tuple | None) -> tuple:
+    if example_inputs is not None:
+        if not (isinstance(example_inputs, tuple) and len(example_inputs) == 1
+                and isinstance(example_inputs[0], torch.Tensor) and example_inputs[0].dim() == 4):
+            raise ExportError("example_inputs must be a tuple holding one N×C×H×W image batch, "
+                              f"got {type(example_inputs).__name__}")
+        return (example_inputs[0].float(),)
+    guard = next((m for m in gm.modules() if isinstance(m, InputGuard)), None)
+    first = next((m for m in gm.modules() if isinstance(m, nn.Conv2d)), None)
+    channels = guard.channels if guard is not None else (first.in_channels if first else 3)
+    return (torch.rand(1, channels, 16, 16, generator=torch.Generator().manual_seed(0)),)
+
+
+def _constants_to_initializers(model) -> None:
+    """Move tensor ``Constant`` nodes into graph initializers (named after their output):
+    weights then show as initializers, as tools (Netron, quantization checkers) expect."""
+    keep = []
+    for node in model.graph.node:
+        attr = node.attribute[0] if node.op_type == "Constant" and len(node.attribute) == 1 else None
+        if attr is not None and attr.name == "value":
+            tensor = attr.t
+            tensor.name = node.output[0]
+            model.graph.initializer.append(tensor)
+        else:
+            keep.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(keep)
+
+
+def to_onnx(gm: fx.GraphModule, example_inputs: tuple | None = None, *, form: str = "integer",
+            opset: int = OPSET):
+    """The ONNX ModelProto of compiled model ``gm`` (checked with ``full_check``)."""
+    try:
+        import onnx
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise ExportError("ONNX export needs the onnx package: pip install 'fxquant[deploy]'") from exc
+    if opset < OPSET:
+        raise ExportError(f"opset {opset} has no per-axis QuantizeLinear/DequantizeLinear; "
+                          f"give {OPSET} or later")
+    module = integer_graph(gm, form)
+    example = _example(gm, example_inputs)
+    dims = {0: "batch", 2: "height", 3: "width"}
+    buffer = io.BytesIO()
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the legacy-exporter deprecation and tracer warnings
+        torch.onnx.export(module, example, buffer, dynamo=False, opset_version=opset,
+                          input_names=[INPUT], output_names=[OUTPUT],
+                          dynamic_axes={INPUT: dims, OUTPUT: {0: "batch", 2: "out_height", 3: "out_width"}})
+    model = onnx.load_from_string(buffer.getvalue())
+    _constants_to_initializers(model)
+    model.producer_name, model.doc_string = "fxquant", (
+        f"recipe {gm.fxquant_recipe.name}; ONNX form '{form}' (docs/deploy.md)")
+    try:
+        onnx.checker.check_model(model, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise ExportError(f"the exported ONNX model does not pass onnx.checker: {exc}") from exc
+    return model
+
+
+def export_onnx(gm: fx.GraphModule, path: str | os.PathLike, example_inputs: tuple | None = None,
+                *, form: str = "integer", opset: int = OPSET):
+    """Write :func:`to_onnx`'s model to ``path`` atomically; returns the ModelProto."""
+    model = to_onnx(gm, example_inputs, form=form, opset=opset)
+    atomic_write_bytes(path, model.SerializeToString(), "ONNX model")
+    return model
