@@ -121,7 +121,8 @@ def cmd_report(args: argparse.Namespace) -> int:
                          compiled=args.compiled, data_root=args.data, checkpoint=args.checkpoint)
     config = ReportConfig(datasets=_datasets(args.datasets), limit=args.limit,
                           analysis_images=args.images, crop=args.crop, worst=args.worst,
-                          sweep=not args.no_sweep, graph=not args.no_graph)
+                          sweep=not args.no_sweep, graph=not args.no_graph,
+                          speed=not args.no_speed)
     progress = None if args.quiet else (lambda m: print(f"  {m} ...", file=sys.stderr))
     report = write_report(args.out, models, config=config, data_root=args.data, progress=progress)
     print(report.summary())
@@ -248,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--worst", type=int, default=3, help="layers to highlight and plot")
     p.add_argument("--no-sweep", action="store_true", help="skip the sensitivity sweep")
     p.add_argument("--no-graph", action="store_true", help="leave the graph drawing out")
+    p.add_argument("--no-speed", action="store_true",
+                   help="skip the short FP32 vs lowered timing in the headline")
     p.add_argument("--quiet", action="store_true", help="no progress messages")
     p.add_argument("--out", required=True, help="output HTML file")
     p.set_defaults(func=cmd_report)

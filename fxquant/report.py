@@ -2,21 +2,28 @@
 
 ``fxquant report --model imdn --scale 4 --recipe minmax-w4a4 --datasets Set5 --out r.html``
 (or ``--compiled m.fxq``) writes a single HTML file with every image and plot embedded as a
-``data:`` URI (no URL, no script from the network; it opens offline). It holds:
+``data:`` URI (no URL, no script from the network; it opens offline). It leads with what
+people look at and folds the details away (``<details>``):
 
-1. the recipe (TOML) and the pass pipeline;
-2. FP vs quantized PSNR/SSIM per dataset;
+1. the headline: FP vs quantized PSNR/SSIM per dataset with ΔPSNR, and the speed of the
+   lowered integer model against FP32 eager when the recipe lowers (a short interleaved CPU
+   timing of ``fxquant.lowered_copy(gm, "cpu")`` on a small input, ``speed``; recipes that do
+   not lower get a one-line note and no number);
+2. image crops: HR, bicubic, FP, quantized, and the error maps |FP − quant| and |HR − quant|;
 3. per-layer error attribution (:func:`fxquant.analysis.layer_errors`): a bar chart of every
-   quantized layer's isolated SQNR (worst highlighted) with the propagated SQNR, and a table;
+   quantized layer's isolated SQNR (worst highlighted) with the propagated SQNR; the tables
+   with each layer's quantizers are folded;
 4. the sensitivity sweep (:func:`fxquant.analysis.sensitivity_sweep`): output SQNR with one
-   layer quantized at a time, ranked, and how well it agrees with the per-layer ranking;
-5. distribution plots (:mod:`fxquant.distributions`) of the worst layers' inputs, with the
+   layer quantized at a time and how well it agrees with the per-layer ranking (ranking
+   table folded);
+5. distributions (:mod:`fxquant.distributions`) of the worst layers' inputs, with the
    activation quantizer's clipping range;
-6. image crops: HR, bicubic, FP, quantized, and the error maps |FP − quant| and |HR − quant|;
-7. the graph, drawn as SVG with layers coloured by their SQNR.
+6. the graph, drawn as SVG with layers coloured by their SQNR (folded);
+7. the recipe (TOML) and the pass pipeline (folded).
 
-Analysis runs on small LR crops of the first images of the first dataset (``crop``,
-``analysis_images``) so the report takes tens of seconds on a CPU.
+Without matplotlib the charts are left out and one notice at the top says so. Analysis runs
+on small LR crops of the first images of the first dataset (``crop``, ``analysis_images``)
+so the report takes tens of seconds on a CPU.
 """
 
 from __future__ import annotations
@@ -45,13 +52,15 @@ from fxquant.analysis import (
 from fxquant.errors import CheckpointError
 
 __all__ = ["ReportConfig", "Report", "build_report", "write_report", "models_from_compiled",
-           "load_models", "rank_agreement", "spearman"]
+           "load_models", "measure_speed", "rank_agreement", "spearman"]
 
 
 @dataclass
 class ReportConfig:
     """What the report computes. ``crop`` is the side of the centred LR crop the analyses
-    use (0: whole images); ``worst`` the number of layers highlighted and plotted."""
+    use (0: whole images); ``worst`` the number of layers highlighted and plotted; ``speed``
+    times the lowered integer model against FP32 eager on a 1×C×``speed_size``² LR input
+    (``speed_rounds`` interleaved rounds) when the recipe lowers."""
 
     datasets: list[str] = field(default_factory=lambda: ["Set5"])
     limit: int | None = None
@@ -63,6 +72,9 @@ class ReportConfig:
     view_images: int = 2
     view_crop: int = 128
     graph: bool = True
+    speed: bool = True
+    speed_size: int = 64
+    speed_rounds: int = 5
 
 
 @dataclass
@@ -95,6 +107,13 @@ class Report:
                 lines.append(f"  agreement: top-5 overlap {agree['overlap5']}/5, sweep's worst "
                              f"layer is #{agree['sweep_worst_isolated_rank']} by isolated SQNR, "
                              f"Spearman {agree['spearman']:.2f}")
+        speed = d.get("speed") or {}
+        if speed.get("status") == "measured":
+            lines.append(f"  speed: lowered {speed['lowered_ms']:.1f} ms vs FP32 eager "
+                         f"{speed['fp32_ms']:.1f} ms ({speed['ratio']:.2f}x) on "
+                         f"{speed['size']}x{speed['size']} LR, {speed['how']}")
+        elif speed.get("reason"):
+            lines.append(f"  speed: not measured ({speed['reason']})")
         if d.get("timings_s"):
             lines.append("  time (s): " + ", ".join(f"{k} {v:.1f}" for k, v in
                                                    d["timings_s"].items()))
@@ -165,6 +184,50 @@ def rank_agreement(errors: LayerErrorReport, sweep: SweepResult) -> dict:
         "spearman": spearman([e.sqnr_isolated for e in common],
                              [by_sweep[e.layer] for e in common]),
     }
+
+
+# ----------------------------------------------------------------------------- speed
+def _is_lowered(gm) -> bool:
+    from fxquant.lower.guard import InputGuard
+
+    return any(isinstance(m, InputGuard) for m in gm.modules())
+
+
+def measure_speed(models, *, size: int = 64, rounds: int = 5) -> dict:
+    """FP32 eager vs the lowered integer model (``lower{target=cpu}``, eager, no Inductor)
+    on one random 1×C×``size``² LR input, ``rounds`` interleaved rounds after warm-up
+    (:func:`fxquant.bench.interleaved`). ``status`` is ``measured``, ``not lowerable`` (the
+    recipe has no integer form; ``reason`` says why) or ``failed``; no number is made up."""
+    import fxquant
+    from fxquant.bench import interleaved, summarize
+    from fxquant.errors import FxquantError
+    from fxquant.workflow import as_sr_function
+
+    gm = models.quant_model
+    if _is_lowered(gm):
+        lowered, how = gm, "the model as given (already lowered)"
+    else:
+        try:
+            lowered = fxquant.lowered_copy(gm, "cpu")
+        except FxquantError as exc:
+            reason = str(exc).splitlines()[0].split("; supported:")[0]
+            return {"status": "not lowerable", "reason": f"the recipe does not lower: {reason}"}
+        how = "lower{target=cpu}, eager (no Inductor)"
+    channels = 1 if models.spec.color == "y" else 3
+    x = torch.rand(1, channels, size, size, generator=torch.Generator().manual_seed(0))
+    fp_fn = models.runner("fp")
+    low_fn = as_sr_function(lowered, models.spec, models.scale)
+    try:
+        times = interleaved({"fp32_eager": lambda: fp_fn(x), "lowered": lambda: low_fn(x)},
+                            rounds)
+    except Exception as exc:  # noqa: BLE001 - an optional measurement must not sink the report
+        return {"status": "failed",
+                "reason": f"timing failed: {type(exc).__name__}: {str(exc).splitlines()[0]}"}
+    fp_row, low_row = summarize("", times)
+    return {"status": "measured", "fp32_ms": fp_row.median_ms, "lowered_ms": low_row.median_ms,
+            "ratio": low_row.ratio, "ratio_min": low_row.ratio_min,
+            "ratio_max": low_row.ratio_max, "size": size, "channels": channels,
+            "rounds": rounds, "threads": torch.get_num_threads(), "how": how}
 
 
 # ----------------------------------------------------------------------------- images
@@ -276,6 +339,15 @@ img.plot { max-width: 100%; border: 1px solid #eee; }
 .crops img { width: 160px; height: 160px; image-rendering: pixelated; border: 1px solid #ccc; }
 .note { color: #666; font-size: 13px; }
 .graph { overflow: auto; max-height: 80vh; border: 1px solid #ccc; }
+.notice { background: #fff3cd; border: 1px solid #e0c36c; padding: 0.5em 0.8em; }
+.cards { display: flex; flex-wrap: wrap; gap: 12px; margin: 0.6em 0; }
+.card { border: 1px solid #ccc; border-radius: 6px; padding: 0.6em 1em; min-width: 220px; }
+.card .what { font-size: 13px; color: #555; }
+.card .delta { font-size: 2em; font-weight: bold; }
+.card .psnr { font-size: 1.1em; }
+.card .ssim { font-size: 13px; color: #444; }
+.speed { font-size: 1.2em; }
+details { margin: 0.6em 0; } summary { cursor: pointer; color: #245; }
 """
 
 
@@ -320,19 +392,24 @@ def build_report(models, *, model_name: str | None = None, config: ReportConfig 
                               limit=config.limit)
     q_scores = evaluate_sets(q_fn, spec, scale, config.datasets, data_root=data_root,
                              limit=config.limit)
-    rows = []
+    cards = []
     for ds in config.datasets:
         f, q = fp_scores[ds], q_scores[ds]
         data["quality"][ds] = {"fp": {"psnr": f.psnr, "ssim": f.ssim},
                                "quant": {"psnr": q.psnr, "ssim": q.ssim},
                                "images": len(f.images)}
-        rows.append([ds, len(f.images), f"{f.psnr:.3f}", f"{q.psnr:.3f}", f"{q.psnr - f.psnr:+.3f}",
-                     f"{f.ssim:.4f}", f"{q.ssim:.4f}", f"{q.ssim - f.ssim:+.4f}"])
-    quality_html = _table(["dataset", "images", "FP PSNR", "quant PSNR", "ΔPSNR", "FP SSIM",
-                           "quant SSIM", "ΔSSIM"], rows)
-    quality_html += ('<p class="note">PSNR/SSIM on the Y channel, borders of '
-                     f'{scale} pixels shaved' + (f"; first {config.limit} images per set"
-                                                 if config.limit else "") + ".</p>")
+        cards.append(_quality_card(ds, len(f.images), f.psnr, q.psnr, f.ssim, q.ssim))
+    quality_html = ('<div class="cards">' + "".join(cards) + "</div>"
+                    '<p class="note">PSNR/SSIM on the Y channel, borders of '
+                    f'{scale} pixels shaved' + (f"; first {config.limit} images per set"
+                                                if config.limit else "") + ".</p>")
+
+    speed = None
+    if config.speed:
+        say(f"timing FP32 eager vs the lowered model ({config.speed_size}×{config.speed_size} "
+            "LR input)", "speed")
+        speed = measure_speed(models, size=config.speed_size, rounds=config.speed_rounds)
+        data["speed"] = speed
 
     # 2. analysis inputs ----------------------------------------------------------------
     dataset = BenchmarkSet(config.datasets[0], scale, root=data_root,
@@ -351,7 +428,9 @@ def build_report(models, *, model_name: str | None = None, config: ReportConfig 
     data["worst"] = worst
     names = [e.layer for e in errors.layers]
     attribution_html = (
-        f"<p>Each quantized layer's output is compared with the float layer of the same name on "
+        "<p><b>Layers that lose most</b> (isolated SQNR): " + _e(", ".join(
+            f"{e.layer} ({_fmt(e.sqnr_isolated)} dB)" for e in ranked[:config.worst])) + ".</p>"
+        f"<p class=\"note\">Each quantized layer's output is compared with the float layer of the same name on "
         f"{_e(crop_note)}. <b>Isolated</b>: the quantized layer is fed the float model's input "
         "(its local error, split into weight-only and activation-only parts). "
         "<b>Propagated</b>: the quantized model runs on its own activations (the error "
@@ -366,8 +445,6 @@ def build_report(models, *, model_name: str | None = None, config: ReportConfig 
                 ylabel="SQNR (dB)", first_label="isolated",
                 second=[e.sqnr_propagated for e in errors.layers],
                 second_label="propagated") + '">')
-    else:
-        attribution_html += _no_plots()
     if errors.transformed:
         attribution_html += (
             '<p class="note"><b>Warning:</b> a pass changed the weights of '
@@ -376,14 +453,15 @@ def build_report(models, *, model_name: str | None = None, config: ReportConfig 
             "layers they feed do not measure quantization error alone. The sensitivity sweep "
             "is unaffected when the folding is exact.</p>")
     top = ranked[:max(10, config.worst)]
-    attribution_html += "<h3>Worst layers by isolated SQNR</h3>" + _table(
+    attribution_html += _fold(
+        f"worst {len(top)} layers by isolated SQNR, with their quantizers", _table(
         ["layer", "module", "quantizer", "isolated dB", "weight-only dB", "activation-only dB",
          "propagated dB", "isolated MSE"],
         [[e.layer, e.module_type, e.quantizer, _fmt(e.sqnr_isolated), _fmt(e.sqnr_weight_only),
           _fmt(e.sqnr_activation_only), _fmt(e.sqnr_propagated), f"{e.mse_isolated:.3g}"]
-         for e in top], set(range(config.worst)))
-    attribution_html += ("<details><summary>all layers in graph order</summary><pre>"
-                         + _e(errors.table()) + "</pre></details>")
+         for e in top], set(range(config.worst))))
+    attribution_html += _fold("all layers in graph order", "<pre>" + _e(errors.table())
+                              + "</pre>")
 
     # 3. sensitivity --------------------------------------------------------------------
     sweep = None
@@ -401,16 +479,16 @@ def build_report(models, *, model_name: str | None = None, config: ReportConfig 
         what = ("only this layer quantized, every other quantizer switched off"
                 if sweep.strategy == "only" else "every layer quantized except this one")
         sweep_html = (
-            f"<p>Network output with {what}, against the FP output on the same crops. With all "
+            "<p><b>Most sensitive layers</b> (output SQNR): " + _e(", ".join(
+                f"{s.layer} ({_fmt(s.sqnr)} dB)" for s in sranked[:config.worst])) + ".</p>"
+            f"<p class=\"note\">Network output with {what}, against the FP output on the same crops. With all "
             f"layers quantized the output SQNR is {_fmt(sweep.baseline_sqnr)} dB.</p>")
         if plots:
             sweep_html += '<img class="plot" alt="sensitivity sweep" src="' + _bar_chart(
                 [s.layer for s in sweep.layers], [s.sqnr for s in sweep.layers], sworst,
                 title=f"output SQNR with one layer quantized (most sensitive {config.worst} "
                       "in red)", ylabel="output SQNR (dB)") + '">'
-        else:
-            sweep_html += _no_plots()
-        sweep_html += "<h3>Ranking</h3>" + _table(
+        ranking = _table(
             ["rank", "layer", "output SQNR dB", "PSNR vs FP dB", "rank by isolated SQNR"],
             [[i + 1, s.layer, _fmt(s.sqnr), _fmt(s.psnr), iso_rank.get(s.layer, "-")]
              for i, s in enumerate(sranked[:max(10, config.worst)])], set(range(config.worst)))
@@ -424,33 +502,36 @@ def build_report(models, *, model_name: str | None = None, config: ReportConfig 
             "layer's local error is damped (or not) on its way to the output: a layer writing "
             "straight into the residual trunk or the upsampler passes its error on undamped, "
             "while a branch gated by attention or mixed with many other channels damps it.</p>")
+        sweep_html += _fold(f"ranking of the {min(len(sranked), max(10, config.worst))} most "
+                            "sensitive layers", ranking)
 
-    # 4. distributions ------------------------------------------------------------------
+    # 4. distributions (statistics need no matplotlib; the plots do) ----------------------
+    from fxquant.distributions import activation_stats
+
+    say(f"activation distributions of {', '.join(worst)}", "distributions")
+    stats = activation_stats(models.float_model, inputs, worst, where="input", fn=fp_fn,
+                             quant_model=gm, labels=labels)
+    data["distributions"] = {}
     dist_html = ""
-    if plots:
-        from fxquant.distributions import activation_stats, figure_to_png, plot_activation, \
-            png_data_uri
+    for layer in worst:
+        s = stats[layer]
+        no_range = "" if s.clip is not None else (
+            " The quantizer in front of this layer has no static range (it is dynamic, "
+            "non-uniform or per-channel).")
+        dist_html += f"<h3>{_e(layer)}</h3><p>{_e(s.summary() + no_range)}</p>"
+        if plots:
+            from fxquant.distributions import figure_to_png, plot_activation, png_data_uri
 
-        say(f"activation distributions of {', '.join(worst)}", "distributions")
-        stats = activation_stats(models.float_model, inputs, worst, where="input", fn=fp_fn,
-                                 quant_model=gm, labels=labels)
-        data["distributions"] = {}
-        for layer in worst:
-            s = stats[layer]
-            no_range = "" if s.clip is not None else (
-                " The quantizer in front of this layer has no static range to draw (it is "
-                "dynamic, non-uniform or per-channel).")
-            dist_html += (f"<h3>{_e(layer)}</h3><p>{_e(s.summary() + no_range)}</p>"
-                          f'<img class="plot" alt="distribution of {_e(layer)} input" src="'
+            dist_html += (f'<img class="plot" alt="distribution of {_e(layer)} input" src="'
                           f'{png_data_uri(figure_to_png(plot_activation(s)))}">')
-            data["distributions"][layer] = {"lo": s.lo, "hi": s.hi, "clip": s.clip,
-                                            "clipped_fraction": s.clipped_fraction()}
-        dist_html = ("<p>Inputs of the worst layers in the float model, per channel for each "
-                     "image (bar: min..max, box: mean±std) and as a histogram; dashed lines are "
-                     "the range of the activation quantizer in front of the layer.</p>"
-                     + dist_html)
-    else:
-        dist_html = _no_plots()
+        data["distributions"][layer] = {"lo": s.lo, "hi": s.hi, "clip": s.clip,
+                                        "clipped_fraction": s.clipped_fraction()}
+    dist_html = ("<p class=\"note\">Inputs of the worst layers in the float model"
+                 + (", per channel for each image (bar: min..max, box: mean±std) and as a "
+                    "histogram; dashed lines are the range of the activation quantizer in front "
+                    "of the layer." if plots else "; the range of the activation quantizer in "
+                    "front of the layer and the share of values it clips.") + "</p>"
+                 + dist_html)
 
     # 5. image crops ---------------------------------------------------------------------
     say("image crops", "images")
@@ -506,27 +587,21 @@ def build_report(models, *, model_name: str | None = None, config: ReportConfig 
     when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     toml = recipe.to_toml()
     title = f"fxquant report: {name} ×{scale}, recipe {recipe.name}"
-    summary_items = []
-    for ds, r in data["quality"].items():
-        delta = r["quant"]["psnr"] - r["fp"]["psnr"]
-        summary_items.append(f"{ds}: FP {r['fp']['psnr']:.2f} dB → quantized "
-                             f"{r['quant']['psnr']:.2f} dB ({delta:+.2f})")
-    summary_items.append("layers that lose most (isolated SQNR): " + ", ".join(
-        f"{e.layer} ({_fmt(e.sqnr_isolated)} dB)" for e in ranked[:config.worst]))
-    if sweep is not None:
-        summary_items.append("most sensitive layers (sweep): " + ", ".join(
-            f"{s.layer} ({_fmt(s.sqnr)} dB)" for s in sweep.ranked()[:config.worst]))
+    recipe_html = _fold(f"recipe {recipe.name} (TOML) and the pass pipeline",
+                        f"<pre>{html.escape(toml, quote=False)}</pre>"
+                        f"<p>pipeline <code>{_e(data['pipeline'])}</code></p>")
     body = (f"<h1>{_e(title)}</h1>"
             f'<p class="note">{_e(when)} · fxquant {_e(fxquant.__version__)} · torch '
-            f"{_e(torch.__version__)} · pipeline <code>{_e(data['pipeline'])}</code></p>"
-            "<ul>" + "".join(f"<li>{_e(s)}</li>" for s in summary_items) + "</ul>"
-            + _section("Recipe", f"<pre>{html.escape(toml, quote=False)}</pre>", "recipe")
-            + _section("Quality", quality_html, "quality")
+            f"{_e(torch.__version__)}</p>"
+            + ("" if plots else f'<p class="notice">{_e(NO_MATPLOTLIB)}</p>')
+            + _section("Quality and speed", quality_html + _speed_html(speed),
+                       "headline")
+            + _section("Images", crops_html, "images")
             + _section("Per-layer error", attribution_html, "layers")
             + _section("Sensitivity sweep", sweep_html, "sweep")
             + _section("Distributions of the worst layers' inputs", dist_html, "distributions")
-            + _section("Images", crops_html, "images")
             + (_section("Graph", graph_html, "graph") if graph_html else "")
+            + _section("Recipe", recipe_html, "recipe")
             + '<p class="note">time (s): ' + _e(", ".join(f"{k} {v:.1f}" for k, v in
                                                          timings.items())) + "</p>")
     page = (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
@@ -535,8 +610,42 @@ def build_report(models, *, model_name: str | None = None, config: ReportConfig 
     return Report(page, data, errors, sweep)
 
 
-def _no_plots() -> str:
-    return ('<p class="note">plots need matplotlib: pip install \'fxquant[viz]\'</p>')
+NO_MATPLOTLIB = ("matplotlib is not installed: charts are omitted; pip install matplotlib "
+                 "(the viz extra)")
+
+
+def _fold(summary: str, body: str) -> str:
+    """``body`` folded away under a one-line ``summary`` (escaped)."""
+    return f"<details><summary>{_e(summary)}</summary>\n{body}\n</details>"
+
+
+def _quality_card(dataset: str, images: int, fp_psnr: float, q_psnr: float, fp_ssim: float,
+                  q_ssim: float) -> str:
+    delta = q_psnr - fp_psnr
+    return (f'<div class="card"><div class="what">{_e(dataset)} ({images} image'
+            f'{"s" if images != 1 else ""})</div>'
+            f'<div class="delta">ΔPSNR {_e(f"{delta:+.2f}")} dB</div>'
+            f'<div class="psnr">FP {fp_psnr:.2f} dB → quantized {q_psnr:.2f} dB</div>'
+            f'<div class="ssim">SSIM {fp_ssim:.4f} → {q_ssim:.4f} '
+            f"({q_ssim - fp_ssim:+.4f})</div></div>")
+
+
+def _speed_html(speed: dict | None) -> str:
+    """The headline's speed line: a measured ratio, or one line saying why there is none."""
+    bench = ("<code>fxquant bench</code> compares it with the Inductor-compiled lowered model, "
+             "torch.ao and PT2E int8 at 256², with peak memory")
+    if speed is None:
+        return f'<p class="note">Speed not measured (--no-speed); {bench}.</p>'
+    if speed["status"] != "measured":
+        return f'<p class="note">Speed not measured: {_e(speed["reason"])}.</p>'
+    return (f'<p class="speed">Speed: the lowered integer model runs <b>{speed["ratio"]:.2f}×'
+            f'</b> as fast as FP32 eager ({speed["ratio_min"]:.2f}–{speed["ratio_max"]:.2f} '
+            f'across rounds): {speed["lowered_ms"]:.1f} ms vs {speed["fp32_ms"]:.1f} ms per '
+            f'1×{speed["channels"]}×{speed["size"]}×{speed["size"]} LR input on the CPU</p>'
+            f'<p class="note">{_e(speed["how"])}; {speed["rounds"]} interleaved rounds after '
+            f'warm-up, {speed["threads"]} torch thread{"s" if speed["threads"] != 1 else ""}; '
+            f"median time and the median (min–max) of the per-round ratio. A small input and "
+            f"few rounds: an indication, not a benchmark; {bench}.</p>")
 
 
 def write_report(path: str | os.PathLike, models, **kwargs) -> Report:

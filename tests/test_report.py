@@ -17,7 +17,16 @@ from torch import nn
 
 import fxquant
 from fxquant.models import ModelSpec
-from fxquant.report import ReportConfig, build_report, rank_agreement, spearman, write_report
+from fxquant import report as report_module
+from fxquant.report import (
+    NO_MATPLOTLIB,
+    ReportConfig,
+    build_report,
+    measure_speed,
+    rank_agreement,
+    spearman,
+    write_report,
+)
 from fxquant.workflow import ZooModels
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -65,7 +74,7 @@ def tiny_report(data, tmp_path_factory):
 def test_report_contents(tiny_report):
     path, report = tiny_report
     page = path.read_text(encoding="utf-8")
-    for section in ("recipe", "quality", "layers", "sweep", "distributions", "images", "graph"):
+    for section in ("headline", "images", "layers", "sweep", "distributions", "graph", "recipe"):
         assert f'<section id="{section}">' in page
     assert 'name = "minmax-w4a4"' in page  # the recipe as TOML
     assert report.data["quality"]["Set5"]["images"] == 1
@@ -79,6 +88,48 @@ def test_report_contents(tiny_report):
     assert page.count('src="data:image/png;base64,') == 10
     summary = report.summary()
     assert "tiny x2, recipe minmax-w4a4" in summary and "worst layers" in summary
+    assert NO_MATPLOTLIB not in page  # matplotlib is installed here
+
+
+def _inside_details(page: str, needle: str) -> bool:
+    """Whether every occurrence of ``needle`` lies in a <details> element (none nest here)."""
+    at = [i for i in range(len(page)) if page.startswith(needle, i)]
+    assert at, needle
+    return all(page.rfind("<details", 0, i) > page.rfind("</details>", 0, i) for i in at)
+
+
+def test_report_leads_with_the_headline(tiny_report):
+    """Headline (quality and speed), then crops, then the per-layer chart; the recipe last."""
+    path, report = tiny_report
+    page = path.read_text(encoding="utf-8")
+    first_section = page.index("<section")
+    assert first_section == page.index('<section id="headline">')
+    order = [page.index('<section id="headline">'), page.index("ΔPSNR"),
+             page.index('<section id="images">'), page.index('alt="per-layer SQNR"'),
+             page.index('<section id="recipe">')]
+    assert order == sorted(order), order
+    q = report.data["quality"]["Set5"]
+    assert f"ΔPSNR {q['quant']['psnr'] - q['fp']['psnr']:+.2f} dB" in page
+    assert f"FP {q['fp']['psnr']:.2f} dB → quantized {q['quant']['psnr']:.2f} dB" in page
+    # minmax-w4a4 lowers: the headline has a measured speed, placed before the crops
+    speed = report.data["speed"]
+    assert speed["status"] == "measured" and speed["ratio"] > 0, speed
+    assert speed["how"] == "lower{target=cpu}, eager (no Inductor)"
+    assert first_section < page.index('class="speed"') < page.index('<section id="images">')
+    assert f"<b>{speed['ratio']:.2f}×</b>" in page and "speed:" in report.summary()
+
+
+def test_report_folds_recipe_and_layer_descriptions(tiny_report):
+    path, report = tiny_report
+    page = path.read_text(encoding="utf-8")
+    assert _inside_details(page, 'name = "minmax-w4a4"')  # the recipe TOML
+    assert _inside_details(page, report.data["pipeline"])  # the pass pipeline
+    quantizers = {e.quantizer for e in report.errors.layers if e.quantizer}
+    assert quantizers
+    for text in quantizers:  # the long per-layer quantizer descriptions
+        assert _inside_details(page, report_module._e(text)), text
+    assert not _inside_details(page, 'alt="per-layer SQNR"')  # the chart stays visible
+    assert not _inside_details(page, "ΔPSNR")
 
 
 def test_report_is_self_contained(tiny_report):
@@ -91,15 +142,44 @@ def test_report_is_self_contained(tiny_report):
 
 
 def test_report_without_matplotlib(tiny_report, monkeypatch, data):
+    """One notice at the top instead of one per section; the statistics are still there."""
     monkeypatch.setitem(sys.modules, "matplotlib", None)
+    monkeypatch.setattr(report_module, "_plot_available", lambda: False)
     models = _tiny_models()
     report = build_report(models, config=ReportConfig(limit=1, analysis_images=1, crop=16,
                                                       view_images=1, view_crop=32,
-                                                      sweep=False, graph=False),
+                                                      sweep=False, graph=False, speed=False),
                           data_root=data)
-    assert "plots need matplotlib: pip install 'fxquant[viz]'" in report.html
-    assert report.html.count("<img ") == 6  # the image crops need only Pillow
-    assert report.sweep is None and "sweep not run" in report.html
+    page = report.html
+    assert page.count("matplotlib is not installed") == page.count("charts are omitted") == 1
+    assert page.count(NO_MATPLOTLIB) == 1
+    assert page.index(NO_MATPLOTLIB) < page.index("<section")
+    assert "plots need matplotlib" not in page
+    assert page.count("<img ") == 6  # the image crops need only Pillow
+    for layer in report.data["worst"]:  # distribution statistics need no matplotlib
+        assert f"<h3>{layer}</h3>" in page
+    assert report.sweep is None and "sweep not run" in page
+    assert "speed" not in report.data and "Speed not measured (--no-speed)" in page
+
+
+def test_speed_is_measured_only_for_lowering_recipes(data):
+    """A recipe without an integer form gets a reason and no number; an already lowered model
+    is timed as it is."""
+    torch.manual_seed(0)
+    model = SmallSR().eval()
+    calib = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    spec = ModelSpec("tiny", (2,), "rgb", False)
+    daq = fxquant.compile(model, "daq-w4a4", calib=calib)
+    speed = measure_speed(ZooModels(spec, 2, daq.fxquant_recipe, model, daq), size=16, rounds=2)
+    assert speed["status"] == "not lowerable" and "daq" in speed["reason"]
+    assert set(speed) == {"status", "reason"}  # no timing made up
+    line = report_module._speed_html(speed)
+    assert "Speed not measured" in line and "×" not in line
+    lowered = fxquant.lowered_copy(fxquant.compile(model, "minmax-w8a8", calib=calib), "cpu")
+    speed = measure_speed(ZooModels(spec, 2, lowered.fxquant_recipe, model, lowered), size=16,
+                          rounds=2)
+    assert speed["status"] == "measured" and speed["how"].endswith("(already lowered)")
+    assert speed["size"] == 16 and speed["rounds"] == 2 and speed["lowered_ms"] > 0
 
 
 def _tiny_models() -> ZooModels:
