@@ -72,13 +72,19 @@ def node_counts(model) -> collections.Counter:
     return collections.Counter(node.op_type for node in model.graph.node)
 
 
-def runner_for(gm: fx.GraphModule, *, form: str = "integer", threads: int | None = None,
+def runner_for(gm: fx.GraphModule | None, *, form: str = "integer", threads: int | None = None,
                optimization: str = "all", example_inputs: tuple | None = None) -> OrtRunner:
-    """Export compiled model ``gm`` to ONNX (in memory) and wrap an ONNX Runtime session of it."""
-    from fxquant.deploy.onnx import to_onnx
+    """Export compiled model ``gm`` to a temporary ONNX file and wrap an ONNX Runtime session
+    of it (the session keeps the model; the file is removed)."""
+    from fxquant.deploy.onnx import export_onnx
 
-    model = to_onnx(gm, example_inputs, form=form)
-    return OrtRunner(session(model.SerializeToString(), threads=threads, optimization=optimization))
+    if gm is None:
+        raise ExportError("the onnxruntime runtime runs a compiled model; give a static uniform "
+                          "recipe (e.g. mse-w8a8-sym), not the float model")
+    with tempfile.TemporaryDirectory(prefix="fxquant-onnx-") as folder:
+        path = Path(folder) / "model.onnx"
+        export_onnx(gm, path, example_inputs, form=form)
+        return OrtRunner(session(path, threads=threads, optimization=optimization))
 
 
 def optimized_counts(model_bytes: bytes, *, optimization: str = "all") -> collections.Counter:

@@ -1,0 +1,83 @@
+"""``fxquant export``: write a compiled model as ONNX (for ONNX Runtime's integer kernels) or as
+a ``torch.export`` program, then load the written file back and check it against the model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+
+from fxquant.errors import FxquantError
+
+
+def build_parser(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--compiled", help="a saved compiled model (instead of --model/--scale/--recipe)")
+    p.add_argument("--model", help="zoo model name (see `fxquant models`)")
+    p.add_argument("--scale", type=int, help="upscaling factor")
+    p.add_argument("--recipe", default="mse-w8a8-sym",
+                   help="preset or .toml recipe (default mse-w8a8-sym; ONNX takes the static "
+                        "uniform presets)")
+    p.add_argument("--checkpoint", help="float weights instead of the pretrained ones")
+    p.add_argument("--data", help="data root (default: $FXQUANT_DATA)")
+    p.add_argument("--format", choices=("onnx", "torch-export"), default="onnx")
+    p.add_argument("--out", required=True, help="output file (.onnx or .pt2)")
+    p.add_argument("--form", choices=("integer", "qdq"), default="integer",
+                   help="onnx: 'integer' (QLinearConv where a conv feeds a quantizer, ConvInteger "
+                        "elsewhere: every quantized conv integer in ONNX Runtime) or 'qdq' (Q/DQ "
+                        "around float Conv everywhere; symmetric 8-bit weights only)")
+    p.add_argument("--opset", type=int, default=13, help="onnx opset (default 13)")
+    p.add_argument("--target", choices=("fake-quant", "reference", "cpu"), default="fake-quant",
+                   help="torch-export: the fake-quant model or its integer lowering")
+    p.add_argument("--size", type=int, default=32, help="side of the random LR check input")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _compiled(args: argparse.Namespace):
+    import fxquant
+    from fxquant.workflow import prepare
+
+    if args.compiled:
+        return fxquant.load(args.compiled, data_root=args.data)
+    if not (args.model and args.scale):
+        raise FxquantError("export needs --compiled FILE, or --model and --scale (with --recipe)")
+    return prepare(args.model, args.scale, args.recipe, data_root=args.data,
+                   checkpoint=args.checkpoint).quant_model
+
+
+def run(args: argparse.Namespace) -> int:
+    from fxquant.deploy import export
+    from fxquant.files import check_output_path
+
+    check_output_path(args.out, "export output (--out)")
+    gm = _compiled(args)
+    channels = next(m.in_channels for m in gm.modules() if isinstance(m, torch.nn.Conv2d))
+    x = torch.rand(1, channels, args.size, args.size, generator=torch.Generator().manual_seed(0))
+    summary = {"out": args.out, "format": args.format, "recipe": gm.fxquant_recipe.name}
+    if args.format == "onnx":
+        from fxquant.deploy.ort import OrtRunner, node_counts, session
+
+        model = export(gm, args.out, format="onnx", form=args.form, opset=args.opset)
+        y = OrtRunner(session(args.out))(x)
+        summary.update(form=args.form, opset=args.opset, nodes=dict(node_counts(model)),
+                       runtime="onnxruntime")
+    else:
+        from fxquant.deploy.torch_export import exportable_module, load_program
+
+        export(gm, args.out, format="torch-export", target=args.target)
+        y = load_program(args.out)(x)
+        summary.update(target=args.target, runtime="torch.export.load")
+        gm = exportable_module(gm, args.target)
+    with torch.no_grad():
+        expected = gm(x)
+    summary["max_abs_diff"] = float((y - expected).abs().max())
+    summary["check_input"] = list(x.shape)
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"wrote {args.out} ({args.format}, recipe {summary['recipe']})")
+        if "nodes" in summary:
+            print("nodes: " + ", ".join(f"{k} {v}" for k, v in sorted(summary["nodes"].items())))
+        print(f"reloaded with {summary['runtime']}: max |Δ| vs the compiled model "
+              f"{summary['max_abs_diff']:.3g} on a random {tuple(x.shape)} input")
+    return 0

@@ -1,0 +1,180 @@
+"""Deployment formats: ONNX (structure, checker, dynamic sizes, ONNX Runtime against fxquant's
+own fake-quant and reference models, integer kernels in the graph ONNX Runtime runs),
+torch.export round trips, and the errors for what cannot export."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+import torch
+
+import fxquant
+from fxquant.deploy import ExportError, export
+from fxquant.deploy.torch_export import exportable_module, load_program
+
+onnx = pytest.importorskip("onnx", reason="ONNX export needs onnx (pip install 'fxquant[deploy]')")
+pytest.importorskip("onnxruntime", reason="ONNX checks need onnxruntime (fxquant[deploy])")
+
+from fxquant.deploy.onnx import to_onnx  # noqa: E402
+from fxquant.deploy.ort import OrtRunner, optimized_counts, runner_for, session  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def compiled(model, calib, recipe):
+    return fxquant.compile(model, recipe, calib=calib)
+
+
+def ops(model) -> collections.Counter:
+    return collections.Counter(n.op_type for n in model.graph.node)
+
+
+def ort_run(model, x, optimization="all"):
+    return OrtRunner(session(model.SerializeToString(), threads=1, optimization=optimization))(x)
+
+
+def test_symmetric_weights_structure(tiny_sr, calib):
+    """TinySR: float head, two blocks conv-ReLU-conv (+ skip), float tail. The first conv of
+    each block feeds (through the ReLU) the second conv's quantizer: QDQ form, ReLU dropped;
+    the second conv's output is read by the residual add: ConvInteger form."""
+    model = to_onnx(compiled(tiny_sr, calib, "mse-w8a8-sym"))
+    onnx.checker.check_model(model, full_check=True)
+    counts = ops(model)
+    assert counts["QuantizeLinear"] == 4 and counts["ConvInteger"] == 2
+    # QDQ convs: DQ of input codes, int8 weights and int32 bias each
+    assert counts["DequantizeLinear"] == 6 and counts["Conv"] == 4  # 2 QDQ + float head/tail
+    assert counts["Relu"] == 0 and counts["DepthToSpace"] == 1
+    assert model.opset_import[0].version == 13
+    inits = {i.name: i for i in model.graph.initializer}
+    types = collections.Counter(i.data_type for i in inits.values())
+    assert types[onnx.TensorProto.INT32] == 4  # 2 biases and their zero points
+    for node in model.graph.node:
+        source = inits.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
+        if source is not None:  # weights (int8) and biases (int32): per output channel
+            assert [a.i for a in node.attribute if a.name == "axis"] == [0]
+            assert source.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.INT32)
+            assert not onnx.numpy_helper.to_array(inits[node.input[2]]).any()  # zero point 0
+        if node.op_type == "DepthToSpace":
+            assert [a.s for a in node.attribute if a.name == "mode"] == [b"CRD"]
+    dims = model.graph.input[0].type.tensor_type.shape.dim
+    assert [d.dim_param for d in dims] == ["batch", "", "height", "width"]
+
+
+@pytest.mark.parametrize("recipe", ["mse-w8a8-sym", "minmax-w8a8", "percentile-w8a8", "minmax-w4a4"])
+def test_ort_matches_the_reference_lowering_at_two_sizes(tiny_sr, calib, recipe):
+    gm = compiled(tiny_sr, calib, recipe)
+    reference = fxquant.lowered_copy(gm, "reference")
+    model = to_onnx(gm)
+    for shape in [(1, 3, 12, 10), (2, 3, 17, 9)]:
+        x = torch.rand(*shape, generator=torch.Generator().manual_seed(sum(shape)))
+        y = ort_run(model, x)
+        with torch.no_grad():
+            ref, fake = reference(x), gm(x)
+        assert y.shape == (shape[0], 3, shape[2] * 2, shape[3] * 2)
+        span = float(fake.max() - fake.min())
+        # the same integer arithmetic: equal but for a rare code flip at a rounding tie
+        assert float((y - ref).abs().mean()) < 1e-4 * span
+        assert float((y - fake).abs().max()) < 1e-2 * span
+
+
+def test_integer_kernels_in_the_graph_ort_runs(tiny_sr, calib):
+    for recipe, qlinear, integer in (("mse-w8a8-sym", 2, 2), ("minmax-w8a8", 0, 8)):
+        model = to_onnx(compiled(tiny_sr, calib, recipe))
+        for optimization in ("all", "extended"):
+            counts = optimized_counts(model.SerializeToString(), optimization=optimization)
+            # asymmetric weights: a centring-sum ConvInteger beside each main one
+            assert counts["QLinearConv"] == qlinear and counts["ConvInteger"] == integer
+            assert counts["Conv"] + counts["FusedConv"] == 2  # the float head and tail only
+
+
+def test_qdq_form(tiny_sr, calib):
+    gm = compiled(tiny_sr, calib, "mse-w8a8-sym")
+    model = to_onnx(gm, form="qdq")
+    counts = ops(model)
+    assert counts["ConvInteger"] == 0 and counts["Conv"] == 6 and counts["DequantizeLinear"] == 12
+    x = torch.rand(1, 3, 12, 12)
+    with torch.no_grad():
+        fake = gm(x)
+    assert float((ort_run(model, x) - fake).abs().max()) < 1e-2 * float(fake.max() - fake.min())
+    with pytest.raises(ExportError, match=r"conv 'blocks\.0\.0' has asymmetric.*mse-w8a8-sym"):
+        to_onnx(compiled(tiny_sr, calib, "minmax-w8a8"), form="qdq")
+    with pytest.raises(ExportError, match="4-bit activation quantizer.*form='integer'"):
+        to_onnx(compiled(tiny_sr, calib, "minmax-w4a4"), form="qdq")
+
+
+def test_export_writes_a_file_that_ort_and_the_checker_read(tiny_sr, calib, tmp_path):
+    gm = compiled(tiny_sr, calib, "mse-w8a8")
+    path = tmp_path / "tiny.onnx"
+    export(gm, path, format="onnx", example_inputs=(torch.rand(1, 3, 8, 8),))
+    onnx.checker.check_model(str(path), full_check=True)
+    x = torch.rand(1, 3, 20, 16)
+    with torch.no_grad():
+        expected = fxquant.lowered_copy(gm, "reference")(x)
+    y = OrtRunner(session(path))(x)
+    assert float((y - expected).abs().mean()) < 1e-5
+    assert not list(tmp_path.glob("*tmp*"))  # written atomically, nothing left behind
+    runner = runner_for(gm)  # the eval --runtime onnxruntime path: a temp file, then removed
+    assert torch.allclose(runner(x), y)
+
+
+@pytest.mark.parametrize("recipe,kind", [("daq-w4a4", "daq"), ("dfsq-w4a4", "subset")])
+def test_onnx_refuses_dynamic_quantizers_naming_them(tiny_sr, calib, recipe, kind):
+    gm = compiled(tiny_sr, calib, recipe)
+    with pytest.raises(ExportError, match=rf"quantizer '[\w.]+' \({kind}, recipe '{recipe}'\).*"
+                                          "no static ONNX"):
+        to_onnx(gm)
+
+
+def test_onnx_refuses_other_inputs(tiny_sr, calib):
+    with pytest.raises(ExportError, match="compiled by fxquant.compile"):
+        to_onnx(tiny_sr)
+    gm = compiled(tiny_sr, calib, "mse-w8a8-sym")
+    with pytest.raises(ExportError, match="already lowered"):
+        to_onnx(fxquant.lowered_copy(gm, "cpu"))
+    with pytest.raises(ExportError, match="form 'qlinear' unknown; valid: integer, qdq"):
+        to_onnx(gm, form="qlinear")
+    with pytest.raises(ExportError, match="format 'tflite' unknown"):
+        export(gm, "x.tflite", format="tflite")
+
+
+@pytest.mark.parametrize("recipe", ["mse-w8a8-sym", "minmax-w8a8"])
+@pytest.mark.parametrize("target", ["fake-quant", "reference"])
+def test_torch_export_round_trip(tiny_sr, calib, tmp_path, recipe, target):
+    gm = compiled(tiny_sr, calib, recipe)
+    path = tmp_path / "tiny.pt2"
+    export(gm, path, format="torch-export", target=target)
+    loaded = load_program(path)
+    original = exportable_module(gm, target)
+    for shape in [(1, 3, 12, 10), (3, 3, 9, 13)]:  # batch, height and width are dynamic
+        x = torch.rand(*shape)
+        with torch.no_grad():
+            assert torch.equal(loaded(x), original(x))
+
+
+def test_torch_export_errors_name_what_cannot_export(tiny_sr, calib, tmp_path):
+    gm = compiled(tiny_sr, calib, "mse-w8a8-sym")
+    with pytest.raises(ExportError, match="cpu target holds oneDNN's prepacked weights"):
+        export(gm, tmp_path / "x.pt2", format="torch-export", target="cpu")
+    for recipe, kind in (("daq-w4a4", "daq"), ("dfsq-w4a4", "subset")):
+        dynamic = compiled(tiny_sr, calib, recipe)
+        with pytest.raises(ExportError, match=rf"recipe '{recipe}'.*module '[\w.]+' \({kind}:"):
+            export(dynamic, tmp_path / "x.pt2", format="torch-export")
+        with pytest.raises(ExportError, match="integer lowering, which refused"):
+            export(dynamic, tmp_path / "x.pt2", format="torch-export", target="reference")
+    assert not (tmp_path / "x.pt2").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.data
+def test_zoo_model_ort_psnr_matches_fake_quant(data):
+    from fxquant.workflow import evaluate_sets, prepare
+
+    zoo = prepare("fsrcnn", 4, "mse-w8a8-sym", data_root=data)
+    model = to_onnx(zoo.quant_model)
+    counts = optimized_counts(model.SerializeToString())
+    assert counts["ConvInteger"] + counts["QLinearConv"] == 6 and counts["Conv"] == 1
+    scores = {name: evaluate_sets(run, zoo.spec, 4, ["Set5"], data_root=data, limit=2)["Set5"].psnr
+              for name, run in (("fake", zoo.quant_model),
+                                ("ort", OrtRunner(session(model.SerializeToString()))))}
+    assert abs(scores["ort"] - scores["fake"]) < 0.02, scores
