@@ -44,7 +44,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
     datasets = _datasets(args.datasets)
     results = {}
     for which in ("fp",) if float_only else ("fp", "quant"):
-        scores = evaluate_sets(models.runner(which), models.spec, args.scale, datasets,
+        runner = models.runner(which)
+        if which == "quant" and args.runtime == "onnxruntime":  # the exported ONNX model
+            from fxquant.deploy.ort import runner_for
+            runner = runner_for(models.quant_model)
+        scores = evaluate_sets(runner, models.spec, args.scale, datasets,
                                data_root=args.data, limit=args.limit, progress=not args.json,
                                label=which)
         for ds, score in scores.items():
@@ -52,6 +56,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                                  "ssim": round(score.ssim, 4)}
     report = {"model": args.model, "scale": args.scale, "recipe": args.recipe,
               "datasets": results}
+    if args.runtime != "torch":
+        report["runtime"] = args.runtime
     if args.json:
         print(json.dumps(report))
         return 0
@@ -179,6 +185,12 @@ def _demo_lowered(data: str | None) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from fxquant.deploy.cli import run
+
+    return run(args)
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from fxquant.bench import run
 
@@ -215,6 +227,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--datasets", default="Set5", help="comma-separated: Set5,Set14,B100,Urban100")
     p.add_argument("--limit", type=int, help="evaluate only the first N images of each set")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--runtime", choices=("torch", "onnxruntime"), default="torch",
+                   help="run the quantized model in torch (fake-quant) or export it to ONNX and "
+                        "run it in ONNX Runtime (integer kernels; static uniform recipes)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("compile", help="compile a zoo model and save it")
@@ -273,6 +288,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench_parser(p)
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("export", help="write a compiled model as ONNX (ONNX Runtime int8) or a "
+                                      "torch.export program, and check the file against it")
+    from fxquant.deploy.cli import build_parser as export_parser
+
+    export_parser(p)
+    p.set_defaults(func=cmd_export)
 
     sub.add_parser("models", help="list zoo models").set_defaults(func=cmd_models)
     sub.add_parser("recipes", help="list recipe presets").set_defaults(func=cmd_recipes)
