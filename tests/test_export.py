@@ -178,3 +178,18 @@ def test_zoo_model_ort_psnr_matches_fake_quant(data):
               for name, run in (("fake", zoo.quant_model),
                                 ("ort", OrtRunner(session(model.SerializeToString()))))}
     assert abs(scores["ort"] - scores["fake"]) < 0.02, scores
+
+
+def test_bench_ort_int8_variant_runs_beside_the_lowered_ones(tiny_sr, calib):
+    from fxquant.bench import build_all, interleaved
+
+    x = torch.rand(1, 3, 16, 16)
+    built, missing = build_all(tiny_sr, x, list(calib.split(1)), calib, "mse-w8a8-sym", None,
+                               ["fp32_eager", "lowered reference", "ort_int8"])
+    assert [v.name for v in built] == ["fp32_eager", "lowered reference", "ort_int8"] and not missing
+    fns = {v.name: v.fn for v in built}
+    times = interleaved({name: (lambda f=f: f(x)) for name, f in fns.items()}, rounds=2, warmup=1)
+    assert all(len(t) == 2 for t in times.values())
+    with torch.inference_mode():
+        ort, ref = fns["ort_int8"](x), fns["lowered reference"](x)
+    assert float((ort - ref).abs().mean()) < 1e-4
