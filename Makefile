@@ -14,7 +14,7 @@ PIP := $(PY) -m pip install -q --disable-pip-version-check -c constraints.txt
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) torch==2.13.0
-	$(PIP) -e '.[test,viz,bench,deploy]'
+	$(PIP) -e '.[test,viz,bench,deploy,gpu]'
 	touch $@
 
 install: $(VENV)/.installed

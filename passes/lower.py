@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -22,6 +23,7 @@ from fxquant.lower.conv import (
 from fxquant.lower import ops  # noqa: F401 - registers fxquant::pixel_shuffle
 from fxquant.lower.codebook import CodebookQuantize
 from fxquant.lower.guard import InputGuard
+from fxquant.lower.triton_conv import GpuConv2d
 from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
 from fxquant.quant import QuantConv2d, Quantizer, UniformQuantizer
 from fxquant.quant.nonuniform import NonUniformQuantizer
@@ -57,6 +59,9 @@ class LowerPass(Pass):
     and a shuffle read only by a quantizer moves behind it, shuffling uint8 codes.
     ``compile`` (cpu only) compiles the module with Inductor on first call, which fuses each
     input quantization into the float op before it.
+    ``gpu`` runs the same integer semantics in a Triton int8 implicit-GEMM conv (CUDA, or the
+    CPU under ``TRITON_INTERPRET=1``); with ``fuse`` a symmetric-weight conv also takes the
+    residual of a ``conv + r`` it alone feeds, and ReLU and requantization, into its epilogue.
     """
 
     name: ClassVar[str] = "lower"
@@ -69,8 +74,8 @@ class LowerPass(Pass):
             raise RecipeError(f"lower target '{self.target}' unknown; valid: {', '.join(TARGETS)}")
         if self.compile and self.target != "cpu":
             raise RecipeError("lower.compile applies to target=cpu only")
-        if not self.fuse and self.target != "cpu":
-            raise RecipeError("lower.fuse applies to target=cpu only")
+        if not self.fuse and self.target not in ("cpu", "gpu"):
+            raise RecipeError("lower.fuse applies to targets cpu and gpu only")
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if getattr(gm, "fxquant_lowered", None):
@@ -102,11 +107,13 @@ class LowerPass(Pass):
         if left:
             raise PassError(self.name, f"{left[0]} is quantized but has no quantized input to "
                             f"lower with it; supported: {SUPPORTED}")
-        fused = 0
+        fused = residuals = 0
         if self.target == "cpu":
             _route_pixel_shuffles(gm)
-            if self.fuse:
-                fused = _fuse_uint8_outputs(gm)
+        if self.target == "gpu" and self.fuse:
+            residuals = _fuse_residuals(gm)
+        if self.target in ("cpu", "gpu") and self.fuse:
+            fused = _fuse_uint8_outputs(gm)
         first_input = self._add_guard(gm)
         gm.recompile()
         gm.fxquant_lowered = self.target
@@ -114,7 +121,7 @@ class LowerPass(Pass):
             gm.compile(dynamic=False)
         islands = _float_ops(gm)
         return PassResult(gm, True, {"target": self.target, "integer_convs": lowered,
-                                     "uint8_outputs": fused,
+                                     "uint8_outputs": fused, "fused_residuals": residuals,
                                      "float_ops": ", ".join(islands), "guarded": first_input})
 
     def _convs_of(self, gm: fx.GraphModule, node: fx.Node, quantizer: Quantizer):
@@ -233,6 +240,34 @@ def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
     return isinstance(_module(gm, node), nn.ReLU)
 
 
+def _fuse_residuals(gm: fx.GraphModule) -> int:
+    """gpu: ``conv(q) + r`` with the conv's output read only by that add becomes
+    ``conv(q, r)``, the add done in the kernel's epilogue (float addition commutes exactly).
+    Symmetric-weight convs only (a centred one corrects its output after the kernel)."""
+    fused = 0
+    for node in list(gm.graph.nodes):
+        conv = _module(gm, node)
+        if not isinstance(conv, GpuConv2d) or not conv.symmetric_weights or len(node.users) != 1:
+            continue
+        (add,) = node.users
+        if not (add.op == "call_function" and add.target in (operator.add, torch.add)
+                and len(add.args) == 2 and not add.kwargs and len(node.args) == 1):
+            continue
+        other = add.args[1] if add.args[0] is node else add.args[0]
+        if other is node or not isinstance(other, fx.Node) \
+                or _position(gm, other) > _position(gm, node):  # the residual must exist first
+            continue
+        node.args = (node.args[0], other)
+        add.replace_all_uses_with(node)
+        gm.graph.erase_node(add)
+        fused += 1
+    return fused
+
+
+def _position(gm: fx.GraphModule, node: fx.Node) -> int:
+    return list(gm.graph.nodes).index(node)
+
+
 def _fuse_uint8_outputs(gm: fx.GraphModule) -> int:
     """conv → [ReLU] → quantize, with the conv the value's only producer and the quantizer its
     only reader, becomes one conv emitting uint8 codes. Symmetric-weight convs only: the
@@ -241,7 +276,8 @@ def _fuse_uint8_outputs(gm: fx.GraphModule) -> int:
     fused = 0
     for node in list(gm.graph.nodes):
         conv = _module(gm, node)
-        if not isinstance(conv, CpuConv2d) or not conv.symmetric_weights or len(node.users) != 1:
+        if not isinstance(conv, (CpuConv2d, GpuConv2d)) or not conv.symmetric_weights \
+                or len(node.users) != 1:
             continue
         (user,) = node.users
         relu = _is_relu(gm, user) and len(user.users) == 1

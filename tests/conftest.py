@@ -5,11 +5,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-import torch
-from torch import nn
+# The gpu target's Triton kernels run on the CPU through the interpreter here. Triton reads
+# the switch when it is imported, so it is set before anything can import it.
+os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from fxquant.paths import DATA_ENV, data_root
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from fxquant.paths import DATA_ENV, data_root  # noqa: E402
 
 GOLDEN_DIR = Path(__file__).parent / "golden"
 

@@ -11,6 +11,7 @@ from fxquant.lower.conv import (
     accumulator_bound,
 )
 from fxquant.lower.guard import InputGuard
+from fxquant.lower.triton_conv import GpuConv2d  # registers TARGETS["gpu"]
 
-__all__ = ["TARGETS", "CpuConv2d", "InputGuard", "IntegerConv2d", "IntegerQuantize", "LoweringError",
+__all__ = ["TARGETS", "CpuConv2d", "GpuConv2d", "InputGuard", "IntegerConv2d", "IntegerQuantize", "LoweringError",
            "ReferenceConv2d", "accumulator_bound"]

@@ -297,4 +297,4 @@ class CpuConv2d(IntegerConv2d):
         return self.add_centring(y, self.window_sum(q, torch.float32))  # S exact below 2^24
 
 
-TARGETS = {"reference": ReferenceConv2d, "cpu": CpuConv2d}
+TARGETS = {"reference": ReferenceConv2d, "cpu": CpuConv2d}  # "gpu" added by triton_conv

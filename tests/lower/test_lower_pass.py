@@ -140,8 +140,8 @@ def test_a_quantized_value_feeding_an_op_without_integer_kernel(tiny_sr, calib):
 
 
 def test_bad_target_and_lowering_twice(tiny_sr, calib):
-    with pytest.raises(RecipeError, match="lower target 'gpu' unknown; valid: reference, cpu"):
-        lowered(tiny_sr, calib, target="gpu")
+    with pytest.raises(RecipeError, match="lower target 'tpu' unknown; valid: reference, cpu, gpu"):
+        lowered(tiny_sr, calib, target="tpu")
     gm = lowered(tiny_sr, calib)
     with pytest.raises(PassError, match="already lowered"):
         fxquant.pipeline.PassManager("lower").run(gm, fxquant.pipeline.PassContext(

@@ -1,0 +1,222 @@
+"""The ``gpu`` target: an int8 implicit-GEMM convolution in Triton on uint8 NHWC codes.
+
+Same integer semantics as :class:`~fxquant.lower.conv.ReferenceConv2d`::
+
+    acc_o = Σ (q − z)·k_o      y_o = acc_o·(s_x·s_w[o]) + bias_o  [+ residual] [ReLU]
+    [codes = clamp(round(y / s_out) + z_out, 0, qmax)]              (fused requantization)
+
+``tl.dot`` multiplies int8 by int8 (uint8 has no tensor-core form), so the codes are shifted:
+``a = q − 128`` inside the image and ``a = z − 128`` in the zero padding (a padded input is the
+real value 0, whose code is ``z``). Then ``Σ a·k = Σ_in (q − z)·k + (z − 128)·Σ_all k`` and
+``acc = dot(a, k) − (z − 128)·K_o`` with ``K_o`` the sum of channel ``o``'s weight codes: one
+constant per output channel, exact at the border. Channels beyond ``C`` (odd counts padded to
+the K block) load weight 0 and add nothing.
+
+Kernels run on a CUDA GPU, and on the CPU under ``TRITON_INTERPRET=1`` (how CI checks them
+bit-exact against ``reference``). The kernel is built on first use so that the interpreter
+switch is read then, not at import.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from fxquant.lower.conv import TARGETS, IntegerConv2d, LoweringError
+
+BLOCK_M, BLOCK_N, BLOCK_K = 32, 32, 32  # BLOCK_K a multiple of 32: the int8 mma's k
+
+_KERNEL = None
+
+
+def triton_available() -> str | None:
+    """None when the gpu target can run here, else the reason it cannot."""
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return "triton is not installed (pip install '.[gpu]')"
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        return "no CUDA device (set TRITON_INTERPRET=1 to run the kernels on the CPU, slowly)"
+    return None
+
+
+def _build_kernel():
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def int8_conv_kernel(x_ptr, w_ptr, wsum_ptr, scale_ptr, bias_ptr, res_ptr, out_ptr,
+                         M, H, W, C, OH, OW, COUT, CIN_G, COUT_G,
+                         stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
+                         x_zp, out_scale, out_zp, out_qmax,
+                         KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         HAS_RES: tl.constexpr, RELU: tl.constexpr, QUANT_OUT: tl.constexpr,
+                         BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+        pid_m, pid_n, g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        offs_m = pid_m * BM + tl.arange(0, BM)
+        offs_n = pid_n * BN + tl.arange(0, BN)
+        m_ok = offs_m < M
+        n_ok = offs_n < COUT_G
+        ow = offs_m % OW
+        oh = (offs_m // OW) % OH
+        nb = offs_m // (OW * OH)
+        co = g * COUT_G + offs_n
+        acc = tl.zeros((BM, BN), dtype=tl.int32)
+        for kh in tl.static_range(KH):
+            for kw in tl.static_range(KW):
+                ih = oh * stride_h - pad_h + kh * dil_h
+                iw = ow * stride_w - pad_w + kw * dil_w
+                inside = m_ok & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+                row = ((nb * H + ih) * W + iw) * C + g * CIN_G
+                for c0 in range(0, CIN_G, BK):
+                    offs_k = c0 + tl.arange(0, BK)
+                    k_ok = offs_k < CIN_G
+                    q = tl.load(x_ptr + row[:, None] + offs_k[None, :],
+                                mask=inside[:, None] & k_ok[None, :], other=0)
+                    a = tl.where(inside[:, None], q.to(tl.int32) - 128, x_zp - 128)
+                    a = tl.where(k_ok[None, :], a, 0).to(tl.int8)
+                    wk = tl.load(w_ptr + ((kh * KW + kw) * CIN_G + offs_k)[:, None] * COUT
+                                 + co[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0)
+                    acc += tl.dot(a, wk, out_dtype=tl.int32)
+        wsum = tl.load(wsum_ptr + co, mask=n_ok, other=0)
+        acc = acc - (x_zp - 128) * wsum[None, :]
+        scale = tl.load(scale_ptr + co, mask=n_ok, other=0.0)
+        y = acc.to(tl.float32) * scale[None, :]
+        out_offs = offs_m[:, None] * COUT + co[None, :]
+        mask = m_ok[:, None] & n_ok[None, :]
+        if HAS_BIAS:
+            y = y + tl.load(bias_ptr + co, mask=n_ok, other=0.0)[None, :]
+        if HAS_RES:
+            y = y + tl.load(res_ptr + out_offs, mask=mask, other=0.0)
+        if RELU:
+            y = tl.maximum(y, 0.0)
+        if QUANT_OUT:
+            v = tl.div_rn(y, out_scale)  # IEEE division, as torch's x / s
+            # round half to even, as torch.round; floor(v + 0.5) would round 0.49999997 up
+            r = tl.floor(v)
+            frac = v - r  # exact
+            odd = r - 2.0 * tl.floor(r * 0.5) != 0.0
+            r = tl.where((frac > 0.5) | ((frac == 0.5) & odd), r + 1.0, r)
+            r = tl.minimum(tl.maximum(r + out_zp, 0.0), out_qmax)
+            tl.store(out_ptr + out_offs, r.to(tl.uint8), mask=mask)
+        else:
+            tl.store(out_ptr + out_offs, y, mask=mask)
+
+    return int8_conv_kernel
+
+
+def int8_conv(codes: torch.Tensor, weight_t: torch.Tensor, weight_sum: torch.Tensor,
+              scale: torch.Tensor, bias: torch.Tensor | None, x_zero_point: int, *,
+              kernel_size, stride, padding, dilation, groups: int,
+              residual: torch.Tensor | None = None, relu: bool = False,
+              out_quant: tuple[float, int, int] | None = None) -> torch.Tensor:
+    """The Triton conv on uint8 codes (N×C×H×W in channels_last memory): float32 NCHW
+    (channels_last) output, or uint8 codes when ``out_quant = (scale, zero_point, qmax)``.
+    ``weight_t`` is the int8 weight as KH×KW×C/g×O, ``weight_sum`` its int32 per-channel sum,
+    ``scale`` the float32 ``s_x·s_w``; ``residual`` (N×O×H'×W') is added before ReLU."""
+    global _KERNEL
+    reason = triton_available()
+    if reason is not None:
+        raise LoweringError(f"lower target 'gpu' cannot run: {reason}")
+    if _KERNEL is None:
+        _KERNEL = _build_kernel()
+    n, c, h, w = codes.shape
+    kh, kw = kernel_size
+    oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    cout = weight_t.shape[-1]
+    x = codes.permute(0, 2, 3, 1).contiguous()  # NHWC storage (a view when channels_last)
+    dtype = torch.uint8 if out_quant is not None else torch.float32
+    out = torch.empty((n, oh, ow, cout), dtype=dtype, device=codes.device)
+    res = None
+    if residual is not None:
+        res = residual.float().permute(0, 2, 3, 1).contiguous()
+    m = n * oh * ow
+    o_scale, o_zp, o_qmax = out_quant if out_quant is not None else (1.0, 0, 255)
+    grid = (triton_cdiv(m, BLOCK_M), triton_cdiv(cout // groups, BLOCK_N), groups)
+    _KERNEL[grid](x, weight_t, weight_sum, scale, bias if bias is not None else scale,
+                  res if res is not None else scale, out,
+                  m, h, w, c, oh, ow, cout, c // groups, cout // groups,
+                  stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
+                  int(x_zero_point), float(o_scale), float(o_zp), float(o_qmax),
+                  KH=kh, KW=kw, HAS_BIAS=bias is not None, HAS_RES=res is not None,
+                  RELU=relu, QUANT_OUT=out_quant is not None,
+                  BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K)
+    return out.permute(0, 3, 1, 2)  # N×O×H'×W' view of NHWC storage (channels_last)
+
+
+def triton_cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class GpuConv2d(IntegerConv2d):
+    """Integer conv through the Triton kernel (see the module docstring); centred
+    (asymmetric) weights add the same ``c_o·s_w[o]·s_x·S`` correction as the other targets."""
+
+    target = "gpu"
+    channels_last = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        # the fused epilogue, as CpuConv2d's buffers (output_scale 0: float32 output): a residual
+        # input, ReLU, and requantization to the next quantizer's uint8 codes
+        self.register_buffer("output_scale", torch.zeros(()))
+        self.register_buffer("output_zero_point", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("output_qmax", torch.full((), 255, dtype=torch.int64))
+        self.register_buffer("output_relu", torch.zeros((), dtype=torch.bool))
+        self.register_load_state_dict_post_hook(lambda module, _keys: module.prepare())
+
+    def fuse_output(self, quantize, relu: bool) -> None:
+        """Emit the codes of ``quantize(relu?(y))``: the kernel rounds exactly as the
+        reference quantizer does (IEEE division, half to even), so fusing changes no code."""
+        if bool((self.weight_centre != 0).any()):
+            raise LoweringError("a centred (asymmetric-weight) conv needs its float output "
+                                "for the correction; it cannot emit uint8 codes")
+        with torch.no_grad():
+            self.output_scale.copy_(quantize.scale)
+            self.output_zero_point.copy_(quantize.zero_point)
+            self.output_qmax.fill_(quantize.qmax)
+            self.output_relu.fill_(relu)
+        self.prepare()
+
+    def prepare(self) -> None:
+        reason = triton_available()
+        if reason is not None:
+            raise LoweringError(f"lower target 'gpu' cannot run here: {reason}")
+        k = self.weight_codes
+        self._weight_t = k.permute(2, 3, 1, 0).contiguous()  # KH×KW×C/g×O
+        self._weight_sum = k.to(torch.int32).sum(dim=(1, 2, 3)).contiguous()
+        self._scale = (self.input_scale * self.weight_scale).float().contiguous()
+        self._bias = None if self.bias is None else self.bias.float().contiguous()
+        self._corrected = bool((self.weight_centre != 0).any())
+        self._out_quant = None
+        if float(self.output_scale) > 0:
+            self._out_quant = (float(self.output_scale), int(self.output_zero_point),
+                               int(self.output_qmax))
+
+    def _apply(self, fn, recurse=True):  # .cuda() / .to(): derived tensors follow the buffers
+        super()._apply(fn, recurse)
+        self.prepare()
+        return self
+
+    def forward(self, codes: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """``codes``: uint8 N×C×H×W; ``residual``: a float tensor added to the output in the
+        epilogue (the ``lower`` pass fuses ``conv + r`` into it)."""
+        if codes.dtype != torch.uint8:
+            raise LoweringError(f"the gpu conv takes uint8 codes, got {codes.dtype}")
+        relu = bool(self.output_relu)
+        if (residual is not None or relu) and self._corrected:
+            raise LoweringError("a centred (asymmetric-weight) conv adds its correction after "
+                                "the kernel: residual/ReLU cannot be fused into it")
+        y = int8_conv(codes, self._weight_t, self._weight_sum, self._scale, self._bias,
+                      int(self.input_zero_point), kernel_size=self.kernel_size,
+                      stride=self.stride, padding=self.padding, dilation=self.dilation,
+                      groups=self.groups, residual=residual, relu=relu,
+                      out_quant=self._out_quant)
+        if not self._corrected:
+            return y
+        return self.add_centring(y, self.window_sum(codes, torch.float32))
+
+
+TARGETS["gpu"] = GpuConv2d

@@ -1,0 +1,169 @@
+"""The ``gpu`` target's Triton int8 conv, run on the CPU by the Triton interpreter
+(``TRITON_INTERPRET=1``): bit-exact against the ``reference`` target on random layers, with and
+without the fused ReLU / residual / requantization epilogue, odd channel counts, groups,
+strides and dilations; and the ``lower{target=gpu}`` pass end to end."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fxquant
+from fxquant.lower.conv import IntegerQuantize, ReferenceConv2d, quantize_codes
+from fxquant.lower.triton_conv import GpuConv2d
+from fxquant.recipe import ActivationConfig, LayerConfig, Recipe, WeightConfig
+
+pytest.importorskip("triton", reason="the gpu target's kernels need triton (the gpu extra)")
+
+
+if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("no CUDA device and TRITON_INTERPRET is not 1 (tests/conftest.py sets it)",
+                allow_module_level=True)
+
+
+def layers(cin, cout, k, stride, padding, dilation, groups, zero_point, seed, centred=False):
+    gen = torch.Generator().manual_seed(seed)
+    args = (cin, cout, (k, k), (stride, stride), (padding, padding), (dilation, dilation),
+            groups, True, 8)
+    ref, gpu = ReferenceConv2d(*args), GpuConv2d(*args)
+    with torch.no_grad():
+        ref.weight_codes.copy_(torch.randint(-128, 128, ref.weight_codes.shape, generator=gen,
+                                             dtype=torch.int8))
+        if centred:
+            ref.weight_centre.copy_(torch.randint(0, 100, (cout,), generator=gen))
+        ref.weight_scale.copy_(torch.rand(cout, generator=gen) * 0.01 + 1e-3)
+        ref.bias.copy_(torch.randn(cout, generator=gen))
+        ref.input_scale.fill_(0.02)
+        ref.input_zero_point.fill_(zero_point)
+    gpu.load_state_dict(ref.state_dict(), strict=False)  # the epilogue buffers keep defaults
+    return ref, gpu
+
+
+def codes(n, c, h, w, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randint(0, 256, (n, c, h, w), generator=gen, dtype=torch.uint8)
+    return q.contiguous(memory_format=torch.channels_last)
+
+
+@settings(max_examples=12, deadline=None)
+@given(cin=st.integers(1, 40), cout=st.integers(1, 37), k=st.sampled_from([1, 3, 5]),
+       stride=st.integers(1, 2), dilation=st.integers(1, 2), groups=st.sampled_from([1, 2, 4]),
+       zero_point=st.integers(0, 255), seed=st.integers(0, 2 ** 16))
+def test_the_kernel_equals_the_reference_bit_for_bit(cin, cout, k, stride, dilation, groups,
+                                                     zero_point, seed):
+    cin, cout = cin * groups, cout * groups  # odd per-group counts: padded to the K block
+    ref, gpu = layers(cin, cout, k, stride, k // 2 * dilation, dilation, groups, zero_point, seed)
+    q = codes(2, cin, 7, 9, seed)
+    assert torch.equal(gpu(q), ref(q))
+
+
+def test_a_zero_padded_border_is_exact_for_every_zero_point():
+    for zero_point in (0, 128, 255):
+        ref, gpu = layers(5, 6, 3, 1, 2, 1, 1, zero_point, seed=1)
+        q = codes(1, 5, 4, 4, seed=2)  # padding 2 on a 4×4 input: most taps in the border
+        assert torch.equal(gpu(q), ref(q))
+
+
+def test_centred_asymmetric_weights_add_the_same_correction():
+    ref, gpu = layers(6, 4, 3, 1, 1, 1, 2, 40, seed=3, centred=True)
+    q = codes(2, 6, 6, 5, seed=4)
+    assert torch.equal(gpu(q), ref(q))
+
+
+@pytest.mark.parametrize("relu", [False, True])
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("requantize", [False, True])
+def test_the_fused_epilogue_equals_the_unfused_ops(relu, residual, requantize):
+    ref, gpu = layers(19, 21, 3, 1, 1, 1, 1, 17, seed=5)
+    q = codes(2, 19, 6, 7, seed=6)
+    r = torch.randn(2, 21, 6, 7, generator=torch.Generator().manual_seed(7)) if residual else None
+    quantize = IntegerQuantize(8, channels_last=True)
+    quantize.scale.fill_(0.037)
+    quantize.zero_point.fill_(0 if relu else 90)
+    expected = ref(q)
+    if residual:
+        expected = expected + r
+    if relu:
+        expected = torch.relu(expected)
+    if requantize:
+        expected = quantize_codes(expected, quantize.scale, quantize.zero_point, 255)
+        gpu.fuse_output(quantize, relu)
+    elif relu:
+        gpu.output_relu.fill_(True)
+        gpu.prepare()
+    out = gpu(q, r)
+    assert out.dtype == expected.dtype
+    assert torch.equal(out, expected)
+
+
+def test_requantization_rounds_half_to_even_like_torch():
+    """Values landing exactly on .5 (and just below it) after the division."""
+    ref, gpu = layers(1, 1, 1, 1, 0, 1, 1, 0, seed=8)
+    with torch.no_grad():
+        for layer in (ref, gpu):
+            layer.weight_codes.fill_(1)
+            layer.weight_scale.fill_(1.0)
+            layer.bias.fill_(0.0)
+            layer.input_scale.fill_(0.5)
+    gpu.prepare()
+    quantize = IntegerQuantize(8, channels_last=True)
+    quantize.scale.fill_(1.0)
+    gpu.fuse_output(quantize, relu=False)
+    q = torch.arange(0, 12, dtype=torch.uint8).view(1, 1, 3, 4).contiguous(
+        memory_format=torch.channels_last)  # y = q / 2: 0, 0.5, 1, 1.5, ...
+    expected = quantize_codes(ref(q), quantize.scale, quantize.zero_point, 255)
+    assert torch.equal(gpu(q), expected)
+    assert gpu(q).flatten().tolist()[:6] == [0, 0, 1, 2, 2, 2]
+
+
+def _all_integer_recipe() -> Recipe:
+    """Symmetric int8 weights (fusable) and every conv quantized, so that no float conv reads
+    a differently laid out tensor: the whole graph is then integer-exact."""
+    return Recipe(name="sym-all", weights=WeightConfig(observer="symmetric"),
+                  activations=ActivationConfig(observer="mse"),
+                  layers=LayerConfig(keep_first_last=False))
+
+
+def test_lower_gpu_fuses_and_equals_the_reference_target(tiny_sr):
+    fake = fxquant.compile(tiny_sr, _all_integer_recipe(), calib=torch.rand(8, 3, 16, 16))
+    reference = fxquant.lowered_copy(fake, "reference")
+    gpu = fxquant.lowered_copy(fake, "gpu")
+    info = gpu.fxquant_history[-1][1]
+    assert info["integer_convs"] == 6
+    assert info["fused_residuals"] == 2  # h + block(h), twice
+    # conv → ReLU → quantize inside each block, and the last block's conv + residual, read
+    # only by the tail's quantizer
+    assert info["uint8_outputs"] == 3
+    assert "add" not in info["float_ops"] and "ReLU" not in info["float_ops"]
+    x = torch.rand(2, 3, 11, 13)
+    assert torch.equal(gpu(x), reference(x))
+
+
+def test_lower_gpu_without_fusion_and_with_asymmetric_weights(tiny_sr):
+    fake = fxquant.compile(tiny_sr, "minmax-w8a8", calib=torch.rand(8, 3, 16, 16))
+    reference = fxquant.lowered_copy(fake, "reference")
+    gpu = fxquant.lowered_copy(fake, "gpu", fuse=False)
+    x = torch.rand(1, 3, 10, 9)
+    assert torch.equal(gpu(x), reference(x))
+
+
+def test_a_saved_gpu_lowered_model_loads_and_runs(tiny_sr, tmp_path):
+    fake = fxquant.compile(tiny_sr, _all_integer_recipe(), calib=torch.rand(8, 3, 16, 16))
+    gpu = fxquant.lowered_copy(fake, "gpu")
+    fxquant.save(gpu, tmp_path / "m.fxq")
+    loaded = fxquant.load(tmp_path / "m.fxq", model=type(tiny_sr)().eval())
+    x = torch.rand(1, 3, 8, 8)
+    assert torch.equal(loaded(x), gpu(x))
+
+
+def test_without_cuda_or_the_interpreter_the_error_says_how_to_run(monkeypatch, tiny_sr):
+    monkeypatch.delenv("TRITON_INTERPRET")
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    fake = fxquant.compile(tiny_sr, "minmax-w8a8", calib=torch.rand(8, 3, 16, 16))
+    with pytest.raises(fxquant.FxquantError, match="TRITON_INTERPRET=1"):
+        fxquant.lowered_copy(fake, "gpu")
