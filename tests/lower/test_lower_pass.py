@@ -270,7 +270,7 @@ def test_fusion_can_be_switched_off(tiny_sr, calib):
     recipe = fxquant.Recipe.from_dict({"weights": {"observer": "symmetric"}})
     gm = lowered(tiny_sr, calib, recipe, "cpu", ",fuse=false")
     assert gm.fxquant_history[-2][1]["uint8_outputs"] == 0
-    with pytest.raises(RecipeError, match="lower.fuse applies to target=cpu only"):
+    with pytest.raises(RecipeError, match="lower.fuse applies to targets cpu and gpu only"):
         lowered(tiny_sr, calib, recipe, "reference", ",fuse=false")
 
 
