@@ -193,3 +193,28 @@ def test_bench_ort_int8_variant_runs_beside_the_lowered_ones(tiny_sr, calib):
     with torch.inference_mode():
         ort, ref = fns["ort_int8"](x), fns["lowered reference"](x)
     assert float((ort - ref).abs().mean()) < 1e-4
+
+
+@pytest.mark.parametrize("recipe", ["mse-w8a8-sym", "daq-w4a4", "dfsq-w4a4"])
+def test_torchscript_trace_round_trip(tiny_sr, calib, tmp_path, recipe):
+    """DAQ's and DFSQ's per-input statistics are tensor ops: the checked trace keeps them
+    dynamic, so a reloaded trace matches the model on an input of another size and content."""
+    gm = compiled(tiny_sr, calib, recipe)
+    path = tmp_path / "tiny.ts"
+    export(gm, path, format="torchscript")
+    loaded = torch.jit.load(str(path))
+    x = torch.rand(2, 3, 11, 7, generator=torch.Generator().manual_seed(5)) * 1.3
+    with torch.no_grad():
+        assert torch.allclose(loaded(x), gm(x), rtol=0, atol=1e-6)
+
+
+def test_torchscript_names_a_quantizer_whose_trace_freezes_the_example(tiny_sr, calib, tmp_path):
+    gm = compiled(tiny_sr, calib, "mse-w8a8-sym")
+    quantizer = gm.get_submodule("blocks_0_0_input_quantizer")
+    forward = quantizer.fake_quant
+    # a quantizer reading a Python number off its input: the trace freezes the example's value
+    quantizer.fake_quant = lambda x: forward(x) * float(x.shape[-1] % 2 + 1)
+    with pytest.raises(ExportError, match="quantizer 'blocks_0_0_input_quantizer' \\(uniform: "
+                                          "the trace computes something else"):
+        export(gm, tmp_path / "x.ts", format="torchscript")
+    assert not (tmp_path / "x.ts").exists()

@@ -3,6 +3,7 @@
 
     fxquant.export(gm, "model.onnx", format="onnx")
     fxquant.export(gm, "model.pt2", format="torch-export")
+    fxquant.export(gm, "model.ts", format="torchscript")
 
 docs/deploy.md describes both formats, what each quantizer becomes, and what cannot export.
 """
@@ -15,7 +16,7 @@ from torch import fx
 
 from fxquant.deploy.errors import ExportError
 
-FORMATS = ("onnx", "torch-export")
+FORMATS = ("onnx", "torch-export", "torchscript")
 
 
 def export(gm: fx.GraphModule, path: str | os.PathLike, format: str = "onnx",
@@ -25,13 +26,17 @@ def export(gm: fx.GraphModule, path: str | os.PathLike, format: str = "onnx",
     ``example_inputs`` (a tuple with one N×C×H×W image batch) fixes the traced shapes; height
     and width stay dynamic. ``options``: for ``onnx``, ``form`` (``integer``, the default, or
     ``qdq``) and ``opset``; for ``torch-export``, ``target`` (``fake-quant``, the default,
-    ``reference`` or ``cpu``). Returns the ONNX ModelProto or the ExportedProgram written."""
+    ``reference`` or ``cpu``); ``torchscript`` (a checked ``torch.jit.trace``) takes ``target``
+    too. Returns the ONNX ModelProto, ExportedProgram or ScriptModule written."""
     if format == "onnx":
         from fxquant.deploy.onnx import export_onnx
         return export_onnx(gm, path, example_inputs, **options)
     if format == "torch-export":
         from fxquant.deploy.torch_export import export_program
         return export_program(gm, path, example_inputs, **options)
+    if format == "torchscript":
+        from fxquant.deploy.torch_export import export_torchscript
+        return export_torchscript(gm, path, example_inputs, **options)
     raise ExportError(f"export format '{format}' unknown; valid: {', '.join(FORMATS)}")
 
 

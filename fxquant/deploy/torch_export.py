@@ -167,6 +167,82 @@ def export_program(gm: fx.GraphModule, path: str | os.PathLike, example_inputs: 
     return program
 
 
+def _trace_checked(module: nn.Module, example: tuple, check: tuple):
+    """``torch.jit.trace`` on ``example``, accepted only if the trace computes what the module
+    computes on ``check`` (another size and content): tracing's own graph comparison is
+    stricter than needed (DFSQ's per-layer lookup table traces as ops on one call and as a
+    constant on another, with the same values), a numerical check on a new input is what
+    matters. Under no_grad: quantizers take the straight-through path only when their input
+    needs a gradient."""
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(module, example, check_trace=False)
+        expected, got = module(*check), traced(*check)
+    if not (isinstance(got, torch.Tensor) and got.shape == expected.shape
+            and torch.allclose(got, expected, rtol=0, atol=1e-5)):
+        raise ExportError("the trace computes something else on a second input of another size "
+                          "(values or shapes of the example were frozen into it)")
+    return traced
+
+
+def _other_size(x: torch.Tensor) -> torch.Tensor:
+    """A second input of another size and content, for the trace's check."""
+    n, c, h, w = x.shape
+    return torch.rand(n, c, h + 3, w + 5, generator=torch.Generator().manual_seed(1)) * \
+        float(x.abs().max().clamp(min=1e-6))
+
+
+def to_torchscript(gm: fx.GraphModule, example_inputs: tuple | None = None, *,
+                   target: str = "fake-quant") -> torch.jit.ScriptModule:
+    """``torch.jit.trace`` of ``gm`` (or its reference lowering), checked on a second input of
+    another size (:func:`_trace_checked`); when the check fails, the error names the first
+    quantizer whose own trace fails it. DAQ traces (its statistics are tensor ops); ``torch.jit.script``
+    is not offered: fxquant's quantizers keep Python state (observed ranges, modes) that
+    TorchScript cannot type."""
+    module = exportable_module(gm, target)
+    example = _example(module, example_inputs)
+    check = (_other_size(example[0]),)
+    try:
+        return _trace_checked(module, example, check)
+    except Exception as exc:  # noqa: BLE001 - tracing raises many kinds
+        culprit = _trace_culprit(module, example, check)
+        where = culprit or f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}"
+        raise ExportError(f"torch.jit.trace cannot capture recipe '{gm.fxquant_recipe.name}' "
+                          f"(target '{target}'): {where} (docs/deploy.md)") from exc
+
+
+def _trace_culprit(module: nn.Module, example: tuple, check: tuple) -> str:
+    """The first quantizer (call order) whose own trace fails :func:`_trace_checked`."""
+    calls: dict[str, list] = {}
+    hooks = [sub.register_forward_pre_hook(lambda m, args, name=name: calls.setdefault(
+        name, [m]).append(args)) for name, sub in module.named_modules() if isinstance(sub, Quantizer)]
+    try:
+        with torch.no_grad():
+            module(*example)
+            module(*check)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for name, (sub, *inputs) in calls.items():
+        if len(inputs) < 2:
+            continue
+        try:
+            _trace_checked(sub, tuple(inputs[0]), tuple(inputs[1]))
+        except Exception as exc:  # noqa: BLE001
+            return f"quantizer '{name}' ({sub.kind}: {str(exc).strip().splitlines()[0][:160]})"
+    return ""
+
+
+def export_torchscript(gm: fx.GraphModule, path: str | os.PathLike,
+                       example_inputs: tuple | None = None, *, target: str = "fake-quant"):
+    """Trace with :func:`to_torchscript` and save with ``torch.jit.save`` (atomically)."""
+    traced = to_torchscript(gm, example_inputs, target=target)
+    buffer = io.BytesIO()
+    torch.jit.save(traced, buffer)
+    atomic_write_bytes(path, buffer.getvalue(), "TorchScript module")
+    return traced
+
+
 def load_program(path: str | os.PathLike) -> nn.Module:
     """``torch.export.load(path).module()``: a callable module of a saved program."""
     return torch.export.load(str(path)).module()
