@@ -160,7 +160,8 @@ def test_torch_export_errors_name_what_cannot_export(tiny_sr, calib, tmp_path):
         dynamic = compiled(tiny_sr, calib, recipe)
         with pytest.raises(ExportError, match=rf"recipe '{recipe}'.*module '[\w.]+' \({kind}:"):
             export(dynamic, tmp_path / "x.pt2", format="torch-export")
-        with pytest.raises(ExportError, match="integer lowering, which refused"):
+        # refused by the lowering, or lowered (DAQ's integer form) but not capturable
+        with pytest.raises(ExportError, match="integer lowering, which refused|cannot capture recipe"):
             export(dynamic, tmp_path / "x.pt2", format="torch-export", target="reference")
     assert not (tmp_path / "x.pt2").exists()
 
@@ -218,3 +219,19 @@ def test_torchscript_names_a_quantizer_whose_trace_freezes_the_example(tiny_sr, 
                                           "the trace computes something else"):
         export(gm, tmp_path / "x.ts", format="torchscript")
     assert not (tmp_path / "x.ts").exists()
+
+
+@pytest.mark.parametrize("recipe", ["daq-w4a4", "dfsq-w4a4"])
+def test_fake_quant_form_exports_dynamic_statistics_as_graph_ops(tiny_sr, calib, recipe):
+    """DAQ's per-(image, channel) ranges and DFSQ's per-input normalization are computed by
+    ONNX ops on each input: ORT matches the fake-quant model at another batch and size."""
+    gm = compiled(tiny_sr, calib, recipe)
+    model = to_onnx(gm, form="fake-quant")
+    assert model.opset_import[0].version == 13
+    counts = ops(model)
+    assert counts["ReduceMean"] + counts["ReduceMax"] + counts["ReduceMin"] > 0  # statistics
+    assert counts["QuantizeLinear"] == counts["ConvInteger"] == 0
+    x = torch.rand(2, 3, 11, 13, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        fake = gm(x)
+    assert float((ort_run(model, x) - fake).abs().max()) < 1e-5

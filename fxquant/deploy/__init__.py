@@ -24,8 +24,8 @@ def export(gm: fx.GraphModule, path: str | os.PathLike, format: str = "onnx",
     """Write compiled model ``gm`` to ``path`` in ``format`` (``onnx`` or ``torch-export``).
 
     ``example_inputs`` (a tuple with one N×C×H×W image batch) fixes the traced shapes; height
-    and width stay dynamic. ``options``: for ``onnx``, ``form`` (``integer``, the default, or
-    ``qdq``) and ``opset``; for ``torch-export``, ``target`` (``fake-quant``, the default,
+    and width stay dynamic. ``options``: for ``onnx``, ``form`` (``integer``, the default,
+    ``qdq`` or ``fake-quant``) and ``opset``; for ``torch-export``, ``target`` (``fake-quant``, the default,
     ``reference`` or ``cpu``); ``torchscript`` (a checked ``torch.jit.trace``) takes ``target``
     too. Returns the ONNX ModelProto, ExportedProgram or ScriptModule written."""
     if format == "onnx":

@@ -22,10 +22,11 @@ def build_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="data root (default: $FXQUANT_DATA)")
     p.add_argument("--format", choices=("onnx", "torch-export"), default="onnx")
     p.add_argument("--out", required=True, help="output file (.onnx or .pt2)")
-    p.add_argument("--form", choices=("integer", "qdq"), default="integer",
+    p.add_argument("--form", choices=("integer", "qdq", "fake-quant"), default="integer",
                    help="onnx: 'integer' (QLinearConv where a conv feeds a quantizer, ConvInteger "
-                        "elsewhere: every quantized conv integer in ONNX Runtime) or 'qdq' (Q/DQ "
-                        "around float Conv everywhere; symmetric 8-bit weights only)")
+                        "elsewhere: every quantized conv integer in ONNX Runtime), 'qdq' (Q/DQ "
+                        "around float Conv everywhere; symmetric 8-bit weights only) or "
+                        "'fake-quant' (the fake-quant graph as float ops: DAQ, DFSQ)")
     p.add_argument("--opset", type=int, default=13, help="onnx opset (default 13)")
     p.add_argument("--target", choices=("fake-quant", "reference", "cpu"), default="fake-quant",
                    help="torch-export: the fake-quant model or its integer lowering")
@@ -59,7 +60,7 @@ def run(args: argparse.Namespace) -> int:
 
         model = export(gm, args.out, format="onnx", form=args.form, opset=args.opset)
         y = OrtRunner(session(args.out))(x)
-        summary.update(form=args.form, opset=args.opset, nodes=dict(node_counts(model)),
+        summary.update(form=args.form, opset=model.opset_import[0].version, nodes=dict(node_counts(model)),
                        runtime="onnxruntime")
     else:
         from fxquant.deploy.torch_export import exportable_module, load_program

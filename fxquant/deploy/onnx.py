@@ -26,6 +26,9 @@ own translation, and the integer modules emit their ONNX form:
 
 ``form="integer"`` (default) picks per conv as above; ``form="qdq"`` writes every conv in the
 QDQ form (what TensorRT and other QDQ consumers read) and refuses asymmetric weights.
+``form="fake-quant"`` exports the fake-quant graph itself as float ONNX ops, for any recipe whose
+quantizers trace: DAQ's per-(image, channel) statistics and DFSQ's per-input normalization and
+level lookup become graph ops computed per input; no integer kernels.
 Opset 13: the first with per-axis ``QuantizeLinear``/``DequantizeLinear``, read by every
 current runtime (ONNX Runtime, TensorRT 8+, OpenVINO).
 """
@@ -49,7 +52,7 @@ from fxquant.lower.guard import InputGuard
 from fxquant.quant import Quantizer, UniformQuantizer
 
 OPSET = 13
-FORMS = ("integer", "qdq")
+FORMS = ("integer", "qdq", "fake-quant")
 INPUT, OUTPUT = "lr", "sr"
 _FLOAT, _UINT8, _INT8, _INT32 = 1, 2, 3, 6  # onnx.TensorProto data types
 
@@ -199,7 +202,7 @@ def check_exportable(gm: fx.GraphModule) -> None:
             f"quantizer '{name}' ({module.kind}, recipe '{gm.fxquant_recipe.name}'): {what} has "
             "no static ONNX QuantizeLinear/DequantizeLinear form; ONNX export takes static uniform "
             "presets (minmax-w8a8, mse-w8a8, mse-w8a8-sym, percentile-w8a8); use "
-            "format='torch-export' for this model")
+            "form='fake-quant' (the statistics as float graph ops, no integer kernels) for this model")
 
 
 def integer_graph(gm: fx.GraphModule, form: str = "integer") -> fx.GraphModule:
@@ -208,7 +211,7 @@ def integer_graph(gm: fx.GraphModule, form: str = "integer") -> fx.GraphModule:
     quantizer are removed."""
     import fxquant
 
-    if form not in FORMS:
+    if form not in ("integer", "qdq"):
         raise ExportError(f"ONNX form '{form}' unknown; valid: {', '.join(FORMS)}")
     check_exportable(gm)
     try:
@@ -278,6 +281,17 @@ def _constants_to_initializers(model) -> None:
     model.graph.node.extend(keep)
 
 
+def fake_quant_graph(gm: fx.GraphModule) -> fx.GraphModule:
+    """The fake-quant model as it is (form ``fake-quant``), after the same input checks."""
+    if not hasattr(gm, "fxquant_recipe"):
+        raise ExportError("export takes a model compiled by fxquant.compile (or fxquant.load); "
+                          f"got a {type(gm).__name__} without a recipe")
+    if getattr(gm, "fxquant_lowered", None):
+        raise ExportError(f"the model is already lowered (target '{gm.fxquant_lowered}'); export "
+                          "the fake-quant model it was lowered from")
+    return gm
+
+
 def to_onnx(gm: fx.GraphModule, example_inputs: tuple | None = None, *, form: str = "integer",
             opset: int = OPSET):
     """The ONNX ModelProto of compiled model ``gm`` (checked with ``full_check``)."""
@@ -288,15 +302,21 @@ def to_onnx(gm: fx.GraphModule, example_inputs: tuple | None = None, *, form: st
     if opset < OPSET:
         raise ExportError(f"opset {opset} has no per-axis QuantizeLinear/DequantizeLinear; "
                           f"give {OPSET} or later")
-    module = integer_graph(gm, form)
+    module = fake_quant_graph(gm) if form == "fake-quant" else integer_graph(gm, form)
     example = _example(gm, example_inputs)
     dims = {0: "batch", 2: "height", 3: "width"}
     buffer = io.BytesIO()
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # the legacy-exporter deprecation and tracer warnings
-        torch.onnx.export(module, example, buffer, dynamo=False, opset_version=opset,
-                          input_names=[INPUT], output_names=[OUTPUT],
-                          dynamic_axes={INPUT: dims, OUTPUT: {0: "batch", 2: "out_height", 3: "out_width"}})
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # the legacy-exporter deprecation and tracer warnings
+            module(*example)  # fills per-layer caches (DFSQ's level table) so they export as constants
+            torch.onnx.export(module, example, buffer, dynamo=False, opset_version=opset,
+                              input_names=[INPUT], output_names=[OUTPUT],
+                              dynamic_axes={INPUT: dims,
+                                            OUTPUT: {0: "batch", 2: "out_height", 3: "out_width"}})
+    except torch.onnx.errors.UnsupportedOperatorError as exc:
+        raise ExportError(f"recipe '{gm.fxquant_recipe.name}', ONNX form '{form}': "
+                          f"{str(exc).splitlines()[0]}; try a later opset") from exc
     model = onnx.load_from_string(buffer.getvalue())
     _constants_to_initializers(model)
     model.producer_name, model.doc_string = "fxquant", (
