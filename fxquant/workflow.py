@@ -12,22 +12,37 @@ from torch import fx, nn
 import fxquant
 from fxquant.data import BenchmarkSet, calibration_patches
 from fxquant.evaluate import SetScore, SRFunction, evaluate
-from fxquant.models import ModelSpec, build_model, get_spec
+from fxquant.models import ModelSpec
+from fxquant.models.user import ModelSource, resolve_model
 from fxquant.recipe import Recipe, RecipeLike, resolve_recipe
 
 
 def as_sr_function(model: nn.Module, spec: ModelSpec, scale: int) -> SRFunction:
-    """A callable on the LR tensor alone (multi-scale nets get their scale bound)."""
+    """A callable on the LR tensor alone (multi-scale nets get their scale bound), taking and
+    returning [0, 1] whatever the model's own range (``--range 255`` models: ×255 in, ÷255
+    out, outside the traced graph; see :func:`with_range`)."""
     if spec.takes_scale and not isinstance(model, fx.GraphModule):
-        return lambda x: model(x, scale)
-    return model
+        return with_range(lambda x: model(x, scale), spec)
+    return with_range(model, spec)
+
+
+def with_range(fn: SRFunction, spec: ModelSpec) -> SRFunction:
+    """``fn`` on [0, 1] tensors for a model that takes 0..``value_range``. The convention is
+    applied here, around the model, not by a wrapper module inside it: the traced and
+    compiled graph stays the user's network exactly (what they deploy on 0..255 data), its
+    quantizers see the activations it really has, and lowering meets no extra scalar ops."""
+    factor = getattr(spec, "value_range", 1)
+    if factor == 1:
+        return fn
+    return lambda x: fn(x * factor) / factor
 
 
 def calibration_data(spec: ModelSpec, scale: int, recipe: Recipe,
                      data_root: str | os.PathLike | None = None) -> torch.Tensor:
     cfg = recipe.calibration
-    return calibration_patches(cfg.num_patches, cfg.patch_size, scale, sets=tuple(cfg.sets),
-                               root=data_root, seed=cfg.seed, color=spec.color)
+    patches = calibration_patches(cfg.num_patches, cfg.patch_size, scale, sets=tuple(cfg.sets),
+                                  root=data_root, seed=cfg.seed, color=spec.color)
+    return patches * getattr(spec, "value_range", 1)  # the model's own input range
 
 
 @dataclass
@@ -45,23 +60,43 @@ class ZooModels:
         return as_sr_function(model, self.spec, self.scale)
 
 
-def prepare(name: str, scale: int, recipe: RecipeLike | None, *,
+def prepare(name: str | ModelSource, scale: int | None, recipe: RecipeLike | None, *,
             data_root: str | os.PathLike | None = None, checkpoint: str | None = None,
             progress: bool = False, dump_dir: str | None = None) -> ZooModels:
-    """Build the pretrained (or user-checkpointed) model and compile it with ``recipe``."""
-    spec = get_spec(name)
-    model = build_model(name, scale, pretrained=checkpoint is None, checkpoint=checkpoint,
-                        data_root=data_root)
+    """Build the pretrained (or user-checkpointed) model and compile it with ``recipe``.
+    ``name`` is a zoo name or a :class:`~fxquant.models.user.ModelSource` (an own model)."""
+    source = name if isinstance(name, ModelSource) else \
+        resolve_model(name, scale, weights=checkpoint)
+    spec, scale = source.spec, source.scale
+    # calibration patches are on the model's own scale (0..255 for a --range 255 model)
+    ranged = {"input_range": (0.0, float(source.value_range))} if source.value_range != 1 else {}
+    model = source.build(data_root)
     quant = None
     resolved = resolve_recipe(recipe) if recipe is not None else None
     if resolved is not None:
         calib = calibration_data(spec, scale, resolved, data_root)
-        fresh = build_model(name, scale, pretrained=checkpoint is None, checkpoint=checkpoint,
-                            data_root=data_root)
+        fresh = source.build(data_root)
         quant = fxquant.compile(fresh, resolved, calib=calib,
                                 concrete_args={"scale": scale} if spec.takes_scale else None,
-                                progress=progress, dump_dir=dump_dir)
+                                progress=progress, dump_dir=dump_dir, **ranged)
     return ZooModels(spec, scale, resolved, model, quant)
+
+
+def load_compiled(path: str | os.PathLike, *, model: str | None = None,
+                  scale: int | None = None, data_root: str | os.PathLike | None = None,
+                  **own) -> ZooModels:
+    """FP and quantized models from a saved compiled model: the float network is the zoo
+    model the file names (pretrained, or ``weights=``), or the own model named again by
+    ``model="file.py:Class"`` (``own``: ``weights``, ``init``, ``color``, ``value_range``;
+    missing ones come from what the file recorded)."""
+    from fxquant.compiler import read_compiled
+    from fxquant.models.user import source_from_compiled
+
+    info = read_compiled(path)["model"]
+    source = source_from_compiled(info, model, scale=scale, path=path, **own)
+    float_model = source.build(data_root)
+    quant = fxquant.load(path, source.build(data_root, pretrained=False), data_root=data_root)
+    return ZooModels(source.spec, source.scale, quant.fxquant_recipe, float_model, quant)
 
 
 def evaluate_sets(runner: SRFunction, spec: ModelSpec, scale: int, datasets: list[str], *,

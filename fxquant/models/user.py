@@ -290,3 +290,19 @@ def source_from_compiled(info: dict, name: str | None, *, scale: int | None = No
         init=init if init is not None else user.get("init"),
         color=color or user.get("color"),
         value_range=value_range if value_range is not None else user.get("range"))
+
+
+def own_model_flags(args) -> dict:
+    """``weights``, ``init``, ``color`` and ``value_range`` from a command's parsed flags
+    (``--weights`` or the zoo's ``--checkpoint``, not both)."""
+    weights, checkpoint = getattr(args, "weights", None), getattr(args, "checkpoint", None)
+    if weights and checkpoint:
+        raise FxquantError("give --weights or --checkpoint, not both (they are the same thing)")
+    return {"weights": weights or checkpoint, "init": getattr(args, "init", None),
+            "color": getattr(args, "color", None), "value_range": getattr(args, "range", None)}
+
+
+def source_from_args(args) -> ModelSource:
+    """:func:`resolve_model` on a command's ``--model``, ``--scale`` and own-model flags."""
+    return resolve_model(getattr(args, "model", None), getattr(args, "scale", None),
+                         **own_model_flags(args))
