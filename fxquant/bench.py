@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
-import os
 import statistics
 import sys
 import threading
@@ -277,7 +276,12 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
 
 
 def run(args) -> int:
+    from fxquant.files import atomic_write_text, check_output_path
     from fxquant.markdown import write_section
+
+    for path, what in ((args.json, "bench JSON (--json)"), (args.write, "Markdown (--write)")):
+        if path:  # before the (long) measurements
+            check_output_path(path, what)
 
     if args.breakdown:  # name Inductor's kernels in the profile (before anything compiles)
         import torch._inductor.config as inductor_config
@@ -294,10 +298,8 @@ def run(args) -> int:
     text = render(rows, args, command.strip(), breakdowns)
     print(text)
     if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump([asdict(r) for r in rows], f, indent=1)
-        os.replace(tmp, args.json)
+        atomic_write_text(args.json, json.dumps([asdict(r) for r in rows], indent=1),
+                          "bench JSON (--json)")
     if args.write:
         write_section(args.write, SECTION, text)
     return 0

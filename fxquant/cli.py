@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 
 from fxquant.errors import FxquantError
@@ -12,7 +13,11 @@ FLOAT_ONLY = "fp"  # --recipe fp: evaluate the float model alone
 
 
 def _datasets(text: str) -> list[str]:
-    return [d.strip() for d in text.split(",") if d.strip()]
+    names = [d.strip() for d in text.split(",") if d.strip()]
+    if not names:
+        raise FxquantError(f"--datasets {text!r} names no dataset; give a comma-separated "
+                           "list such as Set5,Set14,B100,Urban100")
+    return names
 
 
 def _add_model_args(parser: argparse.ArgumentParser, recipe_default: str | None = None) -> None:
@@ -39,9 +44,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from fxquant.workflow import evaluate_sets, prepare
 
     float_only = args.recipe == FLOAT_ONLY
+    datasets = _datasets(args.datasets)  # before the work: an empty list fails now
     models = prepare(args.model, args.scale, None if float_only else args.recipe,
                      data_root=args.data, checkpoint=args.checkpoint, progress=not args.json)
-    datasets = _datasets(args.datasets)
     results = {}
     for which in ("fp",) if float_only else ("fp", "quant"):
         runner = models.runner(which)
@@ -77,8 +82,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_compile(args: argparse.Namespace) -> int:
     import fxquant
+    from fxquant.files import check_output_dir, check_output_path
     from fxquant.workflow import prepare
 
+    check_output_path(args.out, "compiled model (--out)")  # before compiling, not after
+    if args.dump_dir:
+        check_output_dir(args.dump_dir, "dump folder (--dump-dir)")
     models = prepare(args.model, args.scale, args.recipe, data_root=args.data,
                      checkpoint=args.checkpoint, progress=True, dump_dir=args.dump_dir)
     fxquant.save(models.quant_model, args.out, model_name=args.model, scale=args.scale)
@@ -92,9 +101,12 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 def cmd_inspect(args: argparse.Namespace) -> int:
     import fxquant
+    from fxquant.files import atomic_write_text, check_output_path
     from fxquant.inspect import graph_table, node_rows
     from fxquant.workflow import prepare
 
+    if args.out:
+        check_output_path(args.out, "inspect output (--out)")
     if args.compiled:
         gm = fxquant.load(args.compiled, data_root=args.data)
     else:
@@ -111,9 +123,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         title = args.compiled or f"{args.model} x{args.scale} {args.recipe}"
         text = render(gm, args.format, title=title)
     if args.out:
-        from pathlib import Path
-
-        Path(args.out).write_text(text)
+        atomic_write_text(args.out, text, "inspect output (--out)")
         print(f"wrote {args.out}")
     else:
         print(text, end="")
@@ -121,11 +131,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from fxquant.files import check_output_path
     from fxquant.report import ReportConfig, load_models, write_report
 
+    check_output_path(args.out, "report (--out)")  # before the analyses, not after
+    datasets = _datasets(args.datasets)
     models = load_models(model=args.model, scale=args.scale, recipe=args.recipe,
                          compiled=args.compiled, data_root=args.data, checkpoint=args.checkpoint)
-    config = ReportConfig(datasets=_datasets(args.datasets), limit=args.limit,
+    config = ReportConfig(datasets=datasets, limit=args.limit,
                           analysis_images=args.images, crop=args.crop, worst=args.worst,
                           sweep=not args.no_sweep, graph=not args.no_graph,
                           speed=not args.no_speed)
@@ -139,7 +152,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_table(args: argparse.Namespace) -> int:
     from fxquant.results import run_table
 
-    run_table(args.config, args.out, data_root=args.data)
+    run_table(args.config, args.out, data_root=args.data, force=args.force,
+              dry_run=args.dry_run)
     return 0
 
 
@@ -276,6 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="docs/results.md",
                    help="Markdown rendered from every store in the config's folder")
     p.add_argument("--data", help="data root (default: $FXQUANT_DATA)")
+    p.add_argument("--force", action="store_true",
+                   help="recompute every cell of the config, even those stored and up to date")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list the cells that would be computed (and why); write nothing")
     p.set_defaults(func=cmd_table)
 
     p = sub.add_parser("demo", help="IMDN x4, 4-bit uniform, FP vs quantized on Set5")
@@ -301,8 +319,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _ignore_file_size_signal() -> None:
+    """Past a file-size limit (ulimit -f) a write then fails with EFBIG, reported as an
+    error with the old file kept, instead of SIGXFSZ killing the process mid-write."""
+    if hasattr(signal, "SIGXFSZ"):
+        try:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        except ValueError:  # not the main thread: leave the signal alone
+            pass
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _ignore_file_size_signal()
     try:
         return args.func(args)
     except FxquantError as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import io
 import os
 from pathlib import Path
 
@@ -10,6 +11,7 @@ import torch
 from torch import fx, nn
 
 from fxquant.errors import CheckpointError
+from fxquant.files import atomic_write_bytes
 from fxquant.pipeline import PassContext, PassManager
 from fxquant.recipe import Recipe, RecipeLike, resolve_recipe
 
@@ -77,7 +79,11 @@ def save(gm: fx.GraphModule, path: str | os.PathLike, *, model_name: str | None 
                           if isinstance(v, (int, float, str, bool))},
         "state_dict": gm.state_dict(),
     }
-    torch.save(payload, path)
+    # serialized in memory first: a failed write (disk full, file-size limit) is then a
+    # plain OSError that atomic_write_bytes reports, and the old file at ``path`` is kept
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    atomic_write_bytes(path, buffer.getvalue(), "compiled model")
 
 
 def read_compiled(path: str | os.PathLike) -> dict:

@@ -31,6 +31,15 @@ class DataError(FxquantError):
     """A data root, image, or dataset is missing or unreadable."""
 
 
+class OutputError(FxquantError):
+    """An output file or folder cannot be written: its folder is missing or read-only, the
+    path names a folder, or the write failed (disk full, file-size limit)."""
+
+
+class StoreError(FxquantError):
+    """A results store (JSON) cannot be read or is not a store of fxquant results."""
+
+
 class PassError(FxquantError):
     """A pass failed, or left a graph that does not verify.
 

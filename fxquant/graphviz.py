@@ -25,6 +25,7 @@ from typing import Mapping, Sequence
 import networkx as nx
 from torch import fx
 
+from fxquant.files import atomic_write_text
 from fxquant.inspect import format_quantizer, graph_table, node_rows
 
 __all__ = [
@@ -406,7 +407,7 @@ def write_dumps(gm: fx.GraphModule, stem: str | Path, formats: Sequence[str] = (
     paths = []
     for fmt in formats:
         path = stem.with_name(f"{stem.name}.{_SUFFIX[fmt]}")
-        path.write_text(render(gm, fmt, errors=errors, title=stem.name))
+        atomic_write_text(path, render(gm, fmt, errors=errors, title=stem.name), "graph dump")
         paths.append(path)
     return paths
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from fxquant.files import atomic_write_text
+
 
 def write_section(path: str | os.PathLike, heading: str, text: str, *,
                   preamble: str = "") -> None:
@@ -19,6 +21,4 @@ def write_section(path: str | os.PathLike, heading: str, text: str, *,
         new = old[:start] + text.rstrip("\n") + "\n" + (old[end:] if end >= 0 else "")
     else:
         new = old.rstrip("\n") + ("\n\n" if old else "") + text.rstrip("\n") + "\n"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(new)
-    tmp.replace(path)
+    atomic_write_text(path, new, "Markdown file")

@@ -19,6 +19,7 @@ import torch
 from torch import fx
 
 from fxquant.errors import FxquantError, PassError, RecipeError
+from fxquant.files import atomic_write_text
 from fxquant.recipe import Recipe
 
 
@@ -206,7 +207,7 @@ class PassManager:
         if not isinstance(module, fx.GraphModule) and (not passes or passes[0].name != "trace"):
             passes.insert(0, registered_passes()["trace"]())
         if self.dump_dir is not None:
-            self.dump_dir.mkdir(parents=True, exist_ok=True)
+            prepare_dump_dir(self.dump_dir)
         done: list[str] = []
         current: Any = module
         for index, p in enumerate(passes):
@@ -233,8 +234,32 @@ class PassManager:
             done.append(p.name)
             if self.dump_dir is not None:
                 dump = self.dump_fn or _default_dump
-                (self.dump_dir / f"{index:02d}-{p.name}.txt").write_text(dump(current))
+                atomic_write_text(self.dump_dir / f"{index:02d}-{p.name}.txt", dump(current),
+                                  "graph dump")
         return current
+
+
+# The files a dump writes: NN-<pass>.txt, and NN-<pass>.<fmt> from graphviz.GraphDumper.
+_DUMP_FILE = re.compile(r"\d{2}-([A-Za-z][\w-]*)\.(txt|dot|svg|html)")
+
+
+def prepare_dump_dir(folder: str | Path) -> list[Path]:
+    """Check that ``folder`` can hold dumps (OutputError if not), create it, and remove the
+    dumps a previous run left there, so that a shorter pipeline's dumps are not mixed with a
+    longer one's. Only fxquant's own files go: ``NN-<pass>.txt|dot|svg|html`` where
+    ``<pass>`` is a registered pass name (or ``graph``). Returns the removed paths."""
+    from fxquant.files import check_output_dir
+
+    folder = check_output_dir(folder, "dump folder")
+    folder.mkdir(exist_ok=True)
+    names = set(registered_passes()) | {"graph"}
+    removed = []
+    for path in sorted(folder.iterdir()):
+        match = _DUMP_FILE.fullmatch(path.name)
+        if match and match.group(1) in names and path.is_file():
+            path.unlink()
+            removed.append(path)
+    return removed
 
 
 def _default_dump(gm: fx.GraphModule) -> str:

@@ -244,7 +244,9 @@ class Recipe:
         return tomli_w.dumps(_drop_none(self.to_dict()))
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_toml())
+        from fxquant.files import atomic_write_text
+
+        atomic_write_text(path, self.to_toml(), "recipe")
 
     @classmethod
     def from_dict(cls, data: dict) -> "Recipe":
@@ -275,7 +277,14 @@ class Recipe:
         path = Path(path)
         if not path.is_file():
             raise RecipeError(f"recipe file {path} does not exist")
-        return cls.from_toml(path.read_text(), str(path))
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise RecipeError(f"recipe file {path} is not UTF-8 text (byte {exc.start}); a "
+                              f"recipe is a TOML text file (see docs/recipes.md)") from None
+        except OSError as exc:
+            raise RecipeError(f"cannot read recipe file {path}: {exc.strerror or exc}") from None
+        return cls.from_toml(text, str(path))
 
 
 def _drop_none(data: Any) -> Any:

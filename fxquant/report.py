@@ -50,6 +50,7 @@ from fxquant.analysis import (
     sensitivity_sweep,
 )
 from fxquant.errors import CheckpointError
+from fxquant.files import atomic_write_text
 
 __all__ = ["ReportConfig", "Report", "build_report", "write_report", "models_from_compiled",
            "load_models", "measure_speed", "rank_agreement", "spearman"]
@@ -651,5 +652,5 @@ def _speed_html(speed: dict | None) -> str:
 def write_report(path: str | os.PathLike, models, **kwargs) -> Report:
     """:func:`build_report` and write the HTML to ``path``."""
     report = build_report(models, **kwargs)
-    Path(path).write_text(report.html, encoding="utf-8")
+    atomic_write_text(path, report.html, "report")
     return report

@@ -4,106 +4,151 @@ Markdown.
 Each config ``docs/results/<name>.toml`` has its own store ``docs/results/<name>.json`` (so
 methods add rows independently), and ``docs/results.md`` is rendered from every store in the
 folder. FP scores found in any store are reused, so adding a recipe re-runs only that recipe.
+
+A stored cell is reused only while its fingerprint (recipe content, weights file, code
+version: see :mod:`fxquant.results_store`) matches; otherwise it is recomputed, with a line
+saying why. Entries written before fingerprints existed carry none: they are *adopted* on
+the next run, i.e. assumed to have been measured with the current recipes, weights and code,
+and the current fingerprint is written into them. ``force`` recomputes every cell.
 """
 
 from __future__ import annotations
 
-import json
-import os
 import platform
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from fxquant.errors import RecipeError
-from fxquant.recipe import tomllib
+from fxquant.files import atomic_write_text, check_output_path
+from fxquant.results_store import (  # noqa: F401  - re-exported
+    CODE_VERSION, FP, RunSpec, cell_key, fingerprint, fingerprint_change, load_all_stores,
+    load_store, read_config, store_text,
+)
 
-FP = "fp"
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    models: tuple[str, ...]
-    scales: tuple[int, ...]
-    recipes: tuple[str, ...]
-    datasets: tuple[str, ...]
-    limit: int | None = None
+_key = cell_key  # the old name
 
 
-def read_config(path: str | os.PathLike) -> list[RunSpec]:
-    data = tomllib.loads(Path(path).read_text())
-    runs = data.get("run")
-    if not isinstance(runs, list) or not runs:
-        raise RecipeError(f"{path}: expected one or more [[run]] tables")
-    specs = []
-    valid = {"models", "scales", "recipes", "datasets", "limit"}
-    for index, run in enumerate(runs):
-        unknown = set(run) - valid
-        if unknown:
-            raise RecipeError(f"{path}: run {index}: unknown keys {sorted(unknown)}; valid: "
-                              f"{sorted(valid)}")
-        specs.append(RunSpec(tuple(run["models"]), tuple(run["scales"]), tuple(run["recipes"]),
-                             tuple(run["datasets"]), run.get("limit") or None))
-    return specs
+@dataclass
+class TablePlan:
+    """What a run of a config does: cells kept, adopted (stored without a fingerprint),
+    copied (FP rows from another store) and the groups to (re)compute with the reason."""
+
+    results: dict
+    kept: int = 0
+    adopted: list[str] = field(default_factory=list)
+    copied: list[str] = field(default_factory=list)
+    # (model, scale, recipe, limit) -> [(dataset, reason)], in config order
+    to_run: dict[tuple, list[tuple[str, str]]] = field(default_factory=dict)
+
+    def lines(self) -> list[str]:
+        out = []
+        for (model, scale, recipe, limit), cells in self.to_run.items():
+            subset = f", first {limit} images" if limit else ""
+            for ds, reason in cells:
+                out.append(f"run {model} x{scale} {recipe} {ds}{subset}: {reason}")
+        out.append(f"{self.kept} cells up to date, {len(self.adopted)} adopted (stored without "
+                   f"a fingerprint), {len(self.copied)} FP cells copied from other stores, "
+                   f"{sum(len(c) for c in self.to_run.values())} to compute")
+        return out
 
 
-def _key(model: str, scale: int, recipe: str, dataset: str, limit: int | None) -> str:
-    return f"{model}|x{scale}|{recipe}|{dataset}|{limit or 'all'}"
+def plan_table(config: str | Path, *, data_root: str | None = None,
+               force: bool = False) -> TablePlan:
+    """Decide, without computing anything, which cells of ``config`` are reused, adopted or
+    (re)computed. Raises on a bad config, store, recipe or model before any work starts."""
+    config = Path(config)
+    runs = read_config(config)
+    plan = TablePlan(results=dict(load_store(config.with_suffix(".json"))))
+    known = load_all_stores(config.parent)
+    prints: dict[tuple, dict] = {}
+    seen = set()
+    for run in runs:
+        for model in run.models:
+            for scale in run.scales:
+                for recipe in dict.fromkeys((FP,) + run.recipes):
+                    for ds in run.datasets:
+                        key = cell_key(model, scale, recipe, ds, run.limit)
+                        if key in seen:
+                            continue
+                        seen.add(key)
+                        if (model, scale, recipe) not in prints:
+                            prints[model, scale, recipe] = fingerprint(model, scale, recipe,
+                                                                       data_root)
+                        reason = _decide(plan, key, known, prints[model, scale, recipe], force)
+                        if reason:
+                            plan.to_run.setdefault((model, scale, recipe, run.limit), []).append(
+                                (ds, reason))
+    return plan
 
 
-def load_store(path: str | os.PathLike) -> dict:
-    path = Path(path)
-    return json.loads(path.read_text()) if path.is_file() else {}
+def _decide(plan: TablePlan, key: str, known: dict, current: dict, force: bool) -> str | None:
+    """Update ``plan`` for one cell; return why it must be computed, or None."""
+    results = plan.results
+    entry = results.get(key)
+    copied = False
+    if entry is None and key.split("|")[2] == FP and key in known:
+        entry, copied = known[key], True  # an FP row measured for another config
+    if force:
+        return "--force"
+    if entry is None:
+        return "not measured yet"
+    stored = entry.get("fingerprint")
+    if stored is not None and stored != current:
+        return f"stored result is stale: {fingerprint_change(stored, current)}"
+    if stored is None:
+        plan.adopted.append(key)
+    elif copied:
+        plan.copied.append(key)
+    else:
+        plan.kept += 1
+    results[key] = {**entry, "fingerprint": current}
+    return None
 
 
-def load_all_stores(folder: str | os.PathLike) -> dict:
-    merged: dict = {}
-    for path in sorted(Path(folder).glob("*.json")):
-        merged.update(load_store(path))
-    return merged
-
-
-def run_table(config: str | os.PathLike, out: str | os.PathLike, *,
-              data_root: str | None = None) -> dict:
-    """Run every cell of ``config`` missing from its store, then re-render ``out`` from all
-    stores beside the config."""
+def run_table(config: str | Path, out: str | Path, *, data_root: str | None = None,
+              force: bool = False, dry_run: bool = False) -> dict:
+    """Run every cell of ``config`` that is missing from its store or stale (every cell with
+    ``force``), then re-render ``out`` from all stores beside the config. ``dry_run`` prints
+    the plan and writes nothing."""
     from fxquant.workflow import evaluate_sets, prepare
 
     config = Path(config)
     store = config.with_suffix(".json")
-    results = load_store(store)
-    known = load_all_stores(config.parent)
-    for run in read_config(config):
-        for model in run.models:
-            for scale in run.scales:
-                for recipe in (FP,) + run.recipes:
-                    for ds in run.datasets:  # FP rows computed for another config
-                        key = _key(model, scale, recipe, ds, run.limit)
-                        if recipe == FP and key in known and key not in results:
-                            results[key] = known[key]
-                    missing = [ds for ds in run.datasets
-                               if _key(model, scale, recipe, ds, run.limit) not in results]
-                    if not missing:
-                        continue
-                    started = time.perf_counter()
-                    models = prepare(model, scale, None if recipe == FP else recipe,
-                                     data_root=data_root, progress=True)
-                    compile_s = time.perf_counter() - started
-                    which = "fp" if recipe == FP else "quant"
-                    scores = evaluate_sets(models.runner(which), models.spec, scale, missing,
-                                           data_root=data_root, limit=run.limit, progress=True,
-                                           label=f"{model} x{scale} {recipe}")
-                    for ds, score in scores.items():
-                        results[_key(model, scale, recipe, ds, run.limit)] = {
-                            "model": model, "scale": scale, "recipe": recipe, "dataset": ds,
-                            "limit": run.limit, "psnr": score.psnr, "ssim": score.ssim,
-                            "images": len(score.images), "compile_s": round(compile_s, 2)}
-                    Path(store).write_text(json.dumps(results, indent=1, sort_keys=True))
-                    print(f"{model} x{scale} {recipe}: " + ", ".join(
-                        f"{ds} {s.psnr:.3f}/{s.ssim:.4f}" for ds, s in scores.items()), flush=True)
-    Path(store).write_text(json.dumps(results, indent=1, sort_keys=True))
-    Path(out).write_text(render_markdown(load_all_stores(config.parent)))
+    plan = plan_table(config, data_root=data_root, force=force)
+    if dry_run:
+        print("\n".join(plan.lines()))
+        return plan.results
+    check_output_path(store, "results store")  # before any work
+    check_output_path(out, "results Markdown (--out)")
+    results = plan.results
+    if plan.adopted:
+        print(f"adopted {len(plan.adopted)} stored results without a fingerprint (assumed "
+              f"measured with the current recipes, weights and code); fingerprints written to "
+              f"{store}", flush=True)
+    atomic_write_text(store, store_text(results), "results store")
+    for (model, scale, recipe, limit), cells in plan.to_run.items():
+        for ds, reason in cells:
+            print(f"{model} x{scale} {recipe} {ds}: computing ({reason})", flush=True)
+        current = fingerprint(model, scale, recipe, data_root)
+        started = time.perf_counter()
+        models = prepare(model, scale, None if recipe == FP else recipe,
+                         data_root=data_root, progress=True)
+        compile_s = time.perf_counter() - started
+        which = "fp" if recipe == FP else "quant"
+        scores = evaluate_sets(models.runner(which), models.spec, scale, [ds for ds, _ in cells],
+                               data_root=data_root, limit=limit, progress=True,
+                               label=f"{model} x{scale} {recipe}")
+        for ds, score in scores.items():
+            results[cell_key(model, scale, recipe, ds, limit)] = {
+                "model": model, "scale": scale, "recipe": recipe, "dataset": ds,
+                "limit": limit, "psnr": score.psnr, "ssim": score.ssim,
+                "images": len(score.images), "compile_s": round(compile_s, 2),
+                "fingerprint": current}
+        atomic_write_text(store, store_text(results), "results store")
+        print(f"{model} x{scale} {recipe}: " + ", ".join(
+            f"{ds} {s.psnr:.3f}/{s.ssim:.4f}" for ds, s in scores.items()), flush=True)
+    atomic_write_text(out, render_markdown(load_all_stores(config.parent)), "results Markdown")
     return results
 
 

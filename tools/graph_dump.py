@@ -16,6 +16,7 @@ import sys
 
 from fxquant.cli import add_model_source_args
 from fxquant.errors import FxquantError
+from fxquant.files import atomic_write_text, check_output_dir, check_output_path
 
 
 def dump_passes(args) -> None:
@@ -53,7 +54,10 @@ def main(argv=None) -> int:
     parser.add_argument("--formats", default="text,dot", help="formats for --dump-dir")
     args = parser.parse_args(argv)
     try:
+        if args.out:  # before any work: a missing or read-only folder fails now
+            check_output_path(args.out, "graph (--out)")
         if args.dump_dir:
+            check_output_dir(args.dump_dir, "dump folder (--dump-dir)")
             dump_passes(args)
             return 0
         from fxquant.analysis import benchmark_crops, layer_errors
@@ -75,8 +79,11 @@ def main(argv=None) -> int:
         print(f"graph_dump: error: {exc}", file=sys.stderr)
         return 2
     if args.out:
-        with open(args.out, "w", encoding="utf-8") as f:
-            f.write(text)
+        try:
+            atomic_write_text(args.out, text, "graph (--out)")
+        except FxquantError as exc:
+            print(f"graph_dump: error: {exc}", file=sys.stderr)
+            return 2
         print(f"wrote {args.out}")
     else:
         sys.stdout.write(text)

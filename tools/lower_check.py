@@ -14,13 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 import torch
 
 import fxquant
 from fxquant.data import BenchmarkSet, to_tensor, to_y_tensor
 from fxquant.lower.compare import layer_agreement
+from fxquant.errors import FxquantError
+from fxquant.files import atomic_write_text, check_output_path
 from fxquant.markdown import write_section
 from fxquant.workflow import as_sr_function, evaluate_sets, prepare
 
@@ -79,6 +80,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--section", default=SECTION,
                         help=f"the Markdown section to write (default '{SECTION}')")
     args = parser.parse_args(argv)
+    try:  # before the (long) checks: a missing or read-only folder fails now
+        for path, what in ((args.json, "rows JSON (--json)"), (args.write, "Markdown (--write)")):
+            if path:
+                check_output_path(path, what)
+    except FxquantError as exc:
+        print(f"lower_check: error: {exc}", file=sys.stderr)
+        return 2
     torch.manual_seed(0)
     rows = []
     for model in args.models.split(","):
@@ -89,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     text = render(rows, command.strip(), args.section)
     print(text)
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        atomic_write_text(args.json, json.dumps(rows, indent=1), "rows JSON (--json)")
     if args.write:
         write_section(args.write, args.section, text)
     return 0
