@@ -1,0 +1,333 @@
+"""``fxquant upscale``: super-resolve a user's images, large ones in overlapping tiles.
+
+The model sees what it sees in evaluation (:func:`fxquant.evaluate.super_resolve`): an RGB
+model gets the image as ``1×3×h×w`` in [0, 1] and its output is clamped, ×255 and rounded;
+a Y-channel model (FSRCNN) gets the BT.601 luma and its Y output is recombined with
+MATLAB-bicubic Cb/Cr. A grey image is an RGB image with three equal channels (a Y model's
+output is then grey and saved as such); an alpha channel is upscaled with MATLAB bicubic and
+re-attached.
+
+Tiling (:func:`upscale_tiled`): the LR image is cut into windows of at most ``tile`` pixels a
+side that overlap by ``2·overlap``; each window's output is cropped to its interior (the
+``overlap`` LR pixels facing another window are dropped) and written into one preallocated
+uint8 array. No blending is needed: when ``overlap`` is at least the model's receptive-field
+radius, every kept output pixel saw exactly the input it sees in a whole-image run (a real
+image border is a border of the window too), so tiled equals whole up to float rounding of
+differently sized convolutions. Models with image-wide statistics (IMDN's contrast channel
+attention, dynamic per-image quantizers such as DAQ) see per-tile statistics instead; the
+difference is measured in docs/performance.md.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from fxquant.data.convert import rgb_to_ycbcr, to_tensor, to_y_tensor, ycbcr_to_rgb
+from fxquant.data.images import _to_rgb_uint8
+from fxquant.data.imresize import imresize
+from fxquant.errors import DataError, FxquantError
+
+__all__ = ["upscale_tiled", "receptive_radius", "default_tiling", "read_input",
+           "upscale_image", "SUFFIXES", "DEFAULT_TILE"]
+
+SRFunction = Callable[[torch.Tensor], torch.Tensor]
+SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+DEFAULT_TILE = 512     # LR pixels a side: IMDN x4 fake-quant stays near 2 GiB per tile
+_GREY_MODES = ("L", "LA", "I", "I;16", "I;16B", "I;16L", "F", "1")
+_CHROMA_MARGIN = 4     # LR rows around a bicubic strip: the cubic kernel reaches 2 (+ rounding)
+_STRIP = 256           # LR rows per strip of the bicubic chroma/alpha and recombination
+
+
+def _to_pixels(out: torch.Tensor) -> np.ndarray:
+    """A model output tile → uint8, the same elementwise arithmetic as ``super_resolve``."""
+    if out.shape[1] == 1:  # Y plane: float64, ×255, clamp, round (the evaluation's Y path)
+        values = torch.clamp(out[0, 0].double() * 255.0, 0, 255).round()
+        return values.to(torch.uint8).numpy()
+    values = torch.round(out[0].float().clamp(0.0, 1.0) * 255.0).to(torch.uint8)  # to_uint8
+    return values.permute(1, 2, 0).numpy()
+
+
+def _spans(length: int, step: int, overlap: int) -> list[tuple[int, int, int, int]]:
+    """(core start, core end, window start, window end) along one axis."""
+    spans = []
+    for start in range(0, length, step):
+        end = min(start + step, length)
+        spans.append((start, end, max(0, start - overlap), min(length, end + overlap)))
+    return spans
+
+
+def upscale_tiled(fn: SRFunction, lr: torch.Tensor, scale: int, tile: int, overlap: int, *,
+                  progress: bool = False) -> np.ndarray:
+    """``fn`` applied to ``lr`` (1×C×H×W) window by window; returns the uint8 output
+    (H·s × W·s × 3 for C=3, H·s × W·s for C=1) converted as in evaluation.
+
+    ``tile`` is the largest window side in LR pixels (0: the whole image in one call),
+    ``overlap`` the LR pixels of context kept on each side of a window's interior."""
+    if lr.dim() != 4 or lr.shape[0] != 1:
+        raise ValueError(f"upscale_tiled takes one 1×C×H×W image, got {tuple(lr.shape)}")
+    _, channels, height, width = lr.shape
+    if tile and tile <= 2 * overlap:
+        raise FxquantError(f"--tile {tile} must be larger than 2 × --overlap ({2 * overlap}): "
+                           "each window keeps its interior only")
+    if overlap < 0:
+        raise FxquantError(f"--overlap must be 0 or more, got {overlap}")
+    step = (tile - 2 * overlap) if tile else max(height, width)
+    rows, cols = _spans(height, step, overlap), _spans(width, step, overlap)
+    shape = (height * scale, width * scale) + ((3,) if channels == 3 else ())
+    result = np.empty(shape, dtype=np.uint8)
+    bar = tqdm(total=len(rows) * len(cols), desc="tiles", unit="tile", leave=False,
+               disable=not progress or len(rows) * len(cols) == 1)
+    with torch.inference_mode():
+        for y0, y1, wy0, wy1 in rows:
+            for x0, x1, wx0, wx1 in cols:
+                out = fn(lr[:, :, wy0:wy1, wx0:wx1])
+                expected = (1, channels, (wy1 - wy0) * scale, (wx1 - wx0) * scale)
+                if tuple(out.shape) != expected:
+                    raise FxquantError(f"the model returned {tuple(out.shape)} for a "
+                                       f"{wy1 - wy0}×{wx1 - wx0} input; expected {expected} "
+                                       f"(x{scale}, {channels} channels)")
+                core = out[:, :, (y0 - wy0) * scale:(y1 - wy0) * scale,
+                           (x0 - wx0) * scale:(x1 - wx0) * scale]
+                result[y0 * scale:y1 * scale, x0 * scale:x1 * scale] = _to_pixels(core)
+                bar.update()
+    bar.close()
+    return result
+
+
+def receptive_radius(fn: SRFunction, channels: int, scale: int, *,
+                     sizes: tuple[int, ...] = (48, 96, 192)) -> tuple[int, bool]:
+    """The model's receptive-field radius in LR pixels, *measured* (not read off the graph,
+    so it works for any callable: compiled, lowered, Inductor): one pixel in the middle of a
+    random mid-grey image is raised and lowered by 0.25, and the output change is taken at
+    each LR (Chebyshev) distance. Image-wide operations (IMDN's contrast channel attention)
+    move every output a little; that far-field floor, the largest change in the outer quarter
+    of the probe, is subtracted, and the radius is the farthest distance whose change still
+    exceeds the floor by 1/4 grey level. Returns ``(radius, local)``; ``local`` is False when
+    there is such a floor (tiles then see their own statistics), or when the change reaches
+    the border of the largest probe. The measurement can fall short where ReLUs are dead
+    around the probe, hence the margin :func:`default_tiling` adds."""
+    threshold = 0.25 / 255
+    for size in sizes:
+        x = 0.25 + 0.5 * torch.rand(1, channels, size, size,
+                                    generator=torch.Generator().manual_seed(0))
+        centre = size // 2
+        profile = torch.zeros(centre + 1)
+        with torch.inference_mode():
+            base = fn(x)
+            rows = torch.arange(base.shape[-2]) // scale - centre
+            cols = torch.arange(base.shape[-1]) // scale - centre
+            dist = torch.maximum(rows.abs()[:, None], cols.abs()[None, :]).flatten()
+            for delta in (0.25, -0.25):
+                probe = x.clone()
+                probe[:, :, centre, centre] += delta
+                change = (fn(probe) - base).abs().amax(dim=1)[0].flatten().float()
+                ring = torch.zeros(centre + 1).scatter_reduce(0, dist, change, "amax")
+                profile = torch.maximum(profile, ring)
+        floor = float(profile[(3 * len(profile)) // 4:].max())
+        above = torch.nonzero(profile > floor + threshold).flatten()
+        radius = int(above.max()) if len(above) else 0
+        if radius < (3 * len(profile)) // 4 - 1:
+            return radius, floor <= threshold
+    return sizes[-1] // 2, False
+
+
+def default_tiling(radius: int, tile: int | None = None) -> tuple[int, int]:
+    """``(tile, overlap)`` from a measured radius: overlap = 2 × radius + 4 (a margin over
+    the measurement: a tile's cut edge changes a whole half-plane, not one pixel, and small
+    far contributions add up), tile = ``DEFAULT_TILE`` or at least 4 × overlap."""
+    overlap = 2 * radius + 4
+    return (tile if tile is not None else max(DEFAULT_TILE, 4 * overlap)), overlap
+
+
+@dataclass
+class InputImage:
+    """An image as read: uint8 H×W×3 RGB (grey replicated), its alpha plane or None, and
+    whether it was grey."""
+
+    rgb: np.ndarray
+    alpha: np.ndarray | None
+    grey: bool
+
+
+def read_input(path: str | os.PathLike) -> InputImage:
+    """Read a PNG/JPEG/WebP/BMP file, keeping its alpha; :class:`DataError` if unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"image {path} does not exist or is not a file")
+    try:
+        with Image.open(path) as image:
+            image.load()
+            has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or \
+                "transparency" in image.info
+            alpha = np.asarray(image.convert("RGBA"))[:, :, 3].copy() if has_alpha else None
+            return InputImage(_to_rgb_uint8(image), alpha, image.mode in _GREY_MODES)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError,
+            Image.DecompressionBombError) as exc:
+        raise DataError(f"cannot read image {path} ({exc}); expected a PNG, JPEG, WebP or BMP "
+                        "image readable by Pillow") from None
+
+
+def _bicubic_strips(plane: np.ndarray, scale: int,
+                    apply: Callable[[int, int, np.ndarray], None]) -> None:
+    """MATLAB-bicubic ×``scale`` of an H×W(×C) plane, ``_STRIP`` LR rows at a time: strips
+    overlap by ``_CHROMA_MARGIN`` rows (the kernel's reach), so each kept row equals the
+    whole-image resize; ``apply(r0, r1, hr_rows)`` gets HR rows ``r0·s .. r1·s``."""
+    height, width = plane.shape[:2]
+    for r0 in range(0, height, _STRIP):
+        r1 = min(r0 + _STRIP, height)
+        w0, w1 = max(0, r0 - _CHROMA_MARGIN), min(height, r1 + _CHROMA_MARGIN)
+        up = imresize(plane[w0:w1], scale=float(scale),
+                      output_shape=((w1 - w0) * scale, width * scale))
+        apply(r0, r1, up[(r0 - w0) * scale:(r1 - w0) * scale])
+
+
+def upscale_image(fn: SRFunction, image: InputImage, color: str, scale: int, tile: int,
+                  overlap: int, *, progress: bool = False) -> np.ndarray:
+    """The upscaled image as uint8: H·s×W·s×3 RGB, ×4 with alpha (RGBA), or H·s×W·s for a
+    grey image through a Y-channel model."""
+    if color == "y":
+        y_sr = upscale_tiled(fn, to_y_tensor(image.rgb), scale, tile, overlap,
+                             progress=progress)
+        out = np.empty(y_sr.shape + (3,), dtype=np.uint8)
+        chroma = rgb_to_ycbcr(image.rgb)[:, :, 1:]
+
+        def combine(r0: int, r1: int, cbcr: np.ndarray) -> None:
+            rows = slice(r0 * scale, r1 * scale)
+            ycbcr = np.concatenate([y_sr[rows].astype(np.float64)[:, :, None], cbcr], axis=2)
+            out[rows] = np.clip(np.rint(ycbcr_to_rgb(ycbcr)), 0, 255).astype(np.uint8)
+
+        _bicubic_strips(chroma, scale, combine)
+        if image.grey and image.alpha is None:
+            return np.ascontiguousarray(out[:, :, 0])
+    else:
+        out = upscale_tiled(fn, to_tensor(image.rgb), scale, tile, overlap, progress=progress)
+    if image.alpha is None:
+        return out
+    alpha = np.empty(out.shape[:2], dtype=np.uint8)
+
+    def put(r0: int, r1: int, rows: np.ndarray) -> None:
+        alpha[r0 * scale:r1 * scale] = rows
+
+    _bicubic_strips(image.alpha, scale, put)
+    return np.concatenate([out, alpha[:, :, None]], axis=2)
+
+
+def write_png(path: str | os.PathLike, array: np.ndarray) -> None:
+    """Write ``array`` as a PNG atomically (temporary file in the same folder, renamed)."""
+    from fxquant.files import atomic_output
+
+    with atomic_output(path, "upscaled image") as tmp:
+        Image.fromarray(array).save(tmp, format="PNG")
+
+
+def _inputs(source: Path) -> list[Path]:
+    if source.is_dir():
+        images = sorted(p for p in source.iterdir()
+                        if p.is_file() and p.suffix.lower() in SUFFIXES)
+        if not images:
+            raise DataError(f"folder {source} holds no image ({', '.join(SUFFIXES)})")
+        return images
+    if not source.exists():
+        raise DataError(f"input {source} does not exist; give an image file or a folder of "
+                        f"images ({', '.join(SUFFIXES)})")
+    return [source]
+
+
+def _check_out(source: Path, out: Path) -> bool:
+    """Fail before any work when --out cannot be written; True when it is a folder."""
+    from fxquant.files import check_output_dir, check_output_path
+
+    if source.is_dir() or out.is_dir():
+        check_output_dir(out, "output folder (--out)")
+        return True
+    if out.suffix.lower() != ".png":
+        raise FxquantError(f"--out {out}: upscale writes PNG; give a .png file, or an existing "
+                           "folder")
+    check_output_path(out, "upscaled image (--out)")
+    return False
+
+
+def _outputs(images: list[Path], out: Path, to_folder: bool, scale: int) -> list[Path]:
+    """``<out>/<stem>_x<s>.png`` into a folder (created if missing, in an existing folder),
+    else the --out file itself."""
+    if to_folder:
+        out.mkdir(exist_ok=True)
+    targets = [out / f"{p.stem}_x{scale}.png" for p in images] if to_folder else [out]
+    for image, target in zip(images, targets):
+        if target.resolve() == image.resolve():
+            raise FxquantError(f"--out would overwrite the input {image}; choose another path")
+    return targets
+
+
+def sr_function(args) -> tuple[SRFunction, object, int, str]:
+    """The SR callable for the command line's model flags: ``--compiled FILE``, or ``--model``
+    (zoo or own) compiled here with ``--recipe`` (``fp``: the float model), optionally
+    ``--lower cpu|reference``. Returns ``(fn, spec, scale, description)``."""
+    import fxquant
+    from fxquant.models.user import own_model_flags, source_from_args
+    from fxquant.workflow import as_sr_function, load_compiled, prepare
+
+    if args.compiled:
+        models = load_compiled(args.compiled, model=args.model, scale=args.scale,
+                               data_root=args.data, **own_model_flags(args))
+        model, what = models.quant_model, f"{args.compiled}"
+    else:
+        if not args.model:
+            raise FxquantError("give --compiled FILE, or --model (a zoo name or "
+                               "file.py:Class) with --recipe PRESET (or --recipe fp)")
+        if not args.recipe:
+            raise FxquantError("give --recipe: a preset or .toml to compile the model here, or "
+                               "`--recipe fp` for the float model")
+        source = source_from_args(args)
+        float_only = args.recipe == "fp"
+        models = prepare(source, None, None if float_only else args.recipe,
+                         data_root=args.data, progress=not args.quiet)
+        model = models.float_model if float_only else models.quant_model
+        what = f"{source.label} x{source.scale} {args.recipe}"
+    if args.lower:
+        if not isinstance(model, torch.fx.GraphModule) or \
+                not getattr(model, "fxquant_recipe", None):
+            raise FxquantError("--lower needs a quantized model: --compiled FILE or --recipe "
+                               "PRESET, not --recipe fp")
+        model = fxquant.lowered_copy(model, args.lower)
+        what += f", lowered ({args.lower})"
+    return as_sr_function(model, models.spec, models.scale), models.spec, models.scale, what
+
+
+def run(args) -> int:
+    """``fxquant upscale`` (arguments parsed in :mod:`fxquant.cli`)."""
+    source, out = Path(args.input), Path(args.out)
+    images = _inputs(source)
+    to_folder = _check_out(source, out)
+    fn, spec, scale, what = sr_function(args)
+    targets = _outputs(images, out, to_folder, scale)
+    channels = 1 if spec.color == "y" else 3
+    if args.overlap is None:
+        radius, local = receptive_radius(fn, channels, scale)
+        tile, overlap = default_tiling(radius, args.tile)
+        if not local and not args.quiet:
+            print(f"note: the model's output depends on pixels more than {radius} LR pixels "
+                  "away (image-wide operations); tiles are an approximation, --tile 0 runs "
+                  "each image whole", file=sys.stderr)
+    else:
+        tile, overlap = (DEFAULT_TILE if args.tile is None else args.tile), args.overlap
+    if not args.quiet:
+        print(f"{what}: x{scale}, tiles of {tile or 'whole'} LR pixels, overlap {overlap}",
+              file=sys.stderr)
+    for image_path, target in tqdm(list(zip(images, targets)), desc="images", unit="image",
+                                   disable=args.quiet or len(images) == 1):
+        array = upscale_image(fn, read_input(image_path), spec.color, scale, tile, overlap,
+                              progress=not args.quiet)
+        write_png(target, array)
+        if not args.quiet:
+            tqdm.write(f"wrote {target} ({array.shape[1]}x{array.shape[0]})", file=sys.stderr)
+    return 0

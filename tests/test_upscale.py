@@ -1,0 +1,208 @@
+"""fxquant upscale: tiles that agree with the whole image, the evaluation's conversions,
+grey/RGBA/Y inputs, the command line and its errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from fxquant.cli import main
+from fxquant.data import (
+    imresize, load_image, rgb_to_ycbcr, to_tensor, to_y_tensor, ycbcr_to_rgb,
+)
+from fxquant.evaluate import super_resolve
+from fxquant.models.user import resolve_model
+from fxquant.upscale import (
+    InputImage, _bicubic_strips, _spans, default_tiling, read_input, receptive_radius,
+    upscale_image, upscale_tiled,
+)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+FIXTURE = Path(__file__).parent / "fixtures" / "tiny_sr.py"
+TINY = f"{FIXTURE}:TinySR"
+
+
+def _tiny(upscale: int = 2, channels: int = 3) -> torch.nn.Module:
+    model = resolve_model(TINY, init={"upscale": upscale, "channels": channels},
+                          color="y" if channels == 1 else "rgb").build()
+    torch.manual_seed(0)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return model.eval()
+
+
+def _image(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """A smooth-plus-noise uint8 RGB test image."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    base = 128 + 80 * np.sin(xx / 17.0)[..., None] * np.cos(yy / 23.0)[..., None]
+    return np.clip(base + rng.normal(0, 20, (height, width, 3)), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("length, step, overlap", [(512, 96, 8), (100, 100, 5), (7, 3, 2),
+                                                   (513, 64, 0)])
+def test_tile_interiors_cover_the_image_once(length, step, overlap):
+    spans = _spans(length, step, overlap)
+    covered = np.zeros(length, int)
+    for start, end, w0, w1 in spans:
+        covered[start:end] += 1
+        assert w0 == max(0, start - overlap) and w1 == min(length, end + overlap)
+        assert w1 - w0 <= step + 2 * overlap
+    assert (covered == 1).all()
+
+
+def test_receptive_radius_of_three_3x3_convs_is_measured_as_3():
+    radius, local = receptive_radius(_tiny(), 3, 2)
+    assert (radius, local) == (3, True)
+    assert default_tiling(radius) == (512, 10)
+
+
+def test_tiled_equals_whole_within_one_grey_level_on_512x512():
+    model = _tiny(2)
+    lr = to_tensor(_image(512, 512))
+    radius, _ = receptive_radius(model, 3, 2)
+    whole = upscale_tiled(model, lr, 2, 0, 0)
+    tiled = upscale_tiled(model, lr, 2, 96, default_tiling(radius)[1])  # 36 windows
+    assert whole.shape == tiled.shape == (1024, 1024, 3)
+    diff = np.abs(whole.astype(int) - tiled.astype(int))
+    assert diff.max() <= 1
+    assert (diff > 0).mean() < 1e-3  # only float rounding of differently sized convs
+    # too little context does show at the seams: the overlap is what makes them invisible
+    seams = upscale_tiled(model, lr, 2, 96, 0)
+    assert np.abs(whole.astype(int) - seams.astype(int)).max() > 1
+
+
+def test_whole_image_in_one_tile_is_super_resolve_bit_for_bit():
+    model = _tiny(3)
+    image = _image(40, 30)
+    assert np.array_equal(upscale_tiled(model, to_tensor(image), 3, 512, 10),
+                          super_resolve(model, image, "rgb"))
+
+
+def test_tile_must_leave_an_interior():
+    with pytest.raises(Exception, match=r"--tile 20 must be larger than 2 × --overlap \(20\)"):
+        upscale_tiled(_tiny(), to_tensor(_image(30, 30)), 2, 20, 10)
+
+
+def test_bicubic_in_strips_is_the_whole_resize():
+    plane = rgb_to_ycbcr(_image(600, 37))[:, :, 1:]  # 3 strips of 256 LR rows
+    out = np.empty((1800, 111, 2))
+
+    def put(r0, r1, rows):
+        out[r0 * 3:r1 * 3] = rows
+
+    _bicubic_strips(plane, 3, put)
+    # the same taps; weights differ in the last bit (a strip's coordinates are offset)
+    np.testing.assert_allclose(out, imresize(plane, scale=3.0, output_shape=(1800, 111)),
+                               rtol=0, atol=1e-9)
+    alpha = _image(300, 20)[:, :, 0]
+    out8 = np.empty((600, 40), np.uint8)
+
+    def put8(r0, r1, rows):
+        out8[r0 * 2:r1 * 2] = rows
+
+    _bicubic_strips(alpha, 2, put8)
+    assert np.array_equal(out8, imresize(alpha, scale=2.0, output_shape=(600, 40)))
+
+
+def test_y_model_runs_on_luma_as_in_evaluation_and_chroma_is_bicubic():
+    model = _tiny(2, channels=1)
+    image = _image(300, 40)
+    out = upscale_image(model, InputImage(image, None, False), "y", 2, 64, 10)
+    y_eval = super_resolve(model, image, "y")  # the evaluation's rounded Y plane
+    cbcr = imresize(rgb_to_ycbcr(image)[:, :, 1:], scale=2.0, output_shape=(600, 80))
+    expected = np.clip(np.rint(ycbcr_to_rgb(np.concatenate([y_eval[..., None], cbcr], 2))),
+                       0, 255).astype(np.uint8)
+    assert np.abs(out.astype(int) - expected.astype(int)).max() <= 1
+    whole = upscale_image(model, InputImage(image, None, False), "y", 2, 0, 0)
+    assert np.array_equal(whole, expected)
+
+
+def test_grey_and_rgba_inputs(tmp_path):
+    rgb = _image(20, 24)
+    grey = rgb[:, :, 0]
+    Image.fromarray(grey, "L").save(tmp_path / "grey.png")
+    alpha = np.linspace(0, 255, 20 * 24).reshape(20, 24).astype(np.uint8)
+    Image.fromarray(np.dstack([rgb, alpha]), "RGBA").save(tmp_path / "rgba.png")
+    Image.fromarray(rgb).save(tmp_path / "photo.webp", lossless=True)
+
+    g = read_input(tmp_path / "grey.png")
+    assert g.grey and g.alpha is None and np.array_equal(g.rgb, np.dstack([grey] * 3))
+    rgb_model, y_model = _tiny(2), _tiny(2, channels=1)
+    out = upscale_image(rgb_model, g, "rgb", 2, 0, 0)  # replicated to RGB for an RGB model
+    assert out.shape == (40, 48, 3)
+    assert np.array_equal(out, super_resolve(rgb_model, g.rgb, "rgb"))
+    out = upscale_image(y_model, g, "y", 2, 0, 0)  # luma only: a grey result, saved grey
+    assert out.shape == (40, 48)
+
+    a = read_input(tmp_path / "rgba.png")
+    assert np.array_equal(a.alpha, alpha) and np.array_equal(a.rgb, rgb)
+    out = upscale_image(rgb_model, a, "rgb", 2, 0, 0)
+    assert out.shape == (40, 48, 4)
+    assert np.array_equal(out[:, :, :3], super_resolve(rgb_model, rgb, "rgb"))
+    assert np.array_equal(out[:, :, 3], imresize(alpha, scale=2.0, output_shape=(40, 48)))
+    assert np.array_equal(read_input(tmp_path / "photo.webp").rgb, rgb)
+
+
+def test_cli_upscales_a_folder_with_one_call_per_image(tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(2):
+        Image.fromarray(_image(16, 20, seed=i)).save(folder / f"im{i}.png")
+    (folder / "notes.txt").write_text("not an image, not listed")
+    out = tmp_path / "out"  # created: its parent exists
+    assert main(["upscale", str(folder), "--out", str(out), "--model", TINY, "--init",
+                 '{"upscale": 3}', "--recipe", "fp", "--quiet"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["im0_x3.png", "im1_x3.png"]
+    assert np.asarray(Image.open(out / "im0_x3.png")).shape == (48, 60, 3)
+
+
+def test_cli_errors(tmp_path, capsys):
+    good = tmp_path / "good.png"
+    Image.fromarray(_image(8, 8)).save(good)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    model = ["--model", TINY, "--recipe", "fp", "--quiet"]
+    cases = [
+        ([str(broken), "--out", str(tmp_path / "o.png")], f"cannot read image {broken}"),
+        ([str(good), "--out", str(tmp_path / "missing" / "o.png")],
+         f"folder {tmp_path / 'missing'} does not exist"),
+        ([str(tmp_path / "nothing.png"), "--out", str(tmp_path / "o.png")],
+         "nothing.png does not exist"),
+        ([str(good), "--out", str(tmp_path / "o.jpg")], "upscale writes PNG"),
+        ([str(good), "--out", str(good)], "would overwrite the input"),
+    ]
+    for argv, message in cases:
+        assert main(["upscale", *argv, *model]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("fxquant upscale: error: ") and message in err, err
+    assert main(["upscale", str(good), "--out", str(tmp_path / "o.png"), "--model", TINY,
+                 "--recipe", "fp", "--lower", "cpu"]) == 2
+    assert "--lower needs a quantized model" in capsys.readouterr().err
+    assert main(["upscale", str(good), "--out", str(tmp_path / "o.png"), "--model", TINY]) == 2
+    assert "give --recipe" in capsys.readouterr().err
+    assert not (tmp_path / "o.png").exists()
+
+
+@pytest.mark.data
+def test_upscale_equals_eval_output_bit_for_bit_on_set5(data, tmp_path):
+    """IMDN x4 float and FSRCNN x4 (Y channel) on Set5 'baby': the PNG fxquant upscale writes
+    is the image fxquant eval scores (for FSRCNN: its Y plane, chroma bicubic)."""
+    from fxquant.models import build_model
+
+    lr_path = data / "benchmark" / "Set5" / "LR_bicubic" / "X4" / "babyx4.png"
+    out = tmp_path / "baby.png"
+    assert main(["upscale", str(lr_path), "--out", str(out), "--model", "imdn", "--scale",
+                 "4", "--recipe", "fp", "--quiet", "--data", str(data)]) == 0
+    lr = load_image(lr_path)
+    expected = super_resolve(build_model("imdn", 4, pretrained=True, data_root=data), lr, "rgb")
+    assert np.array_equal(np.asarray(Image.open(out)), expected)
+
+    fsrcnn = build_model("fsrcnn", 4, pretrained=True, data_root=data)
+    y = upscale_tiled(fsrcnn, to_y_tensor(lr), 4, 512, 20)
+    assert np.array_equal(y.astype(np.float64), super_resolve(fsrcnn, lr, "y"))
