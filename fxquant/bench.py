@@ -136,11 +136,13 @@ def summarize(model: str, times: dict[str, list[float]], baseline: str = "fp32_e
 
 
 def fxquant_variants(model, calib: torch.Tensor, recipe, example: torch.Tensor,
-                     concrete_args: dict | None) -> list[Variant]:
-    """Fake-quant and the two lowered targets, all from one compile of ``recipe``."""
+                     concrete_args: dict | None, input_range: float = 1.0) -> list[Variant]:
+    """Fake-quant and the two lowered targets, all from one compile of ``recipe``
+    (``input_range``: 255 for an own model that takes 0..255)."""
     import fxquant
 
-    fake = fxquant.compile(model, recipe, calib=calib, concrete_args=concrete_args)
+    ranged = {"input_range": (0.0, input_range)} if input_range != 1 else {}
+    fake = fxquant.compile(model, recipe, calib=calib, concrete_args=concrete_args, **ranged)
     reference = fxquant.lowered_copy(fake, "reference")
     cpu = fxquant.lowered_copy(fake, "cpu", compile=True)
     with torch.inference_mode():
@@ -150,11 +152,12 @@ def fxquant_variants(model, calib: torch.Tensor, recipe, example: torch.Tensor,
             Variant("lowered cpu", cpu, "lower{target=cpu,compile=true}")]
 
 
-def build_all(model, example, calib_batches, calib, recipe, concrete_args, names=None
-              ) -> tuple[list[Variant], dict[str, str]]:
+def build_all(model, example, calib_batches, calib, recipe, concrete_args, names=None,
+              input_range: float = 1.0) -> tuple[list[Variant], dict[str, str]]:
     names = list(names or ORDER)
     built, missing = [], {}
-    ours = {v.name: v for v in fxquant_variants(model, calib, recipe, example, concrete_args)} \
+    ours = {v.name: v for v in fxquant_variants(model, calib, recipe, example, concrete_args,
+                                                input_range)} \
         if set(FXQUANT_VARIANTS) & set(names) else {}
     for name in names:
         if name in ours:
@@ -185,27 +188,31 @@ DEFAULT_MODELS = "imdn,pan,carn_m,fsrcnn,edsr_baseline"
 
 
 def bench_model(name: str, args) -> list:
-    from fxquant.models import build_model, get_spec
+    from fxquant.models.user import own_model_flags, resolve_model
     from fxquant.recipe import resolve_recipe
-    from fxquant.workflow import calibration_data, evaluate_sets
+    from fxquant.workflow import calibration_data, evaluate_sets, with_range
 
-    spec = get_spec(name)
+    # a zoo name or an own model (file.py:Class with --weights/--init/--color/--range)
+    source = resolve_model(name, args.scale, **own_model_flags(args))
+    spec = source.spec
     recipe = resolve_recipe(args.recipe)
-    pretrained = bool(spec.weight_files)
-    model = build_model(name, args.scale, pretrained=pretrained, data_root=args.data).eval()
+    pretrained = bool(spec.weight_files) or bool(source.weights)
+    model = source.build(args.data, pretrained=pretrained).eval()
     channels = 1 if spec.color == "y" else 3
     torch.manual_seed(0)
-    example = torch.rand(1, channels, args.size, args.size)
+    example = torch.rand(1, channels, args.size, args.size) * source.value_range
     if pretrained:
         calib = calibration_data(spec, args.scale, recipe, args.data)
     else:
         calib = torch.rand(recipe.calibration.num_patches, channels,
-                           recipe.calibration.patch_size, recipe.calibration.patch_size)
+                           recipe.calibration.patch_size,
+                           recipe.calibration.patch_size) * source.value_range
     # one image per batch: PT2E exports with the example's batch size of 1
     batches = list(calib.split(1))
     concrete = {"scale": args.scale} if spec.takes_scale else None
     names = args.variants.split(",") if args.variants else ORDER
-    variants, missing = build_all(model, example, batches, calib, recipe, concrete, names)
+    variants, missing = build_all(model, example, batches, calib, recipe, concrete, names,
+                                  float(source.value_range))
     fns = {v.name: (lambda f=v.fn: f(example)) for v in variants}
     rows = summarize(name, interleaved(fns, args.rounds))
     notes = {v.name: v.note for v in variants}
@@ -217,7 +224,8 @@ def bench_model(name: str, args) -> list:
         if pretrained and not args.no_psnr:
             fn = next(v.fn for v in variants if v.name == row.variant)
             try:
-                score = evaluate_sets(fn, spec, args.scale, ["Set5"], data_root=args.data)
+                score = evaluate_sets(with_range(fn, spec), spec, args.scale, ["Set5"],
+                                      data_root=args.data)
                 row.psnr = round(score["Set5"].psnr, 4)
             except Exception as exc:  # noqa: BLE001 - a variant failing on other sizes is reported
                 row.note += f"; PSNR failed: {type(exc).__name__}: {str(exc).splitlines()[0]}"
@@ -259,8 +267,15 @@ def render(rows: list, args, command: str, breakdowns: dict | None = None) -> st
 
 def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser(prog="fxquant bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", default=DEFAULT_MODELS)
+    parser.add_argument("--models", default=DEFAULT_MODELS,
+                        help="comma-separated zoo names, or path/to/file.py:ClassName")
     parser.add_argument("--scale", type=int, default=4)
+    for flag, text in (("--weights", "own model's weights (.pth or .safetensors)"),
+                       ("--init", "own model's constructor arguments, a JSON object"),
+                       ("--color", "own model's input: rgb or y"),
+                       ("--range", "own model's pixel range: 1 or 255")):
+        parser.add_argument(flag, help=text, **({"type": int, "choices": (1, 255)}
+                                                if flag == "--range" else {}))
     parser.add_argument("--size", type=int, default=256, help="LR input side (default 256)")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--recipe", default="mse-w8a8-sym")
