@@ -67,14 +67,18 @@ def lowered_copy(gm: fx.GraphModule, target: str = "cpu", *, compile: bool = Fal
 
 
 def save(gm: fx.GraphModule, path: str | os.PathLike, *, model_name: str | None = None,
-         scale: int | None = None) -> None:
-    """Save a compiled model as plain tensors and strings (loadable with weights_only=True)."""
+         scale: int | None = None, user_model: dict | None = None) -> None:
+    """Save a compiled model as plain tensors and strings (loadable with weights_only=True).
+    ``user_model`` names an own (non-zoo) model by strings alone (its ``file.py:Class``,
+    ``--init`` JSON, colour, range: :meth:`fxquant.models.user.ModelSource.reference`), so
+    the command line can say how to rebuild it; :func:`load` never imports it."""
     recipe: Recipe = gm.fxquant_recipe
     payload = {
         "format": FORMAT,
         "recipe": recipe.to_toml(),
         "pipeline": gm.fxquant_pipeline,
-        "model": {"name": model_name, "scale": scale},
+        "model": {"name": model_name, "scale": scale,
+                  **({"user": dict(user_model)} if user_model else {})},
         "concrete_args": {k: v for k, v in gm.fxquant_concrete_args.items()
                           if isinstance(v, (int, float, str, bool))},
         "state_dict": gm.state_dict(),
@@ -116,7 +120,11 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *,
 
         info = payload["model"]
         if not info.get("name"):
-            raise CheckpointError(f"{path} names no zoo model: pass model= (the float network)")
+            user = info.get("user") or {}
+            built = (f" ({user.get('reference')}(**{user.get('init')}))"
+                     if user.get("reference") else "")
+            raise CheckpointError(f"{path} names no zoo model: pass model= (the float "
+                                  f"network{built})")
         model = build_model(info["name"], info["scale"], data_root=data_root)
     gm = compile(model, recipe, pipeline=payload["pipeline"],
                  concrete_args=payload.get("concrete_args") or None, calibrate=False)
