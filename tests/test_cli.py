@@ -97,3 +97,20 @@ def test_eval_float_only(data, capsys):
     report = json.loads(capsys.readouterr().out)
     assert set(report["datasets"]["Set5"]) == {"fp"}
     assert report["datasets"]["Set5"]["fp"]["psnr"] == pytest.approx(30.505, abs=0.01)
+
+
+@pytest.mark.parametrize("command", ["eval", "report"])
+def test_an_empty_dataset_list_is_an_error_before_any_work(command, tmp_path, capsys,
+                                                          monkeypatch):
+    def no_work(*args, **kwargs):
+        raise AssertionError("--datasets must be checked before any work")
+
+    monkeypatch.setattr("fxquant.workflow.prepare", no_work)
+    monkeypatch.setattr("fxquant.report.load_models", no_work)
+    argv = [command, "--model", "fsrcnn", "--scale", "4", "--recipe", "minmax-w8a8",
+            "--datasets", ","]
+    if command == "report":
+        argv += ["--out", str(tmp_path / "r.html")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"fxquant {command}: error: --datasets ',' names no dataset")

@@ -90,3 +90,19 @@ def test_missing_recipe_file():
 def test_pipeline_defaults_to_the_method_and_can_be_given():
     assert Recipe().pipeline_spec == "trace,observe,calibrate,quantize,verify"
     assert Recipe(pipeline="trace,verify").pipeline_spec == "trace,verify"
+
+
+def test_a_binary_recipe_file_is_a_recipe_error(tmp_path):
+    path = tmp_path / "model.toml"  # e.g. a checkpoint passed as --recipe by mistake
+    path.write_bytes(b"PK\x03\x04\x00\xff\xfe binary")
+    with pytest.raises(RecipeError, match=r"model\.toml is not UTF-8 text .*TOML text file"):
+        resolve_recipe(str(path))
+
+
+def test_saving_a_recipe_into_a_missing_folder_is_a_clear_error(tmp_path):
+    from fxquant.errors import FxquantError
+
+    with pytest.raises(FxquantError, match="folder .*missing does not exist"):
+        Recipe().save(tmp_path / "missing" / "r.toml")
+    Recipe().save(tmp_path / "r.toml")
+    assert Recipe.load(tmp_path / "r.toml") == Recipe()

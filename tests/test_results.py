@@ -10,6 +10,8 @@ import pytest
 
 from fxquant import RecipeError
 from fxquant import results as results_mod
+from fxquant.cli import main
+from fxquant.errors import StoreError
 from fxquant.evaluate import ImageScore, SetScore
 from fxquant.results import read_config, recipe_sort_key, render_markdown, run_table
 
@@ -71,44 +73,197 @@ def test_headline_marks_the_best_quantized_result_of_each_row():
     assert "| pan | Set5 | 32.10 | 29.20 | 29.40 | **30.90** |" in text
 
 
-def test_run_table_runs_only_missing_cells_and_reuses_fp_from_other_stores(tmp_path,
-                                                                           monkeypatch):
-    config = tmp_path / "method.toml"
-    config.write_text(textwrap.dedent("""
-        [[run]]
-        models = ["imdn"]
-        scales = [4]
-        recipes = ["daq-w4a4", "daq-w3a3"]
-        datasets = ["Set5"]
-    """))
-    (tmp_path / "uniform.json").write_text(json.dumps(_store(_row("imdn", "fp", "Set5", 32.2))))
-    (tmp_path / "method.json").write_text(json.dumps(_store(_row("imdn", "daq-w4a4", "Set5",
-                                                                 29.1))))
-    prepared = []
+class FakeModels:
+    spec = None
 
-    class FakeModels:
-        spec = None
+    def runner(self, which):
+        return which
 
-        def runner(self, which):
-            return which
+
+@pytest.fixture
+def fake_run(tmp_path, monkeypatch):
+    """No real compile or evaluation; a data root whose weights are a few bytes. Returns the
+    list of (recipe, datasets) evaluated and the data root."""
+    root = tmp_path / "data"
+    (root / "weights").mkdir(parents=True)
+    (root / "weights" / "IMDN_x4.pth").write_bytes(b"weights v1")
+    calls = []
 
     def fake_prepare(model, scale, recipe, **kwargs):
-        prepared.append(recipe)
+        calls.append(recipe)
         return FakeModels()
 
     def fake_evaluate(runner, spec, scale, datasets, **kwargs):
+        calls[-1] = (calls[-1], tuple(datasets))
         return {ds: SetScore(ds, 28.7, 0.8, [ImageScore("a", 28.7, 0.8)]) for ds in datasets}
 
     monkeypatch.setattr("fxquant.workflow.prepare", fake_prepare)
     monkeypatch.setattr("fxquant.workflow.evaluate_sets", fake_evaluate)
+    return calls, root
+
+
+def _config(folder: Path, recipes: list[str], datasets=("Set5",)) -> Path:
+    config = folder / "method.toml"
+    config.write_text(f"[[run]]\nmodels = [\"imdn\"]\nscales = [4]\n"
+                      f"recipes = {json.dumps(recipes)}\ndatasets = {json.dumps(list(datasets))}\n")
+    return config
+
+
+def test_run_table_runs_only_missing_cells_and_reuses_fp_from_other_stores(tmp_path, fake_run):
+    calls, root = fake_run
+    config = _config(tmp_path, ["daq-w4a4", "daq-w3a3"])
+    (tmp_path / "uniform.json").write_text(json.dumps(_store(_row("imdn", "fp", "Set5", 32.2))))
+    (tmp_path / "method.json").write_text(json.dumps(_store(_row("imdn", "daq-w4a4", "Set5",
+                                                                 29.1))))
     out = tmp_path / "results.md"
-    stored = run_table(config, out)
-    assert prepared == ["daq-w3a3"]  # FP came from uniform.json, daq-w4a4 was stored
+    stored = run_table(config, out, data_root=root)
+    assert calls == [("daq-w3a3", ("Set5",))]  # FP came from uniform.json, daq-w4a4 was stored
     assert stored["imdn|x4|daq-w3a3|Set5|all"]["psnr"] == 28.7
     assert stored["imdn|x4|fp|Set5|all"]["psnr"] == 32.2
     assert "| imdn | daq-w3a3 | 28.70 / 0.8000 (-3.50) |" in out.read_text()
-    run_table(config, out)  # everything present: nothing runs
-    assert prepared == ["daq-w3a3"]
+    run_table(config, out, data_root=root)  # everything present: nothing runs
+    assert len(calls) == 1
+
+
+def test_an_old_entry_without_fingerprint_is_adopted_once_and_renders_the_same(
+        tmp_path, fake_run, capsys):
+    calls, root = fake_run
+    config = _config(tmp_path, ["mse-w4a4"])
+    old = _store(_row("imdn", "fp", "Set5", 32.2), _row("imdn", "mse-w4a4", "Set5", 30.1))
+    (tmp_path / "method.json").write_text(json.dumps(old))
+    before = render_markdown(old)
+    run_table(config, tmp_path / "results.md", data_root=root, dry_run=True)
+    assert "0 cells up to date, 2 adopted" in capsys.readouterr().out
+    assert json.loads((tmp_path / "method.json").read_text()) == old  # a dry run writes nothing
+    assert not (tmp_path / "results.md").exists()
+    run_table(config, tmp_path / "results.md", data_root=root)
+    assert calls == []
+    assert "adopted 2 stored results without a fingerprint" in capsys.readouterr().out
+    stored = json.loads((tmp_path / "method.json").read_text())
+    assert {k: {f: v for f, v in e.items() if f != "fingerprint"} for k, e in stored.items()} \
+        == old
+    mse = stored["imdn|x4|mse-w4a4|Set5|all"]["fingerprint"]
+    assert mse["code"] == results_mod.CODE_VERSION and mse["recipe"] != "fp"
+    assert stored["imdn|x4|fp|Set5|all"]["fingerprint"]["recipe"] == "fp"
+    assert (tmp_path / "results.md").read_text() == before
+    run_table(config, tmp_path / "results.md", data_root=root, dry_run=True)
+    assert "2 cells up to date, 0 adopted" in capsys.readouterr().out
+
+
+def test_editing_a_recipe_file_invalidates_its_cells(tmp_path, fake_run, capsys):
+    calls, root = fake_run
+    recipe = tmp_path / "mine.toml"
+    recipe.write_text('method = "uniform"\n[weights]\nbits = 4\n[activations]\nbits = 4\n')
+    config = _config(tmp_path, [str(recipe)])
+    out = tmp_path / "results.md"
+    run_table(config, out, data_root=root)
+    assert calls == [(None, ("Set5",)), (str(recipe), ("Set5",))]
+    run_table(config, out, data_root=root)
+    assert len(calls) == 2  # unchanged: nothing runs
+    recipe.write_text('method = "uniform"\n[weights]\nbits = 3\n[activations]\nbits = 3\n')
+    capsys.readouterr()
+    run_table(config, out, data_root=root, dry_run=True)
+    assert f"run imdn x4 {recipe} Set5: stored result is stale: the recipe changed" in \
+        capsys.readouterr().out
+    run_table(config, out, data_root=root)
+    assert calls[2:] == [(str(recipe), ("Set5",))]  # only the edited recipe, not FP
+    assert "computing (stored result is stale: the recipe changed)" in capsys.readouterr().out
+
+
+def test_new_weights_or_code_version_recompute_and_force_recomputes_all(tmp_path, fake_run,
+                                                                        monkeypatch):
+    calls, root = fake_run
+    config = _config(tmp_path, ["mse-w4a4"], datasets=("Set5", "Set14"))
+    out = tmp_path / "results.md"
+    run_table(config, out, data_root=root)
+    assert calls == [(None, ("Set5", "Set14")), ("mse-w4a4", ("Set5", "Set14"))]
+    (root / "weights" / "IMDN_x4.pth").write_bytes(b"weights v2, retrained")
+    run_table(config, out, data_root=root)
+    assert len(calls) == 4  # both rows again: the weights changed
+    monkeypatch.setattr("fxquant.results_store.CODE_VERSION", 99)  # numerics changed
+    run_table(config, out, data_root=root)
+    assert len(calls) == 6
+    run_table(config, out, data_root=root)
+    assert len(calls) == 6
+    run_table(config, out, data_root=root, force=True)
+    assert len(calls) == 8
+
+
+def test_cli_table_dry_run_and_force_flags(tmp_path, fake_run, capsys):
+    calls, root = fake_run
+    config = _config(tmp_path, ["mse-w4a4"])
+    out = tmp_path / "results.md"
+    argv = ["table", "--config", str(config), "--out", str(out), "--data", str(root)]
+    assert main(argv + ["--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "run imdn x4 fp Set5: not measured yet" in text and "2 to compute" in text
+    assert calls == [] and not out.exists() and not config.with_suffix(".json").exists()
+    assert main(argv) == 0 and len(calls) == 2
+    assert main(argv + ["--force"]) == 0 and len(calls) == 4
+
+
+BAD_CONFIGS = [
+    (None, "results config .*does not exist"),
+    (b"\xff\xfe\x00binary", "is not UTF-8 text"),
+    ("[[run]\nmodels = 1", "is not valid TOML"),
+    ('[[run]]\nmodels = ["imdn"]\nscales = [4]\nrecipes = ["fp"]\n',
+     r"\[\[run\]\] 1: missing key 'datasets'; every run needs models, scales, recipes, datasets"),
+    ('[[run]]\nmodels = "imdn"\nscales = [4]\nrecipes = ["fp"]\ndatasets = ["Set5"]\n',
+     r"'models' must be a list of strs, e\.g\. models = \[\"imdn\", \"pan\"\]; got 'imdn'"),
+    ('[[run]]\nmodels = ["imdn"]\nscales = ["4"]\nrecipes = ["fp"]\ndatasets = ["Set5"]\n',
+     "'scales' must hold positive integers"),
+    ('[[run]]\nmodels = ["imdn"]\nscales = [4]\nrecipes = [1]\ndatasets = ["Set5"]\n',
+     "'recipes' must hold non-empty strings"),
+    ('[[run]]\nmodels = ["imdn"]\nscales = [4]\nrecipes = ["fp"]\ndatasets = []\n',
+     "'datasets' is empty"),
+    ('[[run]]\nmodels = ["imdn"]\nscales = [4]\nrecipes = ["fp"]\ndatasets = ["Set5"]\n'
+     'limit = "20"\n', "'limit' must be a positive integer"),
+    ("run = [1, 2]\n", r"\[\[run\]\] 1: expected a table"),
+]
+
+
+@pytest.mark.parametrize("content, message", BAD_CONFIGS)
+def test_bad_configs_name_the_file_and_key(tmp_path, capsys, content, message):
+    path = tmp_path / "bad.toml"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content)
+    with pytest.raises(RecipeError, match=message):
+        read_config(path)
+    assert main(["table", "--config", str(path), "--out", str(tmp_path / "r.md")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fxquant table: error: ") and "bad.toml" in err
+    assert "Traceback" not in err
+
+
+@pytest.mark.parametrize("content, message", [
+    ("{not json", "is not valid JSON"),
+    ("[1, 2, 3]", "is not a results store: expected a JSON object .* got a list"),
+    ('{"imdn|x4|fp|Set5|all": 32.1}', "entry 'imdn|x4|fp|Set5|all' is not a result"),
+    ('{"a": {"model": "imdn"}}', "entry 'a' is not a result"),
+    (b"\x80\x81binary", "is not UTF-8 text"),
+])
+def test_corrupt_or_foreign_stores_are_clear_errors(tmp_path, fake_run, content, message):
+    calls, root = fake_run
+    config = _config(tmp_path, ["mse-w4a4"])
+    store = config.with_suffix(".json")
+    if isinstance(content, bytes):
+        store.write_bytes(content)
+    else:
+        store.write_text(content)
+    with pytest.raises(StoreError, match=message):
+        run_table(config, tmp_path / "results.md", data_root=root)
+    assert calls == []
+    assert store.read_bytes() == (content if isinstance(content, bytes) else content.encode())
+
+
+def test_table_checks_its_outputs_before_computing(tmp_path, fake_run, capsys):
+    calls, root = fake_run
+    config = _config(tmp_path, ["mse-w4a4"])
+    assert main(["table", "--config", str(config), "--out", str(tmp_path / "no" / "r.md"),
+                 "--data", str(root)]) == 2
+    assert "folder " in capsys.readouterr().err and calls == []
 
 
 def test_docs_results_md_is_rendered_from_the_committed_stores():
