@@ -1,4 +1,5 @@
-"""The ``fxquant`` command line: eval, compile, inspect, report, table, demo, models, recipes."""
+"""The ``fxquant`` command line: eval, compile, inspect, report, table, demo, upscale, models,
+recipes."""
 
 from __future__ import annotations
 
@@ -20,14 +21,33 @@ def _datasets(text: str) -> list[str]:
     return names
 
 
+MODEL_HELP = ("zoo model name (see `fxquant models`), or your own: path/to/file.py:ClassName "
+              "or package.module:ClassName (with --weights, --init, --color, --range)")
+
+
+def add_own_model_args(parser: argparse.ArgumentParser) -> None:
+    """The flags that describe an own model (``--model file.py:Class``)."""
+    parser.add_argument("--weights", help="own model's weights (.pth loaded with "
+                                          "weights_only=True, or .safetensors)")
+    parser.add_argument("--init", help="own model's constructor arguments as a JSON object, "
+                                       "e.g. '{\"upscale\": 4}'")
+    parser.add_argument("--color", choices=("rgb", "y"),
+                        help="own model's input: rgb (1x3xHxW, default) or y (1x1xHxW luma)")
+    parser.add_argument("--range", type=int, choices=(1, 255),
+                        help="own model's pixel range: 1 ([0, 1], default) or 255")
+
+
 def _add_model_args(parser: argparse.ArgumentParser, recipe_default: str | None = None) -> None:
-    parser.add_argument("--model", required=True, help="zoo model name (see `fxquant models`)")
-    parser.add_argument("--scale", type=int, required=True, help="upscaling factor")
+    parser.add_argument("--model", required=True, help=MODEL_HELP)
+    parser.add_argument("--scale", type=int,
+                        help="upscaling factor (required for zoo models; found by running "
+                             "an own model once)")
     parser.add_argument("--recipe", default=recipe_default,
                         help="preset name (see `fxquant recipes`) or path to a .toml recipe; "
                              "`eval --recipe fp` evaluates the float model alone")
     parser.add_argument("--checkpoint", help="load this checkpoint instead of the pretrained one")
     parser.add_argument("--data", help="data root (default: $FXQUANT_DATA)")
+    add_own_model_args(parser)
 
 
 def add_model_source_args(parser: argparse.ArgumentParser) -> None:
@@ -41,12 +61,14 @@ def add_model_source_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
+    from fxquant.models.user import source_from_args
     from fxquant.workflow import evaluate_sets, prepare
 
     float_only = args.recipe == FLOAT_ONLY
     datasets = _datasets(args.datasets)  # before the work: an empty list fails now
-    models = prepare(args.model, args.scale, None if float_only else args.recipe,
-                     data_root=args.data, checkpoint=args.checkpoint, progress=not args.json)
+    models = prepare(source_from_args(args), None, None if float_only else args.recipe,
+                     data_root=args.data, progress=not args.json)
+    args.scale = models.scale  # an own model's scale is found by running it
     results = {}
     for which in ("fp",) if float_only else ("fp", "quant"):
         runner = models.runner(which)
@@ -83,14 +105,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_compile(args: argparse.Namespace) -> int:
     import fxquant
     from fxquant.files import check_output_dir, check_output_path
+    from fxquant.models.user import source_from_args
     from fxquant.workflow import prepare
 
     check_output_path(args.out, "compiled model (--out)")  # before compiling, not after
     if args.dump_dir:
         check_output_dir(args.dump_dir, "dump folder (--dump-dir)")
-    models = prepare(args.model, args.scale, args.recipe, data_root=args.data,
-                     checkpoint=args.checkpoint, progress=True, dump_dir=args.dump_dir)
-    fxquant.save(models.quant_model, args.out, model_name=args.model, scale=args.scale)
+    source = source_from_args(args)
+    models = prepare(source, None, args.recipe, data_root=args.data, progress=True,
+                     dump_dir=args.dump_dir)
+    fxquant.save(models.quant_model, args.out, model_name=None if source.is_user else args.model,
+                 scale=models.scale, user_model=source.reference())
     summary = {"out": args.out, "pipeline": models.quant_model.fxquant_pipeline,
                "passes": [{"pass": p, **info} for p, info in models.quant_model.fxquant_history]}
     print(json.dumps(summary) if args.json else
@@ -132,12 +157,23 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from fxquant.files import check_output_path
+    from fxquant.models.user import is_user_model, own_model_flags, source_from_args
     from fxquant.report import ReportConfig, load_models, write_report
+    from fxquant.workflow import load_compiled, prepare
 
     check_output_path(args.out, "report (--out)")  # before the analyses, not after
     datasets = _datasets(args.datasets)
-    models = load_models(model=args.model, scale=args.scale, recipe=args.recipe,
-                         compiled=args.compiled, data_root=args.data, checkpoint=args.checkpoint)
+    own = own_model_flags(args)
+    if args.compiled:  # zoo or own model, whichever the file holds
+        models = load_compiled(args.compiled, model=args.model, scale=args.scale,
+                               data_root=args.data, **own)
+    elif is_user_model(args.model):
+        if not args.recipe:
+            raise FxquantError("give --recipe (a preset or .toml) to compile your model")
+        models = prepare(source_from_args(args), None, args.recipe, data_root=args.data)
+    else:
+        models = load_models(model=args.model, scale=args.scale, recipe=args.recipe,
+                             data_root=args.data, checkpoint=own["weights"])
     config = ReportConfig(datasets=datasets, limit=args.limit,
                           analysis_images=args.images, crop=args.crop, worst=args.worst,
                           sweep=not args.no_sweep, graph=not args.no_graph,
@@ -212,6 +248,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_upscale(args: argparse.Namespace) -> int:
+    from fxquant.upscale import run
+
+    return run(args)
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from fxquant.models import available_models, get_spec
 
@@ -264,10 +306,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("report", help="self-contained HTML report: quality, per-layer error, "
                                       "sensitivity, distributions, image crops")
     p.add_argument("--compiled", help="a saved compiled model (instead of --model/--recipe)")
-    p.add_argument("--model", help="zoo model name (see `fxquant models`)")
+    p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--scale", type=int, help="upscaling factor")
     p.add_argument("--recipe", help="preset name or .toml recipe")
     p.add_argument("--checkpoint", help="float weights instead of the pretrained ones")
+    add_own_model_args(p)
     p.add_argument("--data", help="data root (default: $FXQUANT_DATA)")
     p.add_argument("--datasets", default="Set5", help="comma-separated benchmark sets")
     p.add_argument("--limit", type=int, help="evaluate only the first N images of each set")
@@ -313,6 +356,28 @@ def build_parser() -> argparse.ArgumentParser:
 
     export_parser(p)
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("upscale", help="super-resolve an image or a folder of images (PNG out)")
+    p.add_argument("input", help="an image (PNG, JPEG, WebP, BMP) or a folder of them")
+    p.add_argument("--out", required=True,
+                   help="output .png (one image) or folder (<stem>_x<scale>.png inside)")
+    p.add_argument("--compiled", help="a saved compiled model")
+    p.add_argument("--model", help=MODEL_HELP)
+    p.add_argument("--scale", type=int, help="upscaling factor (zoo models)")
+    p.add_argument("--recipe", help="with --model: a preset or .toml compiled here, or `fp` "
+                                    "for the float model")
+    p.add_argument("--checkpoint", help="zoo model weights instead of the pretrained ones")
+    add_own_model_args(p)
+    p.add_argument("--lower", choices=("cpu", "reference"),
+                   help="run the integer model (fxquant.lowered_copy) instead of fake-quant")
+    p.add_argument("--tile", type=int,
+                   help="largest LR tile side (default 512; 0 = whole image at once)")
+    p.add_argument("--overlap", type=int,
+                   help="LR pixels of context around each tile (default: twice the measured "
+                        "receptive-field radius + 4)")
+    p.add_argument("--data", help="data root (default: $FXQUANT_DATA)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or messages")
+    p.set_defaults(func=cmd_upscale)
 
     sub.add_parser("models", help="list zoo models").set_defaults(func=cmd_models)
     sub.add_parser("recipes", help="list recipe presets").set_defaults(func=cmd_recipes)
