@@ -280,8 +280,8 @@ def source_from_compiled(info: dict, name: str | None, *, scale: int | None = No
                                f"{info['name']} x{info['scale']}")
         return resolve_model(info["name"], info["scale"], weights=weights)
     if not name:
-        hint = (f"; it was compiled from --model {user['reference']} --init "
-                f"'{user['init']}'" if user else "")
+        init = f" --init '{user['init']}'" if user and user.get("init") not in ("{}", "") else ""
+        hint = f"; it was compiled from --model {user['reference']}{init}" if user else ""
         raise FxquantError(f"{path} holds your own model, and user code is imported only when "
                            f"named: give --model file.py:Class{hint}")
     user = user or {}
