@@ -39,7 +39,10 @@ def check(model: str, scale: int, recipe: str, form: str, data: str | None) -> d
     blob = onnx_model.SerializeToString()
     counts = optimized_counts(blob)
     runner = OrtRunner(session(blob))
-    convs = [m for m in fake.modules() if isinstance(m, nn.Conv2d)]
+    # per call: a conv module the model calls k times (CARN-M's shared blocks) counts k times,
+    # as ONNX (and the lowering) has k convs for it
+    calls = [fake.get_submodule(n.target) for n in fake.graph.nodes if n.op == "call_module"]
+    convs = [m for m in calls if isinstance(m, nn.Conv2d)]
     quantized = sum(isinstance(m, QuantConv2d) for m in convs)
     row = {"model": model, "scale": scale, "recipe": recipe, "form": form,
            "quantized_convs": quantized, "float_layers": len(convs) - quantized,
@@ -62,7 +65,8 @@ def render(rows: list[dict], command: str, section: str = SECTION) -> str:
              "graph ONNX Runtime runs (`SessionOptions.optimized_model_filepath`): QLinearConv and "
              "ConvInteger are integer kernels (an asymmetric-weight conv has a second, one-plane "
              "ConvInteger for its centring sums); float Conv should equal the model's unquantized "
-             "convs (the recipe keeps the first and last conv in float).", "",
+             "convs (the recipe keeps the first and last conv in float). Conv counts are per call "
+             "(CARN-M calls its shared blocks several times).", "",
              "| model | recipe | ONNX form | fake-quant PSNR | ORT PSNR | Δ ORT − fake | QLinearConv "
              "| ConvInteger | float Conv | quantized / unquantized convs | ok |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
