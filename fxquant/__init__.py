@@ -5,6 +5,7 @@
 """
 
 from fxquant.compiler import compile, load, lowered_copy, save
+from fxquant.deploy import ExportError, export
 from fxquant.errors import (
     CalibrationError,
     CheckpointError,
@@ -23,8 +24,9 @@ import fxquant.passes  # noqa: E402,F401  - registers the built-in passes and me
 __version__ = "0.1.0"
 
 __all__ = [
-    "CalibrationError", "CheckpointError", "DataError", "FxquantError", "Pass", "PassContext",
+    "CalibrationError", "CheckpointError", "DataError", "ExportError", "FxquantError", "Pass",
+    "PassContext",
     "PassError", "PassManager", "PassResult", "Recipe", "RecipeError", "TraceFailure",
-    "available_presets", "compile", "load", "load_preset", "lowered_copy", "parse_pipeline", "register_pass",
+    "available_presets", "compile", "export", "load", "load_preset", "lowered_copy", "parse_pipeline", "register_pass",
     "resolve_recipe", "save", "trace",
 ]

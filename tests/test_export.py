@@ -106,7 +106,7 @@ def test_qdq_form(tiny_sr, calib):
 def test_export_writes_a_file_that_ort_and_the_checker_read(tiny_sr, calib, tmp_path):
     gm = compiled(tiny_sr, calib, "mse-w8a8")
     path = tmp_path / "tiny.onnx"
-    export(gm, path, format="onnx", example_inputs=(torch.rand(1, 3, 8, 8),))
+    fxquant.export(gm, path, format="onnx", example_inputs=(torch.rand(1, 3, 8, 8),))
     onnx.checker.check_model(str(path), full_check=True)
     x = torch.rand(1, 3, 20, 16)
     with torch.no_grad():

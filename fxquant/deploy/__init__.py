@@ -1,7 +1,7 @@
 """Deployment formats for compiled models: ONNX (run by ONNX Runtime's integer kernels) and
 ``torch.export`` ExportedPrograms.
 
-    fxquant.export(gm, "model.onnx", format="onnx")
+    fxquant.export(gm, "model.onnx", format="onnx", example_inputs=(lr,))
     fxquant.export(gm, "model.pt2", format="torch-export")
     fxquant.export(gm, "model.ts", format="torchscript")
 
