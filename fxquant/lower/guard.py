@@ -12,9 +12,12 @@ from fxquant.lower.conv import LoweringError
 class InputGuard(nn.Module):
     """Passes a N×C×H×W floating-point image through, or raises :class:`LoweringError`."""
 
-    def __init__(self, channels: int | None):
+    def __init__(self, channels: int | None, cpu_only: bool = True):
         super().__init__()
         self.channels = channels
+        self.cpu_only = cpu_only  # reference and cpu targets; gpu runs where its buffers are
+        # moves with .to(): the device the lowered model lives on (not saved)
+        self.register_buffer("device_probe", torch.empty(0), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not isinstance(x, torch.Tensor) or x.dim() != 4:
@@ -29,10 +32,14 @@ class InputGuard(nn.Module):
         if self.channels is not None and c != self.channels:
             raise LoweringError(f"lowered model takes {self.channels}-channel images, got {c} "
                                 f"channels (shape {tuple(x.shape)})")
-        if x.device.type != "cpu":
+        if self.cpu_only and x.device.type != "cpu":
             raise LoweringError(f"the reference and cpu targets run on the CPU; got a tensor "
                                 f"on {x.device}")
+        if x.device != self.device_probe.device:
+            raise LoweringError(f"the lowered model is on {self.device_probe.device} but the "
+                                f"input is on {x.device}; move one to the other "
+                                "(model.to(device) or x.to(device))")
         return x
 
     def extra_repr(self) -> str:
-        return f"channels={self.channels}"
+        return f"channels={self.channels}" + (", cpu only" if self.cpu_only else "")
