@@ -22,15 +22,18 @@ from fxquant.lower.conv import (
 )
 from fxquant.lower import ops  # noqa: F401 - registers fxquant::pixel_shuffle
 from fxquant.lower.codebook import CodebookQuantize
+from fxquant.lower.daq import DaqConv2d, DaqQuantize, lower_daq
 from fxquant.lower.guard import InputGuard
 from fxquant.lower.triton_conv import GpuConv2d
 from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
 from fxquant.quant import QuantConv2d, Quantizer, UniformQuantizer
+from fxquant.quant.daq import DAQActivationQuantizer
 from fxquant.quant.nonuniform import NonUniformQuantizer
 
 SUPPORTED = ("static uniform per-tensor activation quantizers of 2..8 bits, or non-uniform "
              "levels on a uint8 grid (i2nq presets, integer_grid = 8), in front of a Conv2d "
-             "with uniform weights of 2..8 bits (the minmax-/mse-/percentile-/i2nq- presets)")
+             "with uniform weights of 2..8 bits (the minmax-/mse-/percentile-/i2nq- presets); "
+             "DAQ activations and weights (daq- presets, targets reference and cpu)")
 
 
 @register_pass
@@ -86,6 +89,9 @@ class LowerPass(Pass):
         layer_cls = TARGETS[self.target]
         for node in quantizer_nodes:
             quantizer = gm.get_submodule(node.target)
+            if isinstance(quantizer, DAQActivationQuantizer):  # fxquant/lower/daq.py
+                lowered += lower_daq(gm, node, quantizer, self.target, self.name)
+                continue
             consumers = self._convs_of(gm, node, quantizer)
             if isinstance(quantizer, NonUniformQuantizer):  # levels → their uint8 grid codes
                 codes = CodebookQuantize.from_quantizer(quantizer, layer_cls.channels_last)
@@ -114,7 +120,7 @@ class LowerPass(Pass):
             residuals = _fuse_residuals(gm)
         if self.target in ("cpu", "gpu") and self.fuse:
             fused = _fuse_uint8_outputs(gm)
-        first_input = self._add_guard(gm)
+        first_input = self._add_guard(gm, cpu_only=self.target != "gpu")
         gm.recompile()
         gm.fxquant_lowered = self.target
         if self.compile:
@@ -167,12 +173,12 @@ class LowerPass(Pass):
         return result
 
     @staticmethod
-    def _add_guard(gm: fx.GraphModule) -> str:
+    def _add_guard(gm: fx.GraphModule, cpu_only: bool) -> str:
         """Route the first image input through an InputGuard sized from the first conv."""
         image = next(n for n in gm.graph.nodes if n.op == "placeholder")
         modules = (_module(gm, n) for n in gm.graph.nodes)
         first = next((m for m in modules if isinstance(m, (nn.Conv2d, IntegerConv2d))), None)
-        guard = InputGuard(first.in_channels if first is not None else None)
+        guard = InputGuard(first.in_channels if first is not None else None, cpu_only)
         gm.add_submodule("input_guard", guard)
         with gm.graph.inserting_after(image):
             checked = gm.graph.call_module("input_guard", (image,))
@@ -182,7 +188,8 @@ class LowerPass(Pass):
 
 def _float_ops(gm: fx.GraphModule) -> list[str]:
     """The kinds of op left in float: every call that is not integer machinery."""
-    integer = (InputGuard, IntegerQuantize, CodebookQuantize, *TARGETS.values())
+    integer = (InputGuard, IntegerQuantize, CodebookQuantize, DaqQuantize, DaqConv2d,
+               *TARGETS.values())
     names = set()
     for node in gm.graph.nodes:
         if node.op not in ("call_module", "call_function", "call_method"):

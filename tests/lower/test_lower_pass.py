@@ -103,11 +103,11 @@ def test_nothing_to_lower(tiny_sr, calib):
         fxquant.compile(tiny_sr, "minmax-w8a8", calib=calib, pipeline="trace,lower")
 
 
-@pytest.mark.parametrize("recipe,kind", [("daq-w4a4", "daq quantizer \\(dynamic\\)"),
-                                         ("dfsq-w4a4", "subset quantizer \\(dynamic\\)"),
+@pytest.mark.parametrize("recipe,kind", [("dfsq-w4a4", "subset quantizer \\(dynamic\\)"),
                                          ("dfsq-static-w4a4", "subset quantizer \\(static\\)")])
 def test_dynamic_and_subset_quantizers_are_named_with_what_is_supported(tiny_sr, calib,
                                                                         recipe, kind):
+    # DAQ lowers (reference, cpu): tests/lower/test_daq_lowering.py
     spec = fxquant.compile(tiny_sr, recipe, calib=calib).fxquant_pipeline
     pipeline = spec.replace(",verify", "") + ",lower{target=cpu}"
     with pytest.raises(PassError, match=f"{kind} has no integer kernel yet; supported: static "

@@ -1,0 +1,405 @@
+"""DAQ lowered: the dynamic per-(image, channel) quantizer as integer codes, and the conv as
+a per-image weight fold applied to those codes plus an exactly border-corrected offset term.
+
+For one DAQ-quantized conv (activation quantizer in front of a ``QuantConv2d`` whose weight
+quantizer is DAQ's σ-scaled symmetric mid-rise one)::
+
+    μ, Δ      per (n, c), computed by the fake-quantizer's own function (same float ops)
+    q_{n,c}   integer codes >= 0 with x̂ = Δ_{n,c}·q + β_{n,c}:
+                signed:        q = c + 2^(b−1) − 1 ∈ 0..2^b − 1,  β = μ − (2^b − 1)/2·Δ
+                relu (HEAD):   q = round(x/Δ − k) + k = round(x/Δ) ≥ 0, unbounded, β = 0
+                relu-clipped:  q ∈ 0..2^b − 1,                            β = 0
+              (c the fake-quantizer's mid-rise code; a channel with Δ = 0 gets q = 0, β = μ)
+    K         odd integer weight codes 2c_w − 1 ∈ ±(2^b_w − 1), Ŵ = K·Δ_w/2
+    y_n       = Σ_c (Ŵ[:, c]·Δ_{n,c}) ⋆ q_{n,c}          per-image folded weights ⋆ codes
+              + Σ_c Ŵ[:, c] ⋆ (β_{n,c}·1_{H×W})           conv of a constant plane, zero padded
+              + bias
+
+The second term is the conv of a per-channel constant image with zero padding: constant per
+output channel inside, different at the border (only the taps that land inside the image
+count). It is computed exactly, separably: ``V[n,o,i,j] = Σ_c β_{n,c}·Ŵ[o,c,i,j]`` and
+``out[n,o,y,x] = Σ_ij V[n,o,i,j]·R[i,y]·C[j,x]`` with ``R``/``C`` the 0/1 masks of taps that
+land inside the image (rows/columns), i.e. ``O(N·O·k·H'·W')``.
+
+Targets:
+
+* ``reference`` (:class:`ReferenceDaqConv2d`): integer codes (uint8; int32 for the unclipped
+  relu branch), integer weight codes; the fold, the convolution and the offset term in
+  float64 (each folded weight ``K·Δ_w/2·Δ_{n,c}`` is exact in float64 for ``b_w <= 5``:
+  5 + 24 + 24 mantissa bits), output float32. It is the conv of the exactly de-quantized
+  input and weight, up to float64 summation error (≈ fan-in·2^−53 relative).
+* ``cpu`` (:class:`CpuDaqConv2d`): the same codes as uint8 NHWC (per-tensor scale 1, zero
+  point 0) into oneDNN's int8 conv, with the per-image folded weights ``Ŵ·Δ_{n,c}``
+  requantized to int8 per (image, output channel) and prepacked on every call; exact int32
+  accumulation of u8 × int8 (bounded by ``fan-in·255·127``), float32 rescale and bias in
+  oneDNN, offset term in float32. The requantization of the folded weights to int8 is lossy
+  (measured in docs/lowering.md). Unclipped relu codes above 255 are split into two uint8
+  planes ``q = q_lo + 256·q_hi`` and convolved twice with the same packed weight.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from fxquant.errors import PassError
+from fxquant.graph import replace_module_node
+from fxquant.lower.conv import INT32_MAX, LoweringError
+from fxquant.quant.daq import DAQActivationQuantizer, DAQWeightQuantizer, _daq_params
+
+DAQ_TARGETS = ("reference", "cpu")
+LOWERED_BRANCHES = ("signed", "relu", "relu-clipped")
+U8_MAX, INT8_MAX = 255, 127
+
+
+def onednn_accumulator_bound(fan_in: int) -> int:
+    """Largest |int32 accumulator| of the cpu DAQ conv: uint8 codes (one plane, <= 255) times
+    int8 folded-weight codes (<= 127 in magnitude) over the fan-in."""
+    return fan_in * U8_MAX * INT8_MAX
+
+
+# --------------------------------------------------------------------------- codes
+def daq_input_codes(x: torch.Tensor, bits, branch: str, qq_bits: int = 0,
+                    step_index: str = "head") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(q, Δ, β)`` with ``x̂ = Δ·q + β`` equal to :func:`~fxquant.quant.daq.daq_quantize`'s
+    output: ``q`` integer-valued float (>= 0), ``Δ`` and ``β`` N×C×1×1 (see module doc).
+
+    The statistics and the rounding are the fake-quantizer's own (``_daq_params``, the same
+    division/round/clamp), so the codes are exactly the fake-quant levels."""
+    if branch not in LOWERED_BRANCHES:
+        raise LoweringError(f"DAQ branch '{branch}' has no integer form; lowered: "
+                            f"{', '.join(LOWERED_BRANCHES)}")
+    with torch.no_grad():
+        mu, safe, valid, finite, h = _daq_params(x, bits, branch, qq_bits, step_index)
+        if not bool(finite.all()):
+            raise LoweringError("DAQ input has channels whose statistics overflow float: they "
+                                "pass through unquantized and have no integer form")
+        step = safe * valid
+        if branch == "signed":
+            c = torch.clamp(torch.round((x - mu) / safe + 0.5), -h + 0.5, h + 0.5)
+            return c + (h - 0.5), step, mu - h * step
+        if branch == "relu":
+            k = h - 0.5
+            q = torch.round(x / safe - k) + k
+        else:
+            q = torch.clamp(torch.clamp(torch.round(x / safe), min=0), max=2 * h)
+        return q * valid, step, mu * ~valid
+
+
+class DaqQuantize(nn.Module):
+    """Float tensor → ``(codes, Δ, β)`` of a DAQ activation quantizer (one per conv call).
+
+    ``codes``: uint8 (signed / relu-clipped: at most 8 bits), int32 for the unclipped relu
+    branch (``round(x/Δ)`` has no upper bound; :attr:`max_code` records the largest seen, a
+    value beyond int32 is refused); NHWC on ``cpu``."""
+
+    def __init__(self, channels: int, branch: str, qq_bits: int, step_index: str,
+                 channels_last: bool):
+        super().__init__()
+        self.channels, self.branch, self.qq_bits = channels, branch, qq_bits
+        self.step_index, self.channels_last = step_index, channels_last
+        self.source = ""
+        self.max_code = 0  # largest code seen (not state: a statistic for reports)
+        self.register_buffer("bits", torch.full((channels,), 4, dtype=torch.int64))
+
+    @classmethod
+    def from_quantizer(cls, quantizer: DAQActivationQuantizer, channels_last: bool,
+                       source: str = "") -> "DaqQuantize":
+        module = cls(quantizer.channels, quantizer.branch, quantizer.qq_bits,
+                     quantizer.step_index, channels_last)
+        module.source = source
+        with torch.no_grad():
+            module.bits.copy_(quantizer.bits)
+        return module
+
+    def _bits_arg(self):
+        lo, hi = int(self.bits.min()), int(self.bits.max())
+        return lo if lo == hi else self.bits
+
+    def forward(self, x: torch.Tensor):
+        q, step, offset = daq_input_codes(x, self._bits_arg(), self.branch, self.qq_bits,
+                                          self.step_index)
+        if self.branch == "relu":
+            top = float(q.max()) if q.numel() else 0.0
+            if top > INT32_MAX:
+                raise LoweringError(f"DAQ relu-branch code {top:.0f} exceeds int32: the input "
+                                    "is too large against its channel's step")
+            self.max_code = max(self.max_code, int(top))
+            codes = q.to(torch.int32)
+        else:
+            codes = q.to(torch.uint8)
+        if self.channels_last:
+            codes = codes.contiguous(memory_format=torch.channels_last)
+        return codes, step, offset
+
+    def extra_repr(self) -> str:
+        lo, hi = int(self.bits.min()), int(self.bits.max())
+        bits = lo if lo == hi else f"{lo}-{hi}"
+        kind = "int32" if self.branch == "relu" else "u8"
+        return f"channels={self.channels}, bits={bits}, branch={self.branch}, " \
+               f"qq_bits={self.qq_bits}, {kind} codes" + (", NHWC" if self.channels_last else "")
+
+
+# --------------------------------------------------------------------------- convs
+def border_masks(size: int, out_size: int, kernel: int, stride: int, padding: int,
+                 dilation: int, dtype, device) -> torch.Tensor:
+    """``M[i, y] = 1`` when tap ``i`` of output ``y`` lands inside the input (kernel × out)."""
+    pos = (torch.arange(out_size, device=device) * stride - padding).view(1, -1) \
+        + (torch.arange(kernel, device=device) * dilation).view(-1, 1)
+    return ((pos >= 0) & (pos < size)).to(dtype)
+
+
+class DaqConv2d(nn.Module):
+    """State shared by the DAQ targets: odd integer weight codes ``K`` (int16), the weight
+    step ``Δ_w/2`` broadcastable to them (per tensor, per output channel, or per (o, c) under
+    mixed precision), bias, conv geometry. ``state_dict`` round-trips."""
+
+    target = ""
+    channels_last = False
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride, padding,
+                 dilation, groups: int, has_bias: bool):
+        super().__init__()
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size, self.stride = tuple(kernel_size), tuple(stride)
+        self.padding, self.dilation = tuple(padding), tuple(dilation)
+        self.source = ""
+        shape = (out_channels, in_channels // groups) + self.kernel_size
+        self.register_buffer("weight_codes", torch.zeros(shape, dtype=torch.int16))
+        self.register_buffer("weight_scale", torch.ones(shape[:2] + (1, 1)))
+        self.register_buffer("bias", torch.zeros(out_channels) if has_bias else None)
+
+    @classmethod
+    def from_quantized(cls, conv, source: str = "") -> "DaqConv2d":
+        if isinstance(conv.padding, str):
+            raise LoweringError(f"padding='{conv.padding}' has no lowered form; give numbers")
+        if conv.padding_mode != "zeros":
+            raise LoweringError(f"padding_mode='{conv.padding_mode}' has no lowered form; "
+                                "only zero padding is supported (the offset term's border "
+                                "correction assumes zeros)")
+        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                    conv.padding, conv.dilation, conv.groups, conv.bias is not None)
+        layer.source = source
+        codes = conv.weight_quantizer.integer_codes(conv.weight)  # Ŵ = (c − ½)·Δ_w
+        with torch.no_grad():
+            layer.weight_codes.copy_((2 * codes.codes.long() - 1).to(torch.int16))
+            layer.weight_scale.copy_((codes.scale / 2).expand_as(layer.weight_scale))
+            if conv.bias is not None:
+                layer.bias.copy_(conv.bias.detach())
+        return layer
+
+    @property
+    def fan_in(self) -> int:
+        return self.in_channels // self.groups * self.kernel_size[0] * self.kernel_size[1]
+
+    def weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The de-quantized weight ``Ŵ = K·Δ_w/2`` (exact in float64)."""
+        return self.weight_codes.to(dtype) * self.weight_scale.to(dtype)
+
+    def per_output(self, t: torch.Tensor) -> torch.Tensor:
+        """Per-(image, input channel) N×C×1×1 → N×O×(C/g)×1×1, each output channel seeing
+        the input channels of its group."""
+        n, g = t.shape[0], self.groups
+        per_group, o_g = self.in_channels // g, self.out_channels // g
+        t = t.reshape(n, g, 1, per_group).expand(n, g, o_g, per_group)
+        return t.reshape(n, self.out_channels, per_group, 1, 1)
+
+    def folded_weight(self, step: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Per-image weights ``Ŵ[o, c]·Δ_{n,c}``: N×O×(C/g)×k_h×k_w."""
+        return weight.unsqueeze(0) * self.per_output(step.to(weight.dtype))
+
+    def offset_term(self, offset: torch.Tensor, weight: torch.Tensor, size) -> torch.Tensor:
+        """``Σ_c Ŵ[:, c] ⋆ (β_c·1)`` with zero padding, exactly (see the module doc)."""
+        n, g = offset.shape[0], self.groups
+        per_group, o_g = self.in_channels // g, self.out_channels // g
+        beta = offset.to(weight.dtype).reshape(n, g, 1, per_group, 1, 1)
+        v = (beta * weight.reshape(1, g, o_g, per_group, *self.kernel_size)).sum(3)
+        v = v.reshape(n, self.out_channels, *self.kernel_size)
+        out_size = [(s + 2 * p - d * (k - 1) - 1) // st + 1 for s, p, d, k, st in
+                    zip(size, self.padding, self.dilation, self.kernel_size, self.stride)]
+        rows, cols = (border_masks(size[i], out_size[i], self.kernel_size[i], self.stride[i],
+                                   self.padding[i], self.dilation[i], weight.dtype, weight.device)
+                      for i in range(2))
+        return torch.einsum("noyj,jx->noyx", torch.einsum("noij,iy->noyj", v, rows), cols)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, groups={self.groups}, "
+                f"DAQ codes x odd int weight codes, per-image fold")
+
+    def describe(self) -> dict:
+        return {"target": self.target, "kind": "daq"}
+
+
+class ReferenceDaqConv2d(DaqConv2d):
+    """The exact semantics: per-image folded weights (float64) ⋆ integer codes + the
+    border-exact offset term + bias, in float64; float32 output."""
+
+    target = "reference"
+
+    def forward(self, packed) -> torch.Tensor:
+        codes, step, offset = packed
+        n, c, h, w = codes.shape
+        weight = self.weight(torch.float64)
+        folded = self.folded_weight(step, weight)
+        y = F.conv2d(codes.double().reshape(1, n * c, h, w),
+                     folded.reshape(n * self.out_channels, *folded.shape[2:]), None,
+                     self.stride, self.padding, self.dilation, n * self.groups)
+        y = y.reshape(n, self.out_channels, *y.shape[2:]) + self.offset_term(offset, weight, (h, w))
+        if self.bias is not None:
+            y = y + self.bias.double().view(1, -1, 1, 1)
+        return y.float()
+
+
+def requantize_folded(folded: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-(image, output channel) symmetric int8 codes of the folded weights
+    (N×O×C/g×k×k): ``scale = max|W'|/127``, ``codes = round(W'/scale)``. Lossy: a channel
+    whose ``Δ_{n,c}`` is small against the largest keeps few int8 levels."""
+    top = folded.abs().amax(dim=(2, 3, 4))
+    scale = torch.where(top > 0, top / INT8_MAX, torch.ones_like(top))
+    codes = torch.round(folded / scale[:, :, None, None, None]).clamp_(-INT8_MAX, INT8_MAX)
+    return codes.to(torch.int8), scale
+
+
+class CpuDaqConv2d(DaqConv2d):
+    """oneDNN int8 conv of uint8 NHWC codes with per-image requantized folded weights
+    (prepacked on every call), float32 output, plus the offset term in float32."""
+
+    target = "cpu"
+    channels_last = True
+
+    @torch.compiler.disable
+    def forward(self, packed) -> torch.Tensor:
+        codes, step, offset = packed
+        n, _, h, w = codes.shape
+        weight = self.weight(torch.float32)
+        wcodes, wscale = requantize_folded(self.folded_weight(step.float(), weight))
+        planes = [codes] if codes.dtype == torch.uint8 else split_planes(codes)
+        bias = None if self.bias is None else self.bias.float()
+        zero_points = torch.zeros(self.out_channels, dtype=torch.int64)
+        outs = []
+        for i in range(n):
+            packed_w = torch.ops.onednn.qconv_prepack(
+                wcodes[i].contiguous(), wscale[i].contiguous(), 1.0, 0, list(self.stride),
+                list(self.padding), list(self.dilation), self.groups, None)
+            y = None
+            for k, plane in enumerate(planes):
+                part = torch.ops.onednn.qconv_pointwise(
+                    plane[i:i + 1], 1.0, 0, packed_w, wscale[i].contiguous(), zero_points,
+                    bias if k == 0 else None, list(self.stride), list(self.padding),
+                    list(self.dilation), self.groups, 1.0, 0, torch.float32, "none", [None], "")
+                y = part if y is None else y + part * float(256 ** k)
+            outs.append(y)
+        y = outs[0] if n == 1 else torch.cat(outs)
+        return y + self.offset_term(offset.float(), weight, (h, w))
+
+
+def split_planes(codes: torch.Tensor) -> list[torch.Tensor]:
+    """Non-negative int codes → uint8 planes ``q = Σ_k 256^k·plane_k`` (NHWC kept)."""
+    top = int(codes.max()) if codes.numel() else 0
+    planes, rest = [], codes
+    while True:
+        planes.append((rest & U8_MAX).to(torch.uint8))
+        rest = rest >> 8
+        top >>= 8
+        if top == 0:
+            return [p.contiguous(memory_format=torch.channels_last) for p in planes]
+
+
+LAYERS = {"reference": ReferenceDaqConv2d, "cpu": CpuDaqConv2d}
+
+
+# --------------------------------------------------------------------------- the pass
+def lower_daq(gm: fx.GraphModule, node: fx.Node, quantizer: DAQActivationQuantizer,
+              target: str, pass_name: str = "lower") -> int:
+    """Replace DAQ activation quantizer ``node`` and the QuantConv2d(s) it feeds by
+    :class:`DaqQuantize` and the target's DAQ conv; return how many convs were lowered."""
+    from fxquant.quant import QuantConv2d
+
+    if target not in DAQ_TARGETS:
+        raise PassError(pass_name, f"DAQ lowers to targets {', '.join(DAQ_TARGETS)}, not "
+                        f"'{target}'", node=node.name)
+    if quantizer.branch not in LOWERED_BRANCHES:
+        raise PassError(pass_name, f"DAQ branch '{quantizer.branch}' (post_relu = 'initial') "
+                        "clips to −μ, off the step grid: it has no integer form; lowered "
+                        f"branches: {', '.join(LOWERED_BRANCHES)}", node=node.name)
+    users = list(node.users)
+    modules = [gm.get_submodule(u.target) if u.op == "call_module" else None for u in users]
+    bad = [u for u, m in zip(users, modules) if not isinstance(m, QuantConv2d)
+           or u.args[0] is not node or node in list(u.args[1:]) + list(u.kwargs.values())]
+    if bad or not users:
+        what = ", ".join(f"{u.name} ({type(m).__name__ if m is not None else u.target})"
+                         for u, m in zip(users, modules) if u in bad) or "nothing"
+        raise PassError(pass_name, f"DAQ-quantized value feeds {what}, which has no integer "
+                        "kernel; DAQ lowers in front of a Conv2d only", node=node.name)
+    layer_cls = LAYERS[target]
+    layers = []
+    for user, conv in zip(users, modules):
+        if not isinstance(conv.weight_quantizer, DAQWeightQuantizer):
+            raise PassError(pass_name, f"weights of '{user.target}' use a "
+                            f"{conv.weight_quantizer.kind} quantizer; a DAQ activation lowers "
+                            "with DAQ weights only", node=user.name)
+        if target == "cpu" and onednn_accumulator_bound(_fan_in(conv)) > INT32_MAX:
+            raise PassError(pass_name, f"fan-in {_fan_in(conv)} can overflow oneDNN's int32 "
+                            "accumulator (bound fan-in·255·127 < 2^31)", node=user.name)
+        try:
+            layers.append(layer_cls.from_quantized(conv, str(user.target)))
+        except LoweringError as exc:
+            raise PassError(pass_name, str(exc), node=user.name) from None
+    codes = DaqQuantize.from_quantizer(quantizer, layer_cls.channels_last, str(node.target))
+    replace_module_node(gm, node, codes, str(node.target).replace("_quantizer", "_codes"))
+    for user, layer in zip(users, layers):
+        replace_module_node(gm, user, layer, str(user.target).replace(".", "_"))
+    return len(layers)
+
+
+def _fan_in(conv) -> int:
+    return conv.in_channels // conv.groups * conv.kernel_size[0] * conv.kernel_size[1]
+
+
+# --------------------------------------------------------------------------- comparison
+def daq_layer_agreement(fake: fx.GraphModule, lowered: fx.GraphModule,
+                        inputs: list[torch.Tensor]) -> list[tuple[str, float, int]]:
+    """Per lowered DAQ conv: ``(name, max |y_lowered − y_fake| / max |y_fake|, max code)``,
+    each lowered codes+conv pair run on the raw input its fake-quant quantizer saw."""
+    modules = dict(lowered.named_modules())
+    pairs = {}  # fake quantizer name -> (lowered conv name, codes module, conv module)
+    for n in lowered.graph.nodes:
+        if n.op == "call_module" and isinstance(modules[n.target], DaqConv2d):
+            codes_node = n.args[0]
+            codes = modules[codes_node.target]
+            pairs[codes.source] = (n.target, codes, modules[n.target])
+    worst = {name: 0.0 for name, _, _ in pairs.values()}
+    top = {name: 0 for name, _, _ in pairs.values()}
+    seen = {"x": None, "q": None}
+    hooks = []
+
+    def grab(name):
+        def hook(_m, args, _out):
+            seen["x"], seen["q"] = args[0], name
+        return hook
+
+    def compare(_m, _args, out):
+        if seen["q"] not in pairs:
+            return
+        name, codes, layer = pairs[seen["q"]]
+        packed = codes(seen["x"])
+        top[name] = max(top[name], int(packed[0].max()))
+        diff = float((layer(packed) - out).abs().max()) / max(float(out.abs().max()), 1e-30)
+        worst[name] = max(worst[name], diff)
+        seen["q"] = None
+
+    sources = {layer.source for _, _, layer in pairs.values()}
+    for qname in pairs:
+        hooks.append(fake.get_submodule(qname).register_forward_hook(grab(qname)))
+    for source in sources:
+        hooks.append(fake.get_submodule(source).register_forward_hook(compare))
+    try:
+        with torch.no_grad():
+            for x in inputs:
+                fake(x)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [(name, worst[name], top[name]) for name in worst]

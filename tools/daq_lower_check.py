@@ -1,0 +1,114 @@
+"""DAQ lowered against DAQ fake-quant: Set5 PSNR of the fake-quant, ``reference`` and ``cpu``
+versions of each zoo model × DAQ preset, per-layer agreement, and the largest integer code.
+
+    python tools/daq_lower_check.py [--models imdn,pan,carn_m] [--scale 4]
+        [--recipes daq-w4a4,daq-mp4] [--json out.json] [--write docs/lowering.md]
+
+Both lowered targets are built from the same fake-quant model (``fxquant.lowered_copy``), so
+any difference is the lowered execution alone. Per layer, each lowered codes+conv pair is run
+on the raw input its fake-quant quantizer saw (first two Set5 images) and compared with the
+fake-quant conv's output, relative to that output's largest magnitude. The largest code is
+over those probes and the whole Set5 run of the ``reference`` model (the unclipped post-ReLU
+branch has no upper bound: this is its measured range).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+
+import fxquant
+from fxquant.data import BenchmarkSet, to_tensor, to_y_tensor
+from fxquant.errors import FxquantError
+from fxquant.files import atomic_write_text, check_output_path
+from fxquant.lower.daq import DaqQuantize, daq_layer_agreement
+from fxquant.markdown import write_section
+from fxquant.workflow import as_sr_function, evaluate_sets, prepare
+
+MODELS = ("imdn", "pan", "carn_m")
+RECIPES = ("daq-w4a4", "daq-mp4")
+SECTION = "## DAQ lowered vs fake-quant"
+
+
+def check(model: str, scale: int, recipe: str, data: str | None) -> dict:
+    zoo = prepare(model, scale, recipe, data_root=data)
+    fake = zoo.quant_model
+    lowered = {t: fxquant.lowered_copy(fake, t) for t in ("reference", "cpu")}
+    to_input = to_y_tensor if zoo.spec.color == "y" else to_tensor
+    probes = [to_input(p.lr) for p in BenchmarkSet("Set5", scale, root=data, limit=2)]
+    row = {"model": model, "scale": scale, "recipe": recipe}
+    for target, gm in lowered.items():
+        agreement = daq_layer_agreement(fake, gm, probes)
+        row["layers"] = len(agreement)
+        row[f"{target}_max_rel"] = max(a[1] for a in agreement)
+        row["max_code"] = max(row.get("max_code", 0), max(a[2] for a in agreement))
+    for name, gm in {"fake": fake, **lowered}.items():
+        score = evaluate_sets(as_sr_function(gm, zoo.spec, scale), zoo.spec, scale, ["Set5"],
+                              data_root=data)["Set5"]
+        row[f"{name}_psnr"] = round(score.psnr, 4)
+    codes = [m for m in lowered["reference"].modules() if isinstance(m, DaqQuantize)]
+    relu = [m.max_code for m in codes if m.branch == "relu"]
+    row["relu_layers"] = len(relu)
+    row["relu_max_code"] = max(relu, default=0)
+    row["relu_over_255"] = sum(c > 255 for c in relu)
+    return row
+
+
+def render(rows: list[dict], command: str, section: str = SECTION) -> str:
+    lines = [section, "", f"`{command}`", "",
+             "Set5 PSNR of each version. Layer diff: the largest |lowered − fake-quant| of a "
+             "conv output on the same raw input, relative to the largest |fake-quant output| "
+             "of that layer (first two Set5 images). Largest relu code: the largest unclipped "
+             "post-ReLU code q = round(x/Δ) over the whole Set5 run (layers above 255 / "
+             "post-ReLU layers).", "",
+             "| model | recipe | DAQ convs | fake-quant | reference | cpu | Δ ref − fake "
+             "| Δ cpu − fake | max layer diff ref / cpu | largest relu code (layers > 255) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(
+            f"| {r['model']} ×{r['scale']} | {r['recipe']} | {r['layers']} | "
+            f"{r['fake_psnr']:.4f} | {r['reference_psnr']:.4f} | {r['cpu_psnr']:.4f} | "
+            f"{r['reference_psnr'] - r['fake_psnr']:+.4f} | {r['cpu_psnr'] - r['fake_psnr']:+.4f} | "
+            f"{r['reference_max_rel']:.1e} / {r['cpu_max_rel']:.1e} | "
+            f"{r['relu_max_code']} ({r['relu_over_255']}/{r['relu_layers']}) |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--scale", type=int, default=4)
+    parser.add_argument("--recipes", default=",".join(RECIPES))
+    parser.add_argument("--data", help="data root (default: $FXQUANT_DATA)")
+    parser.add_argument("--json", help="also write the rows here")
+    parser.add_argument("--write", help="replace the section of this Markdown file")
+    args = parser.parse_args(argv)
+    try:
+        for path, what in ((args.json, "rows JSON (--json)"), (args.write, "Markdown (--write)")):
+            if path:
+                check_output_path(path, what)
+    except FxquantError as exc:
+        print(f"daq_lower_check: error: {exc}", file=sys.stderr)
+        return 2
+    torch.manual_seed(0)
+    rows = []
+    for model in args.models.split(","):
+        for recipe in args.recipes.split(","):
+            rows.append(check(model, args.scale, recipe, args.data))
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    command = "python tools/daq_lower_check.py " + " ".join(
+        argv if argv is not None else sys.argv[1:])
+    text = render(rows, command.strip())
+    print(text)
+    if args.json:
+        atomic_write_text(args.json, json.dumps(rows, indent=1), "rows JSON (--json)")
+    if args.write:
+        write_section(args.write, SECTION, text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
