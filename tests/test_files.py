@@ -189,6 +189,31 @@ def test_compile_checks_out_and_dump_dir_before_compiling(tmp_path, capsys, no_p
     assert re.search(message, err), err
 
 
+@pytest.mark.parametrize("command", ["inspect", "report"])
+def test_inspect_and_report_check_out_before_any_work(tmp_path, capsys, no_prepare, command,
+                                                      monkeypatch):
+    monkeypatch.setattr("fxquant.report.load_models", lambda **kwargs: 1 / 0)
+    assert main([command, "--model", "fsrcnn", "--scale", "4", "--recipe", "minmax-w8a8",
+                 "--out", str(tmp_path / "missing" / "x.html")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"fxquant {command}: error: cannot write ") and "does not exist" in err
+
+
+def test_save_image_is_atomic_and_keeps_the_format(tmp_path, monkeypatch):
+    import numpy as np
+
+    from fxquant.data.images import load_image, save_image
+
+    path = tmp_path / "a.png"
+    save_image(path, np.zeros((4, 4, 3), np.uint8))
+    monkeypatch.setattr("fxquant.files.os.replace",
+                        lambda *a: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
+    with pytest.raises(OutputError, match="cannot write image"):
+        save_image(path, np.full((4, 4, 3), 255, np.uint8))
+    monkeypatch.undo()
+    assert load_image(path).max() == 0 and _leftovers(tmp_path, {"a.png"}) == []
+
+
 def test_save_that_fails_midway_keeps_the_old_model(tiny_sr, calib, tmp_path, monkeypatch):
     gm = fxquant.compile(tiny_sr, "minmax-w8a8", calib=calib)
     path = tmp_path / "keep.fxq"

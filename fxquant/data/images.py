@@ -13,6 +13,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from fxquant.errors import DataError
+from fxquant.files import atomic_output
 
 __all__ = ["load_image", "save_image"]
 
@@ -58,5 +59,10 @@ def save_image(path: str | os.PathLike, array: np.ndarray) -> None:
         raise ValueError(
             f"save_image expects a uint8 H×W×3 or H×W array, got {array.dtype} {array.shape}")
     path = Path(path)
+    fmt = Image.registered_extensions().get(path.suffix.lower())
+    if fmt is None:
+        raise ValueError(f"save_image: cannot tell the image format from {path.name!r}; use "
+                         ".png, .bmp or .jpg")
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path)
+    with atomic_output(path, "image") as tmp:  # a failed write keeps the old image
+        Image.fromarray(array).save(tmp, format=fmt)
