@@ -21,6 +21,28 @@ def _datasets(text: str) -> list[str]:
     return names
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (``--limit 0`` would evaluate nothing)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be 1 or more")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
+    return value
+
+
 MODEL_HELP = ("zoo model name (see `fxquant models`), or your own: path/to/file.py:ClassName "
               "or package.module:ClassName (with --weights, --init, --color, --range)")
 
@@ -39,7 +61,7 @@ def add_own_model_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_model_args(parser: argparse.ArgumentParser, recipe_default: str | None = None) -> None:
     parser.add_argument("--model", required=True, help=MODEL_HELP)
-    parser.add_argument("--scale", type=int,
+    parser.add_argument("--scale", type=positive_int,
                         help="upscaling factor (required for zoo models; found by running "
                              "an own model once)")
     parser.add_argument("--recipe", default=recipe_default,
@@ -55,7 +77,7 @@ def add_model_source_args(parser: argparse.ArgumentParser) -> None:
     here (``--model/--scale/--recipe``). Shared by ``inspect`` and the tools/ scripts."""
     parser.add_argument("--compiled", help="a saved compiled model")
     parser.add_argument("--model")
-    parser.add_argument("--scale", type=int)
+    parser.add_argument("--scale", type=positive_int)
     parser.add_argument("--recipe")
     parser.add_argument("--data", help="data root (default: $FXQUANT_DATA)")
 
@@ -254,6 +276,12 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from fxquant.train.cli import run
+
+    return run(args)
+
+
 def cmd_models(args: argparse.Namespace) -> int:
     from fxquant.models import available_models, get_spec
 
@@ -281,7 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="FP vs quantized PSNR/SSIM of a zoo model")
     _add_model_args(p, "minmax-w8a8")
     p.add_argument("--datasets", default="Set5", help="comma-separated: Set5,Set14,B100,Urban100")
-    p.add_argument("--limit", type=int, help="evaluate only the first N images of each set")
+    p.add_argument("--limit", type=positive_int, help="evaluate only the first N images of each set")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--runtime", choices=("torch", "onnxruntime"), default="torch",
                    help="run the quantized model in torch (fake-quant) or export it to ONNX and "
@@ -307,18 +335,18 @@ def build_parser() -> argparse.ArgumentParser:
                                       "sensitivity, distributions, image crops")
     p.add_argument("--compiled", help="a saved compiled model (instead of --model/--recipe)")
     p.add_argument("--model", help=MODEL_HELP)
-    p.add_argument("--scale", type=int, help="upscaling factor")
+    p.add_argument("--scale", type=positive_int, help="upscaling factor")
     p.add_argument("--recipe", help="preset name or .toml recipe")
     p.add_argument("--checkpoint", help="float weights instead of the pretrained ones")
     add_own_model_args(p)
     p.add_argument("--data", help="data root (default: $FXQUANT_DATA)")
     p.add_argument("--datasets", default="Set5", help="comma-separated benchmark sets")
-    p.add_argument("--limit", type=int, help="evaluate only the first N images of each set")
-    p.add_argument("--images", type=int, default=2,
+    p.add_argument("--limit", type=positive_int, help="evaluate only the first N images of each set")
+    p.add_argument("--images", type=positive_int, default=2,
                    help="images (of the first set) the analyses run on (default 2)")
-    p.add_argument("--crop", type=int, default=48,
+    p.add_argument("--crop", type=non_negative_int, default=48,
                    help="centred LR crop side for the analyses, 0 = whole images (default 48)")
-    p.add_argument("--worst", type=int, default=3, help="layers to highlight and plot")
+    p.add_argument("--worst", type=positive_int, default=3, help="layers to highlight and plot")
     p.add_argument("--no-sweep", action="store_true", help="skip the sensitivity sweep")
     p.add_argument("--no-graph", action="store_true", help="leave the graph drawing out")
     p.add_argument("--no-speed", action="store_true",
@@ -363,21 +391,28 @@ def build_parser() -> argparse.ArgumentParser:
                    help="output .png (one image) or folder (<stem>_x<scale>.png inside)")
     p.add_argument("--compiled", help="a saved compiled model")
     p.add_argument("--model", help=MODEL_HELP)
-    p.add_argument("--scale", type=int, help="upscaling factor (zoo models)")
+    p.add_argument("--scale", type=positive_int, help="upscaling factor (zoo models)")
     p.add_argument("--recipe", help="with --model: a preset or .toml compiled here, or `fp` "
                                     "for the float model")
     p.add_argument("--checkpoint", help="zoo model weights instead of the pretrained ones")
     add_own_model_args(p)
     p.add_argument("--lower", choices=("cpu", "reference"),
                    help="run the integer model (fxquant.lowered_copy) instead of fake-quant")
-    p.add_argument("--tile", type=int,
+    p.add_argument("--tile", type=non_negative_int,
                    help="largest LR tile side (default 512; 0 = whole image at once)")
-    p.add_argument("--overlap", type=int,
+    p.add_argument("--overlap", type=non_negative_int,
                    help="LR pixels of context around each tile (default: twice the measured "
                         "receptive-field radius + 4)")
     p.add_argument("--data", help="data root (default: $FXQUANT_DATA)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or messages")
     p.set_defaults(func=cmd_upscale)
+
+    p = sub.add_parser("train", help="quantization-aware training of a compiled model from its "
+                                     "PTQ start (weights and quantizer steps; DDP under torchrun)")
+    from fxquant.train.cli import build_parser as train_parser
+
+    train_parser(p)
+    p.set_defaults(func=cmd_train)
 
     sub.add_parser("models", help="list zoo models").set_defaults(func=cmd_models)
     sub.add_parser("recipes", help="list recipe presets").set_defaults(func=cmd_recipes)

@@ -10,7 +10,14 @@ from pathlib import Path
 import torch
 from torch import fx, nn
 
-from fxquant.errors import CheckpointError
+from fxquant.calibration import prepare_calibration
+from fxquant.checks import (
+    check_model_finite,
+    check_not_compiled,
+    check_quantized,
+    check_state_finite,
+)
+from fxquant.errors import CheckpointError, FxquantError
 from fxquant.files import atomic_write_bytes
 from fxquant.pipeline import PassContext, PassManager
 from fxquant.recipe import Recipe, RecipeLike, resolve_recipe
@@ -21,7 +28,9 @@ FORMAT = "fxquant-compiled/1"
 def compile(model: nn.Module, recipe: RecipeLike = "minmax-w8a8", calib: object = None,
             example_inputs: tuple | None = None, *, concrete_args: dict | None = None,
             pipeline: str | None = None, dump_dir: str | os.PathLike | None = None,
-            progress: bool = False, calibrate: bool = True) -> fx.GraphModule:
+            progress: bool = False, calibrate: bool = True,
+            input_range: tuple[float, float] | None = (0.0, 1.0),
+            allow_unquantized: bool = False) -> fx.GraphModule:
     """Quantize ``model`` with ``recipe`` and return a GraphModule that runs like it.
 
     ``calib`` is a N×C×H×W tensor or an iterable of batches, used by the ``calibrate`` pass.
@@ -29,8 +38,20 @@ def compile(model: nn.Module, recipe: RecipeLike = "minmax-w8a8", calib: object 
     ``pipeline`` overrides the recipe's pass pipeline; ``dump_dir`` writes the graph after
     every pass. With ``calibrate=False`` the structure is built without statistics, ready
     for ``load_state_dict`` (that is how :func:`load` rebuilds a saved model).
+
+    Checked before any pass runs: the model is a float network (not already compiled) with
+    finite weights, and ``calib`` is float data inside ``input_range`` (the zoo's models take
+    [0, 1]; ``None`` skips the check); a generator is read once into a list. A compile that
+    quantizes nothing is an error naming the rule that left every layer out, unless
+    ``allow_unquantized=True``.
     """
     recipe = resolve_recipe(recipe)
+    if not isinstance(model, nn.Module):
+        raise FxquantError(f"fxquant.compile takes a torch.nn.Module, got {type(model).__name__}")
+    check_not_compiled(model)
+    if calibrate:
+        check_model_finite(model)
+        calib = prepare_calibration(calib, input_range)
     ctx = PassContext(recipe=recipe, calib=calib, example_inputs=example_inputs,
                       concrete_args=concrete_args, calibrate=calibrate, progress=progress)
     manager = PassManager(pipeline or recipe.pipeline_spec, dump_dir=dump_dir)
@@ -40,12 +61,30 @@ def compile(model: nn.Module, recipe: RecipeLike = "minmax-w8a8", calib: object 
         gm = manager.run(model, ctx)
     finally:
         model.train(was_training)
+    if not allow_unquantized:
+        check_quantized(gm, manager.spec, ctx.history, ctx.state.get("skipped_layers"))
     gm.eval()
     gm.fxquant_recipe = recipe
     gm.fxquant_pipeline = manager.spec
     gm.fxquant_history = list(ctx.history)
     gm.fxquant_concrete_args = dict(concrete_args or {})
     return gm
+
+
+def transformed_copy(gm: fx.GraphModule, pipeline, *, calib: object = None) -> fx.GraphModule:
+    """A copy of compiled model ``gm`` run through more passes (a textual pipeline such as
+    ``"fold-offsets"``, or a list of :class:`Pass`); ``gm`` stays as it is. The copy's pipeline
+    and history record the passes, so :func:`save` and :func:`load` round-trip it."""
+    manager = PassManager(pipeline)
+    ctx = PassContext(recipe=gm.fxquant_recipe, calib=calib,
+                      concrete_args=gm.fxquant_concrete_args or None)
+    result = manager.run(copy.deepcopy(gm), ctx)
+    # GraphModule's deepcopy keeps modules and graph, not these attributes
+    result.fxquant_recipe = gm.fxquant_recipe
+    result.fxquant_concrete_args = dict(gm.fxquant_concrete_args)
+    result.fxquant_pipeline = f"{gm.fxquant_pipeline},{manager.spec}"
+    result.fxquant_history = list(gm.fxquant_history) + ctx.history
+    return result
 
 
 def lowered_copy(gm: fx.GraphModule, target: str = "cpu", *, compile: bool = False,
@@ -55,15 +94,7 @@ def lowered_copy(gm: fx.GraphModule, target: str = "cpu", *, compile: bool = Fal
     :func:`load` round-trip the lowered model."""
     from fxquant.passes.lower import LowerPass
 
-    lower = LowerPass(target=target, compile=compile, fuse=fuse)
-    ctx = PassContext(recipe=gm.fxquant_recipe, concrete_args=gm.fxquant_concrete_args or None)
-    lowered = PassManager([lower]).run(copy.deepcopy(gm), ctx)
-    # GraphModule's deepcopy keeps modules and graph, not these attributes
-    lowered.fxquant_recipe = gm.fxquant_recipe
-    lowered.fxquant_concrete_args = dict(gm.fxquant_concrete_args)
-    lowered.fxquant_pipeline = f"{gm.fxquant_pipeline},{lower.spec()}"
-    lowered.fxquant_history = list(gm.fxquant_history) + ctx.history
-    return lowered
+    return transformed_copy(gm, [LowerPass(target=target, compile=compile, fuse=fuse)])
 
 
 def save(gm: fx.GraphModule, path: str | os.PathLike, *, model_name: str | None = None,
@@ -126,9 +157,22 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *,
             raise CheckpointError(f"{path} names no zoo model: pass model= (the float "
                                   f"network{built})")
         model = build_model(info["name"], info["scale"], data_root=data_root)
+    state = payload["state_dict"]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} has no state_dict of tensors; save it with fxquant.save")
+    check_state_finite(state, str(path))
     gm = compile(model, recipe, pipeline=payload["pipeline"],
                  concrete_args=payload.get("concrete_args") or None, calibrate=False)
-    result = gm.load_state_dict(payload["state_dict"], strict=False)
+    expected = gm.state_dict()
+    wrong = [(k, tuple(v.shape), tuple(expected[k].shape)) for k, v in state.items()
+             if k in expected and isinstance(v, torch.Tensor) and v.shape != expected[k].shape]
+    if wrong:
+        key, saved, built = wrong[0]
+        raise CheckpointError(f"{path} was compiled from a different network: '{key}' has shape "
+                              f"{saved} in the file but {built} in the model given "
+                              f"({len(wrong)} tensors differ); pass the same architecture "
+                              "(width, depth, scale) the file was compiled from")
+    result = gm.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(f"{path} does not match the rebuilt graph: missing "
                               f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")

@@ -49,9 +49,23 @@ def check_pass_options(pass_name: str, bits: dict[str, int | None],
 
 
 def _check_bits(bits: int, where: str) -> None:
+    if isinstance(bits, bool) or not isinstance(bits, int):
+        raise RecipeError(f"{where} = {bits!r} is not an integer; use an integer in "
+                          f"{MIN_BITS}..{MAX_BITS}")
     if not MIN_BITS <= bits <= MAX_BITS:
         raise RecipeError(f"{where} = {bits} is impossible; use an integer in "
                           f"{MIN_BITS}..{MAX_BITS}")
+
+
+def check_field_types(config: Any, where: str) -> None:
+    """Every field of dataclass ``config`` holds a value of its annotated type (an int-valued
+    float is accepted as an int, an int as a float, and stored converted), so that a config
+    built or edited in Python fails here instead of producing a file that cannot be loaded."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        if f.name in hints:
+            value = _coerce(getattr(config, f.name), hints[f.name], f"{where}.{f.name}")
+            object.__setattr__(config, f.name, value)  # options dataclasses may be frozen
 
 
 def _check_choice(value: str, choices: tuple[str, ...], where: str) -> None:
@@ -72,7 +86,11 @@ class WeightConfig:
     granularity: str = "per-channel"
     observer: str = "minmax"
 
+    def __post_init__(self) -> None:  # a config built in Python is checked like a parsed one
+        self.validate()
+
     def validate(self, where: str = "weights") -> None:
+        check_field_types(self, where)
         _check_bits(self.bits, f"{where}.bits")
         _check_choice(self.granularity, GRANULARITIES, f"{where}.granularity")
         _check_choice(self.observer, WEIGHT_OBSERVERS, f"{where}.observer")
@@ -92,7 +110,11 @@ class ActivationConfig:
     observer: str = "minmax"
     percentile: float = 99.99
 
+    def __post_init__(self) -> None:  # a config built in Python is checked like a parsed one
+        self.validate()
+
     def validate(self, where: str = "activations") -> None:
+        check_field_types(self, where)
         _check_bits(self.bits, f"{where}.bits")
         _check_choice(self.granularity, GRANULARITIES, f"{where}.granularity")
         _check_choice(self.observer, ACTIVATION_OBSERVERS, f"{where}.observer")
@@ -114,7 +136,11 @@ class LayerConfig:
     exclude: list[str] = field(default_factory=list)
     keep_first_last: bool = True
 
+    def __post_init__(self) -> None:  # a config built in Python is checked like a parsed one
+        self.validate()
+
     def validate(self, where: str = "layers") -> None:
+        check_field_types(self, where)
         if not self.op_types:
             raise RecipeError(f"{where}.op_types is empty; give at least one of "
                               f"{', '.join(OP_TYPES)}")
@@ -140,7 +166,11 @@ class CalibrationConfig:
     seed: int = 0
     sets: list[str] = field(default_factory=lambda: ["T91", "General100"])
 
+    def __post_init__(self) -> None:  # a config built in Python is checked like a parsed one
+        self.validate()
+
     def validate(self, where: str = "calibration") -> None:
+        check_field_types(self, where)
         for name in ("num_patches", "patch_size", "batch_size"):
             if getattr(self, name) < 1:
                 raise RecipeError(f"{where}.{name} = {getattr(self, name)} must be >= 1")
@@ -205,10 +235,20 @@ class Recipe:
     def __post_init__(self) -> None:
         if self.options is None and self.method in _METHODS:
             self.options = _METHODS[self.method].options()
+        self.validate()
 
     # ----------------------------------------------------------------- validation
     def validate(self) -> "Recipe":
+        for name in ("name", "description", "method", "pipeline"):
+            if not isinstance(getattr(self, name), str):
+                raise RecipeError(f"{name} must be a string, got {getattr(self, name)!r}")
         _check_choice(self.method, tuple(_METHODS), "method")
+        for name, section in (("weights", WeightConfig), ("activations", ActivationConfig),
+                              ("layers", LayerConfig), ("calibration", CalibrationConfig),
+                              ("tracing", TracingConfig)):
+            if not isinstance(getattr(self, name), section):
+                raise RecipeError(f"{name} must be a {section.__name__}, got "
+                                  f"{type(getattr(self, name)).__name__}")
         self.weights.validate()
         self.activations.validate()
         self.layers.validate()
@@ -217,6 +257,8 @@ class Recipe:
         if not isinstance(self.options, expected):
             raise RecipeError(f"options: expected {expected.__name__} for method "
                               f"'{self.method}', got {type(self.options).__name__}")
+        check_field_types(self.options, "options")
+        check_field_types(self.tracing, "tracing")
         validate_options = getattr(self.options, "validate", None)
         if validate_options is not None:
             validate_options("options")
