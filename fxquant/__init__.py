@@ -4,7 +4,7 @@
     qmodel = fxquant.compile(model, "minmax-w8a8", calib=patches)
 """
 
-from fxquant.compiler import compile, load, lowered_copy, save
+from fxquant.compiler import compile, load, lowered_copy, save, transformed_copy
 from fxquant.deploy import ExportError, export
 from fxquant.errors import (
     CalibrationError,
@@ -28,5 +28,5 @@ __all__ = [
     "PassContext",
     "PassError", "PassManager", "PassResult", "Recipe", "RecipeError", "TraceFailure",
     "available_presets", "compile", "export", "load", "load_preset", "lowered_copy", "parse_pipeline", "register_pass",
-    "resolve_recipe", "save", "trace",
+    "resolve_recipe", "save", "trace", "transformed_copy",
 ]

@@ -4,6 +4,8 @@ from fxquant.passes.calibrate import CalibratePass
 from fxquant.passes.dfsq_observe import DFSQObservePass
 from fxquant.passes.fold_channel_norm import FoldChannelNormPass
 from fxquant.passes.fswa import FSWAPass
+from fxquant.passes.inject_offsets import InjectOffsetsPass
+from fxquant.passes.fold_offsets import FoldOffsetsPass
 from fxquant.passes.daq import DAQPass, DAQSensitivityPass
 from fxquant.passes.lower import LowerPass
 from fxquant.passes.nonuniform_quant import I2NQOptions, NonUniformQuantizePass
@@ -15,4 +17,4 @@ from fxquant.passes.trace import TracePass
 from fxquant.passes.verify import VerifyPass
 
 __all__ = ["CalibratePass", "DFSQObservePass", "DFSQOptions", "FoldChannelNormPass", "SubsetQuantizePass",
-           "DAQPass", "DAQSensitivityPass", "FSWAPass", "I2NQOptions", "NonUniformQuantizePass", "LowerPass", "ObservePass", "QuantizePass", "ReconstructPass", "TracePass", "VerifyPass"]
+           "DAQPass", "DAQSensitivityPass", "FSWAPass", "FoldOffsetsPass", "I2NQOptions", "InjectOffsetsPass", "NonUniformQuantizePass", "LowerPass", "ObservePass", "QuantizePass", "ReconstructPass", "TracePass", "VerifyPass"]

@@ -1,0 +1,165 @@
+"""``inject-offsets``: ODM's selective distribution offsets (fxquant/quant/offsets.py has the
+module and the mismatch score, docs/methods/odm.md the choices)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from fxquant.calibration import as_batches
+from fxquant.errors import RecipeError
+from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
+from fxquant.quant import QuantConv2d, Quantizer, UniformQuantizer
+from fxquant.quant.offsets import OFFSET_KINDS, ChannelOffset, MismatchStats, quantizer_range
+
+# Positively homogeneous activations: act(γx) = γ·act(x) for γ > 0, so a scale offset after
+# one folds into the conv before it.
+_HOMOGENEOUS_MODULES = (nn.ReLU, nn.LeakyReLU, nn.PReLU)
+_HOMOGENEOUS_FUNCTIONS = (F.relu, torch.relu, F.leaky_relu)
+
+
+def _module(gm: fx.GraphModule, node: fx.Node):
+    return gm.get_submodule(node.target) if node.op == "call_module" else None
+
+
+def _is_homogeneous(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_function":
+        return node.target in _HOMOGENEOUS_FUNCTIONS
+    if node.op == "call_method":
+        return node.target == "relu"
+    return isinstance(_module(gm, node), _HOMOGENEOUS_MODULES)
+
+
+def fold_site(gm: fx.GraphModule, value: fx.Node, kind: str) -> tuple[fx.Node | None, str]:
+    """The conv an offset on ``value`` folds into, or ``(None, why not)``.
+
+    ``value`` must be the conv's output, through positively homogeneous activations only
+    for a pure scale, each read by nothing else (the offset must change no other reader); a
+    shift needs the conv directly and a bias to absorb it; a quantized conv needs a
+    per-channel uniform weight grid (which scales with its weights)."""
+    current = value
+    through = 0
+    while True:
+        if len(current.users) != 1:
+            return None, f"'{current.name}' is read by {len(current.users)} nodes"
+        if not _is_homogeneous(gm, current):
+            break
+        through += 1
+        current = current.args[0]
+        if not isinstance(current, fx.Node):
+            return None, "an activation without a tensor input"
+    conv = _module(gm, current)
+    if not isinstance(conv, nn.Conv2d):
+        return None, f"produced by '{current.name}', not a conv"
+    if through and kind != "scale":
+        return None, "a shift cannot fold through an activation"
+    if kind != "scale" and conv.bias is None:
+        return None, f"conv '{current.name}' has no bias to absorb a shift"
+    if isinstance(conv, QuantConv2d):
+        wq = conv.weight_quantizer
+        if not (isinstance(wq, UniformQuantizer) and wq.channels == conv.out_channels):
+            return None, f"conv '{current.name}' has no per-channel uniform weight grid"
+    return current, ""
+
+
+@register_pass
+@dataclass(frozen=True)
+class InjectOffsetsPass(Pass):
+    """Insert a learnable channel-wise offset in front of the static activation quantizers
+    whose inputs mismatch their range most (ODM v1's selective distribution offsets)::
+
+        c1 ──► relu ──► c2_input_quantizer ──► c2      c1 ──► relu ──► c2_input_offset
+                                                  ──►          ──► c2_input_quantizer ──► c2
+
+    Each candidate's mismatch score (fxquant/quant/offsets.py) is measured on the
+    calibration data; layers with ``score >= threshold`` are chosen, at most ``top_k`` of
+    them by score (0: no cap). Only sites that ``fold-offsets`` can fold into the conv that
+    produces them are candidates, so the deployed graph has no extra op; the others are
+    listed in ``ctx.state["offset_skipped"]`` with the reason. ``kind``: ``scale`` (default;
+    folds through ReLU/LeakyReLU/PReLU), ``shift`` or ``both`` (conv directly, with bias).
+    The offsets start at identity (the compiled model's outputs do not change) and are
+    trained by QAT (``fxquant train``).
+    """
+
+    name: ClassVar[str] = "inject-offsets"
+    kind: str = "scale"
+    threshold: float = 0.05
+    top_k: int = 0
+
+    def __post_init__(self):
+        if self.kind not in OFFSET_KINDS:
+            raise RecipeError(f"inject-offsets.kind: '{self.kind}' is not valid; choose one of "
+                              f"{', '.join(OFFSET_KINDS)}")
+        if not self.threshold >= 0:
+            raise RecipeError(f"inject-offsets.threshold = {self.threshold} must be >= 0")
+        if self.top_k < 0:
+            raise RecipeError(f"inject-offsets.top_k = {self.top_k} must be >= 0 (0: no cap)")
+
+    def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        if not ctx.calibrate:  # a saved model is stored folded: nothing to rebuild
+            return PassResult(gm, False, {"offsets": 0})
+        sites, skipped = self._candidates(gm)
+        scores = self._scores(gm, sites, ctx) if sites else {}
+        chosen = sorted((n for n in sites if scores[n.name] >= self.threshold),
+                        key=lambda n: -scores[n.name])
+        if self.top_k:
+            chosen = chosen[:self.top_k]
+        for node in chosen:
+            channels = self._channels(gm, node)
+            name = str(node.target).replace("_quantizer", "") + "_offset"
+            name = name.replace(".", "_")
+            gm.add_submodule(name, ChannelOffset(channels, self.kind))
+            with gm.graph.inserting_before(node):
+                offset = gm.graph.call_module(name, (node.args[0],))
+            node.update_arg(0, offset)
+        gm.recompile()
+        ctx.state["offset_scores"] = scores
+        ctx.state["offset_skipped"] = skipped
+        return PassResult(gm, bool(chosen), {
+            "offsets": len(chosen), "candidates": len(sites), "not_foldable": len(skipped),
+            "chosen": ", ".join(n.name for n in chosen),
+            "max_score": round(max(scores.values()), 4) if scores else 0.0})
+
+    def _candidates(self, gm: fx.GraphModule) -> tuple[list[fx.Node], dict[str, str]]:
+        sites, skipped = [], {}
+        for node in gm.graph.nodes:
+            module = _module(gm, node)
+            if not isinstance(module, Quantizer) or quantizer_range(module) is None \
+                    or not node.args or not isinstance(node.args[0], fx.Node):
+                continue
+            if getattr(module, "channels", None) is not None:
+                skipped[node.name] = "per-channel activation ranges need no channel offset"
+                continue
+            conv, why = fold_site(gm, node.args[0], self.kind)
+            if conv is None:
+                skipped[node.name] = why
+            else:
+                sites.append(node)
+        return sites, skipped
+
+    @staticmethod
+    def _channels(gm: fx.GraphModule, node: fx.Node) -> int:
+        conv, _ = fold_site(gm, node.args[0], "scale")
+        return _module(gm, conv).out_channels
+
+    @staticmethod
+    def _scores(gm: fx.GraphModule, sites: list[fx.Node], ctx: PassContext) -> dict[str, float]:
+        stats = {node.name: MismatchStats() for node in sites}
+        handles = []
+        for node in sites:
+            module = gm.get_submodule(node.target)
+            handles.append(module.register_forward_pre_hook(
+                lambda _m, args, s=stats[node.name]: s.add(args[0])))
+        try:
+            with torch.no_grad():
+                for batch in as_batches(ctx.calib, ctx.recipe.calibration.batch_size):
+                    gm(*batch)
+        finally:
+            for handle in handles:
+                handle.remove()
+        return {node.name: stats[node.name].score(quantizer_range(gm.get_submodule(node.target)))
+                for node in sites}
