@@ -1,0 +1,119 @@
+"""ODM's cooperative regularization (docs/methods/odm.md): a feature regularizer whose gradient
+is applied only as far as it agrees with the reconstruction gradient.
+
+- **v1** (the seed paper): the *variance* of the features each static activation quantizer
+  sees, across images, per channel — ``L_V = Σ_i mean_c [Var_n μ_{n,c} + Var_n σ_{n,c}] / w_i²``
+  with ``w_i`` the quantizer's range width (the square of ``inject-offsets``' mismatch score,
+  so selection and regularization measure one thing). The reviews describe the cooperation as
+  "computing the signs of gradients": ``g = g_R + λ·g_V ⊙ [sign g_V = sign g_R]`` elementwise.
+- **v2** (ECCV 2024): the *mismatch* ``L_M = Σ_i ‖X_i − q(X_i)‖₂`` between each quantizer's
+  input and its fake-quantized value, with ``g = g_R + λ·(cos(g_R, g_M) + 1)/2 · g_M``; the
+  cosine is over all trained parameters at once (``granularity="global"``, default; the
+  paper does not say) or per parameter tensor (``"tensor"``).
+
+:class:`FeatureTap` collects the quantizer inputs of one forward pass (with their graph, so
+the regularizers are differentiable); :func:`cooperative_gradients` writes the combined
+gradient into ``.grad`` for the optimizer.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from fxquant.quant import Quantizer
+from fxquant.quant.offsets import quantizer_range
+
+MODES = ("v1", "v2")
+GRANULARITIES = ("global", "tensor")
+
+
+class FeatureTap:
+    """``with FeatureTap(model) as tap: out = model(x)`` leaves ``tap.features``: the input
+    of every static activation quantizer (those with a range), in call order, with ``tap.
+    quantizers`` beside them."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.features: list[torch.Tensor] = []
+        self.quantizers: list[Quantizer] = []
+        self._handles = []
+
+    def __enter__(self) -> "FeatureTap":
+        for name, module in self.model.named_modules():
+            if isinstance(module, Quantizer) and not name.endswith("weight_quantizer") \
+                    and quantizer_range(module) is not None:
+                self._handles.append(module.register_forward_pre_hook(self._hook))
+        return self
+
+    def _hook(self, module, args) -> None:
+        self.features.append(args[0])
+        self.quantizers.append(module)
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+def variance_loss(features: Sequence[torch.Tensor], quantizers: Sequence[Quantizer]) -> torch.Tensor:
+    """v1's ``L_V`` (module docstring); 0 for a batch of one image."""
+    total = features[0].new_zeros(())
+    for x, q in zip(features, quantizers):
+        if x.shape[0] < 2:
+            continue
+        std, mean = torch.std_mean(x.flatten(2), dim=2, correction=0)
+        width = quantizer_range(q)
+        total = total + (mean.var(dim=0) + std.var(dim=0)).mean() / width ** 2
+    return total
+
+
+def mismatch_loss(features: Sequence[torch.Tensor], quantizers: Sequence[Quantizer]) -> torch.Tensor:
+    """v2's ``L_M = Σ_i ‖X_i − q(X_i)‖₂`` (through the quantizers' straight-through rounding,
+    so it moves out-of-range values and the learned ranges)."""
+    total = features[0].new_zeros(())
+    for x, q in zip(features, quantizers):
+        total = total + torch.linalg.vector_norm(x - q.fake_quant(x))
+    return total
+
+
+def cooperative_gradients(recon_loss: torch.Tensor, reg_loss: torch.Tensor,
+                          params: Sequence[torch.Tensor], *, mode: str = "v2",
+                          weight: float = 1e-5, granularity: str = "global") -> dict:
+    """Set ``p.grad`` of every parameter to the cooperative combination of the two losses'
+    gradients (module docstring); returns ``{"agreement": ...}`` (v1: the fraction of
+    agreeing signs; v2: the similarity ``(cos + 1)/2``) for logging."""
+    if mode not in MODES or granularity not in GRANULARITIES:
+        raise ValueError(f"mode must be one of {MODES} and granularity one of {GRANULARITIES}")
+    params = list(params)
+    g_r = torch.autograd.grad(recon_loss, params, retain_graph=True, allow_unused=True)
+    g_m = torch.autograd.grad(reg_loss, params, allow_unused=True)
+    g_r = [torch.zeros_like(p) if g is None else g for p, g in zip(params, g_r)]
+    g_m = [torch.zeros_like(p) if g is None else g for p, g in zip(params, g_m)]
+    if mode == "v1":
+        agree = [torch.sign(a) == torch.sign(b) for a, b in zip(g_r, g_m)]
+        combined = [a + weight * b * m for a, b, m in zip(g_r, g_m, agree)]
+        count = sum(int(m.sum()) for m in agree)
+        agreement = count / max(1, sum(m.numel() for m in agree))
+    elif granularity == "global":
+        sim = (_cosine(torch.cat([g.flatten() for g in g_r]),
+                       torch.cat([g.flatten() for g in g_m])) + 1) / 2
+        combined = [a + weight * sim * b for a, b in zip(g_r, g_m)]
+        agreement = float(sim)
+    else:
+        sims = [(_cosine(a.flatten(), b.flatten()) + 1) / 2 for a, b in zip(g_r, g_m)]
+        combined = [a + weight * s * b for a, b, s in zip(g_r, g_m, sims)]
+        agreement = float(torch.stack(sims).mean()) if sims else 1.0
+    for p, g in zip(params, combined):
+        p.grad = g.detach()
+    return {"agreement": agreement}
+
+
+def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """cos(a, b), and 0 (similarity ½) when either is the zero vector."""
+    norm = torch.linalg.vector_norm(a) * torch.linalg.vector_norm(b)
+    if not norm > 0:
+        return a.new_zeros(())
+    return torch.clamp((a @ b) / norm, -1.0, 1.0)  # rounding can leave |cos| a hair above 1
