@@ -15,6 +15,7 @@ from fxquant.passes.reconstruct import ReconstructPass
 from fxquant.passes.subset_quant import DFSQOptions, SubsetQuantizePass
 from fxquant.passes.trace import TracePass
 from fxquant.passes.verify import VerifyPass
+from fxquant.passes.wcc import WCCPass
 
 __all__ = ["CalibratePass", "DFSQObservePass", "DFSQOptions", "FoldChannelNormPass", "SubsetQuantizePass",
-           "DAQPass", "DAQSensitivityPass", "FSWAPass", "FoldOffsetsPass", "I2NQOptions", "InjectOffsetsPass", "NonUniformQuantizePass", "LowerPass", "ObservePass", "QuantizePass", "ReconstructPass", "TracePass", "VerifyPass"]
+           "DAQPass", "DAQSensitivityPass", "FSWAPass", "FoldOffsetsPass", "I2NQOptions", "InjectOffsetsPass", "NonUniformQuantizePass", "LowerPass", "ObservePass", "QuantizePass", "ReconstructPass", "TracePass", "VerifyPass", "WCCPass"]

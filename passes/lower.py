@@ -29,6 +29,7 @@ from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
 from fxquant.quant import QuantConv2d, Quantizer, UniformQuantizer
 from fxquant.quant.daq import DAQActivationQuantizer
 from fxquant.quant.nonuniform import NonUniformQuantizer
+from fxquant.quant.wcc import ClippedWeightQuantizer
 
 SUPPORTED = ("static uniform per-tensor activation quantizers of 2..8 bits, or non-uniform "
              "levels on a uint8 grid (i2nq presets, integer_grid = 8), in front of a Conv2d "
@@ -160,7 +161,7 @@ class LowerPass(Pass):
         for user in users:
             conv = gm.get_submodule(user.target)
             wq = conv.weight_quantizer
-            if not isinstance(wq, UniformQuantizer) or wq.bits > 8:
+            if not isinstance(wq, (UniformQuantizer, ClippedWeightQuantizer)) or wq.bits > 8:
                 raise PassError(self.name, f"weights of '{user.target}' use a {wq.kind} quantizer "
                                 f"of {wq.describe()['bits']} bits; supported: {SUPPORTED}",
                                 node=user.name)
