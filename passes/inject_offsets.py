@@ -11,15 +11,48 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from fxquant.calibration import as_batches
-from fxquant.errors import RecipeError
 from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
 from fxquant.quant import QuantConv2d, Quantizer, UniformQuantizer
 from fxquant.quant.offsets import OFFSET_KINDS, ChannelOffset, MismatchStats, quantizer_range
+from fxquant.recipe import RecipeError, register_method
 
 # Positively homogeneous activations: act(γx) = γ·act(x) for γ > 0, so a scale offset after
 # one folds into the conv before it.
 _HOMOGENEOUS_MODULES = (nn.ReLU, nn.LeakyReLU, nn.PReLU)
 _HOMOGENEOUS_FUNCTIONS = (F.relu, torch.relu, F.leaky_relu)
+
+
+ODM_VERSIONS = ("v1", "v2")
+COSINE_GRANULARITIES = ("global", "tensor")
+
+
+@dataclass
+class ODMOptions:
+    """``[options]`` of ``method = "odm"``: what ``fxquant train`` adds to plain QAT.
+    ``version`` v1 regularizes feature variance with sign-agreement gating (its offsets come
+    from the ``inject-offsets`` pass in the pipeline); v2 regularizes the quantization
+    mismatch weighted by (cos + 1)/2 (its weight grids from the ``wcc`` pass).
+    ``reg_weight`` is λ (v2's paper: 1e-5; v1 gives none), ``granularity`` the cosine's
+    (fxquant/train/odm.py)."""
+
+    version: str = "v2"
+    reg_weight: float = 1e-5
+    granularity: str = "global"
+
+    def validate(self, where: str = "options") -> None:
+        if self.version not in ODM_VERSIONS:
+            raise RecipeError(f"{where}.version: '{self.version}' is not valid; choose one of "
+                              f"{', '.join(ODM_VERSIONS)}")
+        if self.granularity not in COSINE_GRANULARITIES:
+            raise RecipeError(f"{where}.granularity: '{self.granularity}' is not valid; choose "
+                              f"one of {', '.join(COSINE_GRANULARITIES)}")
+        if not self.reg_weight >= 0:
+            raise RecipeError(f"{where}.reg_weight = {self.reg_weight} must be >= 0")
+
+
+register_method("odm", ODMOptions, "trace,observe,calibrate,quantize,wcc,verify",
+                "ODM: QAT start (v1: channel offsets where the mismatch is large; v2: "
+                "weight-clipping correction); fxquant train adds the cooperative regularizer")
 
 
 def _module(gm: fx.GraphModule, node: fx.Node):
