@@ -14,8 +14,9 @@ uint8 array. No blending is needed: when ``overlap`` is at least the model's rec
 radius, every kept output pixel saw exactly the input it sees in a whole-image run (a real
 image border is a border of the window too), so tiled equals whole up to float rounding of
 differently sized convolutions. Models with image-wide statistics (IMDN's contrast channel
-attention, dynamic per-image quantizers such as DAQ) see per-tile statistics instead; the
-difference is measured in docs/performance.md.
+attention, dynamic per-image quantizers such as DAQ) see per-window statistics instead, which
+shift a window's tone a little; for them the windows are cross-faded over the overlap so that
+no seam shows (the difference to a whole-image run is measured in docs/performance.md).
 """
 
 from __future__ import annotations
@@ -65,13 +66,31 @@ def _spans(length: int, step: int, overlap: int) -> list[tuple[int, int, int, in
     return spans
 
 
+def _ramp(r0: int, r1: int, c0: int, c1: int, length: int, half: int, scale: int
+          ) -> np.ndarray:
+    """A window's cross-fade weight along one axis, over HR rows ``r0·s .. r1·s``: linear
+    ramps of ``2·half`` LR pixels centred on its core's inner edges, so that neighbouring
+    windows' weights sum to 1 (partition of unity; image borders get no ramp)."""
+    u = np.arange(r0 * scale, r1 * scale, dtype=np.float32) + 0.5
+    weight = np.ones_like(u)
+    if c0 > 0:
+        weight *= np.clip((u - (c0 - half) * scale) / (2 * half * scale), 0, 1)
+    if c1 < length:
+        weight *= np.clip(((c1 + half) * scale - u) / (2 * half * scale), 0, 1)
+    return weight
+
+
 def upscale_tiled(fn: SRFunction, lr: torch.Tensor, scale: int, tile: int, overlap: int, *,
-                  progress: bool = False) -> np.ndarray:
+                  blend: int = 0, progress: bool = False) -> np.ndarray:
     """``fn`` applied to ``lr`` (1×C×H×W) window by window; returns the uint8 output
     (H·s × W·s × 3 for C=3, H·s × W·s for C=1) converted as in evaluation.
 
     ``tile`` is the largest window side in LR pixels (0: the whole image in one call),
-    ``overlap`` the LR pixels of context kept on each side of a window's interior."""
+    ``overlap`` the LR pixels of context kept on each side of a window's interior. Each
+    window's interior is written as it is (exact for a model whose receptive field fits in
+    ``overlap``). ``blend`` > 0 instead cross-fades neighbouring windows over ``2·blend`` LR
+    pixels around each seam (at most ``overlap``): for models with image-wide statistics,
+    whose windows each see their own, so that no seam shows."""
     if lr.dim() != 4 or lr.shape[0] != 1:
         raise ValueError(f"upscale_tiled takes one 1×C×H×W image, got {tuple(lr.shape)}")
     _, channels, height, width = lr.shape
@@ -81,13 +100,21 @@ def upscale_tiled(fn: SRFunction, lr: torch.Tensor, scale: int, tile: int, overl
     if overlap < 0:
         raise FxquantError(f"--overlap must be 0 or more, got {overlap}")
     step = (tile - 2 * overlap) if tile else max(height, width)
+    half = min(blend, overlap, step // 2)
     rows, cols = _spans(height, step, overlap), _spans(width, step, overlap)
     shape = (height * scale, width * scale) + ((3,) if channels == 3 else ())
     result = np.empty(shape, dtype=np.uint8)
+    band = np.zeros((0, width * scale, channels), np.float32)
     bar = tqdm(total=len(rows) * len(cols), desc="tiles", unit="tile", leave=False,
                disable=not progress or len(rows) * len(cols) == 1)
     with torch.inference_mode():
         for y0, y1, wy0, wy1 in rows:
+            if half:  # a float band of HR rows for this row of windows; the seam rows above
+                ry0, ry1 = max(0, y0 - half), min(height, y1 + half)  # are carried over
+                ramp_y = _ramp(ry0, ry1, y0, y1, height, half, scale)
+                band, carried = np.zeros(((ry1 - ry0) * scale, width * scale, channels),
+                                         np.float32), band
+                band[:carried.shape[0]] = carried
             for x0, x1, wx0, wx1 in cols:
                 out = fn(lr[:, :, wy0:wy1, wx0:wx1])
                 expected = (1, channels, (wy1 - wy0) * scale, (wx1 - wx0) * scale)
@@ -95,10 +122,25 @@ def upscale_tiled(fn: SRFunction, lr: torch.Tensor, scale: int, tile: int, overl
                     raise FxquantError(f"the model returned {tuple(out.shape)} for a "
                                        f"{wy1 - wy0}×{wx1 - wx0} input; expected {expected} "
                                        f"(x{scale}, {channels} channels)")
-                core = out[:, :, (y0 - wy0) * scale:(y1 - wy0) * scale,
-                           (x0 - wx0) * scale:(x1 - wx0) * scale]
-                result[y0 * scale:y1 * scale, x0 * scale:x1 * scale] = _to_pixels(core)
+                if half:  # accumulate weight × value over this window's core ± half
+                    rx0, rx1 = max(0, x0 - half), min(width, x1 + half)
+                    region = out[0, :, (ry0 - wy0) * scale:(ry1 - wy0) * scale,
+                                 (rx0 - wx0) * scale:(rx1 - wx0) * scale]
+                    values = region.float().clamp(0.0, 1.0).mul(255.0).permute(1, 2, 0)
+                    weight = ramp_y[:, None, None] * _ramp(rx0, rx1, x0, x1, width, half,
+                                                           scale)[None, :, None]
+                    band[:, rx0 * scale:rx1 * scale] += weight * values.numpy()
+                else:
+                    core = out[:, :, (y0 - wy0) * scale:(y1 - wy0) * scale,
+                               (x0 - wx0) * scale:(x1 - wx0) * scale]
+                    result[y0 * scale:y1 * scale, x0 * scale:x1 * scale] = _to_pixels(core)
                 bar.update()
+            if half:  # rows no later window reaches are complete (their weights sum to 1)
+                done = (y1 - half if y1 < height else height) - ry0
+                pixels = np.clip(np.rint(band[:done * scale]), 0, 255).astype(np.uint8)
+                target = result[ry0 * scale:(ry0 + done) * scale]
+                target[...] = pixels.reshape(target.shape)
+                band = band[done * scale:]
     bar.close()
     return result
 
@@ -106,14 +148,16 @@ def upscale_tiled(fn: SRFunction, lr: torch.Tensor, scale: int, tile: int, overl
 def receptive_radius(fn: SRFunction, channels: int, scale: int, *,
                      sizes: tuple[int, ...] = (48, 96, 192)) -> tuple[int, bool]:
     """The model's receptive-field radius in LR pixels, *measured* (not read off the graph,
-    so it works for any callable: compiled, lowered, Inductor): one pixel in the middle of a
-    random mid-grey image is raised and lowered by 0.25, and the output change is taken at
-    each LR (Chebyshev) distance. Image-wide operations (IMDN's contrast channel attention)
-    move every output a little; that far-field floor, the largest change in the outer quarter
-    of the probe, is subtracted, and the radius is the farthest distance whose change still
-    exceeds the floor by 1/4 grey level. Returns ``(radius, local)``; ``local`` is False when
-    there is such a floor (tiles then see their own statistics), or when the change reaches
-    the border of the largest probe. The measurement can fall short where ReLUs are dead
+    so it works for any callable: compiled, lowered, Inductor), and whether it is local.
+
+    Radius: one pixel in the middle of a random mid-grey image is raised and lowered by 0.25
+    and the output change is taken at each LR (Chebyshev) distance; the far-field floor (the
+    largest change in the outer quarter: image-wide operations move every output a little)
+    is subtracted, and the radius is the farthest distance whose change still exceeds it by
+    1/4 grey level. Locality: the right quarter of the image is raised by 0.25, as if a
+    window's cut edge had removed it; if outputs farther than 2 × radius + 4 from that edge
+    move by more than 1/4 grey level, the model uses image-wide statistics (IMDN's contrast
+    channel attention) and is not local. The measurement can fall short where ReLUs are dead
     around the probe, hence the margin :func:`default_tiling` adds."""
     threshold = 0.25 / 255
     for size in sizes:
@@ -132,20 +176,33 @@ def receptive_radius(fn: SRFunction, channels: int, scale: int, *,
                 change = (fn(probe) - base).abs().amax(dim=1)[0].flatten().float()
                 ring = torch.zeros(centre + 1).scatter_reduce(0, dist, change, "amax")
                 profile = torch.maximum(profile, ring)
-        floor = float(profile[(3 * len(profile)) // 4:].max())
-        above = torch.nonzero(profile > floor + threshold).flatten()
-        radius = int(above.max()) if len(above) else 0
-        if radius < (3 * len(profile)) // 4 - 1:
-            return radius, floor <= threshold
+            floor = float(profile[(3 * len(profile)) // 4:].max())
+            above = torch.nonzero(profile > floor + threshold).flatten()
+            radius = int(above.max()) if len(above) else 0
+            cut, reach = (3 * size) // 4, 2 * radius + 4
+            if radius >= (3 * len(profile)) // 4 - 1 or cut <= reach:
+                continue  # the probe is too small to see the whole neighbourhood
+            probe = x.clone()
+            probe[:, :, :, cut:] += 0.25
+            far = (fn(probe) - base)[..., :(cut - reach) * scale].abs().max()
+        return radius, float(far) <= threshold
     return sizes[-1] // 2, False
 
 
-def default_tiling(radius: int, tile: int | None = None) -> tuple[int, int]:
-    """``(tile, overlap)`` from a measured radius: overlap = 2 × radius + 4 (a margin over
-    the measurement: a tile's cut edge changes a whole half-plane, not one pixel, and small
-    far contributions add up), tile = ``DEFAULT_TILE`` or at least 4 × overlap."""
-    overlap = 2 * radius + 4
-    return (tile if tile is not None else max(DEFAULT_TILE, 4 * overlap)), overlap
+def default_tiling(radius: int, local: bool = True, tile: int | None = None,
+                   overlap: int | None = None) -> tuple[int, int, int]:
+    """``(tile, overlap, blend)`` from a measured radius (``tile``/``overlap`` given by the
+    user are kept). overlap = 2 × radius + 4: a margin over the measurement, since a
+    window's cut edge changes a whole half-plane, not one pixel, and small far contributions
+    add up. A model with image-wide statistics (``local`` False) gets at least 32 and
+    cross-fades its windows (``blend``) over the overlap less the radius, where each
+    window's output is unaffected by its own edge. tile = ``DEFAULT_TILE``, at least
+    4 × overlap."""
+    if overlap is None:
+        overlap = 2 * radius + 4 if local else max(2 * radius + 4, 32)
+    if tile is None:
+        tile = max(DEFAULT_TILE, 4 * overlap)
+    return tile, overlap, (0 if local else max(0, overlap - radius - 2))
 
 
 @dataclass
@@ -191,11 +248,11 @@ def _bicubic_strips(plane: np.ndarray, scale: int,
 
 
 def upscale_image(fn: SRFunction, image: InputImage, color: str, scale: int, tile: int,
-                  overlap: int, *, progress: bool = False) -> np.ndarray:
+                  overlap: int, *, blend: int = 0, progress: bool = False) -> np.ndarray:
     """The upscaled image as uint8: H·s×W·s×3 RGB, ×4 with alpha (RGBA), or H·s×W·s for a
     grey image through a Y-channel model."""
     if color == "y":
-        y_sr = upscale_tiled(fn, to_y_tensor(image.rgb), scale, tile, overlap,
+        y_sr = upscale_tiled(fn, to_y_tensor(image.rgb), scale, tile, overlap, blend=blend,
                              progress=progress)
         out = np.empty(y_sr.shape + (3,), dtype=np.uint8)
         chroma = rgb_to_ycbcr(image.rgb)[:, :, 1:]
@@ -209,7 +266,8 @@ def upscale_image(fn: SRFunction, image: InputImage, color: str, scale: int, til
         if image.grey and image.alpha is None:
             return np.ascontiguousarray(out[:, :, 0])
     else:
-        out = upscale_tiled(fn, to_tensor(image.rgb), scale, tile, overlap, progress=progress)
+        out = upscale_tiled(fn, to_tensor(image.rgb), scale, tile, overlap, blend=blend,
+                            progress=progress)
     if image.alpha is None:
         return out
     alpha = np.empty(out.shape[:2], dtype=np.uint8)
@@ -311,22 +369,19 @@ def run(args) -> int:
     fn, spec, scale, what = sr_function(args)
     targets = _outputs(images, out, to_folder, scale)
     channels = 1 if spec.color == "y" else 3
-    if args.overlap is None:
-        radius, local = receptive_radius(fn, channels, scale)
-        tile, overlap = default_tiling(radius, args.tile)
-        if not local and not args.quiet:
-            print(f"note: the model's output depends on pixels more than {radius} LR pixels "
-                  "away (image-wide operations); tiles are an approximation, --tile 0 runs "
-                  "each image whole", file=sys.stderr)
-    else:
-        tile, overlap = (DEFAULT_TILE if args.tile is None else args.tile), args.overlap
+    radius, local = receptive_radius(fn, channels, scale)
+    tile, overlap, blend = default_tiling(radius, local, args.tile, args.overlap)
     if not args.quiet:
-        print(f"{what}: x{scale}, tiles of {tile or 'whole'} LR pixels, overlap {overlap}",
-              file=sys.stderr)
+        print(f"{what}: x{scale}, receptive-field radius {radius} LR pixels (measured), tiles "
+              f"of {tile or 'whole'} LR pixels, overlap {overlap}", file=sys.stderr)
+        if not local:
+            print("note: the model also uses image-wide statistics, so a tile's output differs "
+                  f"a little from the whole image's; seams are cross-faded over {2 * blend} LR "
+                  "pixels (--tile 0 runs each image whole)", file=sys.stderr)
     for image_path, target in tqdm(list(zip(images, targets)), desc="images", unit="image",
                                    disable=args.quiet or len(images) == 1):
         array = upscale_image(fn, read_input(image_path), spec.color, scale, tile, overlap,
-                              progress=not args.quiet)
+                              blend=blend, progress=not args.quiet)
         write_png(target, array)
         if not args.quiet:
             tqdm.write(f"wrote {target} ({array.shape[1]}x{array.shape[0]})", file=sys.stderr)

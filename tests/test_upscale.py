@@ -59,7 +59,8 @@ def test_tile_interiors_cover_the_image_once(length, step, overlap):
 def test_receptive_radius_of_three_3x3_convs_is_measured_as_3():
     radius, local = receptive_radius(_tiny(), 3, 2)
     assert (radius, local) == (3, True)
-    assert default_tiling(radius) == (512, 10)
+    assert default_tiling(radius) == (512, 10, 0)  # local: crop, no cross-fade
+    assert default_tiling(8, local=False) == (512, 32, 22)
 
 
 def test_tiled_equals_whole_within_one_grey_level_on_512x512():
@@ -67,7 +68,7 @@ def test_tiled_equals_whole_within_one_grey_level_on_512x512():
     lr = to_tensor(_image(512, 512))
     radius, _ = receptive_radius(model, 3, 2)
     whole = upscale_tiled(model, lr, 2, 0, 0)
-    tiled = upscale_tiled(model, lr, 2, 96, default_tiling(radius)[1])  # 36 windows
+    tiled = upscale_tiled(model, lr, 2, 96, default_tiling(radius)[1])  # 49 windows
     assert whole.shape == tiled.shape == (1024, 1024, 3)
     diff = np.abs(whole.astype(int) - tiled.astype(int))
     assert diff.max() <= 1
@@ -75,6 +76,63 @@ def test_tiled_equals_whole_within_one_grey_level_on_512x512():
     # too little context does show at the seams: the overlap is what makes them invisible
     seams = upscale_tiled(model, lr, 2, 96, 0)
     assert np.abs(whole.astype(int) - seams.astype(int)).max() > 1
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_cross_fade_weights_sum_to_one_so_each_pixel_is_their_weighted_mean(channels):
+    from fxquant.upscale import _ramp
+
+    size, scale, tile, overlap, half = 200, 2, 100, 20, 15
+    levels = []
+
+    def constant(x):  # each window answers one grey level of its own
+        levels.append(0.1 + 0.05 * len(levels))
+        return torch.full((1, channels, x.shape[-2] * scale, x.shape[-1] * scale), levels[-1])
+
+    out = upscale_tiled(constant, torch.zeros(1, channels, size, size), scale, tile, overlap,
+                        blend=half).astype(float)
+    out = out if channels == 1 else out[:, :, 0]
+    expected, total = np.zeros(out.shape), np.zeros(out.shape)
+    spans = _spans(size, tile - 2 * overlap, overlap)
+    windows = [(ys, xs) for ys in spans for xs in spans]
+    assert len(levels) == len(windows) == 16
+    for level, ((y0, y1, _, _), (x0, x1, _, _)) in zip(levels, windows):
+        ry0, ry1, rx0, rx1 = max(0, y0 - half), min(size, y1 + half), max(0, x0 - half), \
+            min(size, x1 + half)
+        weight = np.outer(_ramp(ry0, ry1, y0, y1, size, half, scale),
+                          _ramp(rx0, rx1, x0, x1, size, half, scale))
+        expected[ry0 * scale:ry1 * scale, rx0 * scale:rx1 * scale] += weight * level * 255
+        total[ry0 * scale:ry1 * scale, rx0 * scale:rx1 * scale] += weight
+    np.testing.assert_allclose(total, 1, atol=1e-6)
+    assert np.abs(out - expected).max() <= 0.5 + 1e-4  # the final rounding only
+
+
+def test_image_wide_statistics_are_measured_and_their_seams_cross_faded():
+    tiny = _tiny(2)
+    for p in tiny.parameters():
+        p.data.mul_(0.2)  # outputs inside 0..255: no clipping to blur the comparison
+
+    def global_mean(x):  # a local net plus an image-wide term, like IMDN's channel attention
+        return tiny(x) + 0.5 * (x.mean() - 0.5)
+
+    radius, local = receptive_radius(global_mean, 3, 2)
+    assert (radius, local) == (3, False)
+    tile, overlap, blend = default_tiling(radius, local, tile=128)
+    image = np.clip(_image(256, 256), 60, 200)
+    image[:, :128] //= 2  # a dark half: windows see very different means
+    lr = to_tensor(image)
+    whole = upscale_tiled(global_mean, lr, 2, 0, 0).astype(float)
+    inside = (whole > 24) & (whole < 231)  # a window's tone shift moves none of these to a clip
+
+    def worst_step(out):  # largest jump of (tiled - whole) between unclipped neighbours
+        err = np.where(inside, out.astype(float) - whole, np.nan)
+        return max(np.nanmax(np.abs(np.diff(err, axis=0))), np.nanmax(np.abs(np.diff(err, axis=1))))
+
+    cropped = upscale_tiled(global_mean, lr, 2, tile, overlap)
+    faded = upscale_tiled(global_mean, lr, 2, tile, overlap, blend=blend)
+    assert worst_step(cropped) > 6  # a window's own mean shifts its tone: a visible seam
+    assert worst_step(faded) <= 2   # spread over the overlap: no step beyond rounding
+    assert np.abs(faded - whole).max() <= np.abs(cropped - whole).max() + 1
 
 
 def test_whole_image_in_one_tile_is_super_resolve_bit_for_bit():
