@@ -182,3 +182,16 @@ def test_cli_eval_compile_upscale_an_own_model(data, tmp_path, capsys):
     from fxquant.evaluate import super_resolve
 
     assert np.array_equal(up, super_resolve(gm, np.asarray(Image.open(image)), "rgb"))
+
+
+def test_bench_times_an_own_model(capsys):
+    assert main(["bench", "--models", f"{FIXTURE}:TinySR255", "--range", "255", "--init",
+                 '{"upscale": 3}', "--scale", "3", "--variants", "fp32_eager", "--size", "16",
+                 "--rounds", "1", "--no-psnr"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines()
+               if line.startswith(f"| {FIXTURE}:TinySR255 | fp32_eager |"))
+    assert "1.00×" in row
+    # the scale bench asks for is checked against the model's own
+    assert main(["bench", "--models", TINY, "--scale", "4", "--variants", "fp32_eager",
+                 "--no-psnr"]) == 2
+    assert "TinySR upscales x2, not x4" in capsys.readouterr().err
