@@ -21,7 +21,8 @@ from fxquant.upscale import (
     upscale_image, upscale_tiled,
 )
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.filterwarnings("ignore:no --weights")]
 
 FIXTURE = Path(__file__).parent / "fixtures" / "tiny_sr.py"
 TINY = f"{FIXTURE}:TinySR"

@@ -17,7 +17,8 @@ from fxquant.errors import CheckpointError, FxquantError
 from fxquant.models.user import UserModelSpec, resolve_model
 from fxquant.workflow import as_sr_function
 
-pytestmark = pytest.mark.usefixtures("one_thread")
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.filterwarnings("ignore:no --weights")]
 
 FIXTURE = Path(__file__).parent / "fixtures" / "tiny_sr.py"
 TINY = f"{FIXTURE}:TinySR"
@@ -32,8 +33,11 @@ def _weights(tmp_path: Path, upscale: int = 2, features: int = 8, seed: int = 3)
     return path
 
 
+@pytest.mark.filterwarnings("default")
 def test_class_is_built_with_init_and_its_scale_found_by_running_it():
-    source = resolve_model(TINY, init='{"upscale": 3}')
+    with pytest.warns(UserWarning, match="no --weights for .*TinySR: it runs with the weights "
+                                         "its constructor gives it"):
+        source = resolve_model(TINY, init='{"upscale": 3}')
     assert source.scale == 3 and source.is_user
     assert isinstance(source.spec, UserModelSpec)
     assert source.spec.scales == (3,) and source.spec.color == "rgb"

@@ -20,6 +20,7 @@ import inspect
 import json
 import os
 import sys
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -257,6 +258,9 @@ def resolve_model(name: str, scale: int | None = None, *, weights: str | None = 
             _load_weights(model, weights)
         except CheckpointError as exc:
             raise CheckpointError(f"{name}: {exc}") from None
+    else:
+        warnings.warn(f"no --weights for {name}: it runs with the weights its constructor "
+                      "gives it (random unless it loads its own)", stacklevel=2)
     found = _probe_scale(model.eval(), 1 if color == "y" else 3, value_range, name)
     if scale is not None and scale != found:
         raise FxquantError(f"{name} upscales x{found}, not x{scale} (--scale); fix --scale "
