@@ -1,0 +1,106 @@
+"""The settings of quantization-aware training (:class:`QATConfig`) and its error type."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Callable
+
+from fxquant.errors import FxquantError
+
+SCHEDULES = ("cosine", "step", "constant")
+
+
+class TrainError(FxquantError, ValueError):
+    """A training setting, checkpoint or run cannot be used: names the setting and what is
+    valid."""
+
+
+@dataclass
+class QATConfig:
+    """Quantization-aware training of a compiled model (see :mod:`fxquant.train.qat`).
+
+    ``batch_size`` is the global batch: under ``torchrun`` each of the ``world`` ranks takes
+    ``batch_size / world`` of it. ``patch`` is the LR patch side (HR: ``patch · scale``).
+    ``quantizer_lr`` multiplies ``lr`` for the quantizers' parameters (steps, levels).
+    ``teacher_weight`` adds ``teacher_weight · |y_q − y_fp|₁`` (the float model's output as a
+    second target); 0 leaves the float model out of the loss. ``schedule``: ``cosine``
+    (to 0 over ``steps``), ``step`` (× ``gamma`` every ``step_size`` steps) or ``constant``.
+    ``eval_every = 0`` / ``checkpoint_every = 0`` turn periodic evaluation / checkpoints off
+    (a final checkpoint is still written when there is an output folder).
+    ``regularizers`` are callables added to the loss (not saved; pass them again on resume).
+    """
+
+    steps: int = 1000
+    batch_size: int = 16
+    patch: int = 48
+    lr: float = 1e-4
+    quantizer_lr: float = 1.0
+    weight_decay: float = 0.0
+    schedule: str = "cosine"
+    step_size: int = 250
+    gamma: float = 0.5
+    teacher_weight: float = 0.0
+    grad_clip: float = 0.0
+    sets: tuple[str, ...] = ("T91", "General100")
+    augment: bool = True
+    seed: int = 0
+    eval_every: int = 0
+    eval_set: str = "Set5"
+    eval_limit: int | None = None
+    checkpoint_every: int = 0
+    log_every: int = 10
+    regularizers: list[Callable[[Any], Any]] = field(default_factory=list)
+
+    def validate(self) -> "QATConfig":
+        def need(ok: bool, name: str, valid: str) -> None:
+            if not ok:
+                raise TrainError(f"train: {name} = {getattr(self, name)!r} is invalid; {valid}")
+
+        for name in ("steps", "batch_size", "patch", "step_size", "log_every"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name,
+                 "give an integer >= 1")
+        for name in ("eval_every", "checkpoint_every"):
+            need(isinstance(getattr(self, name), int) and getattr(self, name) >= 0, name,
+                 "give an integer >= 0 (0 = never)")
+        need(self.eval_limit is None or (isinstance(self.eval_limit, int) and self.eval_limit >= 1),
+             "eval_limit", "give an integer >= 1 or None (the whole set)")
+        for name in ("lr", "quantizer_lr"):
+            value = getattr(self, name)
+            need(isinstance(value, (int, float)) and value > 0 and math.isfinite(value), name,
+                 "give a positive finite number")
+        for name in ("weight_decay", "teacher_weight", "grad_clip"):
+            value = getattr(self, name)
+            need(isinstance(value, (int, float)) and value >= 0 and math.isfinite(value), name,
+                 "give a finite number >= 0")
+        need(isinstance(self.gamma, (int, float)) and 0 < self.gamma <= 1, "gamma",
+             "give a factor in (0, 1]")
+        need(self.schedule in SCHEDULES, "schedule", f"valid: {', '.join(SCHEDULES)}")
+        need(bool(self.sets) and all(isinstance(s, str) and s for s in self.sets), "sets",
+             "name at least one training set under <data>/train, e.g. T91,General100")
+        need(all(callable(r) for r in self.regularizers), "regularizers",
+             "give callables taking a StepContext and returning a scalar tensor")
+        return self
+
+    def to_dict(self) -> dict:
+        """Plain numbers, strings and lists (stored in checkpoints; regularizers by name)."""
+        out = {k: v for k, v in asdict(self).items() if k != "regularizers"}
+        out["sets"] = list(self.sets)
+        out["regularizers"] = regularizer_names(self.regularizers)
+        return out
+
+    @classmethod
+    def from_dict(cls, values: dict, regularizers: list | None = None) -> "QATConfig":
+        known = {f.name for f in fields(cls)} - {"regularizers"}
+        unknown = sorted(set(values) - known - {"regularizers"})
+        if unknown:
+            raise TrainError(f"unknown training settings {unknown}; valid: {sorted(known)}")
+        kept = {k: v for k, v in values.items() if k in known}
+        if "sets" in kept:
+            kept["sets"] = tuple(kept["sets"])
+        return cls(**kept, regularizers=list(regularizers or [])).validate()
+
+
+def regularizer_names(regularizers: list) -> list[str]:
+    return [str(getattr(r, "name", None) or getattr(r, "__name__", None) or type(r).__name__)
+            for r in regularizers]

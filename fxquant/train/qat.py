@@ -1,0 +1,388 @@
+"""Quantization-aware training (QAT) of a compiled model from its PTQ start (``fxquant train``).
+
+The graph ``fxquant.compile`` returned trains as it is: the float weights **and** the
+quantizers' static parameters (``Quantizer.trainable_parameters()``: uniform steps LSQ-style,
+non-uniform levels) take Adam steps together, gradients passing the rounding by the
+quantizers' straight-through estimator. Each step::
+
+    lr, hr   = sampler.sample(batch, generator)      # random LR/HR patches, flips/rotations
+    y        = gm(lr)                                # fake-quant forward, in [0, 1]
+    recon    = |y − hr|₁  (+ teacher_weight·|y − float_model(lr)|₁)
+    loss     = recon + Σ regularizer(ctx)            # the hook below
+    loss.backward(); adam.step(); scheduler.step()   # steps kept positive afterwards
+
+**Regularizer hook** (ODM's v1/v2 terms and the like): ``config.regularizers`` is a list of
+callables ``r(ctx) -> scalar tensor`` added to the loss; ``ctx`` is a :class:`StepContext`
+(``model``: the graph being trained, ``lr``/``hr``: this rank's batch, ``output``,
+``teacher_output`` (None unless ``teacher_weight``), ``teacher_model``, ``recon_loss``
+(the tensor, still in the autograd graph: a cooperative regularizer may take
+``torch.autograd.grad(ctx.recon_loss, ..., retain_graph=True)`` to gate itself), ``step``,
+``config``). Features inside the graph are reached with forward hooks the regularizer
+registers itself. Optional attributes: ``name`` (logged; checked on resume) and
+``state_dict()``/``load_state_dict()`` (saved in checkpoints). Parameters that must train
+(offsets, clipping factors) belong in the graph (e.g. an ``inject-offsets`` pass): every
+parameter of the graph trains, and DDP synchronises only those.
+
+The graph runs in eval mode throughout: BatchNorm uses its running statistics (which stay
+fixed) and no quantizer updates a buffer in fake-quant mode (only ``observe`` mode records
+ranges), so there are no statistics to synchronise between ranks (tests check the buffers
+are identical). The float model is never touched: its copy (the teacher) is frozen, in eval
+mode, run under ``no_grad``. ``gm`` itself is trained in place.
+
+Exact resume: :meth:`QATTrainer.checkpoint` holds the graph's state dict, Adam, the LR
+scheduler, the sampling generator's state (the whole data position), torch's global RNG,
+the step and the metrics; :meth:`QATTrainer.from_checkpoint` rebuilds the graph from the file
+and continues bit-identically (same thread count). Under ``torchrun`` (DDP, see
+:mod:`fxquant.train.distributed`) each rank takes a disjoint slice of every global batch;
+rank 0 logs, evaluates and writes files.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import fx, nn
+from tqdm import tqdm
+
+from fxquant.files import atomic_write_text, check_output_dir
+from fxquant.quant import Quantizer, UniformQuantizer
+from fxquant.quant.nonuniform import NonUniformQuantizer
+from fxquant.train.checkpoint import (
+    compiled_info,
+    load_model_state,
+    read_checkpoint,
+    rebuild,
+    write_checkpoint,
+)
+from fxquant.train.config import QATConfig, TrainError, regularizer_names
+from fxquant.train.data import PatchSampler
+from fxquant.train.distributed import World, setup
+
+# settings a resumed run may change (they do not change what is trained)
+RESUME_MAY_CHANGE = ("eval_every", "eval_set", "eval_limit", "checkpoint_every", "log_every")
+
+
+@dataclass
+class StepContext:
+    model: fx.GraphModule
+    lr: torch.Tensor
+    hr: torch.Tensor
+    output: torch.Tensor
+    teacher_output: torch.Tensor | None
+    teacher_model: nn.Module
+    recon_loss: torch.Tensor
+    step: int
+    config: QATConfig
+
+
+def make_trainable(gm: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """Every parameter of ``gm`` trainable, quantizers' static parameters made Parameters;
+    returns (weights, quantizer parameters), each in ``named_parameters`` order."""
+    quant = {id(p) for m in gm.modules() if isinstance(m, Quantizer)
+             for p in m.trainable_parameters()}
+    params = list(gm.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    return [p for p in params if id(p) not in quant], [p for p in params if id(p) in quant]
+
+
+def _scheduler(optimizer: torch.optim.Optimizer, config: QATConfig):
+    if config.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=config.steps)
+    if config.schedule == "step":
+        return torch.optim.lr_scheduler.StepLR(optimizer, config.step_size, config.gamma)
+    return torch.optim.lr_scheduler.StepLR(optimizer, config.steps, 1.0)
+
+
+def _runner(model: nn.Module, spec: Any, scale: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """[0, 1] in and out whatever the model's range; a multi-scale float net gets ``scale``."""
+    if spec is None:
+        return model
+    from fxquant.workflow import as_sr_function
+
+    return as_sr_function(model, spec, scale)
+
+
+class QATTrainer:
+    """Trains ``gm`` (a compiled model) in place; see the module docstring."""
+
+    def __init__(self, gm: fx.GraphModule, float_model: nn.Module, config: QATConfig, *,
+                 sampler: PatchSampler, scale: int, spec: Any = None,
+                 out_dir: str | os.PathLike | None = None,
+                 evaluate: Callable[[fx.GraphModule], dict] | None = None,
+                 data_root: str | os.PathLike | None = None, progress: bool = False,
+                 world: World | None = None, model_info: dict | None = None):
+        if not isinstance(gm, fx.GraphModule) or not hasattr(gm, "fxquant_recipe"):
+            raise TrainError("train takes a compiled model (the GraphModule fxquant.compile "
+                             f"or fxquant.load returns), got {type(gm).__name__}")
+        if gm is float_model or any(p is q for p in gm.parameters()
+                                    for q in float_model.parameters()):
+            raise TrainError("the compiled model shares parameters with the float model; "
+                             "compile a copy (fxquant.compile copies the network it is given)")
+        self.config = config.validate()
+        self.world = world or World()
+        self.gm, self.sampler, self.scale, self.spec = gm, sampler, scale, spec
+        self.out_dir = Path(out_dir) if out_dir is not None else None
+        if self.out_dir is not None and self.world.is_main:
+            check_output_dir(self.out_dir, "training output folder (--out)")
+            self.out_dir.mkdir(exist_ok=True)
+        self.progress, self.data_root = progress, data_root
+        self.info = compiled_info(gm, **(model_info or {}))
+        self.evaluate = evaluate if evaluate is not None else \
+            (self._evaluate_set if config.eval_every and spec is not None else None)
+        self.gm.eval().to(self.world.device)
+        self.teacher = copy.deepcopy(float_model).eval().requires_grad_(False).to(self.world.device)
+        weights, quant = make_trainable(gm)
+        groups = [g for g in ({"params": weights, "lr": config.lr},
+                              {"params": quant, "lr": config.lr * config.quantizer_lr})
+                  if g["params"]]
+        if not groups:
+            raise TrainError("the compiled model has no parameters to train")
+        self.positive = [m for m in gm.modules() if isinstance(m, UniformQuantizer)]
+        self.optimizer = torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay)
+        self.scheduler = _scheduler(self.optimizer, config)
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.step, self.metrics, self.best_psnr = 0, [], -math.inf
+        self.net: nn.Module = gm
+        if self.world.distributed:
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.world.device] if self.world.device.type == "cuda" else None
+            self.net = DistributedDataParallel(gm, device_ids=ids, broadcast_buffers=False)
+        self.student = _runner(self.net, spec, scale)
+        self.teacher_fn = _runner(self.teacher, spec, scale)
+        self.tensorboard = None
+
+    # ---- checkpoints -------------------------------------------------------------------
+    def checkpoint(self) -> dict:
+        return {"compiled": self.info, "state_dict": self.gm.state_dict(),
+                "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
+                "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
+                "step": self.step, "metrics": copy.deepcopy(self.metrics),
+                "best_psnr": self.best_psnr, "config": self.config.to_dict(),
+                "world_size": self.world.size,
+                "regularizers": {n: r.state_dict() for n, r in
+                                 zip(regularizer_names(self.config.regularizers),
+                                     self.config.regularizers) if hasattr(r, "state_dict")}}
+
+    def save_checkpoint(self, path: str | os.PathLike) -> None:
+        write_checkpoint(path, self.checkpoint())
+
+    def load_checkpoint(self, payload: dict, where: str = "checkpoint") -> None:
+        saved = payload["config"]
+        mine = self.config.to_dict()
+        differ = sorted(k for k in mine if k not in RESUME_MAY_CHANGE and saved.get(k) != mine[k])
+        if differ:
+            raise TrainError(f"{where} was trained with other settings: "
+                             + ", ".join(f"{k}={saved.get(k)!r} (now {mine[k]!r})" for k in differ)
+                             + f"; only {', '.join(RESUME_MAY_CHANGE)} may change on resume")
+        load_model_state(self.gm, payload["state_dict"], where)
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.scheduler.load_state_dict(payload["scheduler"])
+        self.generator.set_state(payload["generator"])
+        torch.set_rng_state(payload["torch_rng"])
+        self.step, self.best_psnr = int(payload["step"]), float(payload["best_psnr"])
+        self.metrics = copy.deepcopy(payload["metrics"])
+        states = payload.get("regularizers") or {}
+        for name, r in zip(regularizer_names(self.config.regularizers), self.config.regularizers):
+            if name in states and hasattr(r, "load_state_dict"):
+                r.load_state_dict(states[name])
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, float_model: nn.Module, *,
+                        regularizers: list | None = None, changes: dict | None = None,
+                        **kwargs) -> "QATTrainer":
+        """A trainer that continues the run saved at ``path``: the graph rebuilt on a copy of
+        ``float_model`` and every state loaded. ``changes``: new values of
+        ``RESUME_MAY_CHANGE`` settings; ``kwargs`` as for the constructor (not ``config``)."""
+        payload = read_checkpoint(path)
+        changes = dict(changes or {})
+        refused = sorted(set(changes) - set(RESUME_MAY_CHANGE))
+        if refused:
+            raise TrainError(f"cannot change {refused} when resuming {path}; only "
+                             f"{', '.join(RESUME_MAY_CHANGE)} may change")
+        config = QATConfig.from_dict({**payload["config"], **changes}, regularizers)
+        names = regularizer_names(config.regularizers)
+        if names != payload["config"].get("regularizers", []):
+            raise TrainError(f"{path} was trained with regularizers "
+                             f"{payload['config'].get('regularizers')}; pass the same ones "
+                             f"again (got {names})")
+        gm = rebuild(payload["compiled"], float_model, str(path))
+        info = payload["compiled"]["model"]
+        kwargs.setdefault("model_info", {"model_name": info.get("name"),
+                                         "scale": info.get("scale"),
+                                         "user_model": info.get("user")})
+        trainer = cls(gm, float_model, config, **kwargs)
+        trainer.load_checkpoint(payload, str(path))
+        return trainer
+
+    # ---- training ----------------------------------------------------------------------
+    def train_step(self) -> dict[str, float]:
+        config = self.config
+        lo, hi = self.world.shard(config.batch_size)
+        lr, hr = self.sampler.sample(config.batch_size, self.generator, lo, hi)
+        lr, hr = lr.to(self.world.device), hr.to(self.world.device)
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.enable_grad():
+            output = self.student(lr)
+            recon = (output - hr).abs().mean()
+            parts = {"recon": recon}
+            teacher_output = None
+            if config.teacher_weight:
+                with torch.no_grad():
+                    teacher_output = self.teacher_fn(lr)
+                parts["teacher"] = config.teacher_weight * (output - teacher_output).abs().mean()
+            ctx = StepContext(self.gm, lr, hr, output, teacher_output, self.teacher, recon,
+                              self.step, config)
+            for name, reg in zip(regularizer_names(config.regularizers), config.regularizers):
+                parts[name] = reg(ctx)
+            loss = sum(parts.values())
+            if not torch.isfinite(loss):
+                raise TrainError(f"the loss became {float(loss.detach())} at step {self.step} "
+                                 f"({', '.join(f'{k}={float(v.detach()):.4g}' for k, v in parts.items())}); "
+                                 f"lower --lr (now {config.lr})")
+            loss.backward()
+        if config.grad_clip:
+            torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups
+                                            for p in g["params"]], config.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        with torch.no_grad():  # steps stay positive (clipping bounds ordered)
+            for q in self.positive:
+                if isinstance(q.scale, nn.Parameter):
+                    q.scale.clamp_(min=1e-8)
+        self.step += 1
+        return {"loss": loss.detach(), **{k: v.detach() for k, v in parts.items()}}
+
+    def _mean_over_ranks(self, values: dict[str, torch.Tensor]) -> dict[str, float]:
+        stacked = torch.stack([v.float().reshape(()) for v in values.values()])
+        if self.world.distributed:
+            torch.distributed.all_reduce(stacked)
+            stacked /= self.world.size
+        return {k: float(v) for k, v in zip(values, stacked.cpu())}
+
+    def run(self, until: int | None = None) -> fx.GraphModule:
+        """Train to ``config.steps`` (or pause after step ``until``: call again, or save a
+        checkpoint and resume). At the end the final checkpoint, ``model.fxq`` and the
+        metrics are written (rank 0, with an output folder); returns the graph."""
+        config, main = self.config, self.world.is_main
+        end = config.steps if until is None else min(until, config.steps)
+        self._open_tensorboard()
+        bar = tqdm(total=config.steps, initial=self.step, desc="train", leave=False,
+                   disable=not (self.progress and main))
+        started = time.perf_counter()
+        while self.step < end:
+            values = self.train_step()
+            bar.update(1)
+            last = self.step == config.steps
+            if self.step % config.log_every == 0 or last:
+                row = {"step": self.step, **self._mean_over_ranks(values),
+                       "lr": self.optimizer.param_groups[0]["lr"],
+                       "seconds": round(time.perf_counter() - started, 3)}
+                bar.set_postfix(loss=f"{row['loss']:.4g}")
+                self._record(row)
+            if self.evaluate is not None and config.eval_every and \
+                    (self.step % config.eval_every == 0 or last):
+                self._run_evaluation()
+            if config.checkpoint_every and self.step % config.checkpoint_every == 0 and not last:
+                self._write_checkpoint()
+        bar.close()
+        if self.step >= config.steps:
+            self._write_checkpoint()
+            self.finish()
+            if main and self.out_dir is not None:
+                import fxquant
+
+                info = self.info["model"]
+                fxquant.save(self.gm, self.out_dir / "model.fxq", model_name=info.get("name"),
+                             scale=info.get("scale"), user_model=info.get("user"))
+        if self.tensorboard is not None:
+            self.tensorboard.flush()
+        return self.gm
+
+    def finish(self) -> None:
+        """The result static again: quantizer parameters frozen, non-uniform levels sorted
+        and back on their grid (as after the ``reconstruct`` pass)."""
+        for module in self.gm.modules():
+            if isinstance(module, Quantizer):
+                for p in module.parameters(recurse=False):
+                    p.requires_grad_(False)
+            if isinstance(module, NonUniformQuantizer):
+                module.tidy()
+
+    # ---- evaluation, logs and files (rank 0) -------------------------------------------
+    def _evaluate_set(self, gm: fx.GraphModule) -> dict:
+        from fxquant.workflow import evaluate_sets
+
+        score = evaluate_sets(_runner(gm, self.spec, self.scale), self.spec, self.scale,
+                              [self.config.eval_set], data_root=self.data_root,
+                              limit=self.config.eval_limit)[self.config.eval_set]
+        return {"psnr": float(score.psnr), "ssim": float(score.ssim)}
+
+    def _run_evaluation(self) -> None:
+        if not self.world.is_main:
+            return
+        with torch.no_grad():
+            scores = self.evaluate(self.gm)
+        row = {"step": self.step, "eval_set": self.config.eval_set,
+               **{k: float(v) for k, v in scores.items()}}
+        self._record(row)
+        psnr = row.get("psnr")
+        if psnr is not None and psnr > self.best_psnr:
+            self.best_psnr = psnr
+            if self.out_dir is not None:
+                import fxquant
+
+                info = self.info["model"]
+                fxquant.save(self.gm, self.out_dir / "best.fxq", model_name=info.get("name"),
+                             scale=info.get("scale"), user_model=info.get("user"))
+
+    def _record(self, row: dict) -> None:
+        if not self.world.is_main:
+            return
+        self.metrics.append(row)
+        if self.tensorboard is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)):
+                    self.tensorboard.add_scalar(key, value, row["step"])
+        if self.out_dir is not None:  # the whole log, replaced atomically
+            atomic_write_text(self.out_dir / "metrics.jsonl",
+                              "".join(json.dumps(r) + "\n" for r in self.metrics),
+                              "training metrics")
+
+    def _write_checkpoint(self) -> None:
+        if self.world.is_main and self.out_dir is not None:
+            self.save_checkpoint(self.out_dir / "last.ckpt")
+
+    def _open_tensorboard(self) -> None:
+        if self.tensorboard is not None or self.out_dir is None or not self.world.is_main:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # tensorboard is optional
+            return
+        self.tensorboard = SummaryWriter(str(self.out_dir / "tensorboard"))
+
+
+def train(gm: fx.GraphModule, float_model: nn.Module, config: QATConfig, *, scale: int,
+          sampler: PatchSampler | None = None, spec: Any = None,
+          data_root: str | os.PathLike | None = None, **kwargs) -> fx.GraphModule:
+    """Train compiled ``gm`` in place from its PTQ start and return it. Without ``sampler``
+    the patches come from ``config.sets`` under ``data_root`` (``$FXQUANT_DATA``); ``kwargs``:
+    ``out_dir``, ``evaluate``, ``progress``, ``world``, ``model_info`` (see QATTrainer)."""
+    world = kwargs.pop("world", None) or setup()
+    if sampler is None:
+        sampler = PatchSampler.from_sets(config.sets, scale, config.patch, root=data_root,
+                                         color=getattr(spec, "color", "rgb"),
+                                         augment=config.augment)
+    return QATTrainer(gm, float_model, config, sampler=sampler, scale=scale, spec=spec,
+                      data_root=data_root, world=world, **kwargs).run()

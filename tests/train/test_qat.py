@@ -1,0 +1,183 @@
+"""QAT (fxquant.train.qat): weights and quantizer steps train together and the loss falls,
+the float model is untouched, BatchNorm statistics and other buffers stay fixed, the result
+saves/loads (weights_only) and lowers, regularizers plug into the loss, bad settings are
+named."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+
+import fxquant
+from fxquant.quant import UniformQuantizer
+from fxquant.train.config import QATConfig, TrainError
+from fxquant.train.distributed import World
+from fxquant.train.qat import QATTrainer, StepContext
+
+from qat_helpers import compiled, config, float_model, sampler
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def scales(gm):
+    return {n: m.scale.detach().clone() for n, m in gm.named_modules()
+            if isinstance(m, UniformQuantizer)}
+
+
+def test_weights_and_steps_train_together_and_the_loss_falls(tmp_path):
+    model = float_model()
+    gm = compiled(model)
+    before_scales = scales(gm)
+    before_weight = gm.head.weight.detach().clone()
+    trainer = QATTrainer(gm, model, config(steps=40, log_every=10, lr=3e-3), sampler=sampler(),
+                         scale=2, out_dir=tmp_path / "run")
+    trainer.run()
+    losses = [r["loss"] for r in trainer.metrics]
+    assert [r["step"] for r in trainer.metrics] == [10, 20, 30, 40]
+    assert losses[-1] < 0.8 * losses[0]
+    after = scales(gm)
+    changed = [n for n in after if not torch.equal(after[n], before_scales[n])]
+    assert len(changed) == len(after) > 0  # every uniform step moved
+    assert not torch.equal(gm.head.weight, before_weight)
+    assert all((s > 0).all() for s in after.values())
+    logged = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert logged == trainer.metrics
+    assert {p.name for p in (tmp_path / "run").iterdir()} == {"last.ckpt", "metrics.jsonl",
+                                                              "model.fxq"}
+
+
+def test_float_model_is_untouched_and_frozen_teacher_is_used():
+    model = float_model()
+    model.train()  # whatever mode the user left it in is kept
+    state = copy.deepcopy(model.state_dict())
+    flags = [p.requires_grad for p in model.parameters()]
+    gm = compiled(model)
+    trainer = QATTrainer(gm, model, config(teacher_weight=0.5), sampler=sampler(), scale=2)
+    trainer.run()
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
+    assert [p.requires_grad for p in model.parameters()] == flags and model.training
+    assert all(r["teacher"] > 0 for r in trainer.metrics)
+    assert all(r["loss"] == pytest.approx(r["recon"] + r["teacher"]) for r in trainer.metrics)
+    assert not any(p.requires_grad for p in trainer.teacher.parameters())
+    assert not trainer.teacher.training
+
+
+def test_buffers_and_batchnorm_statistics_stay_fixed():
+    """The graph trains in eval mode: BatchNorm uses (and keeps) its running statistics and
+    no quantizer writes a buffer in fake-quant mode: nothing for DDP to synchronise."""
+    model = float_model(bn=True)
+    gm = compiled(model)
+    buffers = {k: v.clone() for k, v in gm.named_buffers()}
+    QATTrainer(gm, model, config(), sampler=sampler(), scale=2).run()
+    now = dict(gm.named_buffers())
+    # the uniform steps became parameters; every other buffer is still one, bit for bit
+    steps = {n + ".scale" for n, m in gm.named_modules() if isinstance(m, UniformQuantizer)}
+    assert set(now) == set(buffers) - steps
+    assert any("running_mean" in k for k in now) and any("zero_point" in k for k in now)
+    assert all(torch.equal(now[k], buffers[k]) for k in now)
+
+
+def test_trained_model_saves_loads_weights_only_and_lowers(tmp_path):
+    model = float_model()
+    gm = compiled(model)
+    QATTrainer(gm, model, config(), sampler=sampler(), scale=2, out_dir=tmp_path).run()
+    loaded = fxquant.load(tmp_path / "model.fxq", model=float_model())  # weights_only inside
+    x = torch.rand(2, 3, 10, 10, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        assert torch.equal(loaded(x), gm(x))
+        lowered = fxquant.lowered_copy(loaded, "reference")(x)
+        fake = gm(x)
+    step = max(float(m.scale.max()) for m in gm.modules() if isinstance(m, UniformQuantizer))
+    assert float((lowered - fake).abs().max()) <= 2 * step
+    assert not any(p.requires_grad for m in gm.modules() if isinstance(m, UniformQuantizer)
+                   for p in m.parameters())
+
+
+class ScaleRegularizer:
+    """A regularizer with state: λ·Σ steps, counting its calls."""
+
+    name = "scale-sum"
+
+    def __init__(self, weight: float = 0.5):
+        self.weight, self.calls, self.seen = weight, 0, []
+
+    def __call__(self, ctx: StepContext) -> torch.Tensor:
+        self.calls += 1
+        self.seen.append((ctx.step, tuple(ctx.lr.shape), tuple(ctx.hr.shape),
+                          tuple(ctx.output.shape), ctx.recon_loss.requires_grad))
+        return self.weight * sum(m.scale.sum() for m in ctx.model.modules()
+                                 if isinstance(m, UniformQuantizer))
+
+    def state_dict(self) -> dict:
+        return {"calls": self.calls}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.calls = state["calls"]
+
+
+def test_regularizers_add_to_the_loss_and_their_state_is_saved(tmp_path):
+    model = float_model()
+    plain, regular = compiled(model), compiled(model)
+    QATTrainer(plain, model, config(), sampler=sampler(), scale=2).run()
+    reg = ScaleRegularizer()
+    trainer = QATTrainer(regular, model, config(regularizers=[reg]), sampler=sampler(), scale=2)
+    trainer.run(until=4)
+    assert reg.seen[0] == (0, (4, 3, 8, 8), (4, 3, 16, 16), (4, 3, 16, 16), True)
+    assert all(r["loss"] == pytest.approx(r["recon"] + r["scale-sum"]) for r in trainer.metrics)
+    trainer.save_checkpoint(tmp_path / "c.ckpt")
+    again = ScaleRegularizer()
+    resumed = QATTrainer.from_checkpoint(tmp_path / "c.ckpt", model, regularizers=[again],
+                                         sampler=sampler(), scale=2)
+    assert again.calls == 4
+    resumed.run()
+    # the regularizer pulls the steps down compared with the same run without it
+    assert sum(s.sum() for s in scales(resumed.gm).values()) < \
+        sum(s.sum() for s in scales(plain).values())
+    with pytest.raises(TrainError, match=r"regularizers \['scale-sum'\]; pass the same"):
+        QATTrainer.from_checkpoint(tmp_path / "c.ckpt", model, sampler=sampler(), scale=2)
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"steps": 0}, "steps = 0 is invalid; give an integer >= 1"),
+    ({"lr": -1.0}, "lr = -1.0 is invalid; give a positive finite number"),
+    ({"schedule": "linear"}, "schedule = 'linear' is invalid; valid: cosine, step, constant"),
+    ({"gamma": 2.0}, r"gamma = 2.0 is invalid; give a factor in \(0, 1\]"),
+    ({"sets": ()}, "sets = \\(\\) is invalid; name at least one training set"),
+])
+def test_bad_settings_are_named(change, match):
+    with pytest.raises(TrainError, match=match):
+        config(**change).validate()
+
+
+def test_refuses_non_compiled_models_shared_parameters_and_uneven_shards():
+    model = float_model()
+    with pytest.raises(TrainError, match="takes a compiled model"):
+        QATTrainer(model, model, config(), sampler=sampler(), scale=2)
+    gm = compiled(model)
+    with pytest.raises(TrainError, match="shares parameters with the float model"):
+        QATTrainer(gm, gm, config(), sampler=sampler(), scale=2)
+    with pytest.raises(TrainError, match="--batch-size 4 is not divisible by the 3 ranks"):
+        World(0, 3).shard(4)
+
+
+def test_diverging_loss_is_named():
+    model = float_model()
+    gm = compiled(model)
+    trainer = QATTrainer(gm, model, config(regularizers=[lambda ctx: ctx.recon_loss / 0.0]),
+                         sampler=sampler(), scale=2)
+    with pytest.raises(TrainError, match="the loss became inf at step 0.*lower --lr"):
+        trainer.run()
+
+
+def test_step_schedule_multiplies_the_rate():
+    model = float_model()
+    trainer = QATTrainer(compiled(model), model,
+                         config(schedule="step", step_size=2, gamma=0.5, log_every=1,
+                                quantizer_lr=10.0), sampler=sampler(), scale=2)
+    trainer.run(until=5)
+    assert [r["lr"] for r in trainer.metrics] == pytest.approx(
+        [2e-3, 1e-3, 1e-3, 5e-4, 5e-4])
+    assert trainer.optimizer.param_groups[1]["lr"] == pytest.approx(10 * 5e-4)
