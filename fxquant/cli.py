@@ -282,12 +282,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     return run(args)
 
 
-def cmd_train(args: argparse.Namespace) -> int:
-    from fxquant.train.cli import run
-
-    return run(args)
-
-
 def cmd_models(args: argparse.Namespace) -> int:
     from fxquant.models import available_models, get_spec
 
@@ -412,13 +406,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="data root (default: $FXQUANT_DATA)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or messages")
     p.set_defaults(func=cmd_upscale)
-
-    p = sub.add_parser("train", help="quantization-aware training of a compiled model from its "
-                                     "PTQ start (weights and quantizer steps; DDP under torchrun)")
-    from fxquant.train.cli import build_parser as train_parser
-
-    train_parser(p)
-    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("train", help="quantization-aware training of a compiled model from its "
                                      "PTQ start (weights and quantizer steps; DDP under torchrun)")
