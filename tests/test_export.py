@@ -186,14 +186,17 @@ def test_bench_ort_int8_variant_runs_beside_the_lowered_ones(tiny_sr, calib):
 
     x = torch.rand(1, 3, 16, 16)
     built, missing = build_all(tiny_sr, x, list(calib.split(1)), calib, "mse-w8a8-sym", None,
-                               ["fp32_eager", "lowered reference", "ort_int8"])
-    assert [v.name for v in built] == ["fp32_eager", "lowered reference", "ort_int8"] and not missing
+                               ["fp32_eager", "lowered reference", "ort_int8", "ort_fp32"])
+    assert [v.name for v in built] == ["fp32_eager", "lowered reference", "ort_int8", "ort_fp32"]
+    assert not missing
     fns = {v.name: v.fn for v in built}
     times = interleaved({name: (lambda f=f: f(x)) for name, f in fns.items()}, rounds=2, warmup=1)
     assert all(len(t) == 2 for t in times.values())
     with torch.inference_mode():
         ort, ref = fns["ort_int8"](x), fns["lowered reference"](x)
     assert float((ort - ref).abs().mean()) < 1e-4
+    with torch.inference_mode():
+        assert torch.allclose(fns["ort_fp32"](x), fns["fp32_eager"](x), atol=1e-5)
 
 
 @pytest.mark.parametrize("recipe", ["mse-w8a8-sym", "daq-w4a4", "dfsq-w4a4"])
@@ -235,3 +238,42 @@ def test_fake_quant_form_exports_dynamic_statistics_as_graph_ops(tiny_sr, calib,
     with torch.no_grad():
         fake = gm(x)
     assert float((ort_run(model, x) - fake).abs().max()) < 1e-5
+
+
+def test_cli_help_lists_export_and_runtime(capsys):
+    from fxquant.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["export", "--help"])
+    text = capsys.readouterr().out
+    assert "--format {onnx,torch-export}" in text and "--form {integer,qdq,fake-quant}" in text
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    assert "--runtime {torch,onnxruntime}" in capsys.readouterr().out
+
+
+@pytest.mark.data
+def test_cli_export_and_eval_with_onnxruntime(data, tmp_path, capsys):
+    import json
+
+    from fxquant.cli import main
+
+    out = tmp_path / "fsrcnn.onnx"
+    assert main(["export", "--model", "fsrcnn", "--scale", "4", "--recipe", "mse-w8a8-sym",
+                 "--out", str(out), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert out.exists() and summary["nodes"]["ConvInteger"] == 6 and summary["opset"] == 13
+    assert summary["max_abs_diff"] < 1e-2
+    assert main(["export", "--model", "fsrcnn", "--scale", "4", "--recipe", "mse-w8a8-sym",
+                 "--format", "torch-export", "--target", "reference", "--out",
+                 str(tmp_path / "f.pt2"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["max_abs_diff"] == 0
+    assert main(["export", "--model", "fsrcnn", "--scale", "4", "--recipe", "daq-w4a4",
+                 "--out", str(tmp_path / "daq.onnx")]) == 2
+    assert "daq" in capsys.readouterr().err and not (tmp_path / "daq.onnx").exists()
+    assert main(["eval", "--model", "fsrcnn", "--scale", "4", "--recipe", "mse-w8a8-sym",
+                 "--limit", "1", "--runtime", "onnxruntime", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["runtime"] == "onnxruntime"
+    scores = report["datasets"]["Set5"]
+    assert abs(scores["quant"]["psnr"] - scores["fp"]["psnr"]) < 0.5

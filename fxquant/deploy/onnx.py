@@ -16,7 +16,8 @@ own translation, and the integer modules emit their ONNX form:
   conv whose only reader is the next layer's quantizer (a ReLU in between is dropped when
   that quantizer's zero point is 0: exact, the quantizer clamps negatives to code 0);
 
-  ``integer``: ``ConvInteger`` (uint8 codes × int8 weights → int32) → ``Cast`` → ``Mul`` by
+  ``integer``: ``ConvInteger`` (uint8 codes × weights stored as uint8 ``k + 128`` with zero
+  point 128 → int32) → ``Cast`` → ``Mul`` by
   ``s_x·s_w`` → ``Add`` bias: a float output computed exactly as the ``reference`` target,
   for every other conv (leaky ReLU, residual adds, attention, concatenation read it; ONNX
   Runtime keeps ``DQ → Conv`` without a following ``Q`` as a float conv).
@@ -114,10 +115,13 @@ class _ConvFn(torch.autograd.Function):
                 inputs.append(g.op("DequantizeLinear", _const(g, b32), _const(g, rescale),
                                    _const(g, torch.zeros(out, dtype=torch.int32)), axis_i=0))
             return g.op("Conv", *inputs, **_conv_attrs(conv, conv.groups))
+        # uint8 weights k + 128 with zero point 128: the same products, and ONNX Runtime's
+        # ConvInteger runs u8 × u8 3.7x faster than u8 × s8 (64→64 3×3 at 128², 2 threads:
+        # 6.1 against 22.3 ms)
         x_zp = _const(g, conv.input_zero_point.to(torch.uint8).reshape(()))
-        w_zp = _const(g, torch.tensor(0, dtype=torch.int8))
-        acc = g.op("ConvInteger", codes, _const(g, conv.weight_codes), x_zp, w_zp,
-                   **_conv_attrs(conv, conv.groups))
+        weights = (conv.weight_codes.to(torch.int16) + 128).to(torch.uint8)
+        acc = g.op("ConvInteger", codes, _const(g, weights), x_zp,
+                   _const(g, torch.tensor(128, dtype=torch.uint8)), **_conv_attrs(conv, conv.groups))
         y = g.op("Mul", g.op("Cast", acc, to_i=_FLOAT), _const(g, rescale.view(1, out, 1, 1)))
         if conv.bias is not None:
             y = g.op("Add", y, _const(g, conv.bias.float().view(1, out, 1, 1)))
@@ -125,8 +129,9 @@ class _ConvFn(torch.autograd.Function):
             return y
         # centring: y + (c_o·s_w[o])·(s_x·S), S the window sums of (q − z) per group
         groups = conv.groups
-        ones = torch.ones((groups, conv.in_channels // groups) + conv.kernel_size, dtype=torch.int8)
-        sums = g.op("ConvInteger", codes, _const(g, ones), x_zp, w_zp, **_conv_attrs(conv, groups))
+        ones = torch.ones((groups, conv.in_channels // groups) + conv.kernel_size, dtype=torch.uint8)
+        sums = g.op("ConvInteger", codes, _const(g, ones), x_zp,
+                    _const(g, torch.tensor(0, dtype=torch.uint8)), **_conv_attrs(conv, groups))
         s = g.op("Mul", g.op("Cast", sums, to_i=_FLOAT), _const(g, conv.input_scale.float().reshape(())))
         correction = (conv.weight_centre.float() * conv.weight_scale).view(1, groups, -1, 1, 1)
         if groups == 1:
