@@ -2,7 +2,8 @@
 
 Variants (FP32 eager is the 1.0): FP32 channels-last, FP32 ``torch.compile``, bf16 autocast,
 fxquant fake-quant, fxquant lowered ``reference`` and ``cpu`` (Inductor-compiled), ONNX Runtime
-on fxquant's ONNX export (``ort_int8``, ``fxquant.deploy``), torch.ao
+on fxquant's ONNX export and on the float model's (``ort_int8``, ``ort_fp32``,
+``fxquant.deploy``), torch.ao
 FX int8 and torchao PT2E int8 (``fxquant.bench_variants``). Everything runs in one process:
 every variant is built and warmed up, then each round calls every variant once in turn
 (interleaved, so load changes hit all alike); the table gives the median time and the
@@ -28,7 +29,7 @@ import torch
 
 from fxquant.bench_variants import BUILDERS, Variant, VariantUnavailable
 
-FXQUANT_VARIANTS = ("fake-quant", "lowered reference", "lowered cpu", "ort_int8")
+FXQUANT_VARIANTS = ("fake-quant", "lowered reference", "lowered cpu", "ort_int8", "ort_fp32")
 BREAKDOWN_VARIANTS = ("fp32_eager", "lowered cpu", "pt2e_int8")
 ORDER = ("fp32_eager", "fp32_channels_last", "fp32_compile", "bf16_autocast", *FXQUANT_VARIANTS,
          "torch_ao_fx_int8", "pt2e_int8")
@@ -163,10 +164,11 @@ def build_all(model, example, calib_batches, calib, recipe, concrete_args, names
         if name in ours:
             built.append(ours[name])
             continue
-        if name == "ort_int8":  # ONNX Runtime on fxquant's ONNX export (fxquant.deploy)
-            from fxquant.deploy.bench import build_ort_int8
+        if name in ("ort_int8", "ort_fp32"):  # ONNX Runtime on ONNX exports (fxquant.deploy)
+            from fxquant.deploy.bench import build_ort_fp32, build_ort_int8
             try:
-                built.append(build_ort_int8(ours["fake-quant"].fn, example))
+                built.append(build_ort_int8(ours["fake-quant"].fn, example) if name == "ort_int8"
+                             else build_ort_fp32(model, example, concrete_args))
             except VariantUnavailable as exc:
                 missing[name] = exc.reason
             continue
