@@ -42,7 +42,7 @@ __all__ = ["upscale_tiled", "receptive_radius", "default_tiling", "read_input",
 
 SRFunction = Callable[[torch.Tensor], torch.Tensor]
 SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-DEFAULT_TILE = 512     # LR pixels a side: IMDN x4 fake-quant stays near 2 GiB per tile
+DEFAULT_TILE = 512     # LR pixels a side: IMDN x4 fake-quant, 4000x3000 in: 3.5 GiB peak RSS
 _GREY_MODES = ("L", "LA", "I", "I;16", "I;16B", "I;16L", "F", "1")
 _CHROMA_MARGIN = 4     # LR rows around a bicubic strip: the cubic kernel reaches 2 (+ rounding)
 _STRIP = 256           # LR rows per strip of the bicubic chroma/alpha and recombination
