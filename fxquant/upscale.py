@@ -15,8 +15,9 @@ radius, every kept output pixel saw exactly the input it sees in a whole-image r
 image border is a border of the window too), so tiled equals whole up to float rounding of
 differently sized convolutions. Models with image-wide statistics (IMDN's contrast channel
 attention, dynamic per-image quantizers such as DAQ) see per-window statistics instead, which
-shift a window's tone a little; for them the windows are cross-faded over the overlap so that
-no seam shows (the difference to a whole-image run is measured in docs/performance.md).
+change a window's output a little whatever the overlap; for them the windows are cross-faded
+over the overlap so that the seams show no more than that difference does (measured in
+docs/performance.md).
 """
 
 from __future__ import annotations
