@@ -60,22 +60,30 @@ def onednn_accumulator_bound(fan_in: int) -> int:
 
 
 # --------------------------------------------------------------------------- codes
+NON_FINITE = ("DAQ input has channels whose statistics overflow float: they pass through "
+              "unquantized and have no integer form")
+
+
 def daq_input_codes(x: torch.Tensor, bits, branch: str, qq_bits: int = 0,
-                    step_index: str = "head") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                    step_index: str = "head", strict: bool = True
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(q, Δ, β)`` with ``x̂ = Δ·q + β`` equal to :func:`~fxquant.quant.daq.daq_quantize`'s
     output: ``q`` integer-valued float (>= 0), ``Δ`` and ``β`` N×C×1×1 (see module doc).
 
     The statistics and the rounding are the fake-quantizer's own (``_daq_params``, the same
-    division/round/clamp), so the codes are exactly the fake-quant levels."""
+    division/round/clamp), so the codes are exactly the fake-quant levels. Channels whose
+    statistics overflow raise here (``strict``), or get a NaN step for the caller to refuse
+    (no data-dependent branch: the cpu target compiles this function)."""
     if branch not in LOWERED_BRANCHES:
         raise LoweringError(f"DAQ branch '{branch}' has no integer form; lowered: "
                             f"{', '.join(LOWERED_BRANCHES)}")
     with torch.no_grad():
         mu, safe, valid, finite, h = _daq_params(x, bits, branch, qq_bits, step_index)
-        if not bool(finite.all()):
-            raise LoweringError("DAQ input has channels whose statistics overflow float: they "
-                                "pass through unquantized and have no integer form")
+        if strict and not bool(finite.all()):
+            raise LoweringError(NON_FINITE)
         step = safe * valid
+        if not strict:
+            step = torch.where(finite, step, torch.full_like(step, float("nan")))
         if branch == "signed":
             c = torch.clamp(torch.round((x - mu) / safe + 0.5), -h + 0.5, h + 0.5)
             return c + (h - 0.5), step, mu - h * step
@@ -102,6 +110,12 @@ class DaqQuantize(nn.Module):
         self.source = ""
         self.max_code = 0  # largest code seen (not state: a statistic for reports)
         self.register_buffer("bits", torch.full((channels,), 4, dtype=torch.int64))
+        self._bits = 4  # Python int (uniform bits) or the buffer: no sync when compiled
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._cache_bits())
+
+    def _cache_bits(self) -> None:
+        lo, hi = int(self.bits.min()), int(self.bits.max())
+        self._bits = lo if lo == hi else self.bits
 
     @classmethod
     def from_quantizer(cls, quantizer: DAQActivationQuantizer, channels_last: bool,
@@ -111,24 +125,23 @@ class DaqQuantize(nn.Module):
         module.source = source
         with torch.no_grad():
             module.bits.copy_(quantizer.bits)
+        module._cache_bits()
         return module
 
-    def _bits_arg(self):
-        lo, hi = int(self.bits.min()), int(self.bits.max())
-        return lo if lo == hi else self.bits
-
     def forward(self, x: torch.Tensor):
-        q, step, offset = daq_input_codes(x, self._bits_arg(), self.branch, self.qq_bits,
-                                          self.step_index)
-        if self.branch == "relu":
+        q, step, offset = daq_input_codes(x, self._bits, self.branch, self.qq_bits,
+                                          self.step_index, strict=not self.channels_last)
+        if self.branch != "relu":
+            codes = q.to(torch.uint8)
+        elif self.channels_last:  # cpu: integer-valued float32, split into u8 planes by the conv
+            codes = q
+        else:
             top = float(q.max()) if q.numel() else 0.0
             if top > INT32_MAX:
                 raise LoweringError(f"DAQ relu-branch code {top:.0f} exceeds int32: the input "
                                     "is too large against its channel's step")
             self.max_code = max(self.max_code, int(top))
             codes = q.to(torch.int32)
-        else:
-            codes = q.to(torch.uint8)
         if self.channels_last:
             codes = codes.contiguous(memory_format=torch.channels_last)
         return codes, step, offset
@@ -136,7 +149,8 @@ class DaqQuantize(nn.Module):
     def extra_repr(self) -> str:
         lo, hi = int(self.bits.min()), int(self.bits.max())
         bits = lo if lo == hi else f"{lo}-{hi}"
-        kind = "int32" if self.branch == "relu" else "u8"
+        kind = "u8" if self.branch != "relu" else \
+            ("integer-valued float32 (u8 planes in the conv)" if self.channels_last else "int32")
         return f"channels={self.channels}, bits={bits}, branch={self.branch}, " \
                f"qq_bits={self.qq_bits}, {kind} codes" + (", NHWC" if self.channels_last else "")
 
@@ -209,8 +223,8 @@ class DaqConv2d(nn.Module):
         """Per-image weights ``Ŵ[o, c]·Δ_{n,c}``: N×O×(C/g)×k_h×k_w."""
         return weight.unsqueeze(0) * self.per_output(step.to(weight.dtype))
 
-    def offset_term(self, offset: torch.Tensor, weight: torch.Tensor, size) -> torch.Tensor:
-        """``Σ_c Ŵ[:, c] ⋆ (β_c·1)`` with zero padding, exactly (see the module doc)."""
+    def offset_taps(self, offset: torch.Tensor, weight: torch.Tensor, size):
+        """``V[n,o,i,j] = Σ_c β_{n,c}·Ŵ[o,c,i,j]`` and the row/column tap masks (k × out)."""
         n, g = offset.shape[0], self.groups
         per_group, o_g = self.in_channels // g, self.out_channels // g
         beta = offset.to(weight.dtype).reshape(n, g, 1, per_group, 1, 1)
@@ -221,6 +235,11 @@ class DaqConv2d(nn.Module):
         rows, cols = (border_masks(size[i], out_size[i], self.kernel_size[i], self.stride[i],
                                    self.padding[i], self.dilation[i], weight.dtype, weight.device)
                       for i in range(2))
+        return v, rows, cols
+
+    def offset_term(self, offset: torch.Tensor, weight: torch.Tensor, size) -> torch.Tensor:
+        """``Σ_c Ŵ[:, c] ⋆ (β_c·1)`` with zero padding, exactly (see the module doc)."""
+        v, rows, cols = self.offset_taps(offset, weight, size)
         return torch.einsum("noyj,jx->noyx", torch.einsum("noij,iy->noyj", v, rows), cols)
 
     def extra_repr(self) -> str:
@@ -269,14 +288,18 @@ class CpuDaqConv2d(DaqConv2d):
     target = "cpu"
     channels_last = True
 
-    @torch.compiler.disable
+    @torch.compiler.disable  # per-image prepack: eager (lower{compile=true} compiles the codes)
     def forward(self, packed) -> torch.Tensor:
         codes, step, offset = packed
+        if bool(torch.isnan(step).any()):
+            raise LoweringError(NON_FINITE)
         n, _, h, w = codes.shape
         weight = self.weight(torch.float32)
         wcodes, wscale = requantize_folded(self.folded_weight(step.float(), weight))
         planes = [codes] if codes.dtype == torch.uint8 else split_planes(codes)
-        bias = None if self.bias is None else self.bias.float()
+        # the offset plane's interior value rides in oneDNN's bias; the border strips after
+        v, rows, cols = self.offset_taps(offset.float(), weight, (h, w))
+        bias = v.sum((2, 3)) if self.bias is None else v.sum((2, 3)) + self.bias.float()
         zero_points = torch.zeros(self.out_channels, dtype=torch.int64)
         outs = []
         for i in range(n):
@@ -287,18 +310,46 @@ class CpuDaqConv2d(DaqConv2d):
             for k, plane in enumerate(planes):
                 part = torch.ops.onednn.qconv_pointwise(
                     plane[i:i + 1], 1.0, 0, packed_w, wscale[i].contiguous(), zero_points,
-                    bias if k == 0 else None, list(self.stride), list(self.padding),
-                    list(self.dilation), self.groups, 1.0, 0, torch.float32, "none", [None], "")
-                y = part if y is None else y + part * float(256 ** k)
+                    bias[i].contiguous() if k == 0 else None, list(self.stride),
+                    list(self.padding), list(self.dilation), self.groups, 1.0, 0,
+                    torch.float32, "none", [None], "")
+                y = part if y is None else y.add_(part, alpha=float(256 ** k))
             outs.append(y)
         y = outs[0] if n == 1 else torch.cat(outs)
-        return y + self.offset_term(offset.float(), weight, (h, w))
+        return add_border(y, v, rows, cols)
+
+
+def add_border(y: torch.Tensor, v: torch.Tensor, rows: torch.Tensor,
+               cols: torch.Tensor) -> torch.Tensor:
+    """Add the offset plane's border correction to ``y`` (which holds its interior value
+    ``Σ_ij V_ij``), in place on the border strips only. With ``R = 1 + R'`` and ``C = 1 + C'``
+    (``R'``, ``C'`` nonzero on border rows/columns only), ``Σ_ij V_ij R_iy C_jx − Σ_ij V_ij =
+    Σ_i (Σ_j V_ij) R'_iy + Σ_j (Σ_i V_ij) C'_jx + Σ_ij V_ij R'_iy C'_jx``."""
+    rd, cd = rows - 1, cols - 1
+    rb = (rd != 0).any(0).nonzero().flatten()
+    cb = (cd != 0).any(0).nonzero().flatten()
+    if len(rb):
+        row_term = torch.einsum("noi,iy->noy", v.sum(3), rd[:, rb])
+        y[:, :, rb, :] += row_term.unsqueeze(-1)
+    if len(cb):
+        col_term = torch.einsum("noj,jx->nox", v.sum(2), cd[:, cb])
+        y[:, :, :, cb] += col_term.unsqueeze(-2)
+    if len(rb) and len(cb):
+        corner = torch.einsum("noyj,jx->noyx", torch.einsum("noij,iy->noyj", v, rd[:, rb]),
+                              cd[:, cb])
+        y[:, :, rb.view(-1, 1), cb.view(1, -1)] += corner
+    return y
 
 
 def split_planes(codes: torch.Tensor) -> list[torch.Tensor]:
-    """Non-negative int codes → uint8 planes ``q = Σ_k 256^k·plane_k`` (NHWC kept)."""
-    top = int(codes.max()) if codes.numel() else 0
-    planes, rest = [], codes
+    """Non-negative integer-valued codes (float32 exact below 2^24, or int) → uint8 planes
+    ``q = Σ_k 256^k·plane_k`` (NHWC kept)."""
+    top = float(codes.max()) if codes.numel() else 0.0
+    if codes.is_floating_point() and top >= 2 ** 24:
+        raise LoweringError(f"DAQ relu-branch code {top:.0f} is beyond 2^24: the input is too "
+                            "large against its channel's step for the cpu target")
+    rest = codes.to(torch.int32)
+    planes, top = [], int(top)
     while True:
         planes.append((rest & U8_MAX).to(torch.uint8))
         rest = rest >> 8

@@ -18,6 +18,7 @@ from fxquant.errors import PassError
 from fxquant.lower.conv import INT32_MAX
 from fxquant.lower.daq import (
     CpuDaqConv2d,
+    add_border,
     DaqConv2d,
     DaqQuantize,
     ReferenceDaqConv2d,
@@ -274,6 +275,17 @@ def test_lowered_tiny_model_follows_fake_quant(tiny_sr, calib, recipe):
     assert float((y_cpu - y_fake).abs().max()) < 5e-2 * span
 
 
+def test_compiled_cpu_target_matches_eager(tiny_sr, calib):
+    """lower{target=cpu,compile=true}: Inductor compiles the statistics and codes (the convs,
+    with their per-image prepack, stay eager); the same codes up to rounding-boundary ties."""
+    fake = fxquant.compile(tiny_sr, "daq-w4a4", calib=calib)
+    x = torch.rand(1, 3, 16, 16)
+    eager = fxquant.lowered_copy(fake, "cpu")
+    compiled = fxquant.lowered_copy(fake, "cpu", compile=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), eager(x), rtol=1e-4, atol=1e-4)
+
+
 def test_lowered_daq_model_saves_and_loads(tiny_sr, calib, tmp_path):
     fake = fxquant.compile(tiny_sr, "daq-mp4", calib=calib)
     gm = fxquant.lowered_copy(fake, "reference")
@@ -322,3 +334,22 @@ def test_fan_in_beyond_the_onednn_bound_is_refused_on_cpu():
     assert fxquant.lowered_copy(fake, "reference") is not None  # float64 accumulation: fine
     with pytest.raises(PassError, match="fan-in 66600 can overflow oneDNN's int32"):
         fxquant.lowered_copy(fake, "cpu")
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 1000), st.sampled_from([1, 3, 5]), st.sampled_from([1, 2]),
+       st.sampled_from([1, 2]), st.integers(0, 3), st.integers(1, 9), st.integers(1, 9))
+def test_border_strips_equal_the_full_offset_plane(seed, k, s, d, p, h, w):
+    """cpu: the interior value in the bias plus :func:`add_border` on the strips equals the
+    full separable offset plane (float32, relative to Σ|V|)."""
+    if h + 2 * p - d * (k - 1) < 1 or w + 2 * p - d * (k - 1) < 1:
+        return
+    torch.manual_seed(seed)
+    layer = CpuDaqConv2d(4, 3, (k, k), (s, s), (p, p), (d, d), 1, False)
+    weight, offset = torch.randn(3, 4, k, k), torch.randn(2, 4, 1, 1)
+    full = layer.offset_term(offset, weight, (h, w))
+    v, rows, cols = layer.offset_taps(offset, weight, (h, w))
+    y = v.sum((2, 3))[:, :, None, None].expand_as(full).contiguous()
+    out = add_border(y, v, rows, cols)
+    tol = 1e-5 * float(v.abs().sum((2, 3)).max())
+    assert float((out - full).abs().max()) <= tol
