@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Callable
 
 from fxquant.errors import FxquantError
@@ -28,7 +28,9 @@ class QATConfig:
     (to 0 over ``steps``), ``step`` (× ``gamma`` every ``step_size`` steps) or ``constant``.
     ``eval_every = 0`` / ``checkpoint_every = 0`` turn periodic evaluation / checkpoints off
     (a final checkpoint is still written when there is an output folder).
-    ``regularizers`` are callables added to the loss (not saved; pass them again on resume).
+    ``regularizers`` are callables added to the loss and ``backward`` an optional callable
+    that sets the gradients itself (:mod:`fxquant.train.hooks`); neither is saved: pass
+    them again on resume.
     """
 
     steps: int = 1000
@@ -51,6 +53,7 @@ class QATConfig:
     checkpoint_every: int = 0
     log_every: int = 10
     regularizers: list[Callable[[Any], Any]] = field(default_factory=list)
+    backward: Callable[..., Any] | None = None
 
     def validate(self) -> "QATConfig":
         def need(ok: bool, name: str, valid: str) -> None:
@@ -80,25 +83,30 @@ class QATConfig:
              "name at least one training set under <data>/train, e.g. T91,General100")
         need(all(callable(r) for r in self.regularizers), "regularizers",
              "give callables taking a StepContext and returning a scalar tensor")
+        need(self.backward is None or callable(self.backward), "backward",
+             "give None or a callable (ctx, parts, params) that sets the gradients")
         return self
 
     def to_dict(self) -> dict:
         """Plain numbers, strings and lists (stored in checkpoints; regularizers by name)."""
-        out = {k: v for k, v in asdict(self).items() if k != "regularizers"}
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
         out["sets"] = list(self.sets)
         out["regularizers"] = regularizer_names(self.regularizers)
+        out["backward"] = regularizer_names([self.backward])[0] if self.backward else None
         return out
 
     @classmethod
-    def from_dict(cls, values: dict, regularizers: list | None = None) -> "QATConfig":
-        known = {f.name for f in fields(cls)} - {"regularizers"}
-        unknown = sorted(set(values) - known - {"regularizers"})
+    def from_dict(cls, values: dict, regularizers: list | None = None,
+                  backward: Callable[..., Any] | None = None) -> "QATConfig":
+        hooks = {"regularizers", "backward"}
+        known = {f.name for f in fields(cls)} - hooks
+        unknown = sorted(set(values) - known - hooks)
         if unknown:
             raise TrainError(f"unknown training settings {unknown}; valid: {sorted(known)}")
         kept = {k: v for k, v in values.items() if k in known}
         if "sets" in kept:
             kept["sets"] = tuple(kept["sets"])
-        return cls(**kept, regularizers=list(regularizers or [])).validate()
+        return cls(**kept, regularizers=list(regularizers or []), backward=backward).validate()
 
 
 def regularizer_names(regularizers: list) -> list[str]:

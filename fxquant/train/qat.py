@@ -11,17 +11,14 @@ quantizers' straight-through estimator. Each step::
     loss     = recon + Σ regularizer(ctx)            # the hook below
     loss.backward(); adam.step(); scheduler.step()   # steps kept positive afterwards
 
-**Regularizer hook** (ODM's v1/v2 terms and the like): ``config.regularizers`` is a list of
-callables ``r(ctx) -> scalar tensor`` added to the loss; ``ctx`` is a :class:`StepContext`
-(``model``: the graph being trained, ``lr``/``hr``: this rank's batch, ``output``,
-``teacher_output`` (None unless ``teacher_weight``), ``teacher_model``, ``recon_loss``
-(the tensor, still in the autograd graph: a cooperative regularizer may take
-``torch.autograd.grad(ctx.recon_loss, ..., retain_graph=True)`` to gate itself), ``step``,
-``config``). Features inside the graph are reached with forward hooks the regularizer
-registers itself. Optional attributes: ``name`` (logged; checked on resume) and
-``state_dict()``/``load_state_dict()`` (saved in checkpoints). Parameters that must train
-(offsets, clipping factors) belong in the graph (e.g. an ``inject-offsets`` pass): every
-parameter of the graph trains, and DDP synchronises only those.
+**Hooks** (ODM's v1/v2 terms and the like; details in :mod:`fxquant.train.hooks`):
+``config.regularizers`` are callables ``r(ctx) -> scalar tensor`` added to the loss, ``ctx``
+a :class:`StepContext` (``model``: the graph being trained, ``lr``/``hr``: this rank's
+batch, ``output``, ``teacher_output`` (None unless ``teacher_weight``), ``teacher_model``,
+``recon_loss`` (still in the autograd graph), ``step``, ``config``, ``params``,
+``average()``). ``config.backward``, when set, replaces ``loss.backward()``: it gets
+``(ctx, parts, params)`` and sets every ``p.grad`` itself (ODM's cooperative gradients);
+under DDP the trainer then averages the gradients over the ranks.
 
 The graph runs in eval mode throughout: BatchNorm uses its running statistics (which stay
 fixed) and no quantizer updates a buffer in fake-quant mode (only ``observe`` mode records
@@ -39,12 +36,12 @@ rank 0 logs, evaluates and writes files.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import math
 import os
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -65,33 +62,12 @@ from fxquant.train.checkpoint import (
 from fxquant.train.config import QATConfig, TrainError, regularizer_names
 from fxquant.train.data import PatchSampler
 from fxquant.train.distributed import World, setup
+from fxquant.train.hooks import StepContext, average_gradients, make_trainable
+
+__all__ = ["QATConfig", "QATTrainer", "StepContext", "TrainError", "train"]
 
 # settings a resumed run may change (they do not change what is trained)
 RESUME_MAY_CHANGE = ("eval_every", "eval_set", "eval_limit", "checkpoint_every", "log_every")
-
-
-@dataclass
-class StepContext:
-    model: fx.GraphModule
-    lr: torch.Tensor
-    hr: torch.Tensor
-    output: torch.Tensor
-    teacher_output: torch.Tensor | None
-    teacher_model: nn.Module
-    recon_loss: torch.Tensor
-    step: int
-    config: QATConfig
-
-
-def make_trainable(gm: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """Every parameter of ``gm`` trainable, quantizers' static parameters made Parameters;
-    returns (weights, quantizer parameters), each in ``named_parameters`` order."""
-    quant = {id(p) for m in gm.modules() if isinstance(m, Quantizer)
-             for p in m.trainable_parameters()}
-    params = list(gm.parameters())
-    for p in params:
-        p.requires_grad_(True)
-    return [p for p in params if id(p) not in quant], [p for p in params if id(p) in quant]
 
 
 def _scheduler(optimizer: torch.optim.Optimizer, config: QATConfig):
@@ -146,6 +122,7 @@ class QATTrainer:
                   if g["params"]]
         if not groups:
             raise TrainError("the compiled model has no parameters to train")
+        self.params = [p for g in groups for p in g["params"]]
         self.positive = [m for m in gm.modules() if isinstance(m, UniformQuantizer)]
         self.optimizer = torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = _scheduler(self.optimizer, config)
@@ -170,9 +147,13 @@ class QATTrainer:
                 "step": self.step, "metrics": copy.deepcopy(self.metrics),
                 "best_psnr": self.best_psnr, "config": self.config.to_dict(),
                 "world_size": self.world.size,
-                "regularizers": {n: r.state_dict() for n, r in
-                                 zip(regularizer_names(self.config.regularizers),
-                                     self.config.regularizers) if hasattr(r, "state_dict")}}
+                "regularizers": {n: r.state_dict() for n, r in self._hooks()
+                                 if hasattr(r, "state_dict")}}
+
+    def _hooks(self) -> list[tuple[str, Any]]:
+        hooks = list(self.config.regularizers)
+        hooks += [self.config.backward] if self.config.backward is not None else []
+        return list(zip(regularizer_names(hooks), hooks))
 
     def save_checkpoint(self, path: str | os.PathLike) -> None:
         write_checkpoint(path, self.checkpoint())
@@ -193,13 +174,14 @@ class QATTrainer:
         self.step, self.best_psnr = int(payload["step"]), float(payload["best_psnr"])
         self.metrics = copy.deepcopy(payload["metrics"])
         states = payload.get("regularizers") or {}
-        for name, r in zip(regularizer_names(self.config.regularizers), self.config.regularizers):
+        for name, r in self._hooks():
             if name in states and hasattr(r, "load_state_dict"):
                 r.load_state_dict(states[name])
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, float_model: nn.Module, *,
-                        regularizers: list | None = None, changes: dict | None = None,
+                        regularizers: list | None = None, backward: Any = None,
+                        changes: dict | None = None,
                         **kwargs) -> "QATTrainer":
         """A trainer that continues the run saved at ``path``: the graph rebuilt on a copy of
         ``float_model`` and every state loaded. ``changes``: new values of
@@ -210,12 +192,11 @@ class QATTrainer:
         if refused:
             raise TrainError(f"cannot change {refused} when resuming {path}; only "
                              f"{', '.join(RESUME_MAY_CHANGE)} may change")
-        config = QATConfig.from_dict({**payload["config"], **changes}, regularizers)
-        names = regularizer_names(config.regularizers)
-        if names != payload["config"].get("regularizers", []):
-            raise TrainError(f"{path} was trained with regularizers "
-                             f"{payload['config'].get('regularizers')}; pass the same ones "
-                             f"again (got {names})")
+        config = QATConfig.from_dict({**payload["config"], **changes}, regularizers, backward)
+        for key, now in config.to_dict().items():
+            if key in ("regularizers", "backward") and now != payload["config"].get(key):
+                raise TrainError(f"{path} was trained with {key} {payload['config'].get(key)}; "
+                                 f"pass the same again (got {now})")
         gm = rebuild(payload["compiled"], float_model, str(path))
         info = payload["compiled"]["model"]
         kwargs.setdefault("model_info", {"model_name": info.get("name"),
@@ -232,7 +213,9 @@ class QATTrainer:
         lr, hr = self.sampler.sample(config.batch_size, self.generator, lo, hi)
         lr, hr = lr.to(self.world.device), hr.to(self.world.device)
         self.optimizer.zero_grad(set_to_none=True)
-        with torch.enable_grad():
+        custom = config.backward is not None
+        with torch.enable_grad(), (self.net.no_sync() if custom and self.world.distributed
+                                   else contextlib.nullcontext()):
             output = self.student(lr)
             recon = (output - hr).abs().mean()
             parts = {"recon": recon}
@@ -242,7 +225,7 @@ class QATTrainer:
                     teacher_output = self.teacher_fn(lr)
                 parts["teacher"] = config.teacher_weight * (output - teacher_output).abs().mean()
             ctx = StepContext(self.gm, lr, hr, output, teacher_output, self.teacher, recon,
-                              self.step, config)
+                              self.step, config, self.world.size, self.params)
             for name, reg in zip(regularizer_names(config.regularizers), config.regularizers):
                 parts[name] = reg(ctx)
             loss = sum(parts.values())
@@ -250,10 +233,14 @@ class QATTrainer:
                 raise TrainError(f"the loss became {float(loss.detach())} at step {self.step} "
                                  f"({', '.join(f'{k}={float(v.detach()):.4g}' for k, v in parts.items())}); "
                                  f"lower --lr (now {config.lr})")
-            loss.backward()
+            logged = {}
+            if custom:
+                logged = config.backward(ctx, parts, self.params) or {}
+                average_gradients(self.params, self.world.size)
+            else:
+                loss.backward()
         if config.grad_clip:
-            torch.nn.utils.clip_grad_norm_([p for g in self.optimizer.param_groups
-                                            for p in g["params"]], config.grad_clip)
+            torch.nn.utils.clip_grad_norm_(self.params, config.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         with torch.no_grad():  # steps stay positive (clipping bounds ordered)
@@ -261,7 +248,8 @@ class QATTrainer:
                 if isinstance(q.scale, nn.Parameter):
                     q.scale.clamp_(min=1e-8)
         self.step += 1
-        return {"loss": loss.detach(), **{k: v.detach() for k, v in parts.items()}}
+        return {"loss": loss.detach(), **{k: v.detach() for k, v in parts.items()},
+                **{k: torch.as_tensor(float(v)) for k, v in logged.items()}}
 
     def _mean_over_ranks(self, values: dict[str, torch.Tensor]) -> dict[str, float]:
         stacked = torch.stack([v.float().reshape(()) for v in values.values()])

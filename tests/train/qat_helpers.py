@@ -61,3 +61,23 @@ def config(**changes) -> QATConfig:
     values = dict(steps=8, batch_size=4, patch=8, lr=2e-3, log_every=2, seed=3)
     values.update(changes)
     return QATConfig(**values)
+
+
+class ReconOnly:
+    """A ``backward`` hook: the gradient of the reconstruction term alone (whatever the
+    regularizers add), averaged over the ranks first when ``average``."""
+
+    name = "recon-only"
+
+    def __init__(self, average: bool = False):
+        self.average, self.calls = average, 0
+
+    def __call__(self, ctx, parts, params):
+        self.calls += 1
+        grads = torch.autograd.grad(parts["recon"], params, allow_unused=True)
+        grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+        if self.average:
+            grads = ctx.average(grads)
+        for p, g in zip(params, grads):
+            p.grad = g
+        return {"hooked": float(self.calls)}

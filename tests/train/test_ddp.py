@@ -1,6 +1,7 @@
 """DDP: ``torchrun --nproc_per_node 2 --standalone`` (gloo) trains the tiny model for a few
 steps; every parameter and buffer is identical on both ranks, and matches a single-process
-run on the same global batch up to float summation order. Rank 0 alone writes the run
+run on the same global batch up to float summation order, with DDP's own gradient
+averaging and with a ``backward`` hook's gradients averaged by the trainer. Rank 0 alone writes the run
 folder, and its logged loss is the mean over ranks (the global batch's loss)."""
 
 from __future__ import annotations
@@ -48,6 +49,11 @@ def test_two_ranks_agree_with_each_other_and_with_one_process(tmp_path):
     # margin over the drift and is 2000x below one step's movement.
     worst = max(float((a[k].float() - ref[k].float()).abs().max()) for k in ref)
     assert worst < 1e-6, worst
+    # a backward hook (gradients set by the hook, then averaged by the trainer) too
+    hooked = [torch.load(tmp_path / f"rank{r}-hook.pt", weights_only=True)["state"]
+              for r in (0, 1)]
+    assert all(torch.equal(hooked[0][k], hooked[1][k]) for k in ref)
+    assert max(float((hooked[0][k] - ref[k]).abs().max()) for k in ref) < 1e-6
     losses = [r["loss"] for r in ranks[0]["metrics"]]
     assert losses == pytest.approx([r["loss"] for r in single.metrics], rel=1e-5)
     assert ranks[1]["metrics"] == []  # rank 1 keeps no log

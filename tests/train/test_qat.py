@@ -17,7 +17,7 @@ from fxquant.train.config import QATConfig, TrainError
 from fxquant.train.distributed import World
 from fxquant.train.qat import QATTrainer, StepContext
 
-from qat_helpers import compiled, config, float_model, sampler
+from qat_helpers import ReconOnly, compiled, config, float_model, sampler
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -138,6 +138,24 @@ def test_regularizers_add_to_the_loss_and_their_state_is_saved(tmp_path):
         sum(s.sum() for s in scales(plain).values())
     with pytest.raises(TrainError, match=r"regularizers \['scale-sum'\]; pass the same"):
         QATTrainer.from_checkpoint(tmp_path / "c.ckpt", model, sampler=sampler(), scale=2)
+
+
+def test_a_backward_hook_sets_the_gradients_itself():
+    """A hook that keeps only the reconstruction gradient trains exactly like a run without
+    the regularizer; the regularizer's value is still logged, and so is the hook's output."""
+    model = float_model()
+    plain = QATTrainer(compiled(model), model, config(log_every=1), sampler=sampler(), scale=2)
+    plain.run()
+    hook = ReconOnly()
+    hooked = QATTrainer(compiled(model), model,
+                        config(log_every=1, regularizers=[ScaleRegularizer()], backward=hook),
+                        sampler=sampler(), scale=2)
+    hooked.run()
+    a, b = plain.gm.state_dict(), hooked.gm.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert [r["hooked"] for r in hooked.metrics] == [1.0 * i for i in range(1, 9)]
+    assert all(r["scale-sum"] > 0 for r in hooked.metrics)
+    assert hooked.config.to_dict()["backward"] == "recon-only"
 
 
 @pytest.mark.parametrize("change, match", [
