@@ -116,8 +116,7 @@ class _ConvFn(torch.autograd.Function):
                                    _const(g, torch.zeros(out, dtype=torch.int32)), axis_i=0))
             return g.op("Conv", *inputs, **_conv_attrs(conv, conv.groups))
         # uint8 weights k + 128 with zero point 128: the same products, and ONNX Runtime's
-        # ConvInteger runs u8 × u8 3.7x faster than u8 × s8 (64→64 3×3 at 128², 2 threads:
-        # 6.1 against 22.3 ms)
+        # ConvInteger runs u8 × u8 3-4x faster than u8 × s8 (tools/bench_ort_conv.py)
         x_zp = _const(g, conv.input_zero_point.to(torch.uint8).reshape(()))
         weights = (conv.weight_codes.to(torch.int16) + 128).to(torch.uint8)
         acc = g.op("ConvInteger", codes, _const(g, weights), x_zp,
