@@ -62,7 +62,7 @@ def test_declaring_the_leaf_makes_it_trace_and_run_like_the_model():
 def test_leaf_by_class_name_through_a_recipe():
     model = NeedsLeaf().eval()
     recipe = {"tracing": {"leaf_modules": ["DataDependentPad"]}}
-    gm = compile(model, recipe, calib=torch.rand(4, 3, 8, 8))
+    gm = compile(model, recipe, calib=torch.rand(4, 3, 8, 8), allow_unquantized=True)  # two convs: first/last stay float
     assert "pad" in {n.target for n in gm.graph.nodes if n.op == "call_module"}
 
 
