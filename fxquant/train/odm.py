@@ -30,6 +30,12 @@ MODES = ("v1", "v2")
 GRANULARITIES = ("global", "tensor")
 
 
+def static_quantizers(model: nn.Module) -> list[Quantizer]:
+    """The activation quantizers with a static range (weight quantizers excluded)."""
+    return [m for name, m in model.named_modules() if isinstance(m, Quantizer)
+            and not name.endswith("weight_quantizer") and quantizer_range(m) is not None]
+
+
 class FeatureTap:
     """``with FeatureTap(model) as tap: out = model(x)`` leaves ``tap.features``: the input
     of every static activation quantizer (those with a range), in call order, with ``tap.
@@ -42,10 +48,7 @@ class FeatureTap:
         self._handles = []
 
     def __enter__(self) -> "FeatureTap":
-        for name, module in self.model.named_modules():
-            if isinstance(module, Quantizer) and not name.endswith("weight_quantizer") \
-                    and quantizer_range(module) is not None:
-                self._handles.append(module.register_forward_pre_hook(self._hook))
+        self._handles = [m.register_forward_pre_hook(self._hook) for m in static_quantizers(self.model)]
         return self
 
     def _hook(self, module, args) -> None:
@@ -81,10 +84,12 @@ def mismatch_loss(features: Sequence[torch.Tensor], quantizers: Sequence[Quantiz
 
 def cooperative_gradients(recon_loss: torch.Tensor, reg_loss: torch.Tensor,
                           params: Sequence[torch.Tensor], *, mode: str = "v2",
-                          weight: float = 1e-5, granularity: str = "global") -> dict:
+                          weight: float = 1e-5, granularity: str = "global",
+                          average=None) -> dict:
     """Set ``p.grad`` of every parameter to the cooperative combination of the two losses'
     gradients (module docstring); returns ``{"agreement": ...}`` (v1: the fraction of
-    agreeing signs; v2: the similarity ``(cos + 1)/2``) for logging."""
+    agreeing signs; v2: the similarity ``(cos + 1)/2``) for logging. ``average`` (DDP: the
+    step context's mean over ranks) makes both gradients global before they are compared."""
     if mode not in MODES or granularity not in GRANULARITIES:
         raise ValueError(f"mode must be one of {MODES} and granularity one of {GRANULARITIES}")
     params = list(params)
@@ -92,6 +97,8 @@ def cooperative_gradients(recon_loss: torch.Tensor, reg_loss: torch.Tensor,
     g_m = torch.autograd.grad(reg_loss, params, allow_unused=True)
     g_r = [torch.zeros_like(p) if g is None else g for p, g in zip(params, g_r)]
     g_m = [torch.zeros_like(p) if g is None else g for p, g in zip(params, g_m)]
+    if average is not None:
+        g_r, g_m = average(g_r), average(g_m)
     if mode == "v1":
         agree = [torch.sign(a) == torch.sign(b) for a, b in zip(g_r, g_m)]
         combined = [a + weight * b * m for a, b, m in zip(g_r, g_m, agree)]
@@ -117,3 +124,58 @@ def _cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     if not norm > 0:
         return a.new_zeros(())
     return torch.clamp((a @ b) / norm, -1.0, 1.0)  # rounding can leave |cos| a hair above 1
+
+
+class ODMRegularizer:
+    """The ``regularizers`` hook of ``fxquant train`` (fxquant/train/hooks.py): collects the
+    static activation quantizers' inputs during each training forward (hooks installed once,
+    features kept only while gradients are on) and returns v1's ``L_V`` or v2's ``L_M``."""
+
+    def __init__(self, model: nn.Module, version: str):
+        if version not in MODES:
+            raise ValueError(f"ODM version '{version}' unknown; valid: {', '.join(MODES)}")
+        self.version = version
+        self.name = "odm_variance" if version == "v1" else "odm_mismatch"
+        self.features: list[torch.Tensor] = []
+        self.quantizers: list[Quantizer] = []
+        self.handles = [m.register_forward_pre_hook(self._keep) for m in static_quantizers(model)]
+
+    def _keep(self, module, args) -> None:
+        if torch.is_grad_enabled():  # training forwards only, not evaluation
+            self.features.append(args[0])
+            self.quantizers.append(module)
+
+    def __call__(self, ctx) -> torch.Tensor:
+        features, quantizers = self.features, self.quantizers
+        self.features, self.quantizers = [], []
+        if not features:
+            return ctx.recon_loss.new_zeros(())
+        loss = variance_loss if self.version == "v1" else mismatch_loss
+        return loss(features, quantizers)
+
+
+class CooperativeBackward:
+    """The ``backward`` hook: the reconstruction terms' gradient plus the regularizer's,
+    cooperatively combined (:func:`cooperative_gradients`)."""
+
+    name = "odm_cooperative"
+
+    def __init__(self, regularizer: ODMRegularizer, weight: float, granularity: str = "global"):
+        self.regularizer, self.weight, self.granularity = regularizer, weight, granularity
+
+    def __call__(self, ctx, parts: dict, params) -> dict:
+        recon = sum(v for k, v in parts.items() if k != self.regularizer.name)
+        reg = parts[self.regularizer.name]
+        if not reg.requires_grad:  # no feature this step: plain reconstruction
+            for p, g in zip(params, torch.autograd.grad(recon, params, allow_unused=True)):
+                p.grad = torch.zeros_like(p) if g is None else g
+            return {"agreement": float("nan")}
+        return cooperative_gradients(recon, reg, params, mode=self.regularizer.version,
+                                     weight=self.weight, granularity=self.granularity,
+                                     average=ctx.average)
+
+
+def odm_hooks(model: nn.Module, options) -> tuple[list, CooperativeBackward]:
+    """``(regularizers, backward)`` for ``fxquant train`` from a recipe's ODMOptions."""
+    regularizer = ODMRegularizer(model, options.version)
+    return [regularizer], CooperativeBackward(regularizer, options.reg_weight, options.granularity)

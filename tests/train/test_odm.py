@@ -93,3 +93,27 @@ def test_a_training_step_with_v2_runs_through_a_compiled_model(tiny_sr):
     cooperative_gradients(recon, mismatch_loss(tap.features, tap.quantizers), params)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in params)
     assert any(float(p.grad.abs().sum()) > 0 for p in params)
+
+
+@pytest.mark.parametrize("version", ["v1", "v2"])
+def test_the_train_hooks_regularize_training_forwards_only(tiny_sr, version):
+    from types import SimpleNamespace
+
+    from fxquant.passes.inject_offsets import ODMOptions
+    from fxquant.train.odm import odm_hooks
+
+    gm = quantized(tiny_sr)
+    (regularizer,), backward = odm_hooks(gm, ODMOptions(version=version, reg_weight=0.1))
+    with torch.no_grad():
+        gm(torch.rand(2, 3, 8, 8))  # an evaluation forward: nothing kept
+    assert regularizer.features == []
+    x = torch.rand(2, 3, 8, 8)
+    out = gm(x)
+    recon = (out - tiny_sr(x).detach()).abs().mean()
+    ctx = SimpleNamespace(recon_loss=recon, average=lambda ts: ts)
+    reg = regularizer(ctx)
+    assert reg.requires_grad and float(reg.detach()) > 0 and regularizer.features == []
+    params = [p for p in gm.parameters() if p.requires_grad]
+    info = backward(ctx, {"recon": recon, regularizer.name: reg}, params)
+    assert 0.0 <= info["agreement"] <= 1.0
+    assert all(p.grad is not None for p in params)
