@@ -267,12 +267,26 @@ def test_lowered_tiny_model_follows_fake_quant(tiny_sr, calib, recipe):
     for name, rel, _ in daq_layer_agreement(fake, ref, [x]):
         assert rel < 1e-5, (name, rel)
     for name, rel, _ in daq_layer_agreement(fake, cpu, [x]):
-        assert rel < 0.05, (name, rel)  # int8 requantization of the folded weights
+        assert rel < 0.05, (name, rel)  # one int8 plane of the per-image folded weights
     with torch.no_grad():
         y_fake, y_ref, y_cpu = fake(x), ref(x), cpu(x)
     span = float(y_fake.max() - y_fake.min())
     assert float((y_ref - y_fake).abs().max()) < 1e-4 * span
     assert float((y_cpu - y_fake).abs().max()) < 5e-2 * span
+
+
+def test_one_weight_plane_is_the_lossy_requantization(tiny_sr, calib):
+    """One int8 plane of the per-image folded weights (default): a few per cent of a layer's
+    range; a second plane for the residual brings it to ~1e-5."""
+    fake = fxquant.compile(tiny_sr, "daq-w4a4", calib=calib)
+    cpu = fxquant.lowered_copy(fake, "cpu")
+    x = torch.rand(2, 3, 12, 10)
+    one = max(rel for _, rel, _ in daq_layer_agreement(fake, cpu, [x]))
+    for m in cpu.modules():
+        if isinstance(m, CpuDaqConv2d):
+            m.weight_planes = 2
+    two = max(rel for _, rel, _ in daq_layer_agreement(fake, cpu, [x]))
+    assert two < 1e-3 < one < 0.05
 
 
 def test_compiled_cpu_target_matches_eager(tiny_sr, calib):
