@@ -73,7 +73,7 @@ def build_parser(p: argparse.ArgumentParser) -> None:
                    help="write last.ckpt every N steps (it is always written at the end)")
     p.add_argument("--log-every", type=positive_int, default=10)
     p.add_argument("--device", choices=("cpu", "cuda"),
-                   help="default: cuda under torchrun when available, else cpu")
+                   help="default: cuda when available (one GPU per torchrun rank), else cpu")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object")
 
@@ -145,6 +145,7 @@ def run(args: argparse.Namespace) -> int:
         trainer.run()
         if world.is_main:
             _summary(trainer, args)
+        trainer.release()
     finally:
         world.close()
     return 0

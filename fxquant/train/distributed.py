@@ -41,16 +41,19 @@ class World:
             dist.barrier()
 
     def close(self) -> None:
+        """Wait for every rank, then end the process group (when this module started it).
+        Release DDP-wrapped models first (``QATTrainer.release``)."""
         if self.started_here and dist.is_initialized():
+            dist.barrier()
             dist.destroy_process_group()
 
 
 def setup(device: str | None = None) -> World:
-    """The world this process is in: under torchrun (``WORLD_SIZE`` > 1) the process group is
-    initialised (``backend``: nccl when CUDA is used, else gloo) unless it already is."""
+    """The world this process is in, on ``device`` (default: CUDA when available, one GPU
+    per rank by ``LOCAL_RANK``, else the CPU): under torchrun (``WORLD_SIZE`` > 1) the
+    process group is initialised (nccl on CUDA, gloo on the CPU) unless it already is."""
     size = int(os.environ.get("WORLD_SIZE", "1"))
-    use_cuda = device == "cuda" or (device is None and torch.cuda.is_available() and size > 1
-                                    and os.environ.get("FXQUANT_TRAIN_DEVICE") != "cpu")
+    use_cuda = device == "cuda" or (device is None and torch.cuda.is_available())
     if device not in (None, "cpu", "cuda"):
         raise TrainError(f"device {device!r} is invalid; valid: cpu, cuda")
     if use_cuda and not torch.cuda.is_available():

@@ -38,10 +38,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
 import json
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -133,7 +135,10 @@ class QATTrainer:
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.world.device] if self.world.device.type == "cuda" else None
-            self.net = DistributedDataParallel(gm, device_ids=ids, broadcast_buffers=False)
+            with warnings.catch_warnings():  # newer torch: "use forward_sync_buffers"
+                warnings.filterwarnings("ignore", ".*broadcast_buffers", FutureWarning)
+                # no buffer changes while training (module docstring): nothing to broadcast
+                self.net = DistributedDataParallel(gm, device_ids=ids, broadcast_buffers=False)
         self.student = _runner(self.net, spec, scale)
         self.teacher_fn = _runner(self.teacher, spec, scale)
         self.tensorboard = None
@@ -268,6 +273,8 @@ class QATTrainer:
         bar = tqdm(total=config.steps, initial=self.step, desc="train", leave=False,
                    disable=not (self.progress and main))
         started = time.perf_counter()
+        if self.step == 0 and not self.metrics and self.evaluate is not None and config.eval_every:
+            self._run_evaluation()  # the PTQ start, to compare with
         while self.step < end:
             values = self.train_step()
             bar.update(1)
@@ -297,6 +304,14 @@ class QATTrainer:
             self.tensorboard.flush()
         return self.gm
 
+    def release(self) -> None:
+        """Drop the DDP wrapper (its reducer holds the process group): call before the
+        process group is destroyed, or a rank can hang freeing it afterwards."""
+        if self.net is not self.gm:
+            self.net = self.gm
+            self.student = _runner(self.gm, self.spec, self.scale)
+            gc.collect()
+
     def finish(self) -> None:
         """The result static again: quantizer parameters frozen, non-uniform levels sorted
         and back on their grid (as after the ``reconstruct`` pass)."""
@@ -311,7 +326,8 @@ class QATTrainer:
     def _evaluate_set(self, gm: fx.GraphModule) -> dict:
         from fxquant.workflow import evaluate_sets
 
-        score = evaluate_sets(_runner(gm, self.spec, self.scale), self.spec, self.scale,
+        run, device = _runner(gm, self.spec, self.scale), self.world.device
+        score = evaluate_sets(lambda x: run(x.to(device)).cpu(), self.spec, self.scale,
                               [self.config.eval_set], data_root=self.data_root,
                               limit=self.config.eval_limit)[self.config.eval_set]
         return {"psnr": float(score.psnr), "ssim": float(score.ssim)}

@@ -33,10 +33,12 @@ def main(out: Path) -> None:
     torch.save({"rank": world.rank, "world": world.size, "device": str(world.device),
                 "state": trainer.gm.state_dict(), "metrics": trainer.metrics},
                out / f"rank{world.rank}.pt")
+    trainer.release()
     hooked = QATTrainer(compiled(model), model, settings(backward=ReconOnly(average=True)),
                         sampler=sampler(), scale=2, world=world)
     hooked.run()
     torch.save({"state": hooked.gm.state_dict()}, out / f"rank{world.rank}-hook.pt")
+    hooked.release()
     world.close()
 
 
