@@ -101,8 +101,8 @@ class QATTrainer:
         if not isinstance(gm, fx.GraphModule) or not hasattr(gm, "fxquant_recipe"):
             raise TrainError("train takes a compiled model (the GraphModule fxquant.compile "
                              f"or fxquant.load returns), got {type(gm).__name__}")
-        if gm is float_model or any(p is q for p in gm.parameters()
-                                    for q in float_model.parameters()):
+        floats = {id(p) for p in float_model.parameters()}
+        if gm is float_model or any(id(p) in floats for p in gm.parameters()):
             raise TrainError("the compiled model shares parameters with the float model; "
                              "compile a copy (fxquant.compile copies the network it is given)")
         self.config = config.validate()

@@ -199,3 +199,43 @@ def test_step_schedule_multiplies_the_rate():
     assert [r["lr"] for r in trainer.metrics] == pytest.approx(
         [2e-3, 1e-3, 1e-3, 5e-4, 5e-4])
     assert trainer.optimizer.param_groups[1]["lr"] == pytest.approx(10 * 5e-4)
+
+
+def test_train_function_and_tensorboard_when_installed(tmp_path, monkeypatch):
+    """``train()`` trains in place and returns the graph; with a SummaryWriter importable
+    the logged scalars go to it (faked here: tensorboard is optional)."""
+    import sys
+    import types
+
+    from fxquant.train.qat import train
+
+    written = []
+
+    class Writer:
+        def __init__(self, folder):
+            written.append(("folder", folder))
+
+        def add_scalar(self, key, value, step):
+            written.append((key, step))
+
+        def flush(self):
+            written.append(("flush", None))
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard",
+                        types.SimpleNamespace(SummaryWriter=Writer))
+    model = float_model()
+    gm = compiled(model)
+    before = gm.head.weight.detach().clone()
+    out = train(gm, model, config(steps=4, log_every=2), scale=2, sampler=sampler(),
+                out_dir=tmp_path, world=World())
+    assert out is gm and not torch.equal(gm.head.weight, before)
+    assert written[0] == ("folder", str(tmp_path / "tensorboard"))
+    assert ("loss", 2) in written and ("recon", 4) in written and written[-1][0] == "flush"
+
+
+def test_config_round_trips_through_its_dict():
+    settings = config(schedule="step", sets=("T91",), eval_limit=3)
+    again = QATConfig.from_dict(settings.to_dict())
+    assert again.to_dict() == settings.to_dict() and again.sets == ("T91",)
+    with pytest.raises(TrainError, match=r"unknown training settings \['bogus'\]"):
+        QATConfig.from_dict({**settings.to_dict(), "bogus": 1})
