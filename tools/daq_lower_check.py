@@ -5,8 +5,8 @@ versions of each zoo model × DAQ preset, per-layer agreement, and the largest i
         [--recipes daq-w4a4,daq-mp4] [--json out.json] [--write docs/lowering.md]
 
 Both lowered targets are built from the same fake-quant model (``fxquant.lowered_copy``), so
-any difference is the lowered execution alone; ``cpu`` is scored with its default one int8
-plane of the per-image folded weights and with two (``CpuDaqConv2d.weight_planes = 2``). Per layer, each lowered codes+conv pair is run
+any difference is the lowered execution alone; ``cpu`` is scored with its default two int8
+planes of the per-image folded weights and with one (``CpuDaqConv2d.weight_planes = 1``). Per layer, each lowered codes+conv pair is run
 on the raw input its fake-quant quantizer saw (first two Set5 images) and compared with the
 fake-quant conv's output, relative to that output's largest magnitude. The largest code is
 over those probes and the whole Set5 run of the ``reference`` model (the unclipped post-ReLU
@@ -38,10 +38,10 @@ def check(model: str, scale: int, recipe: str, data: str | None) -> dict:
     zoo = prepare(model, scale, recipe, data_root=data)
     fake = zoo.quant_model
     lowered = {t: fxquant.lowered_copy(fake, t) for t in ("reference", "cpu")}
-    lowered["cpu2"] = fxquant.lowered_copy(fake, "cpu")  # two int8 weight planes
-    for m in lowered["cpu2"].modules():
+    lowered["cpu1"] = fxquant.lowered_copy(fake, "cpu")  # one int8 weight plane
+    for m in lowered["cpu1"].modules():
         if isinstance(m, CpuDaqConv2d):
-            m.weight_planes = 2
+            m.weight_planes = 1
     to_input = to_y_tensor if zoo.spec.color == "y" else to_tensor
     probes = [to_input(p.lr) for p in BenchmarkSet("Set5", scale, root=data, limit=2)]
     row = {"model": model, "scale": scale, "recipe": recipe}
@@ -69,18 +69,18 @@ def render(rows: list[dict], command: str, section: str = SECTION) -> str:
              "of that layer (first two Set5 images). Largest relu code: the largest unclipped "
              "post-ReLU code q = round(x/Δ) over the whole Set5 run (layers above 255 / "
              "post-ReLU layers).", "",
-             "| model | recipe | DAQ convs | fake-quant | reference | cpu | cpu, 2 weight planes "
-             "| Δ ref − fake | Δ cpu − fake | Δ cpu 2-plane − fake "
-             "| max layer diff ref / cpu / cpu 2-plane | largest relu code (layers > 255) |",
+             "| model | recipe | DAQ convs | fake-quant | reference | cpu | cpu, 1 weight plane "
+             "| Δ ref − fake | Δ cpu − fake | Δ cpu 1-plane − fake "
+             "| max layer diff ref / cpu / cpu 1-plane | largest relu code (layers > 255) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
             f"| {r['model']} ×{r['scale']} | {r['recipe']} | {r['layers']} | "
             f"{r['fake_psnr']:.4f} | {r['reference_psnr']:.4f} | {r['cpu_psnr']:.4f} | "
-            f"{r['cpu2_psnr']:.4f} | "
+            f"{r['cpu1_psnr']:.4f} | "
             f"{r['reference_psnr'] - r['fake_psnr']:+.4f} | {r['cpu_psnr'] - r['fake_psnr']:+.4f} | "
-            f"{r['cpu2_psnr'] - r['fake_psnr']:+.4f} | "
-            f"{r['reference_max_rel']:.1e} / {r['cpu_max_rel']:.1e} / {r['cpu2_max_rel']:.1e} | "
+            f"{r['cpu1_psnr'] - r['fake_psnr']:+.4f} | "
+            f"{r['reference_max_rel']:.1e} / {r['cpu_max_rel']:.1e} / {r['cpu1_max_rel']:.1e} | "
             f"{r['relu_max_code']} ({r['relu_over_255']}/{r['relu_layers']}) |")
     return "\n".join(lines) + "\n"
 
