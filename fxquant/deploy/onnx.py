@@ -36,6 +36,7 @@ current runtime (ONNX Runtime, TensorRT 8+, OpenVINO).
 
 from __future__ import annotations
 
+import copy
 import io
 import os
 import warnings
@@ -50,7 +51,7 @@ from fxquant.files import atomic_write_bytes
 from fxquant.lower.codebook import CodebookQuantize
 from fxquant.lower.conv import IntegerQuantize, ReferenceConv2d
 from fxquant.lower.guard import InputGuard
-from fxquant.quant import Quantizer, UniformQuantizer
+from fxquant.quant import QuantConv2d, Quantizer, UniformQuantizer
 
 OPSET = 13
 FORMS = ("integer", "qdq", "fake-quant")
@@ -286,14 +287,23 @@ def _constants_to_initializers(model) -> None:
 
 
 def fake_quant_graph(gm: fx.GraphModule) -> fx.GraphModule:
-    """The fake-quant model as it is (form ``fake-quant``), after the same input checks."""
+    """A copy of the fake-quant model (form ``fake-quant``) whose weights are their fake-quant
+    values, computed here by torch, with the weight quantizers switched off: the weights are
+    constants, and the exporter's own translation of a weight quantizer's statistics (DAQ's
+    per-tensor std) moved one IMDN weight across a rounding boundary."""
     if not hasattr(gm, "fxquant_recipe"):
         raise ExportError("export takes a model compiled by fxquant.compile (or fxquant.load); "
                           f"got a {type(gm).__name__} without a recipe")
     if getattr(gm, "fxquant_lowered", None):
         raise ExportError(f"the model is already lowered (target '{gm.fxquant_lowered}'); export "
                           "the fake-quant model it was lowered from")
-    return gm
+    module = copy.deepcopy(gm)
+    with torch.no_grad():
+        for conv in module.modules():
+            if isinstance(conv, QuantConv2d) and conv.weight_quantizer.quant_mode == "fake-quant":
+                conv.weight.copy_(conv.weight_quantizer(conv.weight))
+                conv.weight_quantizer.quant_mode = "off"
+    return module
 
 
 def to_onnx(gm: fx.GraphModule, example_inputs: tuple | None = None, *, form: str = "integer",
