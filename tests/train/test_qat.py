@@ -239,3 +239,32 @@ def test_config_round_trips_through_its_dict():
     assert again.to_dict() == settings.to_dict() and again.sets == ("T91",)
     with pytest.raises(TrainError, match=r"unknown training settings \['bogus'\]"):
         QATConfig.from_dict({**settings.to_dict(), "bogus": 1})
+
+
+@pytest.mark.parametrize("recipe", ["i2nq-w4a4", "daq-w4a4"])
+def test_other_quantizer_kinds_train_and_still_lower(recipe):
+    """Non-uniform levels train and return to their grid (as after ``reconstruct``); DAQ
+    (no static quantizer parameters) trains its weights alone; both lower afterwards."""
+    from fxquant.quant import QuantConv2d
+    from fxquant.quant.nonuniform import NonUniformQuantizer
+
+    model = float_model()
+    gm = compiled(model, recipe)
+    before = {k: v.clone() for k, v in gm.state_dict().items()}
+    trainer = QATTrainer(gm, model, config(), sampler=sampler(), scale=2)
+    trainer.run()
+    assert trainer.metrics[-1]["loss"] < trainer.metrics[0]["loss"]
+    convs = [n for n, m in gm.named_modules() if isinstance(m, QuantConv2d)]
+    assert all(not torch.equal(gm.state_dict()[f"{n}.weight"], before[f"{n}.weight"])
+               for n in convs)
+    levels = [n for n, m in gm.named_modules() if isinstance(m, NonUniformQuantizer)]
+    for n in levels:
+        q = gm.get_submodule(n)
+        q.check()  # sorted, strictly increasing, on its grid
+        assert not q.levels.requires_grad
+    assert (recipe == "daq-w4a4") == (not levels)
+    assert not levels or any(not torch.equal(gm.state_dict()[f"{n}.levels"],
+                                             before[f"{n}.levels"]) for n in levels)
+    x = torch.rand(1, 3, 10, 10, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert fxquant.lowered_copy(gm, "reference")(x).shape == (1, 3, 20, 20)
