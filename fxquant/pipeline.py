@@ -30,6 +30,9 @@ class PassResult:
     graph_module: fx.GraphModule
     modified: bool
     info: dict = field(default_factory=dict)
+    # the pass as the pipeline should record it when its choices came from data (e.g.
+    # inject-offsets' chosen sites): a saved model then rebuilds without calibration data
+    resolved: Any = None
 
 
 @dataclass
@@ -221,6 +224,10 @@ class PassManager:
                 raise PassError(p.name, f"{type(exc).__name__}: {exc}",
                                 previous=tuple(done)) from exc
             current = result.graph_module
+            if result.resolved is not None:
+                passes[index] = result.resolved
+                if p in self.passes:  # the recorded spec (an inserted trace is not listed)
+                    self.passes[self.passes.index(p)] = result.resolved
             if self.verify:
                 try:
                     verify_graph(current)

@@ -3,7 +3,7 @@ module and the mismatch score, docs/methods/odm.md the choices)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import ClassVar
 
 import torch
@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from fxquant.calibration import as_batches
+from fxquant.errors import PassError
 from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
 from fxquant.quant import QuantConv2d, Quantizer, UniformQuantizer
 from fxquant.quant.offsets import OFFSET_KINDS, ChannelOffset, MismatchStats, quantizer_range
@@ -79,10 +80,13 @@ def fold_site(gm: fx.GraphModule, value: fx.Node, kind: str) -> tuple[fx.Node | 
     while True:
         if len(current.users) != 1:
             return None, f"'{current.name}' is read by {len(current.users)} nodes"
-        if not _is_homogeneous(gm, current):
+        if isinstance(_module(gm, current), nn.Identity):  # no-op: folds through for any kind
+            current = current.args[0]
+        elif _is_homogeneous(gm, current):
+            through += 1
+            current = current.args[0]
+        else:
             break
-        through += 1
-        current = current.args[0]
         if not isinstance(current, fx.Node):
             return None, "an activation without a tensor input"
     conv = _module(gm, current)
@@ -115,13 +119,15 @@ class InjectOffsetsPass(Pass):
     listed in ``ctx.state["offset_skipped"]`` with the reason. ``kind``: ``scale`` (default;
     folds through ReLU/LeakyReLU/PReLU), ``shift`` or ``both`` (conv directly, with bias).
     The offsets start at identity (the compiled model's outputs do not change) and are
-    trained by QAT (``fxquant train``).
+    trained by QAT (``fxquant train``). The pipeline records the choice as ``sites=a;b;...``,
+    so a saved or checkpointed model rebuilds the same offsets without calibration data.
     """
 
     name: ClassVar[str] = "inject-offsets"
     kind: str = "scale"
     threshold: float = 0.05
     top_k: int = 0
+    sites: str = ""  # ";"-separated quantizer nodes: inject exactly there, no scoring
 
     def __post_init__(self):
         if self.kind not in OFFSET_KINDS:
@@ -133,14 +139,21 @@ class InjectOffsetsPass(Pass):
             raise RecipeError(f"inject-offsets.top_k = {self.top_k} must be >= 0 (0: no cap)")
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        if not ctx.calibrate:  # a saved model is stored folded: nothing to rebuild
-            return PassResult(gm, False, {"offsets": 0})
         sites, skipped = self._candidates(gm)
-        scores = self._scores(gm, sites, ctx) if sites else {}
-        chosen = sorted((n for n in sites if scores[n.name] >= self.threshold),
-                        key=lambda n: -scores[n.name])
-        if self.top_k:
-            chosen = chosen[:self.top_k]
+        if self.sites:
+            by_name = {n.name: n for n in sites}
+            wanted = self.sites.split(";")
+            missing = [w for w in wanted if w not in by_name]
+            if missing:
+                raise PassError(self.name, f"sites {missing} are not foldable offset sites of "
+                                f"this graph; candidates: {', '.join(by_name) or 'none'}")
+            chosen, scores = [by_name[w] for w in wanted], {}
+        else:
+            scores = self._scores(gm, sites, ctx) if sites else {}
+            chosen = sorted((n for n in sites if scores[n.name] >= self.threshold),
+                            key=lambda n: -scores[n.name])
+            if self.top_k:
+                chosen = chosen[:self.top_k]
         for node in chosen:
             channels = self._channels(gm, node)
             name = str(node.target).replace("_quantizer", "") + "_offset"
@@ -152,10 +165,13 @@ class InjectOffsetsPass(Pass):
         gm.recompile()
         ctx.state["offset_scores"] = scores
         ctx.state["offset_skipped"] = skipped
+        names = [n.name for n in chosen]
         return PassResult(gm, bool(chosen), {
             "offsets": len(chosen), "candidates": len(sites), "not_foldable": len(skipped),
-            "chosen": ", ".join(n.name for n in chosen),
-            "max_score": round(max(scores.values()), 4) if scores else 0.0})
+            "chosen": ", ".join(names),
+            "max_score": round(max(scores.values()), 4) if scores else 0.0},
+            resolved=replace(self, sites=";".join(names), threshold=0.0, top_k=0)
+            if names and not self.sites else None)
 
     def _candidates(self, gm: fx.GraphModule) -> tuple[list[fx.Node], dict[str, str]]:
         sites, skipped = [], {}

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import gc
 import json
 import math
@@ -80,6 +81,29 @@ def _scheduler(optimizer: torch.optim.Optimizer, config: QATConfig):
     return torch.optim.lr_scheduler.StepLR(optimizer, config.steps, 1.0)
 
 
+def method_hooks(gm: fx.GraphModule) -> tuple[list, Any]:
+    """``(regularizers, backward)`` the compiled model's method brings to training: ODM's
+    regularizer and cooperative backward (fxquant/train/odm.py); none for other methods."""
+    recipe = getattr(gm, "fxquant_recipe", None)
+    if recipe is not None and recipe.method == "odm":
+        from fxquant.train.odm import odm_hooks
+
+        return odm_hooks(gm, recipe.options)
+    return [], None
+
+
+def deployable(gm: fx.GraphModule) -> fx.GraphModule:
+    """What gets saved as a result: ``gm``, with trained ODM offsets folded into their convs
+    (``fold-offsets``) so the saved graph has no extra op; the training graph is untouched."""
+    from fxquant.quant.offsets import ChannelOffset
+
+    if not any(isinstance(m, ChannelOffset) for m in gm.modules()):
+        return gm
+    import fxquant
+
+    return fxquant.transformed_copy(gm, "fold-offsets")
+
+
 def _runner(model: nn.Module, spec: Any, scale: int) -> Callable[[torch.Tensor], torch.Tensor]:
     """[0, 1] in and out whatever the model's range; a multi-scale float net gets ``scale``."""
     if spec is None:
@@ -105,6 +129,10 @@ class QATTrainer:
         if gm is float_model or any(id(p) in floats for p in gm.parameters()):
             raise TrainError("the compiled model shares parameters with the float model; "
                              "compile a copy (fxquant.compile copies the network it is given)")
+        if not config.regularizers and config.backward is None:
+            regularizers, backward = method_hooks(gm)
+            if regularizers or backward is not None:
+                config = dataclasses.replace(config, regularizers=regularizers, backward=backward)
         self.config = config.validate()
         self.world = world or World()
         self.gm, self.sampler, self.scale, self.spec = gm, sampler, scale, spec
@@ -197,12 +225,14 @@ class QATTrainer:
         if refused:
             raise TrainError(f"cannot change {refused} when resuming {path}; only "
                              f"{', '.join(RESUME_MAY_CHANGE)} may change")
+        gm = rebuild(payload["compiled"], float_model, str(path))
+        if not regularizers and backward is None:
+            regularizers, backward = method_hooks(gm)  # the method's own hooks (ODM)
         config = QATConfig.from_dict({**payload["config"], **changes}, regularizers, backward)
         for key, now in config.to_dict().items():
             if key in ("regularizers", "backward") and now != payload["config"].get(key):
                 raise TrainError(f"{path} was trained with {key} {payload['config'].get(key)}; "
                                  f"pass the same again (got {now})")
-        gm = rebuild(payload["compiled"], float_model, str(path))
         info = payload["compiled"]["model"]
         kwargs.setdefault("model_info", {"model_name": info.get("name"),
                                          "scale": info.get("scale"),
@@ -298,7 +328,7 @@ class QATTrainer:
                 import fxquant
 
                 info = self.info["model"]
-                fxquant.save(self.gm, self.out_dir / "model.fxq", model_name=info.get("name"),
+                fxquant.save(deployable(self.gm), self.out_dir / "model.fxq", model_name=info.get("name"),
                              scale=info.get("scale"), user_model=info.get("user"))
         if self.tensorboard is not None:
             self.tensorboard.flush()
@@ -347,7 +377,7 @@ class QATTrainer:
                 import fxquant
 
                 info = self.info["model"]
-                fxquant.save(self.gm, self.out_dir / "best.fxq", model_name=info.get("name"),
+                fxquant.save(deployable(self.gm), self.out_dir / "best.fxq", model_name=info.get("name"),
                              scale=info.get("scale"), user_model=info.get("user"))
 
     def _record(self, row: dict) -> None:

@@ -129,3 +129,22 @@ def test_bad_options_are_named():
         fxquant.parse_pipeline("inject-offsets{kind=tilt}")
     with pytest.raises(RecipeError, match="top_k = -1"):
         fxquant.parse_pipeline("inject-offsets{top_k=-1}")
+
+
+def test_the_recorded_pipeline_names_the_sites_so_an_unfolded_model_reloads(model, tmp_path):
+    gm = compiled(model)
+    spec = gm.fxquant_pipeline.split(",inject-offsets{")[1].split("}")[0]
+    assert "sites=b_input_quantizer;c_input_quantizer" in spec.split(",")
+    with torch.no_grad():
+        for offset in offsets_of(gm).values():
+            offset.gamma.fill_(0.75)
+    fxquant.save(gm, tmp_path / "trained.fxq")  # mid-training: offsets still in the graph
+    loaded = fxquant.load(tmp_path / "trained.fxq", model=Chain().eval())
+    assert sorted(offsets_of(loaded)) == sorted(offsets_of(gm))
+    x = torch.rand(1, 3, 9, 9)
+    assert torch.equal(loaded(x), gm(x))
+
+
+def test_unknown_sites_are_named(model):
+    with pytest.raises(fxquant.FxquantError, match=r"sites \['nope'\] are not foldable"):
+        compiled(model, offsets="inject-offsets{sites=nope}")
