@@ -63,6 +63,8 @@ class LowerPass(Pass):
     and a shuffle read only by a quantizer moves behind it, shuffling uint8 codes.
     ``compile`` (cpu only) compiles the module with Inductor on first call, which fuses each
     input quantization into the float op before it.
+    DAQ's dynamic quantizers lower on ``reference`` and ``cpu`` to per-(image, channel)
+    integer codes with the steps folded into per-image weights (fxquant/lower/daq.py).
     ``gpu`` runs the same integer semantics in a Triton int8 implicit-GEMM conv (CUDA, or the
     CPU under ``TRITON_INTERPRET=1``); with ``fuse`` a symmetric-weight conv also takes the
     residual of a ``conv + r`` it alone feeds, and ReLU and requantization, into its epilogue.
