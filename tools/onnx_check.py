@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--recipes", default=",".join(PRESETS))
     parser.add_argument("--scale", type=int, default=4)
-    parser.add_argument("--form", default="integer", choices=("integer", "qdq"))
+    parser.add_argument("--form", default="integer", choices=("integer", "qdq", "fake-quant"))
     parser.add_argument("--data", default=None)
     parser.add_argument("--json", default=None)
     parser.add_argument("--write", default=None, help="Markdown file whose section to replace")
