@@ -131,11 +131,12 @@ class ODMRegularizer:
     static activation quantizers' inputs during each training forward (hooks installed once,
     features kept only while gradients are on) and returns v1's ``L_V`` or v2's ``L_M``."""
 
-    def __init__(self, model: nn.Module, version: str):
+    def __init__(self, model: nn.Module, version: str, weight: float = 1.0):
         if version not in MODES:
             raise ValueError(f"ODM version '{version}' unknown; valid: {', '.join(MODES)}")
         self.version = version
         self.name = "odm_variance" if version == "v1" else "odm_mismatch"
+        self.weight = weight  # λ: the value returned is the term as it enters the objective
         self.features: list[torch.Tensor] = []
         self.quantizers: list[Quantizer] = []
         self.handles = [m.register_forward_pre_hook(self._keep) for m in static_quantizers(model)]
@@ -151,7 +152,7 @@ class ODMRegularizer:
         if not features:
             return ctx.recon_loss.new_zeros(())
         loss = variance_loss if self.version == "v1" else mismatch_loss
-        return loss(features, quantizers)
+        return self.weight * loss(features, quantizers)
 
 
 class CooperativeBackward:
@@ -160,8 +161,8 @@ class CooperativeBackward:
 
     name = "odm_cooperative"
 
-    def __init__(self, regularizer: ODMRegularizer, weight: float, granularity: str = "global"):
-        self.regularizer, self.weight, self.granularity = regularizer, weight, granularity
+    def __init__(self, regularizer: ODMRegularizer, granularity: str = "global"):
+        self.regularizer, self.granularity = regularizer, granularity
 
     def __call__(self, ctx, parts: dict, params) -> dict:
         recon = sum(v for k, v in parts.items() if k != self.regularizer.name)
@@ -170,12 +171,13 @@ class CooperativeBackward:
             for p, g in zip(params, torch.autograd.grad(recon, params, allow_unused=True)):
                 p.grad = torch.zeros_like(p) if g is None else g
             return {"agreement": float("nan")}
+        # λ is inside ``reg`` already (ODMRegularizer), so the combination weight is 1
         return cooperative_gradients(recon, reg, params, mode=self.regularizer.version,
-                                     weight=self.weight, granularity=self.granularity,
+                                     weight=1.0, granularity=self.granularity,
                                      average=ctx.average)
 
 
 def odm_hooks(model: nn.Module, options) -> tuple[list, CooperativeBackward]:
     """``(regularizers, backward)`` for ``fxquant train`` from a recipe's ODMOptions."""
-    regularizer = ODMRegularizer(model, options.version)
-    return [regularizer], CooperativeBackward(regularizer, options.reg_weight, options.granularity)
+    regularizer = ODMRegularizer(model, options.version, options.reg_weight)
+    return [regularizer], CooperativeBackward(regularizer, options.granularity)
