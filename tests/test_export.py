@@ -246,7 +246,7 @@ def test_cli_help_lists_export_and_runtime(capsys):
     with pytest.raises(SystemExit):
         main(["export", "--help"])
     text = capsys.readouterr().out
-    assert "--format {onnx,torch-export}" in text and "--form {integer,qdq,fake-quant}" in text
+    assert "--format {onnx,torch-export,torchscript}" in text and "--form {integer,qdq,fake-quant}" in text
     with pytest.raises(SystemExit):
         main(["eval", "--help"])
     assert "--runtime {torch,onnxruntime}" in capsys.readouterr().out
@@ -268,6 +268,9 @@ def test_cli_export_and_eval_with_onnxruntime(data, tmp_path, capsys):
                  "--format", "torch-export", "--target", "reference", "--out",
                  str(tmp_path / "f.pt2"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["max_abs_diff"] == 0
+    assert main(["export", "--model", "fsrcnn", "--scale", "4", "--recipe", "dfsq-w4a4",
+                 "--format", "torchscript", "--out", str(tmp_path / "f.ts"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["max_abs_diff"] < 1e-5
     assert main(["export", "--model", "fsrcnn", "--scale", "4", "--recipe", "daq-w4a4",
                  "--out", str(tmp_path / "daq.onnx")]) == 2
     assert "daq" in capsys.readouterr().err and not (tmp_path / "daq.onnx").exists()

@@ -20,8 +20,8 @@ def build_parser(p: argparse.ArgumentParser) -> None:
                         "uniform presets)")
     p.add_argument("--checkpoint", help="float weights instead of the pretrained ones")
     p.add_argument("--data", help="data root (default: $FXQUANT_DATA)")
-    p.add_argument("--format", choices=("onnx", "torch-export"), default="onnx")
-    p.add_argument("--out", required=True, help="output file (.onnx or .pt2)")
+    p.add_argument("--format", choices=("onnx", "torch-export", "torchscript"), default="onnx")
+    p.add_argument("--out", required=True, help="output file (.onnx, .pt2 or .ts)")
     p.add_argument("--form", choices=("integer", "qdq", "fake-quant"), default="integer",
                    help="onnx: 'integer' (QLinearConv where a conv feeds a quantizer, ConvInteger "
                         "elsewhere: every quantized conv integer in ONNX Runtime), 'qdq' (Q/DQ "
@@ -29,7 +29,7 @@ def build_parser(p: argparse.ArgumentParser) -> None:
                         "'fake-quant' (the fake-quant graph as float ops: DAQ, DFSQ)")
     p.add_argument("--opset", type=int, default=13, help="onnx opset (default 13)")
     p.add_argument("--target", choices=("fake-quant", "reference", "cpu"), default="fake-quant",
-                   help="torch-export: the fake-quant model or its integer lowering")
+                   help="torch-export, torchscript: the fake-quant model or its integer lowering")
     p.add_argument("--size", type=int, default=32, help="side of the random LR check input")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -65,9 +65,12 @@ def run(args: argparse.Namespace) -> int:
     else:
         from fxquant.deploy.torch_export import exportable_module, load_program
 
-        export(gm, args.out, format="torch-export", target=args.target)
-        y = load_program(args.out)(x)
-        summary.update(target=args.target, runtime="torch.export.load")
+        export(gm, args.out, format=args.format, target=args.target)
+        with torch.no_grad():
+            y = (load_program(args.out) if args.format == "torch-export"
+                 else torch.jit.load(args.out))(x)
+        summary.update(target=args.target, runtime="torch.export.load" if args.format ==
+                       "torch-export" else "torch.jit.load")
         gm = exportable_module(gm, args.target)
     with torch.no_grad():
         expected = gm(x)
