@@ -21,26 +21,21 @@ def _datasets(text: str) -> list[str]:
     return names
 
 
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1 (``--limit 0`` would evaluate nothing)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be 1 or more")
-    return value
+def _int_at_least(minimum: int, meaning: str):
+    """An argparse type: an integer >= ``minimum`` (``--limit 0`` would evaluate nothing)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} must be {meaning}")
+        return value
+    return parse
 
 
-def non_negative_int(text: str) -> int:
-    """argparse type: an integer >= 0."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
-    return value
+positive_int = _int_at_least(1, "1 or more")
+non_negative_int = _int_at_least(0, "0 or more")
 
 
 MODEL_HELP = ("zoo model name (see `fxquant models`), or your own: path/to/file.py:ClassName "

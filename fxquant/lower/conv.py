@@ -223,30 +223,23 @@ class ReferenceConv2d(IntegerConv2d):
         return y if window_sum is None else self.add_centring(y, window_sum.float())
 
 
-class CpuConv2d(IntegerConv2d):
-    """oneDNN int8 convolution on uint8 NHWC codes with prepacked int8 weights, fp32 output.
-
-    Centred (asymmetric) weights add ``c_o·s_w[o]·s_x·S`` with the window sums ``S`` of the
-    codes (:func:`window_sum`, a channel sum and a box filter: cheap beside the conv)."""
-
-    target = "cpu"
-    channels_last = True
+class FusedOutputConv2d(IntegerConv2d):
+    """An integer conv that can emit the next quantizer's uint8 codes itself (the ``cpu`` and
+    ``gpu`` targets): the epilogue's buffers, always registered so that fused and unfused
+    layers have the same state_dict keys (``output_scale`` 0: float32 output), re-prepared
+    when loaded."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        # uint8 output at the next quantizer's scale (output_scale 0: float32 output); always
-        # registered so that fused and unfused layers have the same state_dict keys
         self.register_buffer("output_scale", torch.zeros(()))
         self.register_buffer("output_zero_point", torch.zeros((), dtype=torch.int64))
         self.register_buffer("output_qmax", torch.full((), 255, dtype=torch.int64))
         self.register_buffer("output_relu", torch.zeros((), dtype=torch.bool))
-        # buffers loaded from a state_dict need repacking
         self.register_load_state_dict_post_hook(lambda module, _keys: module.prepare())
 
     def fuse_output(self, quantize: "IntegerQuantize", relu: bool) -> None:
-        """Emit the codes of ``quantize(relu?(y))`` directly: oneDNN requantizes in its
-        epilogue (rounding ``y/s`` in its own float order: a code can differ by one from the
-        reference's at an exact tie)."""
+        """Emit the codes of ``quantize(relu?(y))`` directly (how each target rounds: its
+        class docstring)."""
         if bool((self.weight_centre != 0).any()):
             raise LoweringError("a centred (asymmetric-weight) conv needs its float output "
                                 "for the correction; it cannot emit uint8 codes")
@@ -256,6 +249,18 @@ class CpuConv2d(IntegerConv2d):
             self.output_qmax.fill_(quantize.qmax)
             self.output_relu.fill_(relu)
         self.prepare()
+
+
+class CpuConv2d(FusedOutputConv2d):
+    """oneDNN int8 convolution on uint8 NHWC codes with prepacked int8 weights, fp32 output,
+    or uint8 codes when fused: oneDNN requantizes in its epilogue, rounding ``y/s`` in its own
+    float order (a code can differ by one from the reference's at an exact tie).
+
+    Centred (asymmetric) weights add ``c_o·s_w[o]·s_x·S`` with the window sums ``S`` of the
+    codes (:func:`window_sum`, a channel sum and a box filter: cheap beside the conv)."""
+
+    target = "cpu"
+    channels_last = True
 
     def __getstate__(self):  # the packed weight is opaque (no storage): rebuilt, not copied
         state = dict(self.__dict__)

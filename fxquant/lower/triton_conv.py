@@ -23,7 +23,7 @@ import os
 
 import torch
 
-from fxquant.lower.conv import TARGETS, IntegerConv2d, LoweringError
+from fxquant.lower.conv import TARGETS, FusedOutputConv2d, LoweringError
 
 BLOCK_M, BLOCK_N, BLOCK_K = 32, 32, 32  # BLOCK_K a multiple of 32: the int8 mma's k
 
@@ -150,35 +150,14 @@ def triton_cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
-class GpuConv2d(IntegerConv2d):
+class GpuConv2d(FusedOutputConv2d):
     """Integer conv through the Triton kernel (see the module docstring); centred
-    (asymmetric) weights add the same ``c_o·s_w[o]·s_x·S`` correction as the other targets."""
+    (asymmetric) weights add the same ``c_o·s_w[o]·s_x·S`` correction as the other targets.
+    Fused requantization rounds exactly as the reference quantizer (IEEE division, half to
+    even), so fusing changes no code."""
 
     target = "gpu"
     channels_last = True
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        # the fused epilogue, as CpuConv2d's buffers (output_scale 0: float32 output): a residual
-        # input, ReLU, and requantization to the next quantizer's uint8 codes
-        self.register_buffer("output_scale", torch.zeros(()))
-        self.register_buffer("output_zero_point", torch.zeros((), dtype=torch.int64))
-        self.register_buffer("output_qmax", torch.full((), 255, dtype=torch.int64))
-        self.register_buffer("output_relu", torch.zeros((), dtype=torch.bool))
-        self.register_load_state_dict_post_hook(lambda module, _keys: module.prepare())
-
-    def fuse_output(self, quantize, relu: bool) -> None:
-        """Emit the codes of ``quantize(relu?(y))``: the kernel rounds exactly as the
-        reference quantizer does (IEEE division, half to even), so fusing changes no code."""
-        if bool((self.weight_centre != 0).any()):
-            raise LoweringError("a centred (asymmetric-weight) conv needs its float output "
-                                "for the correction; it cannot emit uint8 codes")
-        with torch.no_grad():
-            self.output_scale.copy_(quantize.scale)
-            self.output_zero_point.copy_(quantize.zero_point)
-            self.output_qmax.fill_(quantize.qmax)
-            self.output_relu.fill_(relu)
-        self.prepare()
 
     def prepare(self) -> None:
         reason = triton_available()
