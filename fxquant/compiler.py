@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import copy
-import io
 import os
-from pathlib import Path
 
 import torch
 from torch import fx, nn
@@ -18,7 +16,7 @@ from fxquant.checks import (
     check_state_finite,
 )
 from fxquant.errors import CheckpointError, FxquantError
-from fxquant.files import atomic_write_bytes
+from fxquant.files import load_payload, save_payload
 from fxquant.pipeline import PassContext, PassManager
 from fxquant.recipe import Recipe, RecipeLike, resolve_recipe
 
@@ -114,27 +112,13 @@ def save(gm: fx.GraphModule, path: str | os.PathLike, *, model_name: str | None 
                           if isinstance(v, (int, float, str, bool))},
         "state_dict": gm.state_dict(),
     }
-    # serialized in memory first: a failed write (disk full, file-size limit) is then a
-    # plain OSError that atomic_write_bytes reports, and the old file at ``path`` is kept
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    atomic_write_bytes(path, buffer.getvalue(), "compiled model")
+    save_payload(path, payload, "compiled model")
 
 
 def read_compiled(path: str | os.PathLike) -> dict:
     """Read a saved compiled model's payload, safely (weights_only=True)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"compiled model {path} does not exist")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"cannot read compiled model {path}: {type(exc).__name__}: "
-                              f"{exc}") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not an fxquant compiled model (expected format "
-                              f"'{FORMAT}'; save one with fxquant compile or fxquant.save)")
-    return payload
+    return load_payload(path, FORMAT, CheckpointError, "compiled model",
+                        written_by="; save one with fxquant compile or fxquant.save")
 
 
 def load(path: str | os.PathLike, model: nn.Module | None = None, *,

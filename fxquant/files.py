@@ -155,3 +155,34 @@ def atomic_write_text(path: str | os.PathLike, text: str, what: str = "output fi
     """Write ``text`` to ``path`` atomically (see :func:`atomic_output`)."""
     with atomic_open(path, "w", what, encoding=encoding) as f:
         f.write(text)
+
+
+def save_payload(path: str | os.PathLike, payload: dict, what: str) -> None:
+    """``torch.save`` of plain tensors/numbers/strings, serialized in memory first (a failed
+    write is then a plain OSError that :func:`atomic_write_bytes` reports, the old file kept)."""
+    import io
+
+    import torch
+
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    atomic_write_bytes(path, buffer.getvalue(), what)
+
+
+def load_payload(path: str | os.PathLike, fmt: str, error: type[Exception], what: str, *,
+                 missing_hint: str = "", written_by: str = "") -> dict:
+    """A dict saved by :func:`save_payload` with ``"format": fmt``, read with
+    ``weights_only=True``; ``error`` (naming ``what`` and the path) when the file is missing,
+    unreadable or of another format."""
+    import torch
+
+    path = Path(path)
+    if not path.is_file():
+        raise error(f"{what} {path} does not exist{missing_hint}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise error(f"cannot read {what} {path}: {type(exc).__name__}: {exc}") from None
+    if not isinstance(payload, dict) or payload.get("format") != fmt:
+        raise error(f"{path} is not an fxquant {what} (expected format '{fmt}'{written_by})")
+    return payload

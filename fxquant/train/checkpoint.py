@@ -5,14 +5,12 @@ the old one (a crash mid-write leaves the previous checkpoint intact)."""
 from __future__ import annotations
 
 import copy
-import io
 import os
-from pathlib import Path
 
 import torch
 from torch import fx, nn
 
-from fxquant.files import atomic_write_bytes
+from fxquant.files import load_payload, save_payload
 from fxquant.train.config import TrainError
 
 FORMAT = "fxquant-train/1"
@@ -30,25 +28,14 @@ def compiled_info(gm: fx.GraphModule, model_name: str | None = None, scale: int 
 
 
 def write_checkpoint(path: str | os.PathLike, payload: dict) -> None:
-    buffer = io.BytesIO()
-    torch.save({"format": FORMAT, **payload}, buffer)
-    atomic_write_bytes(path, buffer.getvalue(), "training checkpoint")
+    save_payload(path, {"format": FORMAT, **payload}, "training checkpoint")
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise TrainError(f"training checkpoint {path} does not exist; give the last.ckpt "
-                         "of a run folder (--resume run_dir/last.ckpt)")
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise TrainError(f"cannot read training checkpoint {path}: {type(exc).__name__}: "
-                         f"{exc}") from None
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise TrainError(f"{path} is not an fxquant training checkpoint (expected format "
-                         f"'{FORMAT}', written by fxquant train)")
-    return payload
+    return load_payload(path, FORMAT, TrainError, "training checkpoint",
+                        missing_hint="; give the last.ckpt of a run folder (--resume "
+                                     "run_dir/last.ckpt)",
+                        written_by=", written by fxquant train")
 
 
 def rebuild(info: dict, float_model: nn.Module, where: str = "checkpoint") -> fx.GraphModule:

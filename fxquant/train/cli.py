@@ -17,22 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 
+from fxquant.cli import non_negative_int, positive_int
 from fxquant.errors import FxquantError
 
 
-def _int_at_least(low: int):
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"{value} must be {low} or more")
-        return value
-    return parse
-
-
-positive_int, non_negative_int = _int_at_least(1), _int_at_least(0)
 
 
 def build_parser(p: argparse.ArgumentParser) -> None:
