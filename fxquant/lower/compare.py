@@ -20,12 +20,26 @@ import torch
 from torch import fx
 
 from fxquant.lower.conv import IntegerConv2d
+from fxquant.lower.daq import DaqConv2d
 
 
 @dataclass(frozen=True)
 class LayerAgreement:
     layer: str
     max_steps: float  # largest |y_lowered − y_fake| / (s_x·s_w[o])
+
+
+def run_hooked(model: torch.nn.Module, hooks: list, inputs: list[torch.Tensor]) -> None:
+    """Run ``inputs`` through ``model`` without gradients with forward hooks
+    ``(module, hook)`` registered, and removed afterwards whatever happens."""
+    handles = [module.register_forward_hook(hook) for module, hook in hooks]
+    try:
+        with torch.no_grad():
+            for x in inputs:
+                model(x)
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def layer_agreement(fake: fx.GraphModule, lowered: fx.GraphModule,
@@ -52,12 +66,43 @@ def layer_agreement(fake: fx.GraphModule, lowered: fx.GraphModule,
             diff = (layer(layer.codes_of(args[0])) - out).abs() / step
             worst[name] = max(worst[name], float(diff.max()))
 
-        hooks.append(fake.get_submodule(source).register_forward_hook(compare))
-    try:
-        with torch.no_grad():
-            for x in inputs:
-                fake(x)
-    finally:
-        for h in hooks:
-            h.remove()
+        hooks.append((fake.get_submodule(source), compare))
+    run_hooked(fake, hooks, inputs)
     return [LayerAgreement(name, worst[name]) for name in layers]
+
+
+def daq_layer_agreement(fake: fx.GraphModule, lowered: fx.GraphModule,
+                        inputs: list[torch.Tensor]) -> list[tuple[str, float, int]]:
+    """Per lowered DAQ conv: ``(name, max |y_lowered − y_fake| / max |y_fake|, max code)``,
+    each lowered codes+conv pair run on the raw input its fake-quant quantizer saw."""
+    modules = dict(lowered.named_modules())
+    pairs = {}  # fake quantizer name -> (lowered conv name, codes module, conv module)
+    for n in lowered.graph.nodes:
+        if n.op == "call_module" and isinstance(modules[n.target], DaqConv2d):
+            codes_node = n.args[0]
+            codes = modules[codes_node.target]
+            pairs[codes.source] = (n.target, codes, modules[n.target])
+    worst = {name: 0.0 for name, _, _ in pairs.values()}
+    top = {name: 0 for name, _, _ in pairs.values()}
+    seen = {"x": None, "q": None}
+
+    def grab(name):
+        def hook(_m, args, _out):
+            seen["x"], seen["q"] = args[0], name
+        return hook
+
+    def compare(_m, _args, out):
+        if seen["q"] not in pairs:
+            return
+        name, codes, layer = pairs[seen["q"]]
+        packed = codes(seen["x"])
+        top[name] = max(top[name], int(packed[0].max()))
+        diff = float((layer(packed) - out).abs().max()) / max(float(out.abs().max()), 1e-30)
+        worst[name] = max(worst[name], diff)
+        seen["q"] = None
+
+    sources = {layer.source for _, _, layer in pairs.values()}
+    hooks = [(fake.get_submodule(qname), grab(qname)) for qname in pairs]
+    hooks += [(fake.get_submodule(source), compare) for source in sources]
+    run_hooked(fake, hooks, inputs)
+    return [(name, worst[name], top[name]) for name in worst]

@@ -15,6 +15,7 @@ from torch import nn
 
 import fxquant
 from fxquant.errors import PassError
+from fxquant.lower.compare import daq_layer_agreement
 from fxquant.lower.conv import INT32_MAX
 from fxquant.lower.daq import (
     CpuDaqConv2d,
@@ -23,7 +24,6 @@ from fxquant.lower.daq import (
     DaqQuantize,
     ReferenceDaqConv2d,
     daq_input_codes,
-    daq_layer_agreement,
     onednn_accumulator_bound,
     requantize_folded,
     split_planes,
