@@ -7,6 +7,7 @@ from fxquant.passes.fswa import FSWAPass
 from fxquant.passes.inject_offsets import InjectOffsetsPass
 from fxquant.passes.fold_offsets import FoldOffsetsPass
 from fxquant.passes.daq import DAQPass, DAQSensitivityPass
+from fxquant.passes.equalize import EqualizePass
 from fxquant.passes.lower import LowerPass
 from fxquant.passes.nonuniform_quant import I2NQOptions, NonUniformQuantizePass
 from fxquant.passes.observe import ObservePass
@@ -18,4 +19,4 @@ from fxquant.passes.verify import VerifyPass
 from fxquant.passes.wcc import WCCPass
 
 __all__ = ["CalibratePass", "DFSQObservePass", "DFSQOptions", "FoldChannelNormPass", "SubsetQuantizePass",
-           "DAQPass", "DAQSensitivityPass", "FSWAPass", "FoldOffsetsPass", "I2NQOptions", "InjectOffsetsPass", "NonUniformQuantizePass", "LowerPass", "ObservePass", "QuantizePass", "ReconstructPass", "TracePass", "VerifyPass", "WCCPass"]
+           "DAQPass", "DAQSensitivityPass", "EqualizePass", "FSWAPass", "FoldOffsetsPass", "I2NQOptions", "InjectOffsetsPass", "NonUniformQuantizePass", "LowerPass", "ObservePass", "QuantizePass", "ReconstructPass", "TracePass", "VerifyPass", "WCCPass"]
