@@ -153,10 +153,15 @@ def make_activation_observer(method: str, node_name: str, per_channel: bool,
     """The observer a recipe's activation ``observer`` setting needs."""
     if method == "minmax":
         return MinMaxObserver(node_name, per_channel=per_channel)
+    if method == "mse" and per_channel:  # a random sample of each channel, searched per channel
+        from fxquant.quant.subset import SampleObserver  # quant.subset imports this module
+
+        return SampleObserver(node_name, mode="static", max_samples=SAMPLES_PER_CHANNEL,
+                              seed=zlib.crc32(node_name.encode()))
     if method in ("percentile", "mse"):
         if per_channel:
             raise CalibrationError(f"observer '{method}' is per tensor only; use 'minmax' "
-                                   "for per-channel activations")
+                                   "or 'mse' for per-channel activations")
         return HistogramObserver(node_name, range_method=method, percentile=percentile)
     if method == "moments":
         return MomentsObserver(node_name)

@@ -3,6 +3,7 @@
 from fxquant.passes.calibrate import CalibratePass
 from fxquant.passes.dfsq_observe import DFSQObservePass
 from fxquant.passes.fold_channel_norm import FoldChannelNormPass
+from fxquant.passes.fold_input_scales import FoldInputScalesPass
 from fxquant.passes.fswa import FSWAPass
 from fxquant.passes.inject_offsets import InjectOffsetsPass
 from fxquant.passes.fold_offsets import FoldOffsetsPass
@@ -18,5 +19,5 @@ from fxquant.passes.trace import TracePass
 from fxquant.passes.verify import VerifyPass
 from fxquant.passes.wcc import WCCPass
 
-__all__ = ["CalibratePass", "DFSQObservePass", "DFSQOptions", "FoldChannelNormPass", "SubsetQuantizePass",
+__all__ = ["CalibratePass", "DFSQObservePass", "DFSQOptions", "FoldChannelNormPass", "FoldInputScalesPass", "SubsetQuantizePass",
            "DAQPass", "DAQSensitivityPass", "EqualizePass", "FSWAPass", "FoldOffsetsPass", "I2NQOptions", "InjectOffsetsPass", "NonUniformQuantizePass", "LowerPass", "ObservePass", "QuantizePass", "ReconstructPass", "TracePass", "VerifyPass", "WCCPass"]

@@ -31,7 +31,8 @@ from fxquant.quant.daq import DAQActivationQuantizer
 from fxquant.quant.nonuniform import NonUniformQuantizer
 from fxquant.quant.wcc import ClippedWeightQuantizer
 
-SUPPORTED = ("static uniform per-tensor activation quantizers of 2..8 bits, or non-uniform "
+SUPPORTED = ("static uniform per-tensor activation quantizers of 2..8 bits (per-channel ones "
+             "once fold-input-scales has moved their steps into the convs), or non-uniform "
              "levels on a uint8 grid (i2nq presets, integer_grid = 8), in front of a Conv2d "
              "with uniform weights of 2..8 bits (the minmax-/mse-/percentile-/i2nq- presets); "
              "DAQ activations and weights (daq- presets, targets reference and cpu)")
@@ -146,11 +147,17 @@ class LowerPass(Pass):
         elif not isinstance(quantizer, UniformQuantizer):
             raise PassError(self.name, f"{quantizer.kind} quantizer ({quantizer.describe()['mode']})"
                             f" has no integer kernel yet; supported: {SUPPORTED}", node=node.name)
-        elif quantizer.channels is not None or not quantizer.bits <= 8 or quantizer.symmetric:
+        elif (quantizer.channels is not None and not quantizer.folded) or \
+                not quantizer.bits <= 8 or quantizer.symmetric:
             raise PassError(self.name, f"activation quantizer is {quantizer.granularity}, "
                             f"{quantizer.bits} bits, {'symmetric' if quantizer.symmetric else 'affine'}"
-                            f": the u8 kernels take per-tensor affine 2..8 bits; supported: "
+                            f": the u8 kernels take per-tensor affine 2..8 bits, or per-channel "
+                            f"steps folded into the convs (fold-input-scales); supported: "
                             f"{SUPPORTED}", node=node.name)
+        elif quantizer.channels is not None and self.target == "gpu":
+            raise PassError(self.name, "per-channel (folded) activation quantizers lower on "
+                            "targets reference and cpu; the Triton kernel takes one zero point",
+                            node=node.name)
         users = list(node.users)
         bad = [u for u in users if not isinstance(_module(gm, u), QuantConv2d) or u.args[0] is not node
                or node in list(u.args[1:]) + list(u.kwargs.values())]
@@ -229,6 +236,8 @@ def _route_pixel_shuffles(gm: fx.GraphModule) -> None:
         source, users = node.args[0], list(node.users)
         quantize = users[0] if len(users) == 1 and isinstance(_module(gm, users[0]),
                                                                IntegerQuantize) else None
+        if quantize is not None and _module(gm, quantize).channels is not None:
+            quantize = None  # per-channel codes: the shuffle mixes channels, it stays in front
         with gm.graph.inserting_before(node):
             if quantize is not None:
                 codes = gm.graph.call_module(quantize.target, (source,))
@@ -293,8 +302,9 @@ def _fuse_uint8_outputs(gm: fx.GraphModule) -> int:
         relu = _is_relu(gm, user) and len(user.users) == 1
         quantize_node = next(iter(user.users)) if relu else user
         quantize = _module(gm, quantize_node)
-        if not isinstance(quantize, IntegerQuantize):
-            continue
+        if not isinstance(quantize, IntegerQuantize) or quantize.channels is not None or \
+                (conv.per_channel_input and any(conv.padding)):
+            continue  # per-channel steps out, or a border correction after the conv: float
         conv.fuse_output(quantize, relu)
         quantize_node.replace_all_uses_with(node)
         gm.graph.erase_node(quantize_node)

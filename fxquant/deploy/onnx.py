@@ -234,6 +234,11 @@ def integer_graph(gm: fx.GraphModule, form: str = "integer") -> fx.GraphModule:
     for node in list(graph.nodes):
         module = _module(lowered, node)
         if isinstance(module, IntegerQuantize):
+            if module.channels is not None:
+                raise ExportError(f"'{node.target}' has per-channel activation ranges (recipe "
+                                  f"'{gm.fxquant_recipe.name}'): ONNX's ConvInteger and QLinear "
+                                  "ops take one input zero point; export a per-tensor preset "
+                                  "(e.g. mse-w8a8-sym) or write a torch.export program")
             if form == "qdq" and module.bits != 8:
                 raise ExportError(f"'{node.target}' is a {module.bits}-bit activation quantizer; "
                                   "the QDQ form writes 8-bit ones only; use form='integer'")

@@ -13,6 +13,12 @@ codes of a channel are ``2^b`` consecutive integers anywhere, e.g. 8..263) is ce
 where ``S = Σ(q − z)`` over the receptive field (a channel sum and a box filter, exact in
 float32). Exact, and free when every ``c_o`` is 0 (symmetric weights).
 
+A folded per-channel input quantizer (``fold-input-scales``: its steps moved into the
+weights) gives unit ``s_x`` and one zero point per input channel ``z_c``; ``reference``
+subtracts them before its convolution, ``cpu`` runs oneDNN on the raw codes and subtracts the
+zero points' taps ``s_w[o]·Σ_c k_o·z_c``: their sum in the bias, the padding's share on the
+border strips afterwards (docs/lowering.md).
+
 Overflow bound (asserted by the ``lower`` pass): with ``K = C_in/g·k_h·k_w``, both int32
 accumulators are bounded by ``K·(2^a − 1)·128``, below 2^31 − 1 for ``K <= 65 793`` at
 ``a = 8`` (a 3×3 conv with up to 7 310 input channels). docs/lowering.md derives it.
@@ -73,21 +79,25 @@ def window_sum(codes: torch.Tensor, zero_point: torch.Tensor, groups: int, kerne
 
 
 class IntegerQuantize(nn.Module):
-    """Float tensor → uint8 codes of a static per-tensor quantizer; one per quantized tensor,
-    read by every integer conv that consumes it (NHWC for the ``cpu`` target)."""
+    """Float tensor → uint8 codes of a static quantizer, per tensor or (a folded per-channel
+    quantizer) per channel; one per quantized tensor, read by every integer conv that
+    consumes it (NHWC for the ``cpu`` target)."""
 
-    def __init__(self, bits: int, channels_last: bool):
+    def __init__(self, bits: int, channels_last: bool, channels: int | None = None):
         super().__init__()
         self.bits, self.qmax, self.channels_last = bits, 2 ** bits - 1, channels_last
-        self.register_buffer("scale", torch.ones(()))
-        self.register_buffer("zero_point", torch.zeros((), dtype=torch.int64))
+        self.channels = channels
+        shape = () if channels is None else (1, channels, 1, 1)
+        self.register_buffer("scale", torch.ones(shape))
+        self.register_buffer("zero_point", torch.zeros(shape, dtype=torch.int64))
 
     @classmethod
     def from_quantizer(cls, quantizer, channels_last: bool) -> "IntegerQuantize":
-        module = cls(quantizer.bits, channels_last)
+        channels = quantizer.channels if getattr(quantizer, "folded", False) else None
+        module = cls(quantizer.bits, channels_last, channels)
         with torch.no_grad():
-            module.scale.copy_(quantizer.scale.detach().reshape(()))
-            module.zero_point.copy_(quantizer.zero_point.detach().reshape(()).long())
+            module.scale.copy_(quantizer.scale.detach().reshape(module.scale.shape))
+            module.zero_point.copy_(quantizer.zero_point.detach().reshape(module.scale.shape).long())
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -95,8 +105,11 @@ class IntegerQuantize(nn.Module):
         return codes.contiguous(memory_format=torch.channels_last) if self.channels_last else codes
 
     def extra_repr(self) -> str:
+        where = ", NHWC" if self.channels_last else ""
+        if self.channels is not None:
+            return f"u{self.bits} codes, per-channel scale and zero point ({self.channels}){where}"
         return f"u{self.bits} codes, scale={float(self.scale):.4g}, " \
-               f"zero_point={int(self.zero_point)}" + (", NHWC" if self.channels_last else "")
+               f"zero_point={int(self.zero_point)}{where}"
 
 
 class IntegerConv2d(nn.Module):
@@ -107,7 +120,8 @@ class IntegerConv2d(nn.Module):
     channels_last = False  # the layout of the codes it prefers
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride, padding,
-                 dilation, groups: int, has_bias: bool, act_bits: int):
+                 dilation, groups: int, has_bias: bool, act_bits: int,
+                 per_channel_input: bool = False):
         super().__init__()
         self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
         self.kernel_size, self.stride = tuple(kernel_size), tuple(stride)
@@ -121,13 +135,17 @@ class IntegerConv2d(nn.Module):
         self.register_buffer("weight_centre", torch.zeros(out_channels, dtype=torch.int64))
         self.register_buffer("weight_scale", torch.ones(out_channels))
         self.register_buffer("bias", torch.zeros(out_channels) if has_bias else None)
+        # a folded per-channel input quantizer: unit scale (the steps are in the weights) and
+        # one zero point per input channel
+        self.per_channel_input = per_channel_input
+        zp_shape = (1, in_channels, 1, 1) if per_channel_input else ()
         self.register_buffer("input_scale", torch.ones(()))
-        self.register_buffer("input_zero_point", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("input_zero_point", torch.zeros(zp_shape, dtype=torch.int64))
 
     @classmethod
     def from_quantized(cls, input_quantizer, conv, source: str = "") -> "IntegerConv2d":
-        """From a static uniform input quantizer and a QuantConv2d (uniform weights);
-        ``source`` names the conv in the fake-quant graph (for comparisons)."""
+        """From a static uniform input quantizer (per tensor, or per channel and folded) and a
+        QuantConv2d (uniform weights); ``source`` names the conv in the fake-quant graph."""
         if isinstance(conv.padding, str):
             raise LoweringError(f"padding='{conv.padding}' has no lowered form; give numbers")
         if conv.padding_mode != "zeros":
@@ -135,7 +153,7 @@ class IntegerConv2d(nn.Module):
                                 "only zero padding is supported")
         layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
                     conv.padding, conv.dilation, conv.groups, conv.bias is not None,
-                    input_quantizer.bits)
+                    input_quantizer.bits, bool(getattr(input_quantizer, "folded", False)))
         layer.source = source
         layer.symmetric_weights = bool(getattr(conv.weight_quantizer, "symmetric", False))
         codes = conv.weight_quantizer.integer_codes(conv.weight)
@@ -148,8 +166,10 @@ class IntegerConv2d(nn.Module):
             layer.weight_scale.copy_(scale)
             if conv.bias is not None:
                 layer.bias.copy_(conv.bias.detach())
-            layer.input_scale.copy_(input_quantizer.scale.detach().reshape(()))
-            layer.input_zero_point.copy_(input_quantizer.zero_point.detach().reshape(()).long())
+            if not layer.per_channel_input:  # folded: unit scale, the steps are in the weights
+                layer.input_scale.copy_(input_quantizer.scale.detach().reshape(()))
+            layer.input_zero_point.copy_(input_quantizer.zero_point.detach()
+                                         .reshape(layer.input_zero_point.shape).long())
         layer.prepare()
         return layer
 
@@ -173,6 +193,17 @@ class IntegerConv2d(nn.Module):
         s = (window_sums * self.input_scale).unsqueeze(2)
         return (y.view(n, self.groups, -1, h, w) + correction * s).view(n, -1, h, w)
 
+    def zero_point_taps(self) -> torch.Tensor:
+        """``V[o, i, j] = −s_w[o]·Σ_c k[o, c, i, j]·z_c`` (O×k_h×k_w): what the per-channel
+        input zero points subtract, tap by tap, from a kernel run on the raw codes (the
+        codes' zero padding contributes nothing, so only the taps inside count)."""
+        g, per_group = self.groups, self.in_channels // self.groups
+        z = self.input_zero_point.reshape(g, 1, per_group, 1, 1).double()
+        k = self.weight_codes.double().reshape(g, self.out_channels // g, per_group,
+                                               *self.kernel_size)
+        v = (k * z).sum(2).reshape(self.out_channels, *self.kernel_size)
+        return (-v * self.weight_scale.double().view(-1, 1, 1)).float()
+
     def codes_of(self, x: torch.Tensor) -> torch.Tensor:
         """The uint8 codes of a float input, as :class:`IntegerQuantize` computes them."""
         return quantize_codes(x, self.input_scale, self.input_zero_point, self.qmax)
@@ -181,12 +212,14 @@ class IntegerConv2d(nn.Module):
         centred = int((self.weight_centre != 0).sum())
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
                 f"stride={self.stride}, padding={self.padding}, groups={self.groups}, "
-                f"a{self.act_bits} u8 x int8, centred_channels={centred}")
+                f"a{self.act_bits} u8 x int8, centred_channels={centred}"
+                + (", per-channel input zero points" if self.per_channel_input else ""))
 
     def describe(self) -> dict:
+        zp = self.input_zero_point
         return {"target": self.target, "act_bits": self.act_bits,
                 "input_scale": float(self.input_scale),
-                "input_zero_point": int(self.input_zero_point),
+                "input_zero_point": zp.flatten().tolist() if self.per_channel_input else int(zp),
                 "centred_channels": int((self.weight_centre != 0).sum())}
 
 
@@ -243,6 +276,9 @@ class FusedOutputConv2d(IntegerConv2d):
         if bool((self.weight_centre != 0).any()):
             raise LoweringError("a centred (asymmetric-weight) conv needs its float output "
                                 "for the correction; it cannot emit uint8 codes")
+        if (self.per_channel_input and any(self.padding)) or quantize.channels is not None:
+            raise LoweringError("per-channel zero points (border correction) or per-channel "
+                                "output steps need the float output; it cannot emit uint8 codes")
         with torch.no_grad():
             self.output_scale.copy_(quantize.scale)
             self.output_zero_point.copy_(quantize.zero_point)
@@ -273,14 +309,22 @@ class CpuConv2d(FusedOutputConv2d):
 
     def prepare(self) -> None:
         self._corrected = bool((self.weight_centre != 0).any())
+        # per-channel input zero points: oneDNN takes one, so it runs on the raw codes (zero
+        # point 0); the taps' sum rides in the bias and the border strips are added after
+        self._zp_taps = self.zero_point_taps() if self.per_channel_input else None
+        x_zp = 0 if self.per_channel_input else int(self.input_zero_point)
         self._packed = torch.ops.onednn.qconv_prepack(
             self.weight_codes.contiguous(), self.weight_scale.float().contiguous(),
-            float(self.input_scale), int(self.input_zero_point), list(self.stride),
+            float(self.input_scale), x_zp, list(self.stride),
             list(self.padding), list(self.dilation), self.groups, None)
         self._scale = self.weight_scale.float().contiguous()
         self._zero_points = torch.zeros(self.out_channels, dtype=torch.int64)
-        self._bias = None if self.bias is None else self.bias.float().contiguous()
-        self._x_scale, self._x_zp = float(self.input_scale), int(self.input_zero_point)
+        bias = self.bias.float() if self.bias is not None else None
+        if self._zp_taps is not None:
+            interior = self._zp_taps.sum((1, 2))
+            bias = interior if bias is None else bias + interior
+        self._bias = None if bias is None else bias.contiguous()
+        self._x_scale, self._x_zp = float(self.input_scale), x_zp
         self._out_scale, self._out_zp = float(self.output_scale), int(self.output_zero_point)
         self._out_qmax, self._out_attr = int(self.output_qmax), \
             "relu" if bool(self.output_relu) else "none"
@@ -297,9 +341,20 @@ class CpuConv2d(FusedOutputConv2d):
             q, self._x_scale, self._x_zp, self._packed, self._scale, self._zero_points,
             self._bias, list(self.stride), list(self.padding), list(self.dilation),
             self.groups, 1.0, 0, torch.float32, "none", [None], "")
+        if self._zp_taps is not None and any(self.padding):
+            y = self.add_zero_point_border(y, q.shape[2:])
         if not self._corrected:
             return y
         return self.add_centring(y, self.window_sum(q, torch.float32))  # S exact below 2^24
+
+    def add_zero_point_border(self, y: torch.Tensor, size) -> torch.Tensor:
+        """The zero-point term where a tap falls in the padding (interior: in the bias)."""
+        from fxquant.lower.daq import add_border, border_masks  # daq imports this module
+
+        rows, cols = (border_masks(size[i], y.shape[2 + i], self.kernel_size[i], self.stride[i],
+                                   self.padding[i], self.dilation[i], torch.float32, y.device)
+                      for i in range(2))
+        return add_border(y, self._zp_taps.unsqueeze(0), rows, cols)
 
 
 TARGETS = {"reference": ReferenceConv2d, "cpu": CpuConv2d}  # "gpu" added by triton_conv

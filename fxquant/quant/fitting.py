@@ -9,13 +9,14 @@ from torch import nn
 
 from fxquant.errors import CalibrationError
 from fxquant.observers import HistogramObserver, MinMaxObserver, Observer
-from fxquant.quant.ranges import mse_range, percentile_range
+from fxquant.quant.ranges import channel_mse_ranges, mse_range, percentile_range
 from fxquant.quant.uniform import UniformQuantizer, affine_qparams, symmetric_qparams
 from fxquant.recipe import WeightConfig
 
 
 def activation_range(observer: Observer, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The static range an observer's statistics give (min/max, percentile or MSE search)."""
+    """The static range an observer's statistics give (min/max, percentile or MSE search;
+    per channel for min/max and MSE)."""
     if isinstance(observer, MinMaxObserver):
         return observer.min_val, observer.max_val
     if isinstance(observer, HistogramObserver):
@@ -24,6 +25,11 @@ def activation_range(observer: Observer, bits: int) -> tuple[torch.Tensor, torch
         else:
             lo, hi = mse_range(observer.hist, observer.centres(), bits)
         return torch.tensor(lo), torch.tensor(hi)
+    from fxquant.quant.subset import SampleObserver  # quant.subset imports observers
+
+    if isinstance(observer, SampleObserver) and observer.mode == "static":  # per-channel MSE
+        lo, hi = channel_mse_ranges(observer.values, observer.min_val, observer.max_val, bits)
+        return lo.float(), hi.float()
     raise CalibrationError(f"observer {type(observer).__name__} at '{observer.node_name}' "
                            "gives no uniform range")
 

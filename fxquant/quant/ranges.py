@@ -29,6 +29,19 @@ def quantization_mse(values: torch.Tensor, weights: torch.Tensor, lows: torch.Te
     return (err * err * weights[None, :]).sum(dim=1)
 
 
+def channel_mse_ranges(samples: torch.Tensor, lows: torch.Tensor, highs: torch.Tensor,
+                       bits: int, steps: int = 48) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per channel, the clip range minimising the quantization MSE of its samples (C × s),
+    searched as :func:`mse_range` does within the channel's observed ``[low, high]`` (the
+    true extremes, which a sample may miss, are included as samples)."""
+    out_lo, out_hi = lows.clone().double(), highs.clone().double()
+    for c in range(samples.shape[0]):
+        values = torch.cat([samples[c].double(), lows[c:c + 1].double(), highs[c:c + 1].double()])
+        lo, hi = mse_range(torch.ones_like(values), values, bits, steps)
+        out_lo[c], out_hi[c] = lo, hi
+    return out_lo, out_hi
+
+
 def mse_range(hist: torch.Tensor, centres: torch.Tensor, bits: int,
               steps: int = 48) -> tuple[float, float]:
     """Clip range minimising the expected quantization MSE of the histogram.

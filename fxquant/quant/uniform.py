@@ -67,6 +67,12 @@ class UniformQuantizer(Quantizer):
 
     ``scale`` and ``zero_point`` are buffers (state_dict round-trips); with ``learnable``
     the scale is a Parameter for QAT.
+
+    ``folded`` (per-channel activations, set by the ``fold-input-scales`` pass): the step
+    ``s_c`` has been moved into the consumer convs' weights, so the quantizer outputs the
+    value in step units, ``x/s``: ``q − z`` (integer-valued) in fake-quant mode and ``x/s``
+    when off or observing. The consumer then reads exactly the integer codes, which is what
+    makes per-channel activations lowerable.
     """
 
     kind = "uniform"
@@ -88,6 +94,7 @@ class UniformQuantizer(Quantizer):
         else:
             self.register_buffer("scale", scale)
         self.register_buffer("zero_point", torch.zeros(shape))
+        self.folded = False
 
     @property
     def granularity(self) -> str:
@@ -98,12 +105,34 @@ class UniformQuantizer(Quantizer):
             self.scale.copy_(scale.reshape(self.scale.shape))
             self.zero_point.copy_(zero_point.reshape(self.zero_point.shape))
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.folded or self.quant_mode == "fake-quant":
+            return super().forward(x)
+        if self.quant_mode == "observe":
+            self.observe(x)
+        return x / self.scale  # the value the folded consumers expect
+
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        if self.folded:
+            q = torch.clamp(round_ste(x / self.scale) + self.zero_point, self.qmin, self.qmax)
+            return q - self.zero_point
         return fake_quantize(x, self.scale, self.zero_point, self.qmin, self.qmax)
+
+    def fold(self) -> None:
+        """Mark the per-channel step as moved into the consumers (see the class docstring)."""
+        if self.channels is None or self.ch_axis != 1:
+            raise ValueError("only a per-channel activation quantizer (channel axis 1) folds "
+                             "its step into the next conv")
+        if isinstance(self.scale, torch.nn.Parameter):
+            raise ValueError("a trainable step cannot be folded into fixed weights")
+        self.folded = True
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
         """The scale as a Parameter (LSQ-style: the step learns through the straight-through
-        rounding; the zero point stays fixed). The state_dict key stays ``scale``."""
+        rounding; the zero point stays fixed). The state_dict key stays ``scale``. A folded
+        quantizer offers nothing: its step is baked into the consumers' weights."""
+        if self.folded:
+            return []
         if not isinstance(self.scale, torch.nn.Parameter):
             scale = self.scale.detach().clone()
             del self._buffers["scale"]
@@ -116,12 +145,13 @@ class UniformQuantizer(Quantizer):
         with torch.no_grad():
             q = torch.clamp(torch.round(x.detach() / self.scale) + self.zero_point,
                             self.qmin, self.qmax).to(torch.int32)
-        return AffineCodes(q, self.scale.detach(), self.zero_point.detach(), None,
-                           self.qmin, self.qmax)
+        scale = torch.ones_like(self.scale) if self.folded else self.scale.detach()
+        return AffineCodes(q, scale, self.zero_point.detach(), None, self.qmin, self.qmax)
 
     def describe(self) -> dict:
-        return {"kind": self.kind, "bits": self.bits, "granularity": self.granularity,
+        info = {"kind": self.kind, "bits": self.bits, "granularity": self.granularity,
                 "mode": "static", "symmetric": self.symmetric}
+        return {**info, "folded": True} if self.folded else info
 
     def check(self) -> None:
         if not torch.isfinite(self.scale).all() or (self.scale <= 0).any():
