@@ -30,15 +30,21 @@ def quantization_mse(values: torch.Tensor, weights: torch.Tensor, lows: torch.Te
 
 
 def channel_mse_ranges(samples: torch.Tensor, lows: torch.Tensor, highs: torch.Tensor,
-                       bits: int, steps: int = 48) -> tuple[torch.Tensor, torch.Tensor]:
+                       bits: int, steps: int = 48, bins: int = 2048
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per channel, the clip range minimising the quantization MSE of its samples (C × s),
-    searched as :func:`mse_range` does within the channel's observed ``[low, high]`` (the
-    true extremes, which a sample may miss, are included as samples)."""
+    searched as :func:`mse_range` does over a ``bins``-bin histogram of the samples spanning
+    the channel's observed ``[low, high]`` (the true extremes, which a sample may miss, are
+    counted too). The histogram makes the search cost independent of the sample size."""
     out_lo, out_hi = lows.clone().double(), highs.clone().double()
     for c in range(samples.shape[0]):
+        lo, hi = float(lows[c]), float(highs[c])
+        if not hi > lo:
+            continue  # a constant channel: its min/max range is exact
         values = torch.cat([samples[c].double(), lows[c:c + 1].double(), highs[c:c + 1].double()])
-        lo, hi = mse_range(torch.ones_like(values), values, bits, steps)
-        out_lo[c], out_hi[c] = lo, hi
+        hist = torch.histc(values, bins=bins, min=lo, max=hi)
+        centres = lo + (hi - lo) / bins * (torch.arange(bins, dtype=torch.float64) + 0.5)
+        out_lo[c], out_hi[c] = mse_range(hist, centres, bits, steps)
     return out_lo, out_hi
 
 
