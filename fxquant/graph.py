@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import fx, nn
@@ -62,14 +62,16 @@ class Selection:
 
     nodes: tuple[fx.Node, ...]
     skipped: dict  # node name -> reason
+    bits: dict = field(default_factory=dict)  # node name -> bits overriding the recipe's
 
 
 def select_layers(gm: fx.GraphModule, layers: LayerConfig) -> Selection:
-    """Apply op types, include/exclude globs and the keep-first-last rule."""
+    """Apply op types, include/exclude globs and the keep-first-last rule (with
+    ``first_last_bits`` the first and last conv are chosen, at those bits)."""
     wanted = tuple(t for op in layers.op_types for t in OP_TYPE_MODULES[op])
     convs = [n for n in conv_nodes(gm) if not is_channel_affine(module_of(gm, n))]
     edge = {convs[0].name, convs[-1].name} if layers.keep_first_last and convs else set()
-    chosen, skipped = [], {}
+    chosen, skipped, bits = [], {}, {}
     for node in gm.graph.nodes:
         module = module_of(gm, node)
         if module is None or not isinstance(module, wanted + CONV_TYPES):
@@ -79,7 +81,7 @@ def select_layers(gm: fx.GraphModule, layers: LayerConfig) -> Selection:
             skipped[node.name] = f"op type {type(module).__name__} not in layers.op_types"
         elif is_channel_affine(module):
             skipped[node.name] = "per-channel affine 1x1 conv (e.g. mean shift) kept full precision"
-        elif node.name in edge:
+        elif node.name in edge and not layers.first_last_bits:
             skipped[node.name] = "first/last conv kept full precision (layers.keep_first_last)"
         elif not any(fnmatch.fnmatchcase(name, p) for p in layers.include):
             skipped[node.name] = "not matched by layers.include"
@@ -87,7 +89,9 @@ def select_layers(gm: fx.GraphModule, layers: LayerConfig) -> Selection:
             skipped[node.name] = "matched by layers.exclude"
         else:
             chosen.append(node)
-    return Selection(tuple(chosen), skipped)
+            if node.name in edge:
+                bits[node.name] = layers.first_last_bits
+    return Selection(tuple(chosen), skipped, bits)
 
 
 def unique_attr_name(gm: fx.GraphModule, base: str) -> str:

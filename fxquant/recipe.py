@@ -34,6 +34,7 @@ OP_TYPES = ("conv2d",)
 # Named so the error can say they are known but have no quantized layer (no fake-quant
 # weights, no integer kernel) yet: offering them would leave them silently in float.
 UNSUPPORTED_OP_TYPES = ("conv_transpose2d", "linear")
+FIRST_LAST_METHODS = ("uniform", "odm")  # whose quantizing pass is ``quantize``
 
 
 def check_pass_options(pass_name: str, bits: dict[str, int | None],
@@ -129,12 +130,16 @@ class LayerConfig:
     ``include``/``exclude`` are glob patterns on qualified module names (``body.*.conv1``);
     ``op_types`` restricts the layer kinds. As in all four SR papers, the first and last conv
     of the network stay full precision unless ``keep_first_last`` is false.
+    ``first_last_bits`` (0: off) quantizes those two convs instead, weights and input, at
+    that many bits, whatever the body's width: a 4-bit body with an 8-bit head and tail
+    runs entirely as integer convs (uniform quantize pipelines only).
     """
 
     op_types: list[str] = field(default_factory=lambda: ["conv2d"])
     include: list[str] = field(default_factory=lambda: ["*"])
     exclude: list[str] = field(default_factory=list)
     keep_first_last: bool = True
+    first_last_bits: int = 0
 
     def __post_init__(self) -> None:  # a config built in Python is checked like a parsed one
         self.validate()
@@ -150,6 +155,12 @@ class LayerConfig:
                                   f"(no quantized weights or integer kernel; they stay float "
                                   f"islands); valid: {', '.join(OP_TYPES)}")
             _check_choice(op, OP_TYPES, f"{where}.op_types")
+        if self.first_last_bits:
+            _check_bits(self.first_last_bits, f"{where}.first_last_bits")
+            if not self.keep_first_last:
+                raise RecipeError(f"{where}.first_last_bits = {self.first_last_bits} needs "
+                                  f"{where}.keep_first_last = true: with it false the first "
+                                  "and last convs are quantized like the body already")
 
 
 @dataclass
@@ -252,6 +263,10 @@ class Recipe:
         self.weights.validate()
         self.activations.validate()
         self.layers.validate()
+        if self.layers.first_last_bits and self.method not in FIRST_LAST_METHODS:
+            raise RecipeError(f"layers.first_last_bits applies to the uniform quantize pass "
+                              f"(methods {', '.join(FIRST_LAST_METHODS)}), not to method "
+                              f"'{self.method}', whose first and last convs stay float")
         self.calibration.validate()
         expected = _METHODS[self.method].options
         if not isinstance(self.options, expected):
@@ -280,10 +295,16 @@ class Recipe:
         data["options"] = dataclasses.asdict(self.options) if self.options is not None else {}
         return data
 
-    def to_toml(self) -> str:
+    def to_toml(self, omit: tuple = ()) -> str:
+        """The recipe as TOML; ``omit`` lists ``(section, key, value)`` fields left out where
+        they hold that value."""
         import tomli_w
 
-        return tomli_w.dumps(_drop_none(self.to_dict()))
+        data = self.to_dict()
+        for section, key, value in omit:
+            if data[section].get(key) == value:
+                del data[section][key]
+        return tomli_w.dumps(_drop_none(data))
 
     def save(self, path: str | Path) -> None:
         from fxquant.files import atomic_write_text

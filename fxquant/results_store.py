@@ -165,13 +165,19 @@ def file_hash(path: str | os.PathLike) -> str:
     return _FILE_HASHES[key]
 
 
+# Recipe fields added after results were stored, at the default that behaves as before: left
+# out of the hash, so adding a field does not make every stored result stale.
+NEUTRAL_DEFAULTS = (("layers", "first_last_bits", 0),)
+
+
 def recipe_hash(recipe: str) -> str:
     """Hash of the resolved recipe's canonical TOML (``fp`` for the float model)."""
     if recipe == FP:
         return FP
     from fxquant.recipe import resolve_recipe
 
-    return hashlib.sha256(resolve_recipe(recipe).to_toml().encode()).hexdigest()[:16]
+    text = resolve_recipe(recipe).to_toml(omit=NEUTRAL_DEFAULTS)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def weights_hash(model: str, scale: int, data_root: str | os.PathLike | None = None) -> str:

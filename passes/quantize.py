@@ -8,7 +8,7 @@ from typing import ClassVar
 from torch import fx, nn
 
 from fxquant.errors import CalibrationError
-from fxquant.graph import replace_module_node
+from fxquant.graph import replace_module_node, select_layers
 from fxquant.observers import Observer
 from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
 from fxquant.quant import QuantConv2d, swap_in_quant_conv
@@ -28,7 +28,8 @@ class QuantizePass(Pass):
     One quantizer per observed tensor (shared by the convs that read it, as the observers
     were). The activation quantizer takes its static range from the observer (min/max, percentile
     or MSE search, per the recipe); the conv becomes a :class:`QuantConv2d` whose weight is
-    fake-quantized per output channel. ``w``/``a`` override the recipe's bit-widths.
+    fake-quantized per output channel. ``w``/``a`` override the recipe's bit-widths; the
+    first and last conv take ``layers.first_last_bits`` when it is set.
     """
 
     name: ClassVar[str] = "quantize"
@@ -42,6 +43,7 @@ class QuantizePass(Pass):
         recipe = ctx.recipe
         a_bits = self.a or recipe.activations.bits
         w_bits = self.w or recipe.weights.bits
+        edge_bits = select_layers(gm, recipe.layers).bits  # layers.first_last_bits
         activations = weights = 0
         for node in list(gm.graph.nodes):
             if node.op != "call_module":
@@ -52,7 +54,8 @@ class QuantizePass(Pass):
             consumers = list(node.users)
             convs = [gm.get_submodule(c.target) for c in consumers]
             channels = convs[0].in_channels if recipe.activations.granularity == "per-channel" else None
-            quantizer = activation_quantizer(observer, a_bits, channels)
+            bits = max((edge_bits.get(c.name, a_bits) for c in consumers), default=a_bits)
+            quantizer = activation_quantizer(observer, bits, channels)
             if not observer.has_data and ctx.calibrate:
                 raise CalibrationError(f"observer '{node.target}' saw no calibration data: "
                                        "is the layer reached by the forward pass?")
@@ -61,8 +64,8 @@ class QuantizePass(Pass):
             activations += 1
             for consumer, conv in zip(consumers, convs):
                 if isinstance(conv, nn.Conv2d) and not isinstance(conv, QuantConv2d):
-                    swap_in_quant_conv(gm, consumer.target,
-                                       weight_quantizer(conv, recipe.weights, w_bits))
+                    swap_in_quant_conv(gm, consumer.target, weight_quantizer(
+                        conv, recipe.weights, edge_bits.get(consumer.name, w_bits)))
                     weights += 1
         gm.recompile()
         return PassResult(gm, bool(activations), {"activation_quantizers": activations,

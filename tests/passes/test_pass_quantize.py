@@ -78,3 +78,47 @@ def test_symmetric_weights_and_per_channel_activations(tiny_sr, calib):
     x = torch.rand(2, 3, 12, 12)
     with torch.no_grad():
         assert sqnr_db(tiny_sr(x), gm(x)) > 30
+
+
+def test_first_last_bits_quantize_the_head_and_tail_at_their_own_width(tiny_sr, calib):
+    """A 4-bit body with an 8-bit head and tail: every conv is quantized (and lowers)."""
+    from fxquant import lowered_copy
+
+    recipe = {"weights": {"bits": 4}, "activations": {"bits": 4},
+              "layers": {"first_last_bits": 8}}
+    gm = compile(tiny_sr, recipe, calib=calib)
+    convs = {n: m for n, m in gm.named_modules() if isinstance(m, QuantConv2d)}
+    assert {n: m.weight_quantizer.bits for n, m in convs.items()} == {
+        "head": 8, "blocks.0.0": 4, "blocks.0.2": 4, "blocks.1.0": 4, "blocks.1.2": 4, "tail": 8}
+    assert gm.get_submodule("head_input_quantizer").bits == 8
+    assert gm.get_submodule("tail_input_quantizer").bits == 8
+    plain = compile(tiny_sr, {**recipe, "layers": {}}, calib=calib)
+    assert {n for n, m in plain.named_modules() if isinstance(m, QuantConv2d)} == \
+        set(convs) - {"head", "tail"}
+    lowered = lowered_copy(gm, "cpu")
+    assert not any(isinstance(m, torch.nn.Conv2d) for m in lowered.modules())
+    x = torch.rand(1, 3, 12, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(lowered(x), gm(x), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("layers, method, message", [
+    ({"first_last_bits": 8, "keep_first_last": False}, "uniform",
+     "first_last_bits = 8 needs layers.keep_first_last = true"),
+    ({"first_last_bits": 1}, "uniform", r"first_last_bits = 1 is impossible"),
+    ({"first_last_bits": 8}, "daq", "applies to the uniform quantize pass .methods uniform, "
+                                    "odm., not to method 'daq'"),
+])
+def test_first_last_bits_errors(layers, method, message):
+    from fxquant.errors import RecipeError
+
+    with pytest.raises(RecipeError, match=message):
+        Recipe.from_dict({"method": method, "layers": layers})
+
+
+def test_a_new_recipe_field_at_its_neutral_default_keeps_stored_fingerprints():
+    from fxquant.results_store import recipe_hash
+
+    # the fingerprints docs/results/uniform.json and daq.json hold for these presets
+    assert (recipe_hash("mse-w4a4"), recipe_hash("daq-w4a4")) == ("ebd254b4a431b8ab",
+                                                                  "92099d5f602bd0f4")
