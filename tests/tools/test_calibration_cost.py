@@ -1,0 +1,45 @@
+"""tools/calibration_cost.py: the table it builds from stored results, and its errors."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+TOOL = Path(__file__).resolve().parents[2] / "tools" / "calibration_cost.py"
+
+
+@pytest.fixture(scope="module")
+def tool():
+    spec = importlib.util.spec_from_file_location("calibration_cost", TOOL)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def entry(model, scale, recipe, dataset, seconds):
+    return {"model": model, "scale": scale, "recipe": recipe, "dataset": dataset,
+            "limit": None, "psnr": 30.0, "ssim": 0.9, "compile_s": seconds}
+
+
+def test_one_row_per_preset_and_the_budget_marked(tool, tmp_path):
+    store = {f"{m}|x{s}|{r}|{d}|all": entry(m, s, r, d, t) for m, s, r, d, t in [
+        ("imdn", 4, "fp", "Set5", 0.1), ("imdn", 4, "recon-w4a4", "Set5", 546.0),
+        ("imdn", 4, "recon-w4a4", "Urban100", 546.0), ("carn_m", 4, "recon-w4a4", "Set5", 1054.0),
+        ("imdn", 2, "mse-w4a4", "Set5", 30.0), ("imdn", 4, "mse-w4a4", "Set5", 49.0)]}
+    (tmp_path / "a.json").write_text(json.dumps(store))
+    out = tmp_path / "perf.md"
+    out.write_text("# Performance\n\n## Other\n\nkept\n")
+    assert tool.main(["--results", str(tmp_path), "--write", str(out)]) == 0
+    text = out.read_text()
+    assert "## Other\n\nkept" in text
+    assert "| preset | carn_m | imdn |" in text
+    assert "| `recon-w4a4` | **1054** | 546 |" in text  # over 900 s in bold
+    assert "| `mse-w4a4` | — | 49 |" in text and "| `fp`" not in text
+
+
+def test_nothing_stored_is_an_error(tool, tmp_path, capsys):
+    assert tool.main(["--results", str(tmp_path), "--scale", "3"]) == 2
+    assert "no stored result at x3" in capsys.readouterr().err
