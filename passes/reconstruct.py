@@ -51,6 +51,8 @@ class ReconstructPass(Pass):
 
     Adam with cosine decay, ``lr`` relative to each parameter's magnitude; the last
     ``heldout`` fraction of calibration batches picks the best step and stops early.
+    ``drop`` > 0 is QDrop: during training each activation element skips its quantizer with
+    that probability (the paper's 0.5), which flattens what the steps are fitted to.
     Skipped when a saved model is rebuilt for loading (its state dict holds the result).
     """
 
@@ -62,6 +64,7 @@ class ReconstructPass(Pass):
     ranges: bool = True
     rounding: bool = True
     heldout: float = 0.125
+    drop: float = 0.0
     eval_every: int = 50
     patience: int = 4
     seed: int = 0
@@ -74,6 +77,9 @@ class ReconstructPass(Pass):
             raise RecipeError(f"reconstruct.feature_weight = {self.feature_weight} must be >= 0")
         if not 0 <= self.heldout < 1:
             raise RecipeError(f"reconstruct.heldout = {self.heldout} must lie in [0, 1)")
+        if not 0 <= self.drop < 1:
+            raise RecipeError(f"reconstruct.drop = {self.drop} must lie in [0, 1) (QDrop's "
+                              "probability of passing an activation through unquantized)")
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if not ctx.calibrate:
@@ -104,6 +110,7 @@ class ReconstructPass(Pass):
             if id(p) not in trained:
                 p.requires_grad_(False)
         quantizers = [m for m in gm.modules() if isinstance(m, UniformQuantizer)]
+        handles = _qdrop(gm, self.drop, self.seed) if self.drop else []
         started = time.perf_counter()
         try:
             trainer = Trainer(groups, loss_fn, train, heldout,
@@ -113,6 +120,8 @@ class ReconstructPass(Pass):
                               after_step=lambda: _keep_positive(quantizers))
             result = trainer.run()
         finally:
+            for handle in handles:
+                handle.remove()
             for conv in offsets:
                 rounding.bake(conv)
             for name, p in gm.named_parameters():  # the result is static again
@@ -166,6 +175,23 @@ class ReconstructPass(Pass):
                         and source.name not in names and source.op != "placeholder":
                     names.append(source.name)
         return names
+
+
+def _qdrop(gm: fx.GraphModule, drop: float, seed: int) -> list:
+    """QDrop (Wei et al., ICLR 2022): while training (gradients on), every activation
+    quantizer in the graph passes each element of its input through unquantized with
+    probability ``drop``; held-out evaluation and the result see plain quantization."""
+    generator = torch.Generator().manual_seed(seed + 1)
+
+    def hook(module, args, out):
+        if not torch.is_grad_enabled() or module.quant_mode != "fake-quant":
+            return out
+        keep = torch.rand(out.shape, generator=generator) < drop
+        x = args[0] if not getattr(module, "folded", False) else args[0] / module.scale
+        return torch.where(keep.to(out.device), x, out)
+
+    return [gm.get_submodule(n.target).register_forward_hook(hook) for n in gm.graph.nodes
+            if n.op == "call_module" and isinstance(gm.get_submodule(n.target), Quantizer)]
 
 
 def _magnitude(module: Quantizer, p: torch.nn.Parameter) -> float:

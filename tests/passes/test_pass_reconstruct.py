@@ -79,3 +79,27 @@ def test_nothing_to_train_is_refused(tiny_sr, calib):
         fxquant.compile(tiny_sr, "minmax-w4a4", calib=calib,
                         pipeline="trace,observe,calibrate,quantize,"
                                  "reconstruct{steps=5,ranges=false,rounding=false}")
+
+
+def test_qdrop_trains_differently_reproducibly_and_leaves_no_hook(tiny_sr, calib):
+    drop = UNIFORM.replace("patience=10}", "patience=10,drop=0.5}")
+    a = fxquant.compile(tiny_sr, "minmax-w3a3", calib=calib, pipeline=drop)
+    b = fxquant.compile(tiny_sr, "minmax-w3a3", calib=calib, pipeline=drop)
+    plain = fxquant.compile(tiny_sr, "minmax-w3a3", calib=calib, pipeline=UNIFORM)
+    sa, sb, sp = a.state_dict(), b.state_dict(), plain.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert any(not torch.equal(sa[k], sp[k]) for k in sa)
+    info = next(i for name, i in a.fxquant_history if name.startswith("reconstruct"))
+    assert info["heldout_loss_after"] < info["heldout_loss_before"]
+    q = a.get_submodule("blocks_0_0_input_quantizer")
+    assert not q._forward_hooks
+    x = calib[:2]
+    with torch.enable_grad():  # no drop left: two calls agree, and equal plain quantization
+        torch.testing.assert_close(a(x), a(x), rtol=0, atol=0)
+        assert torch.equal(q(x), q.fake_quant(x))
+
+
+def test_qdrop_probability_must_lie_in_0_1():
+    with pytest.raises(fxquant.RecipeError, match=r"reconstruct.drop = 1.0 must lie in \[0, 1\)"):
+        fxquant.compile(torch.nn.Conv2d(3, 3, 3), "minmax-w8a8",
+                        pipeline="trace,observe,calibrate,quantize,reconstruct{drop=1.0}")
