@@ -10,8 +10,7 @@ from torch import fx, nn
 
 from fxquant.calibration import as_batches
 from fxquant.errors import PassError
-from fxquant.passes.folding import (call_count, find_producer, install_module, probe_input,
-                                    relative_error)
+from fxquant.passes.folding import FloatOutputCheck, call_count, find_producer, install_module
 from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
 from fxquant.quant.channel_norm import fold_input_scale, fold_output_scale
 from fxquant.quant.equalization import equalization_scales, input_channel_absmax
@@ -101,10 +100,7 @@ class EqualizePass(Pass):
                 pairs.append((producer, node))
         batches = as_batches(ctx.calib, ctx.recipe.calibration.batch_size)[: self.batches]
         ranges = _channel_absmax(gm, [c.target for _, c in pairs], batches)
-        probe = probe_input(ctx) if self.check else None
-        if probe is not None:
-            with torch.no_grad():
-                reference = gm.eval()(*probe)
+        check = FloatOutputCheck(gm, ctx, self.check and bool(pairs))
         spread_before, spread_after = [], []
         for producer, consumer in pairs:
             conv_c = gm.get_submodule(consumer.target)
@@ -121,9 +117,8 @@ class EqualizePass(Pass):
         if pairs:
             info["median_spread_before"] = float(torch.tensor(spread_before).median())
             info["median_spread_after"] = float(torch.tensor(spread_after).median())
-        if probe is not None and pairs:
-            with torch.no_grad():
-                err = relative_error(reference, gm(*probe))
+        err = check.error()
+        if err is not None:
             info["max_rel_error"] = err
             if err > self.tol:
                 raise PassError(self.name, f"equalization changed the float output by {err:.3g} "

@@ -9,10 +9,9 @@ import torch
 from torch import fx
 
 from fxquant.errors import PassError
-from fxquant.passes.folding import (find_consumer, find_producer, install_module, probe_input,
-                                    refit_weight_quantizer, relative_error)
+from fxquant.passes.folding import (FloatOutputCheck, find_consumer, find_producer,
+                                    install_module, refit_weight_quantizer)
 from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
-from fxquant.quant import quant_mode
 from fxquant.quant.channel_norm import fold_input_scale, fold_output_scale
 from fxquant.quant.subset import SubsetQuantizer
 
@@ -54,20 +53,15 @@ class FoldChannelNormPass(Pass):
                   and gm.get_submodule(n.target).mode == "static"]
         dynamic = sum(1 for m in gm.modules() if isinstance(m, SubsetQuantizer)) - len(qnodes)
         report: dict[str, dict] = {}
-        probe = probe_input(ctx) if self.check and ctx.calibrate and qnodes else None
-        reference = None
-        if probe is not None:
-            with torch.no_grad(), quant_mode(gm, "off"):
-                reference = gm(*probe)
+        check = FloatOutputCheck(gm, ctx, self.check and bool(qnodes))
         worst = 0.0
         counts = {"pre_folded": 0, "post_folded": 0, "pre_refused": 0, "post_refused": 0}
 
         def verify(what: str, node: fx.Node) -> None:
             nonlocal worst
-            if reference is None:
+            err = check.error()
+            if err is None:
                 return
-            with torch.no_grad(), quant_mode(gm, "off"):
-                err = relative_error(reference, gm(*probe))
             worst = max(worst, err)
             if err > self.tol:
                 raise PassError(self.name, f"folding {what} changed the float output by {err:.3g} "
@@ -115,6 +109,6 @@ class FoldChannelNormPass(Pass):
         gm.recompile()
         ctx.state["fold-channel-norm"] = report
         info = {"static_quantizers": len(qnodes), "dynamic_skipped": dynamic, **counts}
-        if reference is not None:
+        if check.probe is not None:
             info["max_rel_error"] = worst
         return PassResult(gm, counts["pre_folded"] + counts["post_folded"] > 0, info)

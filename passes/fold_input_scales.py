@@ -5,13 +5,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-import torch
 from torch import fx
 
 from fxquant.errors import PassError
-from fxquant.passes.folding import install_module, probe_input, refit_weight_quantizer, relative_error
+from fxquant.passes.folding import FloatOutputCheck, install_module, refit_weight_quantizer
 from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
-from fxquant.quant import QuantConv2d, UniformQuantizer, quant_mode
+from fxquant.quant import QuantConv2d, UniformQuantizer
 from fxquant.quant.channel_norm import fold_input_scale
 
 
@@ -62,10 +61,7 @@ class FoldInputScalesPass(Pass):
                   and gm.get_submodule(n.target).channels is not None
                   and gm.get_submodule(n.target).ch_axis == 1
                   and not gm.get_submodule(n.target).folded]
-        probe = probe_input(ctx) if self.check and ctx.calibrate and qnodes else None
-        if probe is not None:
-            with torch.no_grad(), quant_mode(gm, "off"):
-                reference = gm(*probe)
+        check = FloatOutputCheck(gm, ctx, self.check and bool(qnodes))
         report, folded, convs = {}, 0, 0
         for qnode in qnodes:
             quantizer = gm.get_submodule(qnode.target)
@@ -85,9 +81,8 @@ class FoldInputScalesPass(Pass):
         ctx.state["fold-input-scales"] = report
         info = {"per_channel_quantizers": len(qnodes), "folded": folded, "convs": convs,
                 "refused": len(qnodes) - folded}
-        if probe is not None and folded:
-            with torch.no_grad(), quant_mode(gm, "off"):
-                err = relative_error(reference, gm(*probe))
+        err = check.error() if folded else None
+        if err is not None:
             info["max_rel_error"] = err
             if err > self.tol:
                 raise PassError(self.name, f"folding the input steps changed the float output by "

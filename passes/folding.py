@@ -10,7 +10,7 @@ from torch import fx, nn
 
 from fxquant.calibration import as_batches
 from fxquant.pipeline import PassContext
-from fxquant.quant import QuantConv2d
+from fxquant.quant import QuantConv2d, quant_mode
 from fxquant.quant.fitting import weight_quantizer
 
 _HOMOGENEOUS_MODULES = (nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.Identity)
@@ -162,3 +162,26 @@ def relative_error(ref, out) -> float:
             scale = float(r.abs().max()) or 1.0
             worst = max(worst, float((r - o).abs().max()) / scale)
     return worst
+
+
+class FloatOutputCheck:
+    """The graph's float output (every quantizer off) on a probe input, taken before a pass
+    folds anything, so that :meth:`error` can tell how far the folds moved it (relative
+    max-abs). Inert (``error`` is None) without a probe or when ``enabled`` is false."""
+
+    def __init__(self, gm: fx.GraphModule, ctx: PassContext, enabled: bool = True):
+        self.gm = gm
+        self.probe = probe_input(ctx) if enabled and ctx.calibrate else None
+        self.reference = self._run() if self.probe is not None else None
+
+    def _run(self):
+        was_training = self.gm.training
+        self.gm.eval()
+        try:
+            with torch.no_grad(), quant_mode(self.gm, "off"):
+                return self.gm(*self.probe)
+        finally:
+            self.gm.train(was_training)
+
+    def error(self) -> float | None:
+        return None if self.probe is None else relative_error(self.reference, self._run())
