@@ -43,7 +43,8 @@ class ReconstructPass(Pass):
     The graph keeps its structure; trained are the quantizers' static parameters
     (``ranges``: uniform steps, LSQ-style; non-uniform levels) and the weights' rounding
     (``rounding``: an offset of ±1 step per weight, baked into the weights at the end). The
-    float weights are frozen. Loss: L1 between the outputs plus ``feature_weight`` × the
+    float weights are frozen. Loss: L1 between the outputs, plus (``feature_weight`` > 0;
+    0 by default: on IMDN ×4 it cost 0.43 dB uniform and 0.18 dB I²NQ) ``feature_weight`` × the
     normalized squared error of every quantized tensor's float source::
 
         x ──► q1 ──► c1 ──► ... ──► y_q          L = |y_q − y| + λ·mean_f ‖f_q/‖f_q‖ − f/‖f‖‖²
@@ -60,7 +61,7 @@ class ReconstructPass(Pass):
     steps: int = 500
     lr: float = 1e-3
     rounding_lr: float = 1e-2
-    feature_weight: float = 1.0
+    feature_weight: float = 0.0
     ranges: bool = True
     rounding: bool = True
     heldout: float = 0.125
