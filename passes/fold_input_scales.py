@@ -8,7 +8,8 @@ from typing import ClassVar
 from torch import fx
 
 from fxquant.errors import PassError
-from fxquant.passes.folding import FloatOutputCheck, install_module, refit_weight_quantizer
+from fxquant.passes.folding import (FloatOutputCheck, install_module, reader_problem,
+                                    refit_weight_quantizer)
 from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
 from fxquant.quant import QuantConv2d, UniformQuantizer
 from fxquant.quant.channel_norm import fold_input_scale
@@ -18,13 +19,9 @@ def _readers(gm: fx.GraphModule, node: fx.Node) -> tuple[list[fx.Node], str]:
     """The QuantConv2d nodes reading ``node`` as their only input, or why it cannot fold."""
     users = list(node.users)
     for user in users:
-        module = gm.get_submodule(user.target) if user.op == "call_module" else None
-        if not isinstance(module, QuantConv2d):
-            return [], f"feeds {user.name}, not a quantized conv"
-        if user.args[0] is not node or node in list(user.args[1:]) + list(user.kwargs.values()):
-            return [], f"is not {user.name}'s only input"
-        if sum(1 for n in gm.graph.nodes if n.op == "call_module" and n.target == user.target) > 1:
-            return [], f"conv module '{user.target}' is called more than once (shared weights)"
+        why = reader_problem(gm, node, user, (QuantConv2d,))
+        if why:
+            return [], why
     return users, ""
 
 

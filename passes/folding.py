@@ -128,20 +128,28 @@ def find_producer(gm: fx.GraphModule, qnode: fx.Node) -> tuple[fx.Node | None, i
         child, node = node, node.all_input_nodes[0] if node.all_input_nodes else None
 
 
+def reader_problem(gm: fx.GraphModule, qnode: fx.Node, user: fx.Node,
+                   convs: tuple = _FOLDABLE_CONVS) -> str:
+    """Why ``user`` cannot absorb a per-input-channel scale of ``qnode``'s value ("" if it
+    can): it must be a conv of ``convs`` reading that value as its only input, called once."""
+    module = gm.get_submodule(user.target) if user.op == "call_module" else None
+    if not isinstance(module, convs):
+        return f"quantizer feeds {describe_op(gm, user)}, not a conv"
+    if user.args[0] is not qnode or any(a is qnode for a in list(user.args[1:]) + list(user.kwargs.values())):
+        return f"quantizer output is not {user.name}'s only input"
+    calls = call_count(gm, user.target)
+    if calls > 1:
+        return f"conv module '{user.target}' is called {calls} times (shared weights)"
+    return ""
+
+
 def find_consumer(gm: fx.GraphModule, qnode: fx.Node) -> tuple[fx.Node | None, str]:
     """The conv whose input channels can absorb the quantizer's ``post`` scale, or why not."""
     users = list(qnode.users)
     if len(users) != 1:
         return None, f"quantizer output has {len(users)} users"
-    (user,) = users
-    if user.op != "call_module" or not isinstance(gm.get_submodule(user.target), _FOLDABLE_CONVS):
-        return None, f"quantizer feeds {describe_op(gm, user)}, not a conv"
-    if user.args[0] is not qnode or any(a is qnode for a in list(user.args[1:]) + list(user.kwargs.values())):
-        return None, f"quantizer output is not {user.name}'s only input"
-    calls = call_count(gm, user.target)
-    if calls > 1:
-        return None, f"conv module '{user.target}' is called {calls} times (shared weights)"
-    return user, ""
+    why = reader_problem(gm, qnode, users[0])
+    return (None, why) if why else (users[0], "")
 
 
 def probe_input(ctx: PassContext, size: int = 24) -> tuple | None:

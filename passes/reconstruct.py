@@ -188,8 +188,7 @@ def _qdrop(gm: fx.GraphModule, drop: float, seed: int) -> list:
         if not torch.is_grad_enabled() or module.quant_mode != "fake-quant":
             return out
         keep = torch.rand(out.shape, generator=generator) < drop
-        x = args[0] if not getattr(module, "folded", False) else args[0] / module.scale
-        return torch.where(keep.to(out.device), x, out)
+        return torch.where(keep.to(out.device), module.passthrough(args[0]), out)
 
     return [gm.get_submodule(n.target).register_forward_hook(hook) for n in gm.graph.nodes
             if n.op == "call_module" and isinstance(gm.get_submodule(n.target), Quantizer)]

@@ -83,6 +83,11 @@ class Quantizer(nn.Module):
             return self.fake_quant(x)
         if self.quant_mode == "observe":
             self.observe(x)
+        return self.passthrough(x)
+
+    def passthrough(self, x: torch.Tensor) -> torch.Tensor:
+        """What the quantizer outputs when it does not quantize (observe and off modes, QDrop):
+        ``x`` itself, in the units its consumers expect."""
         return x
 
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract

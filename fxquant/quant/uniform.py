@@ -105,12 +105,8 @@ class UniformQuantizer(Quantizer):
             self.scale.copy_(scale.reshape(self.scale.shape))
             self.zero_point.copy_(zero_point.reshape(self.zero_point.shape))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.folded or self.quant_mode == "fake-quant":
-            return super().forward(x)
-        if self.quant_mode == "observe":
-            self.observe(x)
-        return x / self.scale  # the value the folded consumers expect
+    def passthrough(self, x: torch.Tensor) -> torch.Tensor:
+        return x / self.scale if self.folded else x  # folded consumers expect step units
 
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         if self.folded:
