@@ -69,16 +69,30 @@ def compile(model: nn.Module, recipe: RecipeLike = "minmax-w8a8", calib: object 
     return gm
 
 
-def transformed_copy(gm: fx.GraphModule, pipeline, *, calib: object = None) -> fx.GraphModule:
+def transformed_copy(gm: fx.GraphModule, pipeline, *, calib: object = None,
+                     recipe: RecipeLike | None = None) -> fx.GraphModule:
     """A copy of compiled model ``gm`` run through more passes (a textual pipeline such as
     ``"fold-offsets"``, or a list of :class:`Pass`); ``gm`` stays as it is. The copy's pipeline
-    and history record the passes, so :func:`save` and :func:`load` round-trip it."""
+    and history record the passes, so :func:`save` and :func:`load` round-trip it.
+
+    ``recipe`` (default: ``gm``'s) is the recipe the passes read and the copy carries: a copy
+    that changes method — ODM's offsets added to a plain QAT start, whose training hooks
+    ``fxquant train`` takes from the recipe's method — says so here. Its quantization
+    sections must equal ``gm``'s, since :func:`load` rebuilds the whole pipeline with it."""
+    recipe = gm.fxquant_recipe if recipe is None else resolve_recipe(recipe)
+    start = gm.fxquant_recipe
+    changed = [name for name in ("weights", "activations", "layers", "tracing")
+               if getattr(recipe, name) != getattr(start, name)]
+    if changed:
+        raise FxquantError(f"transformed_copy: recipe '{recipe.name}' differs from the compiled "
+                           f"model's ('{start.name}') in [{', '.join(changed)}]; a copy may "
+                           "change method and options only, since load rebuilds the whole "
+                           "pipeline with one recipe")
     manager = PassManager(pipeline)
-    ctx = PassContext(recipe=gm.fxquant_recipe, calib=calib,
-                      concrete_args=gm.fxquant_concrete_args or None)
+    ctx = PassContext(recipe=recipe, calib=calib, concrete_args=gm.fxquant_concrete_args or None)
     result = manager.run(copy.deepcopy(gm), ctx)
     # GraphModule's deepcopy keeps modules and graph, not these attributes
-    result.fxquant_recipe = gm.fxquant_recipe
+    result.fxquant_recipe = recipe
     result.fxquant_concrete_args = dict(gm.fxquant_concrete_args)
     result.fxquant_pipeline = f"{gm.fxquant_pipeline},{manager.spec}"
     result.fxquant_history = list(gm.fxquant_history) + ctx.history

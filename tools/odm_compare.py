@@ -2,18 +2,23 @@
 the CPU with a short schedule or on a GPU with a long one.
 
     python tools/odm_compare.py --out runs/odm [--models imdn,pan] [--scale 4] [--bits 4,2]
-        [--methods qat,odm-v1,odm-v2] [--steps 300] [--batch-size 16] [--patch 48]
-        [--lr 1e-4] [--device cpu|cuda] [--eval-sets Set5,Urban100] [--json out.json]
-        [--write docs/methods/odm.md]
+        [--start recon-w4a4] [--methods qat,odm-v1,odm-v2] [--steps 300] [--batch-size 16]
+        [--patch 48] [--lr 1e-4] [--device cpu|cuda] [--eval-sets Set5,Urban100]
+        [--json out.json] [--write docs/methods/odm.md]
 
-The common start at ``b`` bits is ``odm-v1-wbab`` without its offsets: per-channel
-symmetric weights, MSE-searched per-tensor activation ranges, the same seeded calibration.
-``qat`` trains it as it is (method ``uniform``); ``odm-v1`` adds identity offsets where the
-mismatch score selects them (its outputs at step 0 equal ``qat``'s) and the cooperative
-variance regularizer; ``odm-v2`` replaces the weight quantizers by wcc and adds the
-cooperative mismatch regularizer (its 99th-percentile activation ranges are replaced by the
-common MSE ranges). Each run is ``fxquant train`` in a subprocess (its recipe TOML is written
-to ``<out>/recipes``); the trained ``model.fxq`` is then scored on ``--eval-sets``.
+The start is compiled once per model and saved (``<out>/<model>-x<scale>-<start>.fxq``):
+by default, at each of ``--bits``, ``odm-v1-wbab`` without its offsets (per-channel
+symmetric weights, MSE-searched per-tensor activation ranges); with ``--start``, any
+uniform preset or TOML, e.g. ``recon-w4a4`` (ranges and rounding reconstructed first).
+``qat`` trains the start as it is; ``odm-v1`` is the start plus ``inject-offsets`` (identity
+offsets where the mismatch score selects them: its outputs at step 0 equal ``qat``'s) and
+the cooperative variance regularizer; ``odm-v2`` is the start plus ``wcc`` (its weight grids)
+and the cooperative mismatch regularizer — the start's activation ranges, not v2's
+99th-percentile ones. Each method's model is a ``fxquant.transformed_copy`` of the start
+carrying ``method = "odm"`` with the ``[options]`` of the ``odm-vN`` preset of its bits;
+each run is ``fxquant train --compiled`` in a subprocess, and the trained ``model.fxq`` is
+then scored on ``--eval-sets``. With ``--json`` the rows are written as they come, and a
+second call skips the runs already there.
 """
 
 from __future__ import annotations
@@ -22,33 +27,76 @@ import argparse
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from fxquant.errors import FxquantError
 from fxquant.files import atomic_write_text
 from fxquant.markdown import write_section
-from fxquant.recipe import Recipe, load_preset
+from fxquant.recipe import Recipe, load_preset, resolve_recipe
 
 SECTION = "## Same-start comparison: plain QAT, ODM v1, ODM v2"
 METHODS = ("qat", "odm-v1", "odm-v2")
+EXTRA_PASS = {"odm-v1": "inject-offsets", "odm-v2": "wcc"}
 
 
-def comparison_recipes(bits: int) -> dict[str, Recipe]:
-    """The three recipes of one bit-width, sharing one PTQ start."""
+def common_start(bits: int) -> Recipe:
+    """The default start at ``bits``: ``odm-v1-wbab``'s quantization without its offsets."""
     v1 = load_preset(f"odm-v1-w{bits}a{bits}").to_dict()
-    v2 = load_preset(f"odm-v2-w{bits}a{bits}").to_dict()
-    qat = {**v1, "name": f"qat-w{bits}a{bits}-common", "method": "uniform", "options": {},
-           "description": f"plain QAT from the common {bits}-bit start", "pipeline": ""}
-    v2 = {**v2, "name": f"odm-v2-w{bits}a{bits}-common", "activations": v1["activations"],
-          "description": f"odm-v2-w{bits}a{bits} from the common start (MSE ranges)"}
-    v1 = {**v1, "name": f"odm-v1-w{bits}a{bits}-common"}
-    return {name: Recipe.from_dict(data) for name, data in
-            (("qat", qat), ("odm-v1", v1), ("odm-v2", v2))}
+    return Recipe.from_dict({**v1, "name": f"qat-w{bits}a{bits}-common", "method": "uniform",
+                             "options": {}, "pipeline": "",
+                             "description": f"plain QAT from the common {bits}-bit start"})
 
 
-def train(model: str, scale: int, recipe_path: Path, out: Path, args) -> dict:
-    command = [sys.executable, "-m", "fxquant.cli", "train", "--model", model, "--scale",
-               str(scale), "--recipe", str(recipe_path), "--out", str(out), "--steps",
+def method_recipe(start: Recipe, method: str) -> Recipe:
+    """The recipe a method's copy of ``start`` carries: ``start`` itself for ``qat``; for
+    ``odm-vN`` method ``odm`` with the ``odm-vN`` preset's options at the start's bits, and
+    a pipeline that is the start's plus the method's pass (what the copy went through)."""
+    if method == "qat":
+        return start
+    bits = start.activations.bits
+    preset = load_preset(f"{method}-w{bits}a{bits}")
+    return Recipe.from_dict({
+        **start.to_dict(), "name": f"{start.name}+{method}", "method": "odm",
+        "options": preset.to_dict()["options"],
+        "pipeline": f"{start.pipeline_spec},{EXTRA_PASS[method]}",
+        "description": f"{start.name} then {EXTRA_PASS[method]}, trained as {method}"})
+
+
+def build_start(model: str, scale: int, start: Recipe, methods: list[str], out: Path,
+                data: str | None) -> dict:
+    """Compile ``start`` once (or reuse its saved file) and save each method's copy; returns
+    the compiled file of each method and the start's ``compile_seconds``."""
+    import fxquant
+    from fxquant.workflow import calibration_data, load_compiled, prepare
+
+    stem = f"{model}-x{scale}-{start.name}"
+    start_file, timing = out / f"{stem}.fxq", out / f"{stem}.json"
+    if start_file.exists():
+        models = load_compiled(start_file, data_root=data)
+    else:
+        started = time.perf_counter()
+        models = prepare(model, scale, start, data_root=data)
+        seconds = round(time.perf_counter() - started, 1)
+        fxquant.save(models.quant_model, start_file, model_name=model, scale=scale)
+        atomic_write_text(timing, json.dumps({"compile_seconds": seconds}) + "\n", "start timing")
+    files = {"compile_seconds": json.loads(timing.read_text())["compile_seconds"]
+             if timing.exists() else None}
+    for method in methods:
+        if method == "qat":
+            files[method] = start_file
+            continue
+        calib = calibration_data(models.spec, scale, start, data)
+        copy = fxquant.transformed_copy(models.quant_model, EXTRA_PASS[method], calib=calib,
+                                        recipe=method_recipe(start, method))
+        files[method] = out / f"{stem}-{method}.fxq"
+        fxquant.save(copy, files[method], model_name=model, scale=scale)
+    return files
+
+
+def train(compiled: Path, out: Path, args) -> dict:
+    command = [sys.executable, "-m", "fxquant.cli", "train", "--compiled", str(compiled),
+               "--out", str(out), "--steps",
                str(args.steps), "--batch-size", str(args.batch_size), "--patch", str(args.patch),
                "--lr", str(args.lr), "--eval-every", str(args.steps), "--log-every", "20",
                "--checkpoint-every", str(args.steps), "--quiet", "--json"]
@@ -56,39 +104,60 @@ def train(model: str, scale: int, recipe_path: Path, out: Path, args) -> dict:
         command += ["--device", args.device]
     if args.data:
         command += ["--data", args.data]
+    started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
-        raise FxquantError(f"fxquant train failed for {model} {recipe_path.name}:\n"
+        raise FxquantError(f"fxquant train failed for {compiled.name}:\n"
                            + (done.stderr.strip().splitlines() or ["(no output)"])[-1])
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    # the whole training subprocess, as a user waits for it
+    summary["seconds"] = round(time.perf_counter() - started, 1)
+    return summary
 
 
-def score(model_file: str, datasets: list[str], data: str | None, limit: int | None) -> dict:
+def score(model_file: str, datasets: list[str], data: str | None, limit: int | None,
+          fp_cache: dict) -> dict:
+    """PSNR of the trained model and of its float model on ``datasets``; the float scores are
+    computed once per (model, scale) and kept in ``fp_cache``."""
     from fxquant.workflow import evaluate_sets, load_compiled
 
     models = load_compiled(model_file, data_root=data)
+    key = (models.spec.name, models.scale)
+    runs = [("quant", models.runner("quant"))] + \
+        ([] if key in fp_cache else [("fp", models.runner("fp"))])
     out = {}
-    for which in ("fp", "quant"):
-        scores = evaluate_sets(models.runner(which), models.spec, models.scale, datasets,
-                               data_root=data, limit=limit)
+    for which, runner in runs:
+        scores = evaluate_sets(runner, models.spec, models.scale, datasets, data_root=data,
+                               limit=limit)
         out[which] = {ds: round(s.psnr, 3) for ds, s in scores.items()}
-    return out
+    fp_cache.setdefault(key, out.get("fp"))
+    return {"fp": fp_cache[key], "quant": out["quant"]}
 
 
 def render(rows: list[dict], command: str, args) -> str:
     sets = args.eval_sets.split(",")
     lines = [SECTION, "", f"`{command}`", "",
              f"{args.steps} steps, batch {args.batch_size}, patch {args.patch}, lr {args.lr} "
-             f"(cosine), device {args.device or 'default'}; PSNR dB (Δ from FP). Start: Set5 "
-             "PSNR of the compiled model before training.", "",
-             "| model | bits | method | start Set5 | " + " | ".join(sets) + " |",
-             "|---|---|---|---:|" + "---:|" * len(sets)]
-    for r in rows:
+             f"(cosine), device {args.device or 'default'}; PSNR dB (Δ from FP). Start: the "
+             "PTQ start's recipe, its compile minutes and its Set5 PSNR before training; "
+             "minutes: the training run, wall clock.", "",
+             "| model | bits | start | method | start Set5 | " + " | ".join(sets)
+             + " | minutes |", "|---|---|---|---|---:|" + "---:|" * len(sets) + "---:|"]
+    for r in sorted(rows, key=lambda r: (r["model"], r["scale"], -r["bits"], start_of(r),
+                                         METHODS.index(r["method"]))):
         cells = [f"{r['quant'][ds]:.3f} ({r['quant'][ds] - r['fp'][ds]:+.2f})" for ds in sets]
-        start = f"{r['start']:.3f}" if r.get("start") is not None else "—"
-        lines.append(f"| {r['model']} ×{r['scale']} | W{r['bits']}A{r['bits']} | {r['method']} "
-                     f"| {start} | " + " | ".join(cells) + " |")
+        psnr = f"{r['start']:.3f}" if r.get("start") is not None else "—"
+        built = f" ({r['start_seconds'] / 60:.1f} min)" if r.get("start_seconds") else ""
+        minutes = f"{r['seconds'] / 60:.1f}" if r.get("seconds") else "—"
+        lines.append(f"| {r['model']} ×{r['scale']} | W{r['bits']}A{r['bits']} | "
+                     f"`{start_of(r)}`{built} | {r['method']} | {psnr} | " + " | ".join(cells)
+                     + f" | {minutes} |")
     return "\n".join(lines) + "\n"
+
+
+def start_of(row: dict) -> str:
+    """The start recipe of a row (rows written before starts were named used the common one)."""
+    return row.get("start_recipe") or f"qat-w{row['bits']}a{row['bits']}-common"
 
 
 def main(argv=None) -> int:
@@ -97,7 +166,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", required=True, help="folder of the runs")
     parser.add_argument("--models", default="imdn,pan")
     parser.add_argument("--scale", type=int, default=4)
-    parser.add_argument("--bits", default="4,2")
+    parser.add_argument("--bits", default="4,2", help="bit-widths of the default start")
+    parser.add_argument("--start", help="a uniform preset or TOML as the PTQ start instead "
+                        "(its bits; --bits is then not used)")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -116,27 +187,44 @@ def main(argv=None) -> int:
         if unknown:
             raise FxquantError(f"unknown method(s) {', '.join(unknown)}; valid: {', '.join(METHODS)}")
         out = Path(args.out)
-        (out / "recipes").mkdir(parents=True, exist_ok=True)
-        rows = []
-        for bits in (int(b) for b in args.bits.split(",")):
-            recipes = comparison_recipes(bits)
+        out.mkdir(parents=True, exist_ok=True)
+        if args.start:
+            starts = [resolve_recipe(args.start)]
+            if starts[0].method != "uniform":
+                raise FxquantError(f"--start {args.start}: method '{starts[0].method}' is not "
+                                   "a uniform PTQ start; give a uniform preset or TOML")
+        else:
+            starts = [common_start(int(b)) for b in args.bits.split(",")]
+        # with --json, rows already there (an earlier, maybe interrupted, run) are kept and
+        # their runs skipped; each new row is written as soon as it is scored
+        rows = json.loads(Path(args.json).read_text()) if args.json and \
+            Path(args.json).exists() else []
+        done = {(r["model"], r["scale"], start_of(r), r["method"]) for r in rows}
+        fp_cache = {(r["model"], r["scale"]): r["fp"] for r in rows}
+        for start in starts:
+            bits = start.activations.bits
             for model in args.models.split(","):
-                for method in methods:
-                    path = out / "recipes" / f"{recipes[method].name}.toml"
-                    recipes[method].save(path)
-                    run = out / f"{model}-x{args.scale}-w{bits}a{bits}-{method}"
-                    summary = train(model, args.scale, path, run, args)
-                    start = next((e["psnr"] for e in summary["evaluations"] if e["step"] == 0),
-                                 None)
+                todo = [m for m in methods if (model, args.scale, start.name, m) not in done]
+                if not todo:
+                    continue
+                files = build_start(model, args.scale, start, todo, out, args.data)
+                for method in todo:
+                    run = out / f"{model}-x{args.scale}-{start.name}-{method}"
+                    summary = train(files[method], run, args)
+                    psnr = next((e["psnr"] for e in summary["evaluations"] if e["step"] == 0),
+                                None)
                     rows.append({"model": model, "scale": args.scale, "bits": bits,
-                                 "method": method, "start": start, "run": str(run),
+                                 "method": method, "start_recipe": start.name, "start": psnr,
+                                 "start_seconds": files["compile_seconds"], "run": str(run),
+                                 "seconds": summary["seconds"],
                                  **score(summary["model"], args.eval_sets.split(","),
-                                         args.data, args.eval_limit)})
+                                         args.data, args.eval_limit, fp_cache)})
+                    if args.json:
+                        atomic_write_text(args.json, json.dumps(rows, indent=1) + "\n",
+                                          "comparison results")
                     print(json.dumps(rows[-1]), flush=True)
         command = "python tools/odm_compare.py " + " ".join(argv if argv is not None else sys.argv[1:])
         text = render(rows, command, args)
-        if args.json:
-            atomic_write_text(args.json, json.dumps(rows, indent=1) + "\n", "comparison results")
         if args.write:
             write_section(args.write, SECTION, text)
         print(text)

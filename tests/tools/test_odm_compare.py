@@ -22,27 +22,44 @@ def tool():
 
 
 @pytest.mark.parametrize("bits", [4, 2])
-def test_the_three_recipes_share_one_start(tool, bits):
-    recipes = tool.comparison_recipes(bits)
-    assert [recipes[m].method for m in tool.METHODS] == ["uniform", "odm", "odm"]
-    for recipe in recipes.values():
+def test_the_methods_share_one_start(tool, bits):
+    start = tool.common_start(bits)
+    assert start.method == "uniform" and start.weights.bits == start.activations.bits == bits
+    assert start.pipeline_spec == "trace,observe,calibrate,quantize,verify"
+    for method, extra in (("odm-v1", "inject-offsets"), ("odm-v2", "wcc")):
+        recipe = tool.method_recipe(start, method)
         assert (recipe.weights, recipe.activations, recipe.calibration) == \
-            (recipes["qat"].weights, recipes["qat"].activations, recipes["qat"].calibration)
-        assert recipe.weights.bits == recipe.activations.bits == bits
-    assert recipes["qat"].pipeline_spec == "trace,observe,calibrate,quantize,verify"
-    assert "inject-offsets" in recipes["odm-v1"].pipeline_spec
-    assert "wcc" in recipes["odm-v2"].pipeline_spec
+            (start.weights, start.activations, start.calibration)
+        assert recipe.method == "odm" and recipe.options.version == method[-2:]
+        assert recipe.pipeline_spec == f"{start.pipeline_spec},{extra}"
+    assert tool.method_recipe(start, "qat") is start
 
 
-def test_identity_offsets_leave_the_v1_start_equal_to_qats(tool, tiny_sr, calib):
+def test_the_method_copies_start_where_qat_does(tool, tiny_sr, calib):
+    """A method's model is the start plus one pass: v1's identity offsets leave its outputs
+    equal to the start's; the copies save, reload with their method, and the start is kept."""
     import fxquant
 
-    recipes = tool.comparison_recipes(4)
-    qat = fxquant.compile(tiny_sr, recipes["qat"], calib=calib)
-    v1 = fxquant.compile(tiny_sr, recipes["odm-v1"], calib=calib)
+    start = tool.common_start(4)
+    gm = fxquant.compile(tiny_sr, start, calib=calib)
     x = calib[:2]
     with torch.no_grad():
-        torch.testing.assert_close(v1(x), qat(x), rtol=0, atol=1e-6)
+        before = gm(x)
+    v1 = fxquant.transformed_copy(gm, "inject-offsets", calib=calib,
+                                  recipe=tool.method_recipe(start, "odm-v1"))
+    with torch.no_grad():
+        torch.testing.assert_close(v1(x), before, rtol=0, atol=1e-6)
+        assert torch.equal(gm(x), before)
+    assert v1.fxquant_recipe.method == "odm" and gm.fxquant_recipe is start
+    assert v1.fxquant_pipeline.endswith(",inject-offsets")
+
+
+def test_a_copy_may_not_change_the_quantization(tool, tiny_sr, calib):
+    import fxquant
+
+    gm = fxquant.compile(tiny_sr, tool.common_start(4), calib=calib)
+    with pytest.raises(fxquant.FxquantError, match=r"differs .* in \[weights, activations\]"):
+        fxquant.transformed_copy(gm, "wcc", recipe=tool.common_start(2))
 
 
 def test_a_two_step_comparison_writes_its_table(tool, data, tmp_path):
@@ -54,11 +71,27 @@ def test_a_two_step_comparison_writes_its_table(tool, data, tmp_path):
             "--json", str(tmp_path / "rows.json"), "--write", str(md)]
     assert tool.main(argv) == 0
     rows = json.loads((tmp_path / "rows.json").read_text())
-    assert [(r["method"], r["bits"]) for r in rows] == [("qat", 4), ("odm-v2", 4)]
+    assert [(r["method"], r["bits"], r["start_recipe"]) for r in rows] == \
+        [("qat", 4, "qat-w4a4-common"), ("odm-v2", 4, "qat-w4a4-common")]
     assert all(r["quant"]["Set5"] < r["fp"]["Set5"] for r in rows)
     text = md.read_text()
-    assert "## Other\n\nkept" in text and "| fsrcnn ×4 | W4A4 | odm-v2 |" in text
-    assert (tmp_path / "runs" / "recipes" / "odm-v2-w4a4-common.toml").exists()
+    assert "## Other\n\nkept" in text
+    assert "| fsrcnn ×4 | W4A4 | `qat-w4a4-common` (" in text and "| odm-v2 |" in text
+    assert (tmp_path / "runs" / "fsrcnn-x4-qat-w4a4-common-odm-v2.fxq").exists()
+    # each run trained with its method's hooks: ODM's regularizer only in odm-v2's log
+    logs = {m: (tmp_path / "runs" / f"fsrcnn-x4-qat-w4a4-common-{m}" / "metrics.jsonl")
+            .read_text() for m in ("qat", "odm-v2")}
+    assert "odm_mismatch" in logs["odm-v2"] and "odm_mismatch" not in logs["qat"]
+    assert "| minutes |" in text and all(r["seconds"] > 0 for r in rows)
+
+    # a second call with the same --json keeps those rows and trains only what is missing
+    (tmp_path / "runs" / "fsrcnn-x4-qat-w4a4-common-qat" / "model.fxq").unlink()
+    argv[argv.index("qat,odm-v2")] = "qat,odm-v1,odm-v2"
+    assert tool.main(argv) == 0
+    again = json.loads((tmp_path / "rows.json").read_text())
+    assert again[:2] == rows and [r["method"] for r in again] == ["qat", "odm-v2", "odm-v1"]
+    assert not (tmp_path / "runs" / "fsrcnn-x4-qat-w4a4-common-qat" / "model.fxq").exists()
+    assert again[2]["fp"] == rows[0]["fp"]
 
 
 def test_an_unknown_method_is_named(tool, tmp_path, capsys):
