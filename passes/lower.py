@@ -23,19 +23,22 @@ from fxquant.lower.conv import (
 from fxquant.lower import ops  # noqa: F401 - registers fxquant::pixel_shuffle
 from fxquant.lower.codebook import CodebookQuantize
 from fxquant.lower.daq import DaqConv2d, DaqQuantize, lower_daq
+from fxquant.lower.subset import SubsetQuantize, lower_subset
 from fxquant.lower.guard import InputGuard
 from fxquant.lower.triton_conv import GpuConv2d
 from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
 from fxquant.quant import QuantConv2d, Quantizer, UniformQuantizer
 from fxquant.quant.daq import DAQActivationQuantizer
 from fxquant.quant.nonuniform import NonUniformQuantizer
+from fxquant.quant.subset import SubsetQuantizer
 from fxquant.quant.wcc import ClippedWeightQuantizer
 
 SUPPORTED = ("static uniform per-tensor activation quantizers of 2..8 bits (per-channel ones "
              "once fold-input-scales has moved their steps into the convs), or non-uniform "
              "levels on a uint8 grid (i2nq presets, integer_grid = 8), in front of a Conv2d "
              "with uniform weights of 2..8 bits (the minmax-/mse-/percentile-/i2nq- presets); "
-             "DAQ activations and weights (daq- presets, targets reference and cpu)")
+             "DAQ activations and weights (daq- presets), DFSQ subset activations with "
+             "uniform weights (dfsq- presets), both on targets reference and cpu")
 
 
 @register_pass
@@ -65,7 +68,9 @@ class LowerPass(Pass):
     ``compile`` (cpu only) compiles the module with Inductor on first call, which fuses each
     input quantization into the float op before it.
     DAQ's dynamic quantizers lower on ``reference`` and ``cpu`` to per-(image, channel)
-    integer codes with the steps folded into per-image weights (fxquant/lower/daq.py).
+    integer codes with the steps folded into per-image weights (fxquant/lower/daq.py);
+    DFSQ's subset quantizers to their points' integer codes on the 2^-10 grid, read by the
+    same folded conv (fxquant/lower/subset.py).
     ``gpu`` runs the same integer semantics in a Triton int8 implicit-GEMM conv (CUDA, or the
     CPU under ``TRITON_INTERPRET=1``); with ``fuse`` a symmetric-weight conv also takes the
     residual of a ``conv + r`` it alone feeds, and ReLU and requantization, into its epilogue.
@@ -95,6 +100,10 @@ class LowerPass(Pass):
             quantizer = gm.get_submodule(node.target)
             if isinstance(quantizer, DAQActivationQuantizer):  # fxquant/lower/daq.py
                 lowered += lower_daq(gm, node, quantizer, self.target, self.name)
+                continue
+            if isinstance(quantizer, SubsetQuantizer):  # fxquant/lower/subset.py
+                lowered += lower_subset(gm, node, quantizer, self.target, self.name,
+                                        structure_only=not ctx.calibrate)
                 continue
             consumers = self._convs_of(gm, node, quantizer)
             if isinstance(quantizer, NonUniformQuantizer):  # levels → their uint8 grid codes
@@ -198,8 +207,8 @@ class LowerPass(Pass):
 
 def _float_ops(gm: fx.GraphModule) -> list[str]:
     """The kinds of op left in float: every call that is not integer machinery."""
-    integer = (InputGuard, IntegerQuantize, CodebookQuantize, DaqQuantize, DaqConv2d,
-               *TARGETS.values())
+    integer = (InputGuard, IntegerQuantize, CodebookQuantize, DaqQuantize, SubsetQuantize,
+               DaqConv2d, *TARGETS.values())
     names = set()
     for node in gm.graph.nodes:
         if node.op not in ("call_module", "call_function", "call_method"):

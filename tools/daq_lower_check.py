@@ -1,8 +1,14 @@
-"""DAQ lowered against DAQ fake-quant: Set5 PSNR of the fake-quant, ``reference`` and ``cpu``
-versions of each zoo model × DAQ preset, per-layer agreement, and the largest integer code.
+"""DAQ (or DFSQ) lowered against its fake-quant: Set5 PSNR of the fake-quant, ``reference``
+and ``cpu`` versions of each zoo model × preset, per-layer agreement, and the largest
+integer code.
 
     python tools/daq_lower_check.py [--models imdn,pan,carn_m] [--scale 4]
         [--recipes daq-w4a4,daq-mp4] [--json out.json] [--write docs/lowering.md]
+    python tools/daq_lower_check.py --recipes dfsq-w4a4 ...    # the DFSQ section
+
+Both DAQ and DFSQ lower to per-(image, channel) integer codes read by the same per-image
+folded conv (fxquant/lower/daq.py, fxquant/lower/subset.py). DAQ presets and DFSQ presets
+write separate sections; one call takes one kind.
 
 Both lowered targets are built from the same fake-quant model (``fxquant.lowered_copy``), so
 any difference is the lowered execution alone; ``cpu`` is scored with its default two int8
@@ -27,12 +33,14 @@ from fxquant.errors import FxquantError
 from fxquant.files import atomic_write_text, check_output_path
 from fxquant.lower.compare import daq_layer_agreement
 from fxquant.lower.daq import CpuDaqConv2d, DaqQuantize
+from fxquant.lower.subset import SubsetQuantize
 from fxquant.markdown import write_section
 from fxquant.workflow import as_sr_function, evaluate_sets, prepare
 
 MODELS = ("imdn", "pan", "carn_m")
 RECIPES = ("daq-w4a4", "daq-mp4")
 SECTION = "## DAQ lowered vs fake-quant"
+SECTIONS = {"daq": SECTION, "dfsq": "## DFSQ lowered vs fake-quant"}
 
 
 def check(model: str, scale: int, recipe: str, data: str | None) -> dict:
@@ -57,6 +65,8 @@ def check(model: str, scale: int, recipe: str, data: str | None) -> dict:
         row[f"{name}_psnr"] = round(score.psnr, 4)
     codes = [m for m in lowered["reference"].modules() if isinstance(m, DaqQuantize)]
     relu = [m.max_code for m in codes if m.branch == "relu"]
+    # DFSQ: every subset quantizer's code range (the points' integers on 2^-e, less the base)
+    relu += [m.max_code for m in lowered["reference"].modules() if isinstance(m, SubsetQuantize)]
     row["relu_layers"] = len(relu)
     row["relu_max_code"] = max(relu, default=0)
     row["relu_over_255"] = sum(c > 255 for c in relu)
@@ -64,15 +74,19 @@ def check(model: str, scale: int, recipe: str, data: str | None) -> dict:
 
 
 def render(rows: list[dict], command: str, section: str = SECTION) -> str:
+    dfsq = section == SECTIONS["dfsq"]
+    codes = ("Largest code: the largest point code (I − b_c)/g_c of any subset quantizer "
+             "(layers whose codes exceed 255, i.e. two uint8 planes on cpu / subset layers)."
+             if dfsq else "Largest relu code: the largest unclipped post-ReLU code "
+             "q = round(x/Δ) over the whole Set5 run (layers above 255 / post-ReLU layers).")
     lines = [section, "", f"`{command}`", "",
              "Set5 PSNR of each version. Layer diff: the largest |lowered − fake-quant| of a "
              "conv output on the same raw input, relative to the largest |fake-quant output| "
-             "of that layer (first two Set5 images). Largest relu code: the largest unclipped "
-             "post-ReLU code q = round(x/Δ) over the whole Set5 run (layers above 255 / "
-             "post-ReLU layers).", "",
-             "| model | recipe | DAQ convs | fake-quant | reference | cpu | cpu, 1 weight plane "
-             "| Δ ref − fake | Δ cpu − fake | Δ cpu 1-plane − fake "
-             "| max layer diff ref / cpu / cpu 1-plane | largest relu code (layers > 255) |",
+             f"of that layer (first two Set5 images). {codes}", "",
+             f"| model | recipe | {'DFSQ' if dfsq else 'DAQ'} convs | fake-quant | reference "
+             "| cpu | cpu, 1 weight plane | Δ ref − fake | Δ cpu − fake | Δ cpu 1-plane − fake "
+             "| max layer diff ref / cpu / cpu 1-plane | "
+             f"largest {'' if dfsq else 'relu '}code (layers > 255) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(
@@ -96,6 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--write", help="replace the section of this Markdown file")
     args = parser.parse_args(argv)
     try:
+        kinds = {r.split("-")[0] for r in args.recipes.split(",")}
+        if len(kinds) != 1 or not kinds <= set(SECTIONS):
+            raise FxquantError(f"--recipes {args.recipes}: give DAQ presets (daq-*) or DFSQ "
+                               "presets (dfsq-*), one kind per call")
+        section = SECTIONS[kinds.pop()]
         for path, what in ((args.json, "rows JSON (--json)"), (args.write, "Markdown (--write)")):
             if path:
                 check_output_path(path, what)
@@ -110,12 +129,12 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     command = "python tools/daq_lower_check.py " + " ".join(
         argv if argv is not None else sys.argv[1:])
-    text = render(rows, command.strip())
+    text = render(rows, command.strip(), section)
     print(text)
     if args.json:
         atomic_write_text(args.json, json.dumps(rows, indent=1), "rows JSON (--json)")
     if args.write:
-        write_section(args.write, SECTION, text)
+        write_section(args.write, section, text)
     return 0
 
 

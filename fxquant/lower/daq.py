@@ -168,9 +168,11 @@ def border_masks(size: int, out_size: int, kernel: int, stride: int, padding: in
 
 
 class DaqConv2d(nn.Module):
-    """State shared by the DAQ targets: odd integer weight codes ``K`` (int16), the weight
-    step ``Δ_w/2`` broadcastable to them (per tensor, per output channel, or per (o, c) under
-    mixed precision), bias, conv geometry. ``state_dict`` round-trips."""
+    """A conv reading per-(image, channel) dequantized codes ``x̂ = Δ_{n,c}·q + β_{n,c}``
+    (DAQ's here, DFSQ's from fxquant/lower/subset.py). State shared by the targets: integer
+    weight codes ``K`` (int16; odd for DAQ's mid-rise grid), the weight step ``Δ_w/2``
+    broadcastable to them (per tensor, per output channel, or per (o, c) under mixed
+    precision), bias, conv geometry. ``state_dict`` round-trips."""
 
     target = ""
     channels_last = False
@@ -198,9 +200,14 @@ class DaqConv2d(nn.Module):
         layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
                     conv.padding, conv.dilation, conv.groups, conv.bias is not None)
         layer.source = source
-        codes = conv.weight_quantizer.integer_codes(conv.weight)  # Ŵ = (c − ½)·Δ_w
+        # Ŵ = (c − z)·Δ_w = (2c − 2z)·Δ_w/2: DAQ's mid-rise z = ½ gives odd integer codes,
+        # an integer z (DFSQ's affine weights) even ones; both exact
+        codes = conv.weight_quantizer.integer_codes(conv.weight)
+        doubled = 2 * torch.as_tensor(codes.zero_point, dtype=torch.float64)
+        if not bool((doubled == doubled.round()).all()):
+            raise LoweringError("weight zero points must be integers or halves to lower")
         with torch.no_grad():
-            layer.weight_codes.copy_((2 * codes.codes.long() - 1).to(torch.int16))
+            layer.weight_codes.copy_((2 * codes.codes.long() - doubled.long()).to(torch.int16))
             layer.weight_scale.copy_((codes.scale / 2).expand_as(layer.weight_scale))
             if conv.bias is not None:
                 layer.bias.copy_(conv.bias.detach())
@@ -379,8 +386,6 @@ def lower_daq(gm: fx.GraphModule, node: fx.Node, quantizer: DAQActivationQuantiz
               target: str, pass_name: str = "lower") -> int:
     """Replace DAQ activation quantizer ``node`` and the QuantConv2d(s) it feeds by
     :class:`DaqQuantize` and the target's DAQ conv; return how many convs were lowered."""
-    from fxquant.quant import QuantConv2d
-
     if target not in DAQ_TARGETS:
         raise PassError(pass_name, f"DAQ lowers to targets {', '.join(DAQ_TARGETS)}, not "
                         f"'{target}'", node=node.name)
@@ -388,6 +393,24 @@ def lower_daq(gm: fx.GraphModule, node: fx.Node, quantizer: DAQActivationQuantiz
         raise PassError(pass_name, f"DAQ branch '{quantizer.branch}' (post_relu = 'initial') "
                         "clips to −μ, off the step grid: it has no integer form; lowered "
                         f"branches: {', '.join(LOWERED_BRANCHES)}", node=node.name)
+
+    def check_weights(user, conv):
+        if not isinstance(conv.weight_quantizer, DAQWeightQuantizer):
+            raise PassError(pass_name, f"weights of '{user.target}' use a "
+                            f"{conv.weight_quantizer.kind} quantizer; a DAQ activation lowers "
+                            "with DAQ weights only", node=user.name)
+
+    codes = DaqQuantize.from_quantizer(quantizer, LAYERS[target].channels_last, str(node.target))
+    return lower_folded(gm, node, codes, target, pass_name, "DAQ", check_weights)
+
+
+def lower_folded(gm: fx.GraphModule, node: fx.Node, codes: nn.Module, target: str,
+                 pass_name: str, method: str, check_weights) -> int:
+    """Replace quantizer ``node`` by ``codes`` (a module returning ``(codes, Δ, β)``) and each
+    QuantConv2d it feeds by the target's per-image folded conv; ``check_weights(node, conv)``
+    refuses weights the method cannot lower. Returns how many convs were lowered."""
+    from fxquant.quant import QuantConv2d
+
     users = list(node.users)
     modules = [gm.get_submodule(u.target) if u.op == "call_module" else None for u in users]
     bad = [u for u, m in zip(users, modules) if not isinstance(m, QuantConv2d)
@@ -395,15 +418,13 @@ def lower_daq(gm: fx.GraphModule, node: fx.Node, quantizer: DAQActivationQuantiz
     if bad or not users:
         what = ", ".join(f"{u.name} ({type(m).__name__ if m is not None else u.target})"
                          for u, m in zip(users, modules) if u in bad) or "nothing"
-        raise PassError(pass_name, f"DAQ-quantized value feeds {what}, which has no integer "
-                        "kernel; DAQ lowers in front of a Conv2d only", node=node.name)
+        raise PassError(pass_name, f"{method}-quantized value feeds {what}, which has no "
+                        f"integer kernel; {method} lowers in front of a Conv2d only",
+                        node=node.name)
     layer_cls = LAYERS[target]
     layers = []
     for user, conv in zip(users, modules):
-        if not isinstance(conv.weight_quantizer, DAQWeightQuantizer):
-            raise PassError(pass_name, f"weights of '{user.target}' use a "
-                            f"{conv.weight_quantizer.kind} quantizer; a DAQ activation lowers "
-                            "with DAQ weights only", node=user.name)
+        check_weights(user, conv)
         if target == "cpu" and onednn_accumulator_bound(_fan_in(conv)) > INT32_MAX:
             raise PassError(pass_name, f"fan-in {_fan_in(conv)} can overflow oneDNN's int32 "
                             "accumulator (bound fan-in·255·127 < 2^31)", node=user.name)
@@ -411,7 +432,6 @@ def lower_daq(gm: fx.GraphModule, node: fx.Node, quantizer: DAQActivationQuantiz
             layers.append(layer_cls.from_quantized(conv, str(user.target)))
         except LoweringError as exc:
             raise PassError(pass_name, str(exc), node=user.name) from None
-    codes = DaqQuantize.from_quantizer(quantizer, layer_cls.channels_last, str(node.target))
     replace_module_node(gm, node, codes, str(node.target).replace("_quantizer", "_codes"))
     for user, layer in zip(users, layers):
         replace_module_node(gm, user, layer, str(user.target).replace(".", "_"))

@@ -80,6 +80,33 @@ def grid_lookup(x: torch.Tensor, s: int, table: torch.Tensor) -> torch.Tensor:
     return torch.take(table, t + offset)
 
 
+def point_exponent(points: torch.Tensor) -> int | None:
+    """Smallest e with every point a multiple of 2^-e (official set: 10), or None: the points
+    are then the integers ``points·2^e`` times 2^-e."""
+    p = points.detach().double().cpu()
+    for e in range(MAX_GRID_EXPONENT + 1):
+        scaled = p * 2.0 ** e
+        if bool((scaled == scaled.round()).all()):
+            return e
+    return None
+
+
+def subset_normalize(x: torch.Tensor, mode: str, post_relu: bool, eps: float, *,
+                     guard: tuple[torch.Tensor, torch.Tensor] | None = None,
+                     pre: torch.Tensor | None = None, post: torch.Tensor | None = None):
+    """DFSQ's channel normalization, ``(x̃, scale, mean)`` with ``x = x̃·scale [+ mean]``
+    (mean None when not shifted): the range guard's clamp (``guard``: per-channel lo, hi),
+    then per (image, channel) statistics (``dynamic``) or the static ``pre``/``post``
+    multiplies. The fake-quantizer and its lowered form (fxquant/lower/subset.py) both call
+    it, so their normalized values are the same floats."""
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    if guard is not None:
+        x = torch.clamp(x, guard[0].view(shape), guard[1].view(shape))
+    if mode == "dynamic":
+        return normalize_dynamic(x, post_relu, eps)
+    return x * pre.view(shape), post.view(shape), None
+
+
 def nearest_point(x: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     """Nearest-point quantization of ``x`` (``N × C × ...``) per channel (``points``: C × K).
 
@@ -198,13 +225,10 @@ class SubsetQuantizer(Quantizer):
 
     def _normalize(self, x: torch.Tensor):
         """``(x̃, scale, mean)`` with ``x = x̃·scale [+ mean]`` (mean None when not shifted)."""
-        if self.guard:
-            shape = (1, -1) + (1,) * (x.ndim - 2)
-            x = torch.clamp(x, self.guard_lo.view(shape), self.guard_hi.view(shape))
-        if self.mode == "dynamic":
-            return normalize_dynamic(x, self.post_relu, self.eps)
-        shape = (1, -1) + (1,) * (x.ndim - 2)
-        return x * self.pre.view(shape), self.post.view(shape), None
+        return subset_normalize(x, self.mode, self.post_relu, self.eps,
+                                guard=(self.guard_lo, self.guard_hi) if self.guard else None,
+                                pre=self.pre if self.mode == "static" else None,
+                                post=self.post if self.mode == "static" else None)
 
     @property
     def folded(self) -> str:

@@ -1,0 +1,166 @@
+"""DFSQ lowered: the subset quantizer's points as integer codes, read by the per-image folded
+conv DAQ lowers to (fxquant/lower/daq.py).
+
+A subset quantizer snaps each normalized value ``x̃`` to one of its channel's points ``P_c``
+and de-normalizes, ``x̂ = P·s_{n,c} + μ_{n,c}`` (dynamic: ``s = m + eps`` and ``μ`` per
+(image, channel), ``μ = 0`` post-ReLU; static: ``s = post_c``, ``μ = 0``). The points are
+universal-set values, multiples of 2^-e (official set: e = 10), so each is an integer
+``I = P·2^e`` (−1024…1024). Per channel, with ``b_c = min I`` and ``g_c`` the gcd of
+``I − b_c``::
+
+    q       = (I − b_c)/g_c                   integer codes >= 0 (exact in float32)
+    Δ_{n,c} = s_{n,c}·g_c·2^-e                the per-(image, channel) step
+    β_{n,c} = μ_{n,c} + s_{n,c}·b_c·2^-e       the offset
+    x̂       = Δ·q + β
+
+— the ``(codes, Δ, β)`` contract of DAQ's folded conv, which then does the rest exactly as
+for DAQ (per-image weight fold, border-exact offset term; ``cpu`` splits codes above 255
+into uint8 planes). The normalization and the nearest-point lookup are the fake-quantizer's
+own functions (:func:`~fxquant.quant.subset.subset_normalize`, the same grid table), so the
+codes are exactly the fake-quant points. DFSQ's weights (uniform, asymmetric, per output
+channel) become the conv's integer weight codes ``2(k − z)`` with step ``Δ_w/2``.
+
+Codes span up to 2^(e+1) + 1 values (11 bits for the official set): on ``cpu`` that is two
+uint8 planes (two u8 × s8 convs per weight plane), on ``reference`` int32 codes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx, nn
+
+from fxquant.errors import PassError
+from fxquant.lower.daq import LAYERS, lower_folded
+from fxquant.quant import UniformQuantizer
+from fxquant.quant.subset import (
+    SubsetQuantizer,
+    grid_exponent,
+    grid_lookup,
+    grid_table,
+    point_exponent,
+    subset_normalize,
+)
+
+SUBSET_TARGETS = tuple(LAYERS)  # reference, cpu
+
+
+class SubsetQuantize(nn.Module):
+    """Float tensor → ``(codes, Δ, β)`` of a DFSQ subset quantizer (module doc).
+
+    Persistent state is the quantizer's (points, range guard, static multiplies); the lookup
+    table and the per-channel code base and gcd are derived from the points, recomputed on
+    ``load_state_dict``."""
+
+    def __init__(self, channels: int, bits: int, post_relu: bool, mode: str, eps: float,
+                 guard: bool, channels_last: bool):
+        super().__init__()
+        self.channels, self.bits, self.post_relu = channels, bits, post_relu
+        self.mode, self.eps, self.guard, self.channels_last = mode, eps, guard, channels_last
+        self.source = ""
+        k = 2 ** bits
+        # placeholder points on the 2^-4 grid until from_quantizer / load_state_dict
+        self.register_buffer("points", (torch.arange(k) - k // 2).float().div(16)
+                             .expand(channels, k).clone())
+        if guard:
+            self.register_buffer("guard_lo", torch.full((channels,), -float("inf")))
+            self.register_buffer("guard_hi", torch.full((channels,), float("inf")))
+        if mode == "static":
+            self.register_buffer("pre", torch.ones(channels))
+            self.register_buffer("post", torch.ones(channels))
+        self.register_buffer("table", torch.zeros(channels, 3), persistent=False)
+        self.register_buffer("base", torch.zeros(channels, 1, 1), persistent=False)
+        self.register_buffer("gcd", torch.ones(channels, 1, 1), persistent=False)
+        self.lookup_exponent, self.point_exponent, self.max_code = 0, 0, 0
+        self._derive()
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._derive())
+
+    @classmethod
+    def from_quantizer(cls, quantizer: SubsetQuantizer, channels_last: bool,
+                       source: str = "", copy_points: bool = True) -> "SubsetQuantize":
+        module = cls(quantizer.channels, quantizer.bits, quantizer.post_relu, quantizer.mode,
+                     quantizer.eps, quantizer.guard, channels_last)
+        module.source = source
+        with torch.no_grad():
+            for name, buffer in module.named_buffers(recurse=False):
+                if name in module._derived or (name == "points" and not copy_points):
+                    continue
+                buffer.copy_(getattr(quantizer, name))
+        module._derive()
+        return module
+
+    _derived = ("table", "base", "gcd")
+
+    def _derive(self) -> None:
+        """Lookup table, code base ``b_c`` and gcd ``g_c`` from the points."""
+        s, e = grid_exponent(self.points), point_exponent(self.points)
+        if s is None or e is None:
+            raise ValueError("subset points are not on a dyadic grid (multiples of 2^-16): "
+                             "they have no integer codes")
+        ints = (self.points.double() * 2.0 ** e).round().long()
+        base = ints.min(dim=1).values
+        gcd = torch.zeros_like(base)
+        for j in range(ints.shape[1]):  # gcd over the K points of every channel at once
+            gcd = torch.gcd(gcd, ints[:, j] - base)
+        gcd = torch.where(gcd > 0, gcd, torch.ones_like(gcd))
+        self.lookup_exponent, self.point_exponent = s, e
+        self.max_code = int(((ints.max(dim=1).values - base) // gcd).max())
+        self.table = grid_table(self.points, s, torch.float32)
+        self.base = base.float().view(-1, 1, 1)
+        self.gcd = gcd.float().view(-1, 1, 1)
+
+    def forward(self, x: torch.Tensor):
+        normalized, scale, mean = subset_normalize(
+            x, self.mode, self.post_relu, self.eps,
+            guard=(self.guard_lo, self.guard_hi) if self.guard else None,
+            pre=self.pre if self.mode == "static" else None,
+            post=self.post if self.mode == "static" else None)
+        with torch.no_grad():
+            points = grid_lookup(normalized, self.lookup_exponent, self.table)
+            unit = 2.0 ** -self.point_exponent
+            codes = (points * 2.0 ** self.point_exponent - self.base) / self.gcd
+            n = x.shape[0]
+            scale = scale.expand(n, self.channels, 1, 1)
+            step = scale * (self.gcd * unit)
+            offset = scale * (self.base * unit)
+            if mean is not None:
+                offset = offset + mean
+        if self.max_code <= 255:
+            codes = codes.to(torch.uint8)
+        elif not self.channels_last:  # reference: integer codes; cpu splits u8 planes
+            codes = codes.to(torch.int32)
+        if self.channels_last:
+            codes = codes.contiguous(memory_format=torch.channels_last)
+        return codes, step, offset
+
+    def extra_repr(self) -> str:
+        kind = "u8" if self.max_code <= 255 else \
+            ("integer-valued float32 (u8 planes in the conv)" if self.channels_last else "int32")
+        return (f"channels={self.channels}, points={2 ** self.bits} on 2^-{self.point_exponent},"
+                f" mode={self.mode}, codes 0..{self.max_code} ({kind})"
+                + (", NHWC" if self.channels_last else ""))
+
+
+def lower_subset(gm: fx.GraphModule, node: fx.Node, quantizer: SubsetQuantizer, target: str,
+                 pass_name: str = "lower", structure_only: bool = False) -> int:
+    """Replace subset quantizer ``node`` and the QuantConv2d(s) it feeds by
+    :class:`SubsetQuantize` and the target's folded conv; return how many convs were
+    lowered. ``structure_only`` (``fxquant.load`` rebuilding a saved lowered model, whose
+    quantizers hold no points yet) keeps the module's placeholder points for the state dict
+    to replace."""
+    if target not in SUBSET_TARGETS:
+        raise PassError(pass_name, f"DFSQ subset quantizers lower to targets "
+                        f"{', '.join(SUBSET_TARGETS)}, not '{target}'", node=node.name)
+
+    def check_weights(user, conv):
+        wq = conv.weight_quantizer
+        if not isinstance(wq, UniformQuantizer) or wq.bits > 8:
+            raise PassError(pass_name, f"weights of '{user.target}' use a {wq.kind} quantizer "
+                            f"of {wq.describe()['bits']} bits; a subset-quantized input lowers "
+                            "with uniform weights of 2..8 bits", node=user.name)
+
+    try:
+        codes = SubsetQuantize.from_quantizer(quantizer, LAYERS[target].channels_last,
+                                              str(node.target), copy_points=not structure_only)
+    except ValueError as exc:
+        raise PassError(pass_name, str(exc), node=node.name) from None
+    return lower_folded(gm, node, codes, target, pass_name, "DFSQ", check_weights)

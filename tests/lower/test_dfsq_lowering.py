@@ -1,0 +1,122 @@
+"""DFSQ lowered (fxquant/lower/subset.py): the integer codes are exactly the fake-quant
+points, each lowered conv follows its fake-quant conv, whole tiny models follow theirs on
+both targets and survive save/load, and what cannot lower is named."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import fxquant
+from fxquant.errors import PassError
+from fxquant.lower.compare import daq_layer_agreement
+from fxquant.lower.daq import CpuDaqConv2d, ReferenceDaqConv2d
+from fxquant.lower.subset import SubsetQuantize
+from fxquant.quant import Quantizer
+from fxquant.quant.subset import SubsetQuantizer, point_exponent
+from fxquant.quant.universal_set import universal_set
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+OFFICIAL = universal_set(4, [], True)  # 377 values on the 2^-10 grid
+
+
+def random_quantizer(seed: int, channels: int, bits: int, post_relu: bool, mode: str,
+                     guard: bool) -> SubsetQuantizer:
+    g = torch.Generator().manual_seed(seed)
+    q = SubsetQuantizer(bits, channels, post_relu=post_relu, mode=mode, guard=guard)
+    pool = OFFICIAL[OFFICIAL >= 0] if post_relu else OFFICIAL
+    picks = torch.stack([pool[torch.randperm(len(pool), generator=g)[:2 ** bits]]
+                         for _ in range(channels)])
+    q.set_points(picks)
+    if mode == "static":
+        q.set_scale(torch.rand(channels, generator=g) * 3 + 0.1)
+    if guard:
+        q.set_guard(torch.full((channels,), -2.0), torch.full((channels,), 1.5), 1.0)
+    return q
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 10_000), st.integers(1, 6), st.sampled_from([2, 3, 4]), st.booleans(),
+       st.sampled_from(["dynamic", "static"]), st.booleans(), st.booleans())
+def test_codes_are_the_fake_quant_points(seed, channels, bits, post_relu, mode, guard,
+                                         channels_last):
+    q = random_quantizer(seed, channels, bits, post_relu, mode, guard)
+    x = torch.randn(3, channels, 5, 4, generator=torch.Generator().manual_seed(seed)) * 2
+    if post_relu:
+        x = x.relu()
+    codes, step, offset = SubsetQuantize.from_quantizer(q, channels_last)(x)
+    levels = codes.long()
+    assert levels.min() >= 0
+    assert step.shape == offset.shape == (3, channels, 1, 1)
+    with torch.no_grad():
+        expected = q(x)
+    # Δ·q + β is the fake-quant value up to float64-vs-float32 rounding of the de-normalization
+    torch.testing.assert_close((step.double() * levels + offset.double()).float(), expected,
+                               rtol=2e-6, atol=2e-6 * float(expected.abs().max()))
+    # and the code is the rank of the point on the channel's own integer grid
+    e = point_exponent(q.points)
+    ints = (q.points.double() * 2 ** e).round()
+    base = ints.min(1).values.view(1, -1, 1, 1)
+    points = q.quantize_normalized(q._normalize(x)[0])
+    torch.testing.assert_close((points.double() * 2 ** e - base) % 1, torch.zeros_like(base)
+                               .expand_as(points), rtol=0, atol=0)
+
+
+def test_official_points_need_eleven_bit_codes_and_small_sets_one_byte():
+    q = SubsetQuantizer(4, 2)
+    q.set_points(torch.stack([OFFICIAL[[0, 40, 100, 150, 188, 189, 190, 200, 220, 250, 270,
+                                        300, 330, 350, 370, 376]],
+                              torch.arange(16) / 1024.0]))
+    module = SubsetQuantize.from_quantizer(q, False)
+    assert module.point_exponent == 10 and module.max_code == 2048
+    assert module.gcd.flatten().tolist() == [1.0, 1.0] and module.base.flatten()[1] == 0
+    q.set_points(torch.stack([torch.arange(16) / 16.0, torch.arange(16) / 8.0 - 1]))
+    small = SubsetQuantize.from_quantizer(q, False)
+    assert small.max_code == 15  # gcd 64 (and 128) on the 2^-10 grid: one uint8 plane
+    assert small(torch.randn(1, 2, 3, 3))[0].dtype == torch.uint8
+
+
+@pytest.mark.parametrize("recipe", ["dfsq-w4a4", "dfsq-static-w4a4", "dfsq-w8a8"])
+def test_lowered_dfsq_follows_fake_quant(recipe, tiny_sr, calib, tmp_path):
+    fake = fxquant.compile(tiny_sr, recipe, calib=calib)
+    x = calib[:3]
+    with torch.no_grad():
+        expected = fake(x)
+    # per layer: float64 vs float32 rounding (reference), the folded weights' two int8
+    # planes (cpu); whole model: plus codes flipped where float rounding crosses a midpoint
+    for target, cls, per_layer, whole in (("reference", ReferenceDaqConv2d, 2e-6, 1e-3),
+                                          ("cpu", CpuDaqConv2d, 3e-4, 2e-2)):
+        lowered = fxquant.lowered_copy(fake, target)
+        layers = [m for m in lowered.modules() if isinstance(m, cls)]
+        assert layers and not any(isinstance(m, Quantizer)
+                                  for m in lowered.modules())
+        agreement = daq_layer_agreement(fake, lowered, [x])
+        assert len(agreement) == len(layers)
+        assert max(a[1] for a in agreement) < per_layer
+        with torch.no_grad():
+            out = lowered(x)
+        rel = float((out - expected).abs().max() / expected.abs().max())
+        assert rel < whole, f"{target}: {rel}"
+        path = tmp_path / f"{recipe}-{target}.fxq"
+        fxquant.save(lowered, path)
+        again = fxquant.load(path, tiny_sr)
+        with torch.no_grad():
+            assert torch.equal(again(x), out)
+
+
+def test_the_gpu_target_is_refused_by_name(tiny_sr, calib):
+    fake = fxquant.compile(tiny_sr, "dfsq-w4a4", calib=calib)
+    with pytest.raises(PassError, match="DFSQ subset quantizers lower to targets reference, "
+                                        "cpu, not 'gpu'"):
+        fxquant.lowered_copy(fake, "gpu")
+
+
+def test_points_off_a_dyadic_grid_are_refused_by_name(tiny_sr, calib):
+    fake = fxquant.compile(tiny_sr, "dfsq-w4a4", calib=calib)
+    quantizer = next(m for m in fake.modules() if isinstance(m, SubsetQuantizer))
+    quantizer.set_points(torch.linspace(-1, 1, 16).expand_as(quantizer.points) / 3)
+    with pytest.raises(PassError, match="not on a dyadic grid"):
+        fxquant.lowered_copy(fake, "reference")
