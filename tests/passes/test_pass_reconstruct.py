@@ -103,3 +103,33 @@ def test_qdrop_probability_must_lie_in_0_1():
     with pytest.raises(fxquant.RecipeError, match=r"reconstruct.drop = 1.0 must lie in \[0, 1\)"):
         fxquant.compile(torch.nn.Conv2d(3, 3, 3), "minmax-w8a8",
                         pipeline="trace,observe,calibrate,quantize,reconstruct{drop=1.0}")
+
+
+def test_the_float_model_runs_once_per_calibration_batch(tiny_sr, calib, monkeypatch):
+    """Without the feature loss the teacher's outputs are computed once per batch and reused
+    by every step and held-out evaluation; with it, every step."""
+    import fxquant.passes.reconstruct as module
+
+    calls = []
+    real = module.with_outputs
+
+    def counting(gm, names):  # the pass wraps the student, then the teacher: count each's calls
+        wrapped = real(gm, names)
+        calls.append(0)
+        index = len(calls) - 1
+
+        def run(*args):
+            calls[index] += 1
+            return wrapped(*args)
+        return run
+
+    monkeypatch.setattr(module, "with_outputs", counting)
+    batches = len(calib) // fxquant.resolve_recipe("minmax-w4a4").calibration.batch_size
+    fxquant.compile(tiny_sr, "minmax-w4a4", calib=calib, pipeline=UNIFORM)
+    student, teacher = calls
+    assert teacher == batches and student > 40
+    calls.clear()
+    fxquant.compile(tiny_sr, "minmax-w4a4", calib=calib, pipeline=UNIFORM.replace(
+        "patience=10}", "patience=10,feature_weight=0.1}"))
+    student, teacher = calls
+    assert teacher == student
