@@ -120,7 +120,13 @@ class UniformQuantizer(Quantizer):
             raise ValueError("only a per-channel activation quantizer (channel axis 1) folds "
                              "its step into the next conv")
         if isinstance(self.scale, torch.nn.Parameter):
-            raise ValueError("a trainable step cannot be folded into fixed weights")
+            if self.scale.requires_grad:
+                raise ValueError("a step still being trained cannot be folded into fixed weights")
+            # learned and frozen (after reconstruct): a buffer again, so that no later
+            # training moves a step the consumers' weights already hold
+            scale = self.scale.detach().clone()
+            del self._parameters["scale"]
+            self.register_buffer("scale", scale)
         self.folded = True
 
     def trainable_parameters(self) -> list[torch.nn.Parameter]:
