@@ -20,7 +20,7 @@ import torch
 from torch import fx
 
 from fxquant.lower.conv import IntegerConv2d
-from fxquant.lower.daq import DaqConv2d
+from fxquant.lower.daq import DaqConv2d, code_values
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ def daq_layer_agreement(fake: fx.GraphModule, lowered: fx.GraphModule,
             return
         name, codes, layer = pairs[seen["q"]]
         packed = codes(seen["x"])
-        top[name] = max(top[name], int(packed[0].max()))
+        top[name] = max(top[name], int(code_values(packed[0]).max()))
         diff = float((layer(packed) - out).abs().max()) / max(float(out.abs().max()), 1e-30)
         worst[name] = max(worst[name], diff)
         seen["q"] = None

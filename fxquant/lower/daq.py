@@ -307,14 +307,14 @@ class CpuDaqConv2d(DaqConv2d):
         codes, step, offset = packed
         if bool(torch.isnan(step).any()):
             raise LoweringError(NON_FINITE)
-        n, _, h, w = codes.shape
+        planes = code_planes(codes)
+        n, _, h, w = planes[0].shape
         weight = self.weight(torch.float32)
         folded = self.folded_weight(step.float(), weight)
         wplanes = [requantize_folded(folded)]
         if self.weight_planes > 1:
             k1, s1 = wplanes[0]
             wplanes.append(requantize_folded(folded - k1.float() * s1[:, :, None, None, None]))
-        planes = [codes] if codes.dtype == torch.uint8 else split_planes(codes)
         # the offset plane's interior value rides in oneDNN's bias; the border strips after
         v, rows, cols = self.offset_taps(offset.float(), weight, (h, w))
         bias = v.sum((2, 3)) if self.bias is None else v.sum((2, 3)) + self.bias.float()
@@ -326,7 +326,7 @@ class CpuDaqConv2d(DaqConv2d):
                 # with the input shape oneDNN can pick its weight layout for this call
                 packed_w = torch.ops.onednn.qconv_prepack(
                     wcodes[i].contiguous(), wscale[i].contiguous(), 1.0, 0, list(self.stride),
-                    list(self.padding), list(self.dilation), self.groups, [1, *codes.shape[1:]])
+                    list(self.padding), list(self.dilation), self.groups, [1, *planes[0].shape[1:]])
                 for k, plane in enumerate(planes):
                     part = torch.ops.onednn.qconv_pointwise(
                         plane[i:i + 1], 1.0, 0, packed_w, wscale[i].contiguous(), zero_points,
@@ -359,6 +359,21 @@ def add_border(y: torch.Tensor, v: torch.Tensor, rows: torch.Tensor,
                               cd[:, cb])
         y[:, :, rb.view(-1, 1), cb.view(1, -1)] += corner
     return y
+
+
+def code_planes(codes) -> list[torch.Tensor]:
+    """The uint8 planes of a codes value: uint8 codes are one plane, a list is planes
+    already (DFSQ on cpu), other integer-valued codes are split (:func:`split_planes`)."""
+    if isinstance(codes, (list, tuple)):
+        return list(codes)
+    return [codes] if codes.dtype == torch.uint8 else split_planes(codes)
+
+
+def code_values(codes) -> torch.Tensor:
+    """The integer codes ``Σ_k 256^k·plane_k`` of a codes value (int64), for checks."""
+    if not isinstance(codes, (list, tuple)):
+        return codes.long()
+    return sum(p.long() << (8 * k) for k, p in enumerate(codes))
 
 
 def split_planes(codes: torch.Tensor) -> list[torch.Tensor]:

@@ -21,7 +21,8 @@ codes are exactly the fake-quant points. DFSQ's weights (uniform, asymmetric, pe
 channel) become the conv's integer weight codes ``2(k − z)`` with step ``Δ_w/2``.
 
 Codes span up to 2^(e+1) + 1 values (11 bits for the official set): on ``cpu`` that is two
-uint8 planes (two u8 × s8 convs per weight plane), on ``reference`` int32 codes.
+uint8 planes ``q = lo + 256·hi`` (a list; two u8 × s8 convs per weight plane), on
+``reference`` int32 codes.
 """
 
 from __future__ import annotations
@@ -126,15 +127,20 @@ class SubsetQuantize(nn.Module):
                 offset = offset + mean
         if self.max_code <= 255:
             codes = codes.to(torch.uint8)
-        elif not self.channels_last:  # reference: integer codes; cpu splits u8 planes
-            codes = codes.to(torch.int32)
+        elif not self.channels_last:  # reference: integer codes
+            return codes.to(torch.int32), step, offset
+        else:  # cpu: uint8 planes q = lo + 256·hi made here, where lower{compile} fuses them
+            codes = [torch.remainder(codes, 256).to(torch.uint8),
+                     torch.div(codes, 256, rounding_mode="floor").to(torch.uint8)]
         if self.channels_last:
-            codes = codes.contiguous(memory_format=torch.channels_last)
+            codes = codes.contiguous(memory_format=torch.channels_last) \
+                if isinstance(codes, torch.Tensor) else \
+                [c.contiguous(memory_format=torch.channels_last) for c in codes]
         return codes, step, offset
 
     def extra_repr(self) -> str:
         kind = "u8" if self.max_code <= 255 else \
-            ("integer-valued float32 (u8 planes in the conv)" if self.channels_last else "int32")
+            ("two u8 planes lo + 256·hi" if self.channels_last else "int32")
         return (f"channels={self.channels}, points={2 ** self.bits} on 2^-{self.point_exponent},"
                 f" mode={self.mode}, codes 0..{self.max_code} ({kind})"
                 + (", NHWC" if self.channels_last else ""))

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import fxquant
 from fxquant.errors import PassError
 from fxquant.lower.compare import daq_layer_agreement
-from fxquant.lower.daq import CpuDaqConv2d, ReferenceDaqConv2d
+from fxquant.lower.daq import CpuDaqConv2d, ReferenceDaqConv2d, code_values
 from fxquant.lower.subset import SubsetQuantize
 from fxquant.quant import Quantizer
 from fxquant.quant.subset import SubsetQuantizer, point_exponent
@@ -47,9 +47,13 @@ def test_codes_are_the_fake_quant_points(seed, channels, bits, post_relu, mode, 
     x = torch.randn(3, channels, 5, 4, generator=torch.Generator().manual_seed(seed)) * 2
     if post_relu:
         x = x.relu()
-    codes, step, offset = SubsetQuantize.from_quantizer(q, channels_last)(x)
-    levels = codes.long()
-    assert levels.min() >= 0
+    module = SubsetQuantize.from_quantizer(q, channels_last)
+    codes, step, offset = module(x)
+    if channels_last and module.max_code > 255:  # cpu: two uint8 planes lo + 256·hi
+        assert [c.dtype for c in codes] == [torch.uint8] * 2
+        assert all(c.is_contiguous(memory_format=torch.channels_last) for c in codes)
+    levels = code_values(codes)
+    assert levels.min() >= 0 and levels.max() <= module.max_code
     assert step.shape == offset.shape == (3, channels, 1, 1)
     with torch.no_grad():
         expected = q(x)
