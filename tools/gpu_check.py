@@ -4,10 +4,11 @@
    random layers (bit-exact expected; a fused multiply-add in the epilogue may cost one float
    ulp, so the largest difference and the fraction of differing outputs are reported);
 2. whole models: IMDN ×4 (pretrained, when the data root has it) lowered to ``gpu`` against
-   ``reference`` on one Set5 image (PSNR between them, and each against HR);
+   ``reference`` on one input, for W8A8 (``mse-w8a8-sym``) and for the dynamic quantizers
+   ``daq-w4a4`` and ``dfsq-w4a4`` (per-(image, channel) scales folded into per-image weights);
 3. timing, interleaved rounds, medians, CUDA-synchronized: fp32 eager, bf16 and fp16 eager
-   (cuDNN), fp32 ``torch.compile``, and the Triton int8 lowering (mse-w8a8-sym, fused), for
-   EDSR-baseline ×4 at a 320×180 LR input (720p out) and IMDN ×4.
+   (cuDNN), fp32 ``torch.compile``, and the Triton int8 lowerings (mse-w8a8-sym fused,
+   daq-w4a4, dfsq-w4a4), for EDSR-baseline ×4 at a 320×180 LR input (720p out) and IMDN ×4.
 
     python tools/gpu_check.py --out gpu_check.json [--md gpu_check.md] [--rounds 20]
     TRITON_INTERPRET=1 python tools/gpu_check.py --device cpu --smoke   # the script itself, on CPU
@@ -71,7 +72,10 @@ def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
     return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(1 / mse)).item()
 
 
-def build(name: str, device: str, smoke: bool):
+DYNAMIC = ("daq-w4a4", "dfsq-w4a4")  # recipes whose per-(n, c) scales the gpu target folds
+
+
+def build(name: str, device: str, smoke: bool, recipe: str = "mse-w8a8-sym"):
     """(float model, lowered gpu model, lowered reference model, example input)."""
     from fxquant.models import build_model
 
@@ -81,7 +85,7 @@ def build(name: str, device: str, smoke: bool):
         model = build_model(name, 4)  # no weights here: random init, fine for timing
     side = (16, 16) if smoke else (180, 320) if name == "edsr_baseline" else (128, 128)
     calib = torch.rand(4 if smoke else 16, 3, 24 if smoke else 48, 24 if smoke else 48)
-    fake = fxquant.compile(model, "mse-w8a8-sym", calib=calib)
+    fake = fxquant.compile(model, recipe, calib=calib)
     gpu = fxquant.lowered_copy(fake, "gpu").to(device)
     reference = fxquant.lowered_copy(fake, "reference").to(device)
     return model.to(device), gpu, reference, torch.rand((1, 3) + side, device=device)
@@ -90,11 +94,12 @@ def build(name: str, device: str, smoke: bool):
 def check_models(device: str, smoke: bool) -> list[dict]:
     rows = []
     for name in ("imdn",) if not smoke else ("edsr_baseline",):
-        model, gpu, reference, x = build(name, device, smoke)
-        with torch.inference_mode():
-            fp, a, b = model(x), reference(x), gpu(x)
-        rows.append({"model": name, "gpu_vs_reference_psnr": _psnr(a, b),
-                     "bit_exact": bool(torch.equal(a, b)), "sqnr_vs_fp_db": sqnr_db(fp, b)})
+        for recipe in ("mse-w8a8-sym",) + DYNAMIC:
+            model, gpu, reference, x = build(name, device, smoke, recipe)
+            with torch.inference_mode():
+                fp, a, b = model(x), reference(x), gpu(x)
+            rows.append({"model": name, "recipe": recipe, "gpu_vs_reference_psnr": _psnr(a, b),
+                         "bit_exact": bool(torch.equal(a, b)), "sqnr_vs_fp_db": sqnr_db(fp, b)})
     return rows
 
 
@@ -121,6 +126,8 @@ def bench(device: str, smoke: bool, rounds: int) -> list[dict]:
     for name in ("edsr_baseline", "imdn"):
         model, gpu, _, x = build(name, device, smoke)
         fns = {"fp32_eager": lambda: model(x), "triton_int8": lambda: gpu(x)}
+        for recipe in DYNAMIC:
+            fns[f"triton_{recipe}"] = lambda g=build(name, device, smoke, recipe)[1]: g(x)
         if device == "cuda":
             bf16 = lambda: torch.autocast("cuda", torch.bfloat16)(model)(x)  # noqa: E731
             half = __import__("copy").deepcopy(model).half()
@@ -143,7 +150,11 @@ def markdown(result: dict) -> str:
     exact = sum(r["bit_exact"] for r in result["layers"])
     lines += ["", f"Triton conv vs reference: {exact}/{len(result['layers'])} random layers "
                   f"bit-exact; largest difference "
-                  f"{max(r['max_abs_diff'] for r in result['layers']):.3g}."]
+                  f"{max(r['max_abs_diff'] for r in result['layers']):.3g}.", "",
+              "| model | recipe | gpu vs reference PSNR | bit-exact | SQNR vs FP dB |",
+              "|---|---|---|---|---|"]
+    lines += [f"| {r['model']} | {r['recipe']} | {r['gpu_vs_reference_psnr']:.2f} | "
+              f"{r['bit_exact']} | {r['sqnr_vs_fp_db']:.2f} |" for r in result["models"]]
     return "\n".join(lines) + "\n"
 
 

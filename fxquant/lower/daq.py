@@ -51,7 +51,6 @@ from fxquant.graph import replace_module_node
 from fxquant.lower.conv import INT32_MAX, LoweringError
 from fxquant.quant.daq import DAQActivationQuantizer, DAQWeightQuantizer, _daq_params
 
-DAQ_TARGETS = ("reference", "cpu")
 LOWERED_BRANCHES = ("signed", "relu", "relu-clipped")
 U8_MAX, INT8_MAX = 255, 127
 
@@ -315,28 +314,36 @@ class CpuDaqConv2d(DaqConv2d):
         if self.weight_planes > 1:
             k1, s1 = wplanes[0]
             wplanes.append(requantize_folded(folded - k1.float() * s1[:, :, None, None, None]))
-        # the offset plane's interior value rides in oneDNN's bias; the border strips after
+        # the offset plane's interior value rides in the int8 conv's bias; the border strips after
         v, rows, cols = self.offset_taps(offset.float(), weight, (h, w))
         bias = v.sum((2, 3)) if self.bias is None else v.sum((2, 3)) + self.bias.float()
-        zero_points = torch.zeros(self.out_channels, dtype=torch.int64)
         outs = []
         for i in range(n):
             y = None
             for j, (wcodes, wscale) in enumerate(wplanes):
-                # with the input shape oneDNN can pick its weight layout for this call
-                packed_w = torch.ops.onednn.qconv_prepack(
-                    wcodes[i].contiguous(), wscale[i].contiguous(), 1.0, 0, list(self.stride),
-                    list(self.padding), list(self.dilation), self.groups, [1, *planes[0].shape[1:]])
-                for k, plane in enumerate(planes):
-                    part = torch.ops.onednn.qconv_pointwise(
-                        plane[i:i + 1], 1.0, 0, packed_w, wscale[i].contiguous(), zero_points,
-                        bias[i].contiguous() if j == k == 0 else None, list(self.stride),
-                        list(self.padding), list(self.dilation), self.groups, 1.0, 0,
-                        torch.float32, "none", [None], "")
+                image_planes = [plane[i:i + 1] for plane in planes]
+                for k, part in enumerate(self.image_conv(image_planes, wcodes[i], wscale[i],
+                                                         bias[i] if j == 0 else None)):
                     y = part if y is None else y.add_(part, alpha=float(256 ** k))
             outs.append(y)
         y = outs[0] if n == 1 else torch.cat(outs)
         return add_border(y, v, rows, cols)
+
+    def image_conv(self, planes: list[torch.Tensor], wcodes: torch.Tensor, wscale: torch.Tensor,
+                   bias: torch.Tensor | None) -> list[torch.Tensor]:
+        """One image's code planes (1×C×H×W uint8 NHWC each) convolved with one int8 weight
+        plane (O×C/g×k×k, per-output scale ``wscale``): float32 ``Σ q·K·s_w [+ bias]`` per
+        code plane (``bias`` added to the first only)."""
+        # with the input shape oneDNN can pick its weight layout for this call
+        packed_w = torch.ops.onednn.qconv_prepack(
+            wcodes.contiguous(), wscale.contiguous(), 1.0, 0, list(self.stride),
+            list(self.padding), list(self.dilation), self.groups, [1, *planes[0].shape[1:]])
+        zero_points = torch.zeros(self.out_channels, dtype=torch.int64)
+        return [torch.ops.onednn.qconv_pointwise(
+            plane, 1.0, 0, packed_w, wscale.contiguous(), zero_points,
+            bias.contiguous() if k == 0 and bias is not None else None, list(self.stride),
+            list(self.padding), list(self.dilation), self.groups, 1.0, 0, torch.float32,
+            "none", [None], "") for k, plane in enumerate(planes)]
 
 
 def add_border(y: torch.Tensor, v: torch.Tensor, rows: torch.Tensor,
@@ -393,7 +400,7 @@ def split_planes(codes: torch.Tensor) -> list[torch.Tensor]:
             return [p.contiguous(memory_format=torch.channels_last) for p in planes]
 
 
-LAYERS = {"reference": ReferenceDaqConv2d, "cpu": CpuDaqConv2d}
+LAYERS = {"reference": ReferenceDaqConv2d, "cpu": CpuDaqConv2d}  # "gpu" added by triton_conv
 
 
 # --------------------------------------------------------------------------- the pass
@@ -401,8 +408,8 @@ def lower_daq(gm: fx.GraphModule, node: fx.Node, quantizer: DAQActivationQuantiz
               target: str, pass_name: str = "lower") -> int:
     """Replace DAQ activation quantizer ``node`` and the QuantConv2d(s) it feeds by
     :class:`DaqQuantize` and the target's DAQ conv; return how many convs were lowered."""
-    if target not in DAQ_TARGETS:
-        raise PassError(pass_name, f"DAQ lowers to targets {', '.join(DAQ_TARGETS)}, not "
+    if target not in LAYERS:
+        raise PassError(pass_name, f"DAQ lowers to targets {', '.join(LAYERS)}, not "
                         f"'{target}'", node=node.name)
     if quantizer.branch not in LOWERED_BRANCHES:
         raise PassError(pass_name, f"DAQ branch '{quantizer.branch}' (post_relu = 'initial') "

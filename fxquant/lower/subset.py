@@ -42,9 +42,6 @@ from fxquant.quant.subset import (
     subset_normalize,
 )
 
-SUBSET_TARGETS = tuple(LAYERS)  # reference, cpu
-
-
 class SubsetQuantize(nn.Module):
     """Float tensor → ``(codes, Δ, β)`` of a DFSQ subset quantizer (module doc).
 
@@ -153,9 +150,9 @@ def lower_subset(gm: fx.GraphModule, node: fx.Node, quantizer: SubsetQuantizer, 
     lowered. ``structure_only`` (``fxquant.load`` rebuilding a saved lowered model, whose
     quantizers hold no points yet) keeps the module's placeholder points for the state dict
     to replace."""
-    if target not in SUBSET_TARGETS:
+    if target not in LAYERS:  # reference, cpu, gpu (fxquant/lower/triton_conv.py)
         raise PassError(pass_name, f"DFSQ subset quantizers lower to targets "
-                        f"{', '.join(SUBSET_TARGETS)}, not '{target}'", node=node.name)
+                        f"{', '.join(LAYERS)}, not '{target}'", node=node.name)
 
     def check_weights(user, conv):
         wq = conv.weight_quantizer

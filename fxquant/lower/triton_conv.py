@@ -12,6 +12,9 @@ real value 0, whose code is ``z``). Then ``Σ a·k = Σ_in (q − z)·k + (z −
 constant per output channel, exact at the border. Channels beyond ``C`` (odd counts padded to
 the K block) load weight 0 and add nothing.
 
+:class:`GpuDaqConv2d` runs DAQ's and DFSQ's per-(image, channel) input scales through the
+same kernel, folded into per-image weights (fxquant/lower/daq.py).
+
 Kernels run on a CUDA GPU, and on the CPU under ``TRITON_INTERPRET=1`` (how CI checks them
 bit-exact against ``reference``). The kernel is built on first use so that the interpreter
 switch is read then, not at import.
@@ -24,6 +27,8 @@ import os
 import torch
 
 from fxquant.lower.conv import TARGETS, FusedOutputConv2d, LoweringError
+from fxquant.lower.daq import LAYERS as FOLDED_LAYERS
+from fxquant.lower.daq import CpuDaqConv2d
 
 BLOCK_M, BLOCK_N, BLOCK_K = 32, 32, 32  # BLOCK_K a multiple of 32: the int8 mma's k
 
@@ -198,4 +203,34 @@ class GpuConv2d(FusedOutputConv2d):
         return self.add_centring(y, self.window_sum(codes, torch.float32))
 
 
+class GpuDaqConv2d(CpuDaqConv2d):
+    """DAQ's and DFSQ's per-(image, channel) input scales on the gpu target: the same
+    per-image folded weights as :class:`~fxquant.lower.daq.CpuDaqConv2d` (requantized to
+    int8 per (image, output channel), two planes), each image's code planes convolved by the
+    Triton kernel instead of oneDNN (input zero point 0: a padded code is 0, and the offset
+    term, border-exact, carries β). The scales vary along the reduction (input channels), so
+    they cannot scale the int32 accumulator inside the kernel; folding them into the weights
+    keeps the kernel the static one, launched once per image and plane."""
+
+    target = "gpu"
+
+    @classmethod
+    def from_quantized(cls, conv, source: str = ""):
+        reason = triton_available()
+        if reason is not None:
+            raise LoweringError(f"lower target 'gpu' cannot run here: {reason}")
+        return super().from_quantized(conv, source)
+
+    def image_conv(self, planes, wcodes, wscale, bias):
+        weight_t = wcodes.permute(2, 3, 1, 0).contiguous()  # KH×KW×C/g×O
+        weight_sum = wcodes.to(torch.int32).sum(dim=(1, 2, 3)).contiguous()
+        scale = wscale.float().contiguous()
+        return [int8_conv(plane, weight_t, weight_sum, scale,
+                          bias.float().contiguous() if k == 0 and bias is not None else None, 0,
+                          kernel_size=self.kernel_size, stride=self.stride, padding=self.padding,
+                          dilation=self.dilation, groups=self.groups)
+                for k, plane in enumerate(planes)]
+
+
 TARGETS["gpu"] = GpuConv2d
+FOLDED_LAYERS["gpu"] = GpuDaqConv2d

@@ -111,13 +111,6 @@ def test_lowered_dfsq_follows_fake_quant(recipe, tiny_sr, calib, tmp_path):
             assert torch.equal(again(x), out)
 
 
-def test_the_gpu_target_is_refused_by_name(tiny_sr, calib):
-    fake = fxquant.compile(tiny_sr, "dfsq-w4a4", calib=calib)
-    with pytest.raises(PassError, match="DFSQ subset quantizers lower to targets reference, "
-                                        "cpu, not 'gpu'"):
-        fxquant.lowered_copy(fake, "gpu")
-
-
 def test_points_off_a_dyadic_grid_are_refused_by_name(tiny_sr, calib):
     fake = fxquant.compile(tiny_sr, "dfsq-w4a4", calib=calib)
     quantizer = next(m for m in fake.modules() if isinstance(m, SubsetQuantizer))

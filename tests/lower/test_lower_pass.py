@@ -103,19 +103,6 @@ def test_nothing_to_lower(tiny_sr, calib):
         fxquant.compile(tiny_sr, "minmax-w8a8", calib=calib, pipeline="trace,lower")
 
 
-@pytest.mark.parametrize("recipe,kind", [("dfsq-w4a4", "DFSQ subset quantizers"),
-                                         ("dfsq-static-w4a4", "DFSQ subset quantizers"),
-                                         ("daq-w4a4", "DAQ")])
-def test_dynamic_and_subset_quantizers_name_the_targets_they_lower_to(tiny_sr, calib,
-                                                                       recipe, kind):
-    # they lower on reference and cpu (tests/lower/test_daq_lowering.py, test_dfsq_lowering.py);
-    # the Triton kernel takes static per-tensor input only
-    spec = fxquant.compile(tiny_sr, recipe, calib=calib).fxquant_pipeline
-    pipeline = spec.replace(",verify", "") + ",lower{target=gpu}"
-    with pytest.raises(PassError, match=f"{kind} lowers? to targets reference, cpu, not 'gpu'"):
-        fxquant.compile(tiny_sr, recipe, calib=calib, pipeline=pipeline)
-
-
 def test_per_channel_activations_are_refused(tiny_sr, calib):
     recipe = fxquant.Recipe.from_dict({"activations": {"granularity": "per-channel"}})
     with pytest.raises(PassError, match="per-channel.*u8 kernels take per-tensor"):

@@ -167,3 +167,44 @@ def test_without_cuda_or_the_interpreter_the_error_says_how_to_run(monkeypatch, 
     fake = fxquant.compile(tiny_sr, "minmax-w8a8", calib=torch.rand(8, 3, 16, 16))
     with pytest.raises(fxquant.FxquantError, match="TRITON_INTERPRET=1"):
         fxquant.lowered_copy(fake, "gpu")
+
+
+# ------------------------------------------------------- DAQ and DFSQ: per-(image, channel) scales
+@pytest.mark.parametrize("recipe", ["daq-w4a4", "dfsq-w4a4"])
+def test_daq_and_dfsq_lower_on_gpu_as_on_cpu(recipe, tiny_sr, calib):
+    """The gpu target runs the cpu target's per-image folded int8 weight planes through the
+    Triton kernel: each conv equals its cpu twin up to the epilogue's float rounding, and the
+    whole model follows the cpu-lowered one."""
+    from fxquant.lower.compare import daq_layer_agreement
+    from fxquant.lower.daq import CpuDaqConv2d
+    from fxquant.lower.triton_conv import GpuDaqConv2d
+
+    fake = fxquant.compile(tiny_sr, recipe, calib=calib)
+    cpu, gpu = fxquant.lowered_copy(fake, "cpu"), fxquant.lowered_copy(fake, "gpu")
+    gpu_convs = [m for m in gpu.modules() if isinstance(m, GpuDaqConv2d)]
+    assert gpu_convs and len(gpu_convs) == sum(isinstance(m, CpuDaqConv2d) and
+                                               not isinstance(m, GpuDaqConv2d)
+                                               for m in cpu.modules())
+    x = calib[:1]  # (the interpreter is slow)
+    per_layer = dict((n, d) for n, d, _ in daq_layer_agreement(fake, gpu, [x]))
+    assert max(per_layer.values()) < 3e-4  # the two int8 weight planes, as on cpu
+    seen = {}
+
+    def keep(name):
+        def hook(_module, args, out):
+            seen.setdefault(name, (args[0], out))
+        return hook
+
+    handles = [m.register_forward_hook(keep(name)) for name, m in gpu.named_modules()
+               if isinstance(m, GpuDaqConv2d)]
+    with torch.no_grad():
+        out_gpu = gpu(x)
+    for h in handles:
+        h.remove()
+    cpu_modules = dict(cpu.named_modules())
+    with torch.no_grad():
+        for name, (packed, out) in seen.items():  # the same packed input through the cpu twin
+            torch.testing.assert_close(cpu_modules[name](packed), out, rtol=1e-5, atol=1e-5)
+        out_cpu = cpu(x)
+    rel = float((out_gpu - out_cpu).abs().max() / out_cpu.abs().max())
+    assert rel < 1e-2
