@@ -38,7 +38,7 @@ SUPPORTED = ("static uniform per-tensor activation quantizers of 2..8 bits (per-
              "levels on a uint8 grid (i2nq presets, integer_grid = 8), in front of a Conv2d "
              "with uniform weights of 2..8 bits (the minmax-/mse-/percentile-/i2nq- presets); "
              "DAQ activations and weights (daq- presets), DFSQ subset activations with "
-             "uniform weights (dfsq- presets), both on targets reference and cpu")
+             "uniform weights (dfsq- presets), both on targets reference, cpu and gpu")
 
 
 @register_pass
@@ -70,7 +70,8 @@ class LowerPass(Pass):
     DAQ's dynamic quantizers lower on ``reference`` and ``cpu`` to per-(image, channel)
     integer codes with the steps folded into per-image weights (fxquant/lower/daq.py);
     DFSQ's subset quantizers to their points' integer codes on the 2^-10 grid, read by the
-    same folded conv (fxquant/lower/subset.py).
+    same folded conv (fxquant/lower/subset.py); on ``gpu`` the folded weights go through the
+    Triton kernel per image.
     ``gpu`` runs the same integer semantics in a Triton int8 implicit-GEMM conv (CUDA, or the
     CPU under ``TRITON_INTERPRET=1``); with ``fuse`` a symmetric-weight conv also takes the
     residual of a ``conv + r`` it alone feeds, and ReLU and requantization, into its epilogue.
