@@ -169,9 +169,10 @@ def test_speed_is_measured_only_for_lowering_recipes(data):
     model = SmallSR().eval()
     calib = torch.rand(8, 3, 16, 16, generator=torch.Generator().manual_seed(1))
     spec = ModelSpec("tiny", (2,), "rgb", False)
-    dfsq = fxquant.compile(model, "dfsq-w4a4", calib=calib)  # subset quantizers: no integer form
-    speed = measure_speed(ZooModels(spec, 2, dfsq.fxquant_recipe, model, dfsq), size=16, rounds=2)
-    assert speed["status"] == "not lowerable" and "subset" in speed["reason"]
+    floats = fxquant.compile(model, "i2nq-w4a4-float", calib=calib)  # free float levels
+    speed = measure_speed(ZooModels(spec, 2, floats.fxquant_recipe, model, floats), size=16,
+                          rounds=2)
+    assert speed["status"] == "not lowerable" and "integer_grid" in speed["reason"]
     assert set(speed) == {"status", "reason"}  # no timing made up
     line = report_module._speed_html(speed)
     assert "Speed not measured" in line and "×" not in line

@@ -319,12 +319,6 @@ def _daq_pipeline(tiny_sr, calib, recipe, target):
     return spec.replace(",verify", "") + f",lower{{target={target}}}"
 
 
-def test_gpu_target_is_named_as_not_lowering_daq(tiny_sr, calib):
-    pipeline = _daq_pipeline(tiny_sr, calib, "daq-w4a4", "gpu")
-    with pytest.raises(PassError, match="DAQ lowers to targets reference, cpu, not 'gpu'"):
-        fxquant.compile(tiny_sr, "daq-w4a4", calib=calib, pipeline=pipeline)
-
-
 def test_initial_commit_relu_branch_has_no_integer_form(tiny_sr, calib):
     recipe = fxquant.Recipe.from_dict({"method": "daq", "options": {"post_relu": "initial"}})
     pipeline = _daq_pipeline(tiny_sr, calib, recipe, "reference")
