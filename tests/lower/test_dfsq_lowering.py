@@ -117,3 +117,19 @@ def test_points_off_a_dyadic_grid_are_refused_by_name(tiny_sr, calib):
     quantizer.set_points(torch.linspace(-1, 1, 16).expand_as(quantizer.points) / 3)
     with pytest.raises(PassError, match="not on a dyadic grid"):
         fxquant.lowered_copy(fake, "reference")
+
+
+def test_the_u8_preset_lowers_to_one_uint8_plane(tiny_sr, calib):
+    """dfsq-u8-w4a4's universal set lies on the 2^-6 grid: every code fits uint8, so the cpu
+    conv reads one plane (the official set needs two)."""
+    from fxquant.quant.universal_set import integer_codes
+
+    recipe = fxquant.resolve_recipe("dfsq-u8-w4a4")
+    codes, k = integer_codes(4, recipe.options.universal_exponents)
+    assert k == 6 and int(codes.max() - codes.min()) == 128 and len(codes) == 95
+    lowered = fxquant.lowered_copy(fxquant.compile(tiny_sr, recipe, calib=calib), "cpu")
+    modules = [m for m in lowered.modules() if isinstance(m, SubsetQuantize)]
+    assert modules and all(m.max_code <= 128 for m in modules)
+    with torch.no_grad():
+        packed = modules[0](torch.randn(1, modules[0].channels, 6, 6))
+    assert isinstance(packed[0], torch.Tensor) and packed[0].dtype == torch.uint8
