@@ -38,7 +38,6 @@ from fxquant.quant.subset import (
     grid_exponent,
     grid_lookup,
     grid_table,
-    midpoints,
     point_exponent,
     subset_normalize,
 )
@@ -69,8 +68,6 @@ class SubsetQuantize(nn.Module):
         self.register_buffer("table", torch.zeros(channels, 3), persistent=False)
         self.register_buffer("base", torch.zeros(channels, 1, 1), persistent=False)
         self.register_buffer("gcd", torch.ones(channels, 1, 1), persistent=False)
-        self.register_buffer("mids", torch.zeros(channels, k - 1), persistent=False)
-        self.register_buffer("rises", torch.zeros(channels, k - 1), persistent=False)
         self.lookup_exponent, self.point_exponent, self.max_code = 0, 0, 0
         self._derive()
         self.register_load_state_dict_post_hook(lambda module, _keys: module._derive())
@@ -89,7 +86,7 @@ class SubsetQuantize(nn.Module):
         module._derive()
         return module
 
-    _derived = ("table", "base", "gcd", "mids", "rises")
+    _derived = ("table", "base", "gcd")
 
     def _derive(self) -> None:
         """Lookup table, code base ``b_c`` and gcd ``g_c`` from the points."""
@@ -108,9 +105,6 @@ class SubsetQuantize(nn.Module):
         self.table = grid_table(self.points, s, torch.float32)
         self.base = base.float().view(-1, 1, 1)
         self.gcd = gcd.float().view(-1, 1, 1)
-        codes = (ints - base[:, None]) // gcd[:, None]  # sorted points: codes rise with k
-        self.mids = midpoints(self.points.double()).float()  # dyadic: exact in float32
-        self.rises = (codes[:, 1:] - codes[:, :-1]).float()
 
     def forward(self, x: torch.Tensor):
         normalized, scale, mean = subset_normalize(
@@ -119,12 +113,9 @@ class SubsetQuantize(nn.Module):
             pre=self.pre if self.mode == "static" else None,
             post=self.post if self.mode == "static" else None)
         with torch.no_grad():
+            points = grid_lookup(normalized, self.lookup_exponent, self.table)
             unit = 2.0 ** -self.point_exponent
-            if torch.compiler.is_compiling():
-                codes = self.codes_by_thresholds(normalized)
-            else:
-                points = grid_lookup(normalized, self.lookup_exponent, self.table)
-                codes = (points * 2.0 ** self.point_exponent - self.base) / self.gcd
+            codes = (points * 2.0 ** self.point_exponent - self.base) / self.gcd
             n = x.shape[0]
             scale = scale.expand(n, self.channels, 1, 1)
             step = scale * (self.gcd * unit)
@@ -143,19 +134,6 @@ class SubsetQuantize(nn.Module):
                 if isinstance(codes, torch.Tensor) else \
                 [c.contiguous(memory_format=torch.channels_last) for c in codes]
         return codes, step, offset
-
-    def codes_by_thresholds(self, normalized: torch.Tensor) -> torch.Tensor:
-        """The same codes as the table lookup, as ``Σ_k [x̃ > mid_k]·(code_{k+1} − code_k)``:
-        ties (x̃ on a midpoint) go to the lower point as in the table, since every midpoint
-        is a multiple of 2^-s and ``ceil(x̃·2^s) > mid·2^s`` exactly when ``x̃ > mid``. Under
-        ``lower{compile=true}`` Inductor fuses these compares into one vectorized kernel,
-        where the table's data-dependent gather does not vectorize (eager keeps the table:
-        2^b − 1 passes would cost more there)."""
-        view = (1, self.channels) + (1,) * (normalized.ndim - 2)
-        codes = torch.zeros_like(normalized)
-        for k in range(self.mids.shape[1]):
-            codes = codes + (normalized > self.mids[:, k].view(view)) * self.rises[:, k].view(view)
-        return codes
 
     def extra_repr(self) -> str:
         kind = "u8" if self.max_code <= 255 else \

@@ -54,11 +54,6 @@ def test_codes_are_the_fake_quant_points(seed, channels, bits, post_relu, mode, 
         assert all(c.is_contiguous(memory_format=torch.channels_last) for c in codes)
     levels = code_values(codes)
     assert levels.min() >= 0 and levels.max() <= module.max_code
-    # the compiled path's threshold sums give the table's codes exactly
-    normalized = q._normalize(x)[0]
-    by_table = (q.quantize_normalized(normalized).double() * 2 ** module.point_exponent
-                - module.base.double()) / module.gcd.double()
-    assert torch.equal(module.codes_by_thresholds(normalized).double(), by_table)
     assert step.shape == offset.shape == (3, channels, 1, 1)
     with torch.no_grad():
         expected = q(x)
@@ -81,12 +76,6 @@ def test_official_points_need_eleven_bit_codes_and_small_sets_one_byte():
                               torch.arange(16) / 1024.0]))
     module = SubsetQuantize.from_quantizer(q, False)
     assert module.point_exponent == 10 and module.max_code == 2048
-    # ties: a value exactly on a midpoint goes to the lower point by both lookups
-    on_mids = module.mids.t().reshape(15, 2, 1, 1)
-    lower = (q.quantize_normalized(on_mids).double() * 1024 - module.base.double()) / \
-        module.gcd.double()
-    assert torch.equal(module.codes_by_thresholds(on_mids).double(), lower)
-    assert torch.equal(q.quantize_normalized(on_mids).flatten(), q.points.t()[:-1].flatten())
     assert module.gcd.flatten().tolist() == [1.0, 1.0] and module.base.flatten()[1] == 0
     q.set_points(torch.stack([torch.arange(16) / 16.0, torch.arange(16) / 8.0 - 1]))
     small = SubsetQuantize.from_quantizer(q, False)
