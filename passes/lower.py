@@ -22,7 +22,8 @@ from fxquant.lower.conv import (
 )
 from fxquant.lower import ops  # noqa: F401 - registers fxquant::pixel_shuffle
 from fxquant.lower.codebook import CodebookQuantize
-from fxquant.lower.daq import DaqConv2d, DaqQuantize, lower_daq
+from fxquant.lower.daq import DaqQuantize, lower_daq
+from fxquant.lower.folded import DaqConv2d
 from fxquant.lower.subset import SubsetQuantize, lower_subset
 from fxquant.lower.guard import InputGuard
 from fxquant.lower.triton_conv import GpuConv2d

@@ -6,7 +6,7 @@ the per-round FP32/variant ratios (fxquant.bench.interleaved). Needs $FXQUANT_DA
 """
 import statistics, torch, fxquant
 from fxquant.bench import interleaved
-from fxquant.lower.daq import CpuDaqConv2d
+from fxquant.lower.folded import CpuDaqConv2d
 from fxquant.workflow import prepare
 zoo = prepare("imdn", 4, "daq-w4a4")
 fake = zoo.quant_model

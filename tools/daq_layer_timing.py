@@ -12,7 +12,8 @@ import time
 import torch
 from torch import nn
 
-from fxquant.lower.daq import CpuDaqConv2d, DaqQuantize, requantize_folded
+from fxquant.lower.daq import DaqQuantize
+from fxquant.lower.folded import CpuDaqConv2d, requantize_folded
 from fxquant.quant import QuantConv2d
 from fxquant.quant.daq import DAQActivationQuantizer, DAQWeightQuantizer
 

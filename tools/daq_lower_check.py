@@ -32,7 +32,8 @@ from fxquant.data import BenchmarkSet, to_tensor, to_y_tensor
 from fxquant.errors import FxquantError
 from fxquant.files import atomic_write_text, check_output_path
 from fxquant.lower.compare import daq_layer_agreement
-from fxquant.lower.daq import CpuDaqConv2d, DaqQuantize
+from fxquant.lower.daq import DaqQuantize
+from fxquant.lower.folded import CpuDaqConv2d
 from fxquant.lower.subset import SubsetQuantize
 from fxquant.markdown import write_section
 from fxquant.workflow import as_sr_function, evaluate_sets, prepare

@@ -349,7 +349,7 @@ class CpuConv2d(FusedOutputConv2d):
 
     def add_zero_point_border(self, y: torch.Tensor, size) -> torch.Tensor:
         """The zero-point term where a tap falls in the padding (interior: in the bias)."""
-        from fxquant.lower.daq import add_border, border_masks  # daq imports this module
+        from fxquant.lower.folded import add_border, border_masks  # folded imports this module
 
         rows, cols = (border_masks(size[i], y.shape[2 + i], self.kernel_size[i], self.stride[i],
                                    self.padding[i], self.dilation[i], torch.float32, y.device)

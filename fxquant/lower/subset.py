@@ -31,7 +31,7 @@ import torch
 from torch import fx, nn
 
 from fxquant.errors import PassError
-from fxquant.lower.daq import LAYERS, lower_folded
+from fxquant.lower.folded import LAYERS, lower_folded
 from fxquant.quant import UniformQuantizer
 from fxquant.quant.subset import (
     SubsetQuantizer,

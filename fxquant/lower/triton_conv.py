@@ -27,8 +27,8 @@ import os
 import torch
 
 from fxquant.lower.conv import TARGETS, FusedOutputConv2d, LoweringError
-from fxquant.lower.daq import LAYERS as FOLDED_LAYERS
-from fxquant.lower.daq import CpuDaqConv2d
+from fxquant.lower.folded import LAYERS as FOLDED_LAYERS
+from fxquant.lower.folded import CpuDaqConv2d
 
 BLOCK_M, BLOCK_N, BLOCK_K = 32, 32, 32  # BLOCK_K a multiple of 32: the int8 mma's k
 

@@ -17,13 +17,12 @@ import fxquant
 from fxquant.errors import PassError
 from fxquant.lower.compare import daq_layer_agreement
 from fxquant.lower.conv import INT32_MAX
-from fxquant.lower.daq import (
+from fxquant.lower.daq import DaqQuantize, daq_input_codes
+from fxquant.lower.folded import (
     CpuDaqConv2d,
-    add_border,
     DaqConv2d,
-    DaqQuantize,
     ReferenceDaqConv2d,
-    daq_input_codes,
+    add_border,
     onednn_accumulator_bound,
     requantize_folded,
     split_planes,

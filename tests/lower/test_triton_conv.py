@@ -176,7 +176,7 @@ def test_daq_and_dfsq_lower_on_gpu_as_on_cpu(recipe, tiny_sr, calib):
     Triton kernel: each conv equals its cpu twin up to the epilogue's float rounding, and the
     whole model follows the cpu-lowered one."""
     from fxquant.lower.compare import daq_layer_agreement
-    from fxquant.lower.daq import CpuDaqConv2d
+    from fxquant.lower.folded import CpuDaqConv2d
     from fxquant.lower.triton_conv import GpuDaqConv2d
 
     fake = fxquant.compile(tiny_sr, recipe, calib=calib)

@@ -1,0 +1,318 @@
+"""The per-image folded conv shared by the dynamic quantizers (DAQ: fxquant/lower/daq.py,
+DFSQ: fxquant/lower/subset.py). Their conv input is ``x̂ = Δ_{n,c}·q + β_{n,c}`` with integer
+codes ``q`` and a per-(image, channel) step and offset; the conv is
+
+    y_n = Σ_c (Ŵ[:, c]·Δ_{n,c}) ⋆ q_{n,c}  +  Σ_c Ŵ[:, c] ⋆ (β_{n,c}·1_{H×W})  +  bias
+
+— per-image folded weights on the codes, and the conv of a constant plane per channel with
+zero padding, computed exactly and separably (see fxquant/lower/daq.py's docstring for the
+algebra and the targets: ``reference`` in float64, ``cpu`` with int8 weight planes on oneDNN;
+``gpu``, fxquant/lower/triton_conv.py, with the Triton kernel). A codes module returns
+``(codes, Δ, β)``; codes are uint8, integer-valued (split into uint8 planes here) or a list
+of uint8 planes ``q = Σ_k 256^k·plane_k``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import fx, nn
+
+from fxquant.errors import PassError
+from fxquant.graph import replace_module_node
+from fxquant.lower.conv import INT32_MAX, LoweringError
+
+U8_MAX, INT8_MAX = 255, 127
+
+def onednn_accumulator_bound(fan_in: int) -> int:
+    """Largest |int32 accumulator| of the cpu DAQ conv: uint8 codes (one plane, <= 255) times
+    int8 folded-weight codes (<= 127 in magnitude) over the fan-in."""
+    return fan_in * U8_MAX * INT8_MAX
+
+
+NON_FINITE = ("DAQ input has channels whose statistics overflow float: they pass through "
+              "unquantized and have no integer form")
+
+
+# --------------------------------------------------------------------------- convs
+def border_masks(size: int, out_size: int, kernel: int, stride: int, padding: int,
+                 dilation: int, dtype, device) -> torch.Tensor:
+    """``M[i, y] = 1`` when tap ``i`` of output ``y`` lands inside the input (kernel × out)."""
+    pos = (torch.arange(out_size, device=device) * stride - padding).view(1, -1) \
+        + (torch.arange(kernel, device=device) * dilation).view(-1, 1)
+    return ((pos >= 0) & (pos < size)).to(dtype)
+
+
+class DaqConv2d(nn.Module):
+    """A conv reading per-(image, channel) dequantized codes ``x̂ = Δ_{n,c}·q + β_{n,c}``
+    (DAQ's here, DFSQ's from fxquant/lower/subset.py). State shared by the targets: integer
+    weight codes ``K`` (int16; odd for DAQ's mid-rise grid), the weight step ``Δ_w/2``
+    broadcastable to them (per tensor, per output channel, or per (o, c) under mixed
+    precision), bias, conv geometry. ``state_dict`` round-trips."""
+
+    target = ""
+    channels_last = False
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride, padding,
+                 dilation, groups: int, has_bias: bool):
+        super().__init__()
+        self.in_channels, self.out_channels, self.groups = in_channels, out_channels, groups
+        self.kernel_size, self.stride = tuple(kernel_size), tuple(stride)
+        self.padding, self.dilation = tuple(padding), tuple(dilation)
+        self.source = ""
+        shape = (out_channels, in_channels // groups) + self.kernel_size
+        self.register_buffer("weight_codes", torch.zeros(shape, dtype=torch.int16))
+        self.register_buffer("weight_scale", torch.ones(shape[:2] + (1, 1)))
+        self.register_buffer("bias", torch.zeros(out_channels) if has_bias else None)
+
+    @classmethod
+    def from_quantized(cls, conv, source: str = "") -> "DaqConv2d":
+        if isinstance(conv.padding, str):
+            raise LoweringError(f"padding='{conv.padding}' has no lowered form; give numbers")
+        if conv.padding_mode != "zeros":
+            raise LoweringError(f"padding_mode='{conv.padding_mode}' has no lowered form; "
+                                "only zero padding is supported (the offset term's border "
+                                "correction assumes zeros)")
+        layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
+                    conv.padding, conv.dilation, conv.groups, conv.bias is not None)
+        layer.source = source
+        # Ŵ = (c − z)·Δ_w = (2c − 2z)·Δ_w/2: DAQ's mid-rise z = ½ gives odd integer codes,
+        # an integer z (DFSQ's affine weights) even ones; both exact
+        codes = conv.weight_quantizer.integer_codes(conv.weight)
+        doubled = 2 * torch.as_tensor(codes.zero_point, dtype=torch.float64)
+        if not bool((doubled == doubled.round()).all()):
+            raise LoweringError("weight zero points must be integers or halves to lower")
+        with torch.no_grad():
+            layer.weight_codes.copy_((2 * codes.codes.long() - doubled.long()).to(torch.int16))
+            layer.weight_scale.copy_((codes.scale / 2).expand_as(layer.weight_scale))
+            if conv.bias is not None:
+                layer.bias.copy_(conv.bias.detach())
+        return layer
+
+    @property
+    def fan_in(self) -> int:
+        return self.in_channels // self.groups * self.kernel_size[0] * self.kernel_size[1]
+
+    def weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The de-quantized weight ``Ŵ = K·Δ_w/2`` (exact in float64)."""
+        return self.weight_codes.to(dtype) * self.weight_scale.to(dtype)
+
+    def per_output(self, t: torch.Tensor) -> torch.Tensor:
+        """Per-(image, input channel) N×C×1×1 → N×O×(C/g)×1×1, each output channel seeing
+        the input channels of its group."""
+        n, g = t.shape[0], self.groups
+        per_group, o_g = self.in_channels // g, self.out_channels // g
+        t = t.reshape(n, g, 1, per_group).expand(n, g, o_g, per_group)
+        return t.reshape(n, self.out_channels, per_group, 1, 1)
+
+    def folded_weight(self, step: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Per-image weights ``Ŵ[o, c]·Δ_{n,c}``: N×O×(C/g)×k_h×k_w."""
+        return weight.unsqueeze(0) * self.per_output(step.to(weight.dtype))
+
+    def offset_taps(self, offset: torch.Tensor, weight: torch.Tensor, size):
+        """``V[n,o,i,j] = Σ_c β_{n,c}·Ŵ[o,c,i,j]`` and the row/column tap masks (k × out)."""
+        n, g = offset.shape[0], self.groups
+        per_group, o_g = self.in_channels // g, self.out_channels // g
+        beta = offset.to(weight.dtype).reshape(n, g, 1, per_group, 1, 1)
+        v = (beta * weight.reshape(1, g, o_g, per_group, *self.kernel_size)).sum(3)
+        v = v.reshape(n, self.out_channels, *self.kernel_size)
+        out_size = [(s + 2 * p - d * (k - 1) - 1) // st + 1 for s, p, d, k, st in
+                    zip(size, self.padding, self.dilation, self.kernel_size, self.stride)]
+        rows, cols = (border_masks(size[i], out_size[i], self.kernel_size[i], self.stride[i],
+                                   self.padding[i], self.dilation[i], weight.dtype, weight.device)
+                      for i in range(2))
+        return v, rows, cols
+
+    def offset_term(self, offset: torch.Tensor, weight: torch.Tensor, size) -> torch.Tensor:
+        """``Σ_c Ŵ[:, c] ⋆ (β_c·1)`` with zero padding, exactly (see the module doc)."""
+        v, rows, cols = self.offset_taps(offset, weight, size)
+        return torch.einsum("noyj,jx->noyx", torch.einsum("noij,iy->noyj", v, rows), cols)
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, padding={self.padding}, groups={self.groups}, "
+                f"DAQ codes x odd int weight codes, per-image fold")
+
+    def describe(self) -> dict:
+        return {"target": self.target, "kind": "daq"}
+
+
+class ReferenceDaqConv2d(DaqConv2d):
+    """The exact semantics: per-image folded weights (float64) ⋆ integer codes + the
+    border-exact offset term + bias, in float64; float32 output."""
+
+    target = "reference"
+
+    def forward(self, packed) -> torch.Tensor:
+        codes, step, offset = packed
+        n, c, h, w = codes.shape
+        weight = self.weight(torch.float64)
+        folded = self.folded_weight(step, weight)
+        y = F.conv2d(codes.double().reshape(1, n * c, h, w),
+                     folded.reshape(n * self.out_channels, *folded.shape[2:]), None,
+                     self.stride, self.padding, self.dilation, n * self.groups)
+        y = y.reshape(n, self.out_channels, *y.shape[2:]) + self.offset_term(offset, weight, (h, w))
+        if self.bias is not None:
+            y = y + self.bias.double().view(1, -1, 1, 1)
+        return y.float()
+
+
+def requantize_folded(folded: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-(image, output channel) symmetric int8 codes of the folded weights
+    (N×O×C/g×k×k): ``scale = max|W'|/127``, ``codes = round(W'/scale)``. Lossy: a channel
+    whose ``Δ_{n,c}`` is small against the largest keeps few int8 levels."""
+    top = folded.abs().amax(dim=(2, 3, 4))
+    scale = torch.where(top > 0, top / INT8_MAX, torch.ones_like(top))
+    codes = torch.round(folded / scale[:, :, None, None, None]).clamp_(-INT8_MAX, INT8_MAX)
+    return codes.to(torch.int8), scale
+
+
+class CpuDaqConv2d(DaqConv2d):
+    """oneDNN int8 conv of uint8 NHWC codes with per-image requantized folded weights
+    (prepacked on every call), float32 output, plus the offset term in float32."""
+
+    target = "cpu"
+    channels_last = True
+    # int8 planes of the folded weights: 1 = W' ≈ s1·K1 (error <= s1/2 = max|W'|/254 per
+    # weight: up to 0.1 dB on Set5); 2 (default) adds the residual, W' ≈ s1·K1 + s2·K2 with
+    # s2 <= s1/254 (error <= max|W'|/64 516), at the price of a second u8 × s8 conv
+    weight_planes = 2
+
+    @torch.compiler.disable  # per-image prepack: eager (lower{compile=true} compiles the codes)
+    def forward(self, packed) -> torch.Tensor:
+        codes, step, offset = packed
+        if bool(torch.isnan(step).any()):
+            raise LoweringError(NON_FINITE)
+        planes = code_planes(codes)
+        n, _, h, w = planes[0].shape
+        weight = self.weight(torch.float32)
+        folded = self.folded_weight(step.float(), weight)
+        wplanes = [requantize_folded(folded)]
+        if self.weight_planes > 1:
+            k1, s1 = wplanes[0]
+            wplanes.append(requantize_folded(folded - k1.float() * s1[:, :, None, None, None]))
+        # the offset plane's interior value rides in the int8 conv's bias; the border strips after
+        v, rows, cols = self.offset_taps(offset.float(), weight, (h, w))
+        bias = v.sum((2, 3)) if self.bias is None else v.sum((2, 3)) + self.bias.float()
+        outs = []
+        for i in range(n):
+            y = None
+            for j, (wcodes, wscale) in enumerate(wplanes):
+                image_planes = [plane[i:i + 1] for plane in planes]
+                for k, part in enumerate(self.image_conv(image_planes, wcodes[i], wscale[i],
+                                                         bias[i] if j == 0 else None)):
+                    y = part if y is None else y.add_(part, alpha=float(256 ** k))
+            outs.append(y)
+        y = outs[0] if n == 1 else torch.cat(outs)
+        return add_border(y, v, rows, cols)
+
+    def image_conv(self, planes: list[torch.Tensor], wcodes: torch.Tensor, wscale: torch.Tensor,
+                   bias: torch.Tensor | None) -> list[torch.Tensor]:
+        """One image's code planes (1×C×H×W uint8 NHWC each) convolved with one int8 weight
+        plane (O×C/g×k×k, per-output scale ``wscale``): float32 ``Σ q·K·s_w [+ bias]`` per
+        code plane (``bias`` added to the first only)."""
+        # with the input shape oneDNN can pick its weight layout for this call
+        packed_w = torch.ops.onednn.qconv_prepack(
+            wcodes.contiguous(), wscale.contiguous(), 1.0, 0, list(self.stride),
+            list(self.padding), list(self.dilation), self.groups, [1, *planes[0].shape[1:]])
+        zero_points = torch.zeros(self.out_channels, dtype=torch.int64)
+        return [torch.ops.onednn.qconv_pointwise(
+            plane, 1.0, 0, packed_w, wscale.contiguous(), zero_points,
+            bias.contiguous() if k == 0 and bias is not None else None, list(self.stride),
+            list(self.padding), list(self.dilation), self.groups, 1.0, 0, torch.float32,
+            "none", [None], "") for k, plane in enumerate(planes)]
+
+
+def add_border(y: torch.Tensor, v: torch.Tensor, rows: torch.Tensor,
+               cols: torch.Tensor) -> torch.Tensor:
+    """Add the offset plane's border correction to ``y`` (which holds its interior value
+    ``Σ_ij V_ij``), in place on the border strips only. With ``R = 1 + R'`` and ``C = 1 + C'``
+    (``R'``, ``C'`` nonzero on border rows/columns only), ``Σ_ij V_ij R_iy C_jx − Σ_ij V_ij =
+    Σ_i (Σ_j V_ij) R'_iy + Σ_j (Σ_i V_ij) C'_jx + Σ_ij V_ij R'_iy C'_jx``."""
+    rd, cd = rows - 1, cols - 1
+    rb = (rd != 0).any(0).nonzero().flatten()
+    cb = (cd != 0).any(0).nonzero().flatten()
+    if len(rb):
+        row_term = torch.einsum("noi,iy->noy", v.sum(3), rd[:, rb])
+        y[:, :, rb, :] += row_term.unsqueeze(-1)
+    if len(cb):
+        col_term = torch.einsum("noj,jx->nox", v.sum(2), cd[:, cb])
+        y[:, :, :, cb] += col_term.unsqueeze(-2)
+    if len(rb) and len(cb):
+        corner = torch.einsum("noyj,jx->noyx", torch.einsum("noij,iy->noyj", v, rd[:, rb]),
+                              cd[:, cb])
+        y[:, :, rb.view(-1, 1), cb.view(1, -1)] += corner
+    return y
+
+
+def code_planes(codes) -> list[torch.Tensor]:
+    """The uint8 planes of a codes value: uint8 codes are one plane, a list is planes
+    already (DFSQ on cpu), other integer-valued codes are split (:func:`split_planes`)."""
+    if isinstance(codes, (list, tuple)):
+        return list(codes)
+    return [codes] if codes.dtype == torch.uint8 else split_planes(codes)
+
+
+def code_values(codes) -> torch.Tensor:
+    """The integer codes ``Σ_k 256^k·plane_k`` of a codes value (int64), for checks."""
+    if not isinstance(codes, (list, tuple)):
+        return codes.long()
+    return sum(p.long() << (8 * k) for k, p in enumerate(codes))
+
+
+def split_planes(codes: torch.Tensor) -> list[torch.Tensor]:
+    """Non-negative integer-valued codes (float32 exact below 2^24, or int) → uint8 planes
+    ``q = Σ_k 256^k·plane_k`` (NHWC kept)."""
+    top = float(codes.max()) if codes.numel() else 0.0
+    if codes.is_floating_point() and top >= 2 ** 24:
+        raise LoweringError(f"DAQ relu-branch code {top:.0f} is beyond 2^24: the input is too "
+                            "large against its channel's step for the cpu target")
+    rest = codes.to(torch.int32)
+    planes, top = [], int(top)
+    while True:
+        planes.append((rest & U8_MAX).to(torch.uint8))
+        rest = rest >> 8
+        top >>= 8
+        if top == 0:
+            return [p.contiguous(memory_format=torch.channels_last) for p in planes]
+
+
+LAYERS = {"reference": ReferenceDaqConv2d, "cpu": CpuDaqConv2d}  # "gpu" added by triton_conv
+
+
+def lower_folded(gm: fx.GraphModule, node: fx.Node, codes: nn.Module, target: str,
+                 pass_name: str, method: str, check_weights) -> int:
+    """Replace quantizer ``node`` by ``codes`` (a module returning ``(codes, Δ, β)``) and each
+    QuantConv2d it feeds by the target's per-image folded conv; ``check_weights(node, conv)``
+    refuses weights the method cannot lower. Returns how many convs were lowered."""
+    from fxquant.quant import QuantConv2d
+
+    users = list(node.users)
+    modules = [gm.get_submodule(u.target) if u.op == "call_module" else None for u in users]
+    bad = [u for u, m in zip(users, modules) if not isinstance(m, QuantConv2d)
+           or u.args[0] is not node or node in list(u.args[1:]) + list(u.kwargs.values())]
+    if bad or not users:
+        what = ", ".join(f"{u.name} ({type(m).__name__ if m is not None else u.target})"
+                         for u, m in zip(users, modules) if u in bad) or "nothing"
+        raise PassError(pass_name, f"{method}-quantized value feeds {what}, which has no "
+                        f"integer kernel; {method} lowers in front of a Conv2d only",
+                        node=node.name)
+    layer_cls = LAYERS[target]
+    layers = []
+    for user, conv in zip(users, modules):
+        check_weights(user, conv)
+        if target == "cpu" and onednn_accumulator_bound(_fan_in(conv)) > INT32_MAX:
+            raise PassError(pass_name, f"fan-in {_fan_in(conv)} can overflow oneDNN's int32 "
+                            "accumulator (bound fan-in·255·127 < 2^31)", node=user.name)
+        try:
+            layers.append(layer_cls.from_quantized(conv, str(user.target)))
+        except LoweringError as exc:
+            raise PassError(pass_name, str(exc), node=user.name) from None
+    replace_module_node(gm, node, codes, str(node.target).replace("_quantizer", "_codes"))
+    for user, layer in zip(users, layers):
+        replace_module_node(gm, user, layer, str(user.target).replace(".", "_"))
+    return len(layers)
+
+
+def _fan_in(conv) -> int:
+    return conv.in_channels // conv.groups * conv.kernel_size[0] * conv.kernel_size[1]
