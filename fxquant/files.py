@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import errno
 import os
+import pickle
+import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -169,6 +171,27 @@ def save_payload(path: str | os.PathLike, payload: dict, what: str) -> None:
     atomic_write_bytes(path, buffer.getvalue(), what)
 
 
+def load_failure(exc: Exception, pickle_remedy: str) -> str:
+    """A one-line reason for a failed ``torch.load(..., weights_only=True)`` (torch's own
+    messages run to a page and suggest ``weights_only=False``, which fxquant never uses);
+    ``pickle_remedy`` says what to do when the file holds pickled Python objects."""
+    text = str(exc)
+    match = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if match:
+        return (f"it holds a pickled Python object ({match.group(1)}), not just tensors and "
+                f"plain data; {pickle_remedy} (files are read with weights_only=True: nothing "
+                "in them is executed)")
+    if "Weights only load failed" in text or isinstance(exc, (EOFError, pickle.UnpicklingError)):
+        detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+        extra = f" ({detail.group(1).strip()[:120]})" if detail else ""
+        return f"not a torch.save file of tensors, or the file is corrupt or truncated{extra}"
+    if "PytorchStreamReader" in text or isinstance(exc, (RuntimeError, OSError)):
+        return "corrupt or truncated torch.save archive"
+    # legacy-format reads of arbitrary bytes fail deep inside the unpickler (KeyError,
+    # IndexError, ...): say what the file is not rather than echo that
+    return f"not a torch.save file ({type(exc).__name__}: {text.strip()[:80]})"
+
+
 def load_payload(path: str | os.PathLike, fmt: str, error: type[Exception], what: str, *,
                  missing_hint: str = "", written_by: str = "") -> dict:
     """A dict saved by :func:`save_payload` with ``"format": fmt``, read with
@@ -179,10 +202,13 @@ def load_payload(path: str | os.PathLike, fmt: str, error: type[Exception], what
     path = Path(path)
     if not path.is_file():
         raise error(f"{what} {path} does not exist{missing_hint}")
+    if path.stat().st_size == 0:
+        raise error(f"cannot read {what} {path}: the file is empty (0 bytes){written_by}")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise error(f"cannot read {what} {path}: {type(exc).__name__}: {exc}") from None
+    except Exception as exc:  # corrupt zip, truncated file, foreign pickle, ...
+        remedy = f"it is not an fxquant {what}{written_by}"
+        raise error(f"cannot read {what} {path}: {load_failure(exc, remedy)}") from None
     if not isinstance(payload, dict) or payload.get("format") != fmt:
         raise error(f"{path} is not an fxquant {what} (expected format '{fmt}'{written_by})")
     return payload

@@ -76,6 +76,25 @@ def test_loading_garbage_or_foreign_files_is_a_checkpoint_error(tmp_path):
         fxquant.load(tmp_path / "missing.fxq")
 
 
+def test_unreadable_compiled_files_say_why_in_one_line(own_model, tmp_path):
+    """torch's own weights_only message runs to a page and advises weights_only=False."""
+    (tmp_path / "empty.fxq").write_bytes(b"")
+    with pytest.raises(CheckpointError, match=r"empty\.fxq: the file is empty \(0 bytes\)"):
+        fxquant.load(tmp_path / "empty.fxq", model=MyOwnSR())
+    torch.save({"format": MyOwnSR()}, tmp_path / "pickled.fxq")  # a whole module: code
+    with pytest.raises(CheckpointError, match=r"pickled Python object \(.*MyOwnSR\).*"
+                                              r"nothing in them is executed") as info:
+        fxquant.load(tmp_path / "pickled.fxq", model=MyOwnSR())
+    gm = fxquant.compile(own_model, "minmax-w8a8", calib=torch.rand(4, 3, 16, 16))
+    fxquant.save(gm, tmp_path / "m.fxq")
+    data = (tmp_path / "m.fxq").read_bytes()
+    (tmp_path / "cut.fxq").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="corrupt or truncated") as cut:
+        fxquant.load(tmp_path / "cut.fxq", model=MyOwnSR())
+    for message in (str(info.value), str(cut.value)):
+        assert "\n" not in message and "weights_only=False" not in message
+
+
 def test_loading_into_a_mismatched_model_is_a_checkpoint_error(own_model, tmp_path):
     gm = fxquant.compile(own_model, "minmax-w8a8", calib=torch.rand(4, 3, 16, 16))
     fxquant.save(gm, tmp_path / "m.fxq")

@@ -12,8 +12,6 @@ read with ``safetensors.torch.load_file`` (tensors only by construction).
 from __future__ import annotations
 
 import os
-import pickle
-import re
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -21,6 +19,9 @@ import torch
 from torch import nn
 
 from fxquant.errors import CheckpointError
+from fxquant.files import load_failure
+
+_PICKLE_REMEDY = "save model.state_dict() instead"
 
 WRAPPER_KEYS = ("params_ema", "params", "state_dict", "model")
 _SHOWN = 5
@@ -54,25 +55,6 @@ def _unwrap(obj, path: Path) -> Mapping:
         f"tensors, possibly under one of {', '.join(WRAPPER_KEYS)})")
 
 
-def _load_failure(exc: Exception) -> str:
-    """A one-line reason for a failed ``torch.load`` (torch's own messages run to a page)."""
-    text = str(exc)
-    match = re.search(r"Unsupported global: GLOBAL (\S+)", text)
-    if match:
-        return (f"it holds a pickled Python object ({match.group(1)}), not just tensors; save "
-                f"model.state_dict() instead (checkpoints are loaded with weights_only=True)")
-    if "Weights only load failed" in text or isinstance(exc, (EOFError, pickle.UnpicklingError)):
-        detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)
-        extra = f" ({detail.group(1).strip()[:120]})" if detail else ""
-        return f"not a torch.save file of tensors, or the file is corrupt or truncated{extra}"
-    if "PytorchStreamReader" in text or isinstance(exc, RuntimeError):
-        return "corrupt or truncated checkpoint archive"
-    # legacy-format reads of arbitrary bytes fail deep inside the unpickler (KeyError,
-    # IndexError, ...): say what the file is not rather than echo that
-    return (f"not a torch.save file (.pth/.pt) or a .safetensors file "
-            f"({type(exc).__name__}: {text.strip()[:80]})")
-
-
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
     from safetensors import SafetensorError
     from safetensors.torch import load_file
@@ -94,7 +76,8 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt zip, truncated file, non-weights pickle, ...
-        raise CheckpointError(f"cannot read checkpoint {path}: {_load_failure(exc)}") from exc
+        raise CheckpointError(f"cannot read checkpoint {path}: "
+                              f"{load_failure(exc, _PICKLE_REMEDY)}") from exc
     state = _unwrap(obj, path)
     return {(k[len("module."):] if isinstance(k, str) and k.startswith("module.") else k): v
             for k, v in state.items()}
