@@ -21,13 +21,8 @@ from fxquant.errors import CalibrationError, RecipeError
 from fxquant.graph import insert_input_module, produces_nonnegative, replace_module_node, select_layers
 from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
 from fxquant.quant import QuantConv2d, swap_in_quant_conv
-from fxquant.quant.daq import (
-    DAQ_BITS,
-    STEP_INDICES,
-    WEIGHT_GRANULARITIES,
-    DAQActivationQuantizer,
-    DAQWeightQuantizer,
-)
+from fxquant.quant.daq import DAQ_BITS, STEP_INDICES, WEIGHT_GRANULARITIES, DAQActivationQuantizer
+from fxquant.quant.daq_weights import DAQWeightQuantizer
 from fxquant.quant.daq_mixed import DAQSensitivityObserver, allocate_network_bits, downstream_gains
 from fxquant.recipe import register_method
 

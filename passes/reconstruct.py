@@ -41,7 +41,8 @@ class ReconstructPass(Pass):
     """Distillation of the quantized graph towards the float graph (its copy from ``trace``).
 
     The graph keeps its structure; trained are the quantizers' static parameters
-    (``ranges``: uniform steps, LSQ-style; non-uniform levels) and the weights' rounding
+    (``ranges``: uniform steps, LSQ-style; non-uniform levels; DAQ's per-channel step
+    multipliers) and the weights' rounding
     (``rounding``: an offset of ±1 step per weight, baked into the weights at the end). The
     float weights are frozen. Loss: L1 between the outputs, plus (``feature_weight`` > 0;
     0 by default: on IMDN ×4 it cost 0.43 dB uniform and 0.18 dB I²NQ) ``feature_weight`` × the
@@ -123,7 +124,7 @@ class ReconstructPass(Pass):
         for name, p in gm.named_parameters():
             if id(p) not in trained:
                 p.requires_grad_(False)
-        quantizers = [m for m in gm.modules() if isinstance(m, UniformQuantizer)]
+        quantizers = [m for m in gm.modules() if isinstance(m, Quantizer)]
         handles = _qdrop(gm, self.drop, self.seed) if self.drop else []
         started = time.perf_counter()
         try:
@@ -131,7 +132,7 @@ class ReconstructPass(Pass):
                               TrainConfig(self.steps, self.lr, self.seed, self.eval_every,
                                           self.patience),
                               progress=ctx.progress, desc="reconstruct",
-                              after_step=lambda: _keep_positive(quantizers))
+                              after_step=lambda: [q.constrain() for q in quantizers])
             result = trainer.run()
         finally:
             for handle in handles:
@@ -173,8 +174,8 @@ class ReconstructPass(Pass):
             raise PassError(self.name, "nothing to train: the pipeline inserted no quantizer "
                             "with trainable parameters (found: "
                             f"{', '.join(sorted(kinds)) or 'no quantizers'}); reconstruct trains "
-                            "uniform steps, non-uniform levels and uniform weight rounding — put "
-                            "it after quantize or nonuniform-quant")
+                            "uniform steps, non-uniform levels, DAQ step multipliers and uniform "
+                            "weight rounding — put it after quantize, nonuniform-quant or daq")
         return groups, offsets
 
     @staticmethod
@@ -214,11 +215,3 @@ def _magnitude(module: Quantizer, p: torch.nn.Parameter) -> float:
     if isinstance(module, NonUniformQuantizer):
         return float(values.diff(dim=1).abs().mean().clamp(min=EPS))
     return float(values.abs().mean().clamp(min=EPS))
-
-
-def _keep_positive(quantizers: list[UniformQuantizer]) -> None:
-    """Steps stay positive (their clipping bounds stay ordered)."""
-    with torch.no_grad():
-        for q in quantizers:
-            if isinstance(q.scale, torch.nn.Parameter):
-                q.scale.clamp_(min=1e-8)

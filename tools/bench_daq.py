@@ -34,7 +34,8 @@ import torch.nn.functional as F
 
 from fxquant import markdown
 from fxquant.bench import interleaved
-from fxquant.quant.daq import daq_quantize, daq_weight_quantize, relu_stats
+from fxquant.quant.daq import daq_quantize, relu_stats
+from fxquant.quant.daq_weights import daq_weight_quantize
 
 SECTION = "## DAQ"
 

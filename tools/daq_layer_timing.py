@@ -15,7 +15,8 @@ from torch import nn
 from fxquant.lower.daq import DaqQuantize
 from fxquant.lower.folded import CpuDaqConv2d, requantize_folded
 from fxquant.quant import QuantConv2d
-from fxquant.quant.daq import DAQActivationQuantizer, DAQWeightQuantizer
+from fxquant.quant.daq import DAQActivationQuantizer
+from fxquant.quant.daq_weights import DAQWeightQuantizer
 
 
 def median_ms(fn, rounds: int = 10) -> float:

@@ -48,14 +48,16 @@ from torch import fx, nn
 from fxquant.errors import PassError
 from fxquant.lower.conv import INT32_MAX, LoweringError
 from fxquant.lower.folded import LAYERS, NON_FINITE, lower_folded
-from fxquant.quant.daq import DAQActivationQuantizer, DAQWeightQuantizer, _daq_params
+from fxquant.quant.daq import DAQActivationQuantizer, _daq_params, ones_if_missing
+from fxquant.quant.daq_weights import DAQWeightQuantizer
 
 LOWERED_BRANCHES = ("signed", "relu", "relu-clipped")
 
 
 # --------------------------------------------------------------------------- codes
 def daq_input_codes(x: torch.Tensor, bits, branch: str, qq_bits: int = 0,
-                    step_index: str = "head", strict: bool = True
+                    step_index: str = "head", strict: bool = True,
+                    multiplier: torch.Tensor | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(q, Δ, β)`` with ``x̂ = Δ·q + β`` equal to :func:`~fxquant.quant.daq.daq_quantize`'s
     output: ``q`` integer-valued float (>= 0), ``Δ`` and ``β`` N×C×1×1 (see module doc).
@@ -68,7 +70,8 @@ def daq_input_codes(x: torch.Tensor, bits, branch: str, qq_bits: int = 0,
         raise LoweringError(f"DAQ branch '{branch}' has no integer form; lowered: "
                             f"{', '.join(LOWERED_BRANCHES)}")
     with torch.no_grad():
-        mu, safe, valid, finite, h = _daq_params(x, bits, branch, qq_bits, step_index)
+        mu, safe, valid, finite, h = _daq_params(x, bits, branch, qq_bits, step_index,
+                                                 multiplier)
         if strict and not bool(finite.all()):
             raise LoweringError(NON_FINITE)
         step = safe * valid
@@ -100,6 +103,9 @@ class DaqQuantize(nn.Module):
         self.source = ""
         self.max_code = 0  # largest code seen (not state: a statistic for reports)
         self.register_buffer("bits", torch.full((channels,), 4, dtype=torch.int64))
+        # the quantizer's learned per-channel step factors (1: the official DAQ)
+        self.register_buffer("step_multiplier", torch.ones(channels))
+        self.register_load_state_dict_pre_hook(ones_if_missing("step_multiplier", channels))
         self._bits = 4  # Python int (uniform bits) or the buffer: no sync when compiled
         self.register_load_state_dict_post_hook(lambda module, _keys: module._cache_bits())
 
@@ -115,12 +121,14 @@ class DaqQuantize(nn.Module):
         module.source = source
         with torch.no_grad():
             module.bits.copy_(quantizer.bits)
+            module.step_multiplier.copy_(quantizer.step_multiplier.detach())
         module._cache_bits()
         return module
 
     def forward(self, x: torch.Tensor):
         q, step, offset = daq_input_codes(x, self._bits, self.branch, self.qq_bits,
-                                          self.step_index, strict=not self.channels_last)
+                                          self.step_index, strict=not self.channels_last,
+                                          multiplier=self.step_multiplier)
         if self.branch != "relu":
             codes = q.to(torch.uint8)
         elif self.channels_last:  # cpu: integer-valued float32, split into u8 planes by the conv

@@ -9,7 +9,8 @@ A :class:`Quantizer` has
   level sets); ``integer_codes(x).dequantize()`` equals ``fake_quant(x)`` up to float rounding;
 - ``describe()`` (graph dumps, ``fxquant inspect``) and ``check()`` (run by the pass manager
   after every pass);
-- ``trainable_parameters()``: its static parameters made trainable (reconstruction, QAT);
+- ``trainable_parameters()``: its static parameters made trainable (reconstruction, QAT),
+  and ``constrain()``, run after every optimizer step, which keeps them valid (steps > 0);
 - **one mode switch**, ``quant_mode``: ``fake-quant`` (default), ``observe`` (identity, and
   the running min/max of the input is recorded in ``observed_range``) or ``off`` (identity).
   :func:`set_quant_mode` / :func:`quant_mode` switch every quantizer of a model; every tool
@@ -111,11 +112,28 @@ class Quantizer(nn.Module):
         for reconstruction and QAT; a quantizer with none to offer returns []."""
         return []
 
+    def constrain(self) -> None:
+        """After an optimizer step: bring trained parameters back into their valid range
+        (steps positive, so clipping bounds stay ordered). Nothing to do by default."""
+
     def check(self) -> None:
         """Subclasses override; the base quantizer has nothing to check."""
 
     def extra_repr(self) -> str:
         return ", ".join(f"{k}={v}" for k, v in self.describe().items() if k != "kind")
+
+
+def buffer_as_parameter(module: nn.Module, name: str) -> nn.Parameter:
+    """Turn buffer ``name`` of ``module`` into a trainable Parameter under the same
+    state_dict key (a no-op when it already is one); return it."""
+    value = getattr(module, name)
+    if not isinstance(value, nn.Parameter):
+        data = value.detach().clone()
+        del module._buffers[name]
+        setattr(module, name, nn.Parameter(data))
+    param = getattr(module, name)
+    param.requires_grad_(True)
+    return param
 
 
 def _check_mode(mode: str) -> None:

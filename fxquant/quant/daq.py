@@ -15,7 +15,10 @@ The math of the official code (Cheeun/DAQ-pytorch ``src/model/quantize.py``), se
   with a clipped ``2^b``-level variant and the initial commit's μ-centred clip as options.
   Optionally ``σ`` itself is quantized per image across channels (``qq`` bits).
 * **weights** are quantized with the same symmetric mid-rise rule, ``μ = 0`` and
-  ``σ_w = std(W)`` per tensor (official) or per output channel.
+  ``σ_w = std(W)`` per tensor (official) or per output channel (fxquant/quant/daq_weights.py).
+* **step multipliers** ``γ`` (1 = official): per channel for activations, per tensor or
+  output channel for weights, ``Δ = s·σ·γ``; the ``reconstruct`` pass learns them (LSQ's step
+  gradient, :func:`step_gradient`).
 * both use a straight-through estimator with an identity gradient (no clipping mask) and
   detached statistics, so quantization-aware training can run through them.
 * **mixed precision** (the paper's abstract; absent from the official code): bits per
@@ -28,11 +31,11 @@ so mixed precision runs through the same quantizer as uniform-bit DAQ.
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
-from fxquant.quant.base import AffineCodes, Quantizer
+from fxquant.quant.base import AffineCodes, Quantizer, buffer_as_parameter
 
 # ``gaussian_steps`` of the official code: key j -> MSE-optimal uniform step (in units of σ)
 # for a unit Gaussian with 2^j levels (j = 1: 2 levels -> 1.596, j = 2: 4 levels -> 0.996...).
@@ -51,6 +54,9 @@ DAQ_BITS = tuple(range(2, 9))  # table keys 1..8 exist for both indexings
 BRANCHES = ("signed", "relu", "relu-clipped", "relu-initial")
 WEIGHT_GRANULARITIES = ("per-tensor", "per-channel")
 
+# Learned step multipliers stay above this (a step of 0 would collapse a channel).
+MIN_MULTIPLIER = 1e-3
+
 _LUT = torch.tensor([GAUSSIAN_STEPS.get(k, float("nan")) for k in range(17)], dtype=torch.float64)
 
 
@@ -68,7 +74,7 @@ def check_bits(bits) -> None:
                          f"{DAQ_BITS[0]}..{DAQ_BITS[-1]}")
 
 
-def _steps_and_half(bits: int | torch.Tensor, step_index: str, like: torch.Tensor,
+def steps_and_half(bits: int | torch.Tensor, step_index: str, like: torch.Tensor,
                     shape: Sequence[int]) -> tuple[torch.Tensor | float, torch.Tensor | float]:
     """Step ``s`` and half level count ``h = 2^b/2 − 0.5`` (scalars, or tensors of ``shape``)."""
     offset = STEP_INDEX_OFFSET[step_index]
@@ -107,7 +113,7 @@ def quantize_sigma(sigma: torch.Tensor, qq_bits: int, step_index: str = "head") 
     − 0.5)·Δσ, −Tσ, Tσ)``; ``σ' = m`` when ``Δσ = 0``. ``σ'`` may come out ≤ 0 for small-σ
     channels; the quantizer then outputs the channel mean (as for σ = 0).
     """
-    s_q, h = _steps_and_half(qq_bits, step_index, sigma, ())
+    s_q, h = steps_and_half(qq_bits, step_index, sigma, ())
     m = sigma.mean(dim=1, keepdim=True)
     d = sigma.std(dim=1, keepdim=True) if sigma.shape[1] > 1 else torch.zeros_like(m)
     delta = s_q * d
@@ -118,13 +124,15 @@ def quantize_sigma(sigma: torch.Tensor, qq_bits: int, step_index: str = "head") 
 
 
 # --------------------------------------------------------------------------- fake-quant
-def _daq_params(x: torch.Tensor, bits, branch: str, qq_bits: int, step_index: str):
+def _daq_params(x: torch.Tensor, bits, branch: str, qq_bits: int, step_index: str,
+                multiplier: torch.Tensor | None = None):
     """Per-(image, channel) ``(μ, Δ, valid, finite, h)`` of the DAQ quantizer (no gradient):
     ``valid`` channels quantize with step Δ, the others output μ; channels that are not
-    ``finite`` pass through."""
+    ``finite`` pass through. ``multiplier`` (length C, learned by reconstruction) scales each
+    channel's step, ``Δ = s·σ·γ_c``; 1 is the official quantizer, bit for bit."""
     x = x.detach()
     channels = x.shape[1]
-    s, h = _steps_and_half(bits, step_index, x, (1, channels, 1, 1))
+    s, h = steps_and_half(bits, step_index, x, (1, channels, 1, 1))
     mu, sigma = signed_stats(x) if branch == "signed" else relu_stats(x)
     finite = torch.isfinite(mu) & torch.isfinite(sigma)
     spread = sigma > 0  # σ = 0 channels output μ, also when σ is quantized
@@ -133,6 +141,8 @@ def _daq_params(x: torch.Tensor, bits, branch: str, qq_bits: int, step_index: st
         sigma = quantize_sigma(torch.where(finite, sigma, torch.zeros_like(sigma)), qq_bits,
                                step_index)
     delta = s * sigma
+    if multiplier is not None:
+        delta = delta * multiplier.detach().to(x.dtype).view(1, channels, 1, 1)
     valid = finite & spread & (delta > 0) & torch.isfinite(delta)
     safe = torch.where(valid, delta, torch.ones_like(delta))
     zero = torch.zeros_like(mu)
@@ -144,7 +154,8 @@ def _daq_params(x: torch.Tensor, bits, branch: str, qq_bits: int, step_index: st
 
 
 def daq_quantize(x: torch.Tensor, bits: int | torch.Tensor, *, branch: str = "signed",
-                 qq_bits: int = 0, step_index: str = "head") -> torch.Tensor:
+                 qq_bits: int = 0, step_index: str = "head",
+                 multiplier: torch.Tensor | None = None) -> torch.Tensor:
     """DAQ fake-quantization of an N×C×H×W activation, without gradient (see module doc).
 
     ``bits`` is an int or a length-C integer tensor (per-channel bits). ``branch`` is
@@ -152,13 +163,15 @@ def daq_quantize(x: torch.Tensor, bits: int | torch.Tensor, *, branch: str = "si
     ``Δ·round(x/Δ)``, unbounded), ``relu-clipped`` (levels ``0, Δ, …, (2^b − 1)·Δ``) or
     ``relu-initial`` (initial commit: μ-centred, clipped to ``[max(−μ, −T), T + max(T − μ, 0)]``).
     Channels with σ = 0 output their mean; channels whose statistics overflow float
-    (|x| ≳ 1e19 in float32) are passed through unchanged.
+    (|x| ≳ 1e19 in float32) are passed through unchanged. ``multiplier``: per-channel step
+    factors (:func:`_daq_params`).
     """
     if branch not in BRANCHES:
         raise ValueError(f"unknown DAQ branch '{branch}'; valid: {', '.join(BRANCHES)}")
     with torch.no_grad():
         x = x.detach()
-        mu_safe, safe, valid, finite, h = _daq_params(x, bits, branch, qq_bits, step_index)
+        mu_safe, safe, valid, finite, h = _daq_params(x, bits, branch, qq_bits, step_index,
+                                                      multiplier)
         if branch == "signed":
             # in place: ((x − μ)/Δ + 0.5) -> round -> − 0.5 -> clip to ±h -> ·Δ -> + μ
             r = (x - mu_safe).div_(safe).add_(0.5).round_().sub_(0.5)
@@ -183,7 +196,8 @@ def daq_quantize(x: torch.Tensor, bits: int | torch.Tensor, *, branch: str = "si
 
 
 def daq_codes(x: torch.Tensor, bits: int | torch.Tensor, *, branch: str = "signed",
-              qq_bits: int = 0, step_index: str = "head") -> AffineCodes:
+              qq_bits: int = 0, step_index: str = "head",
+              multiplier: torch.Tensor | None = None) -> AffineCodes:
     """The integer form of :func:`daq_quantize`: codes and per-(image, channel) steps.
 
     ``signed``: ``c = clip(round((x − μ)/Δ + ½), −h + ½, h + ½)``, ``x̂ = (c − ½)·Δ + μ``;
@@ -198,7 +212,8 @@ def daq_codes(x: torch.Tensor, bits: int | torch.Tensor, *, branch: str = "signe
                          "integer form; use 'signed', 'relu' or 'relu-clipped'")
     with torch.no_grad():
         x = x.detach()
-        mu, safe, valid, finite, h = _daq_params(x, bits, branch, qq_bits, step_index)
+        mu, safe, valid, finite, h = _daq_params(x, bits, branch, qq_bits, step_index,
+                                                 multiplier)
         if not bool(finite.all()):
             raise ValueError("DAQ input has channels whose statistics overflow float: they "
                              "pass through unquantized and have no integer form")
@@ -235,45 +250,38 @@ def ste(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
     return x + (q - x).detach()
 
 
-def daq_weight_codes(w: torch.Tensor, bits: int | torch.Tensor, *,
-                     granularity: str = "per-tensor", step_index: str = "head") -> AffineCodes:
-    """The integer form of :func:`daq_weight_quantize`: ``Ŵ = (c − ½)·Δ``."""
-    return daq_weight_quantize(w, bits, granularity=granularity, step_index=step_index,
-                               codes=True)
-
-
-def daq_weight_quantize(w: torch.Tensor, bits: int | torch.Tensor, *,
-                        granularity: str = "per-tensor", step_index: str = "head",
-                        codes: bool = False) -> torch.Tensor:
-    """Symmetric mid-rise weight fake-quantization, without gradient.
-
-    ``σ_w`` = std(W) over the tensor (official) or per output channel; ``Δ = s·σ_w``;
-    ``Ŵ = clip((round(W/Δ + 0.5) − 0.5)·Δ, −T, T)``: 2^b levels, none at 0. ``bits`` is an
-    int or a tensor broadcastable to ``w`` (per-input-channel bits for mixed precision).
-    """
-    if granularity not in WEIGHT_GRANULARITIES:
-        raise ValueError(f"unknown weight granularity '{granularity}'; valid: "
-                         f"{', '.join(WEIGHT_GRANULARITIES)}")
-    with torch.no_grad():
-        w = w.detach()
-        shape = bits.shape if isinstance(bits, torch.Tensor) else ()
-        s, h = _steps_and_half(bits, step_index, w, shape)
-        if granularity == "per-tensor":
-            sigma = w.std() if w.numel() > 1 else torch.zeros((), dtype=w.dtype)
-        else:
-            flat = w.reshape(w.shape[0], -1)
-            sigma = (flat.std(dim=1) if flat.shape[1] > 1 else torch.zeros_like(flat[:, 0]))
-            sigma = sigma.reshape((-1,) + (1,) * (w.ndim - 1))
-        delta = s * sigma
-        valid = torch.isfinite(delta) & (delta > 0)
-        safe = torch.where(valid, delta, torch.ones_like(delta))
-        r = torch.clamp(torch.round(w / safe + 0.5) - 0.5, -h, h)
-        return (r * safe * valid) if not codes else AffineCodes(
-            (r + 0.5).to(torch.int32), safe * valid, 0.5)
+def step_gradient(x: torch.Tensor, q: torch.Tensor, step: torch.Tensor, offset: torch.Tensor,
+                  multiplier: torch.Tensor, shape) -> torch.Tensor:
+    """A term that is exactly 0 forward and gives ``multiplier`` (γ, ``Δ = Δ₀·γ``) LSQ's
+    step gradient: ``∂x̂/∂Δ = round(x_n) − x_n`` where ``x`` lies inside the grid (``|x̂ − x|
+    <= Δ/2``), the clipped level ``(x̂ − offset)/Δ`` outside; 0 where the step is 0. Added to
+    :func:`ste`'s output it leaves the identity gradient to ``x`` as it is."""
+    q, x = q.detach(), x.detach()
+    safe = torch.where(step > 0, step, torch.ones_like(step))
+    inside = (q - x).abs() <= 0.5 * safe * (1 + 1e-6)
+    grad = torch.where(inside, (q - x) / safe, (q - offset) / safe) * (step > 0)
+    gamma = multiplier.view(shape)
+    return grad * step * (gamma / gamma.detach() - 1)
 
 
 # --------------------------------------------------------------------------- modules
-def _bits_summary(bits: torch.Tensor) -> int | str:
+def ones_if_missing(name: str, shape) -> Callable:
+    """A load_state_dict pre-hook that fills in buffer ``name`` with ones when the state dict
+    predates it (a model saved before step multipliers existed)."""
+    def hook(module, state_dict, prefix, *args):
+        state_dict.setdefault(prefix + name, torch.ones(shape))
+    return hook
+
+
+def multiplier_summary(multiplier: torch.Tensor) -> str | None:
+    """``"0.81-1.24"`` for learned step multipliers, None while they are all 1."""
+    values = multiplier.detach()
+    if bool((values == 1).all()):
+        return None
+    return f"{float(values.min()):.3g}-{float(values.max()):.3g}"
+
+
+def bits_summary(bits: torch.Tensor) -> int | str:
     lo, hi = int(bits.min()), int(bits.max())
     if lo == hi:
         return lo
@@ -285,6 +293,8 @@ class DAQActivationQuantizer(Quantizer):
 
     ``bits`` is a persistent length-C buffer (all equal for uniform-bit DAQ, per channel for
     mixed precision). ``branch`` is chosen by the pass from the graph (post-ReLU or not).
+    ``step_multiplier`` (length C, 1 = the official quantizer) scales each channel's step;
+    reconstruction learns it (``trainable_parameters``, LSQ's step gradient).
     """
 
     kind = "daq"
@@ -301,6 +311,8 @@ class DAQActivationQuantizer(Quantizer):
         self.qq_bits = qq_bits
         self.step_index = step_index
         self.register_buffer("bits", torch.empty(channels, dtype=torch.int64))
+        self.register_buffer("step_multiplier", torch.ones(channels))
+        self.register_load_state_dict_pre_hook(ones_if_missing("step_multiplier", channels))
         self.set_bits(bits)
 
     def set_bits(self, bits: int | torch.Tensor) -> None:
@@ -315,18 +327,36 @@ class DAQActivationQuantizer(Quantizer):
         return lo if lo == hi else self.bits
 
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
+        gamma = self.step_multiplier
         q = daq_quantize(x, self._bits_arg(), branch=self.branch, qq_bits=self.qq_bits,
-                         step_index=self.step_index)
-        return ste(x, q)
+                         step_index=self.step_index, multiplier=gamma)
+        out = ste(x, q)
+        if gamma.requires_grad and torch.is_grad_enabled():
+            mu, safe, valid, _, _ = _daq_params(x.detach(), self._bits_arg(), self.branch,
+                                                self.qq_bits, self.step_index, gamma)
+            offset = mu if self.branch in ("signed", "relu-initial") else torch.zeros_like(mu)
+            out = out + step_gradient(x, q, safe * valid, offset, gamma,
+                                      (1, self.channels, 1, 1))
+        return out
 
     def integer_codes(self, x: torch.Tensor) -> AffineCodes:
         return daq_codes(x, self._bits_arg(), branch=self.branch, qq_bits=self.qq_bits,
-                         step_index=self.step_index)
+                         step_index=self.step_index, multiplier=self.step_multiplier)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """The per-channel step multipliers (the statistics stay dynamic)."""
+        return [buffer_as_parameter(self, "step_multiplier")]
+
+    def constrain(self) -> None:
+        with torch.no_grad():
+            self.step_multiplier.clamp_(min=MIN_MULTIPLIER)
 
     def describe(self) -> dict:
-        return {"kind": self.kind, "bits": _bits_summary(self.bits),
+        info = {"kind": self.kind, "bits": bits_summary(self.bits),
                 "granularity": "per-image-channel", "mode": "dynamic", "branch": self.branch,
                 "qq_bits": self.qq_bits or None, "step_index": self.step_index}
+        learned = multiplier_summary(self.step_multiplier)
+        return {**info, "step_multiplier": learned} if learned else info
 
     def check(self) -> None:
         try:
@@ -335,6 +365,7 @@ class DAQActivationQuantizer(Quantizer):
                 check_bits(self.qq_bits)
         except ValueError as exc:
             raise ValueError(f"DAQ activation quantizer: {exc}") from None
+        check_multiplier(self.step_multiplier, "DAQ activation quantizer")
 
     def extra_repr(self) -> str:
         d = self.describe()
@@ -342,68 +373,6 @@ class DAQActivationQuantizer(Quantizer):
                f"qq_bits={self.qq_bits}, step_index={self.step_index}"
 
 
-def weight_bits_map(channel_bits: torch.Tensor, out_channels: int, groups: int) -> torch.Tensor:
-    """Per-input-channel bits (length C_in) -> the O×(C_in/g)×1×1 map the weight sees."""
-    c_in = channel_bits.numel()
-    per_group = c_in // groups
-    o_g = out_channels // groups
-    grid = channel_bits.reshape(groups, 1, per_group).expand(groups, o_g, per_group)
-    return grid.reshape(out_channels, per_group, 1, 1)
-
-
-class DAQWeightQuantizer(Quantizer):
-    """DAQ weight fake-quantizer (σ-scaled symmetric mid-rise), recomputed from the weight.
-
-    ``bits`` is a persistent O×(C_in/g)×1×1 buffer so that mixed precision can give each
-    input channel's weight slice the bits of that channel's activation.
-    """
-
-    kind = "daq"
-
-    def __init__(self, weight_shape: Sequence[int], bits: int | torch.Tensor, *,
-                 granularity: str = "per-tensor", step_index: str = "head", groups: int = 1):
-        super().__init__()
-        if granularity not in WEIGHT_GRANULARITIES:
-            raise ValueError(f"unknown weight granularity '{granularity}'; valid: "
-                             f"{', '.join(WEIGHT_GRANULARITIES)}")
-        if step_index not in STEP_INDICES:
-            raise ValueError(f"unknown step index '{step_index}'; valid: {', '.join(STEP_INDICES)}")
-        self.weight_granularity = granularity
-        self.step_index = step_index
-        self.groups = groups
-        self.out_channels, per_group = int(weight_shape[0]), int(weight_shape[1])
-        self.register_buffer("bits", torch.empty(self.out_channels, per_group, 1, 1,
-                                                 dtype=torch.int64))
-        self.set_bits(bits)
-
-    def set_bits(self, bits: int | torch.Tensor) -> None:
-        """An int, or per-input-channel bits (length C_in = (C_in/g)·g)."""
-        check_bits(bits)
-        with torch.no_grad():
-            if isinstance(bits, torch.Tensor) and bits.ndim == 1:
-                bits = weight_bits_map(bits, self.out_channels, self.groups)
-            self.bits.copy_(torch.as_tensor(bits, dtype=torch.int64).expand_as(self.bits))
-
-    def _bits_arg(self) -> int | torch.Tensor:
-        lo, hi = int(self.bits.min()), int(self.bits.max())
-        return lo if lo == hi else self.bits
-
-    def fake_quant(self, w: torch.Tensor) -> torch.Tensor:
-        q = daq_weight_quantize(w, self._bits_arg(), granularity=self.weight_granularity,
-                                step_index=self.step_index)
-        return ste(w, q)
-
-    def integer_codes(self, w: torch.Tensor) -> AffineCodes:
-        """Mid-rise codes ``c = clip(round(W/Δ + ½), −h + ½, h + ½)``, ``Ŵ = (c − ½)·Δ``."""
-        return daq_weight_codes(w, self._bits_arg(), granularity=self.weight_granularity,
-                                step_index=self.step_index)
-
-    def describe(self) -> dict:
-        return {"kind": self.kind, "bits": _bits_summary(self.bits),
-                "granularity": self.weight_granularity, "mode": "static"}
-
-    def check(self) -> None:
-        try:
-            check_bits(self.bits)
-        except ValueError as exc:
-            raise ValueError(f"DAQ weight quantizer: {exc}") from None
+def check_multiplier(multiplier: torch.Tensor, what: str) -> None:
+    if not torch.isfinite(multiplier).all() or (multiplier <= 0).any():
+        raise ValueError(f"{what}: step multipliers must be finite and > 0")

@@ -12,7 +12,8 @@ import torch.fx
 import torch.nn.functional as F
 
 from fxquant.observers import Observer
-from fxquant.quant.daq import daq_quantize, daq_weight_quantize
+from fxquant.quant.daq import daq_quantize
+from fxquant.quant.daq_weights import daq_weight_quantize
 
 
 def _padding(conv_padding, kernel_size, dilation) -> tuple[int, int]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from fxquant.quant.base import AffineCodes, Quantizer
+from fxquant.quant.base import AffineCodes, Quantizer, buffer_as_parameter
 
 EPS = 1e-12
 
@@ -135,12 +135,12 @@ class UniformQuantizer(Quantizer):
         quantizer offers nothing: its step is baked into the consumers' weights."""
         if self.folded:
             return []
-        if not isinstance(self.scale, torch.nn.Parameter):
-            scale = self.scale.detach().clone()
-            del self._buffers["scale"]
-            self.scale = torch.nn.Parameter(scale)
-        self.scale.requires_grad_(True)
-        return [self.scale]
+        return [buffer_as_parameter(self, "scale")]
+
+    def constrain(self) -> None:
+        if isinstance(self.scale, torch.nn.Parameter):
+            with torch.no_grad():
+                self.scale.clamp_(min=1e-8)
 
     def integer_codes(self, x: torch.Tensor) -> AffineCodes:
         """``q = clamp(round(x/s) + z, qmin, qmax)`` as int32, with ``s`` and ``z``."""

@@ -53,7 +53,7 @@ from torch import fx, nn
 from tqdm import tqdm
 
 from fxquant.files import atomic_write_text, check_output_dir
-from fxquant.quant import Quantizer, UniformQuantizer
+from fxquant.quant import Quantizer
 from fxquant.quant.nonuniform import NonUniformQuantizer
 from fxquant.train.checkpoint import (
     compiled_info,
@@ -153,7 +153,7 @@ class QATTrainer:
         if not groups:
             raise TrainError("the compiled model has no parameters to train")
         self.params = [p for g in groups for p in g["params"]]
-        self.positive = [m for m in gm.modules() if isinstance(m, UniformQuantizer)]
+        self.quantizers = [m for m in gm.modules() if isinstance(m, Quantizer)]
         self.optimizer = torch.optim.Adam(groups, lr=config.lr, weight_decay=config.weight_decay)
         self.scheduler = _scheduler(self.optimizer, config)
         self.generator = torch.Generator().manual_seed(config.seed)
@@ -278,10 +278,8 @@ class QATTrainer:
             torch.nn.utils.clip_grad_norm_(self.params, config.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
-        with torch.no_grad():  # steps stay positive (clipping bounds ordered)
-            for q in self.positive:
-                if isinstance(q.scale, nn.Parameter):
-                    q.scale.clamp_(min=1e-8)
+        for q in self.quantizers:  # steps stay positive (clipping bounds ordered)
+            q.constrain()
         self.step += 1
         return {"loss": loss.detach(), **{k: v.detach() for k, v in parts.items()},
                 **{k: torch.as_tensor(float(v)) for k, v in logged.items()}}

@@ -28,12 +28,8 @@ from fxquant.lower.folded import (
     split_planes,
 )
 from fxquant.quant import QuantConv2d
-from fxquant.quant.daq import (
-    DAQActivationQuantizer,
-    DAQWeightQuantizer,
-    daq_quantize,
-    step_for_bits,
-)
+from fxquant.quant.daq import DAQActivationQuantizer, daq_quantize, step_for_bits
+from fxquant.quant.daq_weights import DAQWeightQuantizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

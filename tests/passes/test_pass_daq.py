@@ -13,7 +13,8 @@ from fxquant.inspect import graph_table
 from fxquant.metrics import sqnr_db
 from fxquant.observers import Observer
 from fxquant.quant import QuantConv2d
-from fxquant.quant.daq import DAQActivationQuantizer, DAQWeightQuantizer
+from fxquant.quant.daq import DAQActivationQuantizer
+from fxquant.quant.daq_weights import DAQWeightQuantizer
 from fxquant.quant.daq_mixed import DAQSensitivityObserver
 
 pytestmark = pytest.mark.usefixtures("one_thread")

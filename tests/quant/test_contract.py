@@ -9,7 +9,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fxquant.quant import QUANT_MODES, AffineCodes, CodebookCodes, UniformQuantizer, quant_mode
-from fxquant.quant.daq import DAQActivationQuantizer, DAQWeightQuantizer, daq_codes
+from fxquant.quant.daq import DAQActivationQuantizer, daq_codes
+from fxquant.quant.daq_weights import DAQWeightQuantizer
 from fxquant.quant.subset import SubsetQuantizer
 from fxquant.quant.uniform import affine_qparams
 

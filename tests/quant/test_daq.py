@@ -11,14 +11,13 @@ from hypothesis import given, settings, strategies as st
 from fxquant.quant.daq import (
     GAUSSIAN_STEPS,
     DAQActivationQuantizer,
-    DAQWeightQuantizer,
     daq_quantize,
-    daq_weight_quantize,
     quantize_sigma,
     relu_stats,
     signed_stats,
     step_for_bits,
 )
+from fxquant.quant.daq_weights import DAQWeightQuantizer, daq_weight_quantize
 from fxquant.quant.daq_mixed import allocate_bits, channel_output_errors, channel_sensitivity
 
 pytestmark = pytest.mark.usefixtures("one_thread")
