@@ -48,7 +48,8 @@ from torch import fx, nn
 from fxquant.errors import PassError
 from fxquant.lower.conv import INT32_MAX, LoweringError
 from fxquant.lower.folded import LAYERS, NON_FINITE, lower_folded
-from fxquant.quant.daq import DAQActivationQuantizer, _daq_params, ones_if_missing
+from fxquant.quant.base import ones_if_missing
+from fxquant.quant.daq import DAQActivationQuantizer, _daq_params
 from fxquant.quant.daq_weights import DAQWeightQuantizer
 
 LOWERED_BRANCHES = ("signed", "relu", "relu-clipped")

@@ -33,6 +33,7 @@ from torch import fx, nn
 from fxquant.errors import PassError
 from fxquant.lower.folded import LAYERS, lower_folded
 from fxquant.quant import UniformQuantizer
+from fxquant.quant.base import ones_if_missing
 from fxquant.quant.subset import (
     SubsetQuantizer,
     grid_exponent,
@@ -65,6 +66,8 @@ class SubsetQuantize(nn.Module):
         if mode == "static":
             self.register_buffer("pre", torch.ones(channels))
             self.register_buffer("post", torch.ones(channels))
+        self.register_buffer("step_multiplier", torch.ones(channels))  # learned; 1 = DFSQ
+        self.register_load_state_dict_pre_hook(ones_if_missing("step_multiplier", channels))
         self.register_buffer("table", torch.zeros(channels, 3), persistent=False)
         self.register_buffer("base", torch.zeros(channels, 1, 1), persistent=False)
         self.register_buffer("gcd", torch.ones(channels, 1, 1), persistent=False)
@@ -111,7 +114,8 @@ class SubsetQuantize(nn.Module):
             x, self.mode, self.post_relu, self.eps,
             guard=(self.guard_lo, self.guard_hi) if self.guard else None,
             pre=self.pre if self.mode == "static" else None,
-            post=self.post if self.mode == "static" else None)
+            post=self.post if self.mode == "static" else None,
+            multiplier=self.step_multiplier)
         with torch.no_grad():
             points = grid_lookup(normalized, self.lookup_exponent, self.table)
             unit = 2.0 ** -self.point_exponent

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -134,6 +134,31 @@ def buffer_as_parameter(module: nn.Module, name: str) -> nn.Parameter:
     param = getattr(module, name)
     param.requires_grad_(True)
     return param
+
+
+# Learned step multipliers (DAQ, DFSQ) stay above this: a step of 0 would collapse a channel.
+MIN_MULTIPLIER = 1e-3
+
+
+def ones_if_missing(name: str, shape) -> Callable:
+    """A load_state_dict pre-hook that fills in buffer ``name`` with ones when the state dict
+    predates it (a model saved before step multipliers existed)."""
+    def hook(module, state_dict, prefix, *args):
+        state_dict.setdefault(prefix + name, torch.ones(shape))
+    return hook
+
+
+def multiplier_summary(multiplier: torch.Tensor) -> str | None:
+    """``"0.81-1.24"`` for learned step multipliers, None while they are all 1."""
+    values = multiplier.detach()
+    if bool((values == 1).all()):
+        return None
+    return f"{float(values.min()):.3g}-{float(values.max()):.3g}"
+
+
+def check_multiplier(multiplier: torch.Tensor, what: str) -> None:
+    if not torch.isfinite(multiplier).all() or (multiplier <= 0).any():
+        raise ValueError(f"{what}: step multipliers must be finite and > 0")
 
 
 def _check_mode(mode: str) -> None:

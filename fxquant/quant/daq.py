@@ -31,11 +31,19 @@ so mixed precision runs through the same quantizer as uniform-bit DAQ.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
-from fxquant.quant.base import AffineCodes, Quantizer, buffer_as_parameter
+from fxquant.quant.base import (
+    MIN_MULTIPLIER,
+    AffineCodes,
+    Quantizer,
+    buffer_as_parameter,
+    check_multiplier,
+    multiplier_summary,
+    ones_if_missing,
+)
 
 # ``gaussian_steps`` of the official code: key j -> MSE-optimal uniform step (in units of σ)
 # for a unit Gaussian with 2^j levels (j = 1: 2 levels -> 1.596, j = 2: 4 levels -> 0.996...).
@@ -53,9 +61,6 @@ STEP_INDICES = tuple(STEP_INDEX_OFFSET)
 DAQ_BITS = tuple(range(2, 9))  # table keys 1..8 exist for both indexings
 BRANCHES = ("signed", "relu", "relu-clipped", "relu-initial")
 WEIGHT_GRANULARITIES = ("per-tensor", "per-channel")
-
-# Learned step multipliers stay above this (a step of 0 would collapse a channel).
-MIN_MULTIPLIER = 1e-3
 
 _LUT = torch.tensor([GAUSSIAN_STEPS.get(k, float("nan")) for k in range(17)], dtype=torch.float64)
 
@@ -265,22 +270,6 @@ def step_gradient(x: torch.Tensor, q: torch.Tensor, step: torch.Tensor, offset: 
 
 
 # --------------------------------------------------------------------------- modules
-def ones_if_missing(name: str, shape) -> Callable:
-    """A load_state_dict pre-hook that fills in buffer ``name`` with ones when the state dict
-    predates it (a model saved before step multipliers existed)."""
-    def hook(module, state_dict, prefix, *args):
-        state_dict.setdefault(prefix + name, torch.ones(shape))
-    return hook
-
-
-def multiplier_summary(multiplier: torch.Tensor) -> str | None:
-    """``"0.81-1.24"`` for learned step multipliers, None while they are all 1."""
-    values = multiplier.detach()
-    if bool((values == 1).all()):
-        return None
-    return f"{float(values.min()):.3g}-{float(values.max()):.3g}"
-
-
 def bits_summary(bits: torch.Tensor) -> int | str:
     lo, hi = int(bits.min()), int(bits.max())
     if lo == hi:
@@ -371,8 +360,3 @@ class DAQActivationQuantizer(Quantizer):
         d = self.describe()
         return f"channels={self.channels}, bits={d['bits']}, branch={self.branch}, " \
                f"qq_bits={self.qq_bits}, step_index={self.step_index}"
-
-
-def check_multiplier(multiplier: torch.Tensor, what: str) -> None:
-    if not torch.isfinite(multiplier).all() or (multiplier <= 0).any():
-        raise ValueError(f"{what}: step multipliers must be finite and > 0")

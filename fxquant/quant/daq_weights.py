@@ -10,19 +10,23 @@ from typing import Sequence
 
 import torch
 
-from fxquant.quant.base import AffineCodes, Quantizer, buffer_as_parameter
-from fxquant.quant.daq import (
+from fxquant.quant.base import (
     MIN_MULTIPLIER,
+    AffineCodes,
+    Quantizer,
+    buffer_as_parameter,
+    check_multiplier,
+    multiplier_summary,
+    ones_if_missing,
+)
+from fxquant.quant.daq import (
     STEP_INDICES,
     WEIGHT_GRANULARITIES,
     bits_summary,
-    check_multiplier,
-    steps_and_half,
     check_bits,
-    multiplier_summary,
-    ones_if_missing,
     ste,
     step_gradient,
+    steps_and_half,
 )
 
 

@@ -19,11 +19,21 @@ from __future__ import annotations
 import torch
 
 from fxquant.observers import Observer
-from fxquant.quant.base import CodebookCodes, Quantizer
+from fxquant.quant.base import (
+    MIN_MULTIPLIER,
+    CodebookCodes,
+    Quantizer,
+    buffer_as_parameter,
+    check_multiplier,
+    multiplier_summary,
+    ones_if_missing,
+)
 from fxquant.quant.channel_norm import (
     EPS,
     denormalize,
+    dynamic_stats,
     dynamic_stats_minmax,
+    normalize,
     normalize_dynamic,
     static_scale,
 )
@@ -93,18 +103,27 @@ def point_exponent(points: torch.Tensor) -> int | None:
 
 def subset_normalize(x: torch.Tensor, mode: str, post_relu: bool, eps: float, *,
                      guard: tuple[torch.Tensor, torch.Tensor] | None = None,
-                     pre: torch.Tensor | None = None, post: torch.Tensor | None = None):
+                     pre: torch.Tensor | None = None, post: torch.Tensor | None = None,
+                     multiplier: torch.Tensor | None = None):
     """DFSQ's channel normalization, ``(x̃, scale, mean)`` with ``x = x̃·scale [+ mean]``
     (mean None when not shifted): the range guard's clamp (``guard``: per-channel lo, hi),
     then per (image, channel) statistics (``dynamic``) or the static ``pre``/``post``
-    multiplies. The fake-quantizer and its lowered form (fxquant/lower/subset.py) both call
-    it, so their normalized values are the same floats."""
+    multiplies. ``multiplier`` (per channel, learned by reconstruction; 1 = DFSQ bit for bit)
+    scales every channel's normalization scale, and with it the spacing of its points. The
+    fake-quantizer and its lowered form (fxquant/lower/subset.py) both call it, so their
+    normalized values are the same floats."""
     shape = (1, -1) + (1,) * (x.ndim - 2)
     if guard is not None:
         x = torch.clamp(x, guard[0].view(shape), guard[1].view(shape))
     if mode == "dynamic":
-        return normalize_dynamic(x, post_relu, eps)
-    return x * pre.view(shape), post.view(shape), None
+        if multiplier is None:
+            return normalize_dynamic(x, post_relu, eps)
+        scale, mean = dynamic_stats(x, post_relu, eps)
+        scale = scale * multiplier.view(shape)
+        return normalize(x, scale, mean), scale, mean
+    if multiplier is None:
+        return x * pre.view(shape), post.view(shape), None
+    return x * (pre.view(shape) / multiplier.view(shape)), post.view(shape) * multiplier.view(shape), None
 
 
 def nearest_point(x: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
@@ -132,7 +151,9 @@ class SubsetQuantizer(Quantizer):
     ``fold-channel-norm`` pass folds them into neighbouring convs and sets them to 1.
     ``quant_mode = "off"`` (the quantizer contract's one switch) skips the rounding but keeps
     the static normalization multiplies (the identity up to float rounding), which is how
-    folds are checked for equivalence.
+    folds are checked for equivalence. ``step_multiplier`` (per channel, 1 = DFSQ) scales the
+    normalization scale; reconstruction learns it (the gradient reaches it through the
+    straight-through rounding of the normalized value, LSQ-style).
     """
 
     kind = "subset"
@@ -156,6 +177,8 @@ class SubsetQuantizer(Quantizer):
         if guard:
             self.register_buffer("guard_lo", torch.full((channels,), -float("inf")))
             self.register_buffer("guard_hi", torch.full((channels,), float("inf")))
+        self.register_buffer("step_multiplier", torch.ones(channels))
+        self.register_load_state_dict_pre_hook(ones_if_missing("step_multiplier", channels))
 
     def set_points(self, points: torch.Tensor) -> None:
         with torch.no_grad():
@@ -228,7 +251,16 @@ class SubsetQuantizer(Quantizer):
         return subset_normalize(x, self.mode, self.post_relu, self.eps,
                                 guard=(self.guard_lo, self.guard_hi) if self.guard else None,
                                 pre=self.pre if self.mode == "static" else None,
-                                post=self.post if self.mode == "static" else None)
+                                post=self.post if self.mode == "static" else None,
+                                multiplier=self.step_multiplier)
+
+    def trainable_parameters(self) -> list[torch.nn.Parameter]:
+        """The per-channel step multipliers (the points stay on their universal set)."""
+        return [buffer_as_parameter(self, "step_multiplier")]
+
+    def constrain(self) -> None:
+        with torch.no_grad():
+            self.step_multiplier.clamp_(min=MIN_MULTIPLIER)
 
     @property
     def folded(self) -> str:
@@ -249,7 +281,8 @@ class SubsetQuantizer(Quantizer):
             info["folded"] = self.folded
         if self.guard:
             info["guard"] = True
-        return info
+        learned = multiplier_summary(self.step_multiplier)
+        return {**info, "step_multiplier": learned} if learned else info
 
     def check(self) -> None:
         p = self.points
@@ -265,6 +298,7 @@ class SubsetQuantizer(Quantizer):
                 v = getattr(self, name)
                 if not torch.isfinite(v).all() or (v <= 0).any():
                     raise ValueError(f"subset quantizer has a non-finite or non-positive '{name}'")
+        check_multiplier(self.step_multiplier, "subset quantizer")
 
 
 class SampleObserver(Observer):

@@ -24,7 +24,7 @@ OFFICIAL = universal_set(4, [], True)  # 377 values on the 2^-10 grid
 
 
 def random_quantizer(seed: int, channels: int, bits: int, post_relu: bool, mode: str,
-                     guard: bool) -> SubsetQuantizer:
+                     guard: bool, multipliers: bool = False) -> SubsetQuantizer:
     g = torch.Generator().manual_seed(seed)
     q = SubsetQuantizer(bits, channels, post_relu=post_relu, mode=mode, guard=guard)
     pool = OFFICIAL[OFFICIAL >= 0] if post_relu else OFFICIAL
@@ -35,15 +35,17 @@ def random_quantizer(seed: int, channels: int, bits: int, post_relu: bool, mode:
         q.set_scale(torch.rand(channels, generator=g) * 3 + 0.1)
     if guard:
         q.set_guard(torch.full((channels,), -2.0), torch.full((channels,), 1.5), 1.0)
+    if multipliers:  # learned step multipliers (reconstruction)
+        q.step_multiplier.copy_(torch.rand(channels, generator=g) * 1.5 + 0.5)
     return q
 
 
 @settings(max_examples=40, deadline=None)
 @given(st.integers(0, 10_000), st.integers(1, 6), st.sampled_from([2, 3, 4]), st.booleans(),
-       st.sampled_from(["dynamic", "static"]), st.booleans(), st.booleans())
+       st.sampled_from(["dynamic", "static"]), st.booleans(), st.booleans(), st.booleans())
 def test_codes_are_the_fake_quant_points(seed, channels, bits, post_relu, mode, guard,
-                                         channels_last):
-    q = random_quantizer(seed, channels, bits, post_relu, mode, guard)
+                                         channels_last, multipliers):
+    q = random_quantizer(seed, channels, bits, post_relu, mode, guard, multipliers)
     x = torch.randn(3, channels, 5, 4, generator=torch.Generator().manual_seed(seed)) * 2
     if post_relu:
         x = x.relu()

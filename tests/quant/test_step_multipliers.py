@@ -1,6 +1,7 @@
-"""DAQ's learned step multipliers: 1 is the official quantizer bit for bit, any value keeps
-fake-quant, integer codes and the lowered conv in agreement, the multiplier gets LSQ's step
-gradient, and the ``reconstruct`` pass trains it on a DAQ pipeline."""
+"""Learned step multipliers of DAQ and DFSQ: 1 is the method's own quantizer bit for bit, any
+value keeps fake-quant, integer codes and the lowered conv in agreement (DFSQ's codes: the
+hypothesis test in tests/lower/test_dfsq_lowering.py), the multiplier gets a step gradient,
+and the ``reconstruct`` pass trains it on DAQ and DFSQ pipelines."""
 
 from __future__ import annotations
 
@@ -12,11 +13,15 @@ from hypothesis import strategies as st
 import fxquant
 from fxquant.errors import PassError
 from fxquant.lower.daq import DaqQuantize
-from fxquant.quant.daq import MIN_MULTIPLIER, DAQActivationQuantizer, daq_quantize
+from fxquant.quant.base import MIN_MULTIPLIER
+from fxquant.quant.daq import DAQActivationQuantizer, daq_quantize
 from fxquant.quant.daq_weights import DAQWeightQuantizer, daq_weight_quantize
+from fxquant.quant.subset import SubsetQuantizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
+DFSQ_RECON = ("trace,dfsq-observe,calibrate,subset-quant,fold-channel-norm,"
+              "reconstruct{steps=30,eval_every=10,patience=10},verify")
 DAQ_RECON = "trace,daq-sensitivity,calibrate,daq,reconstruct{steps=30,eval_every=10,patience=10},verify"
 
 
@@ -130,3 +135,52 @@ def test_reconstruct_without_ranges_on_daq_has_nothing_to_train(tiny_sr, calib):
     with pytest.raises(PassError, match="nothing to train.*daq"):
         fxquant.compile(tiny_sr, "daq-w4a4", calib=calib, pipeline=DAQ_RECON.replace(
             "patience=10}", "patience=10,ranges=false}"))
+
+
+@pytest.mark.parametrize("mode", ["dynamic", "static"])
+def test_dfsq_unit_multipliers_are_dfsq_and_others_scale_its_steps(mode):
+    q = SubsetQuantizer(3, 2, mode=mode)
+    q.set_points(torch.tensor([[-1.0, -0.5, -0.25, 0.0, 0.125, 0.25, 0.5, 1.0]] * 2))
+    if mode == "static":
+        q.set_scale(torch.tensor([2.0, 0.5]))
+    x = _input(5, shape=(2, 2, 6, 6))
+    official = q.fake_quant(x)
+    q.trainable_parameters()
+    with torch.no_grad():
+        assert torch.equal(q.fake_quant(x), official)
+        q.step_multiplier.copy_(torch.tensor([2.0, 1.0]))
+        doubled = q.fake_quant(x)
+    # channel 0 now spans twice the range with the same points: its level spacing doubles
+    assert torch.equal(doubled[:, 1], official[:, 1])
+    assert not torch.equal(doubled[:, 0], official[:, 0])
+    with torch.no_grad():
+        _, scale, _ = q._normalize(x)
+        q.step_multiplier.fill_(1.0)
+        _, unit_scale, _ = q._normalize(x)
+        q.step_multiplier.copy_(torch.tensor([2.0, 1.0]))
+    torch.testing.assert_close(scale[:, 0], 2 * unit_scale[:, 0], rtol=0, atol=0)  # carries γ
+    codes = q.integer_codes(x)
+    torch.testing.assert_close(codes.dequantize(), doubled, rtol=0, atol=1e-6)
+
+
+def test_dfsq_multiplier_gets_a_gradient_and_reconstruct_trains_it(tiny_sr, calib):
+    q = SubsetQuantizer(2, 1)
+    q.set_points(torch.tensor([[-1.0, -0.25, 0.25, 1.0]]))
+    (gamma,) = q.trainable_parameters()
+    q.fake_quant(_input(6, shape=(1, 1, 8, 8))).pow(2).sum().backward()
+    assert gamma.grad is not None and bool(torch.isfinite(gamma.grad).all())
+    assert float(gamma.grad.abs()) > 0
+
+    gm = fxquant.compile(tiny_sr, "dfsq-w4a4", calib=calib, pipeline=DFSQ_RECON)
+    info = dict(gm.fxquant_history)["reconstruct{steps=30,eval_every=10,patience=10}"]
+    assert info["heldout_loss_after"] < info["heldout_loss_before"]
+    subsets = [m for m in gm.modules() if isinstance(m, SubsetQuantizer)]
+    assert subsets and any(not torch.equal(m.step_multiplier, torch.ones_like(m.step_multiplier))
+                           for m in subsets)
+    for m in subsets:
+        m.check()
+    x = calib[:2]
+    with torch.no_grad():
+        expected = gm(x)
+        out = fxquant.lowered_copy(gm, "reference")(x)
+    assert float((out - expected).abs().max() / expected.abs().max()) < 1e-3
