@@ -161,6 +161,28 @@ def check_multiplier(multiplier: torch.Tensor, what: str) -> None:
         raise ValueError(f"{what}: step multipliers must be finite and > 0")
 
 
+class StepMultiplierMixin:
+    """For quantizers whose steps come from statistics (DAQ, DFSQ): a ``step_multiplier``
+    buffer of ``shape`` (1 = the method's own quantizer) that reconstruction and QAT train
+    (``trainable_parameters``) and keep positive (``constrain``)."""
+
+    def init_step_multiplier(self, shape) -> None:
+        self.register_buffer("step_multiplier", torch.ones(shape))
+        self.register_load_state_dict_pre_hook(ones_if_missing("step_multiplier", shape))
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [buffer_as_parameter(self, "step_multiplier")]
+
+    def constrain(self) -> None:
+        with torch.no_grad():
+            self.step_multiplier.clamp_(min=MIN_MULTIPLIER)
+
+    def with_multiplier(self, info: dict) -> dict:
+        """``describe()``'s dict, plus the learned multipliers' range once they are not 1."""
+        learned = multiplier_summary(self.step_multiplier)
+        return {**info, "step_multiplier": learned} if learned else info
+
+
 def _check_mode(mode: str) -> None:
     if mode not in QUANT_MODES:
         raise ValueError(f"quantizer mode '{mode}' unknown; valid: {', '.join(QUANT_MODES)}")

@@ -36,13 +36,10 @@ from typing import Sequence
 import torch
 
 from fxquant.quant.base import (
-    MIN_MULTIPLIER,
     AffineCodes,
     Quantizer,
-    buffer_as_parameter,
+    StepMultiplierMixin,
     check_multiplier,
-    multiplier_summary,
-    ones_if_missing,
 )
 
 # ``gaussian_steps`` of the official code: key j -> MSE-optimal uniform step (in units of σ)
@@ -277,7 +274,7 @@ def bits_summary(bits: torch.Tensor) -> int | str:
     return f"{lo}-{hi} (avg {float(bits.double().mean()):.1f})"
 
 
-class DAQActivationQuantizer(Quantizer):
+class DAQActivationQuantizer(StepMultiplierMixin, Quantizer):
     """Dynamic per-(image, channel) DAQ fake-quantizer for a conv input.
 
     ``bits`` is a persistent length-C buffer (all equal for uniform-bit DAQ, per channel for
@@ -300,8 +297,7 @@ class DAQActivationQuantizer(Quantizer):
         self.qq_bits = qq_bits
         self.step_index = step_index
         self.register_buffer("bits", torch.empty(channels, dtype=torch.int64))
-        self.register_buffer("step_multiplier", torch.ones(channels))
-        self.register_load_state_dict_pre_hook(ones_if_missing("step_multiplier", channels))
+        self.init_step_multiplier(channels)
         self.set_bits(bits)
 
     def set_bits(self, bits: int | torch.Tensor) -> None:
@@ -332,20 +328,11 @@ class DAQActivationQuantizer(Quantizer):
         return daq_codes(x, self._bits_arg(), branch=self.branch, qq_bits=self.qq_bits,
                          step_index=self.step_index, multiplier=self.step_multiplier)
 
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        """The per-channel step multipliers (the statistics stay dynamic)."""
-        return [buffer_as_parameter(self, "step_multiplier")]
-
-    def constrain(self) -> None:
-        with torch.no_grad():
-            self.step_multiplier.clamp_(min=MIN_MULTIPLIER)
-
     def describe(self) -> dict:
         info = {"kind": self.kind, "bits": bits_summary(self.bits),
                 "granularity": "per-image-channel", "mode": "dynamic", "branch": self.branch,
                 "qq_bits": self.qq_bits or None, "step_index": self.step_index}
-        learned = multiplier_summary(self.step_multiplier)
-        return {**info, "step_multiplier": learned} if learned else info
+        return self.with_multiplier(info)
 
     def check(self) -> None:
         try:

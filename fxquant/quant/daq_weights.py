@@ -11,13 +11,10 @@ from typing import Sequence
 import torch
 
 from fxquant.quant.base import (
-    MIN_MULTIPLIER,
     AffineCodes,
     Quantizer,
-    buffer_as_parameter,
+    StepMultiplierMixin,
     check_multiplier,
-    multiplier_summary,
-    ones_if_missing,
 )
 from fxquant.quant.daq import (
     STEP_INDICES,
@@ -83,7 +80,7 @@ def weight_bits_map(channel_bits: torch.Tensor, out_channels: int, groups: int) 
     return grid.reshape(out_channels, per_group, 1, 1)
 
 
-class DAQWeightQuantizer(Quantizer):
+class DAQWeightQuantizer(StepMultiplierMixin, Quantizer):
     """DAQ weight fake-quantizer (σ-scaled symmetric mid-rise), recomputed from the weight.
 
     ``bits`` is a persistent O×(C_in/g)×1×1 buffer so that mixed precision can give each
@@ -109,8 +106,7 @@ class DAQWeightQuantizer(Quantizer):
         self.register_buffer("bits", torch.empty(self.out_channels, per_group, 1, 1,
                                                  dtype=torch.int64))
         shape = (self.out_channels,) if granularity == "per-channel" else ()
-        self.register_buffer("step_multiplier", torch.ones(shape))
-        self.register_load_state_dict_pre_hook(ones_if_missing("step_multiplier", shape))
+        self.init_step_multiplier(shape)
         self.set_bits(bits)
 
     def set_bits(self, bits: int | torch.Tensor) -> None:
@@ -141,19 +137,10 @@ class DAQWeightQuantizer(Quantizer):
         return daq_weight_codes(w, self._bits_arg(), granularity=self.weight_granularity,
                                 step_index=self.step_index, multiplier=self.step_multiplier)
 
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        """The step multiplier(s); σ_w follows the weights."""
-        return [buffer_as_parameter(self, "step_multiplier")]
-
-    def constrain(self) -> None:
-        with torch.no_grad():
-            self.step_multiplier.clamp_(min=MIN_MULTIPLIER)
-
     def describe(self) -> dict:
         info = {"kind": self.kind, "bits": bits_summary(self.bits),
                 "granularity": self.weight_granularity, "mode": "static"}
-        learned = multiplier_summary(self.step_multiplier)
-        return {**info, "step_multiplier": learned} if learned else info
+        return self.with_multiplier(info)
 
     def check(self) -> None:
         try:

@@ -20,13 +20,10 @@ import torch
 
 from fxquant.observers import Observer
 from fxquant.quant.base import (
-    MIN_MULTIPLIER,
     CodebookCodes,
     Quantizer,
-    buffer_as_parameter,
+    StepMultiplierMixin,
     check_multiplier,
-    multiplier_summary,
-    ones_if_missing,
 )
 from fxquant.quant.channel_norm import (
     EPS,
@@ -142,7 +139,7 @@ def nearest_point(x: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
     return torch.gather(table, 2, idx).reshape(x.shape)
 
 
-class SubsetQuantizer(Quantizer):
+class SubsetQuantizer(StepMultiplierMixin, Quantizer):
     """Per-input-channel subset quantizer with DFSQ's channel normalization.
 
     ``mode="dynamic"`` is the official per-(image, channel) normalization (mean shift unless
@@ -177,8 +174,7 @@ class SubsetQuantizer(Quantizer):
         if guard:
             self.register_buffer("guard_lo", torch.full((channels,), -float("inf")))
             self.register_buffer("guard_hi", torch.full((channels,), float("inf")))
-        self.register_buffer("step_multiplier", torch.ones(channels))
-        self.register_load_state_dict_pre_hook(ones_if_missing("step_multiplier", channels))
+        self.init_step_multiplier(channels)
 
     def set_points(self, points: torch.Tensor) -> None:
         with torch.no_grad():
@@ -254,14 +250,6 @@ class SubsetQuantizer(Quantizer):
                                 post=self.post if self.mode == "static" else None,
                                 multiplier=self.step_multiplier)
 
-    def trainable_parameters(self) -> list[torch.nn.Parameter]:
-        """The per-channel step multipliers (the points stay on their universal set)."""
-        return [buffer_as_parameter(self, "step_multiplier")]
-
-    def constrain(self) -> None:
-        with torch.no_grad():
-            self.step_multiplier.clamp_(min=MIN_MULTIPLIER)
-
     @property
     def folded(self) -> str:
         """Static mode: which of the two multiplies are folded away (``pre``, ``post``)."""
@@ -281,8 +269,7 @@ class SubsetQuantizer(Quantizer):
             info["folded"] = self.folded
         if self.guard:
             info["guard"] = True
-        learned = multiplier_summary(self.step_multiplier)
-        return {**info, "step_multiplier": learned} if learned else info
+        return self.with_multiplier(info)
 
     def check(self) -> None:
         p = self.points
