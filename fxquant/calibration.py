@@ -2,50 +2,94 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 
 from fxquant.errors import CalibrationError
 
 
-def as_batches(calib: object, batch_size: int = 8) -> list[tuple[torch.Tensor, ...]]:
-    """Turn a tensor (split along dim 0), or an iterable of tensors / argument tuples, into a
-    list of argument tuples; reject empty or non-finite data with the batch that is wrong."""
+def is_map_style(calib: object) -> bool:
+    """A source of batches read by index (``len`` and ``[i]``, e.g. a torch ``Dataset`` of
+    batches or :class:`fxquant.data.CalibrationPatches`): streamed, never held whole."""
+    return (hasattr(calib, "__len__") and hasattr(calib, "__getitem__")
+            and not isinstance(calib, (torch.Tensor, list, tuple, str, bytes, dict)))
+
+
+def _as_tuple(item: object, index: int) -> tuple[torch.Tensor, ...]:
+    if isinstance(item, torch.Tensor):
+        return (item,)
+    if isinstance(item, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in item):
+        return tuple(item)
+    raise CalibrationError(f"calibration batch {index} is a {type(item).__name__}; expected a "
+                           "tensor or a tuple of tensors")
+
+
+def _check_batch(batch: tuple[torch.Tensor, ...], index: int) -> None:
+    for tensor in batch:
+        if tensor.numel() == 0:
+            raise CalibrationError(f"calibration batch {index} is empty "
+                                   f"(shape {tuple(tensor.shape)})")
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CalibrationError(f"calibration batch {index} contains {bad} NaN/inf "
+                                   "values; calibration data must be finite")
+
+
+class LazyBatches(Sequence):
+    """The batches of a map-style source, loaded and checked one at a time when read (float32,
+    as argument tuples): passes iterate, index and slice it like a list, and only the batch in
+    use is in memory. A slice is a view on the same source."""
+
+    def __init__(self, source: object, indices: range | None = None):
+        self.source = source
+        self.indices = range(len(source)) if indices is None else indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return LazyBatches(self.source, self.indices[index])
+        position = self.indices[index]
+        batch = tuple(_as_float(t, f"calibration batch {position}")
+                      for t in _as_tuple(self.source[position], position))
+        _check_batch(batch, position)
+        return batch
+
+
+def as_batches(calib: object, batch_size: int = 8) -> Sequence[tuple[torch.Tensor, ...]]:
+    """Turn a tensor (split along dim 0), an iterable of tensors / argument tuples, or a
+    map-style source of batches (streamed: :class:`LazyBatches`) into a sequence of argument
+    tuples; reject empty or non-finite data with the batch that is wrong."""
     if calib is None:
-        raise CalibrationError("no calibration data: pass calib= (a N×C×H×W tensor or an "
-                               "iterable of batches)")
+        raise CalibrationError("no calibration data: pass calib= (a N×C×H×W tensor, an "
+                               "iterable of batches, or a map-style source of batches)")
+    if isinstance(calib, LazyBatches):
+        return calib
+    if is_map_style(calib):
+        if len(calib) == 0:
+            raise CalibrationError("calibration data is empty: give at least one batch")
+        return LazyBatches(calib)
     if isinstance(calib, torch.Tensor):
         if calib.ndim == 0 or calib.shape[0] == 0 or calib.numel() == 0:
             raise CalibrationError(f"calibration tensor is empty (shape {tuple(calib.shape)}); "
                                    "give at least one sample")
         batches = [(chunk,) for chunk in calib.split(batch_size)]
     elif isinstance(calib, Iterable) and not isinstance(calib, (str, bytes)):
-        batches = []
-        for item in calib:
-            if isinstance(item, torch.Tensor):
-                batches.append((item,))
-            elif isinstance(item, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in item):
-                batches.append(tuple(item))
-            else:
-                raise CalibrationError(f"calibration batch {len(batches)} is a "
-                                       f"{type(item).__name__}; expected a tensor or a tuple of tensors")
+        batches = [_as_tuple(item, index) for index, item in enumerate(calib)]
         if not batches:
             raise CalibrationError("calibration data is empty: give at least one batch")
     else:
         raise CalibrationError(f"calibration data must be a tensor or an iterable of batches, "
                                f"got {type(calib).__name__}")
     for index, batch in enumerate(batches):
-        for tensor in batch:
-            if tensor.numel() == 0:
-                raise CalibrationError(f"calibration batch {index} is empty "
-                                       f"(shape {tuple(tensor.shape)})")
-            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-                bad = int((~torch.isfinite(tensor)).sum())
-                raise CalibrationError(f"calibration batch {index} contains {bad} NaN/inf "
-                                       "values; calibration data must be finite")
+        _check_batch(batch, index)
     return batches
 
+
+# Batches of a streamed source that prepare_calibration reads for its checks.
+STREAM_CHECK_BATCHES = 8
 
 # Smallest patch side accepted: a 3×3 conv on a smaller patch sees mostly zero padding, so the
 # ranges it yields describe the padding, not images.
@@ -67,16 +111,21 @@ def prepare_calibration(calib: object, input_range: tuple[float, float] | None =
     """Calibration data as every pass can read it, checked once before compiling.
 
     A generator or iterator is materialized into a list (several passes read the data, a
-    generator only once); float16/float64 tensors become float32; integer tensors, values far
-    outside ``input_range`` (0..255 images for a [0, 1] model), constant data and patches too
-    small for a 3×3 conv are errors naming what is wrong; ``input_range=None`` skips the range
-    check (a model with normalised inputs).
+    generator only once); a map-style source (``len`` and ``[i]``) is streamed instead: it
+    becomes :class:`LazyBatches` and the checks below read its first
+    ``STREAM_CHECK_BATCHES`` batches. float16/float64 tensors become float32; integer
+    tensors, values far outside ``input_range`` (0..255 images for a [0, 1] model), constant
+    data and patches too small for a 3×3 conv are errors naming what is wrong;
+    ``input_range=None`` skips the range check (a model with normalised inputs).
     """
     import warnings
 
     if calib is None:
         return None
-    if isinstance(calib, torch.Tensor):
+    if isinstance(calib, LazyBatches) or is_map_style(calib):
+        prepared: object = as_batches(calib)
+        images = [batch[0] for batch in prepared[:STREAM_CHECK_BATCHES]]
+    elif isinstance(calib, torch.Tensor):
         prepared: object = _as_float(calib, "the calibration tensor")
     elif isinstance(calib, Iterable) and not isinstance(calib, (str, bytes)):
         items = list(calib)  # materialize once: a generator cannot be read by each pass
@@ -87,7 +136,8 @@ def prepare_calibration(calib: object, input_range: tuple[float, float] | None =
                     for i, item in enumerate(items)]
     else:
         prepared = calib
-    images = [batch[0] for batch in as_batches(prepared)]  # the first argument is the image
+    if not isinstance(prepared, LazyBatches):
+        images = [batch[0] for batch in as_batches(prepared)]  # the first argument is the image
     lo = min(float(t.min()) for t in images)
     hi = max(float(t.max()) for t in images)
     if lo == hi:

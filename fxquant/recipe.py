@@ -168,7 +168,10 @@ class CalibrationConfig:
     """Calibration data drawn by the CLI and the results command: seeded LR patches.
 
     The default mixes T91 and General100: static ranges from more varied content clip test
-    images less (docs/methods/uniform.md).
+    images less (docs/methods/uniform.md). ``stream`` cuts each batch from the image files
+    when a pass reads it (:class:`fxquant.data.CalibrationPatches`) instead of holding every
+    patch in memory: the same values, for calibration sets too large to hold; slower, as
+    patches are cut again on every read.
     """
 
     num_patches: int = 64
@@ -176,6 +179,7 @@ class CalibrationConfig:
     batch_size: int = 8
     seed: int = 0
     sets: list[str] = field(default_factory=lambda: ["T91", "General100"])
+    stream: bool = False
 
     def __post_init__(self) -> None:  # a config built in Python is checked like a parsed one
         self.validate()

@@ -4,13 +4,14 @@ build a pretrained network, draw calibration patches, compile, evaluate FP again
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import fx, nn
 
 import fxquant
-from fxquant.data import BenchmarkSet, calibration_patches
+from fxquant.data import BenchmarkSet, CalibrationPatches, calibration_patches
 from fxquant.evaluate import SetScore, SRFunction, evaluate
 from fxquant.models import ModelSpec
 from fxquant.models.user import ModelSource, resolve_model
@@ -38,11 +39,33 @@ def with_range(fn: SRFunction, spec: ModelSpec) -> SRFunction:
 
 
 def calibration_data(spec: ModelSpec, scale: int, recipe: Recipe,
-                     data_root: str | os.PathLike | None = None) -> torch.Tensor:
+                     data_root: str | os.PathLike | None = None) -> torch.Tensor | Sequence:
+    """The recipe's calibration patches in the model's input range: one tensor, or with
+    ``[calibration] stream = true`` a map-style source that cuts each batch when read."""
     cfg = recipe.calibration
+    value_range = getattr(spec, "value_range", 1)
+    if cfg.stream:
+        source = CalibrationPatches(cfg.num_patches, cfg.patch_size, scale, sets=tuple(cfg.sets),
+                                    root=data_root, seed=cfg.seed, color=spec.color,
+                                    batch_size=cfg.batch_size)
+        return source if value_range == 1 else ScaledBatches(source, value_range)
     patches = calibration_patches(cfg.num_patches, cfg.patch_size, scale, sets=tuple(cfg.sets),
                                   root=data_root, seed=cfg.seed, color=spec.color)
-    return patches * getattr(spec, "value_range", 1)  # the model's own input range
+    return patches * value_range  # the model's own input range
+
+
+@dataclass
+class ScaledBatches:
+    """A map-style batch source with every batch multiplied by ``factor`` when read."""
+
+    source: Sequence
+    factor: float
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.source[index] * self.factor
 
 
 @dataclass

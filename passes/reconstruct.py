@@ -94,15 +94,18 @@ class ReconstructPass(Pass):
         names = self._features(gm, teacher)
         student_f, teacher_f = with_outputs(gm, names), with_outputs(teacher, names)
 
-        # the float model and the calibration batches are fixed: without the feature loss its
-        # outputs are computed once per batch (a forward per step saved; 28 MB for 64 ×4
-        # patches), with it every step (the features of every layer would not fit)
+        batches = as_batches(ctx.calib, ctx.recipe.calibration.batch_size)
+        # the float model and in-memory calibration batches are fixed: without the feature
+        # loss its outputs are computed once per batch (a forward per step saved; 28 MB for
+        # 64 ×4 patches), with it every step (the features of every layer would not fit);
+        # streamed batches (LazyBatches) are new tensors on every read: no cache
         targets: dict[int, tuple] = {}
+        cache = isinstance(batches, list) and not (self.feature_weight and names)
 
         def teacher_outputs(batch):
-            if self.feature_weight and names:
+            if not cache:
                 return teacher_f(*batch)
-            key = id(batch[0])
+            key = id(batch[0])  # the list keeps every batch alive: ids are not reused
             if key not in targets:
                 targets[key] = (teacher_f(*batch)[0], None)
             return targets[key]
@@ -116,7 +119,6 @@ class ReconstructPass(Pass):
                 loss = loss + self.feature_weight * feature_loss(features, target_features)
             return loss
 
-        batches = as_batches(ctx.calib, ctx.recipe.calibration.batch_size)
         held = int(round(len(batches) * self.heldout)) if len(batches) > 1 else 0
         train, heldout = (batches[:-held], batches[-held:]) if held else (batches, batches[:1])
         trained = {id(p) for g in groups for p in g["params"]}
