@@ -9,7 +9,8 @@ the CPU with a short schedule or on a GPU with a long one.
 The start is compiled once per model and saved (``<out>/<model>-x<scale>-<start>.fxq``):
 by default, at each of ``--bits``, ``odm-v1-wbab`` without its offsets (per-channel
 symmetric weights, MSE-searched per-tensor activation ranges); with ``--start``, any
-uniform preset or TOML, e.g. ``recon-w4a4`` (ranges and rounding reconstructed first).
+uniform preset or TOML, e.g. ``recon-w4a4`` (ranges and rounding reconstructed first), or
+for ``--methods qat`` alone a start of any method (``i2nq-w4a4-recon``).
 ``qat`` trains the start as it is; ``odm-v1`` is the start plus ``inject-offsets`` (identity
 offsets where the mismatch score selects them: its outputs at step 0 equal ``qat``'s) and
 the cooperative variance regularizer; ``odm-v2`` is the start plus ``wcc`` (its weight grids)
@@ -167,8 +168,9 @@ def main(argv=None) -> int:
     parser.add_argument("--models", default="imdn,pan")
     parser.add_argument("--scale", type=int, default=4)
     parser.add_argument("--bits", default="4,2", help="bit-widths of the default start")
-    parser.add_argument("--start", help="a uniform preset or TOML as the PTQ start instead "
-                        "(its bits; --bits is then not used)")
+    parser.add_argument("--start", help="a preset or TOML as the PTQ start instead (its "
+                        "bits; --bits is then not used): uniform for the ODM methods, any "
+                        "method for plain qat")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=16)
@@ -190,9 +192,12 @@ def main(argv=None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         if args.start:
             starts = [resolve_recipe(args.start)]
-            if starts[0].method != "uniform":
+            odm = [m for m in methods if m != "qat"]
+            if starts[0].method != "uniform" and odm:
                 raise FxquantError(f"--start {args.start}: method '{starts[0].method}' is not "
-                                   "a uniform PTQ start; give a uniform preset or TOML")
+                                   f"a uniform PTQ start, which {', '.join(odm)} build on; give "
+                                   "a uniform preset or TOML, or --methods qat (plain QAT "
+                                   "trains any start)")
         else:
             starts = [common_start(int(b)) for b in args.bits.split(",")]
         # with --json, rows already there (an earlier, maybe interrupted, run) are kept and

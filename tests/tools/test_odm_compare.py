@@ -97,3 +97,11 @@ def test_a_two_step_comparison_writes_its_table(tool, data, tmp_path):
 def test_an_unknown_method_is_named(tool, tmp_path, capsys):
     assert tool.main(["--out", str(tmp_path), "--methods", "qat,odm-v3"]) == 2
     assert "unknown method(s) odm-v3; valid: qat, odm-v1, odm-v2" in capsys.readouterr().err
+
+
+def test_a_non_uniform_start_is_refused_for_odm_only(tool, tmp_path, capsys):
+    assert tool.main(["--out", str(tmp_path), "--start", "i2nq-w4a4", "--models", "nope",
+                      "--methods", "qat,odm-v2"]) == 2
+    err = capsys.readouterr().err
+    assert "method 'i2nq' is not a uniform PTQ start, which odm-v2 build on" in err
+    assert "--methods qat" in err
