@@ -228,7 +228,8 @@ def render_markdown(results: dict) -> str:
                     if cell is None:
                         cells.append("—")
                         continue
-                    text = f"{cell['psnr']:.2f} / {cell['ssim']:.4f}"
+                    text = f"{cell['psnr']:.2f}" + (  # SSIM absent: PSNR alone
+                        f" / {cell['ssim']:.4f}" if cell["ssim"] is not None else "")
                     if recipe != FP and fp is not None:
                         text += f" ({cell['psnr'] - fp['psnr']:+.2f})"
                     cells.append(text)

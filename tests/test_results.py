@@ -63,6 +63,13 @@ def test_delta_is_only_against_fp_on_the_same_images():
     assert "24.00 / 0.5000 (-2.00)" in rows["mse-w4a4"]
 
 
+def test_a_cell_without_ssim_shows_psnr_alone():
+    """Stores written by other commands (tools/odm_compare.py --store) may lack SSIM."""
+    trained = {**_row("imdn", "qat@recon-w4a4", "Set5", 31.3), "ssim": None}
+    text = render_markdown(_store(_row("imdn", "fp", "Set5", 32.2), trained))
+    assert "| imdn | qat@recon-w4a4 | 31.30 (-0.90) |" in text
+
+
 def test_headline_marks_the_best_quantized_result_of_each_row():
     text = render_markdown(_store(
         _row("pan", "fp", "Set5", 32.1), _row("pan", "mse-w4a4", "Set5", 29.2),

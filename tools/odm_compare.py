@@ -35,6 +35,7 @@ from fxquant.errors import FxquantError
 from fxquant.files import atomic_write_text
 from fxquant.markdown import write_section
 from fxquant.recipe import Recipe, load_preset, resolve_recipe
+from fxquant.results_store import cell_key, load_store, store_text
 
 SECTION = "## Same-start comparison: plain QAT, ODM v1, ODM v2"
 METHODS = ("qat", "odm-v1", "odm-v2")
@@ -131,8 +132,25 @@ def score(model_file: str, datasets: list[str], data: str | None, limit: int | N
         scores = evaluate_sets(runner, models.spec, models.scale, datasets, data_root=data,
                                limit=limit)
         out[which] = {ds: round(s.psnr, 3) for ds, s in scores.items()}
+        out[which + "_ssim"] = {ds: round(s.ssim, 4) for ds, s in scores.items()}
     fp_cache.setdefault(key, out.get("fp"))
-    return {"fp": fp_cache[key], "quant": out["quant"]}
+    return {"fp": fp_cache[key], "quant": out["quant"], "quant_ssim": out["quant_ssim"]}
+
+
+def store_cells(rows: list[dict], limit: int | None, command: str) -> dict:
+    """The rows as results-store cells (``make results`` renders every store in
+    docs/results/ into docs/results.md): recipe ``<method>@<start>``, one cell per set; SSIM
+    None for rows scored before it was recorded."""
+    cells = {}
+    for r in rows:
+        recipe = f"{r['method']}@{start_of(r)}"
+        for ds, psnr in r["quant"].items():
+            cells[cell_key(r["model"], r["scale"], recipe, ds, limit)] = {
+                "model": r["model"], "scale": r["scale"], "recipe": recipe, "dataset": ds,
+                "limit": limit, "psnr": psnr, "ssim": r.get("quant_ssim", {}).get(ds),
+                "compile_s": round(r.get("start_seconds") or 0, 1),
+                "train_s": r.get("seconds"), "command": command}
+    return cells
 
 
 def render(rows: list[dict], command: str, args) -> str:
@@ -182,6 +200,8 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-limit", type=int, help="first N images of each set")
     parser.add_argument("--json", help="write every row here")
     parser.add_argument("--write", help="replace the section of this Markdown file")
+    parser.add_argument("--store", help="also write the rows as cells of this results store "
+                        "(docs/results/odm.json: make results renders it into docs/results.md)")
     args = parser.parse_args(argv)
     try:
         methods = args.methods.split(",")
@@ -230,6 +250,9 @@ def main(argv=None) -> int:
                     print(json.dumps(rows[-1]), flush=True)
         command = "python tools/odm_compare.py " + " ".join(argv if argv is not None else sys.argv[1:])
         text = render(rows, command, args)
+        if args.store:
+            cells = {**load_store(args.store), **store_cells(rows, args.eval_limit, command)}
+            atomic_write_text(args.store, store_text(cells), "results store")
         if args.write:
             write_section(args.write, SECTION, text)
         print(text)

@@ -68,9 +68,16 @@ def test_a_two_step_comparison_writes_its_table(tool, data, tmp_path):
     argv = ["--out", str(tmp_path / "runs"), "--models", "fsrcnn", "--bits", "4",
             "--methods", "qat,odm-v2", "--steps", "2", "--batch-size", "2", "--patch", "16",
             "--device", "cpu", "--eval-sets", "Set5", "--eval-limit", "1",
-            "--json", str(tmp_path / "rows.json"), "--write", str(md)]
+            "--json", str(tmp_path / "rows.json"), "--write", str(md),
+            "--store", str(tmp_path / "odm.json")]
     assert tool.main(argv) == 0
     rows = json.loads((tmp_path / "rows.json").read_text())
+    cells = json.loads((tmp_path / "odm.json").read_text())  # results-store cells
+    assert sorted(cells) == ["fsrcnn|x4|odm-v2@qat-w4a4-common|Set5|1",
+                             "fsrcnn|x4|qat@qat-w4a4-common|Set5|1"]
+    cell = cells["fsrcnn|x4|qat@qat-w4a4-common|Set5|1"]
+    assert cell["psnr"] == rows[0]["quant"]["Set5"] and 0 < cell["ssim"] < 1
+    assert cell["command"].startswith("python tools/odm_compare.py --out")
     assert [(r["method"], r["bits"], r["start_recipe"]) for r in rows] == \
         [("qat", 4, "qat-w4a4-common"), ("odm-v2", 4, "qat-w4a4-common")]
     assert all(r["quant"]["Set5"] < r["fp"]["Set5"] for r in rows)
