@@ -172,8 +172,13 @@ def daq_quantize(x: torch.Tensor, bits: int | torch.Tensor, *, branch: str = "si
         raise ValueError(f"unknown DAQ branch '{branch}'; valid: {', '.join(BRANCHES)}")
     with torch.no_grad():
         x = x.detach()
-        mu_safe, safe, valid, finite, h = _daq_params(x, bits, branch, qq_bits, step_index,
-                                                      multiplier)
+        return _levels(x, _daq_params(x, bits, branch, qq_bits, step_index, multiplier), branch)
+
+
+def _levels(x: torch.Tensor, params: tuple, branch: str) -> torch.Tensor:
+    """:func:`daq_quantize`'s output from its :func:`_daq_params` (no gradient)."""
+    with torch.no_grad():
+        mu_safe, safe, valid, finite, h = params
         if branch == "signed":
             # in place: ((x − μ)/Δ + 0.5) -> round -> − 0.5 -> clip to ±h -> ·Δ -> + μ
             r = (x - mu_safe).div_(safe).add_(0.5).round_().sub_(0.5)
@@ -313,12 +318,13 @@ class DAQActivationQuantizer(StepMultiplierMixin, Quantizer):
 
     def fake_quant(self, x: torch.Tensor) -> torch.Tensor:
         gamma = self.step_multiplier
-        q = daq_quantize(x, self._bits_arg(), branch=self.branch, qq_bits=self.qq_bits,
-                         step_index=self.step_index, multiplier=gamma)
+        with torch.no_grad():  # daq_quantize's steps, kept for the step gradient
+            params = _daq_params(x.detach(), self._bits_arg(), self.branch, self.qq_bits,
+                                 self.step_index, gamma)
+            q = _levels(x.detach(), params, self.branch)
         out = ste(x, q)
         if gamma.requires_grad and torch.is_grad_enabled():
-            mu, safe, valid, _, _ = _daq_params(x.detach(), self._bits_arg(), self.branch,
-                                                self.qq_bits, self.step_index, gamma)
+            mu, safe, valid, _, _ = params
             offset = mu if self.branch in ("signed", "relu-initial") else torch.zeros_like(mu)
             out = out + step_gradient(x, q, safe * valid, offset, gamma,
                                       (1, self.channels, 1, 1))
