@@ -138,6 +138,12 @@ def prepare_calibration(calib: object, input_range: tuple[float, float] | None =
         prepared = calib
     if not isinstance(prepared, LazyBatches):
         images = [batch[0] for batch in as_batches(prepared)]  # the first argument is the image
+    for index, image in enumerate(images):
+        if image.ndim == 3:  # the usual slip: a dataset of single images, not of batches
+            raise CalibrationError(
+                f"calibration batch {index} has shape {tuple(image.shape)}, one C×H×W image; "
+                "batches are N×C×H×W: stack the images (torch.stack), or batch a dataset of "
+                "images with torch.utils.data.DataLoader(dataset, batch_size=8)")
     lo = min(float(t.min()) for t in images)
     hi = max(float(t.max()) for t in images)
     if lo == hi:

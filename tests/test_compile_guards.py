@@ -98,6 +98,12 @@ def test_a_generator_is_read_once_and_calibrates_like_the_list(tiny_sr):
 
 
 # ------------------------------------------------------------------ weights and files
+def test_single_images_instead_of_batches_are_named(tiny_sr):
+    with pytest.raises(CalibrationError, match=r"batch 0 has shape \(3, 12, 12\), one C×H×W "
+                                               r"image; batches are N×C×H×W"):
+        fxquant.compile(tiny_sr, "minmax-w8a8", calib=[torch.rand(3, 12, 12)] * 4)
+
+
 def test_nan_weights_are_named(tiny_sr):
     with torch.no_grad():
         tiny_sr.blocks[0][0].weight[0, 0, 0, 0] = float("nan")
