@@ -8,6 +8,7 @@ import re
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import fx, nn
 
 from fxquant.recipe import LayerConfig
@@ -18,6 +19,11 @@ OP_TYPE_MODULES: dict[str, tuple[type[nn.Module], ...]] = {
     "linear": (nn.Linear,),
 }
 CONV_TYPES = (nn.Conv2d, nn.ConvTranspose2d)
+
+
+# Names of the conv-output observers and quantizers (observe{outputs=true}): later passes
+# (quantize, lower) and a saved model's rebuild tell them from input ones by these suffixes.
+OUTPUT_OBSERVER, OUTPUT_QUANTIZER = "_output_observer", "_output_quantizer"
 
 
 def with_outputs(gm: fx.GraphModule, names: list[str]) -> fx.GraphModule:
@@ -137,6 +143,18 @@ def insert_shared_input_module(gm: fx.GraphModule, nodes: list[fx.Node], module:
     return new
 
 
+def insert_output_module(gm: fx.GraphModule, node: fx.Node, module: nn.Module,
+                         suffix: str) -> fx.Node:
+    """Route every reader of ``node``'s value through one new ``call_module`` of ``module``,
+    registered as ``<node>_<suffix>``."""
+    name = unique_attr_name(gm, f"{node.name}_{suffix}")
+    gm.add_submodule(name, module)
+    with gm.graph.inserting_after(node):
+        new = gm.graph.call_module(name, (node,))
+    node.replace_all_uses_with(new, delete_user_cb=lambda user: user is not new)
+    return new
+
+
 def _position(gm: fx.GraphModule, node: fx.Node) -> int:
     return next(i for i, n in enumerate(gm.graph.nodes) if n is node)
 
@@ -170,6 +188,15 @@ _PRESERVING_FUNCTIONS = {"pixel_shuffle", "pixel_unshuffle", "cat", "concat", "m
                          "avg_pool2d", "adaptive_avg_pool2d", "interpolate", "upsample",
                          "flatten", "reshape", "view", "contiguous", "clone", "add", "mul",
                          "getitem", "chunk", "split", "permute", "transpose", "pad"}
+
+
+def is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """``node`` is a ReLU (module, function or method; not in place)."""
+    if node.op == "call_function":
+        return node.target in (F.relu, torch.relu) and not node.kwargs.get("inplace", False)
+    if node.op == "call_method":
+        return node.target == "relu"
+    return isinstance(module_of(gm, node), nn.ReLU)
 
 
 def _op_name(node: fx.Node) -> str:

@@ -11,12 +11,13 @@ import torch.nn.functional as F
 from torch import fx, nn
 
 from fxquant.errors import PassError, RecipeError
-from fxquant.graph import replace_module_node
+from fxquant.graph import OUTPUT_QUANTIZER, insert_output_module, is_relu, replace_module_node
 from fxquant.lower.conv import (
     INT32_MAX,
     TARGETS,
     CpuConv2d,
     IntegerConv2d,
+    IntegerDequantize,
     IntegerQuantize,
     accumulator_bound,
 )
@@ -107,6 +108,9 @@ class LowerPass(Pass):
                 lowered += lower_subset(gm, node, quantizer, self.target, self.name,
                                         structure_only=not ctx.calibrate)
                 continue
+            if str(node.target).endswith(OUTPUT_QUANTIZER):  # observe{outputs=true}
+                self._lower_output(gm, node, quantizer, layer_cls)
+                continue
             consumers = self._convs_of(gm, node, quantizer)
             if isinstance(quantizer, NonUniformQuantizer):  # levels → their uint8 grid codes
                 codes = CodebookQuantize.from_quantizer(quantizer, layer_cls.channels_last)
@@ -144,6 +148,19 @@ class LowerPass(Pass):
         return PassResult(gm, True, {"target": self.target, "integer_convs": lowered,
                                      "uint8_outputs": fused, "fused_residuals": residuals,
                                      "float_ops": ", ".join(islands), "guarded": first_input})
+
+    def _lower_output(self, gm: fx.GraphModule, node: fx.Node, quantizer: Quantizer,
+                      layer_cls: type) -> None:
+        """A conv-output quantizer becomes its codes and their de-quantization for the float
+        ops that read it; the codes fuse into the conv below (``_fuse_uint8_outputs``)."""
+        if not isinstance(quantizer, UniformQuantizer) or quantizer.channels is not None \
+                or quantizer.symmetric or quantizer.bits > 8:
+            raise PassError(self.name, "a conv-output quantizer lowers when it is per-tensor, "
+                            f"affine and of at most 8 bits; this one is {quantizer.describe()}",
+                            node=node.name)
+        codes = replace_module_node(gm, node, IntegerQuantize.from_quantizer(
+            quantizer, layer_cls.channels_last), str(node.target).replace("_quantizer", "_codes"))
+        insert_output_module(gm, codes, IntegerDequantize.from_quantizer(quantizer), "dequantize")
 
     def _convs_of(self, gm: fx.GraphModule, node: fx.Node, quantizer: Quantizer):
         """The QuantConv2d nodes and modules this activation quantizer feeds, after checking
@@ -262,14 +279,6 @@ def _route_pixel_shuffles(gm: fx.GraphModule) -> None:
     gm.delete_all_unused_submodules()
 
 
-def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
-    if node.op == "call_function":
-        return node.target in (F.relu, torch.relu) and not node.kwargs.get("inplace", False)
-    if node.op == "call_method":
-        return node.target == "relu"
-    return isinstance(_module(gm, node), nn.ReLU)
-
-
 def _fuse_residuals(gm: fx.GraphModule) -> int:
     """gpu: ``conv(q) + r`` with the conv's output read only by that add becomes
     ``conv(q, r)``, the add done in the kernel's epilogue (float addition commutes exactly).
@@ -310,7 +319,7 @@ def _fuse_uint8_outputs(gm: fx.GraphModule) -> int:
                 or len(node.users) != 1:
             continue
         (user,) = node.users
-        relu = _is_relu(gm, user) and len(user.users) == 1
+        relu = is_relu(gm, user) and len(user.users) == 1
         quantize_node = next(iter(user.users)) if relu else user
         quantize = _module(gm, quantize_node)
         if not isinstance(quantize, IntegerQuantize) or quantize.channels is not None or \

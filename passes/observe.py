@@ -7,8 +7,15 @@ from typing import ClassVar
 
 from torch import fx
 
-from fxquant.graph import insert_shared_input_module, select_layers
-from fxquant.observers import OBSERVER_KINDS, make_activation_observer
+from fxquant.graph import (
+    OUTPUT_OBSERVER,
+    insert_output_module,
+    insert_shared_input_module,
+    is_relu,
+    module_of,
+    select_layers,
+)
+from fxquant.observers import OBSERVER_KINDS, Observer, make_activation_observer
 from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
 from fxquant.recipe import GRANULARITIES, RecipeError
 
@@ -28,11 +35,22 @@ class ObservePass(Pass):
     so the value is quantized once and a lowered graph can keep it as integers.
     ``observer`` / ``granularity`` override the recipe's activation settings. Observers are
     identities, so outputs are unchanged.
+
+    ``outputs`` (off by default) also observes each selected conv's output, per tensor, where
+    it is read by float ops (leaky ReLU, split, concat, adds), as PT2E does::
+
+        c1 ──► c1_output_observer ──► leaky_relu ──► ...
+
+    — one more rounding per conv, in exchange for integer output: the lowered ``cpu`` conv
+    then writes uint8 codes and the float ops read a byte per value instead of four. A conv
+    read only by input observers (directly or through a ReLU) gets none: those already take
+    its uint8 output when lowered.
     """
 
     name: ClassVar[str] = "observe"
     observer: str | None = None
     granularity: str | None = None
+    outputs: bool = False
 
     def __post_init__(self):
         if self.observer is not None and self.observer not in OBSERVER_KINDS:
@@ -54,8 +72,25 @@ class ObservePass(Pass):
             name = consumers[0].name if len(consumers) == 1 else consumers[0].args[0].name
             observer = make_activation_observer(method, name, per_channel, acts.percentile)
             insert_shared_input_module(gm, consumers, observer, "input_observer")
+        outputs = 0
+        if self.outputs:
+            for node in selection.nodes:
+                if not _read_only_by_input_observers(gm, node):
+                    observer = make_activation_observer(method, node.name, False, acts.percentile)
+                    insert_output_module(gm, node, observer, OUTPUT_OBSERVER[1:])
+                    outputs += 1
         gm.recompile()
         ctx.state["skipped_layers"] = selection.skipped
+        info = {"observed": len(selection.nodes), "observers": len(by_value),
+                "skipped": len(selection.skipped)}
         return PassResult(gm, bool(selection.nodes),
-                          {"observed": len(selection.nodes), "observers": len(by_value),
-                           "skipped": len(selection.skipped)})
+                          {**info, "output_observers": outputs} if self.outputs else info)
+
+
+def _read_only_by_input_observers(gm: fx.GraphModule, node: fx.Node) -> bool:
+    """Every reader of ``node`` (or of the one ReLU that is its only reader) is an input
+    observer: the lowered conv can already emit their uint8 codes."""
+    users = list(node.users)
+    if len(users) == 1 and is_relu(gm, users[0]):
+        users = list(users[0].users)
+    return bool(users) and all(isinstance(module_of(gm, u), Observer) for u in users)

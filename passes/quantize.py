@@ -8,7 +8,7 @@ from typing import ClassVar
 from torch import fx, nn
 
 from fxquant.errors import CalibrationError
-from fxquant.graph import replace_module_node, select_layers
+from fxquant.graph import OUTPUT_OBSERVER, OUTPUT_QUANTIZER, replace_module_node, select_layers
 from fxquant.observers import Observer
 from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
 from fxquant.quant import QuantConv2d, swap_in_quant_conv
@@ -29,7 +29,8 @@ class QuantizePass(Pass):
     were). The activation quantizer takes its static range from the observer (min/max, percentile
     or MSE search, per the recipe); the conv becomes a :class:`QuantConv2d` whose weight is
     fake-quantized per output channel. ``w``/``a`` override the recipe's bit-widths; the
-    first and last conv take ``layers.first_last_bits`` when it is set.
+    first and last conv take ``layers.first_last_bits`` when it is set. A conv-output observer
+    (``observe{outputs=true}``) becomes a per-tensor ``<conv>_output_quantizer``.
     """
 
     name: ClassVar[str] = "quantize"
@@ -50,6 +51,13 @@ class QuantizePass(Pass):
                 continue
             observer = gm.get_submodule(node.target)
             if not isinstance(observer, Observer):
+                continue
+            if str(node.target).endswith(OUTPUT_OBSERVER):  # observe{outputs=true}
+                if not observer.has_data and ctx.calibrate:
+                    raise CalibrationError(f"observer '{node.target}' saw no calibration data")
+                replace_module_node(gm, node, activation_quantizer(observer, a_bits, None),
+                                    str(node.target).replace(OUTPUT_OBSERVER, OUTPUT_QUANTIZER))
+                activations += 1
                 continue
             consumers = list(node.users)
             convs = [gm.get_submodule(c.target) for c in consumers]

@@ -112,6 +112,31 @@ class IntegerQuantize(nn.Module):
                f"zero_point={int(self.zero_point)}{where}"
 
 
+class IntegerDequantize(nn.Module):
+    """uint8 codes → ``(q − z)·s``, float32: the fake-quantizer's value, for the float ops
+    that read a quantized conv output (``observe{outputs=true}``). Under ``lower{compile}``
+    Inductor fuses it into the op that reads it, which then reads one byte per value."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("scale", torch.ones(()))
+        self.register_buffer("zero_point", torch.zeros((), dtype=torch.int64))
+
+    @classmethod
+    def from_quantizer(cls, quantizer) -> "IntegerDequantize":
+        module = cls()
+        with torch.no_grad():
+            module.scale.copy_(quantizer.scale.detach().reshape(()))
+            module.zero_point.copy_(quantizer.zero_point.detach().reshape(()).long())
+        return module
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        return (codes.float() - self.zero_point) * self.scale
+
+    def extra_repr(self) -> str:
+        return f"scale={float(self.scale):.4g}, zero_point={int(self.zero_point)}"
+
+
 class IntegerConv2d(nn.Module):
     """State shared by the integer targets: int8 weight codes, scales, the input quantizer's
     integer parameters. Built by :meth:`from_quantized`; ``state_dict`` round-trips."""

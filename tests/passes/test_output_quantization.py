@@ -1,0 +1,83 @@
+"""``observe{outputs=true}``: conv outputs read by float ops get a per-tensor quantizer (PT2E's
+placement), those read only by quantized convs (directly or through a ReLU) do not; the lowered
+``cpu`` conv then writes uint8 codes that a dequantize step reads, and every target agrees
+with the fake-quant graph."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fxquant
+from fxquant.lower.conv import CpuConv2d, IntegerDequantize
+from fxquant.quant import UniformQuantizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PIPELINE = ("trace,observe{outputs=true},calibrate,quantize{w=8,a=8},verify")
+
+
+class LeakySR(nn.Module):
+    """IMDN-like: a leaky ReLU and a residual add read conv outputs in float."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Conv2d(3, 8, 3, padding=1)
+        self.a = nn.Conv2d(8, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 8, 3, padding=1)
+        self.c = nn.Conv2d(8, 8, 1)
+        self.tail = nn.Conv2d(8, 12, 3, padding=1)
+
+    def forward(self, x):
+        h = self.head(x)
+        y = nn.functional.leaky_relu(self.a(h), 0.05)  # a: read by a float op
+        y = torch.relu(self.b(y))  # b: read only by c's quantizer, through a ReLU
+        return nn.functional.pixel_shuffle(self.tail(h + self.c(y)), 2)  # c: by an add
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return LeakySR().eval()
+
+
+@pytest.fixture
+def calib():
+    return torch.rand(8, 3, 12, 12, generator=torch.Generator().manual_seed(3))
+
+
+def test_outputs_read_by_float_ops_are_quantized_once(model, calib):
+    gm = fxquant.compile(model, "mse-w8a8-sym", calib=calib, pipeline=PIPELINE)
+    outputs = sorted(n for n, m in gm.named_modules()
+                     if n.endswith("_output_quantizer") and isinstance(m, UniformQuantizer))
+    assert outputs == ["a_output_quantizer", "c_output_quantizer"]
+    info = dict(gm.fxquant_history)["observe{outputs=True}"]
+    assert info["output_observers"] == 2
+    plain = fxquant.compile(model, "mse-w8a8-sym", calib=calib)
+    x = calib[:2]
+    with torch.no_grad():
+        ref, with_outputs, without = model(x), gm(x), plain(x)
+    assert not torch.equal(with_outputs, without)  # one more rounding per quantized output
+    assert float((with_outputs - ref).abs().max()) < 0.05
+
+
+@pytest.mark.parametrize("target", ["reference", "cpu"])
+def test_lowered_output_codes_follow_fake_quant(model, calib, target, tmp_path):
+    gm = fxquant.compile(model, "mse-w8a8-sym", calib=calib, pipeline=PIPELINE)
+    lowered = fxquant.lowered_copy(gm, target)
+    assert sum(isinstance(m, IntegerDequantize) for m in lowered.modules()) == 2
+    x = calib[:2]
+    with torch.no_grad():
+        expected, out = gm(x), lowered(x)
+    step = float(gm.get_submodule("a_output_quantizer").scale)
+    assert float((out - expected).abs().max()) < 4 * step  # codes may differ by one at ties
+    if target == "cpu":
+        info = dict(lowered.fxquant_history)["lower{target=cpu}"]
+        assert info["uint8_outputs"] == 3  # a and c into their dequantize, b into c's input
+        fused = [m for m in lowered.modules() if isinstance(m, CpuConv2d) and m._out_scale > 0]
+        assert len(fused) == 3
+    fxquant.save(lowered, tmp_path / "o.fxq")
+    again = fxquant.load(tmp_path / "o.fxq", model=LeakySR().eval())
+    with torch.no_grad():
+        assert torch.equal(again(x), out)
