@@ -9,6 +9,7 @@ from torch import fx
 
 from fxquant.graph import (
     OUTPUT_OBSERVER,
+    conv_nodes,
     insert_output_module,
     insert_shared_input_module,
     is_relu,
@@ -44,7 +45,7 @@ class ObservePass(Pass):
     — one more rounding per conv, in exchange for integer output: the lowered ``cpu`` conv
     then writes uint8 codes and the float ops read a byte per value instead of four. A conv
     read only by input observers (directly or through a ReLU) gets none: those already take
-    its uint8 output when lowered.
+    its uint8 output when lowered; nor does the graph's last conv, whose output is the image.
     """
 
     name: ClassVar[str] = "observe"
@@ -74,8 +75,9 @@ class ObservePass(Pass):
             insert_shared_input_module(gm, consumers, observer, "input_observer")
         outputs = 0
         if self.outputs:
+            last = conv_nodes(gm)[-1]  # its output is the image: no extra 8-bit rounding
             for node in selection.nodes:
-                if not _read_only_by_input_observers(gm, node):
+                if node is not last and not _read_only_by_input_observers(gm, node):
                     observer = make_activation_observer(method, node.name, False, acts.percentile)
                     insert_output_module(gm, node, observer, OUTPUT_OBSERVER[1:])
                     outputs += 1

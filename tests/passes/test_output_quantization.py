@@ -52,6 +52,11 @@ def test_outputs_read_by_float_ops_are_quantized_once(model, calib):
     outputs = sorted(n for n, m in gm.named_modules()
                      if n.endswith("_output_quantizer") and isinstance(m, UniformQuantizer))
     assert outputs == ["a_output_quantizer", "c_output_quantizer"]
+    # with the first and last conv in int8, the head's output is quantized, the tail's (the
+    # image) is not
+    every = fxquant.compile(model, "mse-w8a8-sym-all", calib=calib)
+    assert sorted(n for n, _ in every.named_modules() if n.endswith("_output_quantizer")) == \
+        ["a_output_quantizer", "c_output_quantizer", "head_output_quantizer"]
     info = dict(gm.fxquant_history)["observe{outputs=True}"]
     assert info["output_observers"] == 2
     plain = fxquant.compile(model, "mse-w8a8-sym", calib=calib)
