@@ -280,7 +280,7 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                                                 if flag == "--range" else {}))
     parser.add_argument("--size", type=int, default=256, help="LR input side (default 256)")
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--recipe", default="mse-w8a8-sym")
+    parser.add_argument("--recipe", default="mse-w8a8-sym-outputs")
     parser.add_argument("--variants", help="comma-separated subset (default: all)")
     parser.add_argument("--no-psnr", action="store_true", help="skip the Set5 evaluation")
     parser.add_argument("--breakdown", default="",

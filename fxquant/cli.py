@@ -217,7 +217,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     code = cmd_eval(args)
     if code:
         return code
-    print("\nInteger execution: IMDN x4, mse-w8a8-sym lowered to oneDNN int8 (lower{target=cpu})")
+    print("\nInteger execution: IMDN x4, mse-w8a8-sym-outputs lowered to oneDNN int8 "
+          "(lower{target=cpu})")
     return _demo_lowered(args.data)
 
 
@@ -228,7 +229,9 @@ def _demo_lowered(data: str | None) -> int:
     from fxquant.bench import interleaved, summarize
     from fxquant.workflow import evaluate_sets, prepare
 
-    zoo = prepare("imdn", 4, "mse-w8a8-sym", data_root=data, progress=True)
+    # int8 weights, conv outputs quantized where float ops read them: the fastest measured
+    # deployment recipe (docs/performance.md)
+    zoo = prepare("imdn", 4, "mse-w8a8-sym-outputs", data_root=data, progress=True)
     fake = zoo.quant_model
     # PSNR from the eager lowered model (Set5's five image sizes would each recompile the
     # Inductor one), timing from the compiled one: the same integer ops
