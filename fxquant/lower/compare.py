@@ -45,7 +45,9 @@ def run_hooked(model: torch.nn.Module, hooks: list, inputs: list[torch.Tensor]) 
 def layer_agreement(fake: fx.GraphModule, lowered: fx.GraphModule,
                     inputs: list[torch.Tensor]) -> list[LayerAgreement]:
     """Per integer conv of ``lowered``: the largest output difference against its
-    fake-quant conv on the same input, in output steps, over ``inputs`` run through ``fake``."""
+    fake-quant conv on the same input, in output steps, over ``inputs`` run through ``fake``
+    (a conv that emits uint8 codes: against the codes of the fake-quant output, in steps of
+    the quantizer it took over, where a tie rounded the other way is one step)."""
     # graph order = call order: a conv module the model calls k times (CARN-M's shared
     # blocks) has k lowered layers, the i-th for its i-th call
     modules = dict(lowered.named_modules())
@@ -62,13 +64,25 @@ def layer_agreement(fake: fx.GraphModule, lowered: fx.GraphModule,
             name = names[calls[source] % len(names)]
             calls[source] += 1
             layer = layers[name]
-            step = (layer.input_scale * layer.weight_scale).view(1, -1, 1, 1)
-            diff = (layer(layer.codes_of(args[0])) - out).abs() / step
+            y = layer(layer.codes_of(args[0]))
+            if float(getattr(layer, "output_scale", 0)) > 0:  # fused: uint8 codes out
+                diff = (y.float() - _output_codes(layer, out)).abs()  # in output steps
+            else:
+                step = (layer.input_scale * layer.weight_scale).view(1, -1, 1, 1)
+                diff = (y - out).abs() / step
             worst[name] = max(worst[name], float(diff.max()))
 
         hooks.append((fake.get_submodule(source), compare))
     run_hooked(fake, hooks, inputs)
     return [LayerAgreement(name, worst[name]) for name in layers]
+
+
+def _output_codes(layer, out: torch.Tensor) -> torch.Tensor:
+    """The codes a fused conv should emit for fake-quant output ``out``: its ReLU, then its
+    output quantizer's rounding."""
+    y = out.relu() if bool(layer.output_relu) else out
+    return torch.clamp(torch.round(y / layer.output_scale) + layer.output_zero_point, 0,
+                       int(layer.output_qmax))
 
 
 def daq_layer_agreement(fake: fx.GraphModule, lowered: fx.GraphModule,

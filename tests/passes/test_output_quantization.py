@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import fxquant
+from fxquant.lower.compare import layer_agreement
 from fxquant.lower.conv import CpuConv2d, IntegerDequantize
 from fxquant.quant import UniformQuantizer
 
@@ -77,6 +78,8 @@ def test_lowered_output_codes_follow_fake_quant(model, calib, target, tmp_path):
         expected, out = gm(x), lowered(x)
     step = float(gm.get_submodule("a_output_quantizer").scale)
     assert float((out - expected).abs().max()) < 4 * step  # codes may differ by one at ties
+    agreement = layer_agreement(gm, lowered, [x])
+    assert len(agreement) == 3 and max(a.max_steps for a in agreement) <= 1.0  # a, b, c
     if target == "cpu":
         info = dict(lowered.fxquant_history)["lower{target=cpu}"]
         assert info["uint8_outputs"] == 3  # a and c into their dequantize, b into c's input
