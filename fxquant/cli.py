@@ -210,11 +210,18 @@ def cmd_table(args: argparse.Namespace) -> int:
     return 0
 
 
+DEMO_EVAL = ["eval", "--model", "imdn", "--scale", "4", "--recipe", "mse-w4a4", "--datasets", "Set5"]
+
+
+def demo_eval_args(data: str | None) -> argparse.Namespace:
+    """The demo's first step as ``fxquant eval`` arguments, parsed by the eval parser itself,
+    so that every option eval reads has its default (a hand-built namespace missed one)."""
+    return build_parser().parse_args(DEMO_EVAL + (["--data", data] if data else []))
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
-    args.model, args.scale, args.recipe, args.datasets = "imdn", 4, "mse-w4a4", "Set5"
-    args.checkpoint, args.limit, args.json = None, None, False
     print("fxquant demo: IMDN x4 compiled with the 4-bit uniform preset (mse-w4a4)")
-    code = cmd_eval(args)
+    code = cmd_eval(demo_eval_args(args.data))
     if code:
         return code
     print("\nInteger execution: IMDN x4, mse-w8a8-sym-outputs lowered to oneDNN int8 "

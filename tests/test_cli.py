@@ -114,3 +114,22 @@ def test_an_empty_dataset_list_is_an_error_before_any_work(command, tmp_path, ca
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"fxquant {command}: error: --datasets ',' names no dataset")
+
+
+def test_the_demo_runs_eval_with_every_option_eval_reads(monkeypatch):
+    """`make demo` broke when eval gained --runtime and the demo's hand-built arguments did
+    not: its eval step is now parsed by the eval parser."""
+    from fxquant import cli
+
+    seen = {}
+
+    def fake_eval(args):
+        seen.update(vars(args))
+        return 1  # stop before the lowered half
+
+    monkeypatch.setattr(cli, "cmd_eval", fake_eval)
+    assert cli.main(["demo", "--data", "/some/root"]) == 1
+    eval_defaults = vars(cli.build_parser().parse_args(["eval", "--model", "imdn"]))
+    assert set(eval_defaults) <= set(seen)
+    assert (seen["model"], seen["scale"], seen["recipe"], seen["datasets"], seen["runtime"],
+            seen["data"]) == ("imdn", 4, "mse-w4a4", "Set5", "torch", "/some/root")
