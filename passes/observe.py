@@ -74,7 +74,7 @@ class ObservePass(Pass):
             observer = make_activation_observer(method, name, per_channel, acts.percentile)
             insert_shared_input_module(gm, consumers, observer, "input_observer")
         outputs = 0
-        if self.outputs:
+        if self.outputs and selection.nodes:
             last = conv_nodes(gm)[-1]  # its output is the image: no extra 8-bit rounding
             for node in selection.nodes:
                 if node is not last and not _read_only_by_input_observers(gm, node):
