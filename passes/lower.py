@@ -26,6 +26,7 @@ from fxquant.lower.codebook import CodebookQuantize
 from fxquant.lower.daq import DaqQuantize, lower_daq
 from fxquant.lower.folded import DaqConv2d
 from fxquant.lower.subset import SubsetQuantize, lower_subset
+from fxquant.lower.subpixel import SubpixelConvTranspose2d, convertible
 from fxquant.lower.guard import InputGuard
 from fxquant.lower.triton_conv import GpuConv2d
 from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
@@ -65,8 +66,10 @@ class LowerPass(Pass):
     in the pass info. A guard in front of the graph rejects inputs the model cannot take.
     On ``cpu`` with ``fuse`` (default), a conv with symmetric weights whose only reader is a
     quantizer (directly or through a ReLU) emits that quantizer's uint8 codes itself (ReLU and
-    requantization in oneDNN's epilogue); every pixel shuffle runs as ATen's channels-last kernel (opaque to Inductor)
-    and a shuffle read only by a quantizer moves behind it, shuffling uint8 codes.
+    requantization in oneDNN's epilogue); every pixel shuffle runs as ATen's channels-last
+    kernel (opaque to Inductor) and a shuffle read only by a quantizer moves behind it,
+    shuffling uint8 codes. On ``cpu`` a float strided ``ConvTranspose2d`` (FSRCNN's tail)
+    runs as the equal conv + pixel shuffle (fxquant/lower/subpixel.py).
     ``compile`` (cpu only) compiles the module with Inductor on first call, which fuses each
     input quantization into the float op before it.
     DAQ's dynamic quantizers lower on ``reference`` and ``cpu`` to per-(image, channel)
@@ -133,8 +136,10 @@ class LowerPass(Pass):
             raise PassError(self.name, f"{left[0]} is quantized but has no quantized input to "
                             f"lower with it; supported: {SUPPORTED}")
         fused = residuals = 0
+        subpixel = 0
         if self.target == "cpu":
             _route_pixel_shuffles(gm)
+            subpixel = _subpixel_deconvs(gm)
         if self.target == "gpu" and self.fuse:
             residuals = _fuse_residuals(gm)
         if self.target in ("cpu", "gpu") and self.fuse:
@@ -147,6 +152,7 @@ class LowerPass(Pass):
         islands = _float_ops(gm)
         return PassResult(gm, True, {"target": self.target, "integer_convs": lowered,
                                      "uint8_outputs": fused, "fused_residuals": residuals,
+                                     "subpixel_deconvs": subpixel,
                                      "float_ops": ", ".join(islands), "guarded": first_input})
 
     def _lower_output(self, gm: fx.GraphModule, node: fx.Node, quantizer: Quantizer,
@@ -277,6 +283,20 @@ def _route_pixel_shuffles(gm: fx.GraphModule) -> None:
                 node.replace_all_uses_with(shuffled)
         gm.graph.erase_node(node)
     gm.delete_all_unused_submodules()
+
+
+def _subpixel_deconvs(gm: fx.GraphModule) -> int:
+    """Every float strided ``ConvTranspose2d`` becomes the same products as a conv followed by
+    a pixel shuffle (fxquant/lower/subpixel.py): oneDNN's CPU transposed conv is several
+    times slower than its conv for the 1-channel SR tails that use one."""
+    converted = 0
+    for node in list(gm.graph.nodes):
+        deconv = _module(gm, node)
+        if deconv is not None and convertible(deconv):
+            replace_module_node(gm, node, SubpixelConvTranspose2d.from_conv_transpose(deconv),
+                                str(node.target).replace(".", "_") + "_subpixel")
+            converted += 1
+    return converted
 
 
 def _fuse_residuals(gm: fx.GraphModule) -> int:

@@ -1,0 +1,117 @@
+"""A strided transposed convolution run as a convolution followed by a pixel shuffle.
+
+A ``ConvTranspose2d`` with stride ``s`` scatters every input pixel into an ``s×s`` block of
+outputs; output phase ``r`` (its position modulo ``s``) only ever sees the kernel taps
+``t ≡ r + p (mod s)``. So each phase is an ordinary correlation of the input with a small
+kernel cut from the transposed one, and all ``s²`` phases together are one conv with
+``C_out·s²`` output channels, whose pixel shuffle interleaves them back (the sub-pixel
+convolution identity of ESPCN). For output index ``o = s·m + r`` and ``a, b = divmod(r + p, s)``::
+
+    y[s·m + r] = Σ_j x[m + a − j] · w[s·j + b]
+
+so phase ``r`` reads the input at offsets ``d = a − j``. The converted conv spans every offset
+any phase reads (zero taps where a phase reads fewer) and the result is cropped to the
+transposed conv's output size. Same products, summed in another order: equal to the
+transposed conv up to float rounding (tests/lower/test_subpixel.py).
+
+Why: oneDNN has no fast CPU kernel for a transposed conv with one output channel, and
+FSRCNN's 9×9 stride-4 tail dominated its lowered time (docs/performance.md, per-op
+breakdown); as a 3×3 conv it runs on the ordinary convolution kernels.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fxquant.lower import ops  # noqa: F401 - registers fxquant::pixel_shuffle
+
+
+def _phase_offsets(kernel: int, stride: int, padding: int) -> tuple[int, int]:
+    """The smallest and largest input offset ``d`` any output phase reads."""
+    taps = math.ceil(kernel / stride)
+    starts = [(r + padding) // stride for r in range(stride)]
+    return min(starts) - (taps - 1), max(starts)
+
+
+def convertible(deconv: nn.Module) -> bool:
+    """True for a plain strided ConvTranspose2d this module reproduces."""
+    return (type(deconv) is nn.ConvTranspose2d and deconv.groups == 1
+            and deconv.dilation == (1, 1) and deconv.padding_mode == "zeros"
+            and deconv.stride[0] == deconv.stride[1] and deconv.stride[0] > 1)
+
+
+class SubpixelConvTranspose2d(nn.Module):
+    """``ConvTranspose2d`` (groups 1, dilation 1, square stride > 1) as conv + pixel shuffle."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int],
+                 stride: int, padding: tuple[int, int], output_padding: tuple[int, int],
+                 bias: bool):
+        super().__init__()
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride = tuple(kernel_size), stride
+        self.padding, self.output_padding = tuple(padding), tuple(output_padding)
+        spans = [_phase_offsets(k, stride, p) for k, p in zip(self.kernel_size, self.padding)]
+        self.low = tuple(lo for lo, _ in spans)  # first offset read, per dimension
+        size = tuple(hi - lo + 1 for lo, hi in spans)
+        self.register_buffer("weight", torch.zeros(out_channels * stride * stride,
+                                                   in_channels, *size))
+        self.register_buffer("bias", torch.zeros(out_channels * stride * stride) if bias else None)
+
+    @classmethod
+    def from_conv_transpose(cls, deconv: nn.ConvTranspose2d) -> "SubpixelConvTranspose2d":
+        if not convertible(deconv):
+            raise ValueError(f"{deconv} is not a plain strided ConvTranspose2d (groups 1, "
+                             "dilation 1, zero padding, square stride > 1)")
+        s = deconv.stride[0]
+        module = cls(deconv.in_channels, deconv.out_channels, deconv.kernel_size, s,
+                     deconv.padding, deconv.output_padding, deconv.bias is not None)
+        w = deconv.weight.detach()
+        module.to(device=w.device, dtype=w.dtype)  # (C_in, C_out, kh, kw)
+        kernel = torch.zeros(deconv.out_channels, s, s, deconv.in_channels,
+                             *module.weight.shape[2:], dtype=w.dtype, device=w.device)
+        for ry in range(s):
+            taps_y = _phase_taps(ry, s, deconv.kernel_size[0], deconv.padding[0], module.low[0])
+            for rx in range(s):
+                taps_x = _phase_taps(rx, s, deconv.kernel_size[1], deconv.padding[1],
+                                     module.low[1])
+                for uy, ty in taps_y:
+                    for ux, tx in taps_x:
+                        kernel[:, ry, rx, :, uy, ux] = w[:, :, ty, tx].t()
+        with torch.no_grad():
+            module.weight.copy_(kernel.flatten(0, 2))
+            if deconv.bias is not None:
+                module.bias.copy_(deconv.bias.detach().repeat_interleave(s * s))
+        return module
+
+    def output_size(self, size: int, dim: int) -> int:
+        return (size - 1) * self.stride - 2 * self.padding[dim] + self.kernel_size[dim] \
+            + self.output_padding[dim]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        out_h, out_w = self.output_size(h, 0), self.output_size(w, 1)
+        s = self.stride
+        kh, kw = self.weight.shape[2:]
+        # conv output m reads x[m + low .. m + low + k − 1]; pad so that m covers ceil(out/s)
+        need_h, need_w = -(-out_h // s), -(-out_w // s)
+        pad_top, pad_left = -self.low[0], -self.low[1]
+        pad_bottom = need_h + kh - 1 - pad_top - h
+        pad_right = need_w + kw - 1 - pad_left - w
+        x = F.pad(x, (pad_left, pad_right, pad_top, pad_bottom))
+        # ATen's pixel shuffle, kept out of Inductor's code generation (fxquant/lower/ops.py)
+        y = torch.ops.fxquant.pixel_shuffle(F.conv2d(x, self.weight, self.bias), s)
+        return y[..., :out_h, :out_w]
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
+                f"stride={self.stride}, as conv {tuple(self.weight.shape[2:])} → pixel shuffle")
+
+
+def _phase_taps(r: int, s: int, kernel: int, padding: int, low: int) -> list[tuple[int, int]]:
+    """(position in the converted kernel, tap of the transposed kernel) read by phase ``r``."""
+    a, b = divmod(r + padding, s)
+    return [(a - j - low, s * j + b) for j in range(math.ceil(kernel / s)) if s * j + b < kernel]
