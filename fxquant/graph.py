@@ -199,6 +199,16 @@ def is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
     return isinstance(module_of(gm, node), nn.ReLU)
 
 
+def pixel_shuffle_factor(gm: fx.GraphModule, node: fx.Node) -> int | None:
+    """The upscale factor when ``node`` is a pixel shuffle (module, function or the lowered
+    ``fxquant::pixel_shuffle``), else None."""
+    if node.op == "call_function" and (node.target in (F.pixel_shuffle, torch.pixel_shuffle)
+                                       or "fxquant.pixel_shuffle" in str(node.target)):
+        return node.args[1] if len(node.args) > 1 else node.kwargs["upscale_factor"]
+    module = module_of(gm, node)
+    return module.upscale_factor if isinstance(module, nn.PixelShuffle) else None
+
+
 def _op_name(node: fx.Node) -> str:
     target = node.target
     return target if isinstance(target, str) else getattr(target, "__name__", "")

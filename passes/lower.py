@@ -7,11 +7,16 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from fxquant.errors import PassError, RecipeError
-from fxquant.graph import OUTPUT_QUANTIZER, insert_output_module, is_relu, replace_module_node
+from fxquant.graph import (
+    OUTPUT_QUANTIZER,
+    insert_output_module,
+    is_relu,
+    pixel_shuffle_factor,
+    replace_module_node,
+)
 from fxquant.lower.conv import (
     INT32_MAX,
     TARGETS,
@@ -250,22 +255,16 @@ def _module(gm: fx.GraphModule, node: fx.Node):
     return gm.get_submodule(node.target) if node.op == "call_module" else None
 
 
-def _pixel_shuffle_factor(gm: fx.GraphModule, node: fx.Node) -> int | None:
-    """The upscale factor when ``node`` is a pixel shuffle (function or module), else None."""
-    if node.op == "call_function" and node.target in (F.pixel_shuffle, torch.pixel_shuffle):
-        return node.args[1] if len(node.args) > 1 else node.kwargs["upscale_factor"]
-    module = _module(gm, node)
-    return module.upscale_factor if isinstance(module, nn.PixelShuffle) else None
-
-
 def _route_pixel_shuffles(gm: fx.GraphModule) -> None:
     """Every pixel shuffle becomes ``fxquant::pixel_shuffle`` (ATen's channels-last kernel,
-    opaque to Inductor: fxquant/lower/ops.py), and a shuffle whose only reader is a
-    quantizer moves behind it, shuffling uint8 codes instead of floats (quantization is
-    elementwise with one scale, so the order does not matter)."""
+    opaque to Inductor: fxquant/lower/ops.py), and it shuffles uint8 codes instead of floats
+    where the order does not matter (quantization is elementwise with one scale, and so are a
+    dequantization and a ReLU): a shuffle whose only reader is a quantizer moves behind it,
+    and one that reads a dequantized conv output (directly or through ReLUs) moves in front
+    of the dequantization."""
     for node in list(gm.graph.nodes):
-        factor = _pixel_shuffle_factor(gm, node)
-        if factor is None:
+        factor = pixel_shuffle_factor(gm, node)
+        if factor is None or node.op == "call_function" and "fxquant" in str(node.target):
             continue
         source, users = node.args[0], list(node.users)
         quantize = users[0] if len(users) == 1 and isinstance(_module(gm, users[0]),
@@ -273,6 +272,8 @@ def _route_pixel_shuffles(gm: fx.GraphModule) -> None:
         if quantize is not None and _module(gm, quantize).channels is not None:
             quantize = None  # per-channel codes: the shuffle mixes channels, it stays in front
         with gm.graph.inserting_before(node):
+            if quantize is None and _shuffle_before_dequantize(gm, node, factor):
+                continue  # it erased the shuffle
             if quantize is not None:
                 codes = gm.graph.call_module(quantize.target, (source,))
                 shuffled = gm.graph.call_function(torch.ops.fxquant.pixel_shuffle, (codes, factor))
@@ -283,6 +284,26 @@ def _route_pixel_shuffles(gm: fx.GraphModule) -> None:
                 node.replace_all_uses_with(shuffled)
         gm.graph.erase_node(node)
     gm.delete_all_unused_submodules()
+
+
+def _shuffle_before_dequantize(gm: fx.GraphModule, shuffle: fx.Node, factor: int) -> bool:
+    """``shuffle(relu…(dequantize(codes)))`` with single readers all along becomes
+    ``relu…(dequantize(shuffle(codes)))``: the shuffle moves a byte per value, not four.
+    Returns False (graph untouched) where the pattern does not hold."""
+    chain, node = [], shuffle.args[0]
+    while is_relu(gm, node) and len(node.users) == 1:
+        chain.append(node)
+        node = node.args[0]
+    if not isinstance(_module(gm, node), IntegerDequantize) or len(node.users) != 1:
+        return False
+    value = gm.graph.call_function(torch.ops.fxquant.pixel_shuffle, (node.args[0], factor))
+    value = gm.graph.call_module(node.target, (value,))
+    for relu in reversed(chain):
+        value = gm.graph.node_copy(relu, lambda _arg, v=value: v)
+    shuffle.replace_all_uses_with(value)
+    for old in (shuffle, *chain, node):  # each one's only reader is gone by now
+        gm.graph.erase_node(old)
+    return True
 
 
 def _subpixel_deconvs(gm: fx.GraphModule) -> int:

@@ -14,6 +14,7 @@ from fxquant.graph import (
     insert_shared_input_module,
     is_relu,
     module_of,
+    pixel_shuffle_factor,
     select_layers,
 )
 from fxquant.observers import OBSERVER_KINDS, Observer, make_activation_observer
@@ -90,9 +91,11 @@ class ObservePass(Pass):
 
 
 def _read_only_by_input_observers(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """Every reader of ``node`` (or of the one ReLU that is its only reader) is an input
-    observer: the lowered conv can already emit their uint8 codes."""
+    """Every reader of ``node`` (or of the chain of single-reader ReLUs and pixel shuffles
+    after it, an upsampler's ``conv → [ReLU] → shuffle``) is an input observer: the lowered
+    conv can already emit their uint8 codes (the shuffle then moves behind the quantizer)."""
     users = list(node.users)
-    if len(users) == 1 and is_relu(gm, users[0]):
+    while len(users) == 1 and (is_relu(gm, users[0])
+                               or pixel_shuffle_factor(gm, users[0]) is not None):
         users = list(users[0].users)
     return bool(users) and all(isinstance(module_of(gm, u), Observer) for u in users)

@@ -89,3 +89,57 @@ def test_lowered_output_codes_follow_fake_quant(model, calib, target, tmp_path):
     again = fxquant.load(tmp_path / "o.fxq", model=LeakySR().eval())
     with torch.no_grad():
         assert torch.equal(again(x), out)
+
+
+class ShuffleTail(nn.Module):
+    """CARN-M/EDSR-like upsampler: ``conv → ReLU → shuffle`` into a quantized conv, then
+    ``conv → shuffle`` into the float last conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Conv2d(3, 8, 3, padding=1)
+        self.body = nn.Conv2d(8, 8, 3, padding=1)
+        self.up1 = nn.Conv2d(8, 32, 3, padding=1)
+        self.up2 = nn.Conv2d(8, 32, 3, padding=1)
+        self.tail = nn.Conv2d(8, 3, 3, padding=1)
+
+    def forward(self, x):
+        h = self.head(x)
+        h = h + self.body(h)
+        u = nn.functional.pixel_shuffle(torch.relu(self.up1(h)), 2)
+        return self.tail(nn.functional.pixel_shuffle(torch.relu(self.up2(u)), 2))
+
+
+def test_upsampler_shuffles_codes_and_requantizes_nothing(calib, tmp_path):
+    torch.manual_seed(0)
+    model = ShuffleTail().eval()
+    gm = fxquant.compile(model, "mse-w8a8-sym", calib=calib, pipeline=PIPELINE)
+    # up1 reaches only up2's input quantizer (through ReLU and shuffle): no output quantizer
+    # of its own, so no second rounding; up2 feeds the float tail, body an add
+    outputs = sorted(n for n, _ in gm.named_modules() if n.endswith("_output_quantizer"))
+    assert outputs == ["body_output_quantizer", "up2_output_quantizer"]
+    lowered = fxquant.lowered_copy(gm, "cpu")
+    shuffles = [n for n in lowered.graph.nodes if "pixel_shuffle" in str(n.target)]
+    assert len(shuffles) == 2
+    # both shuffles read a conv's uint8 codes: up1's in front of up2, up2's in front of its
+    # dequantization (then the ReLU), which the float tail reads
+    assert [type(lowered.get_submodule(s.args[0].target)).__name__ for s in shuffles] == \
+        ["CpuConv2d", "CpuConv2d"]
+    (dequantize,) = shuffles[1].users
+    assert isinstance(lowered.get_submodule(dequantize.target), IntegerDequantize)
+    (relu,) = dequantize.users
+    assert [u.target for u in relu.users] == ["tail"]
+    info = dict(lowered.fxquant_history)["lower{target=cpu}"]
+    assert info["uint8_outputs"] == 3  # body, up1 (into up2's codes), up2 (the head is float)
+    x = torch.rand(2, 3, 10, 12)
+    reference = fxquant.lowered_copy(gm, "reference")
+    with torch.no_grad():
+        expected, out, ref = gm(x), lowered(x), reference(x)
+    assert out.shape == expected.shape == (2, 3, 40, 48)
+    span = float(expected.max() - expected.min())
+    assert float((ref - expected).abs().max()) < 1e-2 * span
+    assert float((out - ref).abs().max()) < 1e-2 * span
+    fxquant.save(lowered, tmp_path / "s.fxq")
+    again = fxquant.load(tmp_path / "s.fxq", model=ShuffleTail().eval())
+    with torch.no_grad():
+        assert torch.equal(again(x), out)
