@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import os
 import statistics
 import sys
 import threading
@@ -28,6 +29,7 @@ from typing import Callable
 import torch
 
 from fxquant.bench_variants import BUILDERS, Variant, VariantUnavailable
+from fxquant.errors import FxquantError
 
 FXQUANT_VARIANTS = ("fake-quant", "lowered reference", "lowered cpu", "ort_int8", "ort_fp32")
 BREAKDOWN_VARIANTS = ("fp32_eager", "lowered cpu", "pt2e_int8")
@@ -239,7 +241,7 @@ def bench_model(name: str, args) -> list:
 
 def render(rows: list, args, command: str, breakdowns: dict | None = None) -> str:
     """The Markdown section: the table, then ``{model: {variant: op_breakdown(...)}}``."""
-    lines = [SECTION, "",
+    lines = [getattr(args, "section", None) or SECTION, "",
              f"`{command}`", "",
              f"×{args.scale}, 1×C×{args.size}×{args.size} LR input, torch threads "
              f"{torch.get_num_threads()}, {args.rounds} interleaved rounds after warm-up; ratio "
@@ -289,6 +291,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--data", help="data root (default: $FXQUANT_DATA)")
     parser.add_argument("--json", help="write the rows as JSON here")
     parser.add_argument("--write", help="replace this tool's section of this Markdown file")
+    parser.add_argument("--section", default=SECTION,
+                        help=f"the '## ' heading of that section (default '{SECTION}')")
     return parser
 
 
@@ -296,6 +300,8 @@ def run(args) -> int:
     from fxquant.files import atomic_write_text, check_output_path
     from fxquant.markdown import write_section
 
+    if not args.section.startswith("## ") or "\n" in args.section:
+        raise FxquantError(f"--section '{args.section}' must be one Markdown '## ' heading line")
     for path, what in ((args.json, "bench JSON (--json)"), (args.write, "Markdown (--write)")):
         if path:  # before the (long) measurements
             check_output_path(path, what)
@@ -311,12 +317,14 @@ def run(args) -> int:
         if breakdown:
             breakdowns[name.strip()] = breakdown
         print(render(rows, args, "(partial)", breakdowns), file=sys.stderr, flush=True)
-    command = "fxquant bench " + " ".join(args.argv)
+    # allocator settings change every variant's times: the command records them
+    malloc = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_"))
+    command = (malloc + " " if malloc else "") + "fxquant bench " + " ".join(args.argv)
     text = render(rows, args, command.strip(), breakdowns)
     print(text)
     if args.json:
         atomic_write_text(args.json, json.dumps([asdict(r) for r in rows], indent=1),
                           "bench JSON (--json)")
     if args.write:
-        write_section(args.write, SECTION, text)
+        write_section(args.write, args.section, text)
     return 0

@@ -54,3 +54,17 @@ def test_render_and_section_replacement(tmp_path):
     assert "old" not in out and "kept" in out and "also kept" in out and text.strip() in out
     assert out.index("## DAQ") < out.index("## Integer execution") < out.index("## DFSQ")
     assert [p.name for p in tmp_path.iterdir()] == ["perf.md"]  # no temporary left behind
+
+
+def test_section_option_names_the_heading_and_is_checked(tmp_path):
+    from fxquant.bench import build_parser, run
+    from fxquant.errors import FxquantError
+
+    args = build_parser().parse_args(["--section", "## At 256×256"])
+    args.recipe = "mse-w8a8-sym"
+    text = render([Row("m", "fp32_eager", 10.0, 1.0, 1.0, 1.0, 5.0, None, "eager")], args, "cmd")
+    assert text.startswith("## At 256×256\n")
+    bad = build_parser().parse_args(["--section", "At 256", "--models", "nosuch"])
+    bad.argv = []
+    with pytest.raises(FxquantError, match="must be one Markdown '## ' heading"):
+        run(bad)
