@@ -19,6 +19,7 @@ import argparse
 import ctypes
 import json
 import os
+import shlex
 import statistics
 import sys
 import threading
@@ -319,7 +320,7 @@ def run(args) -> int:
         print(render(rows, args, "(partial)", breakdowns), file=sys.stderr, flush=True)
     # allocator settings change every variant's times: the command records them
     malloc = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_"))
-    command = (malloc + " " if malloc else "") + "fxquant bench " + " ".join(args.argv)
+    command = (malloc + " " if malloc else "") + "fxquant bench " + shlex.join(args.argv)
     text = render(rows, args, command.strip(), breakdowns)
     print(text)
     if args.json:
