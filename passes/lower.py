@@ -153,7 +153,10 @@ class LowerPass(Pass):
         gm.recompile()
         gm.fxquant_lowered = self.target
         if self.compile:
-            gm.compile(dynamic=False)
+            # Inductor's C++ wrapper calls the kernels and the 40–120 oneDNN convs of an SR
+            # network without a Python line per op: IMDN ×4 at 128×128 ran 36 → 31–34 ms,
+            # bit-identical (docs/performance.md, "Compiled wrapper")
+            gm.compile(dynamic=False, options={"cpp_wrapper": True})
         islands = _float_ops(gm)
         return PassResult(gm, True, {"target": self.target, "integer_convs": lowered,
                                      "uint8_outputs": fused, "fused_residuals": residuals,
