@@ -154,8 +154,8 @@ class LowerPass(Pass):
         gm.fxquant_lowered = self.target
         if self.compile:
             # Inductor's C++ wrapper calls the kernels and the 40–120 oneDNN convs of an SR
-            # network without a Python line per op: IMDN ×4 at 128×128 ran 36 → 31–34 ms,
-            # bit-identical (docs/performance.md, "Compiled wrapper")
+            # network without a Python line per op: IMDN ×4 at 128×128 ran 40 → 31 ms,
+            # bit-identical (docs/performance.md, "Integer execution: what the numbers show")
             gm.compile(dynamic=False, options={"cpp_wrapper": True})
         islands = _float_ops(gm)
         return PassResult(gm, True, {"target": self.target, "integer_convs": lowered,
