@@ -128,6 +128,13 @@ def interleaved(fns: dict[str, Callable[[], object]], rounds: int, warmup: int =
     return times
 
 
+def median_table(rows: list) -> str:
+    """A two-column Markdown table (case, median ms) of :func:`summarize` rows, for the
+    single-op benchmarks in tools/."""
+    return "\n".join(["| case | median ms |", "|---|---|",
+                      *(f"| {row.variant} | {row.median_ms:.1f} |" for row in rows)])
+
+
 def summarize(model: str, times: dict[str, list[float]], baseline: str = "fp32_eager"
               ) -> list[Row]:
     base = times[baseline]

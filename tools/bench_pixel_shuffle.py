@@ -15,7 +15,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from fxquant.bench import interleaved, summarize
+from fxquant.bench import interleaved, median_table, summarize
 from fxquant.lower import ops  # noqa: F401 - registers fxquant::pixel_shuffle
 
 
@@ -40,9 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = summarize("pixel_shuffle", interleaved(cases, args.rounds), baseline="aten (eager)")
     print(f"1×{args.channels}×{args.size}×{args.size} float32, channels-last, ×2 shuffle + ReLU, "
           f"{torch.get_num_threads()} threads, {args.rounds} interleaved rounds\n")
-    print("| case | median ms |\n|---|---|")
-    for row in rows:
-        print(f"| {row.variant} | {row.median_ms:.1f} |")
+    print(median_table(rows))
     return 0
 
 

@@ -15,7 +15,7 @@ import sys
 import torch
 from torch import nn
 
-from fxquant.bench import interleaved, summarize
+from fxquant.bench import interleaved, median_table, summarize
 from fxquant.lower.subpixel import SubpixelConvTranspose2d
 
 
@@ -45,9 +45,7 @@ def main(argv: list[str] | None = None) -> int:
                          baseline="ConvTranspose2d, NCHW")
     print(f"1×{args.channels}×{args.size}×{args.size} float32 → 1 channel, 9×9 stride {s}, "
           f"{torch.get_num_threads()} threads, {args.rounds} interleaved rounds\n")
-    print("| case | median ms |\n|---|---|")
-    for row in rows:
-        print(f"| {row.variant} | {row.median_ms:.1f} |")
+    print(median_table(rows))
     return 0
 
 
