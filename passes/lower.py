@@ -144,6 +144,7 @@ class LowerPass(Pass):
         subpixel = 0
         if self.target == "cpu":
             _route_pixel_shuffles(gm)
+            _route_smooth_upsampling(gm)
             subpixel = _subpixel_deconvs(gm)
         if self.target == "gpu" and self.fuse:
             residuals = _fuse_residuals(gm)
@@ -307,6 +308,26 @@ def _shuffle_before_dequantize(gm: fx.GraphModule, shuffle: fx.Node, factor: int
     for old in (shuffle, *chain, node):  # each one's only reader is gone by now
         gm.graph.erase_node(old)
     return True
+
+
+def _route_smooth_upsampling(gm: fx.GraphModule) -> None:
+    """``F.interpolate(x, scale_factor=s, mode='bilinear'|'bicubic')`` (an SR model's global
+    skip) becomes ``fxquant::upsample``: ATen's kernel, opaque to Inductor (fxquant/lower/ops.py)."""
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not torch.nn.functional.interpolate:
+            continue
+        kwargs = {k: v for k, v in node.kwargs.items()  # the defaults FX records
+                  if not (k in ("size", "recompute_scale_factor") and v is None
+                          or k == "antialias" and v is False)}
+        scale, mode = kwargs.get("scale_factor"), kwargs.get("mode", "nearest")
+        if len(node.args) != 1 or set(kwargs) - {"scale_factor", "mode", "align_corners"} \
+                or not isinstance(scale, (int, float)) or mode not in ("bilinear", "bicubic"):
+            continue
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(torch.ops.fxquant.upsample, (
+                node.args[0], float(scale), mode, bool(kwargs.get("align_corners") or False)))
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
 
 
 def _subpixel_deconvs(gm: fx.GraphModule) -> int:

@@ -5,6 +5,9 @@ the oneDNN convs produce) is several times slower than ATen's own channels-last 
 (``python tools/bench_pixel_shuffle.py``; docs/lowering.md has its numbers), and SR
 upsamplers shuffle the largest tensors of the network. As a custom op it stays an opaque call
 to the ATen kernel inside a compiled graph.
+
+``upsample``: the same for bilinear/bicubic ``F.interpolate`` by a scale factor (the global
+skip of PAN-style models), whose Inductor kernel was 2× slower than ATen's.
 """
 
 from __future__ import annotations
@@ -26,3 +29,20 @@ def _(x: torch.Tensor, upscale_factor: int) -> torch.Tensor:
     return x.new_empty((n, c // (r * r), h * r, w * r)).contiguous(
         memory_format=torch.channels_last if x.is_contiguous(memory_format=torch.channels_last)
         and not x.is_contiguous() else torch.contiguous_format)
+
+
+@torch.library.custom_op("fxquant::upsample", mutates_args=())
+def upsample(x: torch.Tensor, scale_factor: float, mode: str, align_corners: bool) -> torch.Tensor:
+    """``F.interpolate`` by a scale factor in a smooth mode (bilinear, bicubic): Inductor's
+    generated kernel for it was 2× slower than ATen's at the size of an SR model's global
+    skip (1×3×128² → 512², 1.26 against 0.64 ms), so the ``cpu`` lowering calls ATen's."""
+    return torch.nn.functional.interpolate(x, scale_factor=scale_factor, mode=mode,
+                                           align_corners=align_corners)
+
+
+@upsample.register_fake
+def _(x: torch.Tensor, scale_factor: float, mode: str, align_corners: bool) -> torch.Tensor:
+    n, c, h, w = x.shape
+    channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    return x.new_empty((n, c, int(h * scale_factor), int(w * scale_factor))).contiguous(
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format)

@@ -283,3 +283,37 @@ def test_a_fan_in_beyond_the_int32_bound_is_refused():
                                         "accumulator"):
         fxquant.compile(model, "minmax-w8a8", calib=torch.rand(1, 3, 4, 4),
                         pipeline=f"{UNIFORM},lower")
+
+
+class BilinearSkip(nn.Module):
+    """PAN's shape: a body, a nearest upsampler, and a bilinear global skip of the input."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Conv2d(3, 8, 3, padding=1)
+        self.body = nn.Conv2d(8, 8, 3, padding=1)
+        self.tail = nn.Conv2d(8, 3, 3, padding=1)
+
+    def forward(self, x):
+        h = torch.relu(self.body(self.head(x)))
+        up = nn.functional.interpolate(h, scale_factor=2, mode="nearest")
+        skip = nn.functional.interpolate(x, scale_factor=2, mode="bilinear", align_corners=False)
+        return self.tail(up) + skip
+
+
+@pytest.mark.parametrize("compile", [False, True])
+def test_cpu_target_runs_smooth_upsampling_on_aten(calib, compile):
+    torch.manual_seed(0)
+    model = BilinearSkip().eval()
+    fake = fxquant.compile(model, "mse-w8a8-sym", calib=calib)
+    gm = fxquant.lowered_copy(fake, "cpu", compile=compile)
+    targets = [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+    assert targets.count("fxquant.upsample") == 1  # the bilinear skip
+    nearest = [n for n in gm.graph.nodes if n.target is nn.functional.interpolate]
+    assert len(nearest) == 1 and nearest[0].kwargs["mode"] == "nearest"  # left to Inductor
+    x = torch.rand(2, 3, 10, 12)
+    reference = fxquant.lowered_copy(fake, "reference")
+    with torch.no_grad():
+        out, expected = gm(x), reference(x)
+    assert out.shape == (2, 3, 20, 24)
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-2 * float(expected.abs().max()))
