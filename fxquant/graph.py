@@ -200,10 +200,8 @@ def is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
 
 
 def pixel_shuffle_factor(gm: fx.GraphModule, node: fx.Node) -> int | None:
-    """The upscale factor when ``node`` is a pixel shuffle (module, function or the lowered
-    ``fxquant::pixel_shuffle``), else None."""
-    if node.op == "call_function" and (node.target in (F.pixel_shuffle, torch.pixel_shuffle)
-                                       or "fxquant.pixel_shuffle" in str(node.target)):
+    """The upscale factor when ``node`` is a pixel shuffle (module or function), else None."""
+    if node.op == "call_function" and node.target in (F.pixel_shuffle, torch.pixel_shuffle):
         return node.args[1] if len(node.args) > 1 else node.kwargs["upscale_factor"]
     module = module_of(gm, node)
     return module.upscale_factor if isinstance(module, nn.PixelShuffle) else None

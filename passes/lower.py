@@ -140,8 +140,7 @@ class LowerPass(Pass):
         if left:
             raise PassError(self.name, f"{left[0]} is quantized but has no quantized input to "
                             f"lower with it; supported: {SUPPORTED}")
-        fused = residuals = 0
-        subpixel = 0
+        fused = residuals = subpixel = 0
         if self.target == "cpu":
             _route_pixel_shuffles(gm)
             _route_smooth_upsampling(gm)
@@ -268,7 +267,7 @@ def _route_pixel_shuffles(gm: fx.GraphModule) -> None:
     of the dequantization."""
     for node in list(gm.graph.nodes):
         factor = pixel_shuffle_factor(gm, node)
-        if factor is None or node.op == "call_function" and "fxquant" in str(node.target):
+        if factor is None:
             continue
         source, users = node.args[0], list(node.users)
         quantize = users[0] if len(users) == 1 and isinstance(_module(gm, users[0]),

@@ -7,7 +7,8 @@ upsamplers shuffle the largest tensors of the network. As a custom op it stays a
 to the ATen kernel inside a compiled graph.
 
 ``upsample``: the same for bilinear/bicubic ``F.interpolate`` by a scale factor (the global
-skip of PAN-style models), whose Inductor kernel was 2× slower than ATen's.
+skip of PAN-style models), whose Inductor kernel was slower than ATen's
+(``python tools/bench_upsample.py``; docs/lowering.md has its numbers).
 """
 
 from __future__ import annotations
@@ -26,16 +27,14 @@ def pixel_shuffle(x: torch.Tensor, upscale_factor: int) -> torch.Tensor:
 def _(x: torch.Tensor, upscale_factor: int) -> torch.Tensor:
     n, c, h, w = x.shape
     r = upscale_factor
-    return x.new_empty((n, c // (r * r), h * r, w * r)).contiguous(
-        memory_format=torch.channels_last if x.is_contiguous(memory_format=torch.channels_last)
-        and not x.is_contiguous() else torch.contiguous_format)
+    return _empty_like_layout(x, (n, c // (r * r), h * r, w * r))
 
 
 @torch.library.custom_op("fxquant::upsample", mutates_args=())
 def upsample(x: torch.Tensor, scale_factor: float, mode: str, align_corners: bool) -> torch.Tensor:
     """``F.interpolate`` by a scale factor in a smooth mode (bilinear, bicubic): Inductor's
-    generated kernel for it was 2× slower than ATen's at the size of an SR model's global
-    skip (1×3×128² → 512², 1.26 against 0.64 ms), so the ``cpu`` lowering calls ATen's."""
+    generated kernel for it was slower than ATen's at the size of an SR model's global skip
+    (``python tools/bench_upsample.py``), so the ``cpu`` lowering calls ATen's."""
     return torch.nn.functional.interpolate(x, scale_factor=scale_factor, mode=mode,
                                            align_corners=align_corners)
 
@@ -43,6 +42,12 @@ def upsample(x: torch.Tensor, scale_factor: float, mode: str, align_corners: boo
 @upsample.register_fake
 def _(x: torch.Tensor, scale_factor: float, mode: str, align_corners: bool) -> torch.Tensor:
     n, c, h, w = x.shape
+    return _empty_like_layout(x, (n, c, int(h * scale_factor), int(w * scale_factor)))
+
+
+def _empty_like_layout(x: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """An empty ``shape`` tensor in ``x``'s layout (channels-last stays channels-last), as the
+    ATen kernels behind these ops return it."""
     channels_last = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
-    return x.new_empty((n, c, int(h * scale_factor), int(w * scale_factor))).contiguous(
+    return x.new_empty(shape).contiguous(
         memory_format=torch.channels_last if channels_last else torch.contiguous_format)

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def deconvs(draw):
     stride = draw(st.integers(2, 4))
     kernel = (draw(st.integers(1, 9)), draw(st.integers(1, 9)))
-    padding = tuple(draw(st.integers(0, (k - 1) // 1)) for k in kernel)
+    padding = tuple(draw(st.integers(0, k - 1)) for k in kernel)
     output_padding = tuple(draw(st.integers(0, stride - 1)) for _ in kernel)
     size = (draw(st.integers(1, 7)), draw(st.integers(1, 7)))
     out = [(n - 1) * stride - 2 * p + k + o
