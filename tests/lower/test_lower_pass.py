@@ -90,6 +90,23 @@ def test_compiled_cpu_target_matches_eager(tiny_sr, calib):
         torch.testing.assert_close(compiled(x), eager(x), rtol=1e-5, atol=1e-5)
 
 
+def test_compiled_models_without_module_guards_keep_their_own_weights_and_sizes(tiny_sr, calib):
+    """lower{compile=true} drops Dynamo's guards on the modules: two compiled models of the
+    same class with other weights must still each run their own, and a second input size
+    (its guard kept) must compile again rather than reuse the first size's code."""
+    torch.manual_seed(5)
+    other = type(tiny_sr)().eval()
+    models = [lowered(m, calib, "minmax-w8a8", "cpu", ",compile=true") for m in (tiny_sr, other)]
+    eagers = [lowered(m, calib, "minmax-w8a8", "cpu") for m in (tiny_sr, other)]
+    with torch.no_grad():
+        for size in (16, 11):
+            x = torch.rand(1, 3, size, size)
+            outs = [m(x) for m in models]
+            for out, eager in zip(outs, eagers):
+                torch.testing.assert_close(out, eager(x), rtol=1e-5, atol=1e-5)
+            assert outs[0].shape[-1] == 2 * size and (outs[0] - outs[1]).abs().max() > 1e-2
+
+
 def test_lowering_leaves_the_users_model_alone(tiny_sr, calib):
     before = {k: v.clone() for k, v in tiny_sr.state_dict().items()}
     lowered(tiny_sr, calib, "minmax-w4a4", "cpu")
