@@ -14,7 +14,6 @@ from fxquant.graph import (
     OUTPUT_QUANTIZER,
     insert_output_module,
     is_relu,
-    pixel_shuffle_factor,
     replace_module_node,
 )
 from fxquant.lower.conv import (
@@ -26,14 +25,18 @@ from fxquant.lower.conv import (
     IntegerQuantize,
     accumulator_bound,
 )
-from fxquant.lower import ops  # noqa: F401 - registers fxquant::pixel_shuffle
 from fxquant.lower.codebook import CodebookQuantize
 from fxquant.lower.daq import DaqQuantize, lower_daq
 from fxquant.lower.folded import DaqConv2d
 from fxquant.lower.subset import SubsetQuantize, lower_subset
-from fxquant.lower.subpixel import SubpixelConvTranspose2d, convertible
 from fxquant.lower.guard import InputGuard
 from fxquant.lower.triton_conv import GpuConv2d
+from fxquant.passes.lower_rewrites import (
+    quantize_cat_pieces,
+    route_pixel_shuffles,
+    route_smooth_upsampling,
+    subpixel_deconvs,
+)
 from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
 from fxquant.quant import QuantConv2d, Quantizer, UniformQuantizer
 from fxquant.quant.daq import DAQActivationQuantizer
@@ -142,9 +145,10 @@ class LowerPass(Pass):
                             f"lower with it; supported: {SUPPORTED}")
         fused = residuals = subpixel = 0
         if self.target == "cpu":
-            _route_pixel_shuffles(gm)
-            _route_smooth_upsampling(gm)
-            subpixel = _subpixel_deconvs(gm)
+            route_pixel_shuffles(gm)
+            route_smooth_upsampling(gm)
+            quantize_cat_pieces(gm)
+            subpixel = subpixel_deconvs(gm)
         if self.target == "gpu" and self.fuse:
             residuals = _fuse_residuals(gm)
         if self.target in ("cpu", "gpu") and self.fuse:
@@ -157,9 +161,10 @@ class LowerPass(Pass):
             # network without a Python line per op: IMDN ×4 at 128×128 ran 40 → 31 ms,
             # bit-identical (docs/performance.md, "Integer execution: what the numbers show").
             # No guards on the modules: Dynamo put 7,861 of its 7,906 guards on a lowered
-            # PAN's modules, and checking them took 4-5 ms of its 50 ms per call at 128x128. The lowered modules are fixed once
-            # built (a changed attribute would need lowering again anyway); the guards on
-            # the input's shape, dtype and layout stay.
+            # PAN's modules, and checking them took 4-5 ms of its 50 ms per call at
+            # 128x128. The lowered modules are fixed once built (a changed attribute would
+            # need lowering again anyway); the guards on the input's shape, dtype and
+            # layout stay.
             gm.compile(dynamic=False, options={
                 "cpp_wrapper": True,
                 "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
@@ -262,91 +267,6 @@ def _float_ops(gm: fx.GraphModule) -> list[str]:
 
 def _module(gm: fx.GraphModule, node: fx.Node):
     return gm.get_submodule(node.target) if node.op == "call_module" else None
-
-
-def _route_pixel_shuffles(gm: fx.GraphModule) -> None:
-    """Every pixel shuffle becomes ``fxquant::pixel_shuffle`` (ATen's channels-last kernel,
-    opaque to Inductor: fxquant/lower/ops.py), and it shuffles uint8 codes instead of floats
-    where the order does not matter (quantization is elementwise with one scale, and so are a
-    dequantization and a ReLU): a shuffle whose only reader is a quantizer moves behind it,
-    and one that reads a dequantized conv output (directly or through ReLUs) moves in front
-    of the dequantization."""
-    for node in list(gm.graph.nodes):
-        factor = pixel_shuffle_factor(gm, node)
-        if factor is None:
-            continue
-        source, users = node.args[0], list(node.users)
-        quantize = users[0] if len(users) == 1 and isinstance(_module(gm, users[0]),
-                                                               IntegerQuantize) else None
-        if quantize is not None and _module(gm, quantize).channels is not None:
-            quantize = None  # per-channel codes: the shuffle mixes channels, it stays in front
-        with gm.graph.inserting_before(node):
-            if quantize is None and _shuffle_before_dequantize(gm, node, factor):
-                continue  # it erased the shuffle
-            if quantize is not None:
-                codes = gm.graph.call_module(quantize.target, (source,))
-                shuffled = gm.graph.call_function(torch.ops.fxquant.pixel_shuffle, (codes, factor))
-                quantize.replace_all_uses_with(shuffled)
-                gm.graph.erase_node(quantize)
-            else:
-                shuffled = gm.graph.call_function(torch.ops.fxquant.pixel_shuffle, (source, factor))
-                node.replace_all_uses_with(shuffled)
-        gm.graph.erase_node(node)
-    gm.delete_all_unused_submodules()
-
-
-def _shuffle_before_dequantize(gm: fx.GraphModule, shuffle: fx.Node, factor: int) -> bool:
-    """``shuffle(relu…(dequantize(codes)))`` with single readers all along becomes
-    ``relu…(dequantize(shuffle(codes)))``: the shuffle moves a byte per value, not four.
-    Returns False (graph untouched) where the pattern does not hold."""
-    chain, node = [], shuffle.args[0]
-    while is_relu(gm, node) and len(node.users) == 1:
-        chain.append(node)
-        node = node.args[0]
-    if not isinstance(_module(gm, node), IntegerDequantize) or len(node.users) != 1:
-        return False
-    value = gm.graph.call_function(torch.ops.fxquant.pixel_shuffle, (node.args[0], factor))
-    value = gm.graph.call_module(node.target, (value,))
-    for relu in reversed(chain):
-        value = gm.graph.node_copy(relu, lambda _arg, v=value: v)
-    shuffle.replace_all_uses_with(value)
-    for old in (shuffle, *chain, node):  # each one's only reader is gone by now
-        gm.graph.erase_node(old)
-    return True
-
-
-def _route_smooth_upsampling(gm: fx.GraphModule) -> None:
-    """``F.interpolate(x, scale_factor=s, mode='bilinear'|'bicubic')`` (an SR model's global
-    skip) becomes ``fxquant::upsample``: ATen's kernel, opaque to Inductor (fxquant/lower/ops.py)."""
-    for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target is not torch.nn.functional.interpolate:
-            continue
-        kwargs = {k: v for k, v in node.kwargs.items()  # the defaults FX records
-                  if not (k in ("size", "recompute_scale_factor") and v is None
-                          or k == "antialias" and v is False)}
-        scale, mode = kwargs.get("scale_factor"), kwargs.get("mode", "nearest")
-        if len(node.args) != 1 or set(kwargs) - {"scale_factor", "mode", "align_corners"} \
-                or not isinstance(scale, (int, float)) or mode not in ("bilinear", "bicubic"):
-            continue
-        with gm.graph.inserting_before(node):
-            new = gm.graph.call_function(torch.ops.fxquant.upsample, (
-                node.args[0], float(scale), mode, bool(kwargs.get("align_corners") or False)))
-        node.replace_all_uses_with(new)
-        gm.graph.erase_node(node)
-
-
-def _subpixel_deconvs(gm: fx.GraphModule) -> int:
-    """Every float strided ``ConvTranspose2d`` becomes the same products as a conv followed by
-    a pixel shuffle (fxquant/lower/subpixel.py): oneDNN's CPU transposed conv is several
-    times slower than its conv for the 1-channel SR tails that use one."""
-    converted = 0
-    for node in list(gm.graph.nodes):
-        deconv = _module(gm, node)
-        if deconv is not None and convertible(deconv):
-            replace_module_node(gm, node, SubpixelConvTranspose2d.from_conv_transpose(deconv),
-                                str(node.target).replace(".", "_") + "_subpixel")
-            converted += 1
-    return converted
 
 
 def _fuse_residuals(gm: fx.GraphModule) -> int:

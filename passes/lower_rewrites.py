@@ -1,0 +1,135 @@
+"""The lower pass's graph rewrites for the ``cpu`` target: each moves work to a cheaper form
+with bit-identical results (uint8 codes instead of floats through shuffles and concats, ATen
+kernels that beat Inductor's, a transposed conv as a conv)."""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from fxquant.graph import is_relu, pixel_shuffle_factor, replace_module_node
+from fxquant.lower import ops  # noqa: F401 - registers fxquant::pixel_shuffle and ::upsample
+from fxquant.lower.conv import IntegerDequantize, IntegerQuantize
+from fxquant.lower.subpixel import SubpixelConvTranspose2d, convertible
+
+__all__ = ["quantize_cat_pieces", "route_pixel_shuffles", "route_smooth_upsampling",
+           "subpixel_deconvs"]
+
+
+def _module(gm: fx.GraphModule, node: fx.Node):
+    return gm.get_submodule(node.target) if node.op == "call_module" else None
+
+
+def route_pixel_shuffles(gm: fx.GraphModule) -> None:
+    """Every pixel shuffle becomes ``fxquant::pixel_shuffle`` (ATen's channels-last kernel,
+    opaque to Inductor: fxquant/lower/ops.py), and it shuffles uint8 codes instead of floats
+    where the order does not matter (quantization is elementwise with one scale, and so are a
+    dequantization and a ReLU): a shuffle whose only reader is a quantizer moves behind it,
+    and one that reads a dequantized conv output (directly or through ReLUs) moves in front
+    of the dequantization."""
+    for node in list(gm.graph.nodes):
+        factor = pixel_shuffle_factor(gm, node)
+        if factor is None:
+            continue
+        source, users = node.args[0], list(node.users)
+        quantize = users[0] if len(users) == 1 and isinstance(_module(gm, users[0]),
+                                                               IntegerQuantize) else None
+        if quantize is not None and _module(gm, quantize).channels is not None:
+            quantize = None  # per-channel codes: the shuffle mixes channels, it stays in front
+        with gm.graph.inserting_before(node):
+            if quantize is None and _shuffle_before_dequantize(gm, node, factor):
+                continue  # it erased the shuffle
+            if quantize is not None:
+                codes = gm.graph.call_module(quantize.target, (source,))
+                shuffled = gm.graph.call_function(torch.ops.fxquant.pixel_shuffle, (codes, factor))
+                quantize.replace_all_uses_with(shuffled)
+                gm.graph.erase_node(quantize)
+            else:
+                shuffled = gm.graph.call_function(torch.ops.fxquant.pixel_shuffle, (source, factor))
+                node.replace_all_uses_with(shuffled)
+        gm.graph.erase_node(node)
+    gm.delete_all_unused_submodules()
+
+
+def _shuffle_before_dequantize(gm: fx.GraphModule, shuffle: fx.Node, factor: int) -> bool:
+    """``shuffle(relu…(dequantize(codes)))`` with single readers all along becomes
+    ``relu…(dequantize(shuffle(codes)))``: the shuffle moves a byte per value, not four.
+    Returns False (graph untouched) where the pattern does not hold."""
+    chain, node = [], shuffle.args[0]
+    while is_relu(gm, node) and len(node.users) == 1:
+        chain.append(node)
+        node = node.args[0]
+    if not isinstance(_module(gm, node), IntegerDequantize) or len(node.users) != 1:
+        return False
+    value = gm.graph.call_function(torch.ops.fxquant.pixel_shuffle, (node.args[0], factor))
+    value = gm.graph.call_module(node.target, (value,))
+    for relu in reversed(chain):
+        value = gm.graph.node_copy(relu, lambda _arg, v=value: v)
+    shuffle.replace_all_uses_with(value)
+    for old in (shuffle, *chain, node):  # each one's only reader is gone by now
+        gm.graph.erase_node(old)
+    return True
+
+
+def route_smooth_upsampling(gm: fx.GraphModule) -> None:
+    """``F.interpolate(x, scale_factor=s, mode='bilinear'|'bicubic')`` (an SR model's global
+    skip) becomes ``fxquant::upsample``: ATen's kernel, opaque to Inductor (fxquant/lower/ops.py)."""
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not torch.nn.functional.interpolate:
+            continue
+        kwargs = {k: v for k, v in node.kwargs.items()  # the defaults FX records
+                  if not (k in ("size", "recompute_scale_factor") and v is None
+                          or k == "antialias" and v is False)}
+        scale, mode = kwargs.get("scale_factor"), kwargs.get("mode", "nearest")
+        if len(node.args) != 1 or set(kwargs) - {"scale_factor", "mode", "align_corners"} \
+                or not isinstance(scale, (int, float)) or mode not in ("bilinear", "bicubic"):
+            continue
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(torch.ops.fxquant.upsample, (
+                node.args[0], float(scale), mode, bool(kwargs.get("align_corners") or False)))
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+
+
+def subpixel_deconvs(gm: fx.GraphModule) -> int:
+    """Every float strided ``ConvTranspose2d`` becomes the same products as a conv followed by
+    a pixel shuffle (fxquant/lower/subpixel.py): oneDNN's CPU transposed conv is several
+    times slower than its conv for the 1-channel SR tails that use one."""
+    converted = 0
+    for node in list(gm.graph.nodes):
+        deconv = _module(gm, node)
+        if deconv is not None and convertible(deconv):
+            replace_module_node(gm, node, SubpixelConvTranspose2d.from_conv_transpose(deconv),
+                                str(node.target).replace(".", "_") + "_subpixel")
+            converted += 1
+    return converted
+
+
+def quantize_cat_pieces(gm: fx.GraphModule) -> int:
+    """``quantize(cat(xs))`` with a per-tensor quantizer becomes ``cat(quantize(x) for x in
+    xs)``: the same codes (quantization is elementwise with one scale), but the concat moves a
+    byte per value instead of Inductor writing the float concat out and reading it back
+    (IMDN's 384-channel concat: a 25 MB float buffer at 128×128), and each piece's
+    quantization fuses into the op that makes it. Returns the number of concats rewritten."""
+    rewritten = 0
+    for node in list(gm.graph.nodes):
+        quantize = _module(gm, node)
+        if not isinstance(quantize, IntegerQuantize) or quantize.channels is not None:
+            continue
+        cat = node.args[0]
+        if not (isinstance(cat, fx.Node) and cat.op == "call_function"
+                and cat.target in (torch.cat, torch.concat)):
+            continue
+        pieces = cat.args[0] if cat.args else cat.kwargs.get("tensors")
+        dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
+        if not isinstance(pieces, (list, tuple)) or not all(isinstance(p, fx.Node) for p in pieces):
+            continue
+        with gm.graph.inserting_before(node):
+            codes = [gm.graph.call_module(node.target, (piece,)) for piece in pieces]
+            joined = gm.graph.call_function(torch.cat, (codes,), {"dim": dim})
+        node.replace_all_uses_with(joined)
+        gm.graph.erase_node(node)
+        if not cat.users:
+            gm.graph.erase_node(cat)
+        rewritten += 1
+    return rewritten

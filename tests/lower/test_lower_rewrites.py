@@ -1,0 +1,60 @@
+"""The lower pass's cpu rewrites change where work happens, never a value: a quantized concat
+becomes a concat of uint8 codes, bit for bit the same model."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+import fxquant
+import fxquant.passes.lower as lower_pass
+from fxquant.lower.conv import IntegerQuantize
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class DistillBlock(nn.Module):
+    """IMDN-like: a split after a leaky ReLU, three pieces concatenated into a 1×1 conv, a
+    residual add."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Conv2d(3, 8, 3, padding=1)
+        self.c1 = nn.Conv2d(8, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(6, 4, 3, padding=1)
+        self.fuse = nn.Conv2d(2 + 4 + 8, 8, 1)
+        self.tail = nn.Conv2d(8, 3, 3, padding=1)
+        self.act = nn.LeakyReLU(0.05)
+
+    def forward(self, x):
+        h = self.head(x)
+        distilled, rest = torch.split(self.act(self.c1(h)), (2, 6), dim=1)
+        out = torch.cat([distilled, self.c2(rest), h], dim=1)
+        return self.tail(self.fuse(out) + h)
+
+
+@pytest.mark.parametrize("recipe", ["mse-w8a8-sym", "mse-w8a8-sym-outputs"])
+def test_quantized_concat_joins_codes_and_changes_no_value(calib, recipe, monkeypatch):
+    torch.manual_seed(0)
+    model = DistillBlock().eval()
+    gm = fxquant.compile(model, recipe, calib=calib)
+    lowered = fxquant.lowered_copy(gm, "cpu")
+    (cat,) = [n for n in lowered.graph.nodes if n.target is torch.cat]
+    # every piece arrives as uint8 codes: its own quantize step, or a conv that emits them
+    for piece in cat.args[0]:
+        module = lowered.get_submodule(piece.target)
+        assert isinstance(module, IntegerQuantize) or getattr(module, "_out_scale", 0) > 0
+    (reader,) = cat.users
+    assert reader.target == "fuse"
+    x = torch.rand(2, 3, 9, 11)
+    with torch.no_grad():
+        out = lowered(x)
+        monkeypatch.setattr(lower_pass, "quantize_cat_pieces", lambda gm: 0)
+        plain = fxquant.lowered_copy(gm, "cpu")
+        assert not any(isinstance(plain.get_submodule(p.target), IntegerQuantize)
+                       for n in plain.graph.nodes if n.target is torch.cat for p in n.args[0]
+                       if p.op == "call_module")
+        assert torch.equal(out, plain(x))
+        span = float(gm(x).max() - gm(x).min())
+        assert float((out - gm(x)).abs().max()) < 2e-2 * span
