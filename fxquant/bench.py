@@ -19,6 +19,7 @@ import argparse
 import ctypes
 import json
 import os
+import platform
 import shlex
 import statistics
 import sys
@@ -247,11 +248,32 @@ def bench_model(name: str, args) -> list:
     return rows, breakdown
 
 
+def cpu_description(cpuinfo: str = "/proc/cpuinfo") -> str:
+    """The CPU the timings ran on, e.g. ``AMD EPYC (family 26, model 2), 2 logical CPUs``:
+    int8 against float ratios move from one CPU generation to the next, so every table
+    names its CPU. Linux's ``/proc/cpuinfo`` (the first processor), else ``platform``."""
+    fields: dict[str, str] = {}
+    try:
+        with open(cpuinfo, encoding="utf-8") as handle:
+            for line in handle:
+                if not line.strip():
+                    break
+                key, _, value = line.partition(":")
+                fields[key.strip()] = value.strip()
+    except OSError:
+        pass
+    name = fields.get("model name") or platform.processor() or platform.machine() or "unknown CPU"
+    if "cpu family" in fields and "model" in fields:
+        name += f" (family {fields['cpu family']}, model {fields['model']})"
+    return f"{name}, {os.cpu_count()} logical CPUs"
+
+
 def render(rows: list, args, command: str, breakdowns: dict | None = None) -> str:
     """The Markdown section: the table, then ``{model: {variant: op_breakdown(...)}}``."""
     lines = [getattr(args, "section", None) or SECTION, "",
              f"`{command}`", "",
-             f"×{args.scale}, 1×C×{args.size}×{args.size} LR input, torch threads "
+             f"×{args.scale}, 1×C×{args.size}×{args.size} LR input, {cpu_description()}, "
+             f"torch {torch.__version__}, torch threads "
              f"{torch.get_num_threads()}, {args.rounds} interleaved rounds after warm-up; ratio "
              "= FP32 eager time / variant time (higher is faster), median with the min–max of "
              f"the per-round ratio. recipe `{args.recipe}` for the fxquant variants. PSNR: "

@@ -68,3 +68,16 @@ def test_section_option_names_the_heading_and_is_checked(tmp_path):
     bad.argv = []
     with pytest.raises(FxquantError, match="must be one Markdown '## ' heading"):
         run(bad)
+
+
+def test_the_table_names_its_cpu(tmp_path):
+    from fxquant.bench import cpu_description
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n"
+                    "model name\t: AMD EPYC\n\nprocessor\t: 1\nmodel name\t: other\n")
+    assert cpu_description(str(info)).startswith("AMD EPYC (family 26, model 2), ")
+    assert cpu_description(str(tmp_path / "absent")).endswith("logical CPUs")
+    args = argparse.Namespace(scale=4, size=64, rounds=3, recipe="mse-w8a8-sym")
+    text = render([Row("m", "fp32_eager", 10.0, 1.0, 1.0, 1.0, 5.0, None, "eager")], args, "cmd")
+    assert cpu_description() in text and f"torch {torch.__version__}" in text
