@@ -78,6 +78,17 @@ def window_sum(codes: torch.Tensor, zero_point: torch.Tensor, groups: int, kerne
     return F.conv2d(plane, ones, None, stride, padding, dilation, groups)
 
 
+def _mirror_scalars(module: nn.Module) -> None:
+    """Python copies of a per-tensor ``scale`` and ``zero_point`` buffer, which forward uses:
+    ``lower{compile=true}`` then bakes them into Inductor's kernels as constants (IMDN ×4 at
+    128×128: 24.7 → 23.7 ms, bit-identical) instead of loading them from memory after every
+    store. The buffers stay the saved state; construction, ``from_quantizer`` and loading
+    refresh the copies."""
+    if module.scale.numel() == 1:
+        module.scale_value = float(module.scale)
+        module.zero_point_value = int(module.zero_point)
+
+
 class IntegerQuantize(nn.Module):
     """Float tensor → uint8 codes of a static quantizer, per tensor or (a folded per-channel
     quantizer) per channel; one per quantized tensor, read by every integer conv that
@@ -90,6 +101,7 @@ class IntegerQuantize(nn.Module):
         shape = () if channels is None else (1, channels, 1, 1)
         self.register_buffer("scale", torch.ones(shape))
         self.register_buffer("zero_point", torch.zeros(shape, dtype=torch.int64))
+        _mirror_scalars(self)
 
     @classmethod
     def from_quantizer(cls, quantizer, channels_last: bool) -> "IntegerQuantize":
@@ -98,10 +110,17 @@ class IntegerQuantize(nn.Module):
         with torch.no_grad():
             module.scale.copy_(quantizer.scale.detach().reshape(module.scale.shape))
             module.zero_point.copy_(quantizer.zero_point.detach().reshape(module.scale.shape).long())
+        _mirror_scalars(module)
         return module
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        _mirror_scalars(self)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        codes = quantize_codes(x, self.scale, self.zero_point, self.qmax)
+        scale, zero_point = (self.scale, self.zero_point) if self.channels is not None \
+            else (self.scale_value, self.zero_point_value)
+        codes = quantize_codes(x, scale, zero_point, self.qmax)
         return codes.contiguous(memory_format=torch.channels_last) if self.channels_last else codes
 
     def extra_repr(self) -> str:
@@ -121,6 +140,7 @@ class IntegerDequantize(nn.Module):
         super().__init__()
         self.register_buffer("scale", torch.ones(()))
         self.register_buffer("zero_point", torch.zeros((), dtype=torch.int64))
+        _mirror_scalars(self)
 
     @classmethod
     def from_quantizer(cls, quantizer) -> "IntegerDequantize":
@@ -128,10 +148,15 @@ class IntegerDequantize(nn.Module):
         with torch.no_grad():
             module.scale.copy_(quantizer.scale.detach().reshape(()))
             module.zero_point.copy_(quantizer.zero_point.detach().reshape(()).long())
+        _mirror_scalars(module)
         return module
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        _mirror_scalars(self)
+
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
-        return (codes.float() - self.zero_point) * self.scale
+        return (codes.float() - self.zero_point_value) * self.scale_value
 
     def extra_repr(self) -> str:
         return f"scale={float(self.scale):.4g}, zero_point={int(self.zero_point)}"
