@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import sys
 
 import torch
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         for recipe in args.recipes.split(","):
             rows.append(check(model, args.scale, recipe, args.data))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    command = "python tools/lower_check.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python tools/lower_check.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     text = render(rows, command.strip(), args.section)
     print(text)
     if args.json:

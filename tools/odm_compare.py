@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import subprocess
 import sys
 import time
@@ -248,7 +249,7 @@ def main(argv=None) -> int:
                         atomic_write_text(args.json, json.dumps(rows, indent=1) + "\n",
                                           "comparison results")
                     print(json.dumps(rows[-1]), flush=True)
-        command = "python tools/odm_compare.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        command = "python tools/odm_compare.py " + shlex.join(argv if argv is not None else sys.argv[1:])
         text = render(rows, command, args)
         if args.store:
             cells = {**load_store(args.store), **store_cells(rows, args.eval_limit, command)}
