@@ -2,22 +2,14 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-TOOL = Path(__file__).resolve().parents[2] / "tools" / "bench_daq.py"
-
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_daq", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def bench(load_tool):
+    return load_tool("bench_daq")
 
 
 def test_write_section_replaces_only_its_own_section(bench, tmp_path):
