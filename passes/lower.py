@@ -14,6 +14,7 @@ from fxquant.graph import (
     OUTPUT_QUANTIZER,
     insert_output_module,
     is_relu,
+    module_of,
     replace_module_node,
 )
 from fxquant.lower.conv import (
@@ -108,7 +109,7 @@ class LowerPass(Pass):
             raise PassError(self.name, f"the graph is already lowered (target "
                             f"'{gm.fxquant_lowered}')")
         lowered = 0
-        quantizer_nodes = [n for n in gm.graph.nodes if isinstance(_module(gm, n), Quantizer)]
+        quantizer_nodes = [n for n in gm.graph.nodes if isinstance(module_of(gm, n), Quantizer)]
         layer_cls = TARGETS[self.target]
         for node in quantizer_nodes:
             quantizer = gm.get_submodule(node.target)
@@ -212,11 +213,12 @@ class LowerPass(Pass):
                             "targets reference and cpu; the Triton kernel takes one zero point",
                             node=node.name)
         users = list(node.users)
-        bad = [u for u in users if not isinstance(_module(gm, u), QuantConv2d) or u.args[0] is not node
-               or node in list(u.args[1:]) + list(u.kwargs.values())]
+        bad = [u for u in users if not isinstance(module_of(gm, u), QuantConv2d)
+               or u.args[0] is not node or node in list(u.args[1:]) + list(u.kwargs.values())]
         if bad or not users:
-            what = ", ".join(f"{u.name} ({type(_module(gm, u)).__name__ if _module(gm, u) else u.target})"
-                             for u in bad) or "nothing"
+            what = ", ".join(
+                f"{u.name} ({type(module_of(gm, u)).__name__ if module_of(gm, u) else u.target})"
+                for u in bad) or "nothing"
             raise PassError(self.name, f"quantized value feeds {what}, which has no integer "
                             f"kernel; supported: {SUPPORTED}", node=node.name)
         result = []
@@ -239,7 +241,7 @@ class LowerPass(Pass):
     def _add_guard(gm: fx.GraphModule, cpu_only: bool) -> str:
         """Route the first image input through an InputGuard sized from the first conv."""
         image = next(n for n in gm.graph.nodes if n.op == "placeholder")
-        modules = (_module(gm, n) for n in gm.graph.nodes)
+        modules = (module_of(gm, n) for n in gm.graph.nodes)
         first = next((m for m in modules if isinstance(m, (nn.Conv2d, IntegerConv2d))), None)
         guard = InputGuard(first.in_channels if first is not None else None, cpu_only)
         gm.add_submodule("input_guard", guard)
@@ -257,16 +259,12 @@ def _float_ops(gm: fx.GraphModule) -> list[str]:
     for node in gm.graph.nodes:
         if node.op not in ("call_module", "call_function", "call_method"):
             continue
-        module = _module(gm, node)
+        module = module_of(gm, node)
         if module is None:
             names.add(getattr(node.target, "__name__", str(node.target)))
         elif not isinstance(module, integer):
             names.add(type(module).__name__)
     return sorted(names)
-
-
-def _module(gm: fx.GraphModule, node: fx.Node):
-    return gm.get_submodule(node.target) if node.op == "call_module" else None
 
 
 def _fuse_residuals(gm: fx.GraphModule) -> int:
@@ -275,7 +273,7 @@ def _fuse_residuals(gm: fx.GraphModule) -> int:
     Symmetric-weight convs only (a centred one corrects its output after the kernel)."""
     fused = 0
     for node in list(gm.graph.nodes):
-        conv = _module(gm, node)
+        conv = module_of(gm, node)
         if not isinstance(conv, GpuConv2d) or not conv.symmetric_weights or len(node.users) != 1:
             continue
         (add,) = node.users
@@ -304,14 +302,14 @@ def _fuse_uint8_outputs(gm: fx.GraphModule) -> int:
     rebuilds to the same graph."""
     fused = 0
     for node in list(gm.graph.nodes):
-        conv = _module(gm, node)
+        conv = module_of(gm, node)
         if not isinstance(conv, (CpuConv2d, GpuConv2d)) or not conv.symmetric_weights \
                 or len(node.users) != 1:
             continue
         (user,) = node.users
         relu = is_relu(gm, user) and len(user.users) == 1
         quantize_node = next(iter(user.users)) if relu else user
-        quantize = _module(gm, quantize_node)
+        quantize = module_of(gm, quantize_node)
         if not isinstance(quantize, IntegerQuantize) or quantize.channels is not None or \
                 (conv.per_channel_input and any(conv.padding)):
             continue  # per-channel steps out, or a border correction after the conv: float

@@ -7,17 +7,13 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from fxquant.graph import is_relu, pixel_shuffle_factor, replace_module_node
+from fxquant.graph import is_relu, module_of, pixel_shuffle_factor, replace_module_node
 from fxquant.lower import ops  # noqa: F401 - registers fxquant::pixel_shuffle and ::upsample
 from fxquant.lower.conv import IntegerDequantize, IntegerQuantize
 from fxquant.lower.subpixel import SubpixelConvTranspose2d, convertible
 
 __all__ = ["quantize_cat_pieces", "route_pixel_shuffles", "route_smooth_upsampling",
            "subpixel_deconvs"]
-
-
-def _module(gm: fx.GraphModule, node: fx.Node):
-    return gm.get_submodule(node.target) if node.op == "call_module" else None
 
 
 def route_pixel_shuffles(gm: fx.GraphModule) -> None:
@@ -32,9 +28,9 @@ def route_pixel_shuffles(gm: fx.GraphModule) -> None:
         if factor is None:
             continue
         source, users = node.args[0], list(node.users)
-        quantize = users[0] if len(users) == 1 and isinstance(_module(gm, users[0]),
+        quantize = users[0] if len(users) == 1 and isinstance(module_of(gm, users[0]),
                                                                IntegerQuantize) else None
-        if quantize is not None and _module(gm, quantize).channels is not None:
+        if quantize is not None and module_of(gm, quantize).channels is not None:
             quantize = None  # per-channel codes: the shuffle mixes channels, it stays in front
         with gm.graph.inserting_before(node):
             if quantize is None and _shuffle_before_dequantize(gm, node, factor):
@@ -59,7 +55,7 @@ def _shuffle_before_dequantize(gm: fx.GraphModule, shuffle: fx.Node, factor: int
     while is_relu(gm, node) and len(node.users) == 1:
         chain.append(node)
         node = node.args[0]
-    if not isinstance(_module(gm, node), IntegerDequantize) or len(node.users) != 1:
+    if not isinstance(module_of(gm, node), IntegerDequantize) or len(node.users) != 1:
         return False
     value = gm.graph.call_function(torch.ops.fxquant.pixel_shuffle, (node.args[0], factor))
     value = gm.graph.call_module(node.target, (value,))
@@ -97,7 +93,7 @@ def subpixel_deconvs(gm: fx.GraphModule) -> int:
     times slower than its conv for the 1-channel SR tails that use one."""
     converted = 0
     for node in list(gm.graph.nodes):
-        deconv = _module(gm, node)
+        deconv = module_of(gm, node)
         if deconv is not None and convertible(deconv):
             replace_module_node(gm, node, SubpixelConvTranspose2d.from_conv_transpose(deconv),
                                 str(node.target).replace(".", "_") + "_subpixel")
@@ -113,7 +109,7 @@ def quantize_cat_pieces(gm: fx.GraphModule) -> int:
     quantization fuses into the op that makes it. Returns the number of concats rewritten."""
     rewritten = 0
     for node in list(gm.graph.nodes):
-        quantize = _module(gm, node)
+        quantize = module_of(gm, node)
         if not isinstance(quantize, IntegerQuantize) or quantize.channels is not None:
             continue
         cat = node.args[0]
