@@ -12,6 +12,7 @@ from torch import fx, nn
 
 from fxquant.calibration import as_batches
 from fxquant.errors import PassError
+from fxquant.graph import module_of
 from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
 from fxquant.quant import QuantConv2d, Quantizer, UniformQuantizer
 from fxquant.quant.offsets import OFFSET_KINDS, ChannelOffset, MismatchStats, quantizer_range
@@ -56,16 +57,12 @@ register_method("odm", ODMOptions, "trace,observe,calibrate,quantize,wcc,verify"
                 "weight-clipping correction); fxquant train adds the cooperative regularizer")
 
 
-def _module(gm: fx.GraphModule, node: fx.Node):
-    return gm.get_submodule(node.target) if node.op == "call_module" else None
-
-
 def _is_homogeneous(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_function":
         return node.target in _HOMOGENEOUS_FUNCTIONS
     if node.op == "call_method":
         return node.target == "relu"
-    return isinstance(_module(gm, node), _HOMOGENEOUS_MODULES)
+    return isinstance(module_of(gm, node), _HOMOGENEOUS_MODULES)
 
 
 def fold_site(gm: fx.GraphModule, value: fx.Node, kind: str) -> tuple[fx.Node | None, str]:
@@ -80,7 +77,7 @@ def fold_site(gm: fx.GraphModule, value: fx.Node, kind: str) -> tuple[fx.Node | 
     while True:
         if len(current.users) != 1:
             return None, f"'{current.name}' is read by {len(current.users)} nodes"
-        if isinstance(_module(gm, current), nn.Identity):  # no-op: folds through for any kind
+        if isinstance(module_of(gm, current), nn.Identity):  # no-op: folds through for any kind
             current = current.args[0]
         elif _is_homogeneous(gm, current):
             through += 1
@@ -89,7 +86,7 @@ def fold_site(gm: fx.GraphModule, value: fx.Node, kind: str) -> tuple[fx.Node | 
             break
         if not isinstance(current, fx.Node):
             return None, "an activation without a tensor input"
-    conv = _module(gm, current)
+    conv = module_of(gm, current)
     if not isinstance(conv, nn.Conv2d):
         return None, f"produced by '{current.name}', not a conv"
     if through and kind != "scale":
@@ -176,7 +173,7 @@ class InjectOffsetsPass(Pass):
     def _candidates(self, gm: fx.GraphModule) -> tuple[list[fx.Node], dict[str, str]]:
         sites, skipped = [], {}
         for node in gm.graph.nodes:
-            module = _module(gm, node)
+            module = module_of(gm, node)
             if not isinstance(module, Quantizer) or quantizer_range(module) is None \
                     or not node.args or not isinstance(node.args[0], fx.Node):
                 continue
@@ -193,7 +190,7 @@ class InjectOffsetsPass(Pass):
     @staticmethod
     def _channels(gm: fx.GraphModule, node: fx.Node) -> int:
         conv, _ = fold_site(gm, node.args[0], "scale")
-        return _module(gm, conv).out_channels
+        return module_of(gm, conv).out_channels
 
     @staticmethod
     def _scores(gm: fx.GraphModule, sites: list[fx.Node], ctx: PassContext) -> dict[str, float]:

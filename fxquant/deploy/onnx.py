@@ -42,12 +42,12 @@ import os
 import warnings
 
 import torch
-import torch.nn.functional as F
 from torch import fx, nn
 
 from fxquant.deploy.errors import ExportError
 from fxquant.errors import PassError
 from fxquant.files import atomic_write_bytes
+from fxquant.graph import is_relu, module_of
 from fxquant.lower.codebook import CodebookQuantize
 from fxquant.lower.conv import IntegerQuantize, ReferenceConv2d
 from fxquant.lower.guard import InputGuard
@@ -159,18 +159,6 @@ class _Conv(nn.Module):
         return _ConvFn.apply(codes, self.module[0], self.form)
 
 
-def _module(gm: fx.GraphModule, node: fx.Node):
-    return gm.get_submodule(node.target) if node.op == "call_module" else None
-
-
-def _is_relu(gm: fx.GraphModule, node: fx.Node) -> bool:
-    if node.op == "call_function":
-        return node.target in (F.relu, torch.relu)
-    if node.op == "call_method":
-        return node.target == "relu"
-    return isinstance(_module(gm, node), nn.ReLU)
-
-
 def _quantize_reader(gm: fx.GraphModule, node: fx.Node):
     """``(quantize node, relu node or None)`` when ``node``'s only reader is an 8-bit
     quantizer, directly or through a ReLU that the quantizer makes redundant (zero point 0)."""
@@ -178,9 +166,9 @@ def _quantize_reader(gm: fx.GraphModule, node: fx.Node):
         return None
     (user,) = node.users
     relu = None
-    if _is_relu(gm, user) and len(user.users) == 1:
+    if is_relu(gm, user) and len(user.users) == 1:
         relu, user = user, next(iter(user.users))
-    quantize = _module(gm, user)
+    quantize = module_of(gm, user)
     if not isinstance(quantize, IntegerQuantize) or quantize.bits != 8:
         return None
     if relu is not None and int(quantize.zero_point) != 0:
@@ -225,14 +213,14 @@ def integer_graph(gm: fx.GraphModule, form: str = "integer") -> fx.GraphModule:
         raise ExportError(f"ONNX export writes the integer lowering, which refused the model: {exc}") from exc
     graph = lowered.graph
     for node in list(graph.nodes):
-        module = _module(lowered, node)
+        module = module_of(lowered, node)
         if isinstance(module, InputGuard):
             node.replace_all_uses_with(node.args[0])
             graph.erase_node(node)
         elif isinstance(module, CodebookQuantize):
             raise ExportError(f"'{node.target}': the non-uniform level lookup has no ONNX form yet")
     for node in list(graph.nodes):
-        module = _module(lowered, node)
+        module = module_of(lowered, node)
         if isinstance(module, IntegerQuantize):
             if module.channels is not None:
                 raise ExportError(f"'{node.target}' has per-channel activation ranges (recipe "
