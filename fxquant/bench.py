@@ -44,7 +44,7 @@ class Row:
     model: str
     variant: str
     median_ms: float | None = None
-    ratio: float | None = None  # FP32 eager time / this variant's time (>1 = faster)
+    ratio: float | None = None  # the baseline's time / this variant's time (>1 = faster)
     ratio_min: float | None = None
     ratio_max: float | None = None
     peak_mb: float | None = None
@@ -138,12 +138,17 @@ def median_table(rows: list) -> str:
 
 def summarize(model: str, times: dict[str, list[float]], baseline: str = "fp32_eager"
               ) -> list[Row]:
-    base = times[baseline]
+    """One row per variant: median time and the per-round ratios against ``baseline`` (none
+    when the baseline could not be built for this model, e.g. PT2E on CARN-M)."""
+    base = times.get(baseline)
     rows = []
     for name, t in times.items():
-        ratios = [b / v for b, v in zip(base, t)]
-        rows.append(Row(model, name, 1e3 * statistics.median(t), statistics.median(ratios),
-                        min(ratios), max(ratios)))
+        row = Row(model, name, 1e3 * statistics.median(t))
+        if base is not None:
+            ratios = [b / v for b, v in zip(base, t)]
+            row.ratio, row.ratio_min, row.ratio_max = \
+                statistics.median(ratios), min(ratios), max(ratios)
+        rows.append(row)
     return rows
 
 
@@ -197,6 +202,7 @@ def rows_to_dicts(rows: list[Row]) -> list[dict]:
 
 # ----------------------------------------------------------------------------- command
 SECTION = "## Integer execution (fxquant bench)"
+BASELINE_NAMES = {"fp32_eager": "FP32 eager", "pt2e_int8": "PT2E int8"}
 DEFAULT_MODELS = "imdn,pan,carn_m,fsrcnn,edsr_baseline"
 
 
@@ -223,11 +229,11 @@ def bench_model(name: str, args) -> list:
     # one image per batch: PT2E exports with the example's batch size of 1
     batches = list(calib.split(1))
     concrete = {"scale": args.scale} if spec.takes_scale else None
-    names = args.variants.split(",") if args.variants else ORDER
+    names = variant_names(args)
     variants, missing = build_all(model, example, batches, calib, recipe, concrete, names,
                                   float(source.value_range))
     fns = {v.name: (lambda f=v.fn: f(example)) for v in variants}
-    rows = summarize(name, interleaved(fns, args.rounds))
+    rows = summarize(name, interleaved(fns, args.rounds), baseline=args.baseline)
     notes = {v.name: v.note for v in variants}
     for row in rows:
         row.note = notes[row.variant]
@@ -246,6 +252,18 @@ def bench_model(name: str, args) -> list:
     breakdown = {v: op_breakdown(fns[v]) for v in BREAKDOWN_VARIANTS if v in fns} \
         if name in args.breakdown.split(",") else {}
     return rows, breakdown
+
+
+def variant_names(args) -> list[str]:
+    """The variants to build (``--variants`` or all), checked, with the ``--baseline`` one."""
+    names = [n.strip() for n in args.variants.split(",")] if args.variants else list(ORDER)
+    unknown = [n for n in names + [args.baseline] if n not in ORDER]
+    if unknown:
+        raise FxquantError(f"unknown variant '{unknown[0]}'; valid: {', '.join(ORDER)}")
+    if args.baseline not in names:
+        raise FxquantError(f"--baseline {args.baseline} is not among --variants "
+                           f"{', '.join(names)}: add it, the ratios are taken against it")
+    return names
 
 
 def cpu_description(cpuinfo: str = "/proc/cpuinfo") -> str:
@@ -270,16 +288,18 @@ def cpu_description(cpuinfo: str = "/proc/cpuinfo") -> str:
 
 def render(rows: list, args, command: str, breakdowns: dict | None = None) -> str:
     """The Markdown section: the table, then ``{model: {variant: op_breakdown(...)}}``."""
+    baseline = getattr(args, "baseline", "fp32_eager")
+    baseline = BASELINE_NAMES.get(baseline, baseline)
     lines = [getattr(args, "section", None) or SECTION, "",
              f"`{command}`", "",
              f"×{args.scale}, 1×C×{args.size}×{args.size} LR input, {cpu_description()}, "
              f"torch {torch.__version__}, torch threads "
              f"{torch.get_num_threads()}, {args.rounds} interleaved rounds after warm-up; ratio "
-             "= FP32 eager time / variant time (higher is faster), median with the min–max of "
+             f"= {baseline} time / variant time (higher is faster), median with the min–max of "
              f"the per-round ratio. recipe `{args.recipe}` for the fxquant variants. PSNR: "
              "Set5 Y, the variant itself run on every image. Peak MiB: largest growth of the C "
              "heap in use during one forward (activations and workspaces, not weights).", ""]
-    lines += ["| model | variant | median ms | speed-up vs FP32 eager (min–max) | peak MiB | "
+    lines += [f"| model | variant | median ms | speed-up vs {baseline} (min–max) | peak MiB | "
               "Set5 PSNR | how |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         if r.median_ms is None:
@@ -287,9 +307,10 @@ def render(rows: list, args, command: str, breakdowns: dict | None = None) -> st
             continue
         psnr = f"{r.psnr:.3f}" if r.psnr is not None else "—"
         peak = f"{r.peak_mb:.0f}" if r.peak_mb is not None else "—"
-        lines.append(f"| {r.model} | {r.variant} | {r.median_ms:.1f} | {r.ratio:.2f}× "
-                     f"({r.ratio_min:.2f}–{r.ratio_max:.2f}) | {peak} | {psnr} | "
-                     f"{r.note} |")
+        ratio = "—" if r.ratio is None else \
+            f"{r.ratio:.2f}× ({r.ratio_min:.2f}–{r.ratio_max:.2f})"
+        lines.append(f"| {r.model} | {r.variant} | {r.median_ms:.1f} | {ratio} | {peak} | "
+                     f"{psnr} | {r.note} |")
     for model, variants in (breakdowns or {}).items():
         lines += ["", f"Per-op breakdown, {model} (self CPU time per forward, torch profiler):", ""]
         for variant, ops in variants.items():
@@ -314,6 +335,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--recipe", default="mse-w8a8-sym-outputs")
     parser.add_argument("--variants", help="comma-separated subset (default: all)")
+    parser.add_argument("--baseline", default="fp32_eager",
+                        help="the variant each per-round ratio is taken against (default "
+                             "fp32_eager; e.g. pt2e_int8 to compare two int8 paths directly)")
     parser.add_argument("--no-psnr", action="store_true", help="skip the Set5 evaluation")
     parser.add_argument("--breakdown", default="",
                         help="comma-separated models to profile op by op (FP32 eager, lowered "
@@ -335,6 +359,7 @@ def run(args) -> int:
     for path, what in ((args.json, "bench JSON (--json)"), (args.write, "Markdown (--write)")):
         if path:  # before the (long) measurements
             check_output_path(path, what)
+    variant_names(args)  # an unknown variant or baseline fails now, not after the first model
 
     if args.breakdown:  # name Inductor's kernels in the profile (before anything compiles)
         import torch._inductor.config as inductor_config

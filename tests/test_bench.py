@@ -81,3 +81,35 @@ def test_the_table_names_its_cpu(tmp_path):
     args = argparse.Namespace(scale=4, size=64, rounds=3, recipe="mse-w8a8-sym")
     text = render([Row("m", "fp32_eager", 10.0, 1.0, 1.0, 1.0, 5.0, None, "eager")], args, "cmd")
     assert cpu_description() in text and f"torch {torch.__version__}" in text
+
+
+def test_ratios_against_another_baseline_and_without_one():
+    """``--baseline pt2e_int8`` compares two int8 paths round by round; a model where the
+    baseline could not be built (PT2E on CARN-M) keeps its times and shows no ratio."""
+    times = {"pt2e_int8": [2.0, 4.0, 2.0], "lowered cpu": [1.0, 2.0, 4.0]}
+    rows = {r.variant: r for r in summarize("m", times, baseline="pt2e_int8")}
+    low = rows["lowered cpu"]
+    assert (low.ratio, low.ratio_min, low.ratio_max) == (2.0, 0.5, 2.0)
+    args = argparse.Namespace(scale=4, size=64, rounds=3, recipe="r", baseline="pt2e_int8")
+    text = render(list(rows.values()), args, "cmd")
+    assert "| speed-up vs PT2E int8 (min–max) |" in text
+    assert "ratio = PT2E int8 time / variant time" in text
+    alone = summarize("m", {"lowered cpu": [1.0, 3.0]}, baseline="pt2e_int8")[0]
+    assert alone.ratio is None and alone.median_ms == 2000.0
+    assert "| m | lowered cpu | 2000.0 | — |" in render([alone], args, "cmd")
+
+
+def test_variants_and_baseline_are_checked_before_measuring():
+    from fxquant.bench import build_parser, run, variant_names
+    from fxquant.errors import FxquantError
+
+    args = build_parser().parse_args(["--variants", "lowered cpu,pt2e_int8",
+                                      "--baseline", "pt2e_int8"])
+    assert variant_names(args) == ["lowered cpu", "pt2e_int8"]
+    for argv, message in ((["--variants", "lowered cpu,pt2e"], "unknown variant 'pt2e'"),
+                          (["--variants", "lowered cpu"], "--baseline fp32_eager is not among"),
+                          (["--baseline", "fp16"], "unknown variant 'fp16'")):
+        bad = build_parser().parse_args(argv + ["--models", "nosuch"])
+        bad.argv = argv
+        with pytest.raises(FxquantError, match=message):
+            run(bad)
