@@ -9,7 +9,9 @@ Deviations, none of which changes the numerics:
 
 * the ``assert F.dim() == 4`` checks in ``mean_channels``/``stdv_channels`` are dropped
   (``bool`` of a traced value is not symbolically traceable);
-* activations are not in-place (in-place ops on shared tensors get in the way of graph passes).
+* activations are not in-place (in-place ops on shared tensors get in the way of graph passes);
+* the contrast term's square root has a finite gradient at a variance of 0 (:func:`safe_sqrt`:
+  same values, and QAT of a model whose quantization makes a channel constant stays finite).
 
 The channel split keeps ``torch.split`` with the constant sizes (16, 48), and the contrast
 term keeps upstream's ``sum / (H * W)`` formulation, so outputs are bit-identical to upstream.
@@ -36,7 +38,20 @@ def mean_channels(x: torch.Tensor) -> torch.Tensor:
 def stdv_channels(x: torch.Tensor) -> torch.Tensor:
     x_mean = mean_channels(x)
     x_variance = (x - x_mean).pow(2).sum(3, keepdim=True).sum(2, keepdim=True) / (x.size(2) * x.size(3))
-    return x_variance.pow(0.5)
+    return safe_sqrt(x_variance)
+
+
+def safe_sqrt(variance: torch.Tensor) -> torch.Tensor:
+    """``variance.pow(0.5)``, bit for bit, with a finite gradient at 0.
+
+    The square root's derivative is infinite at 0, and a channel that quantization makes
+    constant (common at 2 bits) has a variance of exactly 0: upstream's ``pow(0.5)`` then turns
+    every gradient of a QAT step into NaN. Where the variance is not positive this passes the
+    variance through (0 stays 0, NaN stays NaN) with gradient 1; the ``where`` inside keeps the
+    unused square-root branch off 0, so no infinity reaches the backward pass."""
+    spread = variance > 0
+    root = torch.where(spread, variance, torch.ones_like(variance)).pow(0.5)
+    return torch.where(spread, root, variance)
 
 
 class CCALayer(nn.Module):

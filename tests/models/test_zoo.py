@@ -406,3 +406,25 @@ def test_pretrained_without_weight_file():
 def test_pretrained_and_checkpoint_are_exclusive(tmp_path):
     with pytest.raises(FxquantError, match="not both"):
         build_model("fsrcnn", 2, pretrained=True, checkpoint=tmp_path / "x.pth")
+
+
+def test_imdn_contrast_square_root_keeps_values_and_a_finite_gradient():
+    """IMDN's contrast term equals upstream's ``pow(0.5)`` bit for bit (NaN included), and a
+    channel that quantization made constant (variance exactly 0) no longer turns every QAT
+    gradient into NaN."""
+    from fxquant.models.imdn import CCALayer, safe_sqrt
+
+    torch.manual_seed(0)
+    variance = torch.cat([torch.rand(1000) ** 4, torch.zeros(3), torch.tensor([float("nan")])])
+    torch.testing.assert_close(safe_sqrt(variance), variance.pow(0.5), rtol=0, atol=0,
+                               equal_nan=True)
+    x = torch.rand(2, 64, 6, 6)
+    x[:, 5] = 0.25  # a constant channel: variance exactly 0
+    x.requires_grad_(True)
+    layer = CCALayer(64)
+    layer(x).sum().backward()
+    assert bool(torch.isfinite(x.grad).all())
+    x_upstream = x.detach().clone().requires_grad_(True)
+    mean = x_upstream.mean((2, 3), keepdim=True)
+    ((x_upstream - mean) ** 2).mean((2, 3), keepdim=True).pow(0.5).sum().backward()
+    assert not bool(torch.isfinite(x_upstream.grad).all())  # what upstream's sqrt does
