@@ -33,6 +33,7 @@ from fxquant.lower.subset import SubsetQuantize, lower_subset
 from fxquant.lower.guard import InputGuard
 from fxquant.lower.triton_conv import GpuConv2d
 from fxquant.passes.lower_rewrites import (
+    phase_major_shuffles,
     quantize_cat_pieces,
     route_pixel_shuffles,
     route_smooth_upsampling,
@@ -77,7 +78,9 @@ class LowerPass(Pass):
     quantizer (directly or through a ReLU) emits that quantizer's uint8 codes itself (ReLU and
     requantization in oneDNN's epilogue); every pixel shuffle runs as ATen's channels-last
     kernel (opaque to Inductor) and a shuffle read only by a quantizer moves behind it,
-    shuffling uint8 codes. On ``cpu`` a float strided ``ConvTranspose2d`` (FSRCNN's tail)
+    shuffling uint8 codes; a shuffle that reads an integer conv's output alone gets that
+    conv's output channels in phase-major order (``fxquant::pixel_shuffle_phase_major``:
+    the NHWC copy moves contiguous runs). On ``cpu`` a float strided ``ConvTranspose2d`` (FSRCNN's tail)
     runs as the equal conv + pixel shuffle (fxquant/lower/subpixel.py).
     ``compile`` (cpu only) compiles the module with Inductor on first call, which fuses each
     input quantization into the float op before it.
@@ -144,7 +147,7 @@ class LowerPass(Pass):
         if left:
             raise PassError(self.name, f"{left[0]} is quantized but has no quantized input to "
                             f"lower with it; supported: {SUPPORTED}")
-        fused = residuals = subpixel = 0
+        fused = residuals = subpixel = phase_major = 0
         if self.target == "cpu":
             route_pixel_shuffles(gm)
             route_smooth_upsampling(gm)
@@ -154,6 +157,8 @@ class LowerPass(Pass):
             residuals = _fuse_residuals(gm)
         if self.target in ("cpu", "gpu") and self.fuse:
             fused = _fuse_uint8_outputs(gm)
+        if self.target == "cpu":
+            phase_major = phase_major_shuffles(gm)
         first_input = self._add_guard(gm, cpu_only=self.target != "gpu")
         gm.recompile()
         gm.fxquant_lowered = self.target
@@ -173,6 +178,7 @@ class LowerPass(Pass):
         return PassResult(gm, True, {"target": self.target, "integer_convs": lowered,
                                      "uint8_outputs": fused, "fused_residuals": residuals,
                                      "subpixel_deconvs": subpixel,
+                                     "phase_major_shuffles": phase_major,
                                      "float_ops": ", ".join(islands), "guarded": first_input})
 
     def _lower_output(self, gm: fx.GraphModule, node: fx.Node, quantizer: Quantizer,

@@ -9,11 +9,11 @@ from torch import fx
 
 from fxquant.graph import is_relu, module_of, pixel_shuffle_factor, replace_module_node
 from fxquant.lower import ops  # noqa: F401 - registers fxquant::pixel_shuffle and ::upsample
-from fxquant.lower.conv import IntegerDequantize, IntegerQuantize
+from fxquant.lower.conv import CpuConv2d, IntegerDequantize, IntegerQuantize
 from fxquant.lower.subpixel import SubpixelConvTranspose2d, convertible
 
-__all__ = ["quantize_cat_pieces", "route_pixel_shuffles", "route_smooth_upsampling",
-           "subpixel_deconvs"]
+__all__ = ["phase_major_shuffles", "quantize_cat_pieces", "route_pixel_shuffles",
+           "route_smooth_upsampling", "subpixel_deconvs"]
 
 
 def route_pixel_shuffles(gm: fx.GraphModule) -> None:
@@ -127,5 +127,35 @@ def quantize_cat_pieces(gm: fx.GraphModule) -> int:
         gm.graph.erase_node(node)
         if not cat.users:
             gm.graph.erase_node(cat)
+        rewritten += 1
+    return rewritten
+
+
+def phase_major_shuffles(gm: fx.GraphModule) -> int:
+    """A pixel shuffle whose input is an integer conv's output (floats, or its fused uint8
+    codes) read by nothing else: the conv's output channels are permuted from ``c·r² + i·r +
+    j`` to ``(i·r + j)·C + c`` and the shuffle becomes ``fxquant::pixel_shuffle_phase_major``
+    (fxquant/lower/ops.py), which moves runs of ``r·C`` contiguous values out of the NHWC
+    conv output instead of gathering them one by one. Exact: a conv's output channels are
+    computed independently, so permuting them (weights, scales, bias) only moves them. Run
+    after the uint8 fusion, so that a fused conv's codes are covered too; groups of 1 only
+    (a permutation across groups would mix them). Returns the number of shuffles rewritten."""
+    rewritten = 0
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not torch.ops.fxquant.pixel_shuffle:
+            continue
+        source, factor = node.args[0], node.args[1]
+        conv = module_of(gm, source)
+        if not isinstance(conv, CpuConv2d) or conv.groups != 1 or len(source.users) != 1:
+            continue
+        channels = conv.out_channels // (factor * factor)
+        order = torch.arange(conv.out_channels).view(channels, factor * factor).t().reshape(-1)
+        with torch.no_grad():
+            for name in ("weight_codes", "weight_centre", "weight_scale", "bias"):
+                buffer = getattr(conv, name)
+                if buffer is not None:
+                    buffer.copy_(buffer[order].clone())
+        conv.prepare()
+        node.target = torch.ops.fxquant.pixel_shuffle_phase_major
         rewritten += 1
     return rewritten

@@ -30,6 +30,32 @@ def _(x: torch.Tensor, upscale_factor: int) -> torch.Tensor:
     return _empty_like_layout(x, (n, c // (r * r), h * r, w * r))
 
 
+@torch.library.custom_op("fxquant::pixel_shuffle_phase_major", mutates_args=())
+def pixel_shuffle_phase_major(x: torch.Tensor, upscale_factor: int) -> torch.Tensor:
+    """A pixel shuffle of channels stored phase-major: channel ``(i·r + j)·C + c`` holds what
+    ``pixel_shuffle`` takes from channel ``c·r² + i·r + j`` (output channel ``c``, sub-pixel
+    row ``i``, column ``j``). For an NHWC input the copy then moves runs of ``r·C`` contiguous
+    values instead of gathering single values across the ``r²`` channel stride (the ``lower``
+    pass permutes the output channels of the conv in front to this order). Channels-last
+    output, as ATen's ``pixel_shuffle`` gives for a channels-last input."""
+    n, k, h, w = x.shape
+    r = upscale_factor
+    c = k // (r * r)
+    y = x.permute(0, 2, 3, 1).reshape(n, h, w, r, r, c).permute(0, 1, 3, 2, 4, 5)
+    out = y.reshape(n, h * r, w * r, c).permute(0, 3, 1, 2)
+    # a custom op's output must not alias its input (a reshape is a view when r or w is 1)
+    return out.clone(memory_format=torch.channels_last) \
+        if out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() else out
+
+
+@pixel_shuffle_phase_major.register_fake
+def _(x: torch.Tensor, upscale_factor: int) -> torch.Tensor:
+    n, c, h, w = x.shape
+    r = upscale_factor
+    return x.new_empty((n, c // (r * r), h * r, w * r)).contiguous(
+        memory_format=torch.channels_last)
+
+
 @torch.library.custom_op("fxquant::upsample", mutates_args=())
 def upsample(x: torch.Tensor, scale_factor: float, mode: str, align_corners: bool) -> torch.Tensor:
     """``F.interpolate`` by a scale factor in a smooth mode (bilinear, bicubic): Inductor's

@@ -58,3 +58,46 @@ def test_quantized_concat_joins_codes_and_changes_no_value(calib, recipe, monkey
         assert torch.equal(out, plain(x))
         span = float(gm(x).max() - gm(x).min())
         assert float((out - gm(x)).abs().max()) < 2e-2 * span
+
+
+class TwoShuffles(nn.Module):
+    """A ×2 sub-pixel stage into a quantized conv (its conv emits uint8 codes), then a ×2
+    sub-pixel tail whose float output is the model's output (IMDN's and PAN's last step)."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Conv2d(3, 8, 3, padding=1)
+        self.up = nn.Conv2d(8, 4 * 4, 3, padding=1)
+        self.mid = nn.Conv2d(4, 8, 3, padding=1)
+        self.last = nn.Conv2d(8, 3 * 4, 3, padding=1)
+
+    def forward(self, x):
+        h = nn.functional.pixel_shuffle(torch.relu(self.up(self.head(x))), 2)
+        return nn.functional.pixel_shuffle(self.last(self.mid(h)), 2)
+
+
+def test_shuffled_conv_outputs_are_phase_major_and_change_no_value(calib, monkeypatch,
+                                                                   tmp_path):
+    torch.manual_seed(0)
+    model = TwoShuffles().eval()
+    gm = fxquant.compile(model, "mse-w8a8-sym-all", calib=calib)
+    lowered = fxquant.lowered_copy(gm, "cpu")
+    shuffles = [n for n in lowered.graph.nodes
+                if n.target is torch.ops.fxquant.pixel_shuffle_phase_major]
+    # both read a conv directly: up's fused uint8 codes, last's float output
+    assert [n.args[0].target for n in shuffles] == ["up", "last"]
+    assert lowered.get_submodule("up")._out_scale > 0
+    assert dict(lowered.fxquant_history)["lower{target=cpu}"]["phase_major_shuffles"] == 2
+    x = torch.rand(2, 3, 7, 9)
+    with torch.no_grad():
+        out = lowered(x)
+        assert out.shape == (2, 3, 28, 36)
+        monkeypatch.setattr(lower_pass, "phase_major_shuffles", lambda gm: 0)
+        plain = fxquant.lowered_copy(gm, "cpu")
+        assert not any(n.target is torch.ops.fxquant.pixel_shuffle_phase_major
+                       for n in plain.graph.nodes)
+        assert torch.equal(out, plain(x))
+        monkeypatch.undo()
+        # saved and loaded: the pipeline rebuilds the same graph, the saved (permuted) state fits
+        fxquant.save(lowered, tmp_path / "m.fxq")
+        assert torch.equal(fxquant.load(tmp_path / "m.fxq", model)(x), out)
