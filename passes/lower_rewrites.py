@@ -155,6 +155,7 @@ def phase_major_shuffles(gm: fx.GraphModule) -> int:
                 buffer = getattr(conv, name)
                 if buffer is not None:
                     buffer.copy_(buffer[order].clone())
+        conv.output_order = order
         conv.prepare()
         node.target = torch.ops.fxquant.pixel_shuffle_phase_major
         rewritten += 1

@@ -65,6 +65,8 @@ def layer_agreement(fake: fx.GraphModule, lowered: fx.GraphModule,
             calls[source] += 1
             layer = layers[name]
             y = layer(layer.codes_of(args[0]))
+            if layer.output_order is not None:  # channels permuted for a phase-major shuffle
+                out = out[:, layer.output_order]
             if float(getattr(layer, "output_scale", 0)) > 0:  # fused: uint8 codes out
                 diff = (y.float() - _output_codes(layer, out)).abs()  # in output steps
             else:

@@ -168,6 +168,9 @@ class IntegerConv2d(nn.Module):
 
     target = ""
     channels_last = False  # the layout of the codes it prefers
+    # output channel k computes the float conv's channel output_order[k] (set by the lower
+    # pass's phase-major shuffle rewrite, rebuilt with the graph; None: the float order)
+    output_order: torch.Tensor | None = None
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size, stride, padding,
                  dilation, groups: int, has_bias: bool, act_bits: int,
