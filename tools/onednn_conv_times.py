@@ -5,9 +5,10 @@
 
 The torch profiler cannot see the convs of ``lower{compile=true}`` (Inductor's C++ wrapper
 calls them) and inflates short ops; oneDNN's verbose mode times each primitive execution
-itself. Both models run ``--calls`` forwards on the same 1×C×size×size input after warm-up;
+itself. Both models run ``--calls`` forwards on the same 1×C×size×size input after warm-up,
+interleaved (one forward of each per round: a slow spell of a shared machine hits both);
 the table gives, per conv shape, the calls per forward and the median ms per call of each,
-and the total conv time per forward. Run it with nothing else on the machine.
+and the conv time per forward from those medians. Run it with nothing else on the machine.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ def c_stdout_to(path: str):
     libc = ctypes.CDLL(None)
     sys.stdout.flush()
     saved = os.dup(1)
-    with open(path, "wb") as sink:
+    with open(path, "ab") as sink:
         os.dup2(sink.fileno(), 1)
         try:
             yield
@@ -61,18 +62,24 @@ def c_stdout_to(path: str):
             os.close(saved)
 
 
-def verbose_run(fn, calls: int) -> str:
-    """oneDNN's verbose output of ``calls`` runs of ``fn`` (after two warm-up runs)."""
-    with torch.inference_mode():
-        fn()
-        fn()
-        with tempfile.TemporaryDirectory() as tmp:
-            path = os.path.join(tmp, "verbose.txt")
-            with c_stdout_to(path), torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
-                for _ in range(calls):
-                    fn()
+def verbose_runs(fns: dict, calls: int) -> dict[str, str]:
+    """oneDNN's verbose output of ``calls`` runs of each function (after two warm-up runs),
+    interleaved one call of each per round so that a slow spell of the machine hits all."""
+    with torch.inference_mode(), tempfile.TemporaryDirectory() as tmp:
+        for fn in fns.values():
+            fn()
+            fn()
+        paths = {name: os.path.join(tmp, f"{i}.txt") for i, name in enumerate(fns)}
+        with torch.backends.mkldnn.verbose(torch.backends.mkldnn.VERBOSE_ON):
+            for _ in range(calls):
+                for name, fn in fns.items():
+                    with c_stdout_to(paths[name]):
+                        fn()
+        out = {}
+        for name, path in paths.items():
             with open(path, encoding="utf-8", errors="replace") as f:
-                return f.read()
+                out[name] = f.read()
+        return out
 
 
 def render(results: dict[str, dict[str, list[float]]], calls: int, title: str) -> str:
@@ -89,8 +96,10 @@ def render(results: dict[str, dict[str, list[float]]], calls: int, title: str) -
             t = results[name].get(shape)
             cells.append("—" if not t else f"{len(t) / calls:g}, {statistics.median(t):.3f}")
         lines.append(f"| {shape} | " + " | ".join(cells) + " |")
-    lines.append("| **all convs, ms per forward** | " + " | ".join(
-        f"**{sum(sum(t) for t in results[n].values()) / calls:.2f}**" for n in names) + " |")
+    # medians, not means: a shared machine's slow spells put outliers into single calls
+    lines.append("| **all convs, ms per forward (Σ calls × median)** | " + " | ".join(
+        f"**{sum(len(t) / calls * statistics.median(t) for t in results[n].values()):.2f}**"
+        for n in names) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -127,8 +136,8 @@ def main(argv=None) -> int:
                                                concrete_args=concrete).fn
         except VariantUnavailable as exc:
             print(f"pt2e_int8 unavailable: {exc.reason}", file=sys.stderr)
-        results = {name: conv_times(verbose_run(lambda f=f: f(x), args.calls))
-                   for name, f in fns.items()}
+        texts = verbose_runs({name: (lambda f=f: f(x)) for name, f in fns.items()}, args.calls)
+        results = {name: conv_times(text) for name, text in texts.items()}
     except FxquantError as exc:
         print(f"onednn_conv_times: error: {exc}", file=sys.stderr)
         return 2
@@ -136,7 +145,7 @@ def main(argv=None) -> int:
                           *(argv if argv is not None else sys.argv[1:])])
     print(render(results, args.calls,
                  f"`{command}`: {args.model} ×{args.scale}, 1×C×{args.size}×{args.size}, "
-                 f"recipe `{args.recipe}`, {args.calls} forwards, torch threads "
+                 f"recipe `{args.recipe}`, {args.calls} interleaved forwards, torch threads "
                  f"{torch.get_num_threads()}; oneDNN verbose execution times"))
     return 0
 

@@ -14,17 +14,18 @@ LINE = ("onednn_verbose,v1,primitive,exec,cpu,convolution,brg_conv_fwd:avx512_co
 def test_verbose_lines_are_grouped_by_conv_shape(load_tool):
     tool = load_tool("onednn_conv_times")
     text = "\n".join([LINE.format(ms=1.5), "onednn_verbose,v1,info,cpu,isa:avx512",
-                      LINE.format(ms=0.5),
+                      LINE.format(ms=0.5), LINE.format(ms=0.4),
                       "onednn_verbose,v1,primitive,exec,cpu,reorder,jit:uni,undef,"
                       "src:s8::blocked:abcd::f0,,64x64x3x3,0.03",
                       LINE.replace("mb1_ic48oc64", "mb1_g2ic48oc64").format(ms=2.0)])
     times = tool.conv_times(text)
-    assert times == {"48→64 3×3 @128×128": [1.5, 0.5], "48→64 3×3 @128×128 g2": [2.0]}
+    assert times == {"48→64 3×3 @128×128": [1.5, 0.5, 0.4], "48→64 3×3 @128×128 g2": [2.0]}
     table = tool.render({"lowered cpu": times, "pt2e_int8": {"48→64 3×3 @128×128": [1.0]}},
                         calls=1, title="t")
-    assert "| 48→64 3×3 @128×128 | 2, 1.000 | 1, 1.000 |" in table
+    assert "| 48→64 3×3 @128×128 | 3, 0.500 | 1, 1.000 |" in table
     assert "| 48→64 3×3 @128×128 g2 | 1, 2.000 | — |" in table
-    assert "| **all convs, ms per forward** | **4.00** | **1.00** |" in table
+    # from the medians (3 calls × 0.5 + 1 × 2.0), not the sum of every call (4.4)
+    assert "| **all convs, ms per forward (Σ calls × median)** | **3.50** | **1.00** |" in table
 
 
 def test_a_real_int8_conv_is_captured_from_onednn(load_tool):
@@ -41,6 +42,14 @@ def test_a_real_int8_conv_is_captured_from_onednn(load_tool):
             codes, 1.0, 0, packed, scales, torch.zeros(8, dtype=torch.int64), None, [1, 1],
             [1, 1], [1, 1], 1, 1.0, 0, torch.float32, "none", [None], "")
 
-    times = tool.conv_times(tool.verbose_run(conv, calls=3))
-    assert list(times) == ["4→8 3×3 @6×7"] and len(times["4→8 3×3 @6×7"]) == 3
-    assert all(t > 0 for t in times["4→8 3×3 @6×7"])
+    def other():
+        return torch.ops.onednn.qconv_pointwise(
+            codes[:, :, :5], 1.0, 0, packed, scales, torch.zeros(8, dtype=torch.int64), None,
+            [1, 1], [1, 1], [1, 1], 1, 1.0, 0, torch.float32, "none", [None], "")
+
+    texts = tool.verbose_runs({"a": conv, "b": other}, calls=3)
+    times = {name: tool.conv_times(text) for name, text in texts.items()}
+    # each function's lines go to its own record, however the calls interleave
+    assert list(times["a"]) == ["4→8 3×3 @6×7"] and len(times["a"]["4→8 3×3 @6×7"]) == 3
+    assert list(times["b"]) == ["4→8 3×3 @5×7"] and len(times["b"]["4→8 3×3 @5×7"]) == 3
+    assert all(t > 0 for t in times["a"]["4→8 3×3 @6×7"])
