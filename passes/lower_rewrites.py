@@ -8,7 +8,8 @@ import torch
 from torch import fx
 
 from fxquant.graph import is_relu, module_of, pixel_shuffle_factor, replace_module_node
-from fxquant.lower import ops  # noqa: F401 - registers fxquant::pixel_shuffle and ::upsample
+# importing fxquant.lower.ops registers fxquant::pixel_shuffle(_phase_major) and ::upsample
+from fxquant.lower.ops import phase_major_order
 from fxquant.lower.conv import CpuConv2d, IntegerDequantize, IntegerQuantize
 from fxquant.lower.subpixel import SubpixelConvTranspose2d, convertible
 
@@ -136,8 +137,8 @@ def phase_major_shuffles(gm: fx.GraphModule) -> int:
     codes) read by nothing else: the conv's output channels are permuted from ``c·r² + i·r +
     j`` to ``(i·r + j)·C + c`` and the shuffle becomes ``fxquant::pixel_shuffle_phase_major``
     (fxquant/lower/ops.py), which moves runs of ``r·C`` contiguous values out of the NHWC
-    conv output instead of gathering them one by one. Exact: a conv's output channels are
-    computed independently, so permuting them (weights, scales, bias) only moves them. Run
+    conv output instead of gathering them one by one. Exact
+    (:meth:`~fxquant.lower.conv.IntegerConv2d.permute_outputs`). Run
     after the uint8 fusion, so that a fused conv's codes are covered too; groups of 1 only
     (a permutation across groups would mix them). Returns the number of shuffles rewritten."""
     rewritten = 0
@@ -148,15 +149,7 @@ def phase_major_shuffles(gm: fx.GraphModule) -> int:
         conv = module_of(gm, source)
         if not isinstance(conv, CpuConv2d) or conv.groups != 1 or len(source.users) != 1:
             continue
-        channels = conv.out_channels // (factor * factor)
-        order = torch.arange(conv.out_channels).view(channels, factor * factor).t().reshape(-1)
-        with torch.no_grad():
-            for name in ("weight_codes", "weight_centre", "weight_scale", "bias"):
-                buffer = getattr(conv, name)
-                if buffer is not None:
-                    buffer.copy_(buffer[order].clone())
-        conv.output_order = order
-        conv.prepare()
+        conv.permute_outputs(phase_major_order(conv.out_channels // (factor * factor), factor))
         node.target = torch.ops.fxquant.pixel_shuffle_phase_major
         rewritten += 1
     return rewritten

@@ -233,6 +233,18 @@ class IntegerConv2d(nn.Module):
     def prepare(self) -> None:
         """Build derived state after the buffers change (prepacking for ``cpu``)."""
 
+    def permute_outputs(self, order: torch.Tensor) -> None:
+        """Compute output channel ``order[k]`` of the float conv as channel ``k`` (weights,
+        centres, scales and bias move together; each output channel is computed on its own,
+        so nothing else changes) and record it in :attr:`output_order`."""
+        with torch.no_grad():
+            for name in ("weight_codes", "weight_centre", "weight_scale", "bias"):
+                buffer = getattr(self, name)
+                if buffer is not None:
+                    buffer.copy_(buffer[order].clone())
+        self.output_order = order
+        self.prepare()
+
     def window_sum(self, codes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """``S`` of the centring correction (see :func:`window_sum`)."""
         return window_sum(codes, self.input_zero_point, self.groups, self.kernel_size,

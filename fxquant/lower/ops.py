@@ -48,6 +48,13 @@ def pixel_shuffle_phase_major(x: torch.Tensor, upscale_factor: int) -> torch.Ten
         if out.untyped_storage().data_ptr() == x.untyped_storage().data_ptr() else out
 
 
+def phase_major_order(channels: int, upscale_factor: int) -> torch.Tensor:
+    """``order[(i·r + j)·C + c] = c·r² + i·r + j``: the channel a phase-major tensor holds at
+    each position, for :func:`pixel_shuffle_phase_major` with ``C = channels``."""
+    r2 = upscale_factor * upscale_factor
+    return torch.arange(channels * r2).view(channels, r2).t().reshape(-1)
+
+
 @pixel_shuffle_phase_major.register_fake
 def _(x: torch.Tensor, upscale_factor: int) -> torch.Tensor:
     n, c, h, w = x.shape
