@@ -30,18 +30,20 @@ SHAPE = re.compile(r"(?:g(\d+))?ic(\d+)oc(\d+)_ih(\d+)oh\d+kh(\d+).*?iw(\d+)ow\d
 
 
 def conv_times(verbose_text: str) -> dict[str, list[float]]:
-    """``{"48→64 3×3 @128×128": [ms of each execution]}`` from oneDNN verbose lines."""
+    """``{"48→64 3×3 @128×128": [ms of each execution]}`` from oneDNN verbose lines (transposed
+    convs as ``"deconv 56→1 9×9 @32×32"``)."""
     times = defaultdict(list)
     for line in verbose_text.splitlines():
         fields = line.strip().split(",")
-        if not line.startswith("onednn_verbose") or "exec" not in fields[:5] or \
-                "convolution" not in fields:
+        kind = next((k for k in ("convolution", "deconvolution") if k in fields), None)
+        if not line.startswith("onednn_verbose") or "exec" not in fields[:5] or kind is None:
             continue
         match = SHAPE.search(fields[-2])
         if match is None:
             continue
         groups, ci, co, ih, kh, iw, kw = match.groups()
-        key = f"{ci}→{co} {kh}×{kw} @{ih}×{iw}" + (f" g{groups}" if groups else "")
+        key = ("deconv " if kind == "deconvolution" else "") + \
+            f"{ci}→{co} {kh}×{kw} @{ih}×{iw}" + (f" g{groups}" if groups else "")
         times[key].append(float(fields[-1]))
     return dict(times)
 
@@ -114,8 +116,7 @@ def main(argv=None) -> int:
     parser.add_argument("--data", help="data root (default: $FXQUANT_DATA)")
     args = parser.parse_args(argv)
 
-    import fxquant
-    from fxquant.bench_variants import VariantUnavailable, build_pt2e_int8
+    from fxquant.bench import build_all
     from fxquant.errors import FxquantError
     from fxquant.models.user import resolve_model
     from fxquant.recipe import resolve_recipe
@@ -129,13 +130,12 @@ def main(argv=None) -> int:
         x = torch.rand(1, 1 if source.spec.color == "y" else 3, args.size, args.size)
         calib = calibration_data(source.spec, args.scale, recipe, args.data)
         concrete = {"scale": args.scale} if source.spec.takes_scale else None
-        fake = fxquant.compile(model, recipe, calib=calib, concrete_args=concrete)
-        fns = {"lowered cpu": fxquant.lowered_copy(fake, "cpu", compile=True)}
-        try:
-            fns["pt2e_int8"] = build_pt2e_int8(model, x, list(calib.split(1)),
-                                               concrete_args=concrete).fn
-        except VariantUnavailable as exc:
-            print(f"pt2e_int8 unavailable: {exc.reason}", file=sys.stderr)
+        # the same builders as fxquant bench: the lowered model and PT2E as that table runs them
+        variants, missing = build_all(model, x, list(calib.split(1)), calib, recipe, concrete,
+                                      ["lowered cpu", "pt2e_int8"])
+        for name, why in missing.items():
+            print(f"{name} unavailable: {why}", file=sys.stderr)
+        fns = {v.name: v.fn for v in variants}
         texts = verbose_runs({name: (lambda f=f: f(x)) for name, f in fns.items()}, args.calls)
         results = {name: conv_times(text) for name, text in texts.items()}
     except FxquantError as exc:

@@ -17,9 +17,12 @@ def test_verbose_lines_are_grouped_by_conv_shape(load_tool):
                       LINE.format(ms=0.5), LINE.format(ms=0.4),
                       "onednn_verbose,v1,primitive,exec,cpu,reorder,jit:uni,undef,"
                       "src:s8::blocked:abcd::f0,,64x64x3x3,0.03",
-                      LINE.replace("mb1_ic48oc64", "mb1_g2ic48oc64").format(ms=2.0)])
+                      LINE.replace("mb1_ic48oc64", "mb1_g2ic48oc64").format(ms=2.0),
+                      LINE.replace(",convolution,", ",deconvolution,").format(ms=3.0)])
     times = tool.conv_times(text)
-    assert times == {"48→64 3×3 @128×128": [1.5, 0.5, 0.4], "48→64 3×3 @128×128 g2": [2.0]}
+    assert times == {"48→64 3×3 @128×128": [1.5, 0.5, 0.4], "48→64 3×3 @128×128 g2": [2.0],
+                     "deconv 48→64 3×3 @128×128": [3.0]}
+    del times["deconv 48→64 3×3 @128×128"]
     table = tool.render({"lowered cpu": times, "pt2e_int8": {"48→64 3×3 @128×128": [1.0]}},
                         calls=1, title="t")
     assert "| 48→64 3×3 @128×128 | 3, 0.500 | 1, 1.000 |" in table
