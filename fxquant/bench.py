@@ -7,7 +7,8 @@ on fxquant's ONNX export and on the float model's (``ort_int8``, ``ort_fp32``,
 FX int8 and torchao PT2E int8 (``fxquant.bench_variants``). Everything runs in one process:
 every variant is built and warmed up, then each round calls every variant once in turn
 (interleaved, so load changes hit all alike); the table gives the median time and the
-median, min and max of the per-round ratio to FP32 eager.
+median, min and max of the per-round ratio to FP32 eager (or ``--baseline``), and how many
+rounds each variant won against it with a one-sided sign test (:func:`sign_test`).
 
 Peak memory is the largest growth of the C heap in use during one forward, sampled by a
 thread (torch's CPU allocator has no peak counter; see :func:`peak_memory_mb`).
@@ -50,6 +51,9 @@ class Row:
     peak_mb: float | None = None
     psnr: float | None = None
     note: str = ""
+    faster_rounds: int | None = None  # rounds in which it beat the baseline (ties left out)
+    paired_rounds: int | None = None  # rounds compared (ties left out)
+    sign_p: float | None = None  # one-sided sign test: faster in more than half the rounds
 
 
 class _MallInfo2(ctypes.Structure):
@@ -148,8 +152,22 @@ def summarize(model: str, times: dict[str, list[float]], baseline: str = "fp32_e
             ratios = [b / v for b, v in zip(base, t)]
             row.ratio, row.ratio_min, row.ratio_max = \
                 statistics.median(ratios), min(ratios), max(ratios)
+            if name != baseline:
+                row.faster_rounds, row.paired_rounds, row.sign_p = sign_test(ratios)
         rows.append(row)
     return rows
+
+
+def sign_test(ratios: list[float]) -> tuple[int, int, float]:
+    """(rounds faster, rounds compared, p): the one-sided sign test of "faster in more than
+    half the rounds", distribution-free, so one slow spell of the machine cannot decide it the
+    way it can move a median of a few rounds. Ties are left out, as the test prescribes."""
+    from scipy.stats import binomtest
+
+    faster = sum(r > 1 for r in ratios)
+    compared = faster + sum(r < 1 for r in ratios)
+    p = binomtest(faster, compared, 0.5, alternative="greater").pvalue if compared else 1.0
+    return faster, compared, float(p)
 
 
 def fxquant_variants(model, calib: torch.Tensor, recipe, example: torch.Tensor,
@@ -296,7 +314,8 @@ def render(rows: list, args, command: str, breakdowns: dict | None = None) -> st
              f"torch {torch.__version__}, torch threads "
              f"{torch.get_num_threads()}, {args.rounds} interleaved rounds after warm-up; ratio "
              f"= {baseline} time / variant time (higher is faster), median with the min–max of "
-             f"the per-round ratio. recipe `{args.recipe}` for the fxquant variants. PSNR: "
+             f"the per-round ratio; faster in k/n: rounds in which the variant beat {baseline}, "
+             f"p: one-sided sign test of faster in most rounds. recipe `{args.recipe}` for the fxquant variants. PSNR: "
              "Set5 Y, the variant itself run on every image. Peak MiB: largest growth of the C "
              "heap in use during one forward (activations and workspaces, not weights).", ""]
     lines += [f"| model | variant | median ms | speed-up vs {baseline} (min–max) | peak MiB | "
@@ -309,6 +328,8 @@ def render(rows: list, args, command: str, breakdowns: dict | None = None) -> st
         peak = f"{r.peak_mb:.0f}" if r.peak_mb is not None else "—"
         ratio = "—" if r.ratio is None else \
             f"{r.ratio:.2f}× ({r.ratio_min:.2f}–{r.ratio_max:.2f})"
+        if r.faster_rounds is not None:
+            ratio += f"; faster in {r.faster_rounds}/{r.paired_rounds}, p = {r.sign_p:.2g}"
         lines.append(f"| {r.model} | {r.variant} | {r.median_ms:.1f} | {ratio} | {peak} | "
                      f"{psnr} | {r.note} |")
     for model, variants in (breakdowns or {}).items():

@@ -7,7 +7,7 @@ import argparse
 import pytest
 import torch
 
-from fxquant.bench import Row, interleaved, peak_memory_mb, render, summarize
+from fxquant.bench import Row, interleaved, peak_memory_mb, render, sign_test, summarize
 from fxquant.markdown import write_section
 
 
@@ -94,6 +94,9 @@ def test_ratios_against_another_baseline_and_without_one():
     text = render(list(rows.values()), args, "cmd")
     assert "| speed-up vs PT2E int8 (min–max) |" in text
     assert "ratio = PT2E int8 time / variant time" in text
+    assert (low.faster_rounds, low.paired_rounds) == (2, 3)
+    assert rows["pt2e_int8"].faster_rounds is None  # the baseline is not raced against itself
+    assert "faster in 2/3, p = 0.5 |" in text  # P(X >= 2 | n = 3) = 4/8
     alone = summarize("m", {"lowered cpu": [1.0, 3.0]}, baseline="pt2e_int8")[0]
     assert alone.ratio is None and alone.median_ms == 2000.0
     assert "| m | lowered cpu | 2000.0 | — |" in render([alone], args, "cmd")
@@ -113,3 +116,12 @@ def test_variants_and_baseline_are_checked_before_measuring():
         bad.argv = argv
         with pytest.raises(FxquantError, match=message):
             run(bad)
+
+
+def test_sign_test_counts_wins_leaves_ties_out_and_matches_the_binomial_tail():
+    """p is the binomial tail P(X >= k | n, 1/2) over the rounds that were not ties: 9 wins
+    of 10 give 11/1024; a tie changes nothing; no wins at all give p = 1."""
+    faster, compared, p = sign_test([2.0] * 9 + [0.5])
+    assert (faster, compared) == (9, 10) and abs(p - 11 / 1024) < 1e-12
+    assert sign_test([2.0] * 9 + [0.5, 1.0])[:2] == (9, 10)
+    assert sign_test([0.9, 0.8])[2] == 1.0 and sign_test([1.0])[1:] == (0, 1.0)
