@@ -4,7 +4,7 @@ weights' rounding) by distillation from the float model on the calibration data.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import ClassVar
 
 import torch
@@ -20,8 +20,10 @@ from fxquant.quant import rounding
 from fxquant.quant.nonuniform import NonUniformQuantizer
 from fxquant.recipe import RecipeError
 from fxquant.train import TrainConfig, Trainer
+from fxquant.train.blockwise import reconstruct_blocks
 
 EPS = 1e-12
+GRANULARITIES = ("model", "block")  # one loss at the output, or BRECQ's block by block
 
 
 def feature_loss(student: tuple, teacher: tuple) -> torch.Tensor:
@@ -55,6 +57,12 @@ class ReconstructPass(Pass):
     ``heldout`` fraction of calibration batches picks the best step and stops early.
     ``drop`` > 0 is QDrop: during training each activation element skips its quantizer with
     that probability (the paper's 0.5), which flattens what the steps are fitted to.
+    ``granularity = "block"`` is BRECQ's block-wise reconstruction (:mod:`fxquant.train.blockwise`,
+    blocks from :mod:`fxquant.blocks`): each block in turn, ``steps`` steps each, on the
+    summed squared error of its outputs, from the inputs the quantized blocks before it give::
+
+        x ─► [block 1] ─► [block 2] ─► ...     block k: L = Σ_o ‖o_q − o‖²/n, inputs from the
+                                                 quantized graph, targets from the float one
     Skipped when a saved model is rebuilt for loading (its state dict holds the result).
     """
 
@@ -67,6 +75,7 @@ class ReconstructPass(Pass):
     rounding: bool = True
     heldout: float = 0.125
     drop: float = 0.0
+    granularity: str = "model"
     eval_every: int = 50
     patience: int = 4
     seed: int = 0
@@ -79,6 +88,9 @@ class ReconstructPass(Pass):
             raise RecipeError(f"reconstruct.feature_weight = {self.feature_weight} must be >= 0")
         if not 0 <= self.heldout < 1:
             raise RecipeError(f"reconstruct.heldout = {self.heldout} must lie in [0, 1)")
+        if self.granularity not in GRANULARITIES:
+            raise RecipeError(f"reconstruct.granularity = {self.granularity!r}: use "
+                              + " or ".join(repr(g) for g in GRANULARITIES))
         if not 0 <= self.drop < 1:
             raise RecipeError(f"reconstruct.drop = {self.drop} must lie in [0, 1) (QDrop's "
                               "probability of passing an activation through unquantized)")
@@ -129,13 +141,19 @@ class ReconstructPass(Pass):
         quantizers = [m for m in gm.modules() if isinstance(m, Quantizer)]
         handles = _qdrop(gm, self.drop, self.seed) if self.drop else []
         started = time.perf_counter()
+        config = TrainConfig(self.steps, self.lr, self.seed, self.eval_every, self.patience)
+        constrain = lambda: [q.constrain() for q in quantizers]  # noqa: E731
+        with torch.no_grad():
+            before = sum(float(loss_fn(b)) for b in heldout) / len(heldout)
         try:
-            trainer = Trainer(groups, loss_fn, train, heldout,
-                              TrainConfig(self.steps, self.lr, self.seed, self.eval_every,
-                                          self.patience),
-                              progress=ctx.progress, desc="reconstruct",
-                              after_step=lambda: [q.constrain() for q in quantizers])
-            result = trainer.run()
+            if self.granularity == "block":
+                blocks = reconstruct_blocks(gm, teacher, groups, list(train), list(heldout),
+                                            config, progress=ctx.progress, after_step=constrain)
+                result = None
+            else:
+                blocks = []
+                result = Trainer(groups, loss_fn, train, heldout, config, progress=ctx.progress,
+                                 desc="reconstruct", after_step=constrain).run()
         finally:
             for handle in handles:
                 handle.remove()
@@ -148,13 +166,18 @@ class ReconstructPass(Pass):
                 module.tidy()
         with torch.no_grad():
             final = sum(float(loss_fn(b)) for b in heldout) / len(heldout)
-        return PassResult(gm, True, {
-            "steps": result.steps, "best_step": result.best_step,
-            "heldout_loss_before": round(result.first_heldout, 6),
-            "heldout_loss_after": round(final, 6), "stopped_early": result.stopped_early,
-            "parameters": sum(p.numel() for g in groups for p in g["params"]),
-            "features": len(names), "seconds": round(time.perf_counter() - started, 1),
-            "history": [(s, round(t, 6), round(h, 6)) for s, t, h in result.history]})
+        info = {"granularity": self.granularity,
+                "heldout_loss_before": round(before, 6), "heldout_loss_after": round(final, 6),
+                "parameters": sum(p.numel() for g in groups for p in g["params"]),
+                "features": len(names), "seconds": round(time.perf_counter() - started, 1)}
+        if result is not None:
+            info.update({"steps": result.steps, "best_step": result.best_step,
+                         "stopped_early": result.stopped_early,
+                         "history": [(s, round(t, 6), round(h, 6)) for s, t, h in result.history]})
+        else:
+            info.update({"steps": sum(b.steps for b in blocks),
+                         "blocks": [asdict(b) for b in blocks]})
+        return PassResult(gm, True, info)
 
     def _trainable(self, gm: fx.GraphModule) -> tuple[list[dict], list[QuantConv2d]]:
         groups, offsets, kinds = [], [], set()
@@ -164,13 +187,14 @@ class ReconstructPass(Pass):
             kinds.add(module.kind)
             if self.ranges:
                 for p in module.trainable_parameters():
-                    groups.append({"params": [p], "lr_scale": _magnitude(module, p)})
+                    groups.append({"params": [p], "lr_scale": _magnitude(module, p),
+                                   "module": name})
         if self.rounding:
-            for module in gm.modules():
+            for name, module in gm.named_modules():
                 if isinstance(module, QuantConv2d) and isinstance(module.weight_quantizer,
                                                                   UniformQuantizer):
                     groups.append({"params": [rounding.attach(module)],
-                                   "lr_scale": self.rounding_lr / self.lr})
+                                   "lr_scale": self.rounding_lr / self.lr, "module": name})
                     offsets.append(module)
         if not groups:
             raise PassError(self.name, "nothing to train: the pipeline inserted no quantizer "
