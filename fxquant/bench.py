@@ -315,7 +315,8 @@ def render(rows: list, args, command: str, breakdowns: dict | None = None) -> st
              f"{torch.get_num_threads()}, {args.rounds} interleaved rounds after warm-up; ratio "
              f"= {baseline} time / variant time (higher is faster), median with the min–max of "
              f"the per-round ratio; faster in k/n: rounds in which the variant beat {baseline}, "
-             f"p: one-sided sign test of faster in most rounds. recipe `{args.recipe}` for the fxquant variants. PSNR: "
+             "p: one-sided sign test of faster in most rounds. recipe "
+             f"`{args.recipe}` for the fxquant variants. PSNR: "
              "Set5 Y, the variant itself run on every image. Peak MiB: largest growth of the C "
              "heap in use during one forward (activations and workspaces, not weights).", ""]
     lines += [f"| model | variant | median ms | speed-up vs {baseline} (min–max) | peak MiB | "

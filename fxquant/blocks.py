@@ -17,9 +17,9 @@ Every node of the quantized graph is assigned to one block:
   reads a block's input is trained with that block.
 
 The blocks are the maximal runs of one owner in graph order, so every value a block reads
-from outside comes from an earlier block (or the graph's input). ``block`` ends where its
-values leave it: its *outputs* are its nodes read by later blocks or by the graph's output,
-each paired with the float value it approximates.
+from outside comes from an earlier block (or the graph's input). A block's *outputs* are its
+nodes read by later blocks or by the graph's output, each paired with the float value it
+approximates (a quantizer's output: the value it quantizes).
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from torch import fx, nn
+
 
 @dataclass
 class Block:
@@ -84,8 +85,9 @@ def partition(gm: fx.GraphModule, float_gm: fx.GraphModule) -> list[Block]:
         if node.name in float_owner:
             owner[node] = float_owner[node.name]
         else:  # inserted by a pass: trained with its first user's block
-            users = sorted((u for u in node.users if u in owner), key=position.__getitem__)
-            owner[node] = owner[users[0]] if users else _last_float_owner(node, float_owner)
+            users = [u for u in node.users if u in owner]
+            owner[node] = owner[min(users, key=position.__getitem__)] if users \
+                else _last_float_owner(node, float_owner)
     blocks: list[Block] = []
     for node in gm.graph.nodes:
         if node not in owner:

@@ -63,6 +63,7 @@ class ReconstructPass(Pass):
 
         x ─► [block 1] ─► [block 2] ─► ...     block k: L = Σ_o ‖o_q − o‖²/n, inputs from the
                                                  quantized graph, targets from the float one
+
     Skipped when a saved model is rebuilt for loading (its state dict holds the result).
     """
 
@@ -147,7 +148,7 @@ class ReconstructPass(Pass):
             before = sum(float(loss_fn(b)) for b in heldout) / len(heldout)
         try:
             if self.granularity == "block":
-                blocks = reconstruct_blocks(gm, teacher, groups, list(train), list(heldout),
+                blocks = reconstruct_blocks(gm, teacher, groups, train, heldout,
                                             config, progress=ctx.progress, after_step=constrain)
                 result = None
             else:

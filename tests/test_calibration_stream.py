@@ -38,8 +38,9 @@ class Source:
         return self.data[i * self.batch:(i + 1) * self.batch].clone()
 
 
-@pytest.mark.parametrize("recipe, pipeline", [("minmax-w4a4", None), ("mse-w4a4", None),
-                                              ("minmax-w4a4", RECON)])
+@pytest.mark.parametrize("recipe, pipeline", [
+    ("minmax-w4a4", None), ("mse-w4a4", None), ("minmax-w4a4", RECON),
+    ("minmax-w4a4", RECON.replace("patience=10}", "patience=10,granularity=block}"))])
 def test_a_streamed_source_compiles_like_the_same_batches_in_memory(tiny_sr, calib, recipe,
                                                                      pipeline):
     in_memory = fxquant.compile(tiny_sr, recipe, calib=list(calib.split(4)), pipeline=pipeline)

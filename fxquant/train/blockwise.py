@@ -14,7 +14,7 @@ two blocks) stay as that block left them.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +35,7 @@ class BlockResult:
 
 
 def reconstruct_blocks(gm: fx.GraphModule, teacher: fx.GraphModule, groups: list[dict],
-                       train: list[tuple], heldout: list[tuple], config: TrainConfig, *,
+                       train: Sequence[tuple], heldout: Sequence[tuple], config: TrainConfig, *,
                        progress: bool = False,
                        after_step: Callable[[], None] | None = None) -> list[BlockResult]:
     """Train ``groups`` (dicts with ``params``, ``lr_scale`` and ``module``, the path of the
