@@ -32,6 +32,7 @@ from typing import Callable
 import torch
 
 from fxquant.bench_variants import BUILDERS, Variant, VariantUnavailable
+from fxquant.cli import positive_int
 from fxquant.errors import FxquantError
 
 FXQUANT_VARIANTS = ("fake-quant", "lowered reference", "lowered cpu", "ort_int8", "ort_fp32")
@@ -353,8 +354,9 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                        ("--range", "own model's pixel range: 1 or 255")):
         parser.add_argument(flag, help=text, **({"type": int, "choices": (1, 255)}
                                                 if flag == "--range" else {}))
-    parser.add_argument("--size", type=int, default=256, help="LR input side (default 256)")
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--size", type=positive_int, default=256,
+                        help="LR input side (default 256)")
+    parser.add_argument("--rounds", type=positive_int, default=5)
     parser.add_argument("--recipe", default="mse-w8a8-sym-outputs")
     parser.add_argument("--variants", help="comma-separated subset (default: all)")
     parser.add_argument("--baseline", default="fp32_eager",

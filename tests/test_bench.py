@@ -125,3 +125,14 @@ def test_sign_test_counts_wins_leaves_ties_out_and_matches_the_binomial_tail():
     assert (faster, compared) == (9, 10) and abs(p - 11 / 1024) < 1e-12
     assert sign_test([2.0] * 9 + [0.5, 1.0])[:2] == (9, 10)
     assert sign_test([0.9, 0.8])[2] == 1.0 and sign_test([1.0])[1:] == (0, 1.0)
+
+
+@pytest.mark.parametrize("flag", ["--rounds", "--size"])
+def test_zero_rounds_or_size_is_refused_by_argparse(flag, capsys):
+    """``--rounds 0`` used to end in statistics' "no median for empty data" after every
+    variant was built, and ``--size 0`` in a conv's shape error; both are refused up front."""
+    from fxquant.bench import build_parser
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([flag, "0"])
+    assert f"argument {flag}: 0 must be 1 or more" in capsys.readouterr().err
