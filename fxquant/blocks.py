@@ -135,17 +135,3 @@ def block_graph(gm: fx.GraphModule, block: Block) -> fx.GraphModule:
         env[node] = graph.node_copy(node, env.__getitem__)
     graph.output(tuple(env[n] for n in block.outputs))
     return fx.GraphModule(gm, graph)
-
-
-def values_of(gm: fx.GraphModule, names: list[str]) -> fx.GraphModule:
-    """A GraphModule over ``gm``'s modules that returns only the named values as a tuple:
-    what follows them is not computed."""
-    graph = fx.Graph()
-    mapping: dict[fx.Node, fx.Node] = {}
-    graph.graph_copy(gm.graph, mapping)
-    by_name = {n.name: n for n in gm.graph.nodes}
-    graph.output(tuple(mapping[by_name[name]] for name in names))
-    truncated = fx.GraphModule(gm, graph)
-    truncated.graph.eliminate_dead_code()  # needs the owning module: impure modules stay
-    truncated.recompile()
-    return truncated

@@ -29,6 +29,16 @@ OUTPUT_OBSERVER, OUTPUT_QUANTIZER = "_output_observer", "_output_quantizer"
 def with_outputs(gm: fx.GraphModule, names: list[str]) -> fx.GraphModule:
     """A GraphModule over the same modules as ``gm`` (training it trains ``gm``) that returns
     ``(output, (value of node names[0], ...))``: intermediate values for feature losses."""
+    return _returning(gm, names, keep_output=True)
+
+
+def values_of(gm: fx.GraphModule, names: list[str]) -> fx.GraphModule:
+    """A GraphModule over ``gm``'s modules that returns only the named values as a tuple:
+    what follows them is not computed (e.g. a block's inputs, in block-wise reconstruction)."""
+    return _returning(gm, names, keep_output=False)
+
+
+def _returning(gm: fx.GraphModule, names: list[str], keep_output: bool) -> fx.GraphModule:
     graph = fx.Graph()
     mapping: dict[fx.Node, fx.Node] = {}
     output = graph.graph_copy(gm.graph, mapping)
@@ -36,8 +46,13 @@ def with_outputs(gm: fx.GraphModule, names: list[str]) -> fx.GraphModule:
     missing = [name for name in names if name not in by_name]
     if missing:
         raise KeyError(f"no node named {missing[0]!r} in the graph")
-    graph.output((output, tuple(mapping[by_name[name]] for name in names)))
-    return fx.GraphModule(gm, graph)
+    values = tuple(mapping[by_name[name]] for name in names)
+    graph.output((output, values) if keep_output else values)
+    result = fx.GraphModule(gm, graph)
+    if not keep_output:  # dead-code elimination needs the owning module: impure modules stay
+        result.graph.eliminate_dead_code()
+        result.recompile()
+    return result
 
 
 def module_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:

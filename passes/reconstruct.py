@@ -144,10 +144,10 @@ class ReconstructPass(Pass):
         started = time.perf_counter()
         config = TrainConfig(self.steps, self.lr, self.seed, self.eval_every, self.patience)
         constrain = lambda: [q.constrain() for q in quantizers]  # noqa: E731
-        with torch.no_grad():
-            before = sum(float(loss_fn(b)) for b in heldout) / len(heldout)
         try:
             if self.granularity == "block":
+                with torch.no_grad():  # the end-to-end loss, which the blocks do not see
+                    before = sum(float(loss_fn(b)) for b in heldout) / len(heldout)
                 blocks = reconstruct_blocks(gm, teacher, groups, train, heldout,
                                             config, progress=ctx.progress, after_step=constrain)
                 result = None
@@ -155,6 +155,7 @@ class ReconstructPass(Pass):
                 blocks = []
                 result = Trainer(groups, loss_fn, train, heldout, config, progress=ctx.progress,
                                  desc="reconstruct", after_step=constrain).run()
+                before = result.first_heldout
         finally:
             for handle in handles:
                 handle.remove()

@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 import fxquant
-from fxquant.blocks import block_graph, block_of_module, partition, values_of
+from fxquant.blocks import block_graph, block_of_module, partition
+from fxquant.graph import values_of
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

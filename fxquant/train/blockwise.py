@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx
 
-from fxquant.blocks import Block, block_graph, partition, values_of
+from fxquant.blocks import Block, block_graph, partition
+from fxquant.graph import values_of
 from fxquant.train.engine import TrainConfig, Trainer
 
 
