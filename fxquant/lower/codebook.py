@@ -42,7 +42,7 @@ class CodebookQuantize(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         index = half_step_index(x, self.scale, self.zero_point, self.bits, self.table.shape[0])
-        codes = lookup(self.table, index, x.shape)
+        codes = lookup(self.table, index, x)
         return codes.contiguous(memory_format=torch.channels_last) if self.channels_last else codes
 
     def extra_repr(self) -> str:

@@ -164,3 +164,36 @@ def test_flex_scale_and_adjust_lower_the_output_error(groups):
     adjusted = adjust_weights(weight, quantizer, gram)
     assert torch.equal(quantizer.fake_quant(adjusted), adjusted)  # on the grid already
     assert float(output_error(weight, adjusted, gram).sum()) < 0.7 * float(flexed.sum())
+
+
+@settings(max_examples=25, deadline=None)
+@given(kind=SHAPES, bits=st.integers(2, 4), seed=st.integers(0, 99),
+       per_channel=st.booleans(), grid=st.booleans(), sliced=st.booleans())
+def test_channels_last_inputs_give_the_same_values_and_keep_their_layout(kind, bits, seed,
+                                                                          per_channel, grid,
+                                                                          sliced):
+    """A channels-last input (or a channel slice of one, as a split makes) is quantized to
+    the same values and codes as its NCHW copy, and the result stays channels-last, also
+    through the lowered lookup, so the conv after it needs no conversion."""
+    from fxquant.lower.codebook import CodebookQuantize
+
+    samples = draw_samples(kind, 3, 200, seed)
+    quantizer = NonUniformQuantizer(bits, 3 if per_channel else None)
+    quantizer.set_levels(fit_levels(samples if per_channel else samples.reshape(1, -1), 2 ** bits))
+    if grid:
+        quantizer.snap_to_grid(8)
+    channels = 5 if sliced else 3
+    x = draw_samples(kind, channels, 2 * 7 * 6, seed + 1).t().contiguous()
+    x = x.reshape(2, 7, 6, channels)
+    x = x.permute(0, 3, 1, 2)  # N×C×H×W, channels innermost in memory
+    x = x[:, 1:4] if sliced else x
+    assert not x.is_contiguous() and x.stride(1) == 1
+    dense = x.contiguous()
+    out = quantizer.fake_quant(x)
+    assert torch.equal(out, quantizer.fake_quant(dense))
+    assert torch.equal(quantizer.codes(x), quantizer.codes(dense))
+    if grid:
+        assert out.stride(1) == 1  # channels innermost
+        lowered = CodebookQuantize.from_quantizer(quantizer, channels_last=False)
+        codes = lowered(x)
+        assert torch.equal(codes, lowered(dense)) and codes.stride(1) == 1
