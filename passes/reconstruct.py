@@ -21,6 +21,7 @@ from fxquant.quant.nonuniform import NonUniformQuantizer
 from fxquant.recipe import RecipeError
 from fxquant.train import TrainConfig, Trainer
 from fxquant.train.blockwise import reconstruct_blocks
+from fxquant.train.engine import to_layout
 
 EPS = 1e-12
 GRANULARITIES = ("model", "block")  # one loss at the output, or BRECQ's block by block
@@ -64,6 +65,12 @@ class ReconstructPass(Pass):
         x ─► [block 1] ─► [block 2] ─► ...     block k: L = Σ_o ‖o_q − o‖²/n, inputs from the
                                                  quantized graph, targets from the float one
 
+    ``channels_last`` trains on channels-last inputs (convs, quantizers and elementwise ops
+    keep the layout): on this CPU a training step of PAN ×4 ``i2nq-w4a4`` takes 0.93 s
+    instead of 1.78 s and CARN-M 1.52 s instead of 3.21 (IMDN, whose splits slice channels,
+    gains nothing). Float results differ in rounding from NCHW, so it is off by default and
+    the presets that use it say so.
+
     Skipped when a saved model is rebuilt for loading (its state dict holds the result).
     """
 
@@ -80,6 +87,7 @@ class ReconstructPass(Pass):
     eval_every: int = 50
     patience: int = 4
     seed: int = 0
+    channels_last: bool = False
 
     def __post_init__(self):
         TrainConfig(self.steps, self.lr, self.seed, self.eval_every, self.patience).validate(self.name)
@@ -108,6 +116,7 @@ class ReconstructPass(Pass):
         student_f, teacher_f = with_outputs(gm, names), with_outputs(teacher, names)
 
         batches = as_batches(ctx.calib, ctx.recipe.calibration.batch_size)
+        layout = torch.channels_last if self.channels_last else torch.contiguous_format
         # the float model and in-memory calibration batches are fixed: without the feature
         # loss its outputs are computed once per batch (a forward per step saved; 28 MB for
         # 64 ×4 patches), with it every step (the features of every layer would not fit);
@@ -126,7 +135,7 @@ class ReconstructPass(Pass):
         def loss_fn(batch):
             with torch.no_grad():
                 target, target_features = teacher_outputs(batch)
-            out, features = student_f(*batch)
+            out, features = student_f(*(to_layout(batch, layout)))
             loss = (out - target).abs().mean()
             if self.feature_weight and names:
                 loss = loss + self.feature_weight * feature_loss(features, target_features)
@@ -148,8 +157,9 @@ class ReconstructPass(Pass):
             if self.granularity == "block":
                 with torch.no_grad():  # the end-to-end loss, which the blocks do not see
                     before = sum(float(loss_fn(b)) for b in heldout) / len(heldout)
-                blocks = reconstruct_blocks(gm, teacher, groups, train, heldout,
-                                            config, progress=ctx.progress, after_step=constrain)
+                blocks = reconstruct_blocks(gm, teacher, groups, train, heldout, config,
+                                            progress=ctx.progress, after_step=constrain,
+                                            layout=layout)
                 result = None
             else:
                 blocks = []

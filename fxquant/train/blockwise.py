@@ -22,7 +22,7 @@ from torch import fx
 
 from fxquant.blocks import Block, block_graph, partition
 from fxquant.graph import values_of
-from fxquant.train.engine import TrainConfig, Trainer
+from fxquant.train.engine import TrainConfig, Trainer, to_layout
 
 
 @dataclass
@@ -38,10 +38,12 @@ class BlockResult:
 def reconstruct_blocks(gm: fx.GraphModule, teacher: fx.GraphModule, groups: list[dict],
                        train: Sequence[tuple], heldout: Sequence[tuple], config: TrainConfig, *,
                        progress: bool = False,
-                       after_step: Callable[[], None] | None = None) -> list[BlockResult]:
+                       after_step: Callable[[], None] | None = None,
+                       layout: torch.memory_format = torch.contiguous_format) -> list[BlockResult]:
     """Train ``groups`` (dicts with ``params``, ``lr_scale`` and ``module``, the path of the
-    module that owns them) block by block; every parameter ends with ``requires_grad``
-    False. Returns one result per block that had something to train."""
+    module that owns them) block by block, on block inputs held in ``layout``; every parameter
+    ends with ``requires_grad`` False. Returns one result per block that had something to
+    train."""
     results, done = [], set()
     for p in (p for g in groups for p in g["params"]):
         p.requires_grad_(False)
@@ -52,16 +54,18 @@ def reconstruct_blocks(gm: fx.GraphModule, teacher: fx.GraphModule, groups: list
         if not block_groups:
             continue
         results.append(_train_block(gm, teacher, block, block_groups, train, heldout, config,
-                                    progress, after_step))
+                                    progress, after_step, layout))
     return results
 
 
 def _train_block(gm, teacher, block: Block, groups, train, heldout, config, progress,
-                 after_step) -> BlockResult:
+                 after_step, layout) -> BlockResult:
     student_inputs = values_of(gm, [n.name for n in block.inputs])
     teacher_outputs = values_of(teacher, block.targets)
     with torch.no_grad():  # QDrop's hooks act only with gradients on: plain inputs here
-        train, heldout = ([(student_inputs(*b), teacher_outputs(*b)) for b in batches]
+        train, heldout = ([(to_layout(student_inputs(*to_layout(b, layout)), layout),
+                            teacher_outputs(*b))
+                           for b in batches]
                           for batches in (train, heldout))
     block_gm = block_graph(gm, block)
 

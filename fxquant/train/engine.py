@@ -30,6 +30,14 @@ from tqdm import tqdm
 Batch = tuple
 
 
+def to_layout(values: tuple, layout: torch.memory_format) -> tuple:
+    """``values`` with every 4-D tensor in ``layout`` (no copy when it already is)."""
+    if layout == torch.contiguous_format:
+        return values
+    return tuple(v.contiguous(memory_format=layout)
+                 if isinstance(v, torch.Tensor) and v.ndim == 4 else v for v in values)
+
+
 @dataclass
 class TrainConfig:
     steps: int = 500
