@@ -105,6 +105,8 @@ def train(compiled: Path, out: Path, args) -> dict:
                "--checkpoint-every", str(args.steps), "--quiet", "--json"]
     if args.device:
         command += ["--device", args.device]
+    if args.channels_last:
+        command += ["--channels-last"]
     if args.data:
         command += ["--data", args.data]
     started = time.perf_counter()
@@ -196,6 +198,8 @@ def main(argv=None) -> int:
     parser.add_argument("--patch", type=int, default=48)
     parser.add_argument("--lr", type=float, default=1e-4)
     parser.add_argument("--device", choices=("cpu", "cuda"))
+    parser.add_argument("--channels-last", action="store_true",
+                        help="train on channels-last patches (fxquant train --channels-last)")
     parser.add_argument("--data", help="data root (default: $FXQUANT_DATA)")
     parser.add_argument("--eval-sets", default="Set5,Urban100")
     parser.add_argument("--eval-limit", type=int, help="first N images of each set")

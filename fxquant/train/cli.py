@@ -60,6 +60,8 @@ def build_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint-every", type=non_negative_int, default=0,
                    help="write last.ckpt every N steps (it is always written at the end)")
     p.add_argument("--log-every", type=positive_int, default=10)
+    p.add_argument("--channels-last", action="store_true",
+                   help="train on channels-last patches (faster convs on CPU)")
     p.add_argument("--device", choices=("cpu", "cuda"),
                    help="default: cuda when available (one GPU per torchrun rank), else cpu")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -76,7 +78,8 @@ def _config(args):
                      teacher_weight=args.teacher_weight, grad_clip=args.grad_clip, sets=sets,
                      augment=not args.no_augment, seed=args.seed, eval_every=args.eval_every,
                      eval_set=args.eval_set, eval_limit=args.eval_limit,
-                     checkpoint_every=args.checkpoint_every, log_every=args.log_every).validate()
+                     checkpoint_every=args.checkpoint_every, log_every=args.log_every,
+                     channels_last=args.channels_last).validate()
 
 
 def run(args: argparse.Namespace) -> int:

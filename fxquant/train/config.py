@@ -28,6 +28,8 @@ class QATConfig:
     (to 0 over ``steps``), ``step`` (× ``gamma`` every ``step_size`` steps) or ``constant``.
     ``eval_every = 0`` / ``checkpoint_every = 0`` turn periodic evaluation / checkpoints off
     (a final checkpoint is still written when there is an output folder).
+    ``channels_last`` feeds the model channels-last patches (the layout carries through the
+    convs and quantizers; on CPU the conv backward is faster that way).
     ``regularizers`` are callables added to the loss and ``backward`` an optional callable
     that sets the gradients itself (:mod:`fxquant.train.hooks`); neither is saved: pass
     them again on resume.
@@ -52,6 +54,7 @@ class QATConfig:
     eval_limit: int | None = None
     checkpoint_every: int = 0
     log_every: int = 10
+    channels_last: bool = False
     regularizers: list[Callable[[Any], Any]] = field(default_factory=list)
     backward: Callable[..., Any] | None = None
 
@@ -68,6 +71,8 @@ class QATConfig:
                  "give an integer >= 0 (0 = never)")
         need(self.eval_limit is None or (isinstance(self.eval_limit, int) and self.eval_limit >= 1),
              "eval_limit", "give an integer >= 1 or None (the whole set)")
+        for name in ("augment", "channels_last"):
+            need(isinstance(getattr(self, name), bool), name, "give true or false")
         for name in ("lr", "quantizer_lr"):
             value = getattr(self, name)
             need(isinstance(value, (int, float)) and value > 0 and math.isfinite(value), name,

@@ -192,12 +192,13 @@ class QATTrainer:
         write_checkpoint(path, self.checkpoint())
 
     def load_checkpoint(self, payload: dict, where: str = "checkpoint") -> None:
-        saved = payload["config"]
         mine = self.config.to_dict()
-        differ = sorted(k for k in mine if k not in RESUME_MAY_CHANGE and saved.get(k) != mine[k])
+        # a setting newer than the checkpoint was at its default when the checkpoint was written
+        saved = {**QATConfig().to_dict(), **payload["config"]}
+        differ = sorted(k for k in mine if k not in RESUME_MAY_CHANGE and saved[k] != mine[k])
         if differ:
             raise TrainError(f"{where} was trained with other settings: "
-                             + ", ".join(f"{k}={saved.get(k)!r} (now {mine[k]!r})" for k in differ)
+                             + ", ".join(f"{k}={saved[k]!r} (now {mine[k]!r})" for k in differ)
                              + f"; only {', '.join(RESUME_MAY_CHANGE)} may change on resume")
         load_model_state(self.gm, payload["state_dict"], where)
         self.optimizer.load_state_dict(payload["optimizer"])
@@ -247,6 +248,8 @@ class QATTrainer:
         lo, hi = self.world.shard(config.batch_size)
         lr, hr = self.sampler.sample(config.batch_size, self.generator, lo, hi)
         lr, hr = lr.to(self.world.device), hr.to(self.world.device)
+        if config.channels_last:
+            lr = lr.contiguous(memory_format=torch.channels_last)
         self.optimizer.zero_grad(set_to_none=True)
         custom = config.backward is not None
         with torch.enable_grad(), (self.net.no_sync() if custom and self.world.distributed

@@ -164,6 +164,7 @@ def test_a_backward_hook_sets_the_gradients_itself():
     ({"schedule": "linear"}, "schedule = 'linear' is invalid; valid: cosine, step, constant"),
     ({"gamma": 2.0}, r"gamma = 2.0 is invalid; give a factor in \(0, 1\]"),
     ({"sets": ()}, "sets = \\(\\) is invalid; name at least one training set"),
+    ({"channels_last": "yes"}, "channels_last = 'yes' is invalid; give true or false"),
 ])
 def test_bad_settings_are_named(change, match):
     with pytest.raises(TrainError, match=match):

@@ -30,6 +30,7 @@ def assert_same_state(a: dict, b: dict):
 @pytest.mark.parametrize("changes", [
     dict(schedule="cosine", teacher_weight=0.3),
     dict(schedule="step", step_size=3, gamma=0.5, quantizer_lr=5.0, grad_clip=0.5),
+    dict(schedule="cosine", channels_last=True),
 ])
 def test_resumed_run_is_bit_identical_to_the_uninterrupted_one(tmp_path, changes):
     settings = config(steps=10, checkpoint_every=5, log_every=1, **changes)
@@ -106,3 +107,11 @@ def test_bad_checkpoints_and_changed_settings_are_named(tmp_path):
     other = QATTrainer(compiled(model), model, config(lr=0.5), sampler=sampler(), scale=2)
     with pytest.raises(TrainError, match=r"other settings: lr=0.002 \(now 0.5\)"):
         other.load_checkpoint(read_checkpoint(tmp_path / "c.ckpt"))
+    # a checkpoint written before a setting existed resumes with that setting's default only
+    older = read_checkpoint(tmp_path / "c.ckpt")
+    del older["config"]["channels_last"]
+    QATTrainer(compiled(model), model, config(), sampler=sampler(), scale=2).load_checkpoint(older)
+    layout = QATTrainer(compiled(model), model, config(channels_last=True), sampler=sampler(),
+                        scale=2)
+    with pytest.raises(TrainError, match=r"channels_last=False \(now True\)"):
+        layout.load_checkpoint(older)

@@ -62,7 +62,7 @@ def test_train_writes_a_run_folder_and_a_loadable_model(data, tmp_path, capsys, 
 def test_resume_after_a_crash_matches_the_uninterrupted_run(data, tmp_path, monkeypatch,
                                                             weights):
     start = ["--model", MODEL, "--weights", weights, "--recipe", "minmax-w4a4",
-             "--teacher-weight", "0.2"]
+             "--teacher-weight", "0.2", "--channels-last"]
     assert train(data, tmp_path / "full", *start) == 0
     original = QATTrainer.train_step
 
