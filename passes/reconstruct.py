@@ -66,9 +66,9 @@ class ReconstructPass(Pass):
                                                  quantized graph, targets from the float one
 
     ``channels_last`` trains on channels-last inputs (convs, quantizers and elementwise ops
-    keep the layout): on this CPU a training step of PAN ×4 ``i2nq-w4a4`` takes 0.93 s
-    instead of 1.78 s and CARN-M 1.52 s instead of 3.21 (IMDN, whose splits slice channels,
-    gains nothing). Float results differ in rounding from NCHW, so it is off by default and
+    keep the layout): on this CPU a training step of PAN ×4 ``i2nq-w4a4`` runs 1.6× as fast,
+    CARN-M's between 0.9× and 1.35× over three runs, IMDN's (whose splits slice channels) as
+    fast as NCHW (``tools/train_layout.py``, docs/performance.md). Float results differ in rounding from NCHW, so it is off by default and
     the presets that use it say so.
 
     Skipped when a saved model is rebuilt for loading (its state dict holds the result).
@@ -135,7 +135,7 @@ class ReconstructPass(Pass):
         def loss_fn(batch):
             with torch.no_grad():
                 target, target_features = teacher_outputs(batch)
-            out, features = student_f(*(to_layout(batch, layout)))
+            out, features = student_f(*to_layout(batch, layout))
             loss = (out - target).abs().mean()
             if self.feature_weight and names:
                 loss = loss + self.feature_weight * feature_loss(features, target_features)

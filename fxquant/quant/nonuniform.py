@@ -67,9 +67,9 @@ def gather_levels(index: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
 
 def half_step_index(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor, bits: int,
                     rows: int) -> torch.Tensor:
-    """Flat int32 index into a ``rows × 2^(b+1)`` bucket table for every element of ``x``, in
-    ``x``'s memory order (see :func:`memory_order`)
-    (``N × C × ...``, row = channel, or row 0 for all when ``rows`` is 1).
+    """Flat int32 index into a ``rows × 2^(b+1)`` bucket table for every element of ``x``
+    (``N × C × ...``, row = channel, or row 0 for all when ``rows`` is 1), in ``x``'s memory
+    order (:func:`memory_order`).
 
     The bucket is ``h = clamp(ceil(x / (s/2)) + 2z, 0, 2^(b+1) − 1)``: which half-step of a
     ``bits``-bit grid ``x`` falls in; bucket h holds ``((h − 1 − 2z)·s/2, (h − 2z)·s/2]``.
@@ -91,8 +91,8 @@ def half_step_index(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tens
 def memory_order(x: torch.Tensor) -> tuple[int, ...] | None:
     """The permutation that puts a channels-last ``x`` in memory order (None for any other
     layout, flattened in logical order): the flat index and the looked-up values then keep
-    channels-last, so the convs that read them need no conversion (training runs channels-last
-    on CPU, where the conv backward is about a fifth faster)."""
+    channels-last, so the convs that read them need no conversion (``reconstruct`` and QAT
+    train channels-last on CPU, tools/train_layout.py)."""
     if x.ndim == 4 and x.stride(1) == 1 and x.stride(3) > 1:  # channels innermost (also a
         return (0, 2, 3, 1)                                   # channel slice of such a tensor)
     return None
