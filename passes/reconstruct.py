@@ -68,8 +68,8 @@ class ReconstructPass(Pass):
     ``channels_last`` trains on channels-last inputs (convs, quantizers and elementwise ops
     keep the layout): on this CPU a training step of PAN ×4 ``i2nq-w4a4`` runs 1.6× as fast,
     CARN-M's between 0.9× and 1.35× over three runs, IMDN's (whose splits slice channels) as
-    fast as NCHW (``tools/train_layout.py``, docs/performance.md). Float results differ in rounding from NCHW, so it is off by default and
-    the presets that use it say so.
+    fast as NCHW (``tools/train_layout.py``, docs/performance.md). Float results differ in
+    rounding from NCHW, so it is off by default and the presets that use it say so.
 
     Skipped when a saved model is rebuilt for loading (its state dict holds the result).
     """

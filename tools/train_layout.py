@@ -40,6 +40,7 @@ def step_times(model: str, scale: int, recipe_name: str, rounds: int, batch: int
     with torch.no_grad():
         target = fxquant.trace(net, concrete_args=concrete)(inputs["nchw"])
     times: dict[str, list[float]] = {name: [] for name in inputs}
+    # fxquant.bench.interleaved times under inference_mode, where nothing can backpropagate
     for round_ in range(rounds + 1):  # round 0 warms up
         for name, x in inputs.items():
             for p in params:  # as the optimizer's zero_grad(set_to_none=True)
