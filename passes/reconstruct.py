@@ -239,8 +239,12 @@ def _qdrop(gm: fx.GraphModule, drop: float, seed: int) -> list:
     def hook(module, args, out):
         if not torch.is_grad_enabled() or module.quant_mode != "fake-quant":
             return out
-        keep = torch.rand(out.shape, generator=generator) < drop
-        return torch.where(keep.to(out.device), module.passthrough(args[0]), out)
+        keep = (torch.rand(out.shape, generator=generator) < drop).to(out.device)
+        if out.ndim == 4 and out.is_contiguous(memory_format=torch.channels_last):
+            # same draws per element; without this, where() would return NCHW and every
+            # conv after it would convert back (twice the step time on PAN)
+            keep = keep.contiguous(memory_format=torch.channels_last)
+        return torch.where(keep, module.passthrough(args[0]), out)
 
     return [gm.get_submodule(n.target).register_forward_hook(hook) for n in gm.graph.nodes
             if n.op == "call_module" and isinstance(gm.get_submodule(n.target), Quantizer)]

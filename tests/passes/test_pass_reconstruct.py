@@ -171,7 +171,9 @@ def test_block_wise_granularity_is_checked():
                         pipeline="trace,observe,calibrate,quantize,reconstruct{granularity=layer}")
 
 
-@pytest.mark.parametrize("pipeline", [UNIFORM, BLOCKS], ids=["model", "block"])
+@pytest.mark.parametrize("pipeline", [UNIFORM, BLOCKS,
+                                      UNIFORM.replace("patience=10}", "patience=10,drop=0.5}")],
+                         ids=["model", "block", "model-qdrop"])
 def test_channels_last_training_is_reproducible_and_learns_what_nchw_learns(tiny_sr, calib,
                                                                              pipeline,
                                                                              monkeypatch):
