@@ -241,8 +241,8 @@ def _qdrop(gm: fx.GraphModule, drop: float, seed: int) -> list:
             return out
         keep = (torch.rand(out.shape, generator=generator) < drop).to(out.device)
         if out.ndim == 4 and out.is_contiguous(memory_format=torch.channels_last):
-            # same draws per element; without this, where() would return NCHW and every
-            # conv after it would convert back (twice the step time on PAN)
+            # same draws per element; without this, where() returns NCHW and every conv
+            # after the quantizer converts back (docs/methods/reconstruct.md, QDrop on PAN)
             keep = keep.contiguous(memory_format=torch.channels_last)
         return torch.where(keep, module.passthrough(args[0]), out)
 
