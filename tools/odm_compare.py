@@ -143,7 +143,8 @@ def score(model_file: str, datasets: list[str], data: str | None, limit: int | N
 def store_cells(rows: list[dict], limit: int | None, command: str) -> dict:
     """The rows as results-store cells (``make results`` renders every store in
     docs/results/ into docs/results.md): recipe ``<method>@<start>``, one cell per set; SSIM
-    None for rows scored before it was recorded."""
+    None for rows scored before it was recorded; each cell names the command that trained its
+    row (``command`` for rows written before rows kept theirs)."""
     cells = {}
     for r in rows:
         recipe = f"{r['method']}@{start_of(r)}"
@@ -152,7 +153,7 @@ def store_cells(rows: list[dict], limit: int | None, command: str) -> dict:
                 "model": r["model"], "scale": r["scale"], "recipe": recipe, "dataset": ds,
                 "limit": limit, "psnr": psnr, "ssim": r.get("quant_ssim", {}).get(ds),
                 "compile_s": round(r.get("start_seconds") or 0, 1),
-                "train_s": r.get("seconds"), "command": command}
+                "train_s": r.get("seconds"), "command": r.get("command", command)}
     return cells
 
 
@@ -171,6 +172,8 @@ def render(rows: list[dict], command: str, args) -> str:
         psnr = f"{r['start']:.3f}" if r.get("start") is not None else "—"
         built = f" ({r['start_seconds'] / 60:.1f} min)" if r.get("start_seconds") else ""
         minutes = f"{r['seconds'] / 60:.1f}" if r.get("seconds") else "—"
+        if r.get("layout") == "channels-last":  # the layout changes the minutes, not the loss
+            minutes += " (channels-last)"
         lines.append(f"| {r['model']} ×{r['scale']} | W{r['bits']}A{r['bits']} | "
                      f"`{start_of(r)}`{built} | {r['method']} | {psnr} | " + " | ".join(cells)
                      + f" | {minutes} |")
@@ -230,6 +233,7 @@ def main(argv=None) -> int:
         rows = json.loads(Path(args.json).read_text()) if args.json and \
             Path(args.json).exists() else []
         done = {(r["model"], r["scale"], start_of(r), r["method"]) for r in rows}
+        command = "python tools/odm_compare.py " + shlex.join(argv if argv is not None else sys.argv[1:])
         fp_cache = {(r["model"], r["scale"]): r["fp"] for r in rows}
         for start in starts:
             bits = start.activations.bits
@@ -246,14 +250,14 @@ def main(argv=None) -> int:
                     rows.append({"model": model, "scale": args.scale, "bits": bits,
                                  "method": method, "start_recipe": start.name, "start": psnr,
                                  "start_seconds": files["compile_seconds"], "run": str(run),
-                                 "seconds": summary["seconds"],
+                                 "seconds": summary["seconds"], "command": command,
+                                 "layout": "channels-last" if args.channels_last else "nchw",
                                  **score(summary["model"], args.eval_sets.split(","),
                                          args.data, args.eval_limit, fp_cache)})
                     if args.json:
                         atomic_write_text(args.json, json.dumps(rows, indent=1) + "\n",
                                           "comparison results")
                     print(json.dumps(rows[-1]), flush=True)
-        command = "python tools/odm_compare.py " + shlex.join(argv if argv is not None else sys.argv[1:])
         text = render(rows, command, args)
         if args.store:
             cells = {**load_store(args.store), **store_cells(rows, args.eval_limit, command)}

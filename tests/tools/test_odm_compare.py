@@ -87,11 +87,19 @@ def test_a_two_step_comparison_writes_its_table(tool, data, tmp_path):
     # a second call with the same --json keeps those rows and trains only what is missing
     (tmp_path / "runs" / "fsrcnn-x4-qat-w4a4-common-qat" / "model.fxq").unlink()
     argv[argv.index("qat,odm-v2")] = "qat,odm-v1,odm-v2"
-    assert tool.main(argv) == 0
+    assert tool.main(argv + ["--channels-last"]) == 0
     again = json.loads((tmp_path / "rows.json").read_text())
     assert again[:2] == rows and [r["method"] for r in again] == ["qat", "odm-v2", "odm-v1"]
     assert not (tmp_path / "runs" / "fsrcnn-x4-qat-w4a4-common-qat" / "model.fxq").exists()
     assert again[2]["fp"] == rows[0]["fp"]
+    # each row keeps the layout and the command it was trained with, in the table and the store
+    assert [r["layout"] for r in again] == ["nchw", "nchw", "channels-last"]
+    cells = json.loads((tmp_path / "odm.json").read_text())
+    assert "--channels-last" in cells["fsrcnn|x4|odm-v1@qat-w4a4-common|Set5|1"]["command"]
+    assert "--channels-last" not in cells["fsrcnn|x4|qat@qat-w4a4-common|Set5|1"]["command"]
+    table = [line for line in md.read_text().splitlines() if line.startswith("| fsrcnn")]
+    marked = {line.split(" | ")[3]: "(channels-last)" in line for line in table}
+    assert marked == {"qat": False, "odm-v1": True, "odm-v2": False}
 
 
 def test_an_unknown_method_is_named(tool, tmp_path, capsys):
