@@ -1,24 +1,19 @@
-"""Per-layer error attribution and sensitivity sweeps: which quantized layers lose accuracy.
+"""Per-layer error attribution: which quantized layers lose accuracy.
 
-Two questions, two tools (in the spirit of torch.ao's Numeric Suite and AIMET's QuantAnalyzer):
+:func:`layer_errors` runs the float model and the quantized GraphModule side by side on the
+same inputs and reports, for every quantized layer, the SQNR and MSE of its output against
+the float layer of the same qualified name, in two modes (in the spirit of torch.ao's Numeric
+Suite and AIMET's QuantAnalyzer):
 
-* :func:`layer_errors` runs the float model and the quantized GraphModule side by side on the
-  same inputs and reports, for every quantized layer, the SQNR and MSE of its output against
-  the float layer of the same qualified name, in two modes:
+- **propagated** (Numeric Suite's "propagation"): each model runs on its own activations,
+  so the error at a layer is the *cumulative* error of everything before it;
+- **isolated** ("shadow"): each quantized layer is fed the float model's input of that
+  layer, so the error is the layer's *local* error. The isolated error is also split into
+  a weight-only part (float input, quantized weights) and an activation-only part
+  (quantized input, float weights).
 
-  - **propagated** (Numeric Suite's "propagation"): each model runs on its own activations,
-    so the error at a layer is the *cumulative* error of everything before it;
-  - **isolated** ("shadow"): each quantized layer is fed the float model's input of that
-    layer, so the error is the layer's *local* error. The isolated error is also split into
-    a weight-only part (float input, quantized weights) and an activation-only part
-    (quantized input, float weights).
-
-* :func:`sensitivity_sweep` quantizes one layer at a time (every other quantizer is switched
-  off with the quantizers' one mode switch, :func:`fxquant.quant.quant_mode`) and measures
-  how far the network output moves from the float output; ``strategy="all-but"`` does the converse (all quantized but one).
-  :func:`sensitivity_sweep_recompile` does the same by recompiling with a recipe whose
-  ``layers.include`` is the single layer, for methods where switching quantizers off is not
-  equivalent.
+The other question, how far the network output moves with one layer quantized (or all but
+one), is :mod:`fxquant.sensitivity`, which shares this module's discovery and scores.
 
 A *quantized layer* is a ``call_module`` node of the quantized GraphModule that owns a
 :class:`~fxquant.quant.base.Quantizer` (a ``QuantConv2d``'s ``weight_quantizer``) or whose first
@@ -28,7 +23,6 @@ float model's module of the same qualified name (``IMDB1.c1``).
 
 from __future__ import annotations
 
-import copy
 import math
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
@@ -40,9 +34,8 @@ from fxquant.inspect import format_quantizer, node_quantizer
 from fxquant.quant.base import Quantizer, quant_mode
 
 __all__ = [
-    "QuantLayer", "LayerError", "LayerErrorReport", "LayerSensitivity", "SweepResult",
-    "quantized_layers", "layer_errors", "sensitivity_sweep",
-    "sensitivity_sweep_recompile", "as_batches", "psnr_db", "benchmark_crops", "split_label",
+    "QuantLayer", "LayerError", "LayerErrorReport", "quantized_layers", "layer_errors",
+    "as_batches", "psnr_db", "benchmark_crops", "split_label",
 ]
 
 ModelFn = Callable[[torch.Tensor], torch.Tensor]
@@ -398,144 +391,3 @@ def _capture(name: str, inputs: dict, outputs: dict):
         inputs[name].append(args[0].detach())
         outputs[name].append(_first_tensor(output).detach())
     return hook
-
-
-# ----------------------------------------------------------------------------- sensitivity
-@dataclass
-class LayerSensitivity:
-    """Network output with only this layer quantized (``only``) or all but it (``all-but``).
-
-    ``sqnr``/``psnr`` compare that output with the float model's output; ``psnr_target``
-    with the targets (HR images) when given, and ``psnr_drop`` is the float model's target
-    PSNR minus it.
-    """
-
-    layer: str
-    index: int
-    sqnr: float
-    psnr: float
-    psnr_target: float = float("nan")
-    psnr_drop: float = float("nan")
-
-
-@dataclass
-class SweepResult:
-    """Result of a sensitivity sweep. ``ranked()`` puts the most sensitive layer first:
-    lowest output SQNR for ``only`` (quantizing it alone hurts most), highest for
-    ``all-but`` (leaving it float helps most)."""
-
-    strategy: str
-    layers: list[LayerSensitivity]
-    baseline_sqnr: float  # every layer quantized
-    baseline_psnr: float
-
-    def ranked(self) -> list[LayerSensitivity]:
-        sign = 1.0 if self.strategy == "only" else -1.0
-        return sorted(self.layers, key=lambda s: (sign * s.sqnr, s.index))
-
-    def worst(self, k: int = 3) -> list[str]:
-        return [s.layer for s in self.ranked()[:k]]
-
-    def to_dict(self) -> dict:
-        return {"strategy": self.strategy, "baseline_sqnr": self.baseline_sqnr,
-                "baseline_psnr": self.baseline_psnr, "layers": [asdict(s) for s in self.layers]}
-
-    def table(self, limit: int | None = None) -> str:
-        what = "only this layer quantized" if self.strategy == "only" else \
-            "all layers but this one quantized"
-        rows = self.ranked()[:limit]
-        header = ("rank", "layer", "output SQNR dB", "PSNR vs FP dB", "target PSNR drop dB")
-        lines = [header] + [(str(i + 1), s.layer, _f(s.sqnr), _f(s.psnr), _f(s.psnr_drop))
-                            for i, s in enumerate(rows)]
-        if all(math.isnan(s.psnr_drop) for s in rows):  # no targets given
-            lines = [line[:4] for line in lines]
-            header = header[:4]
-        widths = [max(len(r[i]) for r in lines) for i in range(len(header))]
-        text = "\n".join("  ".join(c.ljust(w) if i == 1 else c.rjust(w)
-                                   for i, (c, w) in enumerate(zip(r, widths))).rstrip()
-                         for r in lines)
-        return (f"sensitivity sweep ({what}); all quantized: output SQNR "
-                f"{_f(self.baseline_sqnr)} dB, PSNR vs FP {_f(self.baseline_psnr)} dB\n"
-                + text + "\n")
-
-
-def _score(reference: list[torch.Tensor], outputs: list[torch.Tensor],
-           targets: list[torch.Tensor] | None) -> tuple[float, float, float]:
-    acc = _ErrorAccumulator()
-    for r, o in zip(reference, outputs):
-        acc.add(r, o)
-    psnr = sum(psnr_db(r, o) for r, o in zip(reference, outputs)) / len(outputs)
-    target = float("nan")
-    if targets is not None:
-        target = sum(psnr_db(t, o) for t, o in zip(targets, outputs)) / len(outputs)
-    return acc.sqnr, psnr, target
-
-
-def _run(fn: ModelFn, batches: list[torch.Tensor]) -> list[torch.Tensor]:
-    with torch.no_grad():
-        return [_first_tensor(fn(b)).detach() for b in batches]
-
-
-def sensitivity_sweep(float_model: nn.Module, quant_model: fx.GraphModule,
-                      inputs: torch.Tensor | Sequence[torch.Tensor], *,
-                      strategy: str = "only", targets: Sequence[torch.Tensor] | None = None,
-                      float_fn: ModelFn | None = None, quant_fn: ModelFn | None = None,
-                      layers: Sequence[str] | None = None,
-                      progress: Callable[[str], None] | None = None) -> SweepResult:
-    """Quantize one layer at a time by switching every other quantizer off.
-
-    ``strategy="only"`` keeps only layer L's quantizers on; ``"all-but"`` switches only L's
-    off. ``targets`` (HR tensors aligned with ``inputs``) add a PSNR drop against ground truth.
-    Static quantizers were calibrated on float activations, so "only L on" is exactly the
-    model a recipe quantizing L alone would build; :func:`sensitivity_sweep_recompile` checks
-    that for methods where it may not hold. For one call of a shared module (``name@k``) its
-    own input quantizer is toggled together with the module's weight quantizer, which every
-    call shares.
-    """
-    if strategy not in ("only", "all-but"):
-        raise ValueError(f"strategy must be 'only' or 'all-but', got {strategy!r}")
-    batches = as_batches(inputs)
-    tgt = as_batches(targets) if targets is not None else None
-    quant_fn = quant_fn or quant_model
-    reference = _run(float_fn or float_model, batches)
-    base = _score(reference, _run(quant_fn, batches), tgt)
-    float_target = _score(reference, reference, tgt)[2]
-    found = _select(quantized_layers(quant_model), layers)
-    all_quantizers = {n for n, m in quant_model.named_modules() if isinstance(m, Quantizer)}
-    results = []
-    for i, q in enumerate(found):
-        if progress:
-            progress(q.label)
-        keep = set(q.quantizers) if strategy == "only" else all_quantizers - set(q.quantizers)
-        with quant_mode(quant_model, "off", keep=keep):
-            sqnr, psnr, target = _score(reference, _run(quant_fn, batches), tgt)
-        results.append(LayerSensitivity(q.label, i, sqnr, psnr, target, float_target - target))
-    return SweepResult(strategy, results, base[0], base[1])
-
-
-def sensitivity_sweep_recompile(model: nn.Module, recipe, calib,
-                                inputs: torch.Tensor | Sequence[torch.Tensor], *,
-                                layers: Sequence[str],
-                                targets: Sequence[torch.Tensor] | None = None,
-                                concrete_args: dict | None = None,
-                                float_fn: ModelFn | None = None) -> SweepResult:
-    """Like :func:`sensitivity_sweep` (``only``), but compiles ``model`` once per layer with
-    ``layers.include = [layer]`` (slower: one calibration per layer; exact for any method)."""
-    import fxquant
-    from fxquant.recipe import resolve_recipe
-
-    base_recipe = resolve_recipe(recipe)
-    batches = as_batches(inputs)
-    tgt = as_batches(targets) if targets is not None else None
-    reference = _run(float_fn or model, batches)
-    float_target = _score(reference, reference, tgt)[2]
-    full = fxquant.compile(model, base_recipe, calib=calib, concrete_args=concrete_args)
-    base = _score(reference, _run(full, batches), tgt)
-    results = []
-    for i, layer in enumerate(layers):
-        single = copy.deepcopy(base_recipe)
-        single.layers.include = [split_label(layer)[0]]
-        gm = fxquant.compile(model, single, calib=calib, concrete_args=concrete_args)
-        sqnr, psnr, target = _score(reference, _run(gm, batches), tgt)
-        results.append(LayerSensitivity(layer, i, sqnr, psnr, target, float_target - target))
-    return SweepResult("only", results, base[0], base[1])

@@ -13,7 +13,7 @@ people look at and folds the details away (``<details>``):
 3. per-layer error attribution (:func:`fxquant.analysis.layer_errors`): a bar chart of every
    quantized layer's isolated SQNR (worst highlighted) with the propagated SQNR; the tables
    with each layer's quantizers are folded;
-4. the sensitivity sweep (:func:`fxquant.analysis.sensitivity_sweep`): output SQNR with one
+4. the sensitivity sweep (:func:`fxquant.sensitivity.sensitivity_sweep`): output SQNR with one
    layer quantized at a time and how well it agrees with the per-layer ranking (ranking
    table folded);
 5. distributions (:mod:`fxquant.distributions`) of the worst layers' inputs, with the
@@ -38,13 +38,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from fxquant.analysis import (
-    LayerErrorReport,
-    SweepResult,
-    benchmark_crops,
-    layer_errors,
-    sensitivity_sweep,
-)
+from fxquant.analysis import LayerErrorReport, benchmark_crops, layer_errors
 from fxquant.errors import CheckpointError
 from fxquant.files import atomic_write_text
 from fxquant.report_html import (  # the page's HTML pieces
@@ -64,6 +58,7 @@ from fxquant.report_html import (  # the page's HTML pieces
     _speed_html,
     _table,
 )
+from fxquant.sensitivity import SweepResult, sensitivity_sweep
 
 __all__ = ["ReportConfig", "Report", "build_report", "write_report", "models_from_compiled",
            "load_models", "measure_speed", "rank_agreement", "spearman"]
@@ -327,7 +322,7 @@ def build_report(models, *, model_name: str | None = None, config: ReportConfig 
         f"{_fmt(errors.output_psnr)} dB.</p>")
     if plots:
         attribution_html += (
-            f'<img class="plot" alt="per-layer SQNR" src="' + _bar_chart(
+            '<img class="plot" alt="per-layer SQNR" src="' + _bar_chart(
                 names, [e.sqnr_isolated for e in errors.layers], set(worst),
                 title=f"isolated SQNR per quantized layer (worst {config.worst} in red)",
                 ylabel="SQNR (dB)", first_label="isolated",

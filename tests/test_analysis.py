@@ -10,13 +10,8 @@ import torch
 from torch import nn
 
 import fxquant
-from fxquant.analysis import (
-    layer_errors,
-    psnr_db,
-    quantized_layers,
-    sensitivity_sweep,
-    sensitivity_sweep_recompile,
-)
+from fxquant.analysis import layer_errors, psnr_db, quantized_layers
+from fxquant.sensitivity import sensitivity_sweep, sensitivity_sweep_recompile
 from fxquant.metrics import sqnr_db
 from fxquant.quant import Quantizer
 

@@ -33,7 +33,8 @@ def main(argv=None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args(argv)
     try:
-        from fxquant.analysis import benchmark_crops, layer_errors, sensitivity_sweep
+        from fxquant.analysis import benchmark_crops, layer_errors
+        from fxquant.sensitivity import sensitivity_sweep
         from fxquant.report import load_models, rank_agreement
 
         models = load_models(model=args.model, scale=args.scale, recipe=args.recipe,
