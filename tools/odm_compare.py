@@ -172,7 +172,7 @@ def render(rows: list[dict], command: str, args) -> str:
         psnr = f"{r['start']:.3f}" if r.get("start") is not None else "—"
         built = f" ({r['start_seconds'] / 60:.1f} min)" if r.get("start_seconds") else ""
         minutes = f"{r['seconds'] / 60:.1f}" if r.get("seconds") else "—"
-        if r.get("layout") == "channels-last":  # the layout changes the minutes, not the loss
+        if r.get("layout") == "channels-last":  # speed and float rounding, not the schedule
             minutes += " (channels-last)"
         lines.append(f"| {r['model']} ×{r['scale']} | W{r['bits']}A{r['bits']} | "
                      f"`{start_of(r)}`{built} | {r['method']} | {psnr} | " + " | ".join(cells)
