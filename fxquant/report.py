@@ -58,10 +58,10 @@ from fxquant.report_html import (  # the page's HTML pieces
     _speed_html,
     _table,
 )
-from fxquant.sensitivity import SweepResult, sensitivity_sweep
+from fxquant.sensitivity import SweepResult, rank_agreement, sensitivity_sweep
 
 __all__ = ["ReportConfig", "Report", "build_report", "write_report", "models_from_compiled",
-           "load_models", "measure_speed", "rank_agreement", "spearman"]
+           "load_models", "measure_speed"]
 
 
 @dataclass
@@ -165,34 +165,6 @@ def load_models(*, model: str | None = None, scale: int | None = None, recipe=No
     if not (model and scale and recipe):
         raise FxquantError("give --compiled FILE, or --model, --scale and --recipe")
     return prepare(model, scale, recipe, data_root=data_root, checkpoint=checkpoint)
-
-
-# ----------------------------------------------------------------------------- statistics
-def spearman(a: list[float], b: list[float]) -> float:
-    """Spearman rank correlation (ties broken by order; infinities clamped)."""
-    if len(a) < 2:
-        return float("nan")
-    ra = np.argsort(np.argsort(np.nan_to_num(np.asarray(a, float), posinf=1e9, neginf=-1e9),
-                               kind="stable"), kind="stable")
-    rb = np.argsort(np.argsort(np.nan_to_num(np.asarray(b, float), posinf=1e9, neginf=-1e9),
-                               kind="stable"), kind="stable")
-    return float(np.corrcoef(ra, rb)[0, 1])
-
-
-def rank_agreement(errors: LayerErrorReport, sweep: SweepResult) -> dict:
-    """How the sweep's ranking compares with the isolated per-layer SQNR ranking."""
-    iso = [e.layer for e in errors.ranked("isolated")]
-    swp = [s.layer for s in sweep.ranked()]
-    by_sweep = {s.layer: s.sqnr for s in sweep.layers}
-    common = [e for e in errors.layers if e.layer in by_sweep]
-    return {
-        "overlap3": len(set(iso[:3]) & set(swp[:3])),
-        "overlap5": len(set(iso[:5]) & set(swp[:5])),
-        "sweep_worst_isolated_rank": iso.index(swp[0]) + 1 if swp and swp[0] in iso else None,
-        "isolated_worst_sweep_rank": swp.index(iso[0]) + 1 if iso and iso[0] in swp else None,
-        "spearman": spearman([e.sqnr_isolated for e in common],
-                             [by_sweep[e.layer] for e in common]),
-    }
 
 
 # ----------------------------------------------------------------------------- speed

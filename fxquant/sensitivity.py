@@ -7,7 +7,7 @@ far the network output moves from the float output; ``strategy="all-but"`` does 
 with a recipe whose ``layers.include`` is the single layer, for methods where switching
 quantizers off is not equivalent. Layers are those of
 :func:`fxquant.analysis.quantized_layers`, scored as :func:`fxquant.analysis.layer_errors`
-scores them.
+scores them; :func:`rank_agreement` compares the sweep's ranking with the isolated one.
 """
 
 from __future__ import annotations
@@ -17,17 +17,19 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from torch import fx, nn
 
 # the analysis module's own helpers: one discovery of quantized layers, one SQNR accumulator
 from fxquant.analysis import (
-    _ErrorAccumulator, _f, _first_tensor, _select, as_batches, psnr_db, quantized_layers,
-    split_label,
+    LayerErrorReport, _ErrorAccumulator, _f, _first_tensor, _select, as_batches, psnr_db,
+    quantized_layers, split_label,
 )
 from fxquant.quant.base import Quantizer, quant_mode
 
-__all__ = ["LayerSensitivity", "SweepResult", "sensitivity_sweep", "sensitivity_sweep_recompile"]
+__all__ = ["LayerSensitivity", "SweepResult", "sensitivity_sweep", "sensitivity_sweep_recompile",
+           "rank_agreement", "spearman"]
 
 ModelFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -170,3 +172,31 @@ def sensitivity_sweep_recompile(model: nn.Module, recipe, calib,
         sqnr, psnr, target = _score(reference, _run(gm, batches), tgt)
         results.append(LayerSensitivity(layer, i, sqnr, psnr, target, float_target - target))
     return SweepResult("only", results, base[0], base[1])
+
+
+# ----------------------------------------------------------------------------- agreement
+def spearman(a: list[float], b: list[float]) -> float:
+    """Spearman rank correlation (ties broken by order; infinities clamped)."""
+    if len(a) < 2:
+        return float("nan")
+    ra = np.argsort(np.argsort(np.nan_to_num(np.asarray(a, float), posinf=1e9, neginf=-1e9),
+                               kind="stable"), kind="stable")
+    rb = np.argsort(np.argsort(np.nan_to_num(np.asarray(b, float), posinf=1e9, neginf=-1e9),
+                               kind="stable"), kind="stable")
+    return float(np.corrcoef(ra, rb)[0, 1])
+
+
+def rank_agreement(errors: LayerErrorReport, sweep: SweepResult) -> dict:
+    """How the sweep's ranking compares with the isolated per-layer SQNR ranking."""
+    iso = [e.layer for e in errors.ranked("isolated")]
+    swp = [s.layer for s in sweep.ranked()]
+    by_sweep = {s.layer: s.sqnr for s in sweep.layers}
+    common = [e for e in errors.layers if e.layer in by_sweep]
+    return {
+        "overlap3": len(set(iso[:3]) & set(swp[:3])),
+        "overlap5": len(set(iso[:5]) & set(swp[:5])),
+        "sweep_worst_isolated_rank": iso.index(swp[0]) + 1 if swp and swp[0] in iso else None,
+        "isolated_worst_sweep_rank": swp.index(iso[0]) + 1 if iso and iso[0] in swp else None,
+        "spearman": spearman([e.sqnr_isolated for e in common],
+                             [by_sweep[e.layer] for e in common]),
+    }

@@ -239,7 +239,7 @@ def test_imdn_sweep_agrees_with_isolated_ranking(data, recipe_name, correlated):
     """
     from fxquant.analysis import benchmark_crops
     from fxquant.recipe import resolve_recipe
-    from fxquant.report import spearman
+    from fxquant.sensitivity import spearman
     from fxquant.workflow import prepare
 
     recipe = resolve_recipe(recipe_name)

@@ -23,10 +23,9 @@ from fxquant.report import (
     ReportConfig,
     build_report,
     measure_speed,
-    rank_agreement,
-    spearman,
     write_report,
 )
+from fxquant.sensitivity import rank_agreement, spearman
 from fxquant.workflow import ZooModels
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -34,8 +34,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         from fxquant.analysis import benchmark_crops, layer_errors
-        from fxquant.sensitivity import sensitivity_sweep
-        from fxquant.report import load_models, rank_agreement
+        from fxquant.sensitivity import rank_agreement, sensitivity_sweep
+        from fxquant.report import load_models
 
         models = load_models(model=args.model, scale=args.scale, recipe=args.recipe,
                              compiled=args.compiled, data_root=args.data)
