@@ -1,4 +1,5 @@
-"""The HTML pieces of the ``fxquant report`` page (fxquant/report.py computes what goes in it):
+"""The HTML pieces of the ``fxquant report`` page (fxquant/report.py measures what goes in it,
+fxquant/report_sections.py renders each section from those numbers):
 escaping, tables, sections and folds, embedded PNG images and charts, the headline's quality
 cards and speed line. Every text is escaped; images are ``data:`` URIs (the page is offline)."""
 

@@ -18,13 +18,9 @@ from torch import nn
 import fxquant
 from fxquant.models import ModelSpec
 from fxquant import report as report_module
-from fxquant.report import (
-    NO_MATPLOTLIB,
-    ReportConfig,
-    build_report,
-    measure_speed,
-    write_report,
-)
+from fxquant.report import ReportConfig, build_report, measure_speed, write_report
+from fxquant import report_html
+from fxquant.report_html import NO_MATPLOTLIB
 from fxquant.sensitivity import rank_agreement, spearman
 from fxquant.workflow import ZooModels
 
@@ -126,7 +122,7 @@ def test_report_folds_recipe_and_layer_descriptions(tiny_report):
     quantizers = {e.quantizer for e in report.errors.layers if e.quantizer}
     assert quantizers
     for text in quantizers:  # the long per-layer quantizer descriptions
-        assert _inside_details(page, report_module._e(text)), text
+        assert _inside_details(page, report_html._e(text)), text
     assert not _inside_details(page, 'alt="per-layer SQNR"')  # the chart stays visible
     assert not _inside_details(page, "ΔPSNR")
 
@@ -173,7 +169,7 @@ def test_speed_is_measured_only_for_lowering_recipes(data):
                           rounds=2)
     assert speed["status"] == "not lowerable" and "integer_grid" in speed["reason"]
     assert set(speed) == {"status", "reason"}  # no timing made up
-    line = report_module._speed_html(speed)
+    line = report_html._speed_html(speed)
     assert "Speed not measured" in line and "×" not in line
     lowered = fxquant.lowered_copy(fxquant.compile(model, "minmax-w8a8", calib=calib), "cpu")
     speed = measure_speed(ZooModels(spec, 2, lowered.fxquant_recipe, model, lowered), size=16,
