@@ -203,3 +203,34 @@ def test_channels_last_training_is_reproducible_and_learns_what_nchw_learns(tiny
     assert ia["heldout_loss_before"] == pytest.approx(ref["heldout_loss_before"], rel=1e-5)
     assert ia["heldout_loss_after"] < ia["heldout_loss_before"]
     assert ia["heldout_loss_after"] == pytest.approx(ref["heldout_loss_after"], rel=0.02)
+
+
+def test_squared_error_loss_is_what_the_pass_trains_with(tiny_sr, calib):
+    """``loss=mse``: the held-out loss it reports is the squared error of the untrained start
+    (the L1 run starts from the same model, so the two relate as mean d² to mean |d|), it
+    trains other parameters than L1, and brings the output's squared error down."""
+    mse = UNIFORM.replace("patience=10}", "patience=10,loss=mse}")
+    a = fxquant.compile(tiny_sr, "minmax-w3a3", calib=calib, pipeline=mse)
+    b = fxquant.compile(tiny_sr, "minmax-w3a3", calib=calib, pipeline=UNIFORM)
+    info_a, info_b = (next(info for key, info in gm.fxquant_history
+                           if key.startswith("reconstruct")) for gm in (a, b))
+    # same start, |d| < 1 everywhere: (mean |d|)² <= mean d² (Jensen) < mean |d|
+    assert info_b["heldout_loss_before"] ** 2 <= info_a["heldout_loss_before"] \
+        < info_b["heldout_loss_before"]
+    assert info_a["heldout_loss_after"] < info_a["heldout_loss_before"]
+    sa, sb = a.state_dict(), b.state_dict()
+    assert any(not torch.equal(sa[k], sb[k]) for k in sa)
+    x = torch.rand(4, 3, 12, 12, generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        ref = tiny_sr(x)
+        plain = fxquant.compile(tiny_sr, "minmax-w3a3", calib=calib)(x)
+        assert float((a(x) - ref).square().mean()) < float((plain - ref).square().mean())
+
+
+@pytest.mark.parametrize("options, message", [
+    ("loss=l2", "reconstruct.loss = 'l2': use 'l1' or 'mse'"),
+    ("loss=mse,granularity=block", "reconstruct.loss applies to granularity = 'model'")])
+def test_the_loss_is_checked(options, message):
+    with pytest.raises(fxquant.RecipeError, match=message):
+        fxquant.compile(torch.nn.Conv2d(3, 3, 3), "minmax-w8a8",
+                        pipeline=f"trace,observe,calibrate,quantize,reconstruct{{{options}}}")
