@@ -224,41 +224,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     code = cmd_eval(demo_eval_args(args.data))
     if code:
         return code
-    print("\nInteger execution: IMDN x4, mse-w8a8-sym-outputs lowered to oneDNN int8 "
-          "(lower{target=cpu})")
-    return _demo_lowered(args.data)
+    from fxquant.demo import RECIPE, lowered_table, measure_lowered
 
-
-def _demo_lowered(data: str | None) -> int:
-    import torch
-
-    import fxquant
-    from fxquant.bench import interleaved, summarize
-    from fxquant.workflow import evaluate_sets, prepare
-
-    # int8 weights, conv outputs quantized where float ops read them: the fastest measured
-    # deployment recipe (docs/performance.md)
-    zoo = prepare("imdn", 4, "mse-w8a8-sym-outputs", data_root=data, progress=True)
-    fake = zoo.quant_model
-    # PSNR from the eager lowered model (Set5's five image sizes would each recompile the
-    # Inductor one), timing from the compiled one: the same integer ops
-    eager = fxquant.lowered_copy(fake, "cpu")
-    compiled = fxquant.lowered_copy(fake, "cpu", compile=True)
-    scores = {name: evaluate_sets(fn, zoo.spec, 4, ["Set5"], data_root=data)["Set5"].psnr
-              for name, fn in (("fp", zoo.float_model), ("fake", fake), ("lowered", eager))}
-    x = torch.rand(1, 3, 128, 128)
-    fns = {"fp32_eager": lambda: zoo.float_model(x),
-           "lowered": lambda: compiled(x)}
-    print("compiling the lowered model with Inductor and timing (1x3x128x128, 5 rounds)...")
-    rows = {r.variant: r for r in summarize("imdn", interleaved(fns, rounds=5))}
-    ratio = rows["lowered"]
-    print(f"{'model':<28} {'Set5 PSNR':>9} {'latency':>10} {'speed-up':>9}")
-    print(f"{'FP32 eager':<28} {scores['fp']:>9.3f} {rows['fp32_eager'].median_ms:>8.1f}ms "
-          f"{'1.00x':>9}")
-    print(f"{'W8A8 fake-quant (float)':<28} {scores['fake']:>9.3f} {'':>10} {'':>9}")
-    print(f"{'W8A8 lowered, oneDNN int8':<28} {scores['lowered']:>9.3f} "
-          f"{ratio.median_ms:>8.1f}ms {ratio.ratio:>8.2f}x  (per-round {ratio.ratio_min:.2f}-"
-          f"{ratio.ratio_max:.2f}x, {torch.get_num_threads()} threads)")
+    print(f"\nInteger execution: IMDN x4, {RECIPE} lowered to oneDNN int8 (lower{{target=cpu}})")
+    print(lowered_table(measure_lowered(args.data)))
     return 0
 
 

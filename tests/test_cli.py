@@ -133,3 +133,19 @@ def test_the_demo_runs_eval_with_every_option_eval_reads(monkeypatch):
     assert set(eval_defaults) <= set(seen)
     assert (seen["model"], seen["scale"], seen["recipe"], seen["datasets"], seen["runtime"],
             seen["data"]) == ("imdn", 4, "mse-w4a4", "Set5", "torch", "/some/root")
+
+
+def test_the_demo_table_shows_psnr_latency_and_speed_up():
+    from fxquant.bench import Row
+    from fxquant.demo import LoweredDemo, lowered_table
+
+    demo = LoweredDemo({"fp": 32.21, "fake": 32.1234, "lowered": 32.1201},
+                       Row("imdn", "fp32_eager", median_ms=40.0),
+                       Row("imdn", "lowered", median_ms=10.0, ratio=3.93, ratio_min=3.5,
+                           ratio_max=4.1), threads=2)
+    lines = lowered_table(demo).splitlines()
+    assert lines[0].split() == ["model", "Set5", "PSNR", "latency", "speed-up"]
+    assert lines[1].split() == ["FP32", "eager", "32.210", "40.0ms", "1.00x"]
+    assert lines[2].split() == ["W8A8", "fake-quant", "(float)", "32.123"]
+    assert lines[3].split()[-7:] == ["32.120", "10.0ms", "3.93x", "(per-round", "3.50-4.10x,",
+                                     "2", "threads)"]
