@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import dataclasses
 import sys
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fxquant.dataclass_tables import build_dataclass, coerce_value, drop_none
 from fxquant.errors import RecipeError
 
 if sys.version_info >= (3, 11):
@@ -65,7 +65,7 @@ def check_field_types(config: Any, where: str) -> None:
     hints = typing.get_type_hints(type(config))
     for f in dataclasses.fields(config):
         if f.name in hints:
-            value = _coerce(getattr(config, f.name), hints[f.name], f"{where}.{f.name}")
+            value = coerce_value(getattr(config, f.name), hints[f.name], f"{where}.{f.name}")
             object.__setattr__(config, f.name, value)  # options dataclasses may be frozen
 
 
@@ -308,7 +308,7 @@ class Recipe:
         for section, key, value in omit:
             if data[section].get(key) == value:
                 del data[section][key]
-        return tomli_w.dumps(_drop_none(data))
+        return tomli_w.dumps(drop_none(data))
 
     def save(self, path: str | Path) -> None:
         from fxquant.files import atomic_write_text
@@ -321,11 +321,11 @@ class Recipe:
             raise RecipeError(f"a recipe must be a table/dict, got {type(data).__name__}")
         data = dict(data)
         options = data.pop("options", {})
-        recipe = _build(cls, data, "recipe")
+        recipe = build_dataclass(cls, data, "recipe")
         method = _METHODS.get(recipe.method)
         if method is None:
             _check_choice(recipe.method, tuple(_METHODS), "method")
-        recipe.options = _build(method.options, options or {}, "options")
+        recipe.options = build_dataclass(method.options, options or {}, "options")
         return recipe.validate()
 
     @classmethod
@@ -352,77 +352,6 @@ class Recipe:
         except OSError as exc:
             raise RecipeError(f"cannot read recipe file {path}: {exc.strerror or exc}") from None
         return cls.from_toml(text, str(path))
-
-
-def _drop_none(data: Any) -> Any:
-    if isinstance(data, dict):
-        return {k: _drop_none(v) for k, v in data.items() if v is not None}
-    return data
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", str(tp))
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
-        if isinstance(value, tp):
-            return value
-        if not isinstance(value, dict):
-            raise RecipeError(f"{where} must be a table, got {value!r}")
-        return _build(tp, value, where)
-    if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(tp) if a is not type(None)]
-        if value is None:
-            return None
-        return _coerce(value, args[0], where)
-    if origin is list:
-        (item,) = typing.get_args(tp)
-        if isinstance(value, str) or not isinstance(value, (list, tuple)):
-            raise RecipeError(f"{where} must be a list of {_type_name(item)}, got {value!r}")
-        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
-    if origin is dict or tp is dict:
-        if not isinstance(value, dict):
-            raise RecipeError(f"{where} must be a table, got {value!r}")
-        return dict(value)
-    if tp is Any:
-        return value
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise RecipeError(f"{where} must be true or false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
-                return int(value)
-            raise RecipeError(f"{where} must be an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise RecipeError(f"{where} must be a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise RecipeError(f"{where} must be a string, got {value!r}")
-        return value
-    return value
-
-
-def _build(cls: type, data: dict, where: str) -> Any:
-    """Build dataclass ``cls`` from ``data``, naming unknown keys and listing valid ones."""
-    if not isinstance(data, dict):
-        raise RecipeError(f"{where} must be a table, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
-    unknown = sorted(set(data) - set(fields))
-    if unknown:
-        valid = ", ".join(fields) or "(none)"
-        raise RecipeError(f"unknown key{'s' if len(unknown) > 1 else ''} "
-                          f"{', '.join(repr(k) for k in unknown)} in {where}; valid keys: {valid}")
-    kwargs = {name: _coerce(value, hints[name], f"{where}.{name}" if where != "recipe" else name)
-              for name, value in data.items()}
-    return cls(**kwargs)
 
 
 def available_presets() -> list[str]:
