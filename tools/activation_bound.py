@@ -6,11 +6,12 @@ clip-free ranges there are: each image's own min/max per channel, at the same bi
     python tools/activation_bound.py --model fsrcnn --scale 2 --recipe minmax-w8a8-perchannel
 
 Per-image ranges clip nothing and fit each image exactly: no static range that clips
-nothing is narrower, so if this row still misses a target, clipping (a range search that
-trades range for resolution) is the only range-side lever left, and otherwise the bits are
-what fall short.
-Prints one JSON row of PSNR differences from FP (weights only, static activations only,
-per-image activations only; with ``--per-layer`` each layer's static activations alone). Set OMP_NUM_THREADS=1 beside other work.
+nothing is narrower. If this row still misses a target, clipping (a range search that trades
+range for resolution) is the only range-side lever left; otherwise the bits fall short.
+
+Prints one JSON row of PSNR differences from FP: weights only, static activations only,
+per-image activations only, and with ``--per-layer`` each layer's static activations alone.
+Set OMP_NUM_THREADS=1 beside other work.
 """
 
 from __future__ import annotations
