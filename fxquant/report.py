@@ -193,7 +193,7 @@ def measure_speed(models, *, size: int = 64, rounds: int = 5) -> dict:
             "rounds": rounds, "threads": torch.get_num_threads(), "how": how}
 
 
-def measure_report(models, *, config: ReportConfig, data_root=None,
+def measure_report(models, *, name: str, config: ReportConfig, data_root=None,
                    progress: Callable[[str], None] | None = None) -> Measured:
     """Evaluate and analyse ``models`` (a :class:`~fxquant.workflow.ZooModels`): everything
     the page shows, with the seconds each phase took in ``data["timings_s"]``."""
@@ -214,7 +214,7 @@ def measure_report(models, *, config: ReportConfig, data_root=None,
 
     spec, scale, gm = models.spec, models.scale, models.quant_model
     fp_fn, q_fn = models.runner("fp"), models.runner("quant")
-    data: dict = {"scale": scale, "recipe_name": models.recipe.name,
+    data: dict = {"model": name, "scale": scale, "recipe_name": models.recipe.name,
                   "pipeline": getattr(gm, "fxquant_pipeline", ""),
                   "config": dict(config.__dict__), "quality": {}}
 
@@ -291,13 +291,12 @@ def build_report(models, *, model_name: str | None = None, config: ReportConfig 
     import fxquant
 
     config = config or ReportConfig()
-    measured = measure_report(models, config=config, data_root=data_root, progress=progress)
     name = model_name or models.spec.name
-    data = {"model": name, **measured.data}
-    measured.data = data
+    measured = measure_report(models, name=name, config=config, data_root=data_root,
+                              progress=progress)
     page = page_html(measured, models.recipe, config, name=name, scale=models.scale,
                      plots=_plot_available(), version=fxquant.__version__)
-    return Report(page, data, measured.errors, measured.sweep)
+    return Report(page, measured.data, measured.errors, measured.sweep)
 
 
 def write_report(path: str | os.PathLike, models, **kwargs) -> Report:

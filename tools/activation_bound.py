@@ -26,7 +26,7 @@ from torch import nn
 from fxquant.analysis import quantized_layers
 from fxquant.cli import add_model_source_args
 from fxquant.errors import FxquantError
-from fxquant.quant.base import Quantizer, quant_mode
+from fxquant.quant.base import quant_mode
 from fxquant.quant.uniform import (UniformQuantizer, affine_qparams, fake_quantize,
                                    unsigned_range)
 
@@ -79,13 +79,15 @@ def bound_row(models, dataset: str, data_root=None, per_layer: bool = False) -> 
 
     convs = activation_inputs(models.quant_model)
     fp = psnr("fp")
-    quantizers = [n for n, m in models.quant_model.named_modules() if isinstance(m, Quantizer)]
-    weights = [n for n in quantizers if n.endswith("weight_quantizer")]
+    # the weight quantizers live inside the layers, the activation ones in front of them
+    layers = quantized_layers(models.quant_model)
+    weights = {q for layer in layers for q in layer.owned_quantizers}
+    activations = {q for layer in layers for q in layer.input_quantizers}
     row = {"model": models.spec.name, "scale": models.scale, "dataset": dataset,
            "fp": round(fp, 4), "quantized_convs": len(convs)}
     with quant_mode(models.quant_model, "off", keep=weights):
         row["weights_only"] = round(psnr("quant") - fp, 4)
-    with quant_mode(models.quant_model, "off", keep=set(quantizers) - set(weights)):
+    with quant_mode(models.quant_model, "off", keep=activations):
         row["static_activations_only"] = round(psnr("quant") - fp, 4)
     if per_layer:  # one layer's static activations at a time
         row["static_one_layer"] = {}
