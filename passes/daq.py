@@ -23,7 +23,8 @@ from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
 from fxquant.quant import QuantConv2d, swap_in_quant_conv
 from fxquant.quant.daq import DAQ_BITS, STEP_INDICES, WEIGHT_GRANULARITIES, DAQActivationQuantizer
 from fxquant.quant.daq_weights import DAQWeightQuantizer
-from fxquant.quant.daq_mixed import DAQSensitivityObserver, allocate_network_bits, downstream_gains
+from fxquant.quant.daq_bit_allocation import allocate_network_bits
+from fxquant.quant.daq_mixed import DAQSensitivityObserver, downstream_gains
 from fxquant.recipe import register_method
 
 POST_RELU = {"unclipped": "relu", "clipped": "relu-clipped", "initial": "relu-initial",

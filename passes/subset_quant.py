@@ -18,7 +18,8 @@ from fxquant.graph import replace_module_node
 from fxquant.quant.fitting import weight_quantizer
 from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
 from fxquant.quant import QuantConv2d, swap_in_quant_conv
-from fxquant.quant.point_selection import INITS, exhaustive_select, kmeans_select
+from fxquant.quant.exhaustive_selection import exhaustive_select
+from fxquant.quant.point_selection import INITS, kmeans_select
 from fxquant.quant.subset import MODES, SampleObserver, SubsetQuantizer
 from fxquant.quant.universal_set import universal_set
 from fxquant.recipe import RecipeError, check_pass_options, register_method

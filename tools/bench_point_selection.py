@@ -23,7 +23,8 @@ import torch
 import fxquant
 from fxquant.models import build_model, get_spec
 from fxquant.pipeline import PassContext, PassManager
-from fxquant.quant.point_selection import exhaustive_select, kmeans_select, subset_count
+from fxquant.quant.exhaustive_selection import exhaustive_select, subset_count
+from fxquant.quant.point_selection import kmeans_select
 from fxquant.quant.subset import SampleObserver
 from fxquant.quant.universal_set import universal_set
 from fxquant.recipe import load_preset

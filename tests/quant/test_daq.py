@@ -18,7 +18,8 @@ from fxquant.quant.daq import (
     step_for_bits,
 )
 from fxquant.quant.daq_weights import DAQWeightQuantizer, daq_weight_quantize
-from fxquant.quant.daq_mixed import allocate_bits, channel_output_errors, channel_sensitivity
+from fxquant.quant.daq_bit_allocation import allocate_bits, channel_sensitivity
+from fxquant.quant.daq_mixed import channel_output_errors
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -11,14 +11,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fxquant.quant.exhaustive_selection import exhaustive_select, subset_count
 from fxquant.quant.point_selection import (
     SortedSamples,
-    exhaustive_select,
     kmeans_select,
     lloyd_1d,
     nearest_universal,
     resolve_collisions,
-    subset_count,
 )
 from fxquant.quant.universal_set import universal_set
 
