@@ -46,9 +46,10 @@ def check_state_finite(state: dict, source: str) -> None:
 
 def _is_quantized_module(module: nn.Module) -> bool:
     from fxquant.lower.codebook import CodebookQuantize
-    from fxquant.lower.conv import IntegerConv2d, IntegerQuantize
+    from fxquant.lower.conv import IntegerConv2d
     from fxquant.lower.daq import DaqQuantize
     from fxquant.lower.folded import DaqConv2d
+    from fxquant.lower.uniform_codes import IntegerQuantize
     from fxquant.quant import QuantConv2d, Quantizer
 
     return isinstance(module, (Quantizer, QuantConv2d, IntegerConv2d, IntegerQuantize,

@@ -22,14 +22,13 @@ from fxquant.lower.conv import (
     TARGETS,
     CpuConv2d,
     IntegerConv2d,
-    IntegerDequantize,
-    IntegerQuantize,
     accumulator_bound,
 )
 from fxquant.lower.codebook import CodebookQuantize
 from fxquant.lower.daq import DaqQuantize, lower_daq
 from fxquant.lower.folded import DaqConv2d
 from fxquant.lower.subset import SubsetQuantize, lower_subset
+from fxquant.lower.uniform_codes import IntegerDequantize, IntegerQuantize
 from fxquant.lower.guard import InputGuard
 from fxquant.lower.triton_conv import GpuConv2d
 from fxquant.passes.lower_rewrites import (

@@ -10,8 +10,9 @@ from torch import fx
 from fxquant.graph import is_relu, module_of, pixel_shuffle_factor, replace_module_node
 # importing fxquant.lower.ops registers fxquant::pixel_shuffle(_phase_major) and ::upsample
 from fxquant.lower.ops import phase_major_order
-from fxquant.lower.conv import CpuConv2d, IntegerDequantize, IntegerQuantize
+from fxquant.lower.conv import CpuConv2d
 from fxquant.lower.subpixel import SubpixelConvTranspose2d, convertible
+from fxquant.lower.uniform_codes import IntegerDequantize, IntegerQuantize
 
 __all__ = ["phase_major_shuffles", "quantize_cat_pieces", "route_pixel_shuffles",
            "route_smooth_upsampling", "subpixel_deconvs"]

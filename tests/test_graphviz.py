@@ -10,18 +10,9 @@ import torch
 
 import fxquant
 from fxquant import PassContext, PassManager, resolve_recipe
+from fxquant.graph_layout import error_colour, kind_colours, layered_layout
 from fxquant.graphdiff import diff_files, diff_graphs, diff_tables, parse_table
-from fxquant.graphviz import (
-    GraphDumper,
-    error_colour,
-    kind_colours,
-    layered_layout,
-    render,
-    to_dot,
-    to_html,
-    to_svg,
-    write_dumps,
-)
+from fxquant.graphviz import GraphDumper, render, to_dot, to_html, to_svg, write_dumps
 from fxquant.inspect import graph_table, node_rows
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -49,8 +49,9 @@ from fxquant.errors import PassError
 from fxquant.files import atomic_write_bytes
 from fxquant.graph import is_relu, module_of
 from fxquant.lower.codebook import CodebookQuantize
-from fxquant.lower.conv import IntegerQuantize, ReferenceConv2d
+from fxquant.lower.conv import ReferenceConv2d
 from fxquant.lower.guard import InputGuard
+from fxquant.lower.uniform_codes import IntegerQuantize
 from fxquant.quant import QuantConv2d, Quantizer, UniformQuantizer
 
 OPSET = 13

@@ -5,13 +5,13 @@ from fxquant.lower.conv import (
     TARGETS,
     CpuConv2d,
     IntegerConv2d,
-    IntegerQuantize,
     LoweringError,
     ReferenceConv2d,
     accumulator_bound,
 )
 from fxquant.lower.guard import InputGuard
 from fxquant.lower.triton_conv import GpuConv2d  # registers TARGETS["gpu"]
+from fxquant.lower.uniform_codes import IntegerQuantize
 
 __all__ = ["TARGETS", "CpuConv2d", "GpuConv2d", "InputGuard", "IntegerConv2d", "IntegerQuantize", "LoweringError",
            "ReferenceConv2d", "accumulator_bound"]

@@ -10,7 +10,7 @@ from torch import nn
 import fxquant
 import fxquant.passes.lower as lower_pass
 from fxquant.lower.compare import layer_agreement
-from fxquant.lower.conv import IntegerQuantize
+from fxquant.lower.uniform_codes import IntegerQuantize
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

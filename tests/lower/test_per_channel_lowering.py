@@ -13,7 +13,7 @@ from torch import nn
 import fxquant
 from fxquant import PassError
 from fxquant.lower import CpuConv2d, ReferenceConv2d
-from fxquant.lower.conv import IntegerQuantize
+from fxquant.lower.uniform_codes import IntegerQuantize
 from fxquant.quant import QuantConv2d, UniformQuantizer, quant_mode
 from fxquant.quant.channel_norm import fold_input_scale
 from fxquant.quant.fitting import weight_quantizer

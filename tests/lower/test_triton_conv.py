@@ -13,8 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fxquant
-from fxquant.lower.conv import IntegerQuantize, ReferenceConv2d, quantize_codes
+from fxquant.lower.conv import ReferenceConv2d
 from fxquant.lower.triton_conv import GpuConv2d
+from fxquant.lower.uniform_codes import IntegerQuantize, quantize_codes
 from fxquant.recipe import ActivationConfig, LayerConfig, Recipe, WeightConfig
 
 pytest.importorskip("triton", reason="the gpu target's kernels need triton (the gpu extra)")

@@ -11,7 +11,8 @@ from torch import nn
 
 import fxquant
 from fxquant.lower.compare import layer_agreement
-from fxquant.lower.conv import CpuConv2d, IntegerDequantize
+from fxquant.lower.conv import CpuConv2d
+from fxquant.lower.uniform_codes import IntegerDequantize
 from fxquant.quant import UniformQuantizer
 
 pytestmark = pytest.mark.usefixtures("one_thread")
