@@ -8,73 +8,18 @@ import json
 import signal
 import sys
 
+from fxquant.cli_args import (
+    MODEL_HELP,
+    add_model_args,
+    dataset_list,
+    add_model_source_args,
+    add_own_model_args,
+    non_negative_int,
+    positive_int,
+)
 from fxquant.errors import FxquantError
 
 FLOAT_ONLY = "fp"  # --recipe fp: evaluate the float model alone
-
-
-def _datasets(text: str) -> list[str]:
-    names = [d.strip() for d in text.split(",") if d.strip()]
-    if not names:
-        raise FxquantError(f"--datasets {text!r} names no dataset; give a comma-separated "
-                           "list such as Set5,Set14,B100,Urban100")
-    return names
-
-
-def _int_at_least(minimum: int, meaning: str):
-    """An argparse type: an integer >= ``minimum`` (``--limit 0`` would evaluate nothing)."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"{value} must be {meaning}")
-        return value
-    return parse
-
-
-positive_int = _int_at_least(1, "1 or more")
-non_negative_int = _int_at_least(0, "0 or more")
-
-
-MODEL_HELP = ("zoo model name (see `fxquant models`), or your own: path/to/file.py:ClassName "
-              "or package.module:ClassName (with --weights, --init, --color, --range)")
-
-
-def add_own_model_args(parser: argparse.ArgumentParser) -> None:
-    """The flags that describe an own model (``--model file.py:Class``)."""
-    parser.add_argument("--weights", help="own model's weights (.pth loaded with "
-                                          "weights_only=True, or .safetensors)")
-    parser.add_argument("--init", help="own model's constructor arguments as a JSON object, "
-                                       "e.g. '{\"upscale\": 4}'")
-    parser.add_argument("--color", choices=("rgb", "y"),
-                        help="own model's input: rgb (1x3xHxW, default) or y (1x1xHxW luma)")
-    parser.add_argument("--range", type=int, choices=(1, 255),
-                        help="own model's pixel range: 1 ([0, 1], default) or 255")
-
-
-def _add_model_args(parser: argparse.ArgumentParser, recipe_default: str | None = None) -> None:
-    parser.add_argument("--model", required=True, help=MODEL_HELP)
-    parser.add_argument("--scale", type=positive_int,
-                        help="upscaling factor (required for zoo models; found by running "
-                             "an own model once)")
-    parser.add_argument("--recipe", default=recipe_default,
-                        help="preset name (see `fxquant recipes`) or path to a .toml recipe; "
-                             "`eval --recipe fp` evaluates the float model alone")
-    parser.add_argument("--checkpoint", help="load this checkpoint instead of the pretrained one")
-    parser.add_argument("--data", help="data root (default: $FXQUANT_DATA)")
-    add_own_model_args(parser)
-
-
-def add_model_source_args(parser: argparse.ArgumentParser) -> None:
-    """A compiled model to inspect: a saved one (``--compiled``), or a zoo model compiled
-    here (``--model/--scale/--recipe``). Shared by ``inspect`` and the tools/ scripts."""
-    parser.add_argument("--compiled", help="a saved compiled model")
-    parser.add_argument("--model")
-    parser.add_argument("--scale", type=positive_int)
-    parser.add_argument("--recipe")
-    parser.add_argument("--data", help="data root (default: $FXQUANT_DATA)")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -82,7 +27,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from fxquant.workflow import evaluate_sets, prepare
 
     float_only = args.recipe == FLOAT_ONLY
-    datasets = _datasets(args.datasets)  # before the work: an empty list fails now
+    datasets = dataset_list(args.datasets)  # before the work: an empty list fails now
     models = prepare(source_from_args(args), None, None if float_only else args.recipe,
                      data_root=args.data, progress=not args.json)
     args.scale = models.scale  # an own model's scale is found by running it
@@ -179,7 +124,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from fxquant.workflow import load_compiled, prepare
 
     check_output_path(args.out, "report (--out)")  # before the analyses, not after
-    datasets = _datasets(args.datasets)
+    datasets = dataset_list(args.datasets)
     own = own_model_flags(args)
     if args.compiled:  # zoo or own model, whichever the file holds
         models = load_compiled(args.compiled, model=args.model, scale=args.scale,
@@ -281,7 +226,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("eval", help="FP vs quantized PSNR/SSIM of a zoo model")
-    _add_model_args(p, "minmax-w8a8")
+    add_model_args(p, "minmax-w8a8")
     p.add_argument("--datasets", default="Set5", help="comma-separated: Set5,Set14,B100,Urban100")
     p.add_argument("--limit", type=positive_int, help="evaluate only the first N images of each set")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -291,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("compile", help="compile a zoo model and save it")
-    _add_model_args(p, "minmax-w8a8")
+    add_model_args(p, "minmax-w8a8")
     p.add_argument("--out", required=True, help="output file (.fxq)")
     p.add_argument("--dump-dir", help="write the graph after every pass to this folder")
     p.add_argument("--json", action="store_true")

@@ -7,7 +7,8 @@ import argparse
 import pytest
 import torch
 
-from fxquant.bench import Row, interleaved, peak_memory_mb, render, sign_test, summarize
+from fxquant.bench import Row, interleaved, peak_memory_mb, sign_test, summarize
+from fxquant.bench_table import render
 from fxquant.markdown import write_section
 
 
@@ -71,7 +72,7 @@ def test_section_option_names_the_heading_and_is_checked(tmp_path):
 
 
 def test_the_table_names_its_cpu(tmp_path):
-    from fxquant.bench import cpu_description
+    from fxquant.bench_table import cpu_description
 
     info = tmp_path / "cpuinfo"
     info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n"

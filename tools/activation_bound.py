@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from fxquant.analysis import quantized_layers
-from fxquant.cli import add_model_source_args
+from fxquant.cli_args import add_model_source_args
 from fxquant.errors import FxquantError
 from fxquant.quant.base import quant_mode
 from fxquant.quant.uniform import (UniformQuantizer, affine_qparams, fake_quantize,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fxquant.cli import add_model_source_args
+from fxquant.cli_args import add_model_source_args
 from fxquant.errors import FxquantError
 from fxquant.files import atomic_write_text, check_output_dir, check_output_path
 

@@ -16,7 +16,7 @@ import argparse
 import json
 import sys
 
-from fxquant.cli import add_model_source_args
+from fxquant.cli_args import add_model_source_args
 from fxquant.errors import FxquantError
 
 

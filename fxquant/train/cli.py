@@ -17,14 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 
-from fxquant.cli import non_negative_int, positive_int
+from fxquant.cli_args import non_negative_int, positive_int
 from fxquant.errors import FxquantError
 
 
 
 
 def build_parser(p: argparse.ArgumentParser) -> None:
-    from fxquant.cli import MODEL_HELP, add_own_model_args
+    from fxquant.cli_args import MODEL_HELP, add_own_model_args
 
     p.add_argument("--model", help=MODEL_HELP)
     p.add_argument("--scale", type=positive_int, help="upscaling factor (zoo models)")
@@ -88,7 +88,8 @@ def run(args: argparse.Namespace) -> int:
     from fxquant.train.checkpoint import read_checkpoint
     from fxquant.train.data import PatchSampler
     from fxquant.train.distributed import setup
-    from fxquant.train.qat import RESUME_MAY_CHANGE, QATTrainer
+    from fxquant.train.qat import QATTrainer
+    from fxquant.train.resume import RESUME_MAY_CHANGE
     from fxquant.workflow import load_compiled, prepare
 
     starts = [flag for flag, v in (("--resume", args.resume), ("--compiled", args.compiled),

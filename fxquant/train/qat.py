@@ -26,12 +26,12 @@ ranges), so there are no statistics to synchronise between ranks (tests check th
 are identical). The float model is never touched: its copy (the teacher) is frozen, in eval
 mode, run under ``no_grad``. ``gm`` itself is trained in place.
 
-Exact resume: :meth:`QATTrainer.checkpoint` holds the graph's state dict, Adam, the LR
-scheduler, the sampling generator's state (the whole data position), torch's global RNG,
-the step and the metrics; :meth:`QATTrainer.from_checkpoint` rebuilds the graph from the file
-and continues bit-identically (same thread count). Under ``torchrun`` (DDP, see
-:mod:`fxquant.train.distributed`) each rank takes a disjoint slice of every global batch;
-rank 0 logs, evaluates and writes files.
+Exact resume (:mod:`fxquant.train.resume`): :meth:`QATTrainer.checkpoint` holds the graph's
+state dict, Adam, the LR scheduler, the sampling generator's state (the whole data position),
+torch's global RNG, the step and the metrics; :meth:`QATTrainer.from_checkpoint` rebuilds the
+graph from the file and continues bit-identically (same thread count). Under ``torchrun``
+(DDP, see :mod:`fxquant.train.distributed`) each rank takes a disjoint slice of every global
+batch; rank 0 logs, evaluates and writes files.
 """
 
 from __future__ import annotations
@@ -55,22 +55,15 @@ from tqdm import tqdm
 from fxquant.files import atomic_write_text, check_output_dir
 from fxquant.quant import Quantizer
 from fxquant.quant.nonuniform import NonUniformQuantizer
-from fxquant.train.checkpoint import (
-    compiled_info,
-    load_model_state,
-    read_checkpoint,
-    rebuild,
-    write_checkpoint,
-)
+from fxquant.train.checkpoint import compiled_info
 from fxquant.train.config import QATConfig, TrainError, regularizer_names
 from fxquant.train.data import PatchSampler
 from fxquant.train.distributed import World, setup
 from fxquant.train.hooks import StepContext, average_gradients, make_trainable
+from fxquant.train.methods import deployable, method_hooks
+from fxquant.train.resume import Resumable
 
 __all__ = ["QATConfig", "QATTrainer", "StepContext", "TrainError", "train"]
-
-# settings a resumed run may change (they do not change what is trained)
-RESUME_MAY_CHANGE = ("eval_every", "eval_set", "eval_limit", "checkpoint_every", "log_every")
 
 
 def _scheduler(optimizer: torch.optim.Optimizer, config: QATConfig):
@@ -79,29 +72,6 @@ def _scheduler(optimizer: torch.optim.Optimizer, config: QATConfig):
     if config.schedule == "step":
         return torch.optim.lr_scheduler.StepLR(optimizer, config.step_size, config.gamma)
     return torch.optim.lr_scheduler.StepLR(optimizer, config.steps, 1.0)
-
-
-def method_hooks(gm: fx.GraphModule) -> tuple[list, Any]:
-    """``(regularizers, backward)`` the compiled model's method brings to training: ODM's
-    regularizer and cooperative backward (fxquant/train/odm.py); none for other methods."""
-    recipe = getattr(gm, "fxquant_recipe", None)
-    if recipe is not None and recipe.method == "odm":
-        from fxquant.train.odm import odm_hooks
-
-        return odm_hooks(gm, recipe.options)
-    return [], None
-
-
-def deployable(gm: fx.GraphModule) -> fx.GraphModule:
-    """What gets saved as a result: ``gm``, with trained ODM offsets folded into their convs
-    (``fold-offsets``) so the saved graph has no extra op; the training graph is untouched."""
-    from fxquant.quant.offsets import ChannelOffset
-
-    if not any(isinstance(m, ChannelOffset) for m in gm.modules()):
-        return gm
-    import fxquant
-
-    return fxquant.transformed_copy(gm, "fold-offsets")
 
 
 def _runner(model: nn.Module, spec: Any, scale: int) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -113,7 +83,7 @@ def _runner(model: nn.Module, spec: Any, scale: int) -> Callable[[torch.Tensor],
     return as_sr_function(model, spec, scale)
 
 
-class QATTrainer:
+class QATTrainer(Resumable):
     """Trains ``gm`` (a compiled model) in place; see the module docstring."""
 
     def __init__(self, gm: fx.GraphModule, float_model: nn.Module, config: QATConfig, *,
@@ -170,77 +140,6 @@ class QATTrainer:
         self.student = _runner(self.net, spec, scale)
         self.teacher_fn = _runner(self.teacher, spec, scale)
         self.tensorboard = None
-
-    # ---- checkpoints -------------------------------------------------------------------
-    def checkpoint(self) -> dict:
-        return {"compiled": self.info, "state_dict": self.gm.state_dict(),
-                "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(),
-                "generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
-                "step": self.step, "metrics": copy.deepcopy(self.metrics),
-                "best_psnr": self.best_psnr, "config": self.config.to_dict(),
-                "world_size": self.world.size,
-                "regularizers": {n: r.state_dict() for n, r in self._hooks()
-                                 if hasattr(r, "state_dict")}}
-
-    def _hooks(self) -> list[tuple[str, Any]]:
-        hooks = list(self.config.regularizers)
-        hooks += [self.config.backward] if self.config.backward is not None else []
-        return list(zip(regularizer_names(hooks), hooks))
-
-    def save_checkpoint(self, path: str | os.PathLike) -> None:
-        write_checkpoint(path, self.checkpoint())
-
-    def load_checkpoint(self, payload: dict, where: str = "checkpoint") -> None:
-        mine = self.config.to_dict()
-        # a setting newer than the checkpoint was at its default when the checkpoint was written
-        saved = {**QATConfig().to_dict(), **payload["config"]}
-        differ = sorted(k for k in mine if k not in RESUME_MAY_CHANGE and saved[k] != mine[k])
-        if differ:
-            raise TrainError(f"{where} was trained with other settings: "
-                             + ", ".join(f"{k}={saved[k]!r} (now {mine[k]!r})" for k in differ)
-                             + f"; only {', '.join(RESUME_MAY_CHANGE)} may change on resume")
-        load_model_state(self.gm, payload["state_dict"], where)
-        self.optimizer.load_state_dict(payload["optimizer"])
-        self.scheduler.load_state_dict(payload["scheduler"])
-        self.generator.set_state(payload["generator"])
-        torch.set_rng_state(payload["torch_rng"])
-        self.step, self.best_psnr = int(payload["step"]), float(payload["best_psnr"])
-        self.metrics = copy.deepcopy(payload["metrics"])
-        states = payload.get("regularizers") or {}
-        for name, r in self._hooks():
-            if name in states and hasattr(r, "load_state_dict"):
-                r.load_state_dict(states[name])
-
-    @classmethod
-    def from_checkpoint(cls, path: str | os.PathLike, float_model: nn.Module, *,
-                        regularizers: list | None = None, backward: Any = None,
-                        changes: dict | None = None,
-                        **kwargs) -> "QATTrainer":
-        """A trainer that continues the run saved at ``path``: the graph rebuilt on a copy of
-        ``float_model`` and every state loaded. ``changes``: new values of
-        ``RESUME_MAY_CHANGE`` settings; ``kwargs`` as for the constructor (not ``config``)."""
-        payload = read_checkpoint(path)
-        changes = dict(changes or {})
-        refused = sorted(set(changes) - set(RESUME_MAY_CHANGE))
-        if refused:
-            raise TrainError(f"cannot change {refused} when resuming {path}; only "
-                             f"{', '.join(RESUME_MAY_CHANGE)} may change")
-        gm = rebuild(payload["compiled"], float_model, str(path))
-        if not regularizers and backward is None:
-            regularizers, backward = method_hooks(gm)  # the method's own hooks (ODM)
-        config = QATConfig.from_dict({**payload["config"], **changes}, regularizers, backward)
-        for key, now in config.to_dict().items():
-            if key in ("regularizers", "backward") and now != payload["config"].get(key):
-                raise TrainError(f"{path} was trained with {key} {payload['config'].get(key)}; "
-                                 f"pass the same again (got {now})")
-        info = payload["compiled"]["model"]
-        kwargs.setdefault("model_info", {"model_name": info.get("name"),
-                                         "scale": info.get("scale"),
-                                         "user_model": info.get("user")})
-        trainer = cls(gm, float_model, config, **kwargs)
-        trainer.load_checkpoint(payload, str(path))
-        return trainer
 
     # ---- training ----------------------------------------------------------------------
     def train_step(self) -> dict[str, float]:

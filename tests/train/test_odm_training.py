@@ -9,7 +9,8 @@ import torch
 
 import fxquant
 from fxquant.quant.offsets import ChannelOffset
-from fxquant.train.qat import QATTrainer, deployable
+from fxquant.train.methods import deployable
+from fxquant.train.qat import QATTrainer
 
 from qat_helpers import config, float_model, sampler
 

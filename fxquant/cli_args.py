@@ -1,0 +1,73 @@
+"""The command line's argument types and shared flag groups: the checked integer and dataset-list
+types, the own-model flags, the model flags of eval/compile, and the compiled-model source of
+``inspect`` (also used by ``fxquant bench``, ``fxquant train`` and the tools/ scripts)."""
+
+from __future__ import annotations
+
+import argparse
+
+from fxquant.errors import FxquantError
+
+
+def dataset_list(text: str) -> list[str]:
+    names = [d.strip() for d in text.split(",") if d.strip()]
+    if not names:
+        raise FxquantError(f"--datasets {text!r} names no dataset; give a comma-separated "
+                           "list such as Set5,Set14,B100,Urban100")
+    return names
+
+
+def _int_at_least(minimum: int, meaning: str):
+    """An argparse type: an integer >= ``minimum`` (``--limit 0`` would evaluate nothing)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} must be {meaning}")
+        return value
+    return parse
+
+
+positive_int = _int_at_least(1, "1 or more")
+non_negative_int = _int_at_least(0, "0 or more")
+
+
+MODEL_HELP = ("zoo model name (see `fxquant models`), or your own: path/to/file.py:ClassName "
+              "or package.module:ClassName (with --weights, --init, --color, --range)")
+
+
+def add_own_model_args(parser: argparse.ArgumentParser) -> None:
+    """The flags that describe an own model (``--model file.py:Class``)."""
+    parser.add_argument("--weights", help="own model's weights (.pth loaded with "
+                                          "weights_only=True, or .safetensors)")
+    parser.add_argument("--init", help="own model's constructor arguments as a JSON object, "
+                                       "e.g. '{\"upscale\": 4}'")
+    parser.add_argument("--color", choices=("rgb", "y"),
+                        help="own model's input: rgb (1x3xHxW, default) or y (1x1xHxW luma)")
+    parser.add_argument("--range", type=int, choices=(1, 255),
+                        help="own model's pixel range: 1 ([0, 1], default) or 255")
+
+
+def add_model_args(parser: argparse.ArgumentParser, recipe_default: str | None = None) -> None:
+    parser.add_argument("--model", required=True, help=MODEL_HELP)
+    parser.add_argument("--scale", type=positive_int,
+                        help="upscaling factor (required for zoo models; found by running "
+                             "an own model once)")
+    parser.add_argument("--recipe", default=recipe_default,
+                        help="preset name (see `fxquant recipes`) or path to a .toml recipe; "
+                             "`eval --recipe fp` evaluates the float model alone")
+    parser.add_argument("--checkpoint", help="load this checkpoint instead of the pretrained one")
+    parser.add_argument("--data", help="data root (default: $FXQUANT_DATA)")
+    add_own_model_args(parser)
+
+
+def add_model_source_args(parser: argparse.ArgumentParser) -> None:
+    """A compiled model to inspect: a saved one (``--compiled``), or a zoo model compiled
+    here (``--model/--scale/--recipe``). Shared by ``inspect`` and the tools/ scripts."""
+    parser.add_argument("--compiled", help="a saved compiled model")
+    parser.add_argument("--model")
+    parser.add_argument("--scale", type=positive_int)
+    parser.add_argument("--recipe")
+    parser.add_argument("--data", help="data root (default: $FXQUANT_DATA)")
