@@ -25,6 +25,9 @@ class InputGuard(nn.Module):
             raise LoweringError(f"lowered model takes a N×C×H×W image batch, got {shape}")
         if not x.is_floating_point():
             raise LoweringError(f"lowered model takes a floating-point image, got {x.dtype}")
+        if x.dtype != torch.float32:  # the float ops around the integer convs are float32
+            raise LoweringError(f"lowered model takes float32 images, got {x.dtype}; convert "
+                                "the input with x.float()")
         n, c, h, w = x.shape
         if n < 1 or h < 1 or w < 1:
             raise LoweringError(f"lowered model got an empty batch {tuple(x.shape)}; give at "
@@ -39,7 +42,20 @@ class InputGuard(nn.Module):
             raise LoweringError(f"the lowered model is on {self.device_probe.device} but the "
                                 f"input is on {x.device}; move one to the other "
                                 "(model.to(device) or x.to(device))")
+        if not torch.compiler.is_exporting():  # torch.export cannot capture a data-dependent raise
+            _check_finite(x)
         return x
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}" + (", cpu only" if self.cpu_only else "")
+
+
+@torch.compiler.disable  # a data-dependent raise: run eagerly in front of a compiled graph
+def _check_finite(x: torch.Tensor) -> None:
+    """NaN or inf has no integer code: the cast gives an arbitrary one, so refuse it here."""
+    finite = torch.isfinite(x)
+    if not bool(finite.all()):
+        bad = int(finite.numel() - finite.sum())
+        raise LoweringError(f"lowered model got an image with {bad} NaN/inf values "
+                            f"(shape {tuple(x.shape)}); integer codes exist only for finite "
+                            "values, so give finite images")

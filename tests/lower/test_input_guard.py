@@ -1,0 +1,68 @@
+"""The lowered model's input guard: what the integer graph cannot take is refused by name,
+never turned into arbitrary integer codes or a oneDNN/ATen error from inside the graph."""
+
+import pytest
+import torch
+from torch import nn
+
+import fxquant
+from fxquant.lower.conv import LoweringError
+
+
+class Body(nn.Module):
+    """Four convs, a residual and a sub-pixel tail: the body convs are quantized."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Conv2d(3, 8, 3, padding=1)
+        self.a, self.b = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+        self.tail = nn.Conv2d(8, 12, 3, padding=1)
+        self.shuffle = nn.PixelShuffle(2)
+
+    def forward(self, x):
+        h = torch.relu(self.head(x))
+        return self.shuffle(self.tail(h + self.b(torch.relu(self.a(h)))))
+
+
+@pytest.fixture(scope="module")
+def compiled():
+    torch.manual_seed(0)
+    calib = torch.rand(4, 3, 16, 16)
+    # sym-all quantizes the first conv's input too: the image itself becomes integer codes;
+    # dfsq and i2nq look codes up in tables, where a NaN index used to reach ATen's indexing
+    return {recipe: fxquant.compile(Body().eval(), recipe, calib)
+            for recipe in ("mse-w8a8-sym-all", "dfsq-w4a4", "i2nq-w4a4")}
+
+
+@pytest.mark.parametrize("recipe", ["mse-w8a8-sym-all", "dfsq-w4a4", "i2nq-w4a4"])
+@pytest.mark.parametrize("target", ["reference", "cpu"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_pixels_are_refused(compiled, recipe, target, value):
+    lowered = fxquant.lowered_copy(compiled[recipe], target)
+    x = torch.rand(2, 3, 12, 12)
+    x[1, 2, 5, 7] = value
+    x[0, 0, 0, 0] = value
+    with pytest.raises(LoweringError, match=r"got an image with 2 NaN/inf values "
+                                            r"\(shape \(2, 3, 12, 12\)\)"):
+        lowered(x)
+    x[1, 2, 5, 7] = x[0, 0, 0, 0] = 0.5  # the same model still runs finite images
+    assert torch.isfinite(lowered(x)).all()
+
+
+def test_non_finite_pixels_are_refused_in_front_of_the_compiled_graph(compiled):
+    lowered = fxquant.lowered_copy(compiled["mse-w8a8-sym-all"], "cpu", compile=True)
+    x = torch.rand(1, 3, 12, 12)
+    expected = lowered(x)
+    x[0, 1, 3, 3] = float("nan")
+    with pytest.raises(LoweringError, match="1 NaN/inf values"):
+        lowered(x)
+    x[0, 1, 3, 3] = torch.rand(1, 3, 12, 12)[0, 1, 3, 3]
+    assert torch.isfinite(lowered(x)).all() and expected.shape == lowered(x).shape
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
+def test_other_float_dtypes_are_refused_by_name(compiled, dtype):
+    lowered = fxquant.lowered_copy(compiled["mse-w8a8-sym-all"], "reference")
+    with pytest.raises(LoweringError, match=f"takes float32 images, got {dtype}; convert the "
+                                            r"input with x.float\(\)"):
+        lowered(torch.rand(1, 3, 8, 8, dtype=dtype))
