@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxquant.errors import FxquantError
+from fxquant.lower.int8_pairs import needs_split, split_weight_codes
 from fxquant.lower.uniform_codes import IntegerQuantize, quantize_codes
 
 INT8_MIN, INT8_MAX = -128, 127
@@ -289,10 +290,13 @@ class CpuConv2d(FusedOutputConv2d):
         # point 0); the taps' sum rides in the bias and the border strips are added after
         self._zp_taps = self.zero_point_taps() if self.per_channel_input else None
         x_zp = 0 if self.per_channel_input else int(self.input_zero_point)
-        self._packed = torch.ops.onednn.qconv_prepack(
-            self.weight_codes.contiguous(), self.weight_scale.float().contiguous(),
+        # two weight planes where this CPU's int8 pairs could saturate (fxquant/lower/int8_pairs.py)
+        planes = split_weight_codes(self.weight_codes) \
+            if needs_split(self.qmax, self.weight_codes) else [self.weight_codes]
+        self._packed = [torch.ops.onednn.qconv_prepack(
+            plane.contiguous(), self.weight_scale.float().contiguous(),
             float(self.input_scale), x_zp, list(self.stride),
-            list(self.padding), list(self.dilation), self.groups, None)
+            list(self.padding), list(self.dilation), self.groups, None) for plane in planes]
         self._scale = self.weight_scale.float().contiguous()
         self._zero_points = torch.zeros(self.out_channels, dtype=torch.int64)
         bias = self.bias.float() if self.bias is not None else None
@@ -307,16 +311,22 @@ class CpuConv2d(FusedOutputConv2d):
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
         q = codes.contiguous(memory_format=torch.channels_last)  # no copy when already NHWC
-        if self._out_scale > 0:  # uint8 codes for the next integer conv
+        if self._out_scale > 0 and len(self._packed) == 1:  # uint8 codes for the next conv
             y = torch.ops.onednn.qconv_pointwise(
-                q, self._x_scale, self._x_zp, self._packed, self._scale, self._zero_points,
+                q, self._x_scale, self._x_zp, self._packed[0], self._scale, self._zero_points,
                 self._bias, list(self.stride), list(self.padding), list(self.dilation),
                 self.groups, self._out_scale, self._out_zp, torch.uint8, self._out_attr, [None], "")
             return y if self._out_qmax == 255 else torch.clamp(y, max=self._out_qmax)
-        y = torch.ops.onednn.qconv_pointwise(
-            q, self._x_scale, self._x_zp, self._packed, self._scale, self._zero_points,
-            self._bias, list(self.stride), list(self.padding), list(self.dilation),
-            self.groups, 1.0, 0, torch.float32, "none", [None], "")
+        y = None
+        for k, packed in enumerate(self._packed):  # split weight planes: their outputs add
+            part = torch.ops.onednn.qconv_pointwise(
+                q, self._x_scale, self._x_zp, packed, self._scale, self._zero_points,
+                self._bias if k == 0 else None, list(self.stride), list(self.padding),
+                list(self.dilation), self.groups, 1.0, 0, torch.float32, "none", [None], "")
+            y = part if y is None else y.add_(part)
+        if self._out_scale > 0:  # the fused epilogue's codes, computed after the planes' sum
+            y = torch.relu(y) if self._out_attr == "relu" else y
+            return quantize_codes(y, self._out_scale, self._out_zp, self._out_qmax)
         if self._zp_taps is not None and any(self.padding):
             y = self.add_zero_point_border(y, q.shape[2:])
         if not self._corrected:

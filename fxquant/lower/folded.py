@@ -21,6 +21,7 @@ from torch import fx, nn
 from fxquant.errors import PassError
 from fxquant.graph import replace_module_node
 from fxquant.lower.conv import INT32_MAX, LoweringError
+from fxquant.lower.int8_pairs import int8_pairs_saturate, needs_split, split_weight_codes
 
 U8_MAX, INT8_MAX = 255, 127
 
@@ -211,16 +212,28 @@ class CpuDaqConv2d(DaqConv2d):
         """One image's code planes (1×C×H×W uint8 NHWC each) convolved with one int8 weight
         plane (O×C/g×k×k, per-output scale ``wscale``): float32 ``Σ q·K·s_w [+ bias]`` per
         code plane (``bias`` added to the first only)."""
+        # where this CPU's int8 pairs could saturate, two weight planes of |k| <= 64
+        # (fxquant/lower/int8_pairs.py); the codes' largest value decides, read only then
+        code_max = max(int(plane.max()) for plane in planes) if int8_pairs_saturate() else 0
+        parts = split_weight_codes(wcodes) if needs_split(code_max, wcodes) else [wcodes]
         # with the input shape oneDNN can pick its weight layout for this call
-        packed_w = torch.ops.onednn.qconv_prepack(
-            wcodes.contiguous(), wscale.contiguous(), 1.0, 0, list(self.stride),
+        packed = [torch.ops.onednn.qconv_prepack(
+            part.contiguous(), wscale.contiguous(), 1.0, 0, list(self.stride),
             list(self.padding), list(self.dilation), self.groups, [1, *planes[0].shape[1:]])
+            for part in parts]
         zero_points = torch.zeros(self.out_channels, dtype=torch.int64)
-        return [torch.ops.onednn.qconv_pointwise(
-            plane, 1.0, 0, packed_w, wscale.contiguous(), zero_points,
-            bias.contiguous() if k == 0 and bias is not None else None, list(self.stride),
-            list(self.padding), list(self.dilation), self.groups, 1.0, 0, torch.float32,
-            "none", [None], "") for k, plane in enumerate(planes)]
+        outs = []
+        for k, plane in enumerate(planes):
+            y = None
+            for j, packed_w in enumerate(packed):
+                part = torch.ops.onednn.qconv_pointwise(
+                    plane, 1.0, 0, packed_w, wscale.contiguous(), zero_points,
+                    bias.contiguous() if k == 0 and j == 0 and bias is not None else None,
+                    list(self.stride), list(self.padding), list(self.dilation), self.groups,
+                    1.0, 0, torch.float32, "none", [None], "")
+                y = part if y is None else y.add_(part)
+            outs.append(y)
+        return outs
 
 
 def add_border(y: torch.Tensor, v: torch.Tensor, rows: torch.Tensor,
