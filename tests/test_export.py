@@ -12,6 +12,7 @@ import torch
 import fxquant
 from fxquant.deploy import ExportError, export
 from fxquant.deploy.torch_export import exportable_module, load_program
+from fxquant.lower.conv import ReferenceConv2d
 
 onnx = pytest.importorskip("onnx", reason="ONNX export needs onnx (pip install 'fxquant[deploy]')")
 pytest.importorskip("onnxruntime", reason="ONNX checks need onnxruntime (fxquant[deploy])")
@@ -49,14 +50,26 @@ def test_symmetric_weights_structure(tiny_sr, calib):
     inits = {i.name: i for i in model.graph.initializer}
     types = collections.Counter(i.data_type for i in inits.values())
     assert types[onnx.TensorProto.INT32] == 4  # 2 biases and their zero points
+    reference = fxquant.lowered_copy(compiled(tiny_sr, calib, "mse-w8a8-sym"), "reference")
+    weight_codes = [m.weight_codes for m in reference.modules() if isinstance(m, ReferenceConv2d)]
+    weights = []
     for node in model.graph.node:
         source = inits.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
-        if source is not None:  # weights (int8) and biases (int32): per output channel
+        if source is not None:  # weights and biases (int32, zero point 0): per output channel
             assert [a.i for a in node.attribute if a.name == "axis"] == [0]
-            assert source.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.INT32)
-            assert not onnx.numpy_helper.to_array(inits[node.input[2]]).any()  # zero point 0
+            zero_point = onnx.numpy_helper.to_array(inits[node.input[2]])
+            if source.data_type == onnx.TensorProto.INT32:
+                assert not zero_point.any()
+                continue
+            # weights as uint8 k + 128, zero point 128: ONNX Runtime runs u8 × u8, whose
+            # pair sums cannot saturate on CPUs without VNNI (u8 × s8 ones can)
+            assert source.data_type == onnx.TensorProto.UINT8 and (zero_point == 128).all()
+            weights.append(torch.from_numpy(onnx.numpy_helper.to_array(source).astype("int64")))
         if node.op_type == "DepthToSpace":
             assert [a.s for a in node.attribute if a.name == "mode"] == [b"CRD"]
+    # the two QDQ convs are the first conv of each block (ConvInteger keeps its own weights)
+    assert len(weights) == 2
+    assert all(torch.equal(w - 128, k.long()) for w, k in zip(weights, weight_codes[0::2]))
     dims = model.graph.input[0].type.tensor_type.shape.dim
     assert [d.dim_param for d in dims] == ["batch", "", "height", "width"]
 

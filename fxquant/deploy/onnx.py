@@ -10,11 +10,14 @@ own translation, and the integer modules emit their ONNX form:
   bits);
 - quantized conv, two forms:
 
-  ``qdq``: ``DequantizeLinear`` of the uint8 codes, of the int8 weight initializer (per
-  output channel, axis 0, zero point 0) and of an int32 bias at scale ``s_x·s_w`` → ``Conv``.
-  ONNX Runtime fuses ``DQ → Conv → Q`` into ``QLinearConv``, so this form is chosen for a
-  conv whose only reader is the next layer's quantizer (a ReLU in between is dropped when
-  that quantizer's zero point is 0: exact, the quantizer clamps negatives to code 0);
+  ``qdq``: ``DequantizeLinear`` of the uint8 codes, of the weight initializer (per output
+  channel, axis 0) and of an int32 bias at scale ``s_x·s_w`` → ``Conv``. ONNX Runtime fuses
+  ``DQ → Conv → Q`` into ``QLinearConv``, so this form is chosen for a conv whose only reader
+  is the next layer's quantizer (a ReLU in between is dropped when that quantizer's zero
+  point is 0: exact, the quantizer clamps negatives to code 0). The weights are stored as
+  uint8 ``k + 128`` with zero point 128: ONNX Runtime then runs u8 × u8, exact on every CPU,
+  where u8 × s8 sums product pairs in a saturating int16 on CPUs without VNNI
+  (fxquant/lower/int8_pairs.py) and gives wrong outputs there;
 
   ``integer``: ``ConvInteger`` (uint8 codes × weights stored as uint8 ``k + 128`` with zero
   point 128 → int32) → ``Cast`` → ``Mul`` by
@@ -26,7 +29,8 @@ own translation, and the integer modules emit their ONNX form:
   second ``ConvInteger`` with an all-ones kernel (the window sums ``S``).
 
 ``form="integer"`` (default) picks per conv as above; ``form="qdq"`` writes every conv in the
-QDQ form (what TensorRT and other QDQ consumers read) and refuses asymmetric weights.
+QDQ form with int8 weights and zero point 0 (what TensorRT and other QDQ consumers read; ONNX
+Runtime runs it u8 × s8, so not exactly on CPUs without VNNI) and refuses asymmetric weights.
 ``form="fake-quant"`` exports the fake-quant graph itself as float ONNX ops, for any recipe whose
 quantizers trace: DAQ's per-(image, channel) statistics and DFSQ's per-input normalization and
 level lookup become graph ops computed per input; no integer kernels.
@@ -105,11 +109,18 @@ class _ConvFn(torch.autograd.Function):
     def symbolic(g, codes, conv: ReferenceConv2d, form: str):
         out = conv.out_channels
         rescale = (conv.input_scale * conv.weight_scale).float()  # as ReferenceConv2d computes it
-        if form == "qdq":
+        if form in ("qdq", "qdq-u8"):
             x = g.op("DequantizeLinear", codes, _const(g, conv.input_scale.float().reshape(())),
                      _const(g, conv.input_zero_point.to(torch.uint8).reshape(())))
-            w = g.op("DequantizeLinear", _const(g, conv.weight_codes), _const(g, conv.weight_scale.float()),
-                     _const(g, torch.zeros(out, dtype=torch.int8)), axis_i=0)
+            if form == "qdq":
+                w = g.op("DequantizeLinear", _const(g, conv.weight_codes),
+                         _const(g, conv.weight_scale.float()),
+                         _const(g, torch.zeros(out, dtype=torch.int8)), axis_i=0)
+            else:
+                w = g.op("DequantizeLinear",
+                         _const(g, (conv.weight_codes.to(torch.int16) + 128).to(torch.uint8)),
+                         _const(g, conv.weight_scale.float()),
+                         _const(g, torch.full((out,), 128, dtype=torch.uint8)), axis_i=0)
             inputs = [x, w]
             if conv.bias is not None:
                 b32 = torch.round(conv.bias.double() / rescale.double())
@@ -245,7 +256,8 @@ def integer_graph(gm: fx.GraphModule, form: str = "integer") -> fx.GraphModule:
             if use_qdq and reader is not None and reader[1] is not None:
                 reader[1].replace_all_uses_with(node)
                 graph.erase_node(reader[1])
-            lowered.add_submodule(node.target, _Conv(module, "qdq" if use_qdq else "integer"))
+            lowered.add_submodule(node.target, _Conv(module, ("qdq" if form == "qdq" else "qdq-u8")
+                                                     if use_qdq else "integer"))
     graph.lint()
     lowered.recompile()
     return lowered
