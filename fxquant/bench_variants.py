@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from fxquant.errors import FxquantError
+from fxquant.lower.int8_pairs import int8_pairs_saturate
 
 __all__ = ["Variant", "VariantUnavailable", "BUILDERS", "build_variants", "build_fp32_eager",
            "build_fp32_channels_last", "build_fp32_compile", "build_bf16_autocast",
@@ -206,6 +207,7 @@ def _frozen(compiled: Callable) -> Callable[[torch.Tensor], torch.Tensor]:
 def build_pt2e_int8(model, example, calib, *, concrete_args=None) -> Variant:
     name = "pt2e_int8"
     prepare_pt2e, convert_pt2e, Quantizer, default_config = _import_pt2e()
+    reduce_range = int8_pairs_saturate()
     m = _copy(model, concrete_args)
     try:
         with warnings.catch_warnings():
@@ -219,13 +221,18 @@ def build_pt2e_int8(model, example, calib, *, concrete_args=None) -> Variant:
                                    "torch._export.non_strict_utils"):
                 exported = torch.export.export(
                     m, (example,), dynamic_shapes=({0: auto, 2: auto, 3: auto},)).module()
-            prepared = prepare_pt2e(exported, Quantizer().set_global(default_config()))
+            # torchao's own advice for CPUs without VNNI, whose u8 × s8 pair sums saturate
+            # (fxquant/lower/int8_pairs.py): 7-bit activations (reduce_range)
+            config = default_config(reduce_range=reduce_range)
+            prepared = prepare_pt2e(exported, Quantizer().set_global(config))
             _calibrate(prepared, example, calib)
             fn = _frozen(torch.compile(convert_pt2e(prepared), dynamic=False))
             fn(example)  # warm-up compile
     except Exception as exc:  # noqa: BLE001
         raise VariantUnavailable(name, _first_line(exc)) from exc
-    return Variant(name, fn, "torchao PT2E: export, X86InductorQuantizer default config, "
+    config_name = "default config with reduce_range (7-bit activations: this CPU has no VNNI)" \
+        if reduce_range else "default config"
+    return Variant(name, fn, f"torchao PT2E: export, X86InductorQuantizer {config_name}, "
                              f"{len(calib or [example])} calibration batches, "
                              "torch.compile (static shapes) with Inductor freezing")
 
