@@ -270,7 +270,11 @@ class CpuConv2d(FusedOutputConv2d):
     float order (a code can differ by one from the reference's at an exact tie).
 
     Centred (asymmetric) weights add ``c_o·s_w[o]·s_x·S`` with the window sums ``S`` of the
-    codes (:func:`window_sum`, a channel sum and a box filter: cheap beside the conv)."""
+    codes (:func:`window_sum`, a channel sum and a box filter: cheap beside the conv).
+
+    On a CPU without VNNI, where oneDNN's u8 × s8 pairs saturate, 8-bit layers run two weight
+    planes whose float32 outputs add (fxquant/lower/int8_pairs.py); a fused uint8 output is
+    then quantized after the sum, as the reference does."""
 
     target = "cpu"
     channels_last = True
