@@ -118,3 +118,18 @@ def test_models_lowered_with_split_planes_follow_the_reference(recipe, tiny_sr, 
         convs = [m for m in lowered.modules() if isinstance(m, CpuConv2d)]
         assert convs and all(len(m._packed) == 2 for m in convs)
         assert all(a.max_steps <= 1 for a in layer_agreement(fake, lowered, [x]))
+
+
+def test_a_saved_lowering_repacks_for_the_cpu_that_loads_it(tiny_sr, calib, tmp_path,
+                                                            monkeypatch):
+    """Saved on a CPU with VNNI (one plane), loaded on one without: the planes are packed
+    again on load, for the loading CPU."""
+    fake = fxquant.compile(tiny_sr, "mse-w8a8-sym", calib=calib)
+    monkeypatch.setenv(OVERRIDE, "exact")
+    path = tmp_path / "lowered.fxq"
+    fxquant.save(fxquant.lowered_copy(fake, "cpu"), path)
+    monkeypatch.setenv(OVERRIDE, "saturating")
+    loaded = fxquant.load(path, model=type(tiny_sr)())
+    convs = [m for m in loaded.modules() if isinstance(m, CpuConv2d)]
+    assert convs and all(len(m._packed) == 2 for m in convs)
+    assert all(a.max_steps <= 1 for a in layer_agreement(fake, loaded, [calib[:2]]))
