@@ -36,6 +36,20 @@ def check_model_finite(model: nn.Module) -> None:
                            "quantizing it would give NaN outputs: fix or reload its weights")
 
 
+def check_model_float32(model: nn.Module) -> None:
+    """Every floating-point parameter and buffer is float32: the quantizers, the calibration
+    data and the integer targets are float32, and a float64 or half model otherwise fails in
+    its first conv with a dtype mismatch from deep inside torch."""
+    other = [(name, t.dtype) for name, t in list(model.named_parameters())
+             + list(model.named_buffers()) if t.is_floating_point() and t.dtype != torch.float32]
+    if other:
+        shown = ", ".join(f"'{name}' ({str(dtype).replace('torch.', '')})"
+                          for name, dtype in other[:5])
+        raise FxquantError(f"fxquant quantizes float32 models; {shown}"
+                           f"{f' and {len(other) - 5} more' if len(other) > 5 else ''} "
+                           "are not float32: pass model.float()")
+
+
 def check_state_finite(state: dict, source: str) -> None:
     """Every tensor of a saved compiled model is finite (an edited or corrupt file)."""
     bad = non_finite(state.items())

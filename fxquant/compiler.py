@@ -11,6 +11,7 @@ from torch import fx, nn
 from fxquant.calibration import prepare_calibration
 from fxquant.checks import (
     check_model_finite,
+    check_model_float32,
     check_not_compiled,
     check_quantized,
     check_state_finite,
@@ -47,6 +48,7 @@ def compile(model: nn.Module, recipe: RecipeLike = "minmax-w8a8", calib: object 
     if not isinstance(model, nn.Module):
         raise FxquantError(f"fxquant.compile takes a torch.nn.Module, got {type(model).__name__}")
     check_not_compiled(model)
+    check_model_float32(model)
     if calibrate:
         check_model_finite(model)
         calib = prepare_calibration(calib, input_range)
@@ -104,8 +106,12 @@ def lowered_copy(gm: fx.GraphModule, target: str = "cpu", *, compile: bool = Fal
     """A copy of compiled model ``gm`` run through ``lower{target=...}``; ``gm`` stays as it
     is. The copy's pipeline and history record the lower pass, so :func:`save` and
     :func:`load` round-trip the lowered model."""
+    from fxquant.lower.conv import LoweringError
     from fxquant.passes.lower import LowerPass
 
+    if getattr(gm, "fxquant_lowered", None):
+        raise LoweringError(f"the model is already lowered (target '{gm.fxquant_lowered}'); "
+                            "lower the compiled fake-quant model instead")
     return transformed_copy(gm, [LowerPass(target=target, compile=compile, fuse=fuse)])
 
 

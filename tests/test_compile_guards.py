@@ -111,6 +111,25 @@ def test_nan_weights_are_named(tiny_sr):
         fxquant.compile(tiny_sr, "daq-w4a4", calib=patches())
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_models_that_are_not_float32_are_named(tiny_sr, dtype):
+    model = type(tiny_sr)().to(dtype)
+    name = str(dtype).replace("torch.", "")
+    with pytest.raises(FxquantError, match=f"fxquant quantizes float32 models; 'head.weight' "
+                                           rf"\({name}\), .* and 7 more are not float32: pass "
+                                           r"model.float\(\)"):
+        fxquant.compile(model, "minmax-w8a8", calib=patches())
+    assert next(model.parameters()).dtype == dtype  # the user's model is left as it was
+
+
+def test_lowering_a_lowered_model_names_what_to_lower(tiny_sr):
+    lowered = fxquant.lowered_copy(fxquant.compile(tiny_sr, "minmax-w8a8", calib=patches()),
+                                   "reference")
+    with pytest.raises(FxquantError, match="already lowered \\(target 'reference'\\); lower "
+                                           "the compiled fake-quant model instead"):
+        fxquant.lowered_copy(lowered, "cpu")
+
+
 def test_a_compiled_file_with_nan_scales_does_not_load(tiny_sr, tmp_path):
     gm = fxquant.compile(tiny_sr, "minmax-w8a8", calib=patches())
     path = tmp_path / "m.fxq"
