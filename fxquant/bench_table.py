@@ -8,6 +8,8 @@ import platform
 
 import torch
 
+from fxquant.lower.int8_pairs import int8_pairs_saturate
+
 SECTION = "## Integer execution (fxquant bench)"
 BASELINE_NAMES = {"fp32_eager": "FP32 eager", "pt2e_int8": "PT2E int8"}
 
@@ -32,13 +34,21 @@ def cpu_description(cpuinfo: str = "/proc/cpuinfo") -> str:
     return f"{name}, {os.cpu_count()} logical CPUs"
 
 
+def int8_kind() -> str:
+    """Whether this CPU's int8 convs accumulate exactly (VNNI) or run the split-weight path
+    (docs/lowering.md, "CPUs without VNNI"): the lowered models' speed turns on it."""
+    return ("no VNNI: 8-bit convs run two weight planes" if int8_pairs_saturate()
+            else "int8 with VNNI")
+
+
 def render(rows: list, args, command: str, breakdowns: dict | None = None) -> str:
     """The Markdown section: the table, then ``{model: {variant: op_breakdown(...)}}``."""
     baseline = getattr(args, "baseline", "fp32_eager")
     baseline = BASELINE_NAMES.get(baseline, baseline)
     lines = [getattr(args, "section", None) or SECTION, "",
              f"`{command}`", "",
-             f"×{args.scale}, 1×C×{args.size}×{args.size} LR input, {cpu_description()}, "
+             f"×{args.scale}, 1×C×{args.size}×{args.size} LR input, {cpu_description()} "
+             f"({int8_kind()}), "
              f"torch {torch.__version__}, torch threads "
              f"{torch.get_num_threads()}, {args.rounds} interleaved rounds after warm-up; ratio "
              f"= {baseline} time / variant time (higher is faster), median with the min–max of "

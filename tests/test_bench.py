@@ -71,8 +71,9 @@ def test_section_option_names_the_heading_and_is_checked(tmp_path):
         run(bad)
 
 
-def test_the_table_names_its_cpu(tmp_path):
+def test_the_table_names_its_cpu(tmp_path, monkeypatch):
     from fxquant.bench_table import cpu_description
+    from fxquant.lower.int8_pairs import OVERRIDE
 
     info = tmp_path / "cpuinfo"
     info.write_text("processor\t: 0\nvendor_id\t: AuthenticAMD\ncpu family\t: 26\nmodel\t\t: 2\n"
@@ -82,6 +83,11 @@ def test_the_table_names_its_cpu(tmp_path):
     args = argparse.Namespace(scale=4, size=64, rounds=3, recipe="mse-w8a8-sym")
     text = render([Row("m", "fp32_eager", 10.0, 1.0, 1.0, 1.0, 5.0, None, "eager")], args, "cmd")
     assert cpu_description() in text and f"torch {torch.__version__}" in text
+    for pairs, kind in (("exact", "(int8 with VNNI)"),
+                        ("saturating", "(no VNNI: 8-bit convs run two weight planes)")):
+        monkeypatch.setenv(OVERRIDE, pairs)  # whether int8 is exact here decides its speed
+        assert f"{cpu_description()} {kind}, torch" in render(
+            [Row("m", "fp32_eager", 10.0, 1.0, 1.0, 1.0, 5.0, None, "eager")], args, "cmd")
 
 
 def test_ratios_against_another_baseline_and_without_one():
