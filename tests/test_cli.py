@@ -59,6 +59,14 @@ def test_unknown_model_is_a_clean_error(capsys, data):
     assert "unknown model 'imdm'" in capsys.readouterr().err
 
 
+def test_python_m_fxquant_is_the_command_line():
+    proc = subprocess.run([sys.executable, "-m", "fxquant", "eval", "--model", "imdm"],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2 and proc.stderr.startswith("fxquant eval: error: unknown model")
+    assert subprocess.run([sys.executable, "-m", "fxquant", "--help"], capture_output=True,
+                          text=True, check=True).stdout.startswith("usage: fxquant ")
+
+
 @pytest.mark.data
 def test_eval_json_prints_exactly_one_object(data):
     proc = subprocess.run(
