@@ -66,3 +66,15 @@ def test_other_float_dtypes_are_refused_by_name(compiled, dtype):
     with pytest.raises(LoweringError, match=f"takes float32 images, got {dtype}; convert the "
                                             r"input with x.float\(\)"):
         lowered(torch.rand(1, 3, 8, 8, dtype=dtype))
+
+
+def test_the_finite_check_counts_only_when_the_sum_is_not_finite():
+    """The fast path is one sum; a sum that overflows on finite values counts no NaN/inf and
+    is not reported as one."""
+    from fxquant.lower.guard import _check_finite
+
+    _check_finite(torch.full((1, 3, 4, 4), 3e38))  # sum overflows to inf, no value is
+    x = torch.zeros(1, 3, 4, 4)
+    x[0, 0, 0, :2] = torch.tensor([float("inf"), -float("inf")])  # the sum is NaN
+    with pytest.raises(LoweringError, match="with 2 NaN/inf values"):
+        _check_finite(x)
