@@ -71,3 +71,12 @@ def add_model_source_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scale", type=positive_int)
     parser.add_argument("--recipe")
     parser.add_argument("--data", help="data root (default: $FXQUANT_DATA)")
+
+
+def models_from_source_args(args: argparse.Namespace):
+    """The FP and quantized models that :func:`add_model_source_args`' flags name (a saved
+    compiled model, or a zoo model compiled here)."""
+    from fxquant.report import load_models
+
+    return load_models(model=args.model, scale=args.scale, recipe=args.recipe,
+                       compiled=args.compiled, data_root=args.data)

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from fxquant.analysis import quantized_layers
-from fxquant.cli_args import add_model_source_args
+from fxquant.cli_args import add_model_source_args, models_from_source_args
 from fxquant.errors import FxquantError
 from fxquant.quant.base import quant_mode
 from fxquant.quant.uniform import (UniformQuantizer, affine_qparams, fake_quantize,
@@ -112,10 +112,7 @@ def main(argv=None) -> int:
                         help="also each layer's static activations alone")
     args = parser.parse_args(argv)
     try:
-        from fxquant.report import load_models
-
-        models = load_models(model=args.model, scale=args.scale, recipe=args.recipe,
-                             compiled=args.compiled, data_root=args.data)
+        models = models_from_source_args(args)
         row = bound_row(models, args.dataset, args.data, args.per_layer)
     except FxquantError as exc:
         print(f"activation_bound: error: {exc}", file=sys.stderr)

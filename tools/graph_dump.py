@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fxquant.cli_args import add_model_source_args
+from fxquant.cli_args import add_model_source_args, models_from_source_args
 from fxquant.errors import FxquantError
 from fxquant.files import atomic_write_text, check_output_dir, check_output_path
 
@@ -62,10 +62,7 @@ def main(argv=None) -> int:
             return 0
         from fxquant.analysis import benchmark_crops, layer_errors
         from fxquant.graphviz import render
-        from fxquant.report import load_models
-
-        models = load_models(model=args.model, scale=args.scale, recipe=args.recipe,
-                             compiled=args.compiled, data_root=args.data)
+        models = models_from_source_args(args)
         errors = None
         if args.errors:
             inputs, _ = benchmark_crops(args.dataset, models.scale, images=args.images,

@@ -23,7 +23,7 @@ import sys
 import torch
 
 import fxquant
-from fxquant.cli_args import add_model_source_args, positive_int
+from fxquant.cli_args import add_model_source_args, models_from_source_args, positive_int
 from fxquant.errors import FxquantError
 from fxquant.lower.conv import CpuConv2d
 from fxquant.lower.int8_pairs import OVERRIDE, int8_pairs_saturate
@@ -90,10 +90,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=positive_int, default=5)
     args = parser.parse_args(argv)
     try:
-        from fxquant.report import load_models
-
-        models = load_models(model=args.model, scale=args.scale, recipe=args.recipe,
-                             compiled=args.compiled, data_root=args.data)
+        models = models_from_source_args(args)
         row = check(models, args.size, args.rounds, args.data)
     except FxquantError as exc:
         print(f"int8_pairs_check: error: {exc}", file=sys.stderr)

@@ -16,7 +16,7 @@ import argparse
 import json
 import sys
 
-from fxquant.cli_args import add_model_source_args
+from fxquant.cli_args import add_model_source_args, models_from_source_args
 from fxquant.errors import FxquantError
 
 
@@ -35,10 +35,7 @@ def main(argv=None) -> int:
     try:
         from fxquant.analysis import benchmark_crops, layer_errors
         from fxquant.sensitivity import rank_agreement, sensitivity_sweep
-        from fxquant.report import load_models
-
-        models = load_models(model=args.model, scale=args.scale, recipe=args.recipe,
-                             compiled=args.compiled, data_root=args.data)
+        models = models_from_source_args(args)
         inputs, names = benchmark_crops(args.dataset, models.scale, images=args.images,
                                         crop=args.crop, color=models.spec.color, root=args.data)
         fns = {"float_fn": models.runner("fp"), "quant_fn": models.runner("quant")}
