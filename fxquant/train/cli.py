@@ -53,7 +53,7 @@ def build_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sets", default="T91,General100", help="training sets under <data>/train")
     p.add_argument("--no-augment", action="store_true", help="no random flips/rotations")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-set", default="Set5")
+    p.add_argument("--eval-set", help="benchmark set for --eval-every (default: Set5)")
     p.add_argument("--eval-limit", type=positive_int, help="first N images of --eval-set")
     p.add_argument("--eval-every", type=non_negative_int, default=0,
                    help="PSNR on --eval-set every N steps and at the end (0: never)")
@@ -71,13 +71,17 @@ def build_parser(p: argparse.ArgumentParser) -> None:
 def _config(args):
     from fxquant.train.config import QATConfig
 
+    if not args.eval_every and (args.eval_set or args.eval_limit):  # would be ignored silently
+        given = "--eval-set" if args.eval_set else "--eval-limit"
+        raise FxquantError(f"{given} applies to periodic evaluation, which is off: add "
+                           "--eval-every N (PSNR every N steps and at the end)")
     sets = tuple(s.strip() for s in args.sets.split(",") if s.strip())
     return QATConfig(steps=args.steps, batch_size=args.batch_size, patch=args.patch, lr=args.lr,
                      quantizer_lr=args.quantizer_lr, weight_decay=args.weight_decay,
                      schedule=args.schedule, step_size=args.step_size, gamma=args.gamma,
                      teacher_weight=args.teacher_weight, grad_clip=args.grad_clip, sets=sets,
                      augment=not args.no_augment, seed=args.seed, eval_every=args.eval_every,
-                     eval_set=args.eval_set, eval_limit=args.eval_limit,
+                     eval_set=args.eval_set or "Set5", eval_limit=args.eval_limit,
                      checkpoint_every=args.checkpoint_every, log_every=args.log_every,
                      channels_last=args.channels_last).validate()
 

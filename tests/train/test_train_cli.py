@@ -99,3 +99,15 @@ def test_a_compiled_start_and_named_errors(data, tmp_path, capsys, weights):
     assert train(data, tmp_path / "x", "--model", MODEL, "--recipe", "minmax-w4a4",
                  "--compiled", str(tmp_path / "ptq.fxq")) == 2
     assert "(got --compiled, --recipe)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags,named", [(["--eval-set", "Set14"], "--eval-set"),
+                                         (["--eval-limit", "2"], "--eval-limit")])
+def test_evaluation_flags_without_eval_every_are_refused(data, tmp_path, capsys, weights, flags,
+                                                          named):
+    """They would be ignored silently: periodic evaluation is off unless --eval-every is set."""
+    assert train(data, tmp_path / "run", "--model", MODEL, "--weights", weights, "--recipe",
+                 "minmax-w4a4", *flags) == 2
+    assert f"{named} applies to periodic evaluation, which is off: add --eval-every N" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "run" / "model.fxq").exists()
