@@ -1,6 +1,6 @@
 """Exact oneDNN int8 convolutions on CPUs whose int8 dot product saturates.
 
-Without VNNI (AVX2, or AVX-512 before VNNI: AMD Zen 2/3, Intel before Cascade Lake), oneDNN's
+Without VNNI (AMD Zen 2/3, AVX2 only; Intel before Cascade Lake, AVX-512 included), oneDNN's
 u8 × s8 kernels multiply with ``vpmaddubsw``, which adds two adjacent u8·s8 products into a
 *saturating* int16 before widening to int32: ``255·127 + 255·127 = 64 770`` becomes 32 767
 and the int32 accumulator is silently wrong. VNNI (``vpdpbusd``, AVX-512 VNNI, AVX-VNNI,
