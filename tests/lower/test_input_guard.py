@@ -3,42 +3,31 @@ never turned into arbitrary integer codes or a oneDNN/ATen error from inside the
 
 import pytest
 import torch
-from torch import nn
 
 import fxquant
 from fxquant.lower.conv import LoweringError
 
 
-class Body(nn.Module):
-    """Four convs, a residual and a sub-pixel tail: the body convs are quantized."""
-
-    def __init__(self):
-        super().__init__()
-        self.head = nn.Conv2d(3, 8, 3, padding=1)
-        self.a, self.b = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
-        self.tail = nn.Conv2d(8, 12, 3, padding=1)
-        self.shuffle = nn.PixelShuffle(2)
-
-    def forward(self, x):
-        h = torch.relu(self.head(x))
-        return self.shuffle(self.tail(h + self.b(torch.relu(self.a(h)))))
+_COMPILED: dict = {}
 
 
-@pytest.fixture(scope="module")
-def compiled():
-    torch.manual_seed(0)
-    calib = torch.rand(4, 3, 16, 16)
-    # sym-all quantizes the first conv's input too: the image itself becomes integer codes;
-    # dfsq and i2nq look codes up in tables, where a NaN index used to reach ATen's indexing
-    return {recipe: fxquant.compile(Body().eval(), recipe, calib)
-            for recipe in ("mse-w8a8-sym-all", "dfsq-w4a4", "i2nq-w4a4")}
+@pytest.fixture
+def compiled(tiny_sr, calib):
+    """The shared tiny model compiled once per recipe for this module (fixed seed and data).
+    sym-all quantizes the first conv's input too: the image itself becomes integer codes;
+    dfsq and i2nq look codes up in tables, where a NaN index used to reach ATen's indexing."""
+    def get(recipe: str):
+        if recipe not in _COMPILED:
+            _COMPILED[recipe] = fxquant.compile(tiny_sr, recipe, calib=calib)
+        return _COMPILED[recipe]
+    return get
 
 
 @pytest.mark.parametrize("recipe", ["mse-w8a8-sym-all", "dfsq-w4a4", "i2nq-w4a4"])
 @pytest.mark.parametrize("target", ["reference", "cpu"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
 def test_non_finite_pixels_are_refused(compiled, recipe, target, value):
-    lowered = fxquant.lowered_copy(compiled[recipe], target)
+    lowered = fxquant.lowered_copy(compiled(recipe), target)
     x = torch.rand(2, 3, 12, 12)
     x[1, 2, 5, 7] = value
     x[0, 0, 0, 0] = value
@@ -50,7 +39,7 @@ def test_non_finite_pixels_are_refused(compiled, recipe, target, value):
 
 
 def test_non_finite_pixels_are_refused_in_front_of_the_compiled_graph(compiled):
-    lowered = fxquant.lowered_copy(compiled["mse-w8a8-sym-all"], "cpu", compile=True)
+    lowered = fxquant.lowered_copy(compiled("mse-w8a8-sym-all"), "cpu", compile=True)
     x = torch.rand(1, 3, 12, 12)
     expected = lowered(x)
     x[0, 1, 3, 3] = float("nan")
@@ -62,7 +51,7 @@ def test_non_finite_pixels_are_refused_in_front_of_the_compiled_graph(compiled):
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float16, torch.bfloat16])
 def test_other_float_dtypes_are_refused_by_name(compiled, dtype):
-    lowered = fxquant.lowered_copy(compiled["mse-w8a8-sym-all"], "reference")
+    lowered = fxquant.lowered_copy(compiled("mse-w8a8-sym-all"), "reference")
     with pytest.raises(LoweringError, match=f"takes float32 images, got {dtype}; convert the "
                                             r"input with x.float\(\)"):
         lowered(torch.rand(1, 3, 8, 8, dtype=dtype))
