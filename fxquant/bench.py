@@ -234,7 +234,7 @@ def bench_model(name: str, args) -> list:
     recipe = resolve_recipe(args.recipe)
     pretrained = bool(spec.weight_files) or bool(source.weights)
     model = source.build(args.data, pretrained=pretrained).eval()
-    channels = 1 if spec.color == "y" else 3
+    channels = spec.channels
     torch.manual_seed(0)
     example = torch.rand(1, channels, args.size, args.size) * source.value_range
     if pretrained:

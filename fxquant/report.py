@@ -176,7 +176,7 @@ def measure_speed(models, *, size: int = 64, rounds: int = 5) -> dict:
             reason = str(exc).splitlines()[0].split("; supported:")[0]
             return {"status": "not lowerable", "reason": f"the recipe does not lower: {reason}"}
         how = "lower{target=cpu}, eager (no Inductor)"
-    channels = 1 if models.spec.color == "y" else 3
+    channels = models.spec.channels
     x = torch.rand(1, channels, size, size, generator=torch.Generator().manual_seed(0))
     fp_fn = models.runner("fp")
     low_fn = as_sr_function(lowered, models.spec, models.scale)

@@ -369,7 +369,7 @@ def run(args) -> int:
     to_folder = _check_out(source, out)
     fn, spec, scale, what = sr_function(args)
     targets = _outputs(images, out, to_folder, scale)
-    channels = 1 if spec.color == "y" else 3
+    channels = spec.channels
     radius, local = receptive_radius(fn, channels, scale)
     tile, overlap, blend = default_tiling(radius, local, args.tile, args.overlap)
     if not args.quiet:

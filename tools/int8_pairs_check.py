@@ -66,7 +66,7 @@ def check(models, size: int, rounds: int, data_root=None) -> dict:
     row["psnr"] = {name: round(evaluate_sets(fn, models.spec, models.scale, ["Set5"],
                                              data_root=data_root)["Set5"].psnr, 4)
                    for name, fn in runners.items()}
-    x = torch.rand(1, 1 if models.spec.color == "y" else 3, size, size)
+    x = torch.rand(1, models.spec.channels, size, size)
     with torch.inference_mode():
         ref = eager["reference"](x)
         span = float(ref.max() - ref.min())

@@ -127,7 +127,7 @@ def main(argv=None) -> int:
         model = source.build(args.data, pretrained=bool(source.spec.weight_files)).eval()
         recipe = resolve_recipe(args.recipe)
         torch.manual_seed(0)
-        x = torch.rand(1, 1 if source.spec.color == "y" else 3, args.size, args.size)
+        x = torch.rand(1, source.spec.channels, args.size, args.size)
         calib = calibration_data(source.spec, args.scale, recipe, args.data)
         concrete = {"scale": args.scale} if source.spec.takes_scale else None
         # the same builders as fxquant bench: the lowered model and PT2E as that table runs them

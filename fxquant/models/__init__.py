@@ -41,6 +41,11 @@ class ModelSpec:
     published_set5: dict = field(default_factory=dict)
     description: str = ""
 
+    @property
+    def channels(self) -> int:
+        """Input channels: 1 for a luma (``y``) model, 3 for RGB."""
+        return 1 if self.color == "y" else 3
+
 
 _SPECS: dict[str, ModelSpec] = {
     "imdn": ModelSpec(
