@@ -27,10 +27,14 @@ def _listing(bad: list[tuple[str, int]]) -> str:
     return shown + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
 
 
+def _model_tensors(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return list(model.named_parameters()) + list(model.named_buffers())
+
+
 def check_model_finite(model: nn.Module) -> None:
     """Every parameter and buffer of the float model is finite: quantization ranges computed
     from a NaN weight are NaN, and so is every output."""
-    bad = non_finite(list(model.named_parameters()) + list(model.named_buffers()))
+    bad = non_finite(_model_tensors(model))
     if bad:
         raise FxquantError(f"the model has NaN/inf values in {_listing(bad)} (tensor (count)); "
                            "quantizing it would give NaN outputs: fix or reload its weights")
@@ -40,8 +44,8 @@ def check_model_float32(model: nn.Module) -> None:
     """Every floating-point parameter and buffer is float32: the quantizers, the calibration
     data and the integer targets are float32, and a float64 or half model otherwise fails in
     its first conv with a dtype mismatch from deep inside torch."""
-    other = [(name, t.dtype) for name, t in list(model.named_parameters())
-             + list(model.named_buffers()) if t.is_floating_point() and t.dtype != torch.float32]
+    other = [(name, t.dtype) for name, t in _model_tensors(model)
+             if t.is_floating_point() and t.dtype != torch.float32]
     if other:
         shown = ", ".join(f"'{name}' ({str(dtype).replace('torch.', '')})"
                           for name, dtype in other[:5])
