@@ -57,8 +57,8 @@ def lowered_table(demo: LoweredDemo) -> str:
     eager (with the per-round range)."""
     low = demo.lowered
     note = ["this CPU has no VNNI: its int8 pairs saturate, so each 8-bit conv runs two weight "
-            "planes to stay exact\n(docs/lowering.md, 'CPUs without VNNI'); on CPUs with VNNI the "
-            "lowered IMDN ran 3.8-4.3x faster than FP32 eager (docs/performance.md)"] if demo.saturating_cpu else []
+            "planes to stay exact (docs/lowering.md, 'CPUs without VNNI');\nthe int8 speed-ups "
+            "in docs/performance.md were measured on CPUs with VNNI"] if demo.saturating_cpu else []
     return "\n".join([
         f"{'model':<28} {'Set5 PSNR':>9} {'latency':>10} {'speed-up':>9}",
         f"{'FP32 eager':<28} {demo.psnr['fp']:>9.3f} {demo.fp32.median_ms:>8.1f}ms {'1.00x':>9}",
