@@ -49,6 +49,9 @@ def build_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gamma", type=float, default=0.5)
     p.add_argument("--teacher-weight", type=float, default=0.0,
                    help="weight of L1 to the float model's output (0: HR target alone)")
+    p.add_argument("--hr-weight", type=float, default=1.0,
+                   help="weight of L1 to the HR patch (0 with --teacher-weight: distillation "
+                        "from the float model alone)")
     p.add_argument("--grad-clip", type=float, default=0.0, help="max gradient norm (0: off)")
     p.add_argument("--sets", default="T91,General100", help="training sets under <data>/train")
     p.add_argument("--no-augment", action="store_true", help="no random flips/rotations")
@@ -79,7 +82,8 @@ def _config(args):
     return QATConfig(steps=args.steps, batch_size=args.batch_size, patch=args.patch, lr=args.lr,
                      quantizer_lr=args.quantizer_lr, weight_decay=args.weight_decay,
                      schedule=args.schedule, step_size=args.step_size, gamma=args.gamma,
-                     teacher_weight=args.teacher_weight, grad_clip=args.grad_clip, sets=sets,
+                     teacher_weight=args.teacher_weight, hr_weight=args.hr_weight,
+                     grad_clip=args.grad_clip, sets=sets,
                      augment=not args.no_augment, seed=args.seed, eval_every=args.eval_every,
                      eval_set=args.eval_set or "Set5", eval_limit=args.eval_limit,
                      checkpoint_every=args.checkpoint_every, log_every=args.log_every,

@@ -24,7 +24,9 @@ class QATConfig:
     ``batch_size / world`` of it. ``patch`` is the LR patch side (HR: ``patch · scale``).
     ``quantizer_lr`` multiplies ``lr`` for the quantizers' parameters (steps, levels).
     ``teacher_weight`` adds ``teacher_weight · |y_q − y_fp|₁`` (the float model's output as a
-    second target); 0 leaves the float model out of the loss. ``schedule``: ``cosine``
+    second target); 0 leaves the float model out of the loss. ``hr_weight`` weighs the HR
+    term ``|y_q − hr|₁``; 0 with a ``teacher_weight`` is pure distillation (the float
+    model's output the only target, as reconstruction PTQ trains). ``schedule``: ``cosine``
     (to 0 over ``steps``), ``step`` (× ``gamma`` every ``step_size`` steps) or ``constant``.
     ``eval_every = 0`` / ``checkpoint_every = 0`` turn periodic evaluation / checkpoints off
     (a final checkpoint is still written when there is an output folder).
@@ -45,6 +47,7 @@ class QATConfig:
     step_size: int = 250
     gamma: float = 0.5
     teacher_weight: float = 0.0
+    hr_weight: float = 1.0
     grad_clip: float = 0.0
     sets: tuple[str, ...] = ("T91", "General100")
     augment: bool = True
@@ -77,10 +80,12 @@ class QATConfig:
             value = getattr(self, name)
             need(isinstance(value, (int, float)) and value > 0 and math.isfinite(value), name,
                  "give a positive finite number")
-        for name in ("weight_decay", "teacher_weight", "grad_clip"):
+        for name in ("weight_decay", "teacher_weight", "hr_weight", "grad_clip"):
             value = getattr(self, name)
             need(isinstance(value, (int, float)) and value >= 0 and math.isfinite(value), name,
                  "give a finite number >= 0")
+        need(self.hr_weight > 0 or self.teacher_weight > 0, "hr_weight",
+             "give hr_weight > 0 or a teacher_weight > 0: with both 0 nothing is a target")
         need(isinstance(self.gamma, (int, float)) and 0 < self.gamma <= 1, "gamma",
              "give a factor in (0, 1]")
         need(self.schedule in SCHEDULES, "schedule", f"valid: {', '.join(SCHEDULES)}")

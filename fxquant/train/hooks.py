@@ -3,7 +3,8 @@
 Two hooks, both in :class:`~fxquant.train.config.QATConfig`:
 
 - ``regularizers``: callables ``r(ctx) -> scalar tensor``. Each one's value is logged under
-  its ``name`` and added to the loss: ``loss = recon (+ teacher) + Σ r(ctx)``.
+  its ``name`` and added to the loss: ``loss = recon (+ teacher) + Σ r(ctx)``
+  (``recon`` left out when ``hr_weight = 0``).
 - ``backward``: ``None`` (``loss.backward()``), or a callable
   ``b(ctx, parts, params) -> dict | None`` that sets ``p.grad`` of every parameter in
   ``params`` itself from the loss terms ``parts`` (``{"recon": ..., "teacher": ...,

@@ -7,7 +7,7 @@ quantizers' straight-through estimator. Each step::
 
     lr, hr   = sampler.sample(batch, generator)      # random LR/HR patches, flips/rotations
     y        = gm(lr)                                # fake-quant forward, in [0, 1]
-    recon    = |y − hr|₁  (+ teacher_weight·|y − float_model(lr)|₁)
+    recon    = hr_weight·|y − hr|₁  (+ teacher_weight·|y − float_model(lr)|₁)
     loss     = recon + Σ regularizer(ctx)            # the hook below
     loss.backward(); adam.step(); scheduler.step()   # steps kept positive afterwards
 
@@ -154,13 +154,15 @@ class QATTrainer(Resumable):
         with torch.enable_grad(), (self.net.no_sync() if custom and self.world.distributed
                                    else contextlib.nullcontext()):
             output = self.student(lr)
-            recon = (output - hr).abs().mean()
-            parts = {"recon": recon}
+            parts = {}
+            if config.hr_weight:
+                parts["recon"] = config.hr_weight * (output - hr).abs().mean()
             teacher_output = None
             if config.teacher_weight:
                 with torch.no_grad():
                     teacher_output = self.teacher_fn(lr)
                 parts["teacher"] = config.teacher_weight * (output - teacher_output).abs().mean()
+            recon = sum(parts.values())  # the reconstruction terms, before any regularizer
             ctx = StepContext(self.gm, lr, hr, output, teacher_output, self.teacher, recon,
                               self.step, config, self.world.size, self.params)
             for name, reg in zip(regularizer_names(config.regularizers), config.regularizers):

@@ -65,6 +65,30 @@ def test_float_model_is_untouched_and_frozen_teacher_is_used():
     assert not trainer.teacher.training
 
 
+def test_pure_distillation_leaves_the_hr_target_out():
+    """``hr_weight = 0`` with a teacher trains on the float model's output alone: the loss is
+    the teacher term, and an HR patch that is pure noise changes nothing."""
+    class NoisyHR:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def sample(self, *args, **kwargs):
+            lr, hr = self.inner.sample(*args, **kwargs)
+            return lr, torch.rand_like(hr)
+
+    model = float_model()
+    runs = []
+    for source in (sampler(), NoisyHR(sampler())):
+        trainer = QATTrainer(compiled(model), model, config(teacher_weight=1.0, hr_weight=0.0),
+                             sampler=source, scale=2)
+        trainer.run()
+        runs.append(trainer)
+    assert all("recon" not in r and r["loss"] == pytest.approx(r["teacher"])
+               for r in runs[0].metrics)
+    a, b = runs[0].gm.state_dict(), runs[1].gm.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_buffers_and_batchnorm_statistics_stay_fixed():
     """The graph trains in eval mode: BatchNorm uses (and keeps) its running statistics and
     no quantizer writes a buffer in fake-quant mode: nothing for DDP to synchronise."""
@@ -165,6 +189,8 @@ def test_a_backward_hook_sets_the_gradients_itself():
     ({"gamma": 2.0}, r"gamma = 2.0 is invalid; give a factor in \(0, 1\]"),
     ({"sets": ()}, "sets = \\(\\) is invalid; name at least one training set"),
     ({"channels_last": "yes"}, "channels_last = 'yes' is invalid; give true or false"),
+    ({"hr_weight": 0.0}, "hr_weight = 0.0 is invalid; give hr_weight > 0 or a teacher_weight"),
+    ({"hr_weight": -1.0}, "hr_weight = -1.0 is invalid; give a finite number >= 0"),
 ])
 def test_bad_settings_are_named(change, match):
     with pytest.raises(TrainError, match=match):
