@@ -3,8 +3,8 @@ the CPU with a short schedule or on a GPU with a long one.
 
     python tools/odm_compare.py --out runs/odm [--models imdn,pan] [--scale 4] [--bits 4,2]
         [--start recon-w4a4] [--methods qat,odm-v1,odm-v2] [--steps 300] [--batch-size 16]
-        [--patch 48] [--lr 1e-4] [--device cpu|cuda] [--eval-sets Set5,Urban100]
-        [--json out.json] [--write docs/methods/odm.md]
+        [--patch 48] [--lr 1e-4] [--teacher-weight 0] [--hr-weight 1] [--device cpu|cuda]
+        [--eval-sets Set5,Urban100] [--json out.json] [--write docs/methods/odm.md]
 
 The start is compiled once per model and saved (``<out>/<model>-x<scale>-<start>.fxq``):
 by default, at each of ``--bits``, ``odm-v1-wbab`` without its offsets (per-channel
@@ -20,6 +20,9 @@ carrying ``method = "odm"`` with the ``[options]`` of the ``odm-vN`` preset of i
 each run is ``fxquant train --compiled`` in a subprocess, and the trained ``model.fxq`` is
 then scored on ``--eval-sets``. With ``--json`` the rows are written as they come, and a
 second call skips the runs already there.
+``--teacher-weight``/``--hr-weight`` are ``fxquant train``'s loss weights; a row trained with
+other than the HR target alone names its objective after the method (``qat+distil``: the
+float model's output the only target; ``qat+teacher``: both).
 """
 
 from __future__ import annotations
@@ -101,7 +104,9 @@ def train(compiled: Path, out: Path, args) -> dict:
     command = [sys.executable, "-m", "fxquant.cli", "train", "--compiled", str(compiled),
                "--out", str(out), "--steps",
                str(args.steps), "--batch-size", str(args.batch_size), "--patch", str(args.patch),
-               "--lr", str(args.lr), "--eval-every", str(args.steps), "--log-every", "20",
+               "--lr", str(args.lr), "--teacher-weight", str(args.teacher_weight),
+               "--hr-weight", str(args.hr_weight), "--eval-every", str(args.steps),
+               "--log-every", "20",
                "--checkpoint-every", str(args.steps), "--quiet", "--json"]
     if args.device:
         command += ["--device", args.device]
@@ -147,7 +152,7 @@ def store_cells(rows: list[dict], limit: int | None, command: str) -> dict:
     row (``command`` for rows written before rows kept theirs)."""
     cells = {}
     for r in rows:
-        recipe = f"{r['method']}@{start_of(r)}"
+        recipe = f"{method_of(r)}@{start_of(r)}"
         for ds, psnr in r["quant"].items():
             cells[cell_key(r["model"], r["scale"], recipe, ds, limit)] = {
                 "model": r["model"], "scale": r["scale"], "recipe": recipe, "dataset": ds,
@@ -175,9 +180,22 @@ def render(rows: list[dict], command: str, args) -> str:
         if r.get("layout") == "channels-last":  # speed and float rounding, not the schedule
             minutes += " (channels-last)"
         lines.append(f"| {r['model']} ×{r['scale']} | W{r['bits']}A{r['bits']} | "
-                     f"`{start_of(r)}`{built} | {r['method']} | {psnr} | " + " | ".join(cells)
+                     f"`{start_of(r)}`{built} | {method_of(r)} | {psnr} | " + " | ".join(cells)
                      + f" | {minutes} |")
     return "\n".join(lines) + "\n"
+
+
+def objective(hr_weight: float, teacher_weight: float) -> str:
+    """The suffix that names a training objective other than the HR target alone."""
+    if not teacher_weight:
+        return "" if hr_weight == 1 else f"+hr{hr_weight:g}"
+    return "+distil" if not hr_weight else "+teacher"
+
+
+def method_of(row: dict) -> str:
+    """A row's method with its objective (rows written before objectives were recorded
+    trained on the HR target alone)."""
+    return row["method"] + row.get("objective", "")
 
 
 def start_of(row: dict) -> str:
@@ -200,6 +218,10 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--patch", type=int, default=48)
     parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--teacher-weight", type=float, default=0.0,
+                        help="fxquant train --teacher-weight: L1 to the float model's output")
+    parser.add_argument("--hr-weight", type=float, default=1.0,
+                        help="fxquant train --hr-weight (0 with --teacher-weight: distillation)")
     parser.add_argument("--device", choices=("cpu", "cuda"))
     parser.add_argument("--channels-last", action="store_true",
                         help="train on channels-last patches (fxquant train --channels-last)")
@@ -232,23 +254,26 @@ def main(argv=None) -> int:
         # their runs skipped; each new row is written as soon as it is scored
         rows = json.loads(Path(args.json).read_text()) if args.json and \
             Path(args.json).exists() else []
-        done = {(r["model"], r["scale"], start_of(r), r["method"]) for r in rows}
+        suffix = objective(args.hr_weight, args.teacher_weight)
+        done = {(r["model"], r["scale"], start_of(r), method_of(r)) for r in rows}
         command = "python tools/odm_compare.py " + shlex.join(argv if argv is not None else sys.argv[1:])
         fp_cache = {(r["model"], r["scale"]): r["fp"] for r in rows}
         for start in starts:
             bits = start.activations.bits
             for model in args.models.split(","):
-                todo = [m for m in methods if (model, args.scale, start.name, m) not in done]
+                todo = [m for m in methods
+                        if (model, args.scale, start.name, m + suffix) not in done]
                 if not todo:
                     continue
                 files = build_start(model, args.scale, start, todo, out, args.data)
                 for method in todo:
-                    run = out / f"{model}-x{args.scale}-{start.name}-{method}"
+                    run = out / f"{model}-x{args.scale}-{start.name}-{method}{suffix}"
                     summary = train(files[method], run, args)
                     psnr = next((e["psnr"] for e in summary["evaluations"] if e["step"] == 0),
                                 None)
                     rows.append({"model": model, "scale": args.scale, "bits": bits,
-                                 "method": method, "start_recipe": start.name, "start": psnr,
+                                 "method": method, "objective": suffix,
+                                 "start_recipe": start.name, "start": psnr,
                                  "start_seconds": files["compile_seconds"], "run": str(run),
                                  "seconds": summary["seconds"], "command": command,
                                  "layout": "channels-last" if args.channels_last else "nchw",

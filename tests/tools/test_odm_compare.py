@@ -101,6 +101,25 @@ def test_a_two_step_comparison_writes_its_table(tool, data, tmp_path):
     marked = {line.split(" | ")[3]: "(channels-last)" in line for line in table}
     assert marked == {"qat": False, "odm-v1": True, "odm-v2": False}
 
+    # distillation from the float model is a row of its own beside plain QAT's, not skipped
+    argv[argv.index("qat,odm-v1,odm-v2")] = "qat"
+    assert tool.main(argv + ["--hr-weight", "0", "--teacher-weight", "1"]) == 0
+    distil = json.loads((tmp_path / "rows.json").read_text())[3]
+    assert (distil["method"], distil["objective"]) == ("qat", "+distil")
+    log = (tmp_path / "runs" / "fsrcnn-x4-qat-w4a4-common-qat+distil" / "metrics.jsonl").read_text()
+    assert '"teacher"' in log and '"recon"' not in log
+    cells = json.loads((tmp_path / "odm.json").read_text())
+    assert "--hr-weight 0" in cells["fsrcnn|x4|qat+distil@qat-w4a4-common|Set5|1"]["command"]
+    assert "| qat+distil |" in md.read_text()
+
+
+@pytest.mark.parametrize("hr, teacher, suffix", [(1, 0, ""), (0, 1, "+distil"),
+                                                 (1, 0.5, "+teacher"), (2, 0, "+hr2")])
+def test_objectives_are_named(tool, hr, teacher, suffix):
+    assert tool.objective(hr, teacher) == suffix
+    assert tool.method_of({"method": "qat", "objective": suffix}) == "qat" + suffix
+    assert tool.method_of({"method": "odm-v2"}) == "odm-v2"  # rows from before objectives
+
 
 def test_an_unknown_method_is_named(tool, tmp_path, capsys):
     assert tool.main(["--out", str(tmp_path), "--methods", "qat,odm-v3"]) == 2
