@@ -18,12 +18,12 @@ import argparse
 import json
 import shlex
 import sys
-from pathlib import Path
 
 from torch import nn
 
 from fxquant.deploy.onnx import to_onnx
 from fxquant.deploy.ort import FLOAT_CONVS, OrtRunner, optimized_counts, session
+from fxquant.files import atomic_write_text
 from fxquant.markdown import write_section
 from fxquant.quant import QuantConv2d
 from fxquant.workflow import as_sr_function, evaluate_sets, prepare
@@ -105,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
     text = render(rows, command.strip(), args.section)
     print(text)
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        atomic_write_text(args.json, json.dumps(rows, indent=1) + "\n", "check rows")
     if args.write:
         write_section(args.write, args.section, text, preamble="# Deployment\n")
     return 0 if all(r["ok"] for r in rows) else 1
