@@ -1,5 +1,5 @@
-"""The ``fxquant`` command line: eval, compile, inspect, report, table, demo, upscale, models,
-recipes."""
+"""The ``fxquant`` command line: one subcommand per job (the list below, from the
+subcommands themselves)."""
 
 from __future__ import annotations
 

@@ -24,27 +24,25 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from tqdm import tqdm
 
 from fxquant.data.convert import rgb_to_ycbcr, to_tensor, to_y_tensor, ycbcr_to_rgb
-from fxquant.data.images import _to_rgb_uint8
 from fxquant.data.imresize import imresize
-from fxquant.errors import DataError, FxquantError
+from fxquant.errors import FxquantError
+from fxquant.upscale_inputs import (SUFFIXES, InputImage, list_inputs, probe_input,
+                                    read_input)
 
 __all__ = ["upscale_tiled", "receptive_radius", "default_tiling", "read_input",
            "upscale_image", "SUFFIXES", "DEFAULT_TILE"]
 
 SRFunction = Callable[[torch.Tensor], torch.Tensor]
-SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 DEFAULT_TILE = 512     # LR pixels a side: IMDN x4 fake-quant, 4000x3000 in: 3.5 GiB peak RSS
-_GREY_MODES = ("L", "LA", "I", "I;16", "I;16B", "I;16L", "F", "1")
 _CHROMA_MARGIN = 4     # LR rows around a bicubic strip: the cubic kernel reaches 2 (+ rounding)
 _STRIP = 256           # LR rows per strip of the bicubic chroma/alpha and recombination
 
@@ -81,6 +79,16 @@ def _ramp(r0: int, r1: int, c0: int, c1: int, length: int, half: int, scale: int
     return weight
 
 
+def check_tiling(tile: int, overlap: int) -> None:
+    """:class:`FxquantError` unless windows of ``tile`` LR pixels (0: whole) with ``overlap``
+    pixels of context on each side leave an interior."""
+    if tile and tile <= 2 * overlap:
+        raise FxquantError(f"--tile {tile} must be larger than 2 × --overlap ({2 * overlap}): "
+                           "each window keeps its interior only")
+    if overlap < 0:
+        raise FxquantError(f"--overlap must be 0 or more, got {overlap}")
+
+
 def upscale_tiled(fn: SRFunction, lr: torch.Tensor, scale: int, tile: int, overlap: int, *,
                   blend: int = 0, progress: bool = False) -> np.ndarray:
     """``fn`` applied to ``lr`` (1×C×H×W) window by window; returns the uint8 output
@@ -95,11 +103,7 @@ def upscale_tiled(fn: SRFunction, lr: torch.Tensor, scale: int, tile: int, overl
     if lr.dim() != 4 or lr.shape[0] != 1:
         raise ValueError(f"upscale_tiled takes one 1×C×H×W image, got {tuple(lr.shape)}")
     _, channels, height, width = lr.shape
-    if tile and tile <= 2 * overlap:
-        raise FxquantError(f"--tile {tile} must be larger than 2 × --overlap ({2 * overlap}): "
-                           "each window keeps its interior only")
-    if overlap < 0:
-        raise FxquantError(f"--overlap must be 0 or more, got {overlap}")
+    check_tiling(tile, overlap)
     step = (tile - 2 * overlap) if tile else max(height, width)
     half = min(blend, overlap, step // 2)
     rows, cols = _spans(height, step, overlap), _spans(width, step, overlap)
@@ -206,34 +210,6 @@ def default_tiling(radius: int, local: bool = True, tile: int | None = None,
     return tile, overlap, (0 if local else max(0, overlap - radius - 2))
 
 
-@dataclass
-class InputImage:
-    """An image as read: uint8 H×W×3 RGB (grey replicated), its alpha plane or None, and
-    whether it was grey."""
-
-    rgb: np.ndarray
-    alpha: np.ndarray | None
-    grey: bool
-
-
-def read_input(path: str | os.PathLike) -> InputImage:
-    """Read a PNG/JPEG/WebP/BMP file, keeping its alpha; :class:`DataError` if unreadable."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"image {path} does not exist or is not a file")
-    try:
-        with Image.open(path) as image:
-            image.load()
-            has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or \
-                "transparency" in image.info
-            alpha = np.asarray(image.convert("RGBA"))[:, :, 3].copy() if has_alpha else None
-            return InputImage(_to_rgb_uint8(image), alpha, image.mode in _GREY_MODES)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError,
-            Image.DecompressionBombError) as exc:
-        raise DataError(f"cannot read image {path} ({exc}); expected a PNG, JPEG, WebP or BMP "
-                        "image readable by Pillow") from None
-
-
 def _bicubic_strips(plane: np.ndarray, scale: int,
                     apply: Callable[[int, int, np.ndarray], None]) -> None:
     """MATLAB-bicubic ×``scale`` of an H×W(×C) plane, ``_STRIP`` LR rows at a time: strips
@@ -286,19 +262,6 @@ def write_png(path: str | os.PathLike, array: np.ndarray) -> None:
 
     with atomic_output(path, "upscaled image") as tmp:
         Image.fromarray(array).save(tmp, format="PNG")
-
-
-def _inputs(source: Path) -> list[Path]:
-    if source.is_dir():
-        images = sorted(p for p in source.iterdir()
-                        if p.is_file() and p.suffix.lower() in SUFFIXES)
-        if not images:
-            raise DataError(f"folder {source} holds no image ({', '.join(SUFFIXES)})")
-        return images
-    if not source.exists():
-        raise DataError(f"input {source} does not exist; give an image file or a folder of "
-                        f"images ({', '.join(SUFFIXES)})")
-    return [source]
 
 
 def _check_out(source: Path, out: Path) -> bool:
@@ -365,7 +328,11 @@ def sr_function(args) -> tuple[SRFunction, object, int, str]:
 def run(args) -> int:
     """``fxquant upscale`` (arguments parsed in :mod:`fxquant.cli`)."""
     source, out = Path(args.input), Path(args.out)
-    images = _inputs(source)
+    images = list_inputs(source)
+    for image_path in images:  # before compiling, which can take minutes
+        probe_input(image_path)
+    if args.tile is not None and args.overlap is not None:
+        check_tiling(args.tile, args.overlap)
     to_folder = _check_out(source, out)
     fn, spec, scale, what = sr_function(args)
     targets = _outputs(images, out, to_folder, scale)

@@ -248,6 +248,36 @@ def test_cli_errors(tmp_path, capsys):
     assert not (tmp_path / "o.png").exists()
 
 
+def test_unreadable_inputs_and_bad_tiling_are_named_before_compiling(tmp_path, capsys,
+                                                                     monkeypatch):
+    """A recipe can take minutes to compile: an input that is not an image (given, or in a
+    folder) and a --tile/--overlap pair without an interior are refused first."""
+    import fxquant.upscale
+
+    def compiled_anyway(args):
+        raise AssertionError("compiled before the inputs were checked")
+
+    monkeypatch.setattr(fxquant.upscale, "sr_function", compiled_anyway)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(_image(8, 8)).save(folder / "a.png")
+    (folder / "b.png").write_text("a text file named like an image")
+    text = tmp_path / "notes.png"
+    text.write_text("not an image")
+    good = folder / "a.png"
+    model = ["--model", TINY, "--recipe", "mse-w8a8", "--quiet"]
+    for argv, message in [
+        ([str(text), "--out", str(tmp_path / "o.png")], f"cannot read image {text}"),
+        ([str(folder), "--out", str(tmp_path / "out")], f"cannot read image {folder / 'b.png'}"),
+        ([str(good), "--out", str(tmp_path / "o.png"), "--tile", "20", "--overlap", "10"],
+         r"--tile 20 must be larger than 2 × --overlap (20)"),
+    ]:
+        assert main(["upscale", *argv, *model]) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("fxquant upscale: error: ") and message in err, err
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.data
 def test_upscale_equals_eval_output_bit_for_bit_on_set5(data, tmp_path):
     """IMDN x4 float and FSRCNN x4 (Y channel) on Set5 'baby': the PNG fxquant upscale writes
