@@ -71,6 +71,17 @@ def compile(model: nn.Module, recipe: RecipeLike = "minmax-w8a8", calib: object 
     return gm
 
 
+def compiled_copy(gm: fx.GraphModule) -> fx.GraphModule:
+    """An independent copy of compiled model ``gm``, its recipe, pipeline and history
+    included (GraphModule's deepcopy keeps modules and graph, not these attributes)."""
+    result = copy.deepcopy(gm)
+    for name in ("fxquant_recipe", "fxquant_concrete_args", "fxquant_pipeline",
+                 "fxquant_history"):
+        if hasattr(gm, name):
+            setattr(result, name, copy.copy(getattr(gm, name)))
+    return result
+
+
 def transformed_copy(gm: fx.GraphModule, pipeline, *, calib: object = None,
                      recipe: RecipeLike | None = None) -> fx.GraphModule:
     """A copy of compiled model ``gm`` run through more passes (a textual pipeline such as
@@ -92,10 +103,8 @@ def transformed_copy(gm: fx.GraphModule, pipeline, *, calib: object = None,
                            "pipeline with one recipe")
     manager = PassManager(pipeline)
     ctx = PassContext(recipe=recipe, calib=calib, concrete_args=gm.fxquant_concrete_args or None)
-    result = manager.run(copy.deepcopy(gm), ctx)
-    # GraphModule's deepcopy keeps modules and graph, not these attributes
+    result = manager.run(compiled_copy(gm), ctx)
     result.fxquant_recipe = recipe
-    result.fxquant_concrete_args = dict(gm.fxquant_concrete_args)
     result.fxquant_pipeline = f"{gm.fxquant_pipeline},{manager.spec}"
     result.fxquant_history = list(gm.fxquant_history) + ctx.history
     return result

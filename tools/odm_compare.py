@@ -3,7 +3,8 @@ the CPU with a short schedule or on a GPU with a long one.
 
     python tools/odm_compare.py --out runs/odm [--models imdn,pan] [--scale 4] [--bits 4,2]
         [--start recon-w4a4] [--methods qat,odm-v1,odm-v2] [--steps 300] [--batch-size 16]
-        [--patch 48] [--lr 1e-4] [--teacher-weight 0] [--hr-weight 1] [--device cpu|cuda]
+        [--patch 48] [--lr 1e-4] [--teacher-weight 0] [--hr-weight 1] [--quantizer-lr 1]
+        [--device cpu|cuda]
         [--eval-sets Set5,Urban100] [--json out.json] [--write docs/methods/odm.md]
 
 The start is compiled once per model and saved (``<out>/<model>-x<scale>-<start>.fxq``):
@@ -22,7 +23,8 @@ then scored on ``--eval-sets``. With ``--json`` the rows are written as they com
 second call skips the runs already there.
 ``--teacher-weight``/``--hr-weight`` are ``fxquant train``'s loss weights; a row trained with
 other than the HR target alone names its objective after the method (``qat+distil``: the
-float model's output the only target; ``qat+teacher``: both).
+float model's output the only target; ``qat+teacher``: both), and ``--quantizer-lr`` other
+than 1 adds ``+qlr<x>`` (``+qlr0``: the quantizers frozen).
 """
 
 from __future__ import annotations
@@ -105,7 +107,8 @@ def train(compiled: Path, out: Path, args) -> dict:
                "--out", str(out), "--steps",
                str(args.steps), "--batch-size", str(args.batch_size), "--patch", str(args.patch),
                "--lr", str(args.lr), "--teacher-weight", str(args.teacher_weight),
-               "--hr-weight", str(args.hr_weight), "--eval-every", str(args.steps),
+               "--hr-weight", str(args.hr_weight), "--quantizer-lr", str(args.quantizer_lr),
+               "--eval-every", str(args.steps),
                "--log-every", "20",
                "--checkpoint-every", str(args.steps), "--quiet", "--json"]
     if args.device:
@@ -185,11 +188,13 @@ def render(rows: list[dict], command: str, args) -> str:
     return "\n".join(lines) + "\n"
 
 
-def objective(hr_weight: float, teacher_weight: float) -> str:
-    """The suffix that names a training objective other than the HR target alone."""
+def objective(hr_weight: float, teacher_weight: float, quantizer_lr: float = 1.0) -> str:
+    """The suffix that names a training objective other than the HR target alone, and a
+    quantizer learning-rate multiplier other than 1."""
+    qlr = "" if quantizer_lr == 1 else f"+qlr{quantizer_lr:g}"
     if not teacher_weight:
-        return "" if hr_weight == 1 else f"+hr{hr_weight:g}"
-    return "+distil" if not hr_weight else "+teacher"
+        return ("" if hr_weight == 1 else f"+hr{hr_weight:g}") + qlr
+    return ("+distil" if not hr_weight else "+teacher") + qlr
 
 
 def method_of(row: dict) -> str:
@@ -222,6 +227,8 @@ def main(argv=None) -> int:
                         help="fxquant train --teacher-weight: L1 to the float model's output")
     parser.add_argument("--hr-weight", type=float, default=1.0,
                         help="fxquant train --hr-weight (0 with --teacher-weight: distillation)")
+    parser.add_argument("--quantizer-lr", type=float, default=1.0,
+                        help="fxquant train --quantizer-lr (0: the quantizers stay frozen)")
     parser.add_argument("--device", choices=("cpu", "cuda"))
     parser.add_argument("--channels-last", action="store_true",
                         help="train on channels-last patches (fxquant train --channels-last)")
@@ -254,7 +261,7 @@ def main(argv=None) -> int:
         # their runs skipped; each new row is written as soon as it is scored
         rows = json.loads(Path(args.json).read_text()) if args.json and \
             Path(args.json).exists() else []
-        suffix = objective(args.hr_weight, args.teacher_weight)
+        suffix = objective(args.hr_weight, args.teacher_weight, args.quantizer_lr)
         done = {(r["model"], r["scale"], start_of(r), method_of(r)) for r in rows}
         command = "python tools/odm_compare.py " + shlex.join(argv if argv is not None else sys.argv[1:])
         fp_cache = {(r["model"], r["scale"]): r["fp"] for r in rows}

@@ -41,7 +41,8 @@ def build_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--patch", type=positive_int, default=48, help="LR patch side")
     p.add_argument("--lr", type=float, default=1e-4, help="Adam learning rate")
     p.add_argument("--quantizer-lr", type=float, default=1.0,
-                   help="multiplier of --lr for the quantizers' steps/levels (default 1)")
+                   help="multiplier of --lr for the quantizers' steps/levels (default 1; "
+                        "0: the quantizers stay frozen, the weights alone train)")
     p.add_argument("--weight-decay", type=float, default=0.0)
     p.add_argument("--schedule", choices=("cosine", "step", "constant"), default="cosine")
     p.add_argument("--step-size", type=positive_int, default=250,

@@ -22,7 +22,8 @@ class QATConfig:
 
     ``batch_size`` is the global batch: under ``torchrun`` each of the ``world`` ranks takes
     ``batch_size / world`` of it. ``patch`` is the LR patch side (HR: ``patch · scale``).
-    ``quantizer_lr`` multiplies ``lr`` for the quantizers' parameters (steps, levels).
+    ``quantizer_lr`` multiplies ``lr`` for the quantizers' parameters (steps, levels); 0
+    keeps them frozen (the weights alone train).
     ``teacher_weight`` adds ``teacher_weight · |y_q − y_fp|₁`` (the float model's output as a
     second target); 0 leaves the float model out of the loss. ``hr_weight`` weighs the HR
     term ``|y_q − hr|₁``; 0 with a ``teacher_weight`` is pure distillation (the float
@@ -76,10 +77,11 @@ class QATConfig:
              "eval_limit", "give an integer >= 1 or None (the whole set)")
         for name in ("augment", "channels_last"):
             need(isinstance(getattr(self, name), bool), name, "give true or false")
-        for name in ("lr", "quantizer_lr"):
-            value = getattr(self, name)
-            need(isinstance(value, (int, float)) and value > 0 and math.isfinite(value), name,
-                 "give a positive finite number")
+        need(isinstance(self.lr, (int, float)) and self.lr > 0 and math.isfinite(self.lr), "lr",
+             "give a positive finite number")
+        need(isinstance(self.quantizer_lr, (int, float)) and self.quantizer_lr >= 0
+             and math.isfinite(self.quantizer_lr), "quantizer_lr",
+             "give a finite number >= 0 (0: the quantizers stay frozen)")
         for name in ("weight_decay", "teacher_weight", "hr_weight", "grad_clip"):
             value = getattr(self, name)
             need(isinstance(value, (int, float)) and value >= 0 and math.isfinite(value), name,

@@ -113,10 +113,11 @@ def test_a_two_step_comparison_writes_its_table(tool, data, tmp_path):
     assert "| qat+distil |" in md.read_text()
 
 
-@pytest.mark.parametrize("hr, teacher, suffix", [(1, 0, ""), (0, 1, "+distil"),
-                                                 (1, 0.5, "+teacher"), (2, 0, "+hr2")])
-def test_objectives_are_named(tool, hr, teacher, suffix):
-    assert tool.objective(hr, teacher) == suffix
+@pytest.mark.parametrize("hr, teacher, qlr, suffix", [
+    (1, 0, 1, ""), (0, 1, 1, "+distil"), (1, 0.5, 1, "+teacher"), (2, 0, 1, "+hr2"),
+    (0, 1, 0, "+distil+qlr0"), (1, 0, 10, "+qlr10")])
+def test_objectives_are_named(tool, hr, teacher, qlr, suffix):
+    assert tool.objective(hr, teacher, qlr) == suffix
     assert tool.method_of({"method": "qat", "objective": suffix}) == "qat" + suffix
     assert tool.method_of({"method": "odm-v2"}) == "odm-v2"  # rows from before objectives
 

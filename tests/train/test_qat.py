@@ -295,3 +295,39 @@ def test_other_quantizer_kinds_train_and_still_lower(recipe):
     x = torch.rand(1, 3, 10, 10, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         assert fxquant.lowered_copy(gm, "reference")(x).shape == (1, 3, 20, 20)
+
+
+def test_evaluations_score_the_model_as_saved(tmp_path):
+    """Trained I²NQ levels drift off their grid until :meth:`finish`; every evaluation scores
+    (and ``best.fxq`` holds) the tidied copy that would be saved, and the training graph's
+    own levels are left where training put them."""
+    from fxquant.quant.nonuniform import NonUniformQuantizer
+
+    model = float_model()
+    gm = compiled(model, "i2nq-w4a4")
+    trainer = QATTrainer(gm, model, config(lr=2e-2), sampler=sampler(), scale=2,
+                         out_dir=tmp_path / "run")
+    scored = []
+    trainer.evaluate = lambda m: scored.append(m) or {"psnr": float(len(scored))}
+    trainer.config.eval_every = 4
+    trainer.run(until=4)
+    live = [m for m in gm.modules() if isinstance(m, NonUniformQuantizer)]
+    saved = [m for m in scored[-1].modules() if isinstance(m, NonUniformQuantizer)]
+    assert scored[-1] is not gm and len(saved) == len(live) > 0
+    for q in saved:
+        q.check()  # on its grid
+    assert any(not torch.equal(a.levels, b.levels) for a, b in zip(live, saved))
+    best = fxquant.load(tmp_path / "run" / "best.fxq", model=float_model())
+    for a, b in zip(saved, [m for m in best.modules() if isinstance(m, NonUniformQuantizer)]):
+        assert torch.equal(a.levels, b.levels)
+
+
+def test_quantizer_lr_zero_trains_the_weights_alone():
+    model = float_model()
+    gm = compiled(model, "i2nq-w4a4")
+    quantizers = {k: v.clone() for k, v in gm.state_dict().items()
+                  if k.endswith((".levels", ".scale"))}
+    trainer = QATTrainer(gm, model, config(quantizer_lr=0.0), sampler=sampler(), scale=2)
+    trainer.run()
+    assert quantizers and all(torch.equal(gm.state_dict()[k], v) for k, v in quantizers.items())
+    assert not torch.equal(gm.head.weight, compiled(model, "i2nq-w4a4").head.weight)
