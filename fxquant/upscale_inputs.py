@@ -8,15 +8,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
-from fxquant.data.images import _to_rgb_uint8
+from fxquant.data.images import _to_rgb_uint8, opened_image
 from fxquant.errors import DataError
 
 SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 _GREY_MODES = ("L", "LA", "I", "I;16", "I;16B", "I;16L", "F", "1")
-_UNREADABLE = (UnidentifiedImageError, OSError, ValueError, SyntaxError,
-               Image.DecompressionBombError)  # what Pillow raises for a file it cannot read
+_EXPECTED = "expected a PNG, JPEG, WebP or BMP image readable by Pillow"
 
 
 @dataclass
@@ -34,30 +32,19 @@ def read_input(path: str | os.PathLike) -> InputImage:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"image {path} does not exist or is not a file")
-    try:
-        with Image.open(path) as image:
-            image.load()
-            has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or \
-                "transparency" in image.info
-            alpha = np.asarray(image.convert("RGBA"))[:, :, 3].copy() if has_alpha else None
-            return InputImage(_to_rgb_uint8(image), alpha, image.mode in _GREY_MODES)
-    except _UNREADABLE as exc:
-        raise _unreadable(path, exc) from None
+    with opened_image(path, _EXPECTED) as image:
+        image.load()
+        has_alpha = image.mode in ("RGBA", "LA", "PA", "RGBa", "La") or \
+            "transparency" in image.info
+        alpha = np.asarray(image.convert("RGBA"))[:, :, 3].copy() if has_alpha else None
+        return InputImage(_to_rgb_uint8(image), alpha, image.mode in _GREY_MODES)
 
 
 def probe_input(path: Path) -> None:
     """:class:`DataError` if ``path`` is not an image Pillow can identify: its header only,
     read before the model is compiled (which can take minutes) rather than after."""
-    try:
-        with Image.open(path):
-            pass
-    except _UNREADABLE as exc:
-        raise _unreadable(path, exc) from None
-
-
-def _unreadable(path: Path, exc: Exception) -> DataError:
-    return DataError(f"cannot read image {path} ({exc}); expected a PNG, JPEG, WebP or BMP "
-                     "image readable by Pillow")
+    with opened_image(path, _EXPECTED):
+        pass
 
 
 def list_inputs(source: Path) -> list[Path]:

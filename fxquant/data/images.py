@@ -6,8 +6,10 @@ Every image enters fxquant as a uint8 H×W×3 RGB array: greyscale files (modes 
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
@@ -44,12 +46,26 @@ def load_image(path: str | os.PathLike) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"image {path} does not exist or is not a file; {_EXPECTED}")
+    with opened_image(path) as image:
+        image.load()
+        return _to_rgb_uint8(image)
+
+
+# what Pillow raises for a file it cannot read, header or pixels
+_UNREADABLE = (UnidentifiedImageError, OSError, ValueError, SyntaxError,
+               Image.DecompressionBombError)
+
+
+@contextlib.contextmanager
+def opened_image(path: str | os.PathLike, expected: str = _EXPECTED) -> Iterator[Image.Image]:
+    """``Image.open(path)`` (lazy: the header only until ``load``), with whatever Pillow
+    raises for an unreadable file, in the ``with`` block too, turned into :class:`DataError`
+    naming ``path`` and ``expected``."""
     try:
         with Image.open(path) as image:
-            image.load()
-            return _to_rgb_uint8(image)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
-        raise DataError(f"cannot read image {path} ({exc}); {_EXPECTED}") from exc
+            yield image
+    except _UNREADABLE as exc:
+        raise DataError(f"cannot read image {path} ({exc}); {expected}") from exc
 
 
 def save_image(path: str | os.PathLike, array: np.ndarray) -> None:
