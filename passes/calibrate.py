@@ -10,6 +10,7 @@ from torch import fx
 from tqdm import tqdm
 
 from fxquant.calibration import as_batches
+from fxquant.errors import CalibrationError, FxquantError
 from fxquant.observers import Observer
 from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
 
@@ -21,7 +22,8 @@ class CalibratePass(Pass):
 
     The graph is not changed; observers (and any module with calibration state) record
     statistics. ``batches`` limits how many batches are used. Skipped when a compiled model
-    is being rebuilt for loading (``ctx.calibrate`` false).
+    is being rebuilt for loading (``ctx.calibrate`` false). A batch the model cannot run
+    (wrong channel count, wrong rank) is a ``CalibrationError`` naming the batch and its shape.
     """
 
     name: ClassVar[str] = "calibrate"
@@ -38,8 +40,19 @@ class CalibratePass(Pass):
         was_training = gm.training
         gm.eval()
         with torch.no_grad():
-            for batch in tqdm(batches, desc="calibrate", disable=not ctx.progress, leave=False):
-                gm(*batch)
+            for index, batch in enumerate(tqdm(batches, desc="calibrate",
+                                               disable=not ctx.progress, leave=False)):
+                try:
+                    gm(*batch)
+                except FxquantError:
+                    raise
+                except Exception as exc:  # wrong channels or rank: torch's message, with the batch
+                    shapes = ", ".join(str(tuple(t.shape)) for t in batch
+                                       if isinstance(t, torch.Tensor))
+                    raise CalibrationError(
+                        f"calibration batch {index} (shape {shapes}) does not run through the "
+                        f"model: {type(exc).__name__}: {exc}; give batches the float model "
+                        "accepts as input") from exc
         gm.train(was_training)
         return PassResult(gm, False, {"batches": len(batches),
                                       "samples": sum(b[0].shape[0] for b in batches)})

@@ -55,3 +55,10 @@ def test_missing_calibration_data_says_what_to_pass(tiny_sr):
 def test_wrong_batch_type(tiny_sr):
     with pytest.raises(CalibrationError, match="batch 0 is a str"):
         compile(tiny_sr, "minmax-w8a8", calib=["not a tensor"])
+
+
+def test_batch_the_model_cannot_run_is_named_with_its_shape(tiny_sr, calib):
+    # tiny_sr takes 3 channels; a 4-channel batch is the user's slip, not a pass failure
+    with pytest.raises(CalibrationError, match=r"calibration batch 0 \(shape \(2, 4, 8, 8\)\) "
+                                               r"does not run through the model: RuntimeError"):
+        compile(tiny_sr, "minmax-w8a8", calib=[torch.rand(2, 4, 8, 8)])
