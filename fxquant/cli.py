@@ -27,7 +27,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from fxquant.workflow import evaluate_sets, prepare
 
     float_only = args.recipe == FLOAT_ONLY
-    datasets = dataset_list(args.datasets)  # before the work: an empty list fails now
+    datasets = dataset_list(args.datasets, args.data)  # before the work: a bad name fails now
     models = prepare(source_from_args(args), None, None if float_only else args.recipe,
                      data_root=args.data, progress=not args.json)
     args.scale = models.scale  # an own model's scale is found by running it
@@ -124,7 +124,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from fxquant.workflow import load_compiled, prepare
 
     check_output_path(args.out, "report (--out)")  # before the analyses, not after
-    datasets = dataset_list(args.datasets)
+    datasets = dataset_list(args.datasets, args.data)
     own = own_model_flags(args)
     if args.compiled:  # zoo or own model, whichever the file holds
         models = load_compiled(args.compiled, model=args.model, scale=args.scale,

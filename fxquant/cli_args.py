@@ -9,11 +9,16 @@ import argparse
 from fxquant.errors import FxquantError
 
 
-def dataset_list(text: str) -> list[str]:
+def dataset_list(text: str, data_root: str | None = None) -> list[str]:
+    """The benchmark sets of ``--datasets``, each checked to exist under the data root: a
+    misspelt name fails before the compile, not after it."""
+    from fxquant.data.benchmark import check_sets
+
     names = [d.strip() for d in text.split(",") if d.strip()]
     if not names:
         raise FxquantError(f"--datasets {text!r} names no dataset; give a comma-separated "
                            "list such as Set5,Set14,B100,Urban100")
+    check_sets("benchmark", names, data_root)
     return names
 
 

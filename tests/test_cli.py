@@ -108,20 +108,28 @@ def test_eval_float_only(data, capsys):
 
 
 @pytest.mark.parametrize("command", ["eval", "report"])
-def test_an_empty_dataset_list_is_an_error_before_any_work(command, tmp_path, capsys,
-                                                          monkeypatch):
+@pytest.mark.parametrize("datasets, message", [
+    (",", "--datasets ',' names no dataset"),
+    ("Set5,Set6", "benchmark set 'Set6' not found: expected a folder {root}/benchmark/Set6/HR "
+                  "holding HR images; sets present under {root}/benchmark: Set5"),
+])
+def test_a_bad_dataset_list_is_an_error_before_any_work(command, datasets, message, tmp_path,
+                                                        capsys, monkeypatch):
+    """A misspelt set used to fail after the compile (minutes for a reconstruction recipe)."""
     def no_work(*args, **kwargs):
         raise AssertionError("--datasets must be checked before any work")
 
     monkeypatch.setattr("fxquant.workflow.prepare", no_work)
     monkeypatch.setattr("fxquant.report.load_models", no_work)
+    root = tmp_path / "data"
+    (root / "benchmark" / "Set5" / "HR").mkdir(parents=True)
     argv = [command, "--model", "fsrcnn", "--scale", "4", "--recipe", "minmax-w8a8",
-            "--datasets", ","]
+            "--datasets", datasets, "--data", str(root)]
     if command == "report":
         argv += ["--out", str(tmp_path / "r.html")]
     assert main(argv) == 2
     err = capsys.readouterr().err
-    assert err.startswith(f"fxquant {command}: error: --datasets ',' names no dataset")
+    assert err.startswith(f"fxquant {command}: error: {message.format(root=root)}")
 
 
 def test_the_demo_runs_eval_with_every_option_eval_reads(monkeypatch):

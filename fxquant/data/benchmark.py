@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterator, NamedTuple
+from typing import Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -19,7 +19,7 @@ from fxquant.data.imresize import bicubic_downscale, mod_crop
 from fxquant.errors import DataError
 from fxquant.paths import data_root
 
-__all__ = ["BENCHMARK_SETS", "BenchmarkSet", "SRPair", "hr_folder", "list_images"]
+__all__ = ["BENCHMARK_SETS", "BenchmarkSet", "SRPair", "check_sets", "hr_folder", "list_images"]
 
 BENCHMARK_SETS = ("Set5", "Set14", "B100", "Urban100")
 
@@ -55,6 +55,13 @@ def hr_folder(group: str, name: str, root: str | os.PathLike | None = None) -> P
         raise DataError(f"{group} set '{name}' not found: expected a folder {folder} "
                         f"holding HR images; sets present under {base}: {available}")
     return folder
+
+
+def check_sets(group: str, names: Sequence[str], root: str | os.PathLike | None = None) -> None:
+    """Each of ``names`` exists under ``<root>/<group>`` (:func:`hr_folder`'s error otherwise):
+    checked by the commands before they compile, which can take minutes."""
+    for name in names:
+        hr_folder(group, name, root)
 
 
 class BenchmarkSet:

@@ -92,6 +92,7 @@ def _config(args):
 
 
 def run(args: argparse.Namespace) -> int:
+    from fxquant.data.benchmark import check_sets
     from fxquant.files import check_output_dir
     from fxquant.models.user import own_model_flags, source_from_args, source_from_compiled
     from fxquant.train.checkpoint import read_checkpoint
@@ -111,6 +112,12 @@ def run(args: argparse.Namespace) -> int:
     world = setup(args.device)
     try:
         config = _config(args)
+        # the sets are read after the start is built, which can take minutes: a misspelt
+        # name fails now (a resumed run trains on the sets its checkpoint names)
+        if not args.resume:
+            check_sets("train", config.sets, args.data)
+        if config.eval_every:
+            check_sets("benchmark", [config.eval_set], args.data)
         common = {"out_dir": args.out, "data_root": args.data, "world": world,
                   "progress": not args.quiet and world.is_main}
         if args.resume:

@@ -6,6 +6,7 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable
 
+from fxquant.calibration import MIN_PATCH_SIDE
 from fxquant.errors import FxquantError
 
 SCHEDULES = ("cosine", "step", "constant")
@@ -67,9 +68,12 @@ class QATConfig:
             if not ok:
                 raise TrainError(f"train: {name} = {getattr(self, name)!r} is invalid; {valid}")
 
-        for name in ("steps", "batch_size", "patch", "step_size", "log_every"):
+        for name in ("steps", "batch_size", "step_size", "log_every"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 1, name,
                  "give an integer >= 1")
+        need(isinstance(self.patch, int) and self.patch >= MIN_PATCH_SIDE, "patch",
+             f"give an LR patch side >= {MIN_PATCH_SIDE}: a 3x3 conv on a smaller patch sees "
+             "mostly zero padding")
         for name in ("eval_every", "checkpoint_every"):
             need(isinstance(getattr(self, name), int) and getattr(self, name) >= 0, name,
                  "give an integer >= 0 (0 = never)")

@@ -184,6 +184,7 @@ def test_a_backward_hook_sets_the_gradients_itself():
 
 @pytest.mark.parametrize("change, match", [
     ({"steps": 0}, "steps = 0 is invalid; give an integer >= 1"),
+    ({"patch": 2}, "patch = 2 is invalid; give an LR patch side >= 3"),
     ({"lr": -1.0}, "lr = -1.0 is invalid; give a positive finite number"),
     ({"schedule": "linear"}, "schedule = 'linear' is invalid; valid: cosine, step, constant"),
     ({"gamma": 2.0}, r"gamma = 2.0 is invalid; give a factor in \(0, 1\]"),

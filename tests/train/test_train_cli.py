@@ -111,3 +111,19 @@ def test_evaluation_flags_without_eval_every_are_refused(data, tmp_path, capsys,
     assert f"{named} applies to periodic evaluation, which is off: add --eval-every N" in \
         capsys.readouterr().err
     assert not (tmp_path / "run" / "model.fxq").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--sets", "T91,T92"], "train set 'T92' not found"),
+    (["--eval-every", "2", "--eval-set", "Set6"], "benchmark set 'Set6' not found"),
+])
+def test_misspelt_sets_are_named_before_the_start_is_built(data, tmp_path, capsys, monkeypatch,
+                                                           flags, message):
+    """The sets used to be read after the PTQ start, which can compile for minutes."""
+    def no_work(*args, **kwargs):
+        raise AssertionError("the sets must be checked before the start is built")
+
+    monkeypatch.setattr("fxquant.workflow.prepare", no_work)
+    assert train(data, tmp_path / "run", "--model", MODEL, "--recipe", "minmax-w4a4",
+                 *flags) == 2
+    assert message in capsys.readouterr().err
