@@ -56,9 +56,14 @@ class TablePlan:
 def plan_table(config: str | Path, *, data_root: str | None = None,
                force: bool = False) -> TablePlan:
     """Decide, without computing anything, which cells of ``config`` are reused, adopted or
-    (re)computed. Raises on a bad config, store, recipe or model before any work starts."""
+    (re)computed. Raises on a bad config, store, recipe, model or dataset before any work
+    starts."""
+    from fxquant.data.benchmark import check_sets
+
     config = Path(config)
     runs = read_config(config)
+    for run in runs:  # a misspelt set would fail only after the compiles before it
+        check_sets("benchmark", run.datasets, data_root)
     plan = TablePlan(results=dict(load_store(config.with_suffix(".json"))))
     known = load_all_stores(config.parent)
     prints: dict[tuple, dict] = {}

@@ -93,6 +93,8 @@ def fake_run(tmp_path, monkeypatch):
     root = tmp_path / "data"
     (root / "weights").mkdir(parents=True)
     (root / "weights" / "IMDN_x4.pth").write_bytes(b"weights v1")
+    for name in ("Set5", "Set14"):  # the sets the configs name must exist
+        (root / "benchmark" / name / "HR").mkdir(parents=True)
     calls = []
 
     def fake_prepare(model, scale, recipe, **kwargs):
@@ -262,6 +264,14 @@ def test_corrupt_or_foreign_stores_are_clear_errors(tmp_path, fake_run, content,
         run_table(config, tmp_path / "results.md", data_root=root)
     assert calls == []
     assert store.read_bytes() == (content if isinstance(content, bytes) else content.encode())
+
+
+def test_a_misspelt_dataset_is_named_before_computing(tmp_path, fake_run, capsys):
+    calls, root = fake_run
+    config = _config(tmp_path, ["mse-w4a4"], datasets=("Set5", "Set6"))
+    assert main(["table", "--config", str(config), "--out", str(tmp_path / "r.md"),
+                 "--data", str(root)]) == 2
+    assert "benchmark set 'Set6' not found" in capsys.readouterr().err and calls == []
 
 
 def test_table_checks_its_outputs_before_computing(tmp_path, fake_run, capsys):
