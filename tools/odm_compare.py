@@ -37,6 +37,7 @@ import sys
 import time
 from pathlib import Path
 
+from fxquant.data.benchmark import check_sets
 from fxquant.errors import FxquantError
 from fxquant.files import atomic_write_text
 from fxquant.markdown import write_section
@@ -257,6 +258,8 @@ def main(argv=None) -> int:
                                    "trains any start)")
         else:
             starts = [common_start(int(b)) for b in args.bits.split(",")]
+        # scored after an hour of compile and training: a misspelt set fails now instead
+        check_sets("benchmark", args.eval_sets.split(","), args.data)
         # with --json, rows already there (an earlier, maybe interrupted, run) are kept and
         # their runs skipped; each new row is written as soon as it is scored
         rows = json.loads(Path(args.json).read_text()) if args.json and \

@@ -133,3 +133,15 @@ def test_a_non_uniform_start_is_refused_for_odm_only(tool, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "method 'i2nq' is not a uniform PTQ start, which odm-v2 build on" in err
     assert "--methods qat" in err
+
+
+@pytest.mark.data
+def test_a_misspelt_eval_set_is_named_before_any_compile(tool, data, tmp_path, capsys,
+                                                         monkeypatch):
+    def no_work(*args, **kwargs):
+        raise AssertionError("--eval-sets must be checked before the start is built")
+
+    monkeypatch.setattr(tool, "build_start", no_work)
+    assert tool.main(["--out", str(tmp_path), "--models", "imdn", "--methods", "qat",
+                      "--eval-sets", "Set5,Set6", "--data", str(data)]) == 2
+    assert "benchmark set 'Set6' not found" in capsys.readouterr().err
