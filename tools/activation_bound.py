@@ -25,6 +25,7 @@ from torch import nn
 
 from fxquant.analysis import quantized_layers
 from fxquant.cli_args import add_model_source_args, models_from_source_args
+from fxquant.data.benchmark import check_sets
 from fxquant.errors import FxquantError
 from fxquant.quant.base import quant_mode
 from fxquant.quant.uniform import (UniformQuantizer, affine_qparams, fake_quantize,
@@ -112,6 +113,7 @@ def main(argv=None) -> int:
                         help="also each layer's static activations alone")
     args = parser.parse_args(argv)
     try:
+        check_sets("benchmark", [args.dataset], args.data)  # before the compile, not after
         models = models_from_source_args(args)
         row = bound_row(models, args.dataset, args.data, args.per_layer)
     except FxquantError as exc:

@@ -15,6 +15,7 @@ import argparse
 import sys
 
 from fxquant.cli_args import add_model_source_args, models_from_source_args
+from fxquant.data.benchmark import check_sets
 from fxquant.errors import FxquantError
 from fxquant.files import atomic_write_text, check_output_dir, check_output_path
 
@@ -62,6 +63,8 @@ def main(argv=None) -> int:
             return 0
         from fxquant.analysis import benchmark_crops, layer_errors
         from fxquant.graphviz import render
+        if args.errors:  # the set is read after the compile: a misspelt name fails now
+            check_sets("benchmark", [args.dataset], args.data)
         models = models_from_source_args(args)
         errors = None
         if args.errors:

@@ -1,0 +1,24 @@
+"""The tools that compile a model and then read a benchmark set name a misspelt set before
+the compile (which takes minutes for a reconstruction recipe), not after it."""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = pytest.mark.data
+
+
+@pytest.mark.parametrize("name, extra", [("layer_error", []), ("activation_bound", []),
+                                         ("graph_dump", ["--errors"])])
+def test_a_misspelt_dataset_fails_before_the_compile(load_tool, data, name, extra, capsys,
+                                                     monkeypatch):
+    tool = load_tool(name)
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("--dataset must be checked before the model is compiled")
+
+    monkeypatch.setattr(tool, "models_from_source_args", no_work)
+    assert tool.main(["--model", "fsrcnn", "--scale", "4", "--recipe", "minmax-w8a8",
+                      "--dataset", "Set6", "--data", str(data), *extra]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"{name}: error: benchmark set 'Set6' not found")
