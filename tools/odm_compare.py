@@ -39,7 +39,7 @@ from pathlib import Path
 
 from fxquant.data.benchmark import check_sets
 from fxquant.errors import FxquantError
-from fxquant.files import atomic_write_text
+from fxquant.files import atomic_write_text, check_output_path
 from fxquant.markdown import write_section
 from fxquant.recipe import Recipe, load_preset, resolve_recipe
 from fxquant.results_store import cell_key, load_store, store_text
@@ -70,6 +70,25 @@ def method_recipe(start: Recipe, method: str) -> Recipe:
         "options": preset.to_dict()["options"],
         "pipeline": f"{start.pipeline_spec},{EXTRA_PASS[method]}",
         "description": f"{start.name} then {EXTRA_PASS[method]}, trained as {method}"})
+
+
+def read_rows(path: str) -> list[dict]:
+    """The rows an earlier run wrote to ``--json`` (none when the file does not exist yet)."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    try:
+        rows = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FxquantError(f"--json {path} cannot be read as rows ({exc}); delete it to start "
+                           "over, or give another file") from None
+    keys = {"model", "scale", "bits", "method", "fp"}
+    if not (isinstance(rows, list) and all(isinstance(r, dict) and keys <= r.keys()
+                                           for r in rows)):
+        raise FxquantError(f"--json {path} is not a list of rows this tool wrote (each with "
+                           f"{', '.join(sorted(keys))}); delete it to start over, or give "
+                           "another file")
+    return rows
 
 
 def build_start(model: str, scale: int, start: Recipe, methods: list[str], out: Path,
@@ -260,10 +279,17 @@ def main(argv=None) -> int:
             starts = [common_start(int(b)) for b in args.bits.split(",")]
         # scored after an hour of compile and training: a misspelt set fails now instead
         check_sets("benchmark", args.eval_sets.split(","), args.data)
+        # the outputs are written after an hour of training: unwritable paths, or a store
+        # that would not load, fail now
+        for path, what in ((args.json, "rows (--json)"), (args.store, "results store (--store)"),
+                           (args.write, "Markdown file (--write)")):
+            if path:
+                check_output_path(path, what)
+        if args.store:
+            load_store(args.store)
         # with --json, rows already there (an earlier, maybe interrupted, run) are kept and
         # their runs skipped; each new row is written as soon as it is scored
-        rows = json.loads(Path(args.json).read_text()) if args.json and \
-            Path(args.json).exists() else []
+        rows = read_rows(args.json) if args.json else []
         suffix = objective(args.hr_weight, args.teacher_weight, args.quantizer_lr)
         done = {(r["model"], r["scale"], start_of(r), method_of(r)) for r in rows}
         command = "python tools/odm_compare.py " + shlex.join(argv if argv is not None else sys.argv[1:])

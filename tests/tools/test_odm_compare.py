@@ -4,6 +4,7 @@ loop (train in a subprocess, score the saved model, write the table)."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -145,3 +146,27 @@ def test_a_misspelt_eval_set_is_named_before_any_compile(tool, data, tmp_path, c
     assert tool.main(["--out", str(tmp_path), "--models", "imdn", "--methods", "qat",
                       "--eval-sets", "Set5,Set6", "--data", str(data)]) == 2
     assert "benchmark set 'Set6' not found" in capsys.readouterr().err
+
+
+@pytest.mark.data
+@pytest.mark.parametrize("flag, content, message", [
+    ("--json", "{not json", "--json .* cannot be read as rows"),
+    ("--json", '[{"model": "imdn"}]', "--json .* is not a list of rows this tool wrote"),
+    ("--store", "[1, 2]", "is not a results store"),
+    ("--write", None, "folder .* does not exist"),
+])
+def test_outputs_that_would_fail_after_the_runs_fail_before_them(tool, data, tmp_path, capsys,
+                                                                 monkeypatch, flag, content,
+                                                                 message):
+    def no_work(*args, **kwargs):
+        raise AssertionError("the outputs must be checked before the start is built")
+
+    monkeypatch.setattr(tool, "build_start", no_work)
+    path = tmp_path / "missing" / "out.md" if content is None else tmp_path / "out"
+    if content is not None:
+        path.write_text(content)
+    assert tool.main(["--out", str(tmp_path), "--models", "imdn", "--methods", "qat",
+                      "--eval-sets", "Set5", "--data", str(data), flag, str(path)]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+    assert content is None or path.read_text() == content  # left as it was
