@@ -10,7 +10,7 @@ from torch import fx
 from tqdm import tqdm
 
 from fxquant.calibration import as_batches
-from fxquant.errors import CalibrationError, FxquantError
+from fxquant.errors import CalibrationError, FxquantError, RecipeError
 from fxquant.observers import Observer
 from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
 
@@ -28,6 +28,12 @@ class CalibratePass(Pass):
 
     name: ClassVar[str] = "calibrate"
     batches: int | None = None
+
+    def __post_init__(self):
+        # a slice bound: 0 would calibrate nothing, -1 silently drop the last batch
+        if self.batches is not None and self.batches < 1:
+            raise RecipeError(f"calibrate.batches = {self.batches}: give a number of batches "
+                              ">= 1, or leave it out to use them all")
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         needs_data = any(isinstance(m, Observer) or getattr(m, "needs_calibration", False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fxquant import CalibrationError, PassContext, PassManager, Recipe, compile
+from fxquant import CalibrationError, PassContext, PassManager, Recipe, RecipeError, compile
 from fxquant.inspect import graph_table
 from fxquant.observers import Observer
 
@@ -32,6 +32,12 @@ def test_batches_option_limits_calibration(tiny_sr, calib):
     ctx = PassContext(Recipe(), calib=calib)
     PassManager("trace,observe,calibrate{batches=1}").run(tiny_sr, ctx)
     assert ctx.history[-1][1]["batches"] == 1
+
+
+@pytest.mark.parametrize("batches", [0, -1])
+def test_a_batch_count_under_one_is_refused(tiny_sr, calib, batches):
+    with pytest.raises(RecipeError, match=f"calibrate.batches = {batches}: give a number"):
+        PassManager(f"trace,observe,calibrate{{batches={batches}}}")
 
 
 def test_nan_in_calibration_data_is_refused(tiny_sr, calib):
