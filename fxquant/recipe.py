@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fxquant.calibration import MIN_PATCH_SIDE
 from fxquant.dataclass_tables import build_dataclass, coerce_value, drop_none
 from fxquant.errors import RecipeError
 
@@ -189,6 +190,10 @@ class CalibrationConfig:
         for name in ("num_patches", "patch_size", "batch_size"):
             if getattr(self, name) < 1:
                 raise RecipeError(f"{where}.{name} = {getattr(self, name)} must be >= 1")
+        if self.patch_size < MIN_PATCH_SIDE:  # refused by the calibration check anyway, later
+            raise RecipeError(f"{where}.patch_size = {self.patch_size} must be >= "
+                              f"{MIN_PATCH_SIDE}: a 3x3 conv on a smaller patch sees mostly "
+                              "zero padding")
         if not self.sets:
             raise RecipeError(f"{where}.sets is empty; name at least one training set, e.g. T91")
 

@@ -70,6 +70,16 @@ def test_wrong_types_and_choices_say_what_is_valid():
         Recipe.from_dict({"method": "nope"})
 
 
+@pytest.mark.parametrize("calibration, match", [
+    ({"batch_size": 0}, "calibration.batch_size = 0 must be >= 1"),
+    ({"patch_size": 2}, "calibration.patch_size = 2 must be >= 3: a 3x3 conv"),
+])
+def test_calibration_sizes_are_bounded(calibration, match):
+    with pytest.raises(RecipeError, match=match):
+        Recipe.from_dict({"calibration": calibration})
+    assert Recipe.from_dict({"calibration": {"patch_size": 3}}).calibration.patch_size == 3
+
+
 def test_unknown_preset_lists_presets():
     with pytest.raises(RecipeError, match="minmax-w8a8"):
         load_preset("minmax-w9a9")
