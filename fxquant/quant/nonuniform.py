@@ -274,10 +274,14 @@ class NonUniformQuantizer(Quantizer):
 
     def tidy(self) -> None:
         """After training: levels sorted and strictly increasing again, and back on their
-        uint8 grid when they had one."""
+        uint8 grid when they had one. Levels still on their grid are left alone: deriving
+        the grid again from snapped float32 values can move scale and levels by an ulp,
+        enough to flip rounding ties (0.03 dB on PAN ×4 Set5)."""
         levels = self.levels.detach()
-        lo, hi = levels.amin(1), levels.amax(1)
         grid = int(self.grid_bits)
+        if grid and torch.equal(levels, self._grid_values()):
+            return
+        lo, hi = levels.amin(1), levels.amax(1)
         with torch.no_grad():
             self.levels.copy_(_enforce_gap(levels.double(), lo.double(), hi.double()).float())
         if grid:
@@ -296,6 +300,11 @@ class NonUniformQuantizer(Quantizer):
             self.grid_zero_point.copy_(zero_point)
             self.grid_bits.fill_(bits)
         return moved
+
+    def _grid_values(self) -> torch.Tensor:
+        """The level values the stored grid stands for, computed as :meth:`snap_to_grid`
+        sets them."""
+        return ((self.grid_levels.long() - self.grid_zero_point) * self.grid_scale.double()).float()
 
     def integer_grid(self) -> IntegerGrid | None:
         """The uint8 grid of a snapped table, or None when the levels are free floats."""

@@ -80,6 +80,27 @@ def test_integer_codes_round_trip_exactly(kind, bits, seed, per_channel, grid):
         assert torch.equal(values.float(), quantizer.levels.detach())
 
 
+@settings(max_examples=60, deadline=None)
+@given(kind=SHAPES, bits=st.integers(2, 4), seed=st.integers(0, 999), per_channel=st.booleans(),
+       scale=st.sampled_from([1e-3, 0.07, 1.0, 13.0]))
+def test_tidy_leaves_a_tidy_quantizer_bit_for_bit_alone(kind, bits, seed, per_channel, scale):
+    """The reconstruct pass tidies its quantizers, and QAT tidies a copy of the start at every
+    evaluation and again when it saves: re-deriving the grid from already snapped levels moved
+    them by an ulp, which changed PAN x4 i2nq-w4a4-recon-256's Set5 PSNR by 0.03 dB."""
+    samples = draw_samples(kind, 3, 200, seed) * scale
+    quantizer = NonUniformQuantizer(bits, 3 if per_channel else None, learnable=True)
+    rows = samples if per_channel else samples.reshape(1, -1)
+    quantizer.set_levels(fit_levels(rows, 2 ** bits))
+    quantizer.snap_to_grid(8)
+    with torch.no_grad():  # what training does: the levels drift off their grid
+        quantizer.levels.add_(torch.randn(quantizer.levels.shape,
+                                          generator=torch.Generator().manual_seed(seed)) * 1e-3)
+    quantizer.tidy()
+    tidy = {k: v.clone() for k, v in quantizer.state_dict().items()}
+    quantizer.tidy()
+    assert all(torch.equal(v, tidy[k]) for k, v in quantizer.state_dict().items())
+
+
 def test_fitting_is_deterministic_and_lloyd_max_beats_quantiles():
     samples = draw_samples("laplace", 4, 2000, 3)
     a = fit_levels(samples, 16)
