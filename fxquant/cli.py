@@ -20,16 +20,32 @@ from fxquant.cli_args import (
 from fxquant.errors import FxquantError
 
 FLOAT_ONLY = "fp"  # --recipe fp: evaluate the float model alone
+EVAL_RECIPE = "minmax-w8a8"  # eval's --recipe when neither it nor --compiled is given
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from fxquant.models.user import source_from_args
-    from fxquant.workflow import evaluate_sets, prepare
+    from fxquant.models.user import own_model_flags, source_from_args
+    from fxquant.workflow import evaluate_sets, load_compiled, prepare
 
-    float_only = args.recipe == FLOAT_ONLY
+    if args.compiled:
+        given = [flag for flag, value in (("--recipe", args.recipe),
+                                          ("--checkpoint", args.checkpoint)) if value]
+        if given:  # they would be ignored: the file holds its recipe and weights
+            raise FxquantError(f"{' and '.join(given)} cannot go with --compiled, whose file "
+                               "holds the recipe and the trained weights")
+    elif not args.model:
+        raise FxquantError("give --model (a zoo model or file.py:Class), or --compiled FILE")
+    args.recipe = args.recipe or EVAL_RECIPE
+    float_only = args.recipe == FLOAT_ONLY and not args.compiled
     datasets = dataset_list(args.datasets, args.data)  # before the work: a bad name fails now
-    models = prepare(source_from_args(args), None, None if float_only else args.recipe,
-                     data_root=args.data, progress=not args.json)
+    if args.compiled:
+        models = load_compiled(args.compiled, model=args.model, scale=args.scale,
+                               data_root=args.data, **own_model_flags(args))
+        args.model = args.model or models.spec.name
+        args.recipe = models.recipe.name
+    else:
+        models = prepare(source_from_args(args), None, None if float_only else args.recipe,
+                         data_root=args.data, progress=not args.json)
     args.scale = models.scale  # an own model's scale is found by running it
     results = {}
     for which in ("fp",) if float_only else ("fp", "quant"):
@@ -45,12 +61,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                                  "ssim": round(score.ssim, 4)}
     report = {"model": args.model, "scale": args.scale, "recipe": args.recipe,
               "datasets": results}
+    if args.compiled:
+        report["compiled"] = args.compiled
     if args.runtime != "torch":
         report["runtime"] = args.runtime
     if args.json:
         print(json.dumps(report))
         return 0
     print(f"{args.model} x{args.scale}, recipe {args.recipe}"
+          + (f", compiled model {args.compiled}" if args.compiled else "")
           + (f" (first {args.limit} images per set)" if args.limit else ""))
     if float_only:
         print(f"{'dataset':<10} {'FP PSNR':>8} {'FP SSIM':>8}")
@@ -225,8 +244,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fxquant", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("eval", help="FP vs quantized PSNR/SSIM of a zoo model")
-    add_model_args(p, "minmax-w8a8")
+    p = sub.add_parser("eval", help="FP vs quantized PSNR/SSIM of a zoo or own model "
+                                    f"(recipe {EVAL_RECIPE} unless --recipe or --compiled)")
+    p.add_argument("--compiled", help="a saved compiled model (fxquant compile, fxquant train) "
+                                      "instead of --recipe; --model only for an own model")
+    add_model_args(p, model_required=False)  # --recipe defaults to EVAL_RECIPE, not with --compiled
     p.add_argument("--datasets", default="Set5", help="comma-separated: Set5,Set14,B100,Urban100")
     p.add_argument("--limit", type=positive_int, help="evaluate only the first N images of each set")
     p.add_argument("--json", action="store_true", help="print one JSON object")

@@ -55,8 +55,9 @@ def add_own_model_args(parser: argparse.ArgumentParser) -> None:
                         help="own model's pixel range: 1 ([0, 1], default) or 255")
 
 
-def add_model_args(parser: argparse.ArgumentParser, recipe_default: str | None = None) -> None:
-    parser.add_argument("--model", required=True, help=MODEL_HELP)
+def add_model_args(parser: argparse.ArgumentParser, recipe_default: str | None = None, *,
+                   model_required: bool = True) -> None:
+    parser.add_argument("--model", required=model_required, help=MODEL_HELP)
     parser.add_argument("--scale", type=positive_int,
                         help="upscaling factor (required for zoo models; found by running "
                              "an own model once)")

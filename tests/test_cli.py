@@ -59,6 +59,29 @@ def test_unknown_model_is_a_clean_error(capsys, data):
     assert "unknown model 'imdm'" in capsys.readouterr().err
 
 
+@pytest.mark.data
+def test_eval_scores_a_saved_compiled_model_as_it_scores_the_compile(tmp_path, capsys, data):
+    """`fxquant eval --compiled` (a trained model.fxq, a compiled start): the file's recipe
+    and weights, the same scores as compiling here."""
+    saved = str(tmp_path / "f.fxq")
+    assert main(["compile", "--model", "fsrcnn", "--scale", "2", "--recipe", "minmax-w8a8",
+                 "--out", saved]) == 0
+    capsys.readouterr()
+    common = ["--datasets", "Set5", "--limit", "1", "--json"]
+    assert main(["eval", "--model", "fsrcnn", "--scale", "2", "--recipe", "minmax-w8a8",
+                 *common]) == 0
+    here = json.loads(capsys.readouterr().out)
+    assert main(["eval", "--compiled", saved, *common]) == 0
+    loaded = json.loads(capsys.readouterr().out)
+    assert loaded == {**here, "compiled": saved}
+    assert loaded["datasets"]["Set5"]["quant"]["psnr"] < loaded["datasets"]["Set5"]["fp"]["psnr"]
+    assert main(["eval", "--compiled", saved, "--recipe", "mse-w4a4", *common]) == 2
+    assert "--recipe cannot go with --compiled" in capsys.readouterr().err
+    assert main(["eval", "--datasets", "Set5"]) == 2
+    assert "give --model (a zoo model or file.py:Class), or --compiled FILE" in \
+        capsys.readouterr().err
+
+
 def test_python_m_fxquant_is_the_command_line():
     proc = subprocess.run([sys.executable, "-m", "fxquant", "eval", "--model", "imdm"],
                           capture_output=True, text=True)
