@@ -291,19 +291,19 @@ class NonUniformQuantizer(Quantizer):
         """Move the levels onto one ``bits``-bit grid (the int8 path's input); returns the
         largest level move in grid steps' units of the old table (≤ 0.5 unless codes collided)."""
         codes, scale, zero_point = grid_codes(self.levels, bits)
-        snapped = ((codes - zero_point) * scale.double()).float()
-        moved = float(((snapped - self.levels.detach()).abs() / scale).max())
         with torch.no_grad():
-            self.levels.copy_(snapped)
             self.grid_levels.copy_(codes)
             self.grid_scale.copy_(scale)
             self.grid_zero_point.copy_(zero_point)
             self.grid_bits.fill_(bits)
+            snapped = self._grid_values()
+            moved = float(((snapped - self.levels.detach()).abs() / scale).max())
+            self.levels.copy_(snapped)
         return moved
 
     def _grid_values(self) -> torch.Tensor:
-        """The level values the stored grid stands for, computed as :meth:`snap_to_grid`
-        sets them."""
+        """The level values the stored grid stands for (what :meth:`snap_to_grid` sets the
+        levels to, and :meth:`tidy` checks them against)."""
         return ((self.grid_levels.long() - self.grid_zero_point) * self.grid_scale.double()).float()
 
     def integer_grid(self) -> IntegerGrid | None:
