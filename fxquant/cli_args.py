@@ -79,10 +79,14 @@ def add_model_source_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", help="data root (default: $FXQUANT_DATA)")
 
 
-def models_from_source_args(args: argparse.Namespace):
+def models_from_source_args(args: argparse.Namespace, datasets: list[str] = ()):
     """The FP and quantized models that :func:`add_model_source_args`' flags name (a saved
-    compiled model, or a zoo model compiled here)."""
+    compiled model, or a zoo model compiled here). ``datasets``, the benchmark sets the caller
+    reads afterwards, are checked to exist first: a misspelt name fails before the compile."""
+    from fxquant.data.benchmark import check_sets
     from fxquant.report import load_models
+
+    check_sets("benchmark", datasets, args.data)
 
     return load_models(model=args.model, scale=args.scale, recipe=args.recipe,
                        compiled=args.compiled, data_root=args.data)

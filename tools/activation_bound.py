@@ -25,7 +25,6 @@ from torch import nn
 
 from fxquant.analysis import quantized_layers
 from fxquant.cli_args import add_model_source_args, models_from_source_args
-from fxquant.data.benchmark import check_sets
 from fxquant.errors import FxquantError
 from fxquant.quant.base import quant_mode
 from fxquant.quant.uniform import (UniformQuantizer, affine_qparams, fake_quantize,
@@ -113,8 +112,7 @@ def main(argv=None) -> int:
                         help="also each layer's static activations alone")
     args = parser.parse_args(argv)
     try:
-        check_sets("benchmark", [args.dataset], args.data)  # before the compile, not after
-        models = models_from_source_args(args)
+        models = models_from_source_args(args, [args.dataset])
         row = bound_row(models, args.dataset, args.data, args.per_layer)
     except FxquantError as exc:
         print(f"activation_bound: error: {exc}", file=sys.stderr)

@@ -15,7 +15,6 @@ import argparse
 import sys
 
 from fxquant.cli_args import add_model_source_args, models_from_source_args
-from fxquant.data.benchmark import check_sets
 from fxquant.errors import FxquantError
 from fxquant.files import atomic_write_text, check_output_dir, check_output_path
 
@@ -63,9 +62,7 @@ def main(argv=None) -> int:
             return 0
         from fxquant.analysis import benchmark_crops, layer_errors
         from fxquant.graphviz import render
-        if args.errors:  # the set is read after the compile: a misspelt name fails now
-            check_sets("benchmark", [args.dataset], args.data)
-        models = models_from_source_args(args)
+        models = models_from_source_args(args, [args.dataset] if args.errors else [])
         errors = None
         if args.errors:
             inputs, _ = benchmark_crops(args.dataset, models.scale, images=args.images,

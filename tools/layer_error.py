@@ -17,7 +17,6 @@ import json
 import sys
 
 from fxquant.cli_args import add_model_source_args, models_from_source_args
-from fxquant.data.benchmark import check_sets
 from fxquant.errors import FxquantError
 
 
@@ -36,8 +35,7 @@ def main(argv=None) -> int:
     try:
         from fxquant.analysis import benchmark_crops, layer_errors
         from fxquant.sensitivity import rank_agreement, sensitivity_sweep
-        check_sets("benchmark", [args.dataset], args.data)  # before the compile, not after
-        models = models_from_source_args(args)
+        models = models_from_source_args(args, [args.dataset])
         inputs, names = benchmark_crops(args.dataset, models.scale, images=args.images,
                                         crop=args.crop, color=models.spec.color, root=args.data)
         fns = {"float_fn": models.runner("fp"), "quant_fn": models.runner("quant")}

@@ -17,7 +17,7 @@ def test_a_misspelt_dataset_fails_before_the_compile(load_tool, data, name, extr
     def no_work(*args, **kwargs):
         raise AssertionError("--dataset must be checked before the model is compiled")
 
-    monkeypatch.setattr(tool, "models_from_source_args", no_work)
+    monkeypatch.setattr("fxquant.report.load_models", no_work)  # the compile
     assert tool.main(["--model", "fsrcnn", "--scale", "4", "--recipe", "minmax-w8a8",
                       "--dataset", "Set6", "--data", str(data), *extra]) == 2
     err = capsys.readouterr().err
