@@ -35,17 +35,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
                                "holds the recipe and the trained weights")
     elif not args.model:
         raise FxquantError("give --model (a zoo model or file.py:Class), or --compiled FILE")
-    args.recipe = args.recipe or EVAL_RECIPE
-    float_only = args.recipe == FLOAT_ONLY and not args.compiled
     datasets = dataset_list(args.datasets, args.data)  # before the work: a bad name fails now
     if args.compiled:
         models = load_compiled(args.compiled, model=args.model, scale=args.scale,
                                data_root=args.data, **own_model_flags(args))
-        args.model = args.model or models.spec.name
-        args.recipe = models.recipe.name
+        args.model, args.recipe = args.model or models.spec.name, models.recipe.name
     else:
-        models = prepare(source_from_args(args), None, None if float_only else args.recipe,
+        args.recipe = args.recipe or EVAL_RECIPE
+        models = prepare(source_from_args(args), None,
+                         None if args.recipe == FLOAT_ONLY else args.recipe,
                          data_root=args.data, progress=not args.json)
+    float_only = models.quant_model is None
     args.scale = models.scale  # an own model's scale is found by running it
     results = {}
     for which in ("fp",) if float_only else ("fp", "quant"):
