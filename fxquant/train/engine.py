@@ -27,6 +27,8 @@ from typing import Callable, Sequence
 import torch
 from tqdm import tqdm
 
+from fxquant.heap import keep_freed_blocks
+
 Batch = tuple
 
 
@@ -121,6 +123,7 @@ class Trainer:
         ``until``, pause after that step instead (None returned; :meth:`state_dict` then
         holds everything needed to go on)."""
         end = self.config.steps if until is None else min(until, self.config.steps)
+        keep_freed_blocks()  # each step's large blocks are reused instead of faulted in anew
         if self.step == 0:
             self.first_loss = self.heldout_loss()
             self.best_loss, self.best = self.first_loss, [p.detach().clone() for p in self.params]

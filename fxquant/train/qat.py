@@ -53,6 +53,7 @@ from torch import fx, nn
 from tqdm import tqdm
 
 from fxquant.files import atomic_write_text, check_output_dir
+from fxquant.heap import keep_freed_blocks
 from fxquant.quant import Quantizer
 from fxquant.quant.nonuniform import NonUniformQuantizer
 from fxquant.train.checkpoint import compiled_info
@@ -205,6 +206,7 @@ class QATTrainer(Resumable):
         metrics are written (rank 0, with an output folder); returns the graph."""
         config, main = self.config, self.world.is_main
         end = config.steps if until is None else min(until, config.steps)
+        keep_freed_blocks()  # each step's large blocks are reused instead of faulted in anew
         self._open_tensorboard()
         bar = tqdm(total=config.steps, initial=self.step, desc="train", leave=False,
                    disable=not (self.progress and main))

@@ -1,0 +1,53 @@
+"""Keep freed memory on the C heap while training on the CPU.
+
+A training step allocates and frees the same large blocks (activations saved for backward,
+their gradients) every step. glibc's malloc serves a block over its mmap threshold (at most
+32 MB) with a fresh ``mmap`` and gives it back on ``free``, so every step faults in every page
+of those blocks again: on a 2-core AMD EPYC Zen 3 an IMDN ×4 QAT step spent about a tenth of
+its time in the kernel for that (docs/performance.md, "Training with freed blocks kept on the
+heap"). Raising the mmap and trim thresholds keeps the blocks on the heap for reuse, as the
+``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` environment variables would, but without
+asking the user to set them before the process starts.
+
+The setting is process-wide and only raises how much freed memory the process may keep (up
+to :data:`THRESHOLD` bytes); it changes no result. It is skipped where the C library is not
+glibc, where the user chose malloc settings already (``MALLOC_*`` or ``GLIBC_TUNABLES`` in the
+environment), and with ``FXQUANT_KEEP_HEAP=0``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import platform
+
+THRESHOLD = 1 << 30  # bytes: mallopt takes an int, and no SR training block comes near 1 GiB
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
+OFF_SWITCH = "FXQUANT_KEEP_HEAP"
+
+_applied: bool | None = None  # None: not tried yet; then whether the thresholds were set
+
+
+def _user_chose_malloc_settings() -> bool:
+    return any(key.startswith("MALLOC_") for key in os.environ) or \
+        "malloc" in os.environ.get("GLIBC_TUNABLES", "")
+
+
+def keep_freed_blocks() -> bool:
+    """Raise glibc's mmap and trim thresholds once per process; True when they are set (now
+    or by an earlier call)."""
+    global _applied
+    if _applied is not None:
+        return _applied
+    _applied = False
+    if os.environ.get(OFF_SWITCH, "1") == "0" or _user_chose_malloc_settings():
+        return False
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    _applied = bool(libc.mallopt(M_MMAP_THRESHOLD, THRESHOLD)) and \
+        bool(libc.mallopt(M_TRIM_THRESHOLD, THRESHOLD))
+    return _applied
