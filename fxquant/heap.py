@@ -12,7 +12,7 @@ asking the user to set them before the process starts.
 The setting is process-wide and only raises how much freed memory the process may keep (up
 to :data:`THRESHOLD` bytes); it changes no result. It is skipped where the C library is not
 glibc, where the user chose malloc settings already (``MALLOC_*`` or ``GLIBC_TUNABLES`` in the
-environment), and with ``FXQUANT_KEEP_HEAP=0``.
+environment: :func:`malloc_settings`), and with ``FXQUANT_KEEP_HEAP=0``.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+from typing import Mapping
 
 THRESHOLD = 1 << 30  # bytes: mallopt takes an int, and no SR training block comes near 1 GiB
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
@@ -28,9 +29,10 @@ OFF_SWITCH = "FXQUANT_KEEP_HEAP"
 _applied: bool | None = None  # None: not tried yet; then whether the thresholds were set
 
 
-def _user_chose_malloc_settings() -> bool:
-    return any(key.startswith("MALLOC_") for key in os.environ) or \
-        "malloc" in os.environ.get("GLIBC_TUNABLES", "")
+def malloc_settings(env: Mapping[str, str]) -> list[str]:
+    """The names in ``env`` that set glibc's malloc (``MALLOC_*``, ``GLIBC_TUNABLES``):
+    where the user chose them, :func:`keep_freed_blocks` leaves malloc alone."""
+    return [key for key in env if key.startswith("MALLOC_") or key == "GLIBC_TUNABLES"]
 
 
 def keep_freed_blocks() -> bool:
@@ -40,7 +42,7 @@ def keep_freed_blocks() -> bool:
     if _applied is not None:
         return _applied
     _applied = False
-    if os.environ.get(OFF_SWITCH, "1") == "0" or _user_chose_malloc_settings():
+    if os.environ.get(OFF_SWITCH, "1") == "0" or malloc_settings(os.environ):
         return False
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False

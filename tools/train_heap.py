@@ -32,8 +32,10 @@ FIELDS = ("step_s", "user_s", "sys_s", "minflt")
 
 def one_run(compiled: str, setting: str, args: argparse.Namespace, out: Path) -> dict:
     """One ``fxquant train`` process under ``setting``: its step time, CPU times and faults."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    from fxquant.heap import malloc_settings
+
+    # the user's own malloc settings would turn the default off: both runs go without them
+    env = {k: v for k, v in os.environ.items() if k not in malloc_settings(os.environ)}
     command = [sys.executable, "-m", "fxquant.cli", "train", "--compiled", compiled,
                "--out", str(out), "--steps", str(args.steps), "--batch-size", str(args.batch),
                "--patch", str(args.patch), "--teacher-weight", "1", "--hr-weight", "0",
