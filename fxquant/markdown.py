@@ -1,9 +1,13 @@
-"""Replacing one ``## section`` of a Markdown document, atomically (write, then rename)."""
+"""Replacing one ``## section`` of a Markdown document, atomically (write, then rename), and
+the command line a tool's section quotes."""
 
 from __future__ import annotations
 
 import os
+import shlex
+import sys
 from pathlib import Path
+from typing import Sequence
 
 from fxquant.files import atomic_write_text
 
@@ -22,3 +26,10 @@ def write_section(path: str | os.PathLike, heading: str, text: str, *,
     else:
         new = old.rstrip("\n") + ("\n\n" if old else "") + text.rstrip("\n") + "\n"
     atomic_write_text(path, new, "Markdown file")
+
+
+def tool_command(script: str, argv: Sequence[str] | None = None) -> str:
+    """``python tools/<script> <arguments>``, shell-quoted: the command a section written by a
+    tool in tools/ records (``argv`` as given to its ``main``, default the process's)."""
+    args = list(argv if argv is not None else sys.argv[1:])
+    return " ".join(["python", f"tools/{script}", *([shlex.join(args)] if args else [])])

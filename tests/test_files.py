@@ -273,3 +273,13 @@ def test_dump_dir_that_is_a_file_fails_before_any_pass(tiny_sr, tmp_path):
     with pytest.raises(OutputError, match="does not exist"):
         PassManager("trace", dump_dir=tmp_path / "no" / "dumps").run(tiny_sr,
                                                                       PassContext(Recipe()))
+
+
+def test_a_tools_recorded_command_is_quoted_for_the_shell():
+    from fxquant.markdown import tool_command
+
+    assert tool_command("train_heap.py", ["--steps", "12"]) == "python tools/train_heap.py --steps 12"
+    # an argument with a space stays one argument when the recorded command is pasted back
+    assert tool_command("bench.py", ["--variants", "fp32_eager,lowered cpu"]) == \
+        "python tools/bench.py --variants 'fp32_eager,lowered cpu'"
+    assert tool_command("train_layout.py", []) == "python tools/train_layout.py"

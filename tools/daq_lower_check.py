@@ -35,7 +35,7 @@ from fxquant.lower.compare import daq_layer_agreement
 from fxquant.lower.daq import DaqQuantize
 from fxquant.lower.folded import CpuDaqConv2d
 from fxquant.lower.subset import SubsetQuantize
-from fxquant.markdown import write_section
+from fxquant.markdown import tool_command, write_section
 from fxquant.workflow import as_sr_function, evaluate_sets, prepare
 
 MODELS = ("imdn", "pan", "carn_m")
@@ -128,9 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         for recipe in args.recipes.split(","):
             rows.append(check(model, args.scale, recipe, args.data))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
-    command = "python tools/daq_lower_check.py " + " ".join(
-        argv if argv is not None else sys.argv[1:])
-    text = render(rows, command.strip(), section)
+    text = render(rows, tool_command("daq_lower_check.py", argv), section)
     print(text)
     if args.json:
         atomic_write_text(args.json, json.dumps(rows, indent=1), "rows JSON (--json)")

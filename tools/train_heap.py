@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     parser.add_argument("--write", help="replace this script's section of a Markdown file "
                         "(e.g. docs/performance.md)")
     args = parser.parse_args(argv)
-    from fxquant.markdown import write_section
+    from fxquant.markdown import tool_command, write_section
 
     if args.rounds < 1 or args.warmup < 0 or args.steps < args.warmup + 3:
         print("train_heap: error: --rounds must be >= 1 and --steps at least --warmup + 3 "
@@ -112,8 +112,7 @@ def main(argv=None) -> int:
                     return 2
                 print(f"round {round_} {name}: {runs[name][-1]} "
                       f"({time.perf_counter() - started:.0f} s)", file=sys.stderr, flush=True)
-    command = "python tools/train_heap.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = render(runs, args, command.strip())
+    text = render(runs, args, tool_command("train_heap.py", argv))
     print(text, end="")
     if args.write:
         write_section(args.write, SECTION, text)

@@ -85,7 +85,7 @@ def main(argv=None) -> int:
                         "(e.g. docs/performance.md)")
     args = parser.parse_args(argv)
     from fxquant.errors import FxquantError
-    from fxquant.markdown import write_section
+    from fxquant.markdown import tool_command, write_section
 
     if args.rounds < 1 or args.batch < 1:
         print("train_layout: error: --rounds and --batch must be >= 1", file=sys.stderr)
@@ -98,8 +98,7 @@ def main(argv=None) -> int:
     except FxquantError as exc:
         print(f"train_layout: error: {exc}", file=sys.stderr)
         return 2
-    command = "python tools/train_layout.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    text = render(rows, args, command.strip())
+    text = render(rows, args, tool_command("train_layout.py", argv))
     print(text, end="")
     if args.write:
         write_section(args.write, SECTION, text)
