@@ -229,6 +229,34 @@ def grid_codes(levels: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Ten
     return codes, torch.tensor(scale, dtype=torch.float32), torch.tensor(zero_point)
 
 
+class ClippedStraightThrough(torch.autograd.Function):
+    """``q`` forward; backward, ``q``'s gradient passes unchanged (to the levels it was
+    looked up from) and ``x`` gets it where ``lo <= x <= hi`` (0 outside: the clipping bound).
+
+    The same gradients as ``q + (x − x.detach())·inside``, without its three full-size
+    arithmetic passes and the float copies of the bool mask that CPU type promotion makes,
+    forward and backward (docs/performance.md, "Training step: the clipped straight-through
+    gradient")."""
+
+    @staticmethod
+    def forward(ctx, x, q, lo, hi):
+        inside = (x >= lo) & (x <= hi)
+        ctx.save_for_backward(inside)
+        return q.view_as(q)  # a new tensor object: autograd attaches this node to it
+
+    @staticmethod
+    def backward(ctx, grad):
+        (inside,) = ctx.saved_tensors
+        grad_x = torch.where(inside, grad, 0.0) if ctx.needs_input_grad[0] else None
+        return grad_x, grad, None, None
+
+
+def clipped_straight_through(x: torch.Tensor, q: torch.Tensor, lo: torch.Tensor,
+                             hi: torch.Tensor) -> torch.Tensor:
+    """``q`` with the clipped straight-through gradient to ``x`` (:class:`ClippedStraightThrough`)."""
+    return ClippedStraightThrough.apply(x, q, lo, hi)
+
+
 class NonUniformQuantizer(Quantizer):
     """Static non-uniform quantizer: ``x̂ = l[c, argmin_k |x − l[c, k]|]`` (per tensor: one row).
 
@@ -343,8 +371,8 @@ class NonUniformQuantizer(Quantizer):
         if not (x.requires_grad or self.levels.requires_grad):
             return q
         bounds = (1, -1) + (1,) * (x.ndim - 2)
-        inside = (x >= table[:, 0].view(bounds)) & (x <= table[:, -1].view(bounds))
-        return q + (x - x.detach()) * inside
+        return clipped_straight_through(x, q, table[:, 0].view(bounds).detach(),
+                                        table[:, -1].view(bounds).detach())
 
     def integer_codes(self, x: torch.Tensor) -> CodebookCodes:
         return CodebookCodes(self.codes(x).to(torch.int32),

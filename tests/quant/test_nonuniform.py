@@ -218,3 +218,50 @@ def test_channels_last_inputs_give_the_same_values_and_keep_their_layout(kind, b
         lowered = CodebookQuantize.from_quantizer(quantizer, channels_last=False)
         codes = lowered(x)
         assert torch.equal(codes, lowered(dense)) and codes.stride(1) == 1
+
+
+@settings(max_examples=30, deadline=None)
+@given(kind=SHAPES, bits=st.integers(2, 4), seed=st.integers(0, 99),
+       per_channel=st.booleans(), grid=st.booleans(), channels_last=st.booleans())
+def test_the_clipped_straight_through_function_gives_the_arithmetic_forms_gradients(
+        kind, bits, seed, per_channel, grid, channels_last):
+    """ClippedStraightThrough replaced ``q + (x − x.detach())·inside`` for speed: the values,
+    the input's gradient (clipped outside the outer levels, exact zeros there) and the levels'
+    gradient stay the same bit for bit, and on the grid a channels-last input's gradient stays
+    channels-last."""
+    import contextlib
+    from unittest import mock
+
+    def arithmetic(x, q, lo, hi):
+        return q + (x - x.detach()) * ((x >= lo) & (x <= hi))
+
+    samples = draw_samples(kind, 3, 200, seed)
+    quantizer = NonUniformQuantizer(bits, 3 if per_channel else None, learnable=True)
+    quantizer.set_levels(fit_levels(samples if per_channel else samples.reshape(1, -1), 2 ** bits))
+    if grid:
+        quantizer.snap_to_grid(8)
+    # 1.5× the fitted span, so that some values fall outside the outer levels
+    x = 1.5 * draw_samples(kind, 3, 2 * 5 * 4, seed + 1).t().contiguous()
+    x = x.reshape(2, 5, 4, 3).permute(0, 3, 1, 2)  # N×C×H×W, channels innermost in memory
+    x = x if channels_last else x.contiguous()
+    assert (x.stride(1) == 1) == channels_last
+    upstream = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed))
+    upstream = upstream.contiguous(memory_format=torch.channels_last) if channels_last else upstream
+    results = []
+    for form in (None, arithmetic):
+        quantizer.levels.grad = None
+        leaf = x.detach().clone(memory_format=torch.preserve_format).requires_grad_()
+        patch = (mock.patch("fxquant.quant.nonuniform.clipped_straight_through", form) if form
+                 else contextlib.nullcontext())
+        with patch:
+            out = quantizer(leaf)
+        out.backward(upstream)
+        results.append((out.detach(), leaf.grad, quantizer.levels.grad.clone()))
+    (out, grad_x, grad_levels), (ref_out, ref_x, ref_levels) = results
+    assert torch.equal(out, ref_out)
+    assert torch.equal(grad_x, ref_x) and torch.equal(grad_levels, ref_levels)
+    table = quantizer.levels.detach() if per_channel else quantizer.levels.detach().expand(3, -1)
+    outside = (x < table[:, :1].view(1, 3, 1, 1)) | (x > table[:, -1:].view(1, 3, 1, 1))
+    assert bool((grad_x[outside] == 0).all())
+    if channels_last and grid:  # the grid lookup keeps the layout (see the test above)
+        assert grad_x.stride(1) == 1
