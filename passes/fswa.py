@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from fxquant.calibration import as_batches
 from fxquant.errors import PassError
+from fxquant.lockstep import run_in_lockstep
 from fxquant.passes.nonuniform_quant import FSWA_MODES, i2nq_options
 from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
 from fxquant.quant import QuantConv2d, UniformQuantizer
@@ -19,31 +20,12 @@ from fxquant.quant.fswa import adjust_weights, flex_scale, input_gram, output_er
 from fxquant.recipe import RecipeError
 
 
-class _Collected(Exception):
-    """Raised by the input hook once the conv's input is summed: nothing after it matters."""
-
-
-def _gram_of(gm: fx.GraphModule, conv: QuantConv2d, batches: list[tuple]) -> torch.Tensor:
-    """Σ x xᵀ of the conv's inputs as the quantized graph delivers them (every conv before it
-    already adjusted), running each batch only as far as the conv."""
+def _gram(conv: QuantConv2d, inputs: list[tuple]) -> torch.Tensor:
+    """Σ x xᵀ of the conv's inputs, summed over the batches in order."""
     gram = None
-
-    def hook(_module, args):
-        nonlocal gram
+    for args in inputs:
         g = input_gram(conv, args[0])
         gram = g if gram is None else gram + g
-        raise _Collected
-
-    handle = conv.register_forward_pre_hook(hook)
-    try:
-        with torch.no_grad():
-            for batch in batches:
-                try:
-                    gm(*batch)
-                except _Collected:
-                    pass
-    finally:
-        handle.remove()
     return gram
 
 
@@ -58,7 +40,11 @@ class FSWAPass(Pass):
 
         c1 (QuantConv2d, min/max grid)   ──►   c1 (QuantConv2d, flex grid, adjusted weight)
 
-    Inputs are those the quantized graph delivers, the convs before already adjusted.
+    Inputs are those the quantized graph delivers, the convs before already adjusted: the
+    calibration batches run once, in lockstep (:func:`fxquant.lockstep.run_in_lockstep`), and
+    each conv is fitted when every batch has reached it (before: every batch ran from the
+    input up to each conv in turn, 2.5–4× the time on IMDN and PAN, the same weights). A conv
+    module called at several sites is fitted again at each, to the inputs of its first call.
     ``mode`` (``adjust``/``scale``/``off``) overrides the recipe option. Skipped when a saved
     model is rebuilt for loading (its state dict holds the result).
     """
@@ -81,28 +67,56 @@ class FSWAPass(Pass):
             raise PassError(self.name, "no quantized convs to adjust; put 'fswa' after a "
                             "quantizing pass (e.g. nonuniform-quant)")
         batches = as_batches(ctx.calib, ctx.recipe.calibration.batch_size)[:options.fswa_batches]
-        before = after = 0.0
-        was_training = gm.training
-        gm.eval()
-        for node in tqdm(convs, desc="fswa", disable=not ctx.progress, leave=False):
-            conv = gm.get_submodule(node.target)
+        targets = {node: gm.get_submodule(node.target) for node in convs}
+        first_site: dict[str, fx.Node] = {}
+        sites: dict[str, list[fx.Node]] = {}
+        for node in convs:
+            first_site.setdefault(node.target, node)
+            sites.setdefault(node.target, []).append(node)
+        grams: dict[str, torch.Tensor] = {}
+        done: set[fx.Node] = set()
+        errors = [0.0, 0.0]  # output error summed over convs, before and after
+        bar = tqdm(total=len(convs), desc="fswa", disable=not ctx.progress, leave=False)
+
+        def adjust(node: fx.Node, inputs: list[tuple]) -> bool:
+            """Fit ``node``'s conv unless done; True when the conv already ran in this run."""
+            conv = targets.get(node)
+            if conv is None:
+                return False
+            if not inputs:
+                raise PassError(self.name, f"no calibration input reached '{node.target}'",
+                                node=node.name)
+            # the inputs every site of a module is fitted to, as the weights now deliver them
+            if first_site[node.target] is node and not done.issuperset(sites[node.target]):
+                grams[node.target] = _gram(conv, inputs)
+            if node in done:
+                return False
             quantizer = conv.weight_quantizer
             if not isinstance(quantizer, UniformQuantizer) or quantizer.channels is None:
                 raise PassError(self.name, f"weights of '{node.target}' need a per-channel "
                                 "uniform quantizer for a flex scale", node=node.name)
-            gram = _gram_of(gm, conv, batches)
-            if gram is None:
-                raise PassError(self.name, f"no calibration input reached '{node.target}'",
-                                node=node.name)
+            gram = grams[node.target]
             weight = conv.weight.detach().clone()  # the float weight the error is measured to
+            errors[0] += float(output_error(weight, quantizer.fake_quant(weight), gram).sum())
+            flex_scale(weight, quantizer, gram, options.fswa_ratios, options.fswa_min_ratio)
+            if mode == "adjust":
+                conv.weight.copy_(adjust_weights(weight, quantizer, gram, options.fswa_damp))
+            errors[1] += float(output_error(weight, quantizer.fake_quant(conv.weight), gram).sum())
+            done.add(node)
+            bar.update()
+            return first_site[node.target] is not node
+
+        was_training = gm.training
+        gm.eval()
+        try:
             with torch.no_grad():
-                reference = output_error(weight, quantizer.fake_quant(weight), gram).sum()
-                flex_scale(weight, quantizer, gram, options.fswa_ratios, options.fswa_min_ratio)
-                if mode == "adjust":
-                    conv.weight.copy_(adjust_weights(weight, quantizer, gram, options.fswa_damp))
-                error = output_error(weight, quantizer.fake_quant(conv.weight), gram).sum()
-            before += float(reference)
-            after += float(error)
+                # a module called at several sites (CARN-M's shared residual blocks) is fitted
+                # again at each, to the inputs of its first call; what ran after that call is
+                # then stale, and the batches run again from the start
+                while not run_in_lockstep(gm, batches, adjust, until=convs[-1]):
+                    pass
+        finally:
+            bar.close()
         gm.train(was_training)
         return PassResult(gm, True, {"mode": mode, "layers": len(convs),
-                                     "output_error_ratio": round(after / max(before, 1e-30), 4)})
+                                     "output_error_ratio": round(errors[1] / max(errors[0], 1e-30), 4)})

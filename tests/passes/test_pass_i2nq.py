@@ -140,3 +140,84 @@ def test_learnable_levels_and_flex_scales_receive_gradients(tiny_sr, calib):
     gm(torch.rand(2, 3, 8, 8)).abs().mean().backward()
     assert q.levels.grad is not None and float(q.levels.grad.abs().sum()) > 0
     assert wq.scale.grad is not None and float(wq.scale.grad.abs().sum()) > 0
+
+
+class Recursive(torch.nn.Module):
+    """Two convs each called at two sites, interleaved (a, b, mix, a, b), and one after them
+    (c): CARN-M's recursive residual blocks in small."""
+
+    def __init__(self):
+        super().__init__()
+        conv = torch.nn.Conv2d
+        self.head, self.tail = conv(3, 8, 3, padding=1), conv(8, 3, 3, padding=1)
+        self.a, self.b, self.mix = conv(8, 8, 3, padding=1), conv(8, 8, 3, padding=1), conv(16, 8, 1)
+        self.c = conv(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        h = self.head(x)
+        y = self.b(torch.relu(self.a(h)))
+        z = self.mix(torch.cat([h, y], 1))
+        return self.tail(torch.relu(self.c(self.b(torch.relu(self.a(z))) + z))) + x
+
+
+def fswa_by_prefix_runs(gm, batches, options):
+    """FSWA as first written: for each conv node in graph order, every batch runs from the
+    start until the conv's module is first called, its inputs summed into the Gram matrix,
+    then the conv is fitted. The pass runs the batches once, in lockstep; it must fit the
+    same weights bit for bit, shared modules included."""
+    from fxquant.quant.fswa import adjust_weights, flex_scale, input_gram
+
+    class Reached(Exception):
+        pass
+
+    for node in [n for n in gm.graph.nodes if n.op == "call_module"
+                 and isinstance(gm.get_submodule(n.target), QuantConv2d)]:
+        conv, grams = gm.get_submodule(node.target), []
+
+        def hook(module, args):
+            grams.append(input_gram(module, args[0]))
+            raise Reached
+
+        handle = conv.register_forward_pre_hook(hook)
+        with torch.no_grad():
+            for batch in batches:
+                try:
+                    gm(*batch)
+                except Reached:
+                    pass
+        handle.remove()
+        gram = grams[0]
+        for g in grams[1:]:
+            gram = gram + g
+        weight = conv.weight.detach().clone()
+        with torch.no_grad():
+            flex_scale(weight, conv.weight_quantizer, gram, options.fswa_ratios,
+                       options.fswa_min_ratio)
+            conv.weight.copy_(adjust_weights(weight, conv.weight_quantizer, gram,
+                                             options.fswa_damp))
+
+
+def test_fswa_fits_what_prefix_runs_fit_bit_for_bit_with_shared_convs():
+    from fxquant.calibration import as_batches
+    from fxquant.compiler import compiled_copy, transformed_copy
+    from fxquant.passes.nonuniform_quant import I2NQOptions
+
+    torch.manual_seed(0)
+    model = Recursive().eval()
+    # at 3 bits the second fit of b moves its weights, so the Gram matrix refreshed after
+    # the restart that a's second fit causes is what b is fitted to
+    calib = torch.rand(32, 3, 12, 12, generator=torch.Generator().manual_seed(2))
+    r = recipe(3)
+    start = fxquant.compile(model, r, calib=calib, pipeline=(
+        "trace,observe{observer=samples},calibrate,nonuniform-quant"))
+    fitted = transformed_copy(start, "fswa", calib=calib)
+    assert dict(fitted.fxquant_history)["fswa"]["layers"] == 6  # a, b, mix, a, b, c
+    options = r.options_for(I2NQOptions)
+    batches = as_batches(calib, r.calibration.batch_size)[:options.fswa_batches]
+    assert len(batches) >= 3
+    expected = compiled_copy(start)
+    expected.eval()
+    fswa_by_prefix_runs(expected, batches, options)
+    for name, value in expected.state_dict().items():
+        assert torch.equal(fitted.state_dict()[name], value), name
+    assert not torch.equal(start.get_submodule("a").weight, expected.get_submodule("a").weight)
