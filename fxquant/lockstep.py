@@ -26,7 +26,7 @@ def run_in_lockstep(gm: fx.GraphModule, batches: Sequence[tuple],
     runners = []
     for batch in batches:
         runner = fx.Interpreter(gm)  # frees each value after its last use
-        runner.args_iter = iter(batch)
+        runner.args_iter = iter(batch)  # what Interpreter.run sets up for its placeholders
         runners.append(runner)
     for node in gm.graph.nodes:
         if node.op == "output":
