@@ -86,6 +86,19 @@ class Selection:
     bits: dict = field(default_factory=dict)  # node name -> bits overriding the recipe's
 
 
+def record_selection(state: dict, selected: int, skipped: dict) -> None:
+    """What a layer-selecting pass chose, in the pass context's ``state``: compile names the
+    rules when they left every layer out, and the method's later passes then have nothing to
+    do (:func:`nothing_selected`) rather than an error of their own."""
+    state["skipped_layers"] = skipped
+    state["selected_layers"] = selected
+
+
+def nothing_selected(state: dict) -> bool:
+    """A layer-selecting pass ran and the recipe's layer rules left every layer out."""
+    return state.get("selected_layers") == 0
+
+
 def select_layers(gm: fx.GraphModule, layers: LayerConfig) -> Selection:
     """Apply op types, include/exclude globs and the keep-first-last rule (with
     ``first_last_bits`` the first and last conv are chosen, at those bits)."""

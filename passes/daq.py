@@ -18,7 +18,8 @@ from torch import fx, nn
 
 from fxquant.calibration import as_batches
 from fxquant.errors import CalibrationError, RecipeError
-from fxquant.graph import insert_input_module, produces_nonnegative, replace_module_node, select_layers
+from fxquant.graph import (insert_input_module, produces_nonnegative, record_selection,
+                           replace_module_node, select_layers)
 from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
 from fxquant.quant import QuantConv2d, swap_in_quant_conv
 from fxquant.quant.daq import DAQ_BITS, STEP_INDICES, WEIGHT_GRANULARITIES, DAQActivationQuantizer
@@ -189,7 +190,7 @@ class DAQSensitivityPass(Pass):
                 max_positions=options.mp_max_positions)
             insert_input_module(gm, node, observer, "daq_sensitivity")
         gm.recompile()
-        ctx.state["skipped_layers"] = skipped
+        record_selection(ctx.state, len(nodes), skipped)
         return PassResult(gm, bool(nodes), {"observed": len(nodes), "skipped": len(skipped)})
 
 
@@ -267,7 +268,7 @@ class DAQPass(Pass):
                 swap_in_quant_conv(gm, node.target, weight_quantizer)
                 weights += 1
         gm.recompile()
-        ctx.state["skipped_layers"] = skipped
+        record_selection(ctx.state, len(nodes), skipped)
         ctx.state["daq_bits"] = {k: v.tolist() for k, v in channel_bits.items()}
         info = {"activation_quantizers": activations, "weight_quantizers": weights,
                 "post_relu": post_relu, "skipped": len(skipped)}

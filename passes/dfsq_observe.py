@@ -7,7 +7,8 @@ from typing import ClassVar
 
 from torch import fx
 
-from fxquant.graph import insert_input_module, produces_nonnegative, select_layers
+from fxquant.graph import (insert_input_module, produces_nonnegative, record_selection,
+                           select_layers)
 from fxquant.passes.subset_quant import dfsq_options
 from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
 from fxquant.quant.subset import MODES, SampleObserver
@@ -64,7 +65,7 @@ class DFSQObservePass(Pass):
                                       seed=options.seed * 100_003 + index, eps=options.eps)
             insert_input_module(gm, node, observer, "input_observer")
         gm.recompile()
-        ctx.state["skipped_layers"] = selection.skipped
+        record_selection(ctx.state, len(selection.nodes), selection.skipped)
         return PassResult(gm, bool(selection.nodes), {
             "observed": len(selection.nodes), "post_relu": post_relu,
             "skipped": len(selection.skipped), "normalization": mode,

@@ -12,6 +12,7 @@ from tqdm import tqdm
 
 from fxquant.calibration import as_batches
 from fxquant.errors import PassError
+from fxquant.graph import nothing_selected
 from fxquant.lockstep import run_in_lockstep
 from fxquant.passes.nonuniform_quant import FSWA_MODES, i2nq_options
 from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
@@ -61,7 +62,7 @@ class FSWAPass(Pass):
         mode = self.mode or options.fswa
         convs = [n for n in gm.graph.nodes if n.op == "call_module"
                  and isinstance(gm.get_submodule(n.target), QuantConv2d)]
-        if mode == "off" or not ctx.calibrate:
+        if mode == "off" or not ctx.calibrate or nothing_selected(ctx.state):
             return PassResult(gm, False, {"mode": mode, "layers": 0})
         if not convs:
             raise PassError(self.name, "no quantized convs to adjust; put 'fswa' after a "

@@ -9,7 +9,7 @@ from typing import ClassVar
 from torch import fx, nn
 
 from fxquant.errors import CalibrationError
-from fxquant.graph import produces_nonnegative, replace_module_node
+from fxquant.graph import nothing_selected, produces_nonnegative, replace_module_node
 from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
 from fxquant.quant import QuantConv2d, swap_in_quant_conv
 from fxquant.quant.fitting import weight_quantizer
@@ -118,6 +118,10 @@ class NonUniformQuantizePass(Pass):
         per_channel = recipe.activations.granularity == "per-channel"
         nodes = [n for n in gm.graph.nodes if n.op == "call_module"
                  and isinstance(gm.get_submodule(n.target), SampleObserver)]
+        if not nodes and nothing_selected(ctx.state):
+            # the layer rules left every layer out: nothing to do here, and compile names
+            # the rules (or returns the float result under allow_unquantized)
+            return PassResult(gm, False, {"activation_quantizers": 0})
         if not nodes:
             raise RecipeError("nonuniform-quant found no sample observers; put "
                               "'observe{observer=samples},calibrate' before it")

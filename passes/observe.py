@@ -15,6 +15,7 @@ from fxquant.graph import (
     is_relu,
     module_of,
     pixel_shuffle_factor,
+    record_selection,
     select_layers,
 )
 from fxquant.observers import OBSERVER_KINDS, Observer, make_activation_observer
@@ -83,7 +84,7 @@ class ObservePass(Pass):
                     insert_output_module(gm, node, observer, OUTPUT_OBSERVER[1:])
                     outputs += 1
         gm.recompile()
-        ctx.state["skipped_layers"] = selection.skipped
+        record_selection(ctx.state, len(selection.nodes), selection.skipped)
         info = {"observed": len(selection.nodes), "observers": len(by_value),
                 "skipped": len(selection.skipped)}
         return PassResult(gm, bool(selection.nodes),

@@ -13,7 +13,7 @@ from torch import fx
 
 from fxquant.calibration import as_batches
 from fxquant.errors import PassError
-from fxquant.graph import with_outputs
+from fxquant.graph import nothing_selected, with_outputs
 from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
 from fxquant.quant import QuantConv2d, Quantizer, UniformQuantizer
 from fxquant.quant import rounding
@@ -114,7 +114,7 @@ class ReconstructPass(Pass):
                               "probability of passing an activation through unquantized)")
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        if not ctx.calibrate:
+        if not ctx.calibrate or nothing_selected(ctx.state):
             return PassResult(gm, False, {"steps": 0})
         teacher = ctx.state.get("float_model")
         if teacher is None:

@@ -9,6 +9,7 @@ from typing import ClassVar
 from torch import fx
 
 from fxquant.errors import PassError, RecipeError
+from fxquant.graph import nothing_selected
 from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
 from fxquant.quant import QuantConv2d
 from fxquant.quant.wcc import ClippedWeightQuantizer
@@ -43,6 +44,8 @@ class WCCPass(Pass):
                 bits = self.w or getattr(module.weight_quantizer, "bits", ctx.recipe.weights.bits)
                 module.weight_quantizer = ClippedWeightQuantizer(bits, self.percentile)
                 swapped += 1
+        if not swapped and nothing_selected(ctx.state):  # compile names the layer rules
+            return PassResult(gm, False, {"convs": 0})
         if not swapped:
             raise PassError(self.name, "no quantized conv to give a wcc grid: put 'wcc' after "
                                        "'quantize'")

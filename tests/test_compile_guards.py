@@ -44,6 +44,26 @@ def test_a_float_result_is_accepted_when_asked_for(tiny_sr):
     assert torch.equal(gm(x), tiny_sr(x))
 
 
+FIRST_LAST_FLOAT = [name for name in fxquant.available_presets()
+                    if fxquant.load_preset(name).layers.keep_first_last
+                    and not fxquant.load_preset(name).layers.first_last_bits]
+
+
+@pytest.mark.parametrize("preset", FIRST_LAST_FLOAT)
+def test_every_preset_names_the_rule_when_it_leaves_every_layer_float(preset):
+    """A net whose only convs are its first and last, which every preset but the -all ones
+    keeps float: each method's passes have nothing to do (no error of their own, no training)
+    and compile names the rule; asked to, it returns the float network."""
+    two_convs = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                              nn.Conv2d(8, 3, 3, padding=1)).eval()
+    with pytest.raises(FxquantError, match="nothing was quantized.*keep_first_last"):
+        fxquant.compile(two_convs, preset, calib=patches())
+    gm = fxquant.compile(two_convs, preset, calib=patches(), allow_unquantized=True)
+    x = patches(1)
+    with torch.no_grad():  # equalizing presets rescale the float weights: equal up to rounding
+        torch.testing.assert_close(gm(x), two_convs(x), rtol=1e-5, atol=1e-6)
+
+
 # ------------------------------------------------------------------ calibration data
 def test_0_255_calibration_for_a_0_1_model_is_an_error_saying_to_rescale(tiny_sr):
     with pytest.raises(CalibrationError, match=r"spans \[.*\].*\[0, 1\].*divide by 255"):

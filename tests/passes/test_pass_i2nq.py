@@ -131,6 +131,22 @@ def test_pipeline_without_sample_observers_is_refused(tiny_sr, calib):
         fxquant.compile(tiny_sr, recipe(), calib=calib, pipeline="trace,fswa")
 
 
+def test_a_net_whose_only_convs_stay_float_gets_the_layer_rules_named(calib):
+    """Both convs are first/last, kept float: the I²NQ passes have nothing to do, and compile
+    says which rule left the layers out (not 'no sample observers' or 'no quantized convs')."""
+    two_convs = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                                    torch.nn.Conv2d(8, 3, 3, padding=1))
+    with pytest.raises(fxquant.FxquantError, match="nothing was quantized.*keep_first_last"):
+        fxquant.compile(two_convs, recipe(), calib=calib)
+    gm = fxquant.compile(two_convs, recipe(), calib=calib, allow_unquantized=True)
+    history = dict(gm.fxquant_history)
+    assert history["nonuniform-quant"]["activation_quantizers"] == 0
+    assert history["fswa"]["layers"] == 0
+    x = calib[0]
+    with torch.no_grad():
+        assert torch.equal(gm(x), two_convs(x))
+
+
 def test_learnable_levels_and_flex_scales_receive_gradients(tiny_sr, calib):
     gm = fxquant.compile(tiny_sr, recipe(learnable=True), calib=calib)
     q = gm.get_submodule("blocks_0_0_input_quantizer")
