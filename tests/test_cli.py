@@ -75,6 +75,10 @@ def test_eval_scores_a_saved_compiled_model_as_it_scores_the_compile(tmp_path, c
     loaded = json.loads(capsys.readouterr().out)
     assert loaded == {**here, "compiled": saved}
     assert loaded["datasets"]["Set5"]["quant"]["psnr"] < loaded["datasets"]["Set5"]["fp"]["psnr"]
+    assert main(["eval", "--compiled", saved, "--scale", "3", *common]) == 2
+    assert "--scale 3 does not match" in capsys.readouterr().err
+    assert main(["eval", "--compiled", saved, "--scale", "2", *common]) == 0
+    assert json.loads(capsys.readouterr().out) == loaded
     assert main(["eval", "--compiled", saved, "--recipe", "mse-w4a4", *common]) == 2
     assert "--recipe cannot go with --compiled" in capsys.readouterr().err
     assert main(["eval", "--datasets", "Set5"]) == 2
