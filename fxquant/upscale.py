@@ -342,7 +342,7 @@ def run(args) -> int:
     if not args.quiet:
         print(f"{what}: x{scale}, receptive-field radius {radius} LR pixels (measured), tiles "
               f"of {tile or 'whole'} LR pixels, overlap {overlap}", file=sys.stderr)
-        if not local:
+        if not local and tile:  # whole images (--tile 0) have no seams to warn about
             print("note: the model also uses image-wide statistics, so a tile's output differs "
                   f"a little from the whole image's; seams are cross-faded over {2 * blend} LR "
                   "pixels (--tile 0 runs each image whole)", file=sys.stderr)

@@ -221,6 +221,18 @@ def test_cli_upscales_a_folder_with_one_call_per_image(tmp_path, capsys):
     assert np.asarray(Image.open(out / "im0_x3.png")).shape == (48, 60, 3)
 
 
+def test_the_seam_note_is_printed_only_when_images_are_tiled(tmp_path, capsys, monkeypatch):
+    import fxquant.upscale
+    monkeypatch.setattr(fxquant.upscale, "receptive_radius", lambda *a, **k: (3, False))
+    good = tmp_path / "in.png"
+    Image.fromarray(_image(16, 20)).save(good)
+    run = ["upscale", str(good), "--out", str(tmp_path / "o.png"), "--model", TINY, "--recipe",
+           "fp"]
+    for tile, noted in ((None, True), (0, False)):
+        assert main(run + ([] if tile is None else ["--tile", str(tile)])) == 0
+        assert ("image-wide statistics" in capsys.readouterr().err) == noted, tile
+
+
 def test_cli_errors(tmp_path, capsys):
     good = tmp_path / "good.png"
     Image.fromarray(_image(8, 8)).save(good)
