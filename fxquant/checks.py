@@ -79,6 +79,14 @@ def quantized_modules(model: nn.Module) -> list[str]:
     return [name for name, m in model.named_modules() if _is_quantized_module(m)]
 
 
+def check_compiled(model: object, action: str, error: type[FxquantError] = FxquantError) -> None:
+    """``action`` (save, export, lower, ...) takes what :func:`fxquant.compile` or
+    :func:`fxquant.load` returned: the recipe it carries says how to rebuild or lower it."""
+    if not hasattr(model, "fxquant_recipe"):
+        raise error(f"{action} takes a model compiled by fxquant.compile (or fxquant.load); "
+                    f"got a {type(model).__name__} without a recipe")
+
+
 def check_not_compiled(model: nn.Module) -> None:
     """``compile`` takes the float model: a compiled one would be quantized a second time."""
     found = quantized_modules(model)

@@ -10,6 +10,7 @@ from torch import fx, nn
 
 from fxquant.calibration import prepare_calibration
 from fxquant.checks import (
+    check_compiled,
     check_model_finite,
     check_model_float32,
     check_not_compiled,
@@ -92,6 +93,7 @@ def transformed_copy(gm: fx.GraphModule, pipeline, *, calib: object = None,
     that changes method — ODM's offsets added to a plain QAT start, whose training hooks
     ``fxquant train`` takes from the recipe's method — says so here. Its quantization
     sections must equal ``gm``'s, since :func:`load` rebuilds the whole pipeline with it."""
+    check_compiled(gm, "transformed_copy")
     recipe = gm.fxquant_recipe if recipe is None else resolve_recipe(recipe)
     start = gm.fxquant_recipe
     changed = [name for name in ("weights", "activations", "layers", "tracing")
@@ -118,6 +120,7 @@ def lowered_copy(gm: fx.GraphModule, target: str = "cpu", *, compile: bool = Fal
     from fxquant.lower.conv import LoweringError
     from fxquant.passes.lower import LowerPass
 
+    check_compiled(gm, "lowered_copy", LoweringError)
     if getattr(gm, "fxquant_lowered", None):
         raise LoweringError(f"the model is already lowered (target '{gm.fxquant_lowered}'); "
                             "lower the compiled fake-quant model instead")
@@ -130,6 +133,7 @@ def save(gm: fx.GraphModule, path: str | os.PathLike, *, model_name: str | None 
     ``user_model`` names an own (non-zoo) model by strings alone (its ``file.py:Class``,
     ``--init`` JSON, colour, range: :meth:`fxquant.models.user.ModelSource.reference`), so
     the command line can say how to rebuild it; :func:`load` never imports it."""
+    check_compiled(gm, "fxquant.save")
     recipe: Recipe = gm.fxquant_recipe
     payload = {
         "format": FORMAT,
@@ -174,8 +178,11 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *,
     if not isinstance(state, dict):
         raise CheckpointError(f"{path} has no state_dict of tensors; save it with fxquant.save")
     check_state_finite(state, str(path))
+    # a network other than the file's may leave every layer out: the state dicts then differ,
+    # and that (below) is the error to give, not "nothing was quantized"
     gm = compile(model, recipe, pipeline=payload["pipeline"],
-                 concrete_args=payload.get("concrete_args") or None, calibrate=False)
+                 concrete_args=payload.get("concrete_args") or None, calibrate=False,
+                 allow_unquantized=True)
     expected = gm.state_dict()
     wrong = [(k, tuple(v.shape), tuple(expected[k].shape)) for k, v in state.items()
              if k in expected and isinstance(v, torch.Tensor) and v.shape != expected[k].shape]
@@ -187,6 +194,12 @@ def load(path: str | os.PathLike, model: nn.Module | None = None, *,
                               "(width, depth, scale) the file was compiled from")
     result = gm.load_state_dict(state, strict=False)
     if result.missing_keys or result.unexpected_keys:
-        raise CheckpointError(f"{path} does not match the rebuilt graph: missing "
-                              f"{result.missing_keys[:5]}, unexpected {result.unexpected_keys[:5]}")
+        extra, lacking = result.unexpected_keys, result.missing_keys
+        parts = ([f"{len(extra)} tensors of the file have no place in the graph its recipe "
+                  f"builds on the model given (e.g. {extra[:3]})"] if extra else []) + \
+                ([f"that graph has {len(lacking)} tensors the file does not hold (e.g. "
+                  f"{lacking[:3]})"] if lacking else [])
+        raise CheckpointError(f"{path} does not match the model given, a different network: "
+                              f"{'; '.join(parts)}; pass the same architecture (width, depth, "
+                              "scale) the file was compiled from")
     return gm

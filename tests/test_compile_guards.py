@@ -175,6 +175,31 @@ def test_loading_into_a_network_of_another_width_names_the_tensor(tmp_path):
         fxquant.load(tmp_path / "m.fxq", model=wider.eval())
 
 
+def test_loading_into_a_shallower_network_names_the_tensors_that_differ(tiny_sr, tmp_path):
+    """A net whose only convs are first and last: the file's recipe quantizes nothing on it,
+    and the error says the network differs (not "nothing was quantized")."""
+    fxquant.save(fxquant.compile(tiny_sr, "minmax-w8a8", calib=patches()), tmp_path / "m.fxq")
+    shallow = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(),
+                            nn.Conv2d(8, 3, 3, padding=1)).eval()
+    with pytest.raises(CheckpointError, match=r"does not match the model given, a different "
+                                              r"network: \d+ tensors of the file have no place "
+                                              r"in the graph .*'head\.weight'.*that graph "
+                                              r"has 4 tensors the file does not hold"):
+        fxquant.load(tmp_path / "m.fxq", model=shallow)
+
+
+@pytest.mark.parametrize("action", ["save", "lowered_copy", "transformed_copy", "export"])
+def test_what_takes_a_compiled_model_refuses_the_float_one_by_name(tiny_sr, tmp_path, action):
+    calls = {"save": lambda: fxquant.save(tiny_sr, tmp_path / "m.fxq"),
+             "lowered_copy": lambda: fxquant.lowered_copy(tiny_sr),
+             "transformed_copy": lambda: fxquant.transformed_copy(tiny_sr, "verify"),
+             "export": lambda: fxquant.export(tiny_sr, tmp_path / "m.onnx")}
+    with pytest.raises(FxquantError, match=f"{action}.* takes a model compiled by "
+                                           r"fxquant.compile \(or fxquant.load\); got a "):
+        calls[action]()
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_compiling_a_compiled_model_is_an_error(tiny_sr):
     gm = fxquant.compile(tiny_sr, "minmax-w8a8", calib=patches())
     with pytest.raises(FxquantError, match="already compiled by fxquant .recipe 'minmax-w8a8'"):

@@ -48,6 +48,7 @@ import warnings
 import torch
 from torch import fx, nn
 
+from fxquant.checks import check_compiled
 from fxquant.deploy.errors import ExportError
 from fxquant.errors import PassError
 from fxquant.files import atomic_write_bytes
@@ -196,9 +197,7 @@ def _quantize_reader(gm: fx.GraphModule, node: fx.Node):
 def check_exportable(gm: fx.GraphModule) -> None:
     """Refuse, naming the quantizer, what has no static ONNX form (before lowering, whose
     own errors speak of integer kernels)."""
-    if not hasattr(gm, "fxquant_recipe"):
-        raise ExportError("export takes a model compiled by fxquant.compile (or fxquant.load); "
-                          f"got a {type(gm).__name__} without a recipe")
+    check_compiled(gm, "export", ExportError)
     if getattr(gm, "fxquant_lowered", None):
         raise ExportError(f"the model is already lowered (target '{gm.fxquant_lowered}'); export "
                           "the fake-quant model it was lowered from")
@@ -302,9 +301,7 @@ def fake_quant_graph(gm: fx.GraphModule) -> fx.GraphModule:
     values, computed here by torch, with the weight quantizers switched off: the weights are
     constants, and the exporter's own translation of a weight quantizer's statistics (DAQ's
     per-tensor std) moved one IMDN weight across a rounding boundary."""
-    if not hasattr(gm, "fxquant_recipe"):
-        raise ExportError("export takes a model compiled by fxquant.compile (or fxquant.load); "
-                          f"got a {type(gm).__name__} without a recipe")
+    check_compiled(gm, "export", ExportError)
     if getattr(gm, "fxquant_lowered", None):
         raise ExportError(f"the model is already lowered (target '{gm.fxquant_lowered}'); export "
                           "the fake-quant model it was lowered from")
