@@ -25,14 +25,10 @@ EVAL_RECIPE = "minmax-w8a8"  # eval's --recipe when neither it nor --compiled is
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from fxquant.models.user import own_model_flags, source_from_args
-    from fxquant.workflow import evaluate_sets, load_compiled, prepare
+    from fxquant.workflow import evaluate_sets, load_compiled, prepare, refuse_with_compiled
 
     if args.compiled:
-        given = [flag for flag, value in (("--recipe", args.recipe),
-                                          ("--checkpoint", args.checkpoint)) if value]
-        if given:  # they would be ignored: the file holds its recipe and weights
-            raise FxquantError(f"{' and '.join(given)} cannot go with --compiled, whose file "
-                               "holds the recipe and the trained weights")
+        refuse_with_compiled(recipe=args.recipe, checkpoint=args.checkpoint)
     elif not args.model:
         raise FxquantError("give --model (a zoo model or file.py:Class), or --compiled FILE")
     datasets = dataset_list(args.datasets, args.data)  # before the work: a bad name fails now
@@ -140,9 +136,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     from fxquant.files import check_output_path
     from fxquant.models.user import is_user_model, own_model_flags, source_from_args
     from fxquant.report import ReportConfig, load_models, write_report
-    from fxquant.workflow import load_compiled, prepare
+    from fxquant.workflow import load_compiled, prepare, refuse_with_compiled
 
     check_output_path(args.out, "report (--out)")  # before the analyses, not after
+    if args.compiled:
+        refuse_with_compiled(recipe=args.recipe)
     datasets = dataset_list(args.datasets, args.data)
     own = own_model_flags(args)
     if args.compiled:  # zoo or own model, whichever the file holds

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from torch import fx
 
+from fxquant.errors import FxquantError
 from fxquant.inspect import graph_table
 
 __all__ = ["parse_table", "GraphDiff", "diff_tables", "diff_graphs", "diff_files"]
@@ -158,7 +159,19 @@ def diff_graphs(a: fx.GraphModule, b: fx.GraphModule, a_name: str = "before",
     return diff_tables(a, b, a_name, b_name)
 
 
+def read_dump(path: str | Path) -> list[dict]:
+    """The rows of a dump file, or an error that names the file and what it should be."""
+    path = Path(path)
+    written_by = "a node table written by fxquant compile --dump-dir or tools/graph_dump.py"
+    try:
+        return parse_table(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FxquantError(f"graph dump {path} does not exist; give {written_by}") from None
+    except (OSError, UnicodeDecodeError, ValueError) as exc:
+        raise FxquantError(f"cannot read graph dump {path} ({exc}); give {written_by}") from None
+
+
 def diff_files(a: str | Path, b: str | Path) -> GraphDiff:
     """Diff two dump files (``NN-<pass>.txt``)."""
     a, b = Path(a), Path(b)
-    return diff_tables(a.read_text(), b.read_text(), str(a.name), str(b.name))
+    return diff_tables(read_dump(a), read_dump(b), str(a.name), str(b.name))

@@ -36,14 +36,13 @@ from typing import Callable
 import torch
 
 from fxquant.analysis import LayerErrorReport, benchmark_crops, layer_errors
-from fxquant.errors import CheckpointError
 from fxquant.files import atomic_write_text
 from fxquant.report_html import _plot_available
 from fxquant.report_sections import Measured, ViewedImage, page_html
 from fxquant.sensitivity import SweepResult, rank_agreement, sensitivity_sweep
 
 __all__ = ["ReportConfig", "Report", "build_report", "measure_report", "write_report",
-           "models_from_compiled", "load_models", "measure_speed"]
+           "load_models", "measure_speed"]
 
 
 @dataclass
@@ -112,38 +111,17 @@ class Report:
 
 
 # ----------------------------------------------------------------------------- models
-def models_from_compiled(path: str | os.PathLike, *, data_root=None, checkpoint=None):
-    """A :class:`~fxquant.workflow.ZooModels` from a saved compiled model: the float network
-    is the zoo model named in the file (pretrained, or ``checkpoint``)."""
-    import fxquant
-    from fxquant.compiler import read_compiled
-    from fxquant.models import build_model, get_spec
-    from fxquant.workflow import ZooModels
-
-    payload = read_compiled(path)
-    info = payload["model"]
-    if not info.get("name"):
-        raise CheckpointError(f"{path} names no zoo model; a report needs the float network")
-    name, scale = info["name"], info["scale"]
-    float_model = build_model(name, scale, pretrained=checkpoint is None, checkpoint=checkpoint,
-                              data_root=data_root)
-    quant = fxquant.load(path, build_model(name, scale, data_root=data_root), data_root=data_root)
-    return ZooModels(get_spec(name), scale, quant.fxquant_recipe, float_model, quant)
-
-
 def load_models(*, model: str | None = None, scale: int | None = None, recipe=None,
                 compiled: str | os.PathLike | None = None, data_root=None, checkpoint=None):
     """FP and quantized zoo models, from a saved compiled model or by compiling ``model`` at
     ``scale`` with ``recipe`` (what ``fxquant report`` and the ``tools/`` scripts accept)."""
     from fxquant.errors import FxquantError
-    from fxquant.workflow import prepare
+    from fxquant.workflow import load_compiled, prepare, refuse_with_compiled
 
-    if compiled:
-        models = models_from_compiled(compiled, data_root=data_root, checkpoint=checkpoint)
-        if model and model != models.spec.name:
-            raise FxquantError(f"--model {model} does not match {compiled}, which holds "
-                               f"{models.spec.name}")
-        return models
+    if compiled:  # checkpoint: the float reference's weights
+        refuse_with_compiled(recipe=recipe)
+        return load_compiled(compiled, model=model, scale=scale, data_root=data_root,
+                             weights=checkpoint)
     if not (model and scale and recipe):
         raise FxquantError("give --compiled FILE, or --model, --scale and --recipe")
     return prepare(model, scale, recipe, data_root=data_root, checkpoint=checkpoint)

@@ -105,6 +105,17 @@ def prepare(name: str | ModelSource, scale: int | None, recipe: RecipeLike | Non
     return ZooModels(spec, scale, resolved, model, quant)
 
 
+def refuse_with_compiled(**flags) -> None:
+    """Command-line flags given with ``--compiled`` that would be ignored: its file holds the
+    recipe and the trained weights (``flags``: flag name without dashes → value)."""
+    from fxquant.errors import FxquantError
+
+    given = [f"--{name}" for name, value in flags.items() if value]
+    if given:
+        raise FxquantError(f"{' and '.join(given)} cannot go with --compiled, whose file "
+                           "holds the recipe and the trained weights")
+
+
 def load_compiled(path: str | os.PathLike, *, model: str | None = None,
                   scale: int | None = None, data_root: str | os.PathLike | None = None,
                   **own) -> ZooModels:

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+import fxquant
 from fxquant.cli import build_parser, main
 
 COMMANDS = ["eval", "compile", "inspect", "table", "demo", "models", "recipes"]
@@ -79,6 +80,14 @@ def test_eval_scores_a_saved_compiled_model_as_it_scores_the_compile(tmp_path, c
     assert "--scale 3 does not match" in capsys.readouterr().err
     assert main(["eval", "--compiled", saved, "--scale", "2", *common]) == 0
     assert json.loads(capsys.readouterr().out) == loaded
+    # report and the tools (fxquant.report.load_models) refuse the same contradictions
+    assert main(["report", "--compiled", saved, "--recipe", "mse-w4a4", "--out",
+                 str(tmp_path / "r.html")]) == 2
+    assert "--recipe cannot go with --compiled" in capsys.readouterr().err
+    from fxquant.report import load_models
+    with pytest.raises(fxquant.FxquantError, match="--scale 3 does not match"):
+        load_models(compiled=saved, scale=3)
+    assert load_models(compiled=saved, model="fsrcnn", scale=2).recipe.name == "minmax-w8a8"
     assert main(["eval", "--compiled", saved, "--recipe", "mse-w4a4", *common]) == 2
     assert "--recipe cannot go with --compiled" in capsys.readouterr().err
     assert main(["eval", "--datasets", "Set5"]) == 2

@@ -14,6 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from fxquant.errors import FxquantError
 from fxquant.graphdiff import diff_files
 
 
@@ -25,13 +26,21 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if len(args.paths) == 1 and Path(args.paths[0]).is_dir():
         dumps = sorted(Path(args.paths[0]).glob("*.txt"))
+        if len(dumps) < 2:
+            parser.error(f"folder {args.paths[0]} holds {len(dumps)} graph dump(s) (*.txt); "
+                         "diffing needs two or more (fxquant compile --dump-dir writes one "
+                         "per pass)")
         pairs = list(zip(dumps, dumps[1:]))
     elif len(args.paths) == 2:
         pairs = [(Path(args.paths[0]), Path(args.paths[1]))]
     else:
         parser.error("give two dump files or one folder of dumps")
-    for a, b in pairs:
-        sys.stdout.write(diff_files(a, b).text(context=args.context))
+    try:
+        diffs = [diff_files(a, b) for a, b in pairs]
+    except FxquantError as exc:
+        parser.error(str(exc))
+    for diff in diffs:
+        sys.stdout.write(diff.text(context=args.context))
     return 0
 
 
