@@ -14,7 +14,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from fxquant.cli_args import add_model_source_args, models_from_source_args
+from fxquant.cli_args import (add_model_source_args, models_from_source_args, non_negative_int,
+                              positive_int)
 from fxquant.errors import FxquantError
 from fxquant.files import atomic_write_text, check_output_dir, check_output_path
 
@@ -48,8 +49,8 @@ def main(argv=None) -> int:
     parser.add_argument("--errors", action="store_true",
                         help="colour layers by isolated SQNR (needs the benchmark data)")
     parser.add_argument("--dataset", default="Set5")
-    parser.add_argument("--images", type=int, default=2)
-    parser.add_argument("--crop", type=int, default=48)
+    parser.add_argument("--images", type=positive_int, default=2)
+    parser.add_argument("--crop", type=non_negative_int, default=48)
     parser.add_argument("--dump-dir", help="dump the graph after every pass of the recipe")
     parser.add_argument("--formats", default="text,dot", help="formats for --dump-dir")
     args = parser.parse_args(argv)

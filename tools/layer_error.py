@@ -16,7 +16,8 @@ import argparse
 import json
 import sys
 
-from fxquant.cli_args import add_model_source_args, models_from_source_args
+from fxquant.cli_args import (add_model_source_args, models_from_source_args, non_negative_int,
+                              positive_int)
 from fxquant.errors import FxquantError
 
 
@@ -25,8 +26,8 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_model_source_args(parser)
     parser.add_argument("--dataset", default="Set5")
-    parser.add_argument("--images", type=int, default=2, help="first N images (default 2)")
-    parser.add_argument("--crop", type=int, default=48, help="LR crop side, 0 = whole image")
+    parser.add_argument("--images", type=positive_int, default=2, help="first N images (default 2)")
+    parser.add_argument("--crop", type=non_negative_int, default=48, help="LR crop side, 0 = whole image")
     parser.add_argument("--sort", default="isolated", choices=("isolated", "propagated", "graph"))
     parser.add_argument("--sweep", action="store_true", help="run the sensitivity sweep")
     parser.add_argument("--strategy", default="only", choices=("only", "all-but"))

@@ -22,3 +22,15 @@ def test_a_misspelt_dataset_fails_before_the_compile(load_tool, data, name, extr
                       "--dataset", "Set6", "--data", str(data), *extra]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"{name}: error: benchmark set 'Set6' not found")
+
+
+@pytest.mark.parametrize("name", ["layer_error", "graph_dump"])
+@pytest.mark.parametrize("flag, value, says", [("--images", "0", "1 or more"),
+                                               ("--crop", "-1", "0 or more")])
+def test_image_counts_and_crops_are_checked_as_arguments(load_tool, name, flag, value, says,
+                                                         capsys):
+    with pytest.raises(SystemExit) as exit_:
+        load_tool(name).main(["--model", "fsrcnn", "--scale", "4", "--recipe", "minmax-w8a8",
+                              flag, value])
+    assert exit_.value.code == 2
+    assert f"argument {flag}: {value} must be {says}" in capsys.readouterr().err
