@@ -5,6 +5,8 @@ types, the own-model flags, the model flags of eval/compile, and the compiled-mo
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 from fxquant.errors import FxquantError
 
@@ -90,3 +92,15 @@ def models_from_source_args(args: argparse.Namespace, datasets: list[str] = ()):
 
     return load_models(model=args.model, scale=args.scale, recipe=args.recipe,
                        compiled=args.compiled, data_root=args.data)
+
+
+def run_tool(main) -> None:
+    """Run a ``tools/`` script's ``main()`` and exit with its status; an :class:`FxquantError`
+    (a misspelt model or recipe, a bad file) is printed as ``<tool>: error: <message>`` with
+    status 2, as the ``fxquant`` command does, instead of a traceback."""
+    try:
+        status = main()
+    except FxquantError as exc:
+        print(f"{Path(sys.argv[0]).stem}: error: {exc}", file=sys.stderr)
+        status = 2
+    sys.exit(status)

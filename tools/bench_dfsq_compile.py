@@ -62,4 +62,6 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from fxquant.cli_args import run_tool
+
+    run_tool(main)

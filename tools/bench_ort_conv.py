@@ -86,4 +86,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from fxquant.cli_args import run_tool
+
+    run_tool(main)

@@ -10,7 +10,6 @@ Each case is shuffle + ReLU (what follows CARN-M's upsampler), medians of interl
 from __future__ import annotations
 
 import argparse
-import sys
 
 import torch
 import torch.nn.functional as F
@@ -45,4 +44,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from fxquant.cli_args import run_tool
+
+    run_tool(main)

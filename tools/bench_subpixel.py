@@ -10,7 +10,6 @@ interleaved rounds; the outputs are checked equal first.
 from __future__ import annotations
 
 import argparse
-import sys
 
 import torch
 from torch import nn
@@ -50,4 +49,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from fxquant.cli_args import run_tool
+
+    run_tool(main)

@@ -24,6 +24,8 @@ from fxquant.lower.compare import layer_agreement
 from fxquant.errors import FxquantError
 from fxquant.files import atomic_write_text, check_output_path
 from fxquant.markdown import write_section
+from fxquant.models import get_spec
+from fxquant.recipe import resolve_recipe
 from fxquant.workflow import as_sr_function, evaluate_sets, prepare
 
 PRESETS = ("minmax-w8a8", "mse-w8a8", "percentile-w8a8", "minmax-w6a6", "minmax-w4a4",
@@ -81,10 +83,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--section", default=SECTION,
                         help=f"the Markdown section to write (default '{SECTION}')")
     args = parser.parse_args(argv)
-    try:  # before the (long) checks: a missing or read-only folder fails now
+    try:  # before the (long) checks: a misspelt name or a missing folder fails now
         for path, what in ((args.json, "rows JSON (--json)"), (args.write, "Markdown (--write)")):
             if path:
                 check_output_path(path, what)
+        for model in args.models.split(","):
+            get_spec(model)
+        for recipe in args.recipes.split(","):
+            resolve_recipe(recipe)
     except FxquantError as exc:
         print(f"lower_check: error: {exc}", file=sys.stderr)
         return 2
@@ -105,4 +111,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from fxquant.cli_args import run_tool
+
+    run_tool(main)

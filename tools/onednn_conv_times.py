@@ -151,4 +151,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from fxquant.cli_args import run_tool
+
+    run_tool(main)

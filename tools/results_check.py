@@ -11,7 +11,6 @@ dataset, whole set) entries and prints stored vs now; exits 1 when one moved by 
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from fxquant.results import load_all_stores
@@ -49,4 +48,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from fxquant.cli_args import run_tool
+
+    run_tool(main)

@@ -9,7 +9,6 @@ docs/performance.md "Upscaling large images".
 from __future__ import annotations
 
 import argparse
-import sys
 
 import numpy as np
 
@@ -50,4 +49,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from fxquant.cli_args import run_tool
+
+    run_tool(main)
