@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from fxquant.errors import FxquantError
 from fxquant.results import load_all_stores
 from fxquant.workflow import evaluate_sets, prepare
 
@@ -28,11 +29,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tol", type=float, default=0.01)
     parser.add_argument("--data", help="data root (default: $FXQUANT_DATA)")
     args = parser.parse_args(argv)
-    stored = [r for r in load_all_stores(RESULTS).values()
-              if r["scale"] == args.scale and r["dataset"] == args.dataset and r["limit"] is None
-              and r["recipe"] != "fp"
-              and (not args.models or r["model"] in args.models.split(","))
+    whole_sets = [r for r in load_all_stores(RESULTS).values()
+                  if r["scale"] == args.scale and r["dataset"] == args.dataset
+                  and r["limit"] is None and r["recipe"] != "fp"]
+    stored = [r for r in whole_sets
+              if (not args.models or r["model"] in args.models.split(","))
               and (not args.recipes or r["recipe"] in args.recipes.split(","))]
+    if not stored:  # checking nothing would pass: say what there is to check instead
+        raise FxquantError(
+            f"no stored result matches x{args.scale} {args.dataset}"
+            + (f", --models {args.models}" if args.models else "")
+            + (f", --recipes {args.recipes}" if args.recipes else "")
+            + f"; stored for x{args.scale} {args.dataset}: models "
+            f"{', '.join(sorted({r['model'] for r in whole_sets})) or 'none'}, recipes "
+            f"{', '.join(sorted({r['recipe'] for r in whole_sets})) or 'none'}")
     worst = 0.0
     print("| model | recipe | stored PSNR | now | Δ |\n|---|---|---|---|---|")
     for row in sorted(stored, key=lambda r: (r["model"], r["recipe"])):
