@@ -149,6 +149,8 @@ def parse_pipeline(spec: str) -> list[Pass]:
             if key not in valid:
                 raise RecipeError(f"unknown option '{key}' for pass '{name}'; valid options: "
                                   f"{', '.join(valid) or '(none)'}")
+            if key in kwargs:  # the later one would win unseen
+                raise RecipeError(f"option '{key}' of pass '{name}' is given twice; give it once")
             kwargs[key] = _parse_value(value, hints[key], f"{name}.{key}")
         try:
             result.append(cls(**kwargs))

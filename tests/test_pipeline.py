@@ -29,6 +29,8 @@ def test_parse_pipeline_with_options():
     ("quantize{w=four}", r"quantize.w must be an integer"),
     ("quantize{w=1}", r"quantize.w = 1 is impossible"),
     ("quantize{w}", r"needs key=value"),
+    ("quantize{w=4,a=4,w=8}", r"option 'w' of pass 'quantize' is given twice"),
+    ("quantize{w=4,a=4,w=4}", r"option 'w' of pass 'quantize' is given twice"),
     ("", r"empty pipeline"),
     ("trace,,verify", r"cannot parse pipeline"),
 ])
