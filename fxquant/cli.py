@@ -102,15 +102,16 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    import fxquant
     from fxquant.files import atomic_write_text, check_output_path
     from fxquant.inspect import graph_table, node_rows
-    from fxquant.workflow import prepare
+    from fxquant.workflow import load_compiled, prepare, refuse_with_compiled
 
     if args.out:
         check_output_path(args.out, "inspect output (--out)")
-    if args.compiled:
-        gm = fxquant.load(args.compiled, data_root=args.data)
+    if args.compiled:  # --model and --scale, if given, must be the file's
+        refuse_with_compiled(recipe=args.recipe)
+        gm = load_compiled(args.compiled, model=args.model, scale=args.scale,
+                           data_root=args.data).quant_model
     else:
         if not (args.model and args.scale and args.recipe):
             raise FxquantError("inspect needs --compiled FILE, or --model, --scale and --recipe")

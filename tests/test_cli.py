@@ -132,6 +132,11 @@ def test_compile_then_inspect_a_saved_model(tmp_path, data, capsys):
     assert "mid_part_0_input_quantizer" in table
     assert "uniform bits=4 granularity=per-tensor mode=static" in table
     assert "weight uniform bits=4 granularity=per-channel" in table
+    for flags, says in ((["--scale", "3"], "--scale 3 does not match"),
+                        (["--model", "imdn"], "--model imdn does not match"),
+                        (["--recipe", "mse-w4a4"], "--recipe cannot go with --compiled")):
+        assert main(["inspect", "--compiled", str(out), *flags]) == 2
+        assert says in capsys.readouterr().err
 
 
 @pytest.mark.data
