@@ -289,6 +289,22 @@ def test_cli_export_and_eval_with_onnxruntime(data, tmp_path, capsys):
     assert main(["export", "--model", "fsrcnn", "--scale", "4", "--recipe", "daq-w4a4",
                  "--out", str(tmp_path / "daq.onnx")]) == 2
     assert "daq" in capsys.readouterr().err and not (tmp_path / "daq.onnx").exists()
+    # a saved model: --recipe is refused, --scale must be the file's; no --recipe at all
+    # compiles with the default (mse-w8a8-sym), as the first export above did explicitly
+    saved = str(tmp_path / "f.fxq")
+    assert main(["compile", "--model", "fsrcnn", "--scale", "4", "--recipe", "mse-w8a8-sym",
+                 "--out", saved]) == 0
+    capsys.readouterr()
+    for flags, says in ((["--recipe", "mse-w8a8-sym"], "--recipe cannot go with --compiled"),
+                        (["--scale", "2"], "--scale 2 does not match")):
+        assert main(["export", "--compiled", saved, *flags, "--out", str(out)]) == 2
+        assert says in capsys.readouterr().err
+    assert main(["export", "--compiled", saved, "--scale", "4", "--out",
+                 str(tmp_path / "saved.onnx"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["nodes"] == summary["nodes"]
+    assert main(["export", "--model", "fsrcnn", "--scale", "4", "--out",
+                 str(tmp_path / "default.onnx"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["nodes"] == summary["nodes"]
     assert main(["eval", "--model", "fsrcnn", "--scale", "4", "--recipe", "mse-w8a8-sym",
                  "--limit", "1", "--runtime", "onnxruntime", "--json"]) == 0
     report = json.loads(capsys.readouterr().out)

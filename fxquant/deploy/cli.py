@@ -8,14 +8,18 @@ import json
 
 import torch
 
+from fxquant.cli_args import positive_int
 from fxquant.errors import FxquantError
+
+
+DEFAULT_RECIPE = "mse-w8a8-sym"  # not the flag's default: with --compiled a --recipe is an error
 
 
 def build_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compiled", help="a saved compiled model (instead of --model/--scale/--recipe)")
     p.add_argument("--model", help="zoo model name (see `fxquant models`)")
-    p.add_argument("--scale", type=int, help="upscaling factor")
-    p.add_argument("--recipe", default="mse-w8a8-sym",
+    p.add_argument("--scale", type=positive_int, help="upscaling factor")
+    p.add_argument("--recipe",
                    help="preset or .toml recipe (default mse-w8a8-sym; ONNX takes the static "
                         "uniform presets)")
     p.add_argument("--checkpoint", help="float weights instead of the pretrained ones")
@@ -30,19 +34,20 @@ def build_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--opset", type=int, default=13, help="onnx opset (default 13)")
     p.add_argument("--target", choices=("fake-quant", "reference", "cpu"), default="fake-quant",
                    help="torch-export, torchscript: the fake-quant model or its integer lowering")
-    p.add_argument("--size", type=int, default=32, help="side of the random LR check input")
+    p.add_argument("--size", type=positive_int, default=32, help="side of the random LR check input")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
 def _compiled(args: argparse.Namespace):
-    import fxquant
-    from fxquant.workflow import prepare
+    from fxquant.workflow import load_compiled, prepare, refuse_with_compiled
 
-    if args.compiled:
-        return fxquant.load(args.compiled, data_root=args.data)
+    if args.compiled:  # --model and --scale, if given, must be the file's
+        refuse_with_compiled(recipe=args.recipe, checkpoint=args.checkpoint)
+        return load_compiled(args.compiled, model=args.model, scale=args.scale,
+                             data_root=args.data).quant_model
     if not (args.model and args.scale):
         raise FxquantError("export needs --compiled FILE, or --model and --scale (with --recipe)")
-    return prepare(args.model, args.scale, args.recipe, data_root=args.data,
+    return prepare(args.model, args.scale, args.recipe or DEFAULT_RECIPE, data_root=args.data,
                    checkpoint=args.checkpoint).quant_model
 
 
