@@ -99,6 +99,10 @@ SMALL_PATCH_SIDE = 8
 
 
 def _as_float(tensor: torch.Tensor, where: str) -> torch.Tensor:
+    if tensor.is_meta:
+        raise CalibrationError(f"{where} is a meta tensor (a shape without data); give real "
+                               "image data")
+    tensor = tensor.detach()  # data, not part of a graph: no gradient is taken through it
     if tensor.is_floating_point():
         return tensor if tensor.dtype == torch.float32 else tensor.float()
     raise CalibrationError(f"{where} has dtype {str(tensor.dtype).replace('torch.', '')}; "
@@ -120,6 +124,11 @@ def prepare_calibration(calib: object, input_range: tuple[float, float] | None =
     """
     import warnings
 
+    if input_range is not None and not (len(input_range) == 2 and
+                                        float(input_range[0]) < float(input_range[1])):
+        raise CalibrationError(f"input_range must be (low, high) with low < high, got "
+                               f"{tuple(input_range)}; (0, 1) for the zoo's models, (0, 255) for "
+                               "a model taking 8-bit values, None for normalised inputs")
     if calib is None:
         return None
     if isinstance(calib, LazyBatches) or is_map_style(calib):

@@ -82,6 +82,12 @@ def trace(model: nn.Module, leaf_modules: list[str] | tuple[str, ...] = (),
     if not isinstance(model, nn.Module):
         raise TraceFailure(f"expected a torch.nn.Module to trace, got {type(model).__name__}")
     leaf_names, leaf_types = _check_leaves(model, list(leaf_modules))
+    params = list(inspect.signature(model.forward).parameters)
+    unknown = sorted(set(concrete_args or {}) - set(params))
+    if unknown:  # FX would ignore them, and the model would be traced unspecialised
+        raise TraceFailure(f"concrete_args names {', '.join(map(repr, unknown))}, which "
+                           f"{type(model).__name__}.forward does not take (its arguments: "
+                           f"{', '.join(params) or 'none'})")
     tracer = SRTracer(leaf_names, leaf_types)
     try:
         graph = tracer.trace(model, concrete_args=concrete_args)

@@ -65,6 +65,27 @@ def test_every_preset_names_the_rule_when_it_leaves_every_layer_float(preset):
 
 
 # ------------------------------------------------------------------ calibration data
+def test_an_input_range_upside_down_is_named(tiny_sr):
+    with pytest.raises(CalibrationError, match=r"input_range must be \(low, high\) with low < "
+                                               r"high, got \(1, 0\)"):
+        fxquant.compile(tiny_sr, "minmax-w8a8", calib=patches(), input_range=(1, 0))
+
+
+def test_calibration_data_that_requires_grad_calibrates_as_its_values(tiny_sr):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns on .item() of a tensor in a graph
+        tracked = fxquant.compile(tiny_sr, "minmax-w8a8", calib=patches().requires_grad_())
+    plain = fxquant.compile(tiny_sr, "minmax-w8a8", calib=patches())
+    for key, value in plain.state_dict().items():
+        assert torch.equal(tracked.state_dict()[key], value), key
+
+
+def test_concrete_args_the_forward_does_not_take_are_named(tiny_sr):
+    with pytest.raises(FxquantError, match=r"concrete_args names 'scale', which \w+\.forward "
+                                           r"does not take \(its arguments: x\)"):
+        fxquant.compile(tiny_sr, "minmax-w8a8", calib=patches(), concrete_args={"scale": 4})
+
+
 def test_0_255_calibration_for_a_0_1_model_is_an_error_saying_to_rescale(tiny_sr):
     with pytest.raises(CalibrationError, match=r"spans \[.*\].*\[0, 1\].*divide by 255"):
         fxquant.compile(tiny_sr, "minmax-w8a8", calib=patches(scale=255.0))
@@ -79,6 +100,7 @@ def test_the_input_range_can_be_declared(tiny_sr):
     (torch.zeros(4, 3, 16, 16), "constant"),
     (torch.rand(4, 3, 1, 1), "1 pixels on a side"),
     (torch.randint(0, 255, (4, 3, 16, 16), dtype=torch.uint8), r"dtype uint8.*/ 255"),
+    (torch.empty(4, 3, 16, 16, device="meta"), "meta tensor"),
 ])
 def test_degenerate_calibration_is_an_error(tiny_sr, data, match):
     with pytest.raises(CalibrationError, match=match):
