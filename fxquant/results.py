@@ -59,11 +59,22 @@ def plan_table(config: str | Path, *, data_root: str | None = None,
     (re)computed. Raises on a bad config, store, recipe, model or dataset before any work
     starts."""
     from fxquant.data.benchmark import check_sets
+    from fxquant.errors import FxquantError
+    from fxquant.models import get_spec
 
     config = Path(config)
     runs = read_config(config)
-    for run in runs:  # a misspelt set would fail only after the compiles before it
+    # checked first: a misspelt set or a scale without weights would fail only after the
+    # compiles before it
+    for index, run in enumerate(runs, 1):
         check_sets("benchmark", run.datasets, data_root)
+        for model in run.models:
+            weights = get_spec(model).weight_files  # the table scores the pretrained networks
+            missing = [scale for scale in run.scales if scale not in weights]
+            if missing:
+                raise FxquantError(f"{config}: [[run]] {index}: no pretrained {model} for x"
+                                   f"{', x'.join(map(str, missing))}; the zoo has {model} at x"
+                                   f"{', x'.join(map(str, sorted(weights)))}")
     plan = TablePlan(results=dict(load_store(config.with_suffix(".json"))))
     known = load_all_stores(config.parent)
     prints: dict[tuple, dict] = {}

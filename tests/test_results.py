@@ -274,6 +274,17 @@ def test_a_misspelt_dataset_is_named_before_computing(tmp_path, fake_run, capsys
     assert "benchmark set 'Set6' not found" in capsys.readouterr().err and calls == []
 
 
+def test_a_scale_without_pretrained_weights_is_named_before_computing(tmp_path, fake_run,
+                                                                       capsys):
+    calls, root = fake_run
+    config = _config(tmp_path, ["mse-w4a4"])
+    config.write_text(config.read_text().replace("scales = [4]", "scales = [4, 5]"))
+    assert main(["table", "--config", str(config), "--out", str(tmp_path / "r.md"),
+                 "--data", str(root)]) == 2
+    assert ("[[run]] 1: no pretrained imdn for x5; the zoo has imdn at x2, x3, x4"
+            in capsys.readouterr().err) and calls == []
+
+
 def test_table_checks_its_outputs_before_computing(tmp_path, fake_run, capsys):
     calls, root = fake_run
     config = _config(tmp_path, ["mse-w4a4"])

@@ -34,7 +34,8 @@ def build_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--opset", type=int, default=13, help="onnx opset (default 13)")
     p.add_argument("--target", choices=("fake-quant", "reference", "cpu"), default="fake-quant",
                    help="torch-export, torchscript: the fake-quant model or its integer lowering")
-    p.add_argument("--size", type=positive_int, default=32, help="side of the random LR check input")
+    p.add_argument("--size", type=positive_int, default=32,
+                   help="side of the random LR check input")
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 

@@ -279,7 +279,8 @@ def source_from_compiled(info: dict, name: str | None, *, scale: int | None = No
     with the command line's flags taking precedence; an own model must be named again."""
     user = info.get("user") or None
     if scale and info.get("scale") and scale != info["scale"]:
-        held = f"{info['name']} x{info['scale']}" if info.get("name") else f"a x{info['scale']} model"
+        held = (f"{info['name']} x{info['scale']}" if info.get("name")
+                else f"a x{info['scale']} model")
         raise FxquantError(f"--scale {scale} does not match {path}, which holds {held}: a "
                            "compiled model runs at the scale it was compiled for; leave out "
                            f"--scale, or compile the model again with --scale {scale}")
