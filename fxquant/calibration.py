@@ -21,8 +21,15 @@ def _as_tuple(item: object, index: int) -> tuple[torch.Tensor, ...]:
         return (item,)
     if isinstance(item, (tuple, list)) and all(isinstance(t, torch.Tensor) for t in item):
         return tuple(item)
+    hint = ""
+    if isinstance(item, dict):  # BasicSR-style loaders yield {"lq": ..., "gt": ...}
+        key = next((k for k in ("lq", "lr", "input", "img") if k in item), next(iter(item), "lq"))
+        hint = (f" (keys: {', '.join(map(str, item))}); give the model's input alone, e.g. "
+                f"[batch[{key!r}] for batch in loader]")
+    elif type(item).__module__ == "numpy":
+        hint = "; convert it with torch.from_numpy (N×C×H×W float32)"
     raise CalibrationError(f"calibration batch {index} is a {type(item).__name__}; expected a "
-                           "tensor or a tuple of tensors")
+                           f"tensor or a tuple of tensors{hint}")
 
 
 def _check_batch(batch: tuple[torch.Tensor, ...], index: int) -> None:

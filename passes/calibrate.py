@@ -55,10 +55,12 @@ class CalibratePass(Pass):
                 except Exception as exc:  # wrong channels or rank: torch's message, with the batch
                     shapes = ", ".join(str(tuple(t.shape)) for t in batch
                                        if isinstance(t, torch.Tensor))
+                    pair = (" (an (LR, HR) pair? calibration needs the LR input alone, e.g. "
+                            "[lr for lr, hr in loader])" if len(batch) == 2 else "")
                     raise CalibrationError(
                         f"calibration batch {index} (shape {shapes}) does not run through the "
                         f"model: {type(exc).__name__}: {exc}; give batches the float model "
-                        "accepts as input") from exc
+                        f"accepts as input{pair}") from exc
         gm.train(was_training)
         return PassResult(gm, False, {"batches": len(batches),
                                       "samples": sum(b[0].shape[0] for b in batches)})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -61,6 +62,24 @@ def test_missing_calibration_data_says_what_to_pass(tiny_sr):
 def test_wrong_batch_type(tiny_sr):
     with pytest.raises(CalibrationError, match="batch 0 is a str"):
         compile(tiny_sr, "minmax-w8a8", calib=["not a tensor"])
+
+
+@pytest.mark.parametrize("batch, hint", [
+    ({"lq": torch.rand(2, 3, 8, 8), "gt": torch.rand(2, 3, 16, 16)},
+     r"is a dict; .*\(keys: lq, gt\); give the model's input alone, e\.g\. "
+     r"\[batch\['lq'\] for batch in loader\]"),
+    (np.zeros((2, 3, 8, 8), np.float32), r"is a ndarray; .*torch\.from_numpy"),
+])
+def test_batches_of_other_kinds_get_the_conversion_named(tiny_sr, batch, hint):
+    with pytest.raises(CalibrationError, match=hint):
+        compile(tiny_sr, "minmax-w8a8", calib=[batch])
+
+
+def test_an_lr_hr_pair_is_recognised(tiny_sr):
+    pair = (torch.rand(2, 3, 8, 8), torch.rand(2, 3, 16, 16))
+    with pytest.raises(CalibrationError, match=r"an \(LR, HR\) pair\? calibration needs the "
+                                               r"LR input alone"):
+        compile(tiny_sr, "minmax-w8a8", calib=[pair])
 
 
 def test_batch_the_model_cannot_run_is_named_with_its_shape(tiny_sr, calib):
