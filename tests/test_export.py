@@ -267,6 +267,26 @@ def test_cli_help_lists_export_and_runtime(capsys):
     assert "--runtime {torch,onnxruntime}" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("argv, says", [
+    (["--out", "m.pt2"], "--out m.pt2 ends in .pt2, the suffix of --format torch-export; give "
+                         "a .onnx path for --format onnx, or --format torch-export"),
+    (["--format", "torchscript", "--out", "m.onnx"], "ends in .onnx, the suffix of --format onnx"),
+    (["--format", "torchscript", "--form", "qdq", "--out", "m.ts"],
+     "--form applies to --format onnx; torchscript takes --target"),
+    (["--target", "cpu", "--out", "m.onnx"], "--target applies to --format torch-export and "
+                                             "torchscript"),
+])
+def test_cli_export_refuses_flags_its_format_would_ignore(argv, says, capsys, monkeypatch):
+    from fxquant.cli import main
+
+    def no_compile(*args, **kwargs):
+        raise AssertionError("the flags must be checked before the model is compiled")
+
+    monkeypatch.setattr("fxquant.workflow.prepare", no_compile)
+    assert main(["export", "--model", "fsrcnn", "--scale", "4", *argv]) == 2
+    assert says in capsys.readouterr().err
+
+
 @pytest.mark.data
 def test_cli_export_and_eval_with_onnxruntime(data, tmp_path, capsys):
     import json

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import torch
 
@@ -13,6 +14,7 @@ from fxquant.errors import FxquantError
 
 
 DEFAULT_RECIPE = "mse-w8a8-sym"  # not the flag's default: with --compiled a --recipe is an error
+SUFFIXES = {"onnx": ".onnx", "torch-export": ".pt2", "torchscript": ".ts"}
 
 
 def build_parser(p: argparse.ArgumentParser) -> None:
@@ -26,14 +28,16 @@ def build_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", help="data root (default: $FXQUANT_DATA)")
     p.add_argument("--format", choices=("onnx", "torch-export", "torchscript"), default="onnx")
     p.add_argument("--out", required=True, help="output file (.onnx, .pt2 or .ts)")
-    p.add_argument("--form", choices=("integer", "qdq", "fake-quant"), default="integer",
-                   help="onnx: 'integer' (QLinearConv where a conv feeds a quantizer, ConvInteger "
-                        "elsewhere: every quantized conv integer in ONNX Runtime), 'qdq' (Q/DQ "
-                        "around float Conv everywhere; symmetric 8-bit weights only) or "
+    p.add_argument("--form", choices=("integer", "qdq", "fake-quant"),
+                   help="onnx (default integer): 'integer' (QLinearConv where a conv feeds a "
+                        "quantizer, ConvInteger elsewhere: every quantized conv integer in ONNX "
+                        "Runtime), 'qdq' (Q/DQ around float Conv everywhere; symmetric 8-bit "
+                        "weights only) or "
                         "'fake-quant' (the fake-quant graph as float ops: DAQ, DFSQ)")
     p.add_argument("--opset", type=int, default=13, help="onnx opset (default 13)")
-    p.add_argument("--target", choices=("fake-quant", "reference", "cpu"), default="fake-quant",
-                   help="torch-export, torchscript: the fake-quant model or its integer lowering")
+    p.add_argument("--target", choices=("fake-quant", "reference", "cpu"),
+                   help="torch-export, torchscript (default fake-quant): the fake-quant model or "
+                        "its integer lowering")
     p.add_argument("--size", type=positive_int, default=32,
                    help="side of the random LR check input")
     p.add_argument("--json", action="store_true", help="print one JSON object")
@@ -52,11 +56,30 @@ def _compiled(args: argparse.Namespace):
                    checkpoint=args.checkpoint).quant_model
 
 
+def check_format_flags(args: argparse.Namespace) -> None:
+    """Flags that the chosen --format would ignore, and an --out named for another format."""
+    if args.format == "onnx" and args.target:
+        raise FxquantError("--target applies to --format torch-export and torchscript; an ONNX "
+                           "export chooses its integer form with --form")
+    if args.format != "onnx" and args.form:
+        raise FxquantError(f"--form applies to --format onnx; {args.format} takes --target "
+                           "(fake-quant, reference or cpu)")
+    suffix = Path(args.out).suffix.lower()
+    other = {ending: name for name, ending in SUFFIXES.items() if name != args.format}
+    if suffix in other:
+        raise FxquantError(f"--out {args.out} ends in {suffix}, the suffix of --format "
+                           f"{other[suffix]}; give a {SUFFIXES[args.format]} path for --format "
+                           f"{args.format}, or --format {other[suffix]}")
+
+
 def run(args: argparse.Namespace) -> int:
     from fxquant.deploy import export
     from fxquant.files import check_output_path
 
+    check_format_flags(args)
     check_output_path(args.out, "export output (--out)")
+    args.form = args.form or "integer"
+    args.target = args.target or "fake-quant"
     gm = _compiled(args)
     channels = next(m.in_channels for m in gm.modules() if isinstance(m, torch.nn.Conv2d))
     x = torch.rand(1, channels, args.size, args.size, generator=torch.Generator().manual_seed(0))
