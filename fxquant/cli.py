@@ -43,12 +43,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
                          data_root=args.data, progress=not args.json)
     float_only = models.quant_model is None
     args.scale = models.scale  # an own model's scale is found by running it
+    ort_runner = None
+    if args.runtime == "onnxruntime":  # exported first: a recipe ONNX cannot take fails now
+        if float_only:
+            raise FxquantError("--runtime onnxruntime runs the quantized model, and --recipe fp "
+                               "has none; give a static uniform recipe (e.g. mse-w8a8-sym)")
+        from fxquant.deploy.ort import runner_for
+        ort_runner = runner_for(models.quant_model)
     results = {}
     for which in ("fp",) if float_only else ("fp", "quant"):
-        runner = models.runner(which)
-        if which == "quant" and args.runtime == "onnxruntime":  # the exported ONNX model
-            from fxquant.deploy.ort import runner_for
-            runner = runner_for(models.quant_model)
+        runner = ort_runner if which == "quant" and ort_runner else models.runner(which)
         scores = evaluate_sets(runner, models.spec, args.scale, datasets,
                                data_root=args.data, limit=args.limit, progress=not args.json,
                                label=which)

@@ -288,6 +288,23 @@ def test_cli_export_refuses_flags_its_format_would_ignore(argv, says, capsys, mo
 
 
 @pytest.mark.data
+@pytest.mark.parametrize("recipe, says", [("fp", "--recipe fp has none"),
+                                          ("daq-w4a4", "no static ONNX")])
+def test_eval_in_onnxruntime_fails_before_evaluating_what_it_cannot_export(data, capsys,
+                                                                         monkeypatch, recipe,
+                                                                         says):
+    from fxquant.cli import main
+
+    def no_eval(*args, **kwargs):
+        raise AssertionError("nothing may be evaluated before the export is known to work")
+
+    monkeypatch.setattr("fxquant.workflow.evaluate_sets", no_eval)
+    assert main(["eval", "--model", "fsrcnn", "--scale", "2", "--recipe", recipe,
+                 "--runtime", "onnxruntime", "--limit", "1"]) == 2
+    assert says in capsys.readouterr().err
+
+
+@pytest.mark.data
 def test_cli_export_and_eval_with_onnxruntime(data, tmp_path, capsys):
     import json
 
