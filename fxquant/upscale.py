@@ -296,9 +296,10 @@ def sr_function(args) -> tuple[SRFunction, object, int, str]:
     ``--lower cpu|reference``. Returns ``(fn, spec, scale, description)``."""
     import fxquant
     from fxquant.models.user import own_model_flags, source_from_args
-    from fxquant.workflow import as_sr_function, load_compiled, prepare
+    from fxquant.workflow import as_sr_function, load_compiled, prepare, refuse_with_compiled
 
     if args.compiled:
+        refuse_with_compiled(recipe=args.recipe, checkpoint=args.checkpoint)
         models = load_compiled(args.compiled, model=args.model, scale=args.scale,
                                data_root=args.data, **own_model_flags(args))
         model, what = models.quant_model, f"{args.compiled}"

@@ -291,6 +291,24 @@ def test_unreadable_inputs_and_bad_tiling_are_named_before_compiling(tmp_path, c
 
 
 @pytest.mark.data
+def test_flags_a_compiled_file_overrides_are_refused(data, tmp_path, capsys):
+    saved = str(tmp_path / "tiny.fxq")
+    own = ["--model", TINY, "--init", '{"upscale": 2}']
+    assert main(["compile", *own, "--recipe", "minmax-w8a8", "--out", saved]) == 0
+    good = tmp_path / "in.png"
+    Image.fromarray(_image(16, 20)).save(good)
+    capsys.readouterr()
+    for flags, says in ((["--recipe", "mse-w4a4"], "--recipe cannot go with --compiled"),
+                        (["--scale", "3"], "--scale 3 does not match")):
+        assert main(["upscale", str(good), "--out", str(tmp_path / "o.png"), "--compiled",
+                     saved, *own, *flags, "--quiet"]) == 2
+        assert says in capsys.readouterr().err
+    assert main(["upscale", str(good), "--out", str(tmp_path / "o.png"), "--compiled", saved,
+                 *own, "--quiet"]) == 0
+    assert np.asarray(Image.open(tmp_path / "o.png")).shape == (32, 40, 3)
+
+
+@pytest.mark.data
 def test_upscale_equals_eval_output_bit_for_bit_on_set5(data, tmp_path):
     """IMDN x4 float and FSRCNN x4 (Y channel) on Set5 'baby': the PNG fxquant upscale writes
     is the image fxquant eval scores (for FSRCNN: its Y plane, chroma bicubic)."""
