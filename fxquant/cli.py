@@ -7,6 +7,7 @@ import argparse
 import json
 import signal
 import sys
+from pathlib import Path
 
 from fxquant.cli_args import (
     MODEL_HELP,
@@ -144,6 +145,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     from fxquant.workflow import load_compiled, prepare, refuse_with_compiled
 
     check_output_path(args.out, "report (--out)")  # before the analyses, not after
+    if Path(args.out).suffix.lower() not in (".html", ".htm"):
+        raise FxquantError(f"--out {args.out}: the report is one self-contained HTML page; "
+                           "give a .html path")
     if args.compiled:
         refuse_with_compiled(recipe=args.recipe)
     datasets = dataset_list(args.datasets, args.data)

@@ -22,3 +22,14 @@ def test_bad_numbers_are_usage_errors(argv, message, capsys):
         main(argv)
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_report_path_that_is_not_html_is_refused_before_the_compile(capsys, monkeypatch):
+    def no_compile(*args, **kwargs):
+        raise AssertionError("--out must be checked before the model is compiled")
+
+    monkeypatch.setattr("fxquant.report.load_models", no_compile)
+    assert main(["report", "--model", "imdn", "--scale", "4", "--recipe", "mse-w4a4", "--out",
+                 "r.txt"]) == 2
+    assert "--out r.txt: the report is one self-contained HTML page; give a .html path" in \
+        capsys.readouterr().err
