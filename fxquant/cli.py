@@ -107,12 +107,14 @@ def cmd_compile(args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
-    from fxquant.files import atomic_write_text, check_output_path
+    from fxquant.files import atomic_write_text, check_format_suffix, check_output_path
+    from fxquant.graphviz import GRAPH_SUFFIXES
     from fxquant.inspect import graph_table, node_rows
     from fxquant.workflow import load_compiled, prepare, refuse_with_compiled
 
     if args.out:
         check_output_path(args.out, "inspect output (--out)")
+        check_format_suffix(args.out, args.format, GRAPH_SUFFIXES)
     if args.compiled:  # --model and --scale, if given, must be the file's
         refuse_with_compiled(recipe=args.recipe)
         gm = load_compiled(args.compiled, model=args.model, scale=args.scale,

@@ -72,6 +72,17 @@ def check_output_path(path: str | os.PathLike, what: str = "output file") -> Pat
     return path
 
 
+def check_format_suffix(path: str | os.PathLike, chosen: str, suffixes: dict[str, str]) -> None:
+    """Refuse an ``--out`` named for another ``--format`` (``suffixes``: format → file suffix):
+    ``m.svg`` for a dot graph would hold dot text. Other suffixes are the user's choice."""
+    suffix = Path(path).suffix.lower()
+    others = {ending: name for name, ending in suffixes.items() if name != chosen}
+    if suffix in others:
+        raise OutputError(f"--out {path} ends in {suffix}, the suffix of --format "
+                          f"{others[suffix]}; give a {suffixes[chosen]} path for --format "
+                          f"{chosen}, or --format {others[suffix]}")
+
+
 def check_output_dir(path: str | os.PathLike, what: str = "output folder") -> Path:
     """Fail with :class:`OutputError` unless ``path`` is a writable folder or can be created
     as one (its parent folder exists and is writable); it is not created here."""

@@ -43,6 +43,7 @@ __all__ = [
 ]
 
 FORMATS = ("text", "dot", "html", "svg")
+GRAPH_SUFFIXES = {"text": ".txt", "dot": ".dot", "html": ".html", "svg": ".svg"}  # for --out
 
 
 # ----------------------------------------------------------------------------- DOT

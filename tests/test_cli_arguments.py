@@ -33,3 +33,20 @@ def test_a_report_path_that_is_not_html_is_refused_before_the_compile(capsys, mo
                  "r.txt"]) == 2
     assert "--out r.txt: the report is one self-contained HTML page; give a .html path" in \
         capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["inspect", "--format", "html", "--out", "g.dot"],
+     "--out g.dot ends in .dot, the suffix of --format dot; give a .html path for --format "
+     "html, or --format dot"),
+    (["inspect", "--out", "g.svg"], "give a .txt path for --format text"),
+    (["export", "--out", "m.ts"], "the suffix of --format torchscript"),
+])
+def test_an_out_named_for_another_format_is_refused_before_the_compile(argv, message, capsys,
+                                                                        monkeypatch):
+    def no_compile(*args, **kwargs):
+        raise AssertionError("--out must be checked before the model is compiled")
+
+    monkeypatch.setattr("fxquant.workflow.prepare", no_compile)
+    assert main([*argv, "--model", "imdn", "--scale", "4", "--recipe", "mse-w4a4"]) == 2
+    assert message in capsys.readouterr().err

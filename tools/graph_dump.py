@@ -17,7 +17,9 @@ import sys
 from fxquant.cli_args import (add_model_source_args, models_from_source_args, non_negative_int,
                               positive_int)
 from fxquant.errors import FxquantError
-from fxquant.files import atomic_write_text, check_output_dir, check_output_path
+from fxquant.files import (atomic_write_text, check_format_suffix, check_output_dir,
+                           check_output_path)
+from fxquant.graphviz import GRAPH_SUFFIXES
 
 
 def dump_passes(args) -> None:
@@ -57,6 +59,7 @@ def main(argv=None) -> int:
     try:
         if args.out:  # before any work: a missing or read-only folder fails now
             check_output_path(args.out, "graph (--out)")
+            check_format_suffix(args.out, args.format, GRAPH_SUFFIXES)
         if args.dump_dir:
             check_output_dir(args.dump_dir, "dump folder (--dump-dir)")
             dump_passes(args)

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
 import torch
 
 from fxquant.cli_args import positive_int
 from fxquant.errors import FxquantError
+from fxquant.files import check_format_suffix
 
 
 DEFAULT_RECIPE = "mse-w8a8-sym"  # not the flag's default: with --compiled a --recipe is an error
@@ -64,12 +64,7 @@ def check_format_flags(args: argparse.Namespace) -> None:
     if args.format != "onnx" and args.form:
         raise FxquantError(f"--form applies to --format onnx; {args.format} takes --target "
                            "(fake-quant, reference or cpu)")
-    suffix = Path(args.out).suffix.lower()
-    other = {ending: name for name, ending in SUFFIXES.items() if name != args.format}
-    if suffix in other:
-        raise FxquantError(f"--out {args.out} ends in {suffix}, the suffix of --format "
-                           f"{other[suffix]}; give a {SUFFIXES[args.format]} path for --format "
-                           f"{args.format}, or --format {other[suffix]}")
+    check_format_suffix(args.out, args.format, SUFFIXES)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -34,3 +34,10 @@ def test_image_counts_and_crops_are_checked_as_arguments(load_tool, name, flag, 
                               flag, value])
     assert exit_.value.code == 2
     assert f"argument {flag}: {value} must be {says}" in capsys.readouterr().err
+
+
+def test_graph_dump_refuses_an_out_named_for_another_format(load_tool, capsys):
+    assert load_tool("graph_dump").main(["--model", "fsrcnn", "--scale", "4", "--recipe",
+                                         "minmax-w8a8", "--format", "svg", "--out", "g.txt"]) == 2
+    assert "--out g.txt ends in .txt, the suffix of --format text; give a .svg path" in \
+        capsys.readouterr().err
