@@ -73,8 +73,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_format_flags(args)
     check_output_path(args.out, "export output (--out)")
-    args.form = args.form or "integer"
-    args.target = args.target or "fake-quant"
+    form, target = args.form or "integer", args.target or "fake-quant"
     gm = _compiled(args)
     channels = next(m.in_channels for m in gm.modules() if isinstance(m, torch.nn.Conv2d))
     x = torch.rand(1, channels, args.size, args.size, generator=torch.Generator().manual_seed(0))
@@ -82,20 +81,20 @@ def run(args: argparse.Namespace) -> int:
     if args.format == "onnx":
         from fxquant.deploy.ort import OrtRunner, node_counts, session
 
-        model = export(gm, args.out, format="onnx", form=args.form, opset=args.opset)
+        model = export(gm, args.out, format="onnx", form=form, opset=args.opset)
         y = OrtRunner(session(args.out))(x)
-        summary.update(form=args.form, opset=model.opset_import[0].version, nodes=dict(node_counts(model)),
+        summary.update(form=form, opset=model.opset_import[0].version, nodes=dict(node_counts(model)),
                        runtime="onnxruntime")
     else:
         from fxquant.deploy.torch_export import exportable_module, load_program
 
-        export(gm, args.out, format=args.format, target=args.target)
+        export(gm, args.out, format=args.format, target=target)
         with torch.no_grad():
             y = (load_program(args.out) if args.format == "torch-export"
                  else torch.jit.load(args.out))(x)
-        summary.update(target=args.target, runtime="torch.export.load" if args.format ==
+        summary.update(target=target, runtime="torch.export.load" if args.format ==
                        "torch-export" else "torch.jit.load")
-        gm = exportable_module(gm, args.target)
+        gm = exportable_module(gm, target)
     with torch.no_grad():
         expected = gm(x)
     summary["max_abs_diff"] = float((y - expected).detach().abs().max())
