@@ -44,12 +44,19 @@ class InputGuard(nn.Module):
             raise LoweringError(f"the lowered model is on {self.device_probe.device} but the "
                                 f"input is on {x.device}; move one to the other "
                                 "(model.to(device) or x.to(device))")
-        if not torch.compiler.is_exporting():  # torch.export cannot capture a data-dependent raise
+        # torch.export and CUDA-graph capture cannot take a data-dependent raise (a graph's
+        # replays skip the check)
+        if not torch.compiler.is_exporting() and not _capturing(x):
             _check_finite(x)
         return x
 
     def extra_repr(self) -> str:
         return f"channels={self.channels}" + (", cpu only" if self.cpu_only else "")
+
+
+def _capturing(x: torch.Tensor) -> bool:
+    """True while ``x``'s CUDA stream is being captured into a CUDA graph."""
+    return x.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 @torch.compiler.disable  # a data-dependent raise: run eagerly in front of a compiled graph

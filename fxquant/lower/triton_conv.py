@@ -30,7 +30,10 @@ from fxquant.lower.conv import TARGETS, FusedOutputConv2d, LoweringError
 from fxquant.lower.folded import LAYERS as FOLDED_LAYERS
 from fxquant.lower.folded import CpuDaqConv2d
 
-BLOCK_M, BLOCK_N, BLOCK_K = 32, 32, 32  # BLOCK_K a multiple of 32: the int8 mma's k
+# BLOCK_K a multiple of 32 (the int8 mma's k). On an H200 (tools/gpu_check.py, CUDA graphs,
+# EDSR-baseline ×4 at 720p) 128×64×64 ran in 4.60 ms against 5.80 for 32×32×32; 64×64×64
+# and 128×64×64 stay within 8 % of each other across runs (docs/performance.md)
+BLOCK_M, BLOCK_N, BLOCK_K = 128, 64, 64
 
 _KERNEL = None
 
@@ -147,7 +150,10 @@ def int8_conv(codes: torch.Tensor, weight_t: torch.Tensor, weight_sum: torch.Ten
                   int(x_zero_point), float(o_scale), float(o_zp), float(o_qmax),
                   KH=kh, KW=kw, HAS_BIAS=bias is not None, HAS_RES=res is not None,
                   RELU=relu, QUANT_OUT=out_quant is not None,
-                  BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K)
+                  BM=BLOCK_M, BN=BLOCK_N, BK=BLOCK_K,
+                  # no fused multiply-add: acc·scale and + bias round separately, as the
+                  # reference's two float32 ops do (the interpreter ignores the option)
+                  enable_fp_fusion=False)
     return out.permute(0, 3, 1, 2)  # N×O×H'×W' view of NHWC storage (channels_last)
 
 
@@ -174,6 +180,9 @@ class GpuConv2d(FusedOutputConv2d):
         self._scale = (self.input_scale * self.weight_scale).float().contiguous()
         self._bias = None if self.bias is None else self.bias.float().contiguous()
         self._corrected = bool((self.weight_centre != 0).any())
+        # Python copies of the scalar buffers: reading a CUDA buffer in forward would stall
+        # the GPU once per layer (and cannot be captured in a CUDA graph)
+        self._x_zp, self._relu = int(self.input_zero_point), bool(self.output_relu)
         self._out_quant = None
         if float(self.output_scale) > 0:
             self._out_quant = (float(self.output_scale), int(self.output_zero_point),
@@ -189,12 +198,12 @@ class GpuConv2d(FusedOutputConv2d):
         epilogue (the ``lower`` pass fuses ``conv + r`` into it)."""
         if codes.dtype != torch.uint8:
             raise LoweringError(f"the gpu conv takes uint8 codes, got {codes.dtype}")
-        relu = bool(self.output_relu)
+        relu = self._relu
         if (residual is not None or relu) and self._corrected:
             raise LoweringError("a centred (asymmetric-weight) conv adds its correction after "
                                 "the kernel: residual/ReLU cannot be fused into it")
         y = int8_conv(codes, self._weight_t, self._weight_sum, self._scale, self._bias,
-                      int(self.input_zero_point), kernel_size=self.kernel_size,
+                      self._x_zp, kernel_size=self.kernel_size,
                       stride=self.stride, padding=self.padding, dilation=self.dilation,
                       groups=self.groups, residual=residual, relu=relu,
                       out_quant=self._out_quant)
