@@ -1,18 +1,25 @@
 """Every GPU check in one run, for a session lent a GPU (budget: under 8 minutes on an H100/H200):
 
-1. correctness of the ``gpu`` target's Triton int8 conv against the ``reference`` target on
-   random layers, plain and with the fused residual/ReLU epilogues (bit-exact expected: the
-   kernel is launched without fused multiply-adds; the largest difference and the fraction of
-   differing outputs are reported all the same);
-2. whole models: IMDN ×4 (pretrained, when the data root has it) lowered to ``gpu`` against
-   ``reference`` on one input, for W8A8 (``mse-w8a8-sym``) and for the dynamic quantizers
-   ``daq-w4a4`` and ``dfsq-w4a4`` (per-(image, channel) scales folded into per-image weights);
-3. the Triton conv's tile sizes on one SR-typical layer (64→64 3×3 on a 320×180 image),
-   timed against cuDNN's fp16 and fp32 conv of the same layer;
-4. timing, interleaved rounds, medians, CUDA-synchronized: fp32 eager, bf16 autocast, fp16
+In order (the stages of the output):
+
+1. ``layers``: the ``gpu`` target's Triton int8 conv against the ``reference`` target on
+   random layers, plain and with every fused epilogue (residual, ReLU, requantization to the
+   next quantizer's uint8 codes); bit-exact expected (the kernel is launched without fused
+   multiply-adds), the largest difference and the fraction of differing outputs reported;
+2. ``tiles``: the conv's tile sizes on one SR-typical layer (64→64 3×3 on a 320×180 image),
+   timed against cuDNN's fp32 and fp16 conv of the same layer;
+3. ``models``: IMDN ×4 (pretrained, when the data root has it) lowered to ``gpu`` against
+   ``reference`` (on the CPU) on one random input, for W8A8 (``mse-w8a8-sym``) and the
+   dynamic quantizers ``daq-w4a4`` and ``dfsq-w4a4`` (per-(image, channel) scales folded
+   into per-image weights);
+4. ``set5``: the same three on Set5, each calibrated as its preset says (needs Set5, T91 and
+   General100 under the data root): PSNR of the fake-quant, ``reference`` and ``gpu`` models;
+5. ``bench``: interleaved rounds, medians, CUDA-synchronized: fp32 eager, bf16 autocast, fp16
    eager (cuDNN; NCHW and channels-last), fp32 ``torch.compile``, and the Triton int8
-   lowerings (mse-w8a8-sym fused, with the default tile and the sweep's fastest; daq-w4a4,
-   dfsq-w4a4), for EDSR-baseline ×4 at a 320×180 LR input (720p out) and IMDN ×4.
+   lowerings (mse-w8a8-sym fused, with the default tile and the sweep's fastest, and with
+   the 1×1 convs' ``torch._int_mm`` switched off; daq-w4a4, dfsq-w4a4), each static graph
+   also replayed as a CUDA graph, for EDSR-baseline ×4 at a
+   320×180 LR input (720p out) and IMDN ×4 at 128×128.
 
 Each stage runs on its own: one that fails records its error and traceback in the output
 and the others still run; the JSON is rewritten after every stage, so a run cut short keeps
@@ -22,8 +29,8 @@ what it measured.
     TRITON_INTERPRET=1 python tools/gpu_check.py --device cpu --smoke   # the script itself, on CPU
     python tools/gpu_check.py --render gpu_check.json   # a saved result's Markdown again
 
-``--smoke`` shrinks everything (tiny layers, 16×16 inputs, 2 rounds) so the script can be
-checked without a GPU; its timings mean nothing.
+``--smoke`` shrinks everything (tiny layers, 16×16 inputs, 2 rounds, no Set5 stage) so the
+script can be checked without a GPU; its timings mean nothing.
 """
 
 from __future__ import annotations
@@ -40,7 +47,7 @@ import torch
 
 import fxquant
 from fxquant.files import atomic_write_text, check_output_path
-from fxquant.lower import triton_conv
+from fxquant.lower import int_mm, triton_conv
 from fxquant.lower.conv import ReferenceConv2d
 from fxquant.lower.triton_conv import GpuConv2d
 from fxquant.lower.uniform_codes import IntegerQuantize, quantize_codes
@@ -116,7 +123,7 @@ def check_layers(device: str, smoke: bool) -> list[dict]:
     return rows
 
 
-def check_set5(device: str, smoke: bool, target: str = "gpu") -> list[dict] | dict:
+def check_set5(device: str, smoke: bool, target: str = "gpu") -> list[dict]:
     """IMDN ×4 on Set5 (PSNR-Y as in fxquant eval), each recipe calibrated as its preset
     says: the fake-quant model and the reference target on the CPU, ``target`` on
     ``device``. Needs Set5, T91 and General100 under the data root."""
@@ -207,17 +214,24 @@ def time_variants(fns: dict, device: str, rounds: int, inner: int = 1) -> dict[s
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def with_tile(tile: tuple[int, int, int], fn):
-    """``fn`` run with the Triton conv's tile set to ``tile`` (the module's constants are read
-    at each launch), then the default restored."""
+def with_constants(fn, module, **values):
+    """``fn`` run with ``module``'s constants set to ``values`` (the gpu target reads them at
+    each call), then restored."""
     def call():
-        saved = triton_conv.BLOCK_M, triton_conv.BLOCK_N, triton_conv.BLOCK_K
-        triton_conv.BLOCK_M, triton_conv.BLOCK_N, triton_conv.BLOCK_K = tile
+        saved = {name: getattr(module, name) for name in values}
+        for name, value in values.items():
+            setattr(module, name, value)
         try:
             return fn()
         finally:
-            triton_conv.BLOCK_M, triton_conv.BLOCK_N, triton_conv.BLOCK_K = saved
+            for name, value in saved.items():
+                setattr(module, name, value)
     return call
+
+
+def with_tile(tile: tuple[int, int, int], fn):
+    """``fn`` run with the Triton conv's tile set to ``tile``."""
+    return with_constants(fn, triton_conv, BLOCK_M=tile[0], BLOCK_N=tile[1], BLOCK_K=tile[2])
 
 
 def sweep_tiles(device: str, smoke: bool, rounds: int) -> list[dict]:
@@ -279,6 +293,9 @@ def bench(device: str, smoke: bool, rounds: int, tile) -> list[dict]:
         if tile is not None and tuple(tile) != (triton_conv.BLOCK_M, triton_conv.BLOCK_N,
                                                 triton_conv.BLOCK_K):
             fns["triton_int8_tile" + "x".join(map(str, tile))] = with_tile(tile, lambda: gpu(x))
+        if any(getattr(m, "_gemm", False) for m in gpu.modules()):  # its 1×1 convs' GEMM
+            fns["triton_int8_no_int_mm"] = with_constants(lambda: gpu(x), int_mm,
+                                                          USE_INT_MM=False)
         for recipe in () if smoke else DYNAMIC:  # (the interpreter: checked, not timed)
             fns[f"triton_{recipe}"] = lambda g=build(name, device, smoke, recipe)[1]: g(x)
         if device == "cuda":
@@ -335,7 +352,8 @@ def markdown(result: dict) -> str:
                      else f"failed: {r['error']} | |") for r in result["bench"]]
         lines.append("")
     if isinstance(result.get("tiles"), list):
-        lines += ["One 64→64 3×3 conv on a 1×64×180×320 input (uint8 codes in, float out):", "",
+        side = "8×8" if result.get("smoke") else "180×320"
+        lines += [f"One 64→64 3×3 conv on a 1×64×{side} input (uint8 codes in, float out):", "",
                   "| variant | median ms | × cuDNN fp32 | bit-exact |", "|---|---|---|---|"]
         lines += [f"| {r['variant']} | {r['median_ms']} | {r['speedup_vs_fp32']} | "
                   f"{'' if r['bit_exact'] is None else r['bit_exact']} |" for r in result["tiles"]]
@@ -366,8 +384,15 @@ def render_saved(path: str) -> int:
     try:
         with open(path, encoding="utf-8") as handle:
             result = json.load(handle)
+    except OSError as error:
+        print(f"gpu_check: cannot read {path}: {error.strerror or error}", file=sys.stderr)
+        return 2
+    except ValueError as error:
+        print(f"gpu_check: {path} is not JSON ({error})", file=sys.stderr)
+        return 2
+    try:
         text = markdown(result)
-    except (OSError, ValueError, KeyError, TypeError) as error:
+    except (KeyError, TypeError, ValueError, AttributeError) as error:
         print(f"gpu_check: cannot render {path}: it is not a result this script wrote "
               f"({type(error).__name__}: {error})", file=sys.stderr)
         return 2
@@ -406,6 +431,13 @@ def main(argv: list[str] | None = None) -> int:
         print("gpu_check: no CUDA device here; run with --device cpu --smoke under "
               "TRITON_INTERPRET=1 to check the script", file=sys.stderr)
         return 2
+    if args.device == "cpu" and not args.smoke:
+        parser.error("--device cpu runs the kernels in the Triton interpreter, hours at full "
+                     "size: add --smoke (tiny shapes) or run on a CUDA GPU")
+    reason = triton_conv.triton_available()
+    if reason is not None:
+        print(f"gpu_check: the gpu target cannot run here: {reason}", file=sys.stderr)
+        return 2
     if args.rounds < 1:
         parser.error(f"--rounds must be at least 1, got {args.rounds}")
     for path in (args.out, args.md):
@@ -428,7 +460,10 @@ def main(argv: list[str] | None = None) -> int:
     run_stage(result, "layers", lambda: check_layers(args.device, args.smoke), save)
     run_stage(result, "tiles", lambda: sweep_tiles(args.device, args.smoke, rounds), save)
     run_stage(result, "models", lambda: check_models(args.device, args.smoke), save)
-    run_stage(result, "set5", lambda: check_set5(args.device, args.smoke), save)
+    if args.smoke:  # whole Set5 images through the interpreter would take hours
+        result["set5"] = {"skipped": "--smoke"}
+    else:
+        run_stage(result, "set5", lambda: check_set5(args.device, args.smoke), save)
     run_stage(result, "bench", lambda: bench(args.device, args.smoke, rounds,
                                              fastest_tile(result["tiles"])), save)
     print(markdown(result))

@@ -12,6 +12,9 @@ real value 0, whose code is ``z``). Then ``Σ a·k = Σ_in (q − z)·k + (z −
 constant per output channel, exact at the border. Channels beyond ``C`` (odd counts padded to
 the K block) load weight 0 and add nothing.
 
+A 1×1 conv whose shapes suit cuBLASLt's int8 GEMM runs as one ``torch._int_mm`` instead
+(fxquant/lower/int_mm.py), with the same integer semantics and epilogue.
+
 :class:`GpuDaqConv2d` runs DAQ's and DFSQ's per-(image, channel) input scales through the
 same kernel, folded into per-image weights (fxquant/lower/daq.py).
 
@@ -26,6 +29,7 @@ import os
 
 import torch
 
+from fxquant.lower import int_mm
 from fxquant.lower.conv import TARGETS, FusedOutputConv2d, LoweringError
 from fxquant.lower.folded import LAYERS as FOLDED_LAYERS
 from fxquant.lower.folded import CpuDaqConv2d
@@ -183,10 +187,15 @@ class GpuConv2d(FusedOutputConv2d):
         # Python copies of the scalar buffers: reading a CUDA buffer in forward would stall
         # the GPU once per layer (and cannot be captured in a CUDA graph)
         self._x_zp, self._relu = int(self.input_zero_point), bool(self.output_relu)
-        self._out_quant = None
+        self._out_quant = self._out_quant_t = None
         if float(self.output_scale) > 0:
             self._out_quant = (float(self.output_scale), int(self.output_zero_point),
                                int(self.output_qmax))
+            # the GEMM path's epilogue divides in torch: by a device tensor, exactly
+            self._out_quant_t = (self.output_scale.float(),) + self._out_quant[1:]
+        self._gemm = int_mm.layer_fits(self.in_channels, self.out_channels, self.kernel_size,
+                                       self.stride, self.padding, self.dilation, self.groups)
+        self._weight_mat = k.reshape(k.shape[0], -1).contiguous() if self._gemm else None
 
     def _apply(self, fn, recurse=True):  # .cuda() / .to(): derived tensors follow the buffers
         super()._apply(fn, recurse)
@@ -202,11 +211,17 @@ class GpuConv2d(FusedOutputConv2d):
         if (residual is not None or relu) and self._corrected:
             raise LoweringError("a centred (asymmetric-weight) conv adds its correction after "
                                 "the kernel: residual/ReLU cannot be fused into it")
-        y = int8_conv(codes, self._weight_t, self._weight_sum, self._scale, self._bias,
-                      self._x_zp, kernel_size=self.kernel_size,
-                      stride=self.stride, padding=self.padding, dilation=self.dilation,
-                      groups=self.groups, residual=residual, relu=relu,
-                      out_quant=self._out_quant)
+        n, _, h, w = codes.shape
+        if self._gemm and int_mm.USE_INT_MM and n * h * w >= int_mm.MIN_ROWS:
+            y = int_mm.int_mm_conv1x1(codes, self._weight_mat, self._weight_sum, self._scale,
+                                      self._bias, self._x_zp, residual=residual, relu=relu,
+                                      out_quant=self._out_quant_t)
+        else:
+            y = int8_conv(codes, self._weight_t, self._weight_sum, self._scale, self._bias,
+                          self._x_zp, kernel_size=self.kernel_size,
+                          stride=self.stride, padding=self.padding, dilation=self.dilation,
+                          groups=self.groups, residual=residual, relu=relu,
+                          out_quant=self._out_quant)
         if not self._corrected:
             return y
         return self.add_centring(y, self.window_sum(codes, torch.float32))

@@ -55,8 +55,13 @@ class IntegerQuantize(nn.Module):
         _mirror_scalars(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        scale, zero_point = (self.scale, self.zero_point) if self.channels is not None \
-            else (self.scale_value, self.zero_point_value)
+        # On a GPU, torch divides by a Python float as x·(1/s), which can be one ulp from the
+        # IEEE quotient the reference rounds (a code flips at a near-tie); a tensor divisor on
+        # the device is divided exactly
+        if self.channels is not None or x.is_cuda:
+            scale, zero_point = self.scale, self.zero_point
+        else:
+            scale, zero_point = self.scale_value, self.zero_point_value
         codes = quantize_codes(x, scale, zero_point, self.qmax)
         return codes.contiguous(memory_format=torch.channels_last) if self.channels_last else codes
 

@@ -101,3 +101,30 @@ def test_a_saved_result_renders_again_and_a_foreign_file_is_refused(load_tool, t
     assert tool.main(["--render", str(other)]) == 2
     assert f"cannot render {other}: it is not a result this script wrote" in \
         capsys.readouterr().err
+
+
+def test_the_cpu_runs_only_the_smoke_check_and_only_under_the_interpreter(load_tool, capsys,
+                                                                          monkeypatch):
+    tool = load_tool("gpu_check")
+    with pytest.raises(SystemExit):
+        tool.main(["--device", "cpu"])
+    assert "add --smoke (tiny shapes) or run on a CUDA GPU" in capsys.readouterr().err
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    assert tool.main(["--device", "cpu", "--smoke"]) == 2
+    assert "the gpu target cannot run here: no CUDA device (set TRITON_INTERPRET=1" in \
+        capsys.readouterr().err
+
+
+def test_render_names_a_missing_or_non_json_file(load_tool, tmp_path, capsys):
+    tool = load_tool("gpu_check")
+    assert tool.main(["--render", str(tmp_path / "none.json")]) == 2
+    assert f"cannot read {tmp_path / 'none.json'}: No such file or directory" in \
+        capsys.readouterr().err
+    text = tmp_path / "notes.json"
+    text.write_text("GPU notes")
+    assert tool.main(["--render", str(text)]) == 2
+    assert f"{text} is not JSON" in capsys.readouterr().err
