@@ -346,8 +346,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "for the float model")
     p.add_argument("--checkpoint", help="zoo model weights instead of the pretrained ones")
     add_own_model_args(p)
-    p.add_argument("--lower", choices=("cpu", "reference"),
-                   help="run the integer model (fxquant.lowered_copy) instead of fake-quant")
+    p.add_argument("--lower", choices=("cpu", "reference", "gpu"),
+                   help="run the integer model (fxquant.lowered_copy) instead of fake-quant; "
+                        "gpu: the Triton int8 target on a CUDA GPU")
     p.add_argument("--tile", type=non_negative_int,
                    help="largest LR tile side (default 512; 0 = whole image at once)")
     p.add_argument("--overlap", type=non_negative_int,

@@ -293,7 +293,9 @@ def _outputs(images: list[Path], out: Path, to_folder: bool, scale: int) -> list
 def sr_function(args) -> tuple[SRFunction, object, int, str]:
     """The SR callable for the command line's model flags: ``--compiled FILE``, or ``--model``
     (zoo or own) compiled here with ``--recipe`` (``fp``: the float model), optionally
-    ``--lower cpu|reference``. Returns ``(fn, spec, scale, description)``."""
+    ``--lower cpu|reference|gpu`` (gpu: on CUDA when torch sees a GPU, else under the Triton
+    interpreter when ``TRITON_INTERPRET=1``, slowly).
+    Returns ``(fn, spec, scale, description)``."""
     import fxquant
     from fxquant.models.user import own_model_flags, source_from_args
     from fxquant.workflow import as_sr_function, load_compiled, prepare, refuse_with_compiled
@@ -323,6 +325,10 @@ def sr_function(args) -> tuple[SRFunction, object, int, str]:
                                "PRESET, not --recipe fp")
         model = fxquant.lowered_copy(model, args.lower)
         what += f", lowered ({args.lower})"
+        if args.lower == "gpu" and torch.cuda.is_available():  # else the Triton interpreter
+            fn = as_sr_function(model.to("cuda"), models.spec, models.scale)
+            on_gpu = lambda x: fn(x.to("cuda")).cpu()  # noqa: E731  tiles go there and back
+            return on_gpu, models.spec, models.scale, what + " on CUDA"
     return as_sr_function(model, models.spec, models.scale), models.spec, models.scale, what
 
 

@@ -325,3 +325,27 @@ def test_upscale_equals_eval_output_bit_for_bit_on_set5(data, tmp_path):
     fsrcnn = build_model("fsrcnn", 4, pretrained=True, data_root=data)
     y = upscale_tiled(fsrcnn, to_y_tensor(lr), 4, 512, 20)
     assert np.array_equal(y.astype(np.float64), super_resolve(fsrcnn, lr, "y"))
+
+
+def test_lower_gpu_writes_the_reference_targets_image(data, tmp_path, monkeypatch, capsys):
+    """--lower gpu (here the Triton interpreter, as on a machine without CUDA) writes the PNG
+    that --lower reference writes; without CUDA or the interpreter it says how to run it."""
+    saved = str(tmp_path / "tiny.fxq")
+    own = ["--model", TINY, "--init", '{"upscale": 2}']
+    assert main(["compile", *own, "--recipe", "minmax-w8a8", "--out", saved]) == 0
+    good = tmp_path / "in.png"
+    Image.fromarray(_image(12, 14)).save(good)
+    outs = {}
+    for target in ("reference", "gpu"):
+        outs[target] = tmp_path / f"{target}.png"
+        assert main(["upscale", str(good), "--out", str(outs[target]), "--compiled", saved,
+                     *own, "--lower", target, "--quiet"]) == 0
+    assert np.array_equal(np.asarray(Image.open(outs["gpu"])),
+                          np.asarray(Image.open(outs["reference"])))
+    if torch.cuda.is_available():
+        return
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert main(["upscale", str(good), "--out", str(tmp_path / "o.png"), "--compiled", saved,
+                 *own, "--lower", "gpu", "--quiet"]) == 2
+    assert "no CUDA device (set TRITON_INTERPRET=1" in capsys.readouterr().err
+    assert not (tmp_path / "o.png").exists()
