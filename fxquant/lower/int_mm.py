@@ -8,11 +8,12 @@ channel ``o``'s weight codes. With no padding there is no border term. The epilo
 kernel's, op by op in torch (float32 ``acc·s``, ``+ bias``, ``+ residual``, ReLU, then the
 reference quantizer's rounding), so the result equals the reference bit for bit.
 
-cuBLASLt's int8 GEMM wants M > 16 and K and N multiples of 8 (docs/lowering.md cites the
-constraints); :func:`fits` says when a layer and an input qualify. The weights are passed
-as the transpose of a contiguous O × C matrix (column-major), the layout every int8 GEMM
-accepts. On the CPU ``torch._int_mm`` is exact with no shape constraints, which is how the
-tests check this path under ``TRITON_INTERPRET=1``.
+cuBLASLt's int8 GEMM wants M > 16 and K and N multiples of 8 (LOWERING.md §10 in the shared
+reference): :func:`layer_fits` says when a layer qualifies, and the caller checks M. The
+weights go in as the transpose of a contiguous O × C matrix (column-major: the "TN" layout
+int8 GEMMs are built around; other layouts have had wrong results on some GPUs). Not yet
+run on a GPU. On the CPU ``torch._int_mm`` is exact with no shape constraints, which is how
+the tests check this path under ``TRITON_INTERPRET=1``.
 """
 
 from __future__ import annotations
@@ -36,10 +37,11 @@ def layer_fits(in_channels: int, out_channels: int, kernel_size, stride, padding
 def int_mm_conv1x1(codes: torch.Tensor, weight: torch.Tensor, weight_sum: torch.Tensor,
                    scale: torch.Tensor, bias: torch.Tensor | None, x_zero_point: int, *,
                    residual: torch.Tensor | None = None, relu: bool = False,
-                   out_quant: tuple[float, int, int] | None = None) -> torch.Tensor:
+                   out_quant: tuple[torch.Tensor, int, int] | None = None) -> torch.Tensor:
     """``codes``: uint8 N×C×H×W (channels_last: no copy); ``weight``: int8 O×C contiguous;
     ``weight_sum``: int32 per output channel; ``scale``: float32 ``s_x·s_w``. Float32 (or
-    uint8 codes with ``out_quant = (scale, zero_point, qmax)``) N×O×H×W, channels_last, as
+    uint8 codes with ``out_quant = (scale, zero_point, qmax)``, the scale a tensor on the
+    codes' device so that CUDA divides by it exactly) N×O×H×W, channels_last, as
     :func:`~fxquant.lower.triton_conv.int8_conv` returns."""
     n, c, h, w = codes.shape
     rows = codes.permute(0, 2, 3, 1).reshape(n * h * w, c)  # a view when channels_last
