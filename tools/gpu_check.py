@@ -14,7 +14,9 @@ In order (the stages of the output):
    into per-image weights);
 4. ``set5``: the same three on Set5, each calibrated as its preset says (needs Set5, T91 and
    General100 under the data root): PSNR of the fake-quant, ``reference`` and ``gpu`` models;
-5. ``bench``: interleaved rounds, medians, CUDA-synchronized: fp32 eager, bf16 autocast, fp16
+5. ``upscale``: ``fxquant upscale --lower gpu`` against ``--lower reference`` on one Set5
+   image (the command line's CUDA path end to end);
+6. ``bench``: interleaved rounds, medians, CUDA-synchronized: fp32 eager, bf16 autocast, fp16
    eager (cuDNN; NCHW and channels-last), fp32 ``torch.compile``, and the Triton int8
    lowerings (mse-w8a8-sym fused, with the default tile and the sweep's fastest, and with
    the 1×1 convs' ``torch._int_mm`` switched off; daq-w4a4, dfsq-w4a4), each static graph
@@ -29,8 +31,8 @@ what it measured.
     TRITON_INTERPRET=1 python tools/gpu_check.py --device cpu --smoke   # the script itself, on CPU
     python tools/gpu_check.py --render gpu_check.json   # a saved result's Markdown again
 
-``--smoke`` shrinks everything (tiny layers, 16×16 inputs, 2 rounds, no Set5 stage) so the
-script can be checked without a GPU; its timings mean nothing.
+``--smoke`` shrinks everything (tiny layers, 16×16 inputs, 2 rounds, no Set5 or upscale
+stage) so the script can be checked without a GPU; its timings mean nothing.
 """
 
 from __future__ import annotations
@@ -58,7 +60,7 @@ LAYERS = [(64, 64, 3, 1), (3, 64, 3, 1), (64, 48, 3, 1), (40, 40, 3, 4), (64, 64
 TILES = [(32, 32, 32), (64, 64, 32), (128, 64, 32), (64, 64, 64), (128, 64, 64),
          (128, 32, 32), (64, 32, 64)]  # (BLOCK_M, BLOCK_N, BLOCK_K) tried by the sweep
 DYNAMIC = ("daq-w4a4", "dfsq-w4a4")  # recipes whose per-(n, c) scales the gpu target folds
-STAGES = ("layers", "tiles", "models", "set5", "bench")
+STAGES = ("layers", "tiles", "models", "set5", "upscale", "bench")
 
 
 def _sync(device: str) -> None:
@@ -192,6 +194,36 @@ def check_models(device: str, smoke: bool) -> list[dict]:
                          "max_abs_diff": float((a - b).abs().max()),
                          "sqnr_vs_fp_db": sqnr_db(fp, b)})
     return rows
+
+
+def check_upscale(target: str = "gpu") -> dict:
+    """``fxquant upscale --lower gpu`` (on CUDA when there is one) against ``--lower
+    reference`` on Set5 'baby' ×4, IMDN compiled with ``mse-w8a8-sym``: the written PNGs'
+    largest difference in grey levels and the share of pixels that differ."""
+    import tempfile
+
+    import numpy as np
+    from PIL import Image
+
+    from fxquant.cli import main as cli
+    from fxquant.paths import data_root
+
+    lr = data_root() / "benchmark" / "Set5" / "LR_bicubic" / "X4" / "babyx4.png"
+    with tempfile.TemporaryDirectory() as tmp:
+        saved = f"{tmp}/imdn.fxq"
+        if cli(["compile", "--model", "imdn", "--scale", "4", "--recipe", "mse-w8a8-sym",
+                "--out", saved]):
+            raise RuntimeError("fxquant compile failed (its message is above)")
+        images = {}
+        for lowered in ("reference", target):
+            out = f"{tmp}/{lowered}.png"
+            if cli(["upscale", str(lr), "--out", out, "--compiled", saved, "--lower", lowered,
+                    "--quiet"]):
+                raise RuntimeError(f"fxquant upscale --lower {lowered} failed (message above)")
+            images[lowered] = np.asarray(Image.open(out)).astype(np.int16)
+    diff = np.abs(images[target] - images["reference"])
+    return {"image": "Set5 baby x4", "model": "imdn", "recipe": "mse-w8a8-sym",
+            "max_grey_level_diff": int(diff.max()), "differing": float((diff > 0).mean())}
 
 
 def time_variants(fns: dict, device: str, rounds: int, inner: int = 1) -> dict[str, float]:
@@ -371,6 +403,11 @@ def markdown(result: dict) -> str:
         lines += [f"| {r['recipe']} | {r['fake-quant']:.4f} | {r['reference']:.4f} | "
                   f"{r['gpu']:.4f} | {r['gpu'] - r['reference']:+.4f} |" for r in result["set5"]]
         lines.append("")
+    if isinstance(result.get("upscale"), dict) and "max_grey_level_diff" in result["upscale"]:
+        u = result["upscale"]
+        lines += [f"`fxquant upscale --lower gpu` against `--lower reference` ({u['image']}, "
+                  f"{u['model']} {u['recipe']}): largest difference {u['max_grey_level_diff']} "
+                  f"grey levels, {100 * u['differing']:.3f} % of values differ.", ""]
     if isinstance(result.get("models"), list):
         lines += ["| model | recipe | gpu vs reference PSNR | bit-exact | largest difference | "
                   "SQNR vs FP dB |", "|---|---|---|---|---|---|"]
@@ -461,9 +498,10 @@ def main(argv: list[str] | None = None) -> int:
     run_stage(result, "tiles", lambda: sweep_tiles(args.device, args.smoke, rounds), save)
     run_stage(result, "models", lambda: check_models(args.device, args.smoke), save)
     if args.smoke:  # whole Set5 images through the interpreter would take hours
-        result["set5"] = {"skipped": "--smoke"}
+        result["set5"] = result["upscale"] = {"skipped": "--smoke"}
     else:
         run_stage(result, "set5", lambda: check_set5(args.device, args.smoke), save)
+        run_stage(result, "upscale", check_upscale, save)
     run_stage(result, "bench", lambda: bench(args.device, args.smoke, rounds,
                                              fastest_tile(result["tiles"])), save)
     print(markdown(result))

@@ -60,6 +60,8 @@ def test_the_markdown_names_a_failed_stage_and_renders_the_others(load_tool):
               "models": [{"model": "imdn", "recipe": "daq-w4a4", "gpu_vs_reference_psnr":
                           float("inf"), "bit_exact": True, "max_abs_diff": 0.0,
                           "sqnr_vs_fp_db": 30.0}],
+              "upscale": {"image": "Set5 baby x4", "model": "imdn", "recipe": "mse-w8a8-sym",
+                          "max_grey_level_diff": 1, "differing": 0.00025},
               "set5": [{"model": "imdn", "scale": 4, "recipe": "daq-w4a4", "fake-quant": 29.1279,
                         "reference": 29.1224, "gpu": 29.1292}],
               "bench": [{"model": "imdn", "input": [1, 3, 128, 128], "variant": "triton_int8",
@@ -77,6 +79,8 @@ def test_the_markdown_names_a_failed_stage_and_renders_the_others(load_tool):
     assert "| daq-w4a4 | 29.1279 | 29.1224 | 29.1292 | +0.0068 |" in text
     assert "| fp16_cudagraph (output ≠ eager's) | 1.0 | 3.0 |" in text
     assert "| x_cudagraph | failed: RuntimeError: y | |" in text
+    assert ("`fxquant upscale --lower gpu` against `--lower reference` (Set5 baby x4, imdn "
+            "mse-w8a8-sym): largest difference 1 grey levels, 0.025 % of values differ.") in text
 
 
 def test_without_cuda_it_says_how_to_check_the_script(load_tool, capsys):
