@@ -6,6 +6,7 @@ named."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 
 import fxquant
 from fxquant.quant import UniformQuantizer
+from fxquant.recipe import load_preset
 from fxquant.train.config import QATConfig, TrainError
 from fxquant.train.distributed import World
 from fxquant.train.qat import QATTrainer, StepContext
@@ -207,6 +209,23 @@ def test_refuses_non_compiled_models_shared_parameters_and_uneven_shards():
         QATTrainer(gm, gm, config(), sampler=sampler(), scale=2)
     with pytest.raises(TrainError, match="--batch-size 4 is not divisible by the 3 ranks"):
         World(0, 3).shard(4)
+
+
+def test_a_model_with_folded_input_scales_is_refused_and_its_unfolded_twin_trains():
+    """fold-input-scales leaves conv weights of ~1/255 their size, which Adam wrecks: the
+    trainer names the folded quantizers; the same recipe without the fold trains."""
+    model = float_model()
+    gm = compiled(model, "minmax-w8a8-perchannel")
+    folded = [n for n, m in gm.named_modules() if isinstance(m, UniformQuantizer) and m.folded]
+    assert folded
+    with pytest.raises(TrainError, match=f"activation quantizer.*{folded[0]}.*folded into the "
+                                         "conv weights.*without fold-input-scales"):
+        QATTrainer(gm, model, config(), sampler=sampler(), scale=2)
+    recipe = load_preset("minmax-w8a8-perchannel")
+    unfolded = fxquant.compile(model, dataclasses.replace(
+        recipe, pipeline=recipe.pipeline.replace("fold-input-scales,", "")),
+        calib=torch.rand(8, 3, 12, 12))
+    QATTrainer(unfolded, model, config(), sampler=sampler(), scale=2).run()
 
 
 def test_diverging_loss_is_named():
