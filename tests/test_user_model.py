@@ -117,7 +117,7 @@ def test_cli_errors_exit_2_with_the_message(tmp_path, capsys):
         code = main(["upscale", str(image), "--out", str(tmp_path / "o.png"), "--recipe", "fp",
                      *argv])
         err = capsys.readouterr().err
-        assert code == 2 and f"fxquant upscale: error: " in err and message in err, err
+        assert code == 2 and "fxquant upscale: error: " in err and message in err, err
         assert "Traceback" not in err
 
 
