@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import statistics
 import sys
 import time
 import traceback
@@ -49,6 +48,7 @@ import torch
 
 import fxquant
 from fxquant.files import atomic_write_text, check_output_path
+from fxquant.gpu_timing import graphed, time_variants, with_constants
 from fxquant.lower import int_mm, triton_conv
 from fxquant.lower.conv import ReferenceConv2d
 from fxquant.lower.triton_conv import GpuConv2d
@@ -61,11 +61,6 @@ TILES = [(32, 32, 32), (64, 64, 32), (128, 64, 32), (64, 64, 64), (128, 64, 64),
          (128, 32, 32), (64, 32, 64)]  # (BLOCK_M, BLOCK_N, BLOCK_K) tried by the sweep
 DYNAMIC = ("daq-w4a4", "dfsq-w4a4")  # recipes whose per-(n, c) scales the gpu target folds
 STAGES = ("layers", "tiles", "models", "set5", "upscale", "bench")
-
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def random_layer(cin: int, cout: int, k: int, groups: int, device: str):
@@ -226,41 +221,6 @@ def check_upscale(target: str = "gpu") -> dict:
             "max_grey_level_diff": int(diff.max()), "differing": float((diff > 0).mean())}
 
 
-def time_variants(fns: dict, device: str, rounds: int, inner: int = 1) -> dict[str, float]:
-    """Median milliseconds per call, ``inner`` calls of each variant per round, variants
-    interleaved within each round."""
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    with torch.inference_mode():
-        for fn in fns.values():
-            for _ in range(3):
-                fn()
-        _sync(device)
-        for _ in range(rounds):
-            for name, fn in fns.items():
-                _sync(device)
-                start = time.perf_counter()
-                for _ in range(inner):
-                    fn()
-                _sync(device)
-                times[name].append(1e3 * (time.perf_counter() - start) / inner)
-    return {k: statistics.median(v) for k, v in times.items()}
-
-
-def with_constants(fn, module, **values):
-    """``fn`` run with ``module``'s constants set to ``values`` (the gpu target reads them at
-    each call), then restored."""
-    def call():
-        saved = {name: getattr(module, name) for name in values}
-        for name, value in values.items():
-            setattr(module, name, value)
-        try:
-            return fn()
-        finally:
-            for name, value in saved.items():
-                setattr(module, name, value)
-    return call
-
-
 def with_tile(tile: tuple[int, int, int], fn):
     """``fn`` run with the Triton conv's tile set to ``tile``."""
     return with_constants(fn, triton_conv, BLOCK_M=tile[0], BLOCK_N=tile[1], BLOCK_K=tile[2])
@@ -288,23 +248,6 @@ def sweep_tiles(device: str, smoke: bool, rounds: int) -> list[dict]:
     medians = time_variants(fns, device, rounds, inner=1 if smoke else 20)
     return [{"variant": k, "median_ms": round(v, 4), "bit_exact": exact.get(k),
              "speedup_vs_fp32": round(medians["cudnn_fp32"] / v, 3)} for k, v in medians.items()]
-
-
-def graphed(fn):
-    """``fn`` captured once in a CUDA graph: (replay, the output tensor each replay rewrites).
-    Replaying runs the same kernels on the same buffers without the Python launch overhead
-    of each op: the GPU's own time."""
-    with torch.inference_mode():
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = fn()
-    return graph.replay, out
 
 
 def fastest_tile(sweep) -> tuple[int, int, int] | None:
