@@ -37,11 +37,11 @@ def layer_fits(in_channels: int, out_channels: int, kernel_size, stride, padding
 def int_mm_conv1x1(codes: torch.Tensor, weight: torch.Tensor, weight_sum: torch.Tensor,
                    scale: torch.Tensor, bias: torch.Tensor | None, x_zero_point: int, *,
                    residual: torch.Tensor | None = None, relu: bool = False,
-                   out_quant: tuple[torch.Tensor, int, int] | None = None) -> torch.Tensor:
+                   out_quant: tuple[float, int, int] | None = None) -> torch.Tensor:
     """``codes``: uint8 N×C×H×W (channels_last: no copy); ``weight``: int8 O×C contiguous;
     ``weight_sum``: int32 per output channel; ``scale``: float32 ``s_x·s_w``. Float32 (or
-    uint8 codes with ``out_quant = (scale, zero_point, qmax)``, the scale a tensor on the
-    codes' device so that CUDA divides by it exactly) N×O×H×W, channels_last, as
+    uint8 codes with ``out_quant = (scale, zero_point, qmax)``, rounded by
+    :func:`~fxquant.lower.uniform_codes.quantize_codes`) N×O×H×W, channels_last, as
     :func:`~fxquant.lower.triton_conv.int8_conv` returns."""
     n, c, h, w = codes.shape
     rows = codes.permute(0, 2, 3, 1).reshape(n * h * w, c)  # a view when channels_last

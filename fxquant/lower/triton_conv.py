@@ -187,12 +187,10 @@ class GpuConv2d(FusedOutputConv2d):
         # Python copies of the scalar buffers: reading a CUDA buffer in forward would stall
         # the GPU once per layer (and cannot be captured in a CUDA graph)
         self._x_zp, self._relu = int(self.input_zero_point), bool(self.output_relu)
-        self._out_quant = self._out_quant_t = None
+        self._out_quant = None
         if float(self.output_scale) > 0:
             self._out_quant = (float(self.output_scale), int(self.output_zero_point),
                                int(self.output_qmax))
-            # the GEMM path's epilogue divides in torch: by a device tensor, exactly
-            self._out_quant_t = (self.output_scale.float(),) + self._out_quant[1:]
         self._gemm = int_mm.layer_fits(self.in_channels, self.out_channels, self.kernel_size,
                                        self.stride, self.padding, self.dilation, self.groups)
         self._weight_mat = k.reshape(k.shape[0], -1).contiguous() if self._gemm else None
@@ -215,7 +213,7 @@ class GpuConv2d(FusedOutputConv2d):
         if self._gemm and int_mm.USE_INT_MM and n * h * w >= int_mm.MIN_ROWS:
             y = int_mm.int_mm_conv1x1(codes, self._weight_mat, self._weight_sum, self._scale,
                                       self._bias, self._x_zp, residual=residual, relu=relu,
-                                      out_quant=self._out_quant_t)
+                                      out_quant=self._out_quant)
         else:
             y = int8_conv(codes, self._weight_t, self._weight_sum, self._scale, self._bias,
                           self._x_zp, kernel_size=self.kernel_size,

@@ -9,9 +9,16 @@ import torch
 from torch import nn
 
 
-def quantize_codes(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
-                   qmax: int) -> torch.Tensor:
-    """``clamp(round(x / s) + z, 0, qmax)`` as uint8: the codes the fake-quantizer rounds to."""
+def quantize_codes(x: torch.Tensor, scale: torch.Tensor | float,
+                   zero_point: torch.Tensor | int, qmax: int) -> torch.Tensor:
+    """``clamp(round(x / s) + z, 0, qmax)`` as uint8: the codes the fake-quantizer rounds to.
+
+    On a GPU torch divides by a Python number as ``x·(1/s)`` (its CUDA division kernel takes
+    that shortcut for a CPU scalar), which can be an ulp from the IEEE quotient the reference
+    rounds and flip a code at a near-tie; there a float ``scale`` becomes a device tensor
+    first (a fill kernel, no host copy), which is divided exactly."""
+    if x.is_cuda and not isinstance(scale, torch.Tensor):
+        scale = torch.full((), scale, dtype=x.dtype, device=x.device)
     return torch.clamp(torch.round(x / scale) + zero_point, 0, qmax).to(torch.uint8)
 
 
@@ -55,13 +62,8 @@ class IntegerQuantize(nn.Module):
         _mirror_scalars(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # On a GPU, torch divides by a Python float as x·(1/s), which can be one ulp from the
-        # IEEE quotient the reference rounds (a code flips at a near-tie); a tensor divisor on
-        # the device is divided exactly
-        if self.channels is not None or x.is_cuda:
-            scale, zero_point = self.scale, self.zero_point
-        else:
-            scale, zero_point = self.scale_value, self.zero_point_value
+        scale, zero_point = (self.scale, self.zero_point) if self.channels is not None \
+            else (self.scale_value, self.zero_point_value)
         codes = quantize_codes(x, scale, zero_point, self.qmax)
         return codes.contiguous(memory_format=torch.channels_last) if self.channels_last else codes
 

@@ -4,6 +4,7 @@ result as the Triton kernel it replaces."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -37,8 +38,9 @@ def pair(cin, cout, zero_point, seed, k=1):
     return ref, gpu
 
 
-@pytest.fixture
-def gemm_calls(monkeypatch):
+@contextlib.contextmanager
+def counted_gemms():
+    """``torch._int_mm`` recording the shapes of its operands while the block runs."""
     calls = []
     real = torch._int_mm
 
@@ -46,8 +48,17 @@ def gemm_calls(monkeypatch):
         calls.append((tuple(a.shape), tuple(b.shape)))
         return real(a, b)
 
-    monkeypatch.setattr(torch, "_int_mm", counting)
-    return calls
+    torch._int_mm = counting
+    try:
+        yield calls
+    finally:
+        torch._int_mm = real
+
+
+@pytest.fixture
+def gemm_calls():
+    with counted_gemms() as calls:
+        yield calls
 
 
 @settings(max_examples=15, deadline=None)
@@ -73,14 +84,9 @@ def test_the_gemm_path_equals_the_reference_bit_for_bit(cin, cout, zero_point, r
     else:
         gpu.output_relu.fill_(relu)
         gpu.prepare()
-    calls = []
-    real = torch._int_mm
-    try:
-        torch._int_mm = lambda a, b: calls.append(a.shape) or real(a, b)
+    with counted_gemms() as calls:  # (hypothesis re-runs the test: no function fixture)
         out = gpu(q, r)
-    finally:
-        torch._int_mm = real
-    assert calls == [torch.Size([70, cin])]  # one GEMM over N·H·W rows
+    assert calls == [((70, cin), (cin, cout))]  # one GEMM over N·H·W rows
     assert out.dtype == expected.dtype and torch.equal(out, expected)
     assert out.is_contiguous(memory_format=torch.channels_last)
 
