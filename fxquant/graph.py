@@ -11,6 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
+from fxquant.errors import RecipeError
+from fxquant.observers import Observer
+from fxquant.quant import Quantizer
 from fxquant.recipe import LayerConfig
 
 OP_TYPE_MODULES: dict[str, tuple[type[nn.Module], ...]] = {
@@ -99,12 +102,79 @@ def nothing_selected(state: dict) -> bool:
     return state.get("selected_layers") == 0
 
 
+# Ops that enlarge the feature map: the first one on the body's path starts the upsampling tail.
+UPSAMPLING_MODULES = (nn.PixelShuffle, nn.Upsample, nn.ConvTranspose2d)
+UPSAMPLING_FUNCTIONS = (F.pixel_shuffle, torch.pixel_shuffle, F.interpolate, F.upsample,
+                        F.upsample_nearest, F.upsample_bilinear, F.conv_transpose2d)
+PIXEL_SHUFFLES = (nn.PixelShuffle, F.pixel_shuffle, torch.pixel_shuffle)
+# What may stand between a sub-pixel upsampler's conv and its pixel shuffle (CARN's ReLU).
+PASS_THROUGH_MODULES = (nn.ReLU, nn.LeakyReLU, nn.PReLU, Observer, Quantizer)
+PASS_THROUGH_FUNCTIONS = (F.relu, torch.relu, F.leaky_relu, F.prelu)
+
+
+def _is_upsampling(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_function":
+        return node.target in UPSAMPLING_FUNCTIONS
+    return isinstance(module_of(gm, node), UPSAMPLING_MODULES)
+
+
+def _is_pixel_shuffle(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if node.op == "call_function":
+        return node.target in PIXEL_SHUFFLES
+    return isinstance(module_of(gm, node), PIXEL_SHUFFLES[:1])
+
+
+def _passes_through(gm: fx.GraphModule, node: fx.Node) -> bool:
+    if not node.all_input_nodes:
+        return False
+    if node.op == "call_function":
+        return node.target in PASS_THROUGH_FUNCTIONS
+    return isinstance(module_of(gm, node), PASS_THROUGH_MODULES)
+
+
+def upsampling_tail(gm: fx.GraphModule) -> set[str]:
+    """Names of the conv nodes of the upsampling tail (EDSR's ``tail``): every conv after the
+    first upsampling op that follows a conv (a pixel shuffle, interpolation, upsample or
+    transposed conv; an interpolation of the network's input, such as PAN's bilinear global
+    skip, does not start it), and the conv of a sub-pixel upsampler, whose output a pixel
+    shuffle rearranges (activations, observers or quantizers between them allowed)::
+
+        x ─► conv_first ─► body ─► conv ─► pixel_shuffle ─► conv ─► pixel_shuffle ─► conv_last
+                                   └────────────────── tail ──────────────────────────┘
+    """
+    after_conv: set[fx.Node] = set()
+    start = None
+    for node in gm.graph.nodes:
+        if any(a in after_conv or isinstance(module_of(gm, a), CONV_TYPES)
+               for a in node.all_input_nodes):
+            after_conv.add(node)
+        if start is None and node in after_conv and _is_upsampling(gm, node):
+            start = node
+    if start is None:
+        return set()
+    below, tail = {start}, set()
+    for node in gm.graph.nodes:
+        if node is not start and any(a in below for a in node.all_input_nodes):
+            below.add(node)
+        if node in below and _is_pixel_shuffle(gm, node) and node.all_input_nodes:
+            source = node.all_input_nodes[0]
+            while _passes_through(gm, source):
+                source = source.all_input_nodes[0]
+            if isinstance(module_of(gm, source), CONV_TYPES):
+                tail.add(source.name)
+    tail.update(n.name for n in below if isinstance(module_of(gm, n), CONV_TYPES))
+    return tail
+
+
 def select_layers(gm: fx.GraphModule, layers: LayerConfig) -> Selection:
     """Apply op types, include/exclude globs and the keep-first-last rule (with
-    ``first_last_bits`` the first and last conv are chosen, at those bits)."""
+    ``first_last_bits`` the first and last conv are chosen, at those bits); with
+    ``tail_bits`` the convs of the upsampling tail (:func:`upsampling_tail`) other than a
+    full-precision last conv take those bits."""
     wanted = tuple(t for op in layers.op_types for t in OP_TYPE_MODULES[op])
     convs = [n for n in conv_nodes(gm) if not is_channel_affine(module_of(gm, n))]
     edge = {convs[0].name, convs[-1].name} if layers.keep_first_last and convs else set()
+    tail = upsampling_tail(gm) if layers.tail_bits else set()
     chosen, skipped, bits = [], {}, {}
     for node in gm.graph.nodes:
         module = module_of(gm, node)
@@ -125,7 +195,19 @@ def select_layers(gm: fx.GraphModule, layers: LayerConfig) -> Selection:
             chosen.append(node)
             if node.name in edge:
                 bits[node.name] = layers.first_last_bits
+            elif node.name in tail:
+                bits[node.name] = layers.tail_bits
     return Selection(tuple(chosen), skipped, bits)
+
+
+def refuse_bit_overrides(selection: Selection, method: str) -> None:
+    """Methods whose quantizers take one recipe-wide bit-width refuse ``first_last_bits`` and
+    ``tail_bits`` instead of quantizing those layers at the body's width unasked."""
+    if selection.bits:
+        raise RecipeError(f"{method} quantizes every selected layer at the recipe's bit-widths; "
+                          "layers.first_last_bits and layers.tail_bits apply to the quantize "
+                          "and nonuniform-quant pipelines: set them to 0, or exclude those "
+                          f"layers ({', '.join(sorted(selection.bits))}) with layers.exclude")
 
 
 def unique_attr_name(gm: fx.GraphModule, base: str) -> str:

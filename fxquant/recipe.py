@@ -35,7 +35,9 @@ OP_TYPES = ("conv2d",)
 # Named so the error can say they are known but have no quantized layer (no fake-quant
 # weights, no integer kernel) yet: offering them would leave them silently in float.
 UNSUPPORTED_OP_TYPES = ("conv_transpose2d", "linear")
-FIRST_LAST_METHODS = ("uniform", "odm")  # whose quantizing pass is ``quantize``
+# Methods whose quantizing pass (``quantize``, ``nonuniform-quant``) takes per-layer widths
+# (layers.first_last_bits, layers.tail_bits).
+LAYER_BITS_METHODS = ("uniform", "odm", "i2nq")
 
 
 def check_pass_options(pass_name: str, bits: dict[str, int | None],
@@ -133,7 +135,12 @@ class LayerConfig:
     of the network stay full precision unless ``keep_first_last`` is false.
     ``first_last_bits`` (0: off) quantizes those two convs instead, weights and input, at
     that many bits, whatever the body's width: a 4-bit body with an 8-bit head and tail
-    runs entirely as integer convs (uniform quantize pipelines only).
+    runs entirely as integer convs. ``tail_bits`` (0: off) gives the convs of the upsampling
+    tail (every conv after the first upsampling op, and a sub-pixel upsampler's conv;
+    :func:`fxquant.graph.upsampling_tail`) that many bits, weights and input: the
+    published 4-bit SR results keep that tail at 8 bits or float (EDSR's ``tail``; OAQ's
+    head/tail-8-bit setting). Both apply to the ``quantize`` and ``nonuniform-quant``
+    pipelines; DAQ and DFSQ refuse them.
     """
 
     op_types: list[str] = field(default_factory=lambda: ["conv2d"])
@@ -141,12 +148,15 @@ class LayerConfig:
     exclude: list[str] = field(default_factory=list)
     keep_first_last: bool = True
     first_last_bits: int = 0
+    tail_bits: int = 0
 
     def __post_init__(self) -> None:  # a config built in Python is checked like a parsed one
         self.validate()
 
     def validate(self, where: str = "layers") -> None:
         check_field_types(self, where)
+        if self.tail_bits:
+            _check_bits(self.tail_bits, f"{where}.tail_bits")
         if not self.op_types:
             raise RecipeError(f"{where}.op_types is empty; give at least one of "
                               f"{', '.join(OP_TYPES)}")
@@ -272,10 +282,12 @@ class Recipe:
         self.weights.validate()
         self.activations.validate()
         self.layers.validate()
-        if self.layers.first_last_bits and self.method not in FIRST_LAST_METHODS:
-            raise RecipeError(f"layers.first_last_bits applies to the uniform quantize pass "
-                              f"(methods {', '.join(FIRST_LAST_METHODS)}), not to method "
-                              f"'{self.method}', whose first and last convs stay float")
+        for key in ("first_last_bits", "tail_bits"):
+            if getattr(self.layers, key) and self.method not in LAYER_BITS_METHODS:
+                raise RecipeError(f"layers.{key} applies to the quantize and nonuniform-quant "
+                                  f"passes (methods {', '.join(LAYER_BITS_METHODS)}), not to "
+                                  f"method '{self.method}', which quantizes every selected "
+                                  "layer at one width")
         self.calibration.validate()
         expected = _METHODS[self.method].options
         if not isinstance(self.options, expected):

@@ -167,7 +167,8 @@ def file_hash(path: str | os.PathLike) -> str:
 
 # Recipe fields added after results were stored, at the default that behaves as before: left
 # out of the hash, so adding a field does not make every stored result stale.
-NEUTRAL_DEFAULTS = (("layers", "first_last_bits", 0), ("calibration", "stream", False))
+NEUTRAL_DEFAULTS = (("layers", "first_last_bits", 0), ("layers", "tail_bits", 0),
+                    ("calibration", "stream", False))
 
 
 def recipe_hash(recipe: str) -> str:

@@ -19,7 +19,7 @@ from torch import fx, nn
 from fxquant.calibration import as_batches
 from fxquant.errors import CalibrationError, RecipeError
 from fxquant.graph import (insert_input_module, produces_nonnegative, record_selection,
-                           replace_module_node, select_layers)
+                           refuse_bit_overrides, replace_module_node, select_layers)
 from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
 from fxquant.quant import QuantConv2d, swap_in_quant_conv
 from fxquant.quant.daq import DAQ_BITS, STEP_INDICES, WEIGHT_GRANULARITIES, DAQActivationQuantizer
@@ -137,6 +137,7 @@ def _branch(gm: fx.GraphModule, source, options: DAQOptions) -> str:
 def _selected_convs(gm: fx.GraphModule, ctx: PassContext):
     """The recipe's selected layers that DAQ can quantize (Conv2d), and the others skipped."""
     selection = select_layers(gm, ctx.recipe.layers)
+    refuse_bit_overrides(selection, "DAQ")
     skipped = dict(selection.skipped)
     nodes = []
     for node in selection.nodes:

@@ -8,7 +8,7 @@ from typing import ClassVar
 from torch import fx
 
 from fxquant.graph import (insert_input_module, produces_nonnegative, record_selection,
-                           select_layers)
+                           refuse_bit_overrides, select_layers)
 from fxquant.passes.subset_quant import dfsq_options
 from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
 from fxquant.quant.subset import MODES, SampleObserver
@@ -52,6 +52,7 @@ class DFSQObservePass(Pass):
         mode = self.normalization or options.normalization
         budget = (self.memory_mb or options.memory_mb) * 2 ** 20
         selection = select_layers(gm, ctx.recipe.layers)
+        refuse_bit_overrides(selection, "DFSQ")
         channels = {n.name: gm.get_submodule(n.target).in_channels for n in selection.nodes}
         total = max(1, sum(channels.values()))
         per_channel = int(min(options.max_samples, budget // (BYTES_PER_SAMPLE * total)))

@@ -9,7 +9,8 @@ from typing import ClassVar
 from torch import fx, nn
 
 from fxquant.errors import CalibrationError
-from fxquant.graph import nothing_selected, produces_nonnegative, replace_module_node
+from fxquant.graph import (nothing_selected, produces_nonnegative, replace_module_node,
+                           select_layers)
 from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
 from fxquant.quant import QuantConv2d, swap_in_quant_conv
 from fxquant.quant.fitting import weight_quantizer
@@ -95,7 +96,8 @@ class NonUniformQuantizePass(Pass):
 
     Rows are the tensor (per-tensor) or its channels (per-channel), after the recipe's
     ``activations.granularity``. ``w``/``a`` override the recipe's bit-widths, ``levels`` the
-    recipe option.
+    recipe option; ``layers.first_last_bits`` and ``layers.tail_bits`` give those convs their
+    own width (``2^bits`` levels, on the same grid).
     """
 
     name: ClassVar[str] = "nonuniform-quant"
@@ -111,10 +113,14 @@ class NonUniformQuantizePass(Pass):
         recipe, options = ctx.recipe, i2nq_options(ctx)
         a_bits = self.a or recipe.activations.bits
         w_bits = self.w or recipe.weights.bits
-        if options.integer_grid and a_bits > options.integer_grid:
-            raise RecipeError(f"{2 ** a_bits} levels ({a_bits} bits) do not fit on a "
-                              f"{options.integer_grid}-bit grid; use a <= {options.integer_grid} "
-                              "or options.integer_grid = 0")
+        layer_bits = select_layers(gm, recipe.layers).bits  # first_last_bits, tail_bits
+        widest = max([a_bits, *layer_bits.values()])
+        if options.integer_grid and widest > options.integer_grid:
+            raise RecipeError(f"{2 ** widest} levels ({widest} bits) do not fit on a "
+                              f"{options.integer_grid}-bit grid; use at most "
+                              f"{options.integer_grid} bits (activations.bits, "
+                              "layers.first_last_bits, layers.tail_bits) or "
+                              "options.integer_grid = 0")
         per_channel = recipe.activations.granularity == "per-channel"
         nodes = [n for n in gm.graph.nodes if n.op == "call_module"
                  and isinstance(gm.get_submodule(n.target), SampleObserver)]
@@ -131,7 +137,8 @@ class NonUniformQuantizePass(Pass):
             consumers = list(node.users)
             convs = [gm.get_submodule(c.target) for c in consumers]
             channels = convs[0].in_channels
-            quantizer = NonUniformQuantizer(a_bits, channels if per_channel else None,
+            bits = max((layer_bits.get(c.name, a_bits) for c in consumers), default=a_bits)
+            quantizer = NonUniformQuantizer(bits, channels if per_channel else None,
                                             learnable=options.learnable)
             if observer.has_data:
                 moved = max(moved, self._fit(gm, node, observer, quantizer, options))
@@ -143,9 +150,9 @@ class NonUniformQuantizePass(Pass):
             replace_module_node(gm, node, quantizer, name)
             for consumer, conv in zip(consumers, convs):
                 if isinstance(conv, nn.Conv2d) and not isinstance(conv, QuantConv2d):
-                    swap_in_quant_conv(gm, consumer.target,
-                                       weight_quantizer(conv, recipe.weights, w_bits,
-                                                        learnable=options.learnable))
+                    swap_in_quant_conv(gm, consumer.target, weight_quantizer(
+                        conv, recipe.weights, layer_bits.get(consumer.name, w_bits),
+                        learnable=options.learnable))
                     weights += 1
         gm.recompile()
         ctx.state["nonuniform-quant"] = report

@@ -29,7 +29,8 @@ class QuantizePass(Pass):
     were). The activation quantizer takes its static range from the observer (min/max, percentile
     or MSE search, per the recipe); the conv becomes a :class:`QuantConv2d` whose weight is
     fake-quantized per output channel. ``w``/``a`` override the recipe's bit-widths; the
-    first and last conv take ``layers.first_last_bits`` when it is set. A conv-output observer
+    first and last conv take ``layers.first_last_bits`` when it is set, the upsampling tail
+    ``layers.tail_bits``. A conv-output observer
     (``observe{outputs=true}``) becomes a per-tensor ``<conv>_output_quantizer``.
     """
 

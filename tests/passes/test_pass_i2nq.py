@@ -106,6 +106,65 @@ def test_codes_are_the_grid_codes_of_the_fake_quant_levels(tiny_sr, calib):
     assert torch.equal(dequantized.float(), q.fake_quant(x))
 
 
+class SubPixelTail(torch.nn.Module):
+    """TinySR's head and residual body with a two-conv sub-pixel tail before the last conv."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.head = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.body = torch.nn.Sequential(torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU(),
+                                        torch.nn.Conv2d(8, 8, 3, padding=1))
+        self.up = torch.nn.Conv2d(8, 32, 3, padding=1)
+        self.hr = torch.nn.Conv2d(8, 8, 3, padding=1)
+        self.last = torch.nn.Conv2d(8, 3, 3, padding=1)
+
+    def forward(self, x):
+        h = self.head(x)
+        h = h + self.body(h)
+        h = torch.nn.functional.pixel_shuffle(self.up(h), 2)
+        return self.last(torch.nn.functional.leaky_relu(self.hr(h), 0.2))
+
+
+def test_tail_bits_give_the_upsampling_tail_8_bit_levels_and_weights_and_it_lowers(calib):
+    """A 4-bit body with an 8-bit tail: 256 levels per channel on the shared uint8 grid and
+    8-bit weights for the tail convs; the lowered model agrees with fake-quant as at 4 bits."""
+    model = SubPixelTail().eval()
+    r = recipe()
+    r.layers.tail_bits = 8
+    gm = fxquant.compile(model, r.validate(), calib=calib)
+    convs = {n: m for n, m in gm.named_modules() if isinstance(m, QuantConv2d)}
+    assert {n: m.weight_quantizer.bits for n, m in convs.items()} == {
+        "body.0": 4, "body.2": 4, "up": 8, "hr": 8}
+    levels = {n: gm.get_submodule(f"{n.replace('.', '_')}_input_quantizer").levels.shape
+              for n in convs}
+    assert levels == {"body.0": (8, 16), "body.2": (8, 16), "up": (8, 256), "hr": (8, 256)}
+    assert type(gm.get_submodule("last")) is torch.nn.Conv2d
+    low = fxquant.lowered_copy(gm, "cpu")
+    x = torch.rand(2, 3, 12, 10, generator=torch.Generator().manual_seed(2))
+    agreement = layer_agreement(gm, low, [x])
+    assert len(agreement) == 4 and all(a.max_steps <= 1 for a in agreement), agreement
+
+
+def test_layer_widths_above_the_integer_grid_are_refused(calib):
+    r = recipe()
+    r.layers.tail_bits = 10
+    with pytest.raises(RecipeError, match=r"1024 levels \(10 bits\) do not fit on a 8-bit grid"
+                                          ".*layers.tail_bits"):
+        fxquant.compile(SubPixelTail().eval(), r.validate(), calib=calib)
+
+
+@pytest.mark.parametrize("pipeline, method", [("trace,daq", "DAQ"),
+                                              ("trace,dfsq-observe", "DFSQ")])
+def test_passes_with_one_width_refuse_layer_widths_instead_of_ignoring_them(calib, pipeline,
+                                                                          method):
+    r = fxquant.load_preset("mse-w4a4")
+    r.layers.tail_bits = 8
+    with pytest.raises(RecipeError, match=f"{method} quantizes every selected layer at the "
+                                          r"recipe's bit-widths.*exclude those layers \(hr, up\)"):
+        fxquant.compile(SubPixelTail().eval(), r.validate(), calib=calib, pipeline=pipeline)
+
+
 def test_float_levels_are_refused_by_lower_with_the_option_to_set(tiny_sr, calib):
     gm = fxquant.compile(tiny_sr, recipe(integer_grid=0), calib=calib)
     with pytest.raises(PassError, match="integer_grid = 8"):

@@ -106,8 +106,12 @@ def test_first_last_bits_quantize_the_head_and_tail_at_their_own_width(tiny_sr, 
     ({"first_last_bits": 8, "keep_first_last": False}, "uniform",
      "first_last_bits = 8 needs layers.keep_first_last = true"),
     ({"first_last_bits": 1}, "uniform", r"first_last_bits = 1 is impossible"),
-    ({"first_last_bits": 8}, "daq", "applies to the uniform quantize pass .methods uniform, "
-                                    "odm., not to method 'daq'"),
+    ({"first_last_bits": 8}, "daq", "first_last_bits applies to the quantize and "
+                                    "nonuniform-quant passes .methods uniform, odm, i2nq., not "
+                                    "to method 'daq'"),
+    ({"tail_bits": 8}, "dfsq", "tail_bits applies to the quantize and nonuniform-quant passes"),
+    ({"tail_bits": 17}, "uniform", r"tail_bits = 17 is impossible"),
+    ({"tail_bits": True}, "i2nq", r"tail_bits"),
 ])
 def test_first_last_bits_errors(layers, method, message):
     from fxquant.errors import RecipeError
