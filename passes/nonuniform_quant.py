@@ -156,13 +156,14 @@ class NonUniformQuantizePass(Pass):
                     weights += 1
         gm.recompile()
         ctx.state["nonuniform-quant"] = report
-        return PassResult(gm, True, {"activation_quantizers": len(nodes),
-                                     "weight_quantizers": weights,
-                                     "levels": self.levels or options.levels,
-                                     "granularity": recipe.activations.granularity,
-                                     "grid": f"u{options.integer_grid}" if options.integer_grid
-                                     else "float",
-                                     "max_grid_move_steps": round(moved, 3)})
+        info = {"activation_quantizers": len(nodes), "weight_quantizers": weights,
+                "levels": self.levels or options.levels,
+                "granularity": recipe.activations.granularity,
+                "grid": f"u{options.integer_grid}" if options.integer_grid else "float",
+                "max_grid_move_steps": round(moved, 3)}
+        if recipe.layers.first_last_bits or recipe.layers.tail_bits:
+            info["layer_bits"] = dict(layer_bits)  # {} says the model had no such layers
+        return PassResult(gm, True, info)
 
     def _fit(self, gm: fx.GraphModule, node: fx.Node, observer: SampleObserver,
              quantizer: NonUniformQuantizer, options: I2NQOptions) -> float:

@@ -45,7 +45,7 @@ class QuantizePass(Pass):
         recipe = ctx.recipe
         a_bits = self.a or recipe.activations.bits
         w_bits = self.w or recipe.weights.bits
-        edge_bits = select_layers(gm, recipe.layers).bits  # layers.first_last_bits
+        edge_bits = select_layers(gm, recipe.layers).bits  # first_last_bits, tail_bits
         activations = weights = 0
         for node in list(gm.graph.nodes):
             if node.op != "call_module":
@@ -77,5 +77,7 @@ class QuantizePass(Pass):
                         conv, recipe.weights, edge_bits.get(consumer.name, w_bits)))
                     weights += 1
         gm.recompile()
-        return PassResult(gm, bool(activations), {"activation_quantizers": activations,
-                                                  "weight_quantizers": weights})
+        info = {"activation_quantizers": activations, "weight_quantizers": weights}
+        if recipe.layers.first_last_bits or recipe.layers.tail_bits:
+            info["layer_bits"] = dict(edge_bits)  # {} says the model had no such layers
+        return PassResult(gm, bool(activations), info)

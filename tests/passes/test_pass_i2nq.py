@@ -140,6 +140,7 @@ def test_tail_bits_give_the_upsampling_tail_8_bit_levels_and_weights_and_it_lowe
               for n in convs}
     assert levels == {"body.0": (8, 16), "body.2": (8, 16), "up": (8, 256), "hr": (8, 256)}
     assert type(gm.get_submodule("last")) is torch.nn.Conv2d
+    assert dict(gm.fxquant_history)["nonuniform-quant"]["layer_bits"] == {"up": 8, "hr": 8}
     low = fxquant.lowered_copy(gm, "cpu")
     x = torch.rand(2, 3, 12, 10, generator=torch.Generator().manual_seed(2))
     agreement = layer_agreement(gm, low, [x])

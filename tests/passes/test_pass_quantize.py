@@ -92,6 +92,10 @@ def test_first_last_bits_quantize_the_head_and_tail_at_their_own_width(tiny_sr, 
         "head": 8, "blocks.0.0": 4, "blocks.0.2": 4, "blocks.1.0": 4, "blocks.1.2": 4, "tail": 8}
     assert gm.get_submodule("head_input_quantizer").bits == 8
     assert gm.get_submodule("tail_input_quantizer").bits == 8
+    assert dict(gm.fxquant_history)["quantize"]["layer_bits"] == {"head": 8, "tail": 8}
+    # TinySR's only tail conv is its last: an 8-bit tail changes nothing, and the history says so
+    tail_only = compile(tiny_sr, {**recipe, "layers": {"tail_bits": 8}}, calib=calib)
+    assert dict(tail_only.fxquant_history)["quantize"]["layer_bits"] == {}
     plain = compile(tiny_sr, {**recipe, "layers": {}}, calib=calib)
     assert {n for n, m in plain.named_modules() if isinstance(m, QuantConv2d)} == \
         set(convs) - {"head", "tail"}
