@@ -12,11 +12,8 @@ Reads no weights and calibrates nothing: the selection is a graph property.
 from __future__ import annotations
 
 import argparse
-import sys
 
 import torch
-
-from fxquant.errors import FxquantError
 
 
 def mac_shares(model_name: str, scale: int, recipe, size: int) -> dict[str, tuple[int, int]]:
@@ -57,15 +54,11 @@ def main(argv=None) -> int:
     parser.add_argument("--recipe", required=True, help="preset name or recipe file")
     parser.add_argument("--size", type=int, default=48, help="LR input side (default 48)")
     args = parser.parse_args(argv)
-    try:
-        from fxquant.recipe import resolve_recipe
+    from fxquant.recipe import resolve_recipe
 
-        recipe = resolve_recipe(args.recipe)
-        rows = {name: mac_shares(name, args.scale, recipe, args.size)
-                for name in (n.strip() for n in args.models.split(","))}
-    except FxquantError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    recipe = resolve_recipe(args.recipe)  # a misspelt recipe or model: run_tool names it
+    rows = {name: mac_shares(name, args.scale, recipe, args.size)
+            for name in (n.strip() for n in args.models.split(","))}
     print("| model | width | conv calls | MACs (M) | share of quantized MACs |")
     print("|---|---|---:|---:|---:|")
     for name, totals in rows.items():
@@ -78,4 +71,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from fxquant.cli_args import run_tool
+
+    run_tool(main)
