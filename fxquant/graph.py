@@ -106,7 +106,7 @@ def nothing_selected(state: dict) -> bool:
 UPSAMPLING_MODULES = (nn.PixelShuffle, nn.Upsample, nn.ConvTranspose2d)
 UPSAMPLING_FUNCTIONS = (F.pixel_shuffle, torch.pixel_shuffle, F.interpolate, F.upsample,
                         F.upsample_nearest, F.upsample_bilinear, F.conv_transpose2d)
-PIXEL_SHUFFLES = (nn.PixelShuffle, F.pixel_shuffle, torch.pixel_shuffle)
+PIXEL_SHUFFLES = (F.pixel_shuffle, torch.pixel_shuffle)
 # What may stand between a sub-pixel upsampler's conv and its pixel shuffle (CARN's ReLU).
 PASS_THROUGH_MODULES = (nn.ReLU, nn.LeakyReLU, nn.PReLU, Observer, Quantizer)
 PASS_THROUGH_FUNCTIONS = (F.relu, torch.relu, F.leaky_relu, F.prelu)
@@ -121,7 +121,7 @@ def _is_upsampling(gm: fx.GraphModule, node: fx.Node) -> bool:
 def _is_pixel_shuffle(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_function":
         return node.target in PIXEL_SHUFFLES
-    return isinstance(module_of(gm, node), PIXEL_SHUFFLES[:1])
+    return isinstance(module_of(gm, node), nn.PixelShuffle)
 
 
 def _passes_through(gm: fx.GraphModule, node: fx.Node) -> bool:
