@@ -47,7 +47,9 @@ import traceback
 import torch
 
 import fxquant
+from fxquant.analysis import psnr_db
 from fxquant.files import atomic_write_text, check_output_path
+from fxquant.gpu_check_table import STAGES, failed, markdown
 from fxquant.gpu_timing import graphed, time_variants, with_constants
 from fxquant.lower import int_mm, triton_conv
 from fxquant.lower.conv import ReferenceConv2d
@@ -60,7 +62,6 @@ LAYERS = [(64, 64, 3, 1), (3, 64, 3, 1), (64, 48, 3, 1), (40, 40, 3, 4), (64, 64
 TILES = [(32, 32, 32), (64, 64, 32), (128, 64, 32), (64, 64, 64), (128, 64, 64),
          (128, 32, 32), (64, 32, 64)]  # (BLOCK_M, BLOCK_N, BLOCK_K) tried by the sweep
 DYNAMIC = ("daq-w4a4", "dfsq-w4a4")  # recipes whose per-(n, c) scales the gpu target folds
-STAGES = ("layers", "tiles", "models", "set5", "upscale", "bench")
 
 
 def random_layer(cin: int, cout: int, k: int, groups: int, device: str):
@@ -145,11 +146,6 @@ def check_set5(device: str, smoke: bool, target: str = "gpu") -> list[dict]:
     return rows
 
 
-def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = float(((a.clamp(0, 1) - b.clamp(0, 1)) ** 2).mean())
-    return float("inf") if mse == 0 else 10 * torch.log10(torch.tensor(1 / mse)).item()
-
-
 _BUILT: dict = {}
 
 
@@ -184,7 +180,8 @@ def check_models(device: str, smoke: bool) -> list[dict]:
             model, gpu, reference, x = build(name, device, smoke, recipe)
             with torch.inference_mode():
                 fp, a, b = model(x).cpu(), reference(x.cpu()), gpu(x).cpu()
-            rows.append({"model": name, "recipe": recipe, "gpu_vs_reference_psnr": _psnr(a, b),
+            rows.append({"model": name, "recipe": recipe,
+                         "gpu_vs_reference_psnr": psnr_db(a, b),
                          "bit_exact": bool(torch.equal(a, b)),
                          "max_abs_diff": float((a - b).abs().max()),
                          "sqnr_vs_fp_db": sqnr_db(fp, b)})
@@ -309,57 +306,6 @@ def bench(device: str, smoke: bool, rounds: int, tile) -> list[dict]:
     return rows
 
 
-def _failed(stage) -> bool:
-    return isinstance(stage, dict) and "error" in stage
-
-
-def markdown(result: dict) -> str:
-    lines = [f"GPU check on {result['device_name']} (torch {result['torch']}, triton "
-             f"{result.get('triton')}; `python tools/gpu_check.py`, {result.get('seconds')} s)", ""]
-    for stage in STAGES:
-        if _failed(result.get(stage)):
-            lines += [f"**Stage {stage} failed**: {result[stage]['error']}", ""]
-    if isinstance(result.get("bench"), list):
-        lines += ["| model | input | variant | median ms | × fp32 eager |", "|---|---|---|---|---|"]
-        lines += [f"| {r['model']} | {'×'.join(map(str, r['input']))} | {r['variant']}"
-                  + ("" if r.get("graph_equals_eager", True) else " (output ≠ eager's)") + " | "
-                  + (f"{r['median_ms']} | {r['speedup_vs_fp32']} |" if r["median_ms"] is not None
-                     else f"failed: {r['error']} | |") for r in result["bench"]]
-        lines.append("")
-    if isinstance(result.get("tiles"), list):
-        side = "8×8" if result.get("smoke") else "180×320"
-        lines += [f"One 64→64 3×3 conv on a 1×64×{side} input (uint8 codes in, float out):", "",
-                  "| variant | median ms | × cuDNN fp32 | bit-exact |", "|---|---|---|---|"]
-        lines += [f"| {r['variant']} | {r['median_ms']} | {r['speedup_vs_fp32']} | "
-                  f"{'' if r['bit_exact'] is None else r['bit_exact']} |" for r in result["tiles"]]
-        lines.append("")
-    if isinstance(result.get("layers"), list):
-        layers = result["layers"]
-        exact = sum(r["bit_exact"] for r in layers)
-        lines += [f"Triton conv vs reference: {exact}/{len(layers)} random layer/epilogue cases "
-                  f"bit-exact; largest difference {max(r['max_abs_diff'] for r in layers):.3g}.",
-                  ""]
-    if isinstance(result.get("set5"), list):
-        lines += ["IMDN ×4, Set5 PSNR-Y (dB), each recipe calibrated as its preset says:", "",
-                  "| recipe | fake-quant | reference (CPU) | gpu | gpu − reference |",
-                  "|---|---|---|---|---|"]
-        lines += [f"| {r['recipe']} | {r['fake-quant']:.4f} | {r['reference']:.4f} | "
-                  f"{r['gpu']:.4f} | {r['gpu'] - r['reference']:+.4f} |" for r in result["set5"]]
-        lines.append("")
-    if isinstance(result.get("upscale"), dict) and "max_grey_level_diff" in result["upscale"]:
-        u = result["upscale"]
-        lines += [f"`fxquant upscale --lower gpu` against `--lower reference` ({u['image']}, "
-                  f"{u['model']} {u['recipe']}): largest difference {u['max_grey_level_diff']} "
-                  f"grey levels, {100 * u['differing']:.3f} % of values differ.", ""]
-    if isinstance(result.get("models"), list):
-        lines += ["| model | recipe | gpu vs reference PSNR | bit-exact | largest difference | "
-                  "SQNR vs FP dB |", "|---|---|---|---|---|---|"]
-        lines += [f"| {r['model']} | {r['recipe']} | {r['gpu_vs_reference_psnr']:.2f} | "
-                  f"{r['bit_exact']} | {r['max_abs_diff']:.3g} | {r['sqnr_vs_fp_db']:.2f} |"
-                  for r in result["models"]]
-    return "\n".join(lines) + "\n"
-
-
 def render_saved(path: str) -> int:
     try:
         with open(path, encoding="utf-8") as handle:
@@ -448,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     run_stage(result, "bench", lambda: bench(args.device, args.smoke, rounds,
                                              fastest_tile(result["tiles"])), save)
     print(markdown(result))
-    return 1 if any(_failed(result[s]) for s in STAGES) else 0
+    return 1 if any(failed(result[s]) for s in STAGES) else 0
 
 
 if __name__ == "__main__":
