@@ -45,7 +45,7 @@ class QuantizePass(Pass):
         recipe = ctx.recipe
         a_bits = self.a or recipe.activations.bits
         w_bits = self.w or recipe.weights.bits
-        edge_bits = select_layers(gm, recipe.layers).bits  # first_last_bits, tail_bits
+        layer_bits = select_layers(gm, recipe.layers).bits  # first_last_bits, tail_bits
         activations = weights = 0
         for node in list(gm.graph.nodes):
             if node.op != "call_module":
@@ -63,7 +63,7 @@ class QuantizePass(Pass):
             consumers = list(node.users)
             convs = [gm.get_submodule(c.target) for c in consumers]
             channels = convs[0].in_channels if recipe.activations.granularity == "per-channel" else None
-            bits = max((edge_bits.get(c.name, a_bits) for c in consumers), default=a_bits)
+            bits = max((layer_bits.get(c.name, a_bits) for c in consumers), default=a_bits)
             quantizer = activation_quantizer(observer, bits, channels)
             if not observer.has_data and ctx.calibrate:
                 raise CalibrationError(f"observer '{node.target}' saw no calibration data: "
@@ -74,10 +74,10 @@ class QuantizePass(Pass):
             for consumer, conv in zip(consumers, convs):
                 if isinstance(conv, nn.Conv2d) and not isinstance(conv, QuantConv2d):
                     swap_in_quant_conv(gm, consumer.target, weight_quantizer(
-                        conv, recipe.weights, edge_bits.get(consumer.name, w_bits)))
+                        conv, recipe.weights, layer_bits.get(consumer.name, w_bits)))
                     weights += 1
         gm.recompile()
         info = {"activation_quantizers": activations, "weight_quantizers": weights}
         if recipe.layers.first_last_bits or recipe.layers.tail_bits:
-            info["layer_bits"] = dict(edge_bits)  # {} says the model had no such layers
+            info["layer_bits"] = dict(layer_bits)  # {} says the model had no such layers
         return PassResult(gm, bool(activations), info)
