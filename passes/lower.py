@@ -87,7 +87,10 @@ class LowerPass(Pass):
     integer codes with the steps folded into per-image weights (fxquant/lower/daq.py);
     DFSQ's subset quantizers to their points' integer codes on the 2^-10 grid, read by the
     same folded conv (fxquant/lower/subset.py); on ``gpu`` the folded weights go through the
-    Triton kernel per image.
+    Triton kernel per image. Their per-image folded weights are requantized to int8 in two
+    planes (``planes=2``, the residual in a second conv: layer outputs within ~2e-4 of the
+    reference) or one (``planes=1``: one conv, a few per cent per layer; DAQ's balanced
+    codes keep Set5 within ~0.03 dB, docs/lowering.md).
     ``gpu`` runs the same integer semantics in a Triton int8 implicit-GEMM conv (CUDA, or the
     CPU under ``TRITON_INTERPRET=1``); with ``fuse`` a symmetric-weight conv also takes the
     residual of a ``conv + r`` it alone feeds, and ReLU and requantization, into its epilogue.
@@ -97,6 +100,7 @@ class LowerPass(Pass):
     target: str = "reference"
     compile: bool = False
     fuse: bool = True
+    planes: int = 2  # int8 planes of DAQ's/DFSQ's per-image folded weights (cpu, gpu)
 
     def __post_init__(self):
         if self.target not in TARGETS:
@@ -105,6 +109,12 @@ class LowerPass(Pass):
             raise RecipeError("lower.compile applies to target=cpu only")
         if not self.fuse and self.target not in ("cpu", "gpu"):
             raise RecipeError("lower.fuse applies to targets cpu and gpu only")
+        if self.planes not in (1, 2):
+            raise RecipeError(f"lower.planes={self.planes}: 2 (the folded weights' int8 "
+                              "residual in a second conv) or 1 (faster, lossier)")
+        if self.planes != 2 and self.target not in ("cpu", "gpu"):
+            raise RecipeError("lower.planes applies to targets cpu and gpu only (reference "
+                              "folds exactly in float64)")
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if getattr(gm, "fxquant_lowered", None):
@@ -116,11 +126,11 @@ class LowerPass(Pass):
         for node in quantizer_nodes:
             quantizer = gm.get_submodule(node.target)
             if isinstance(quantizer, DAQActivationQuantizer):  # fxquant/lower/daq.py
-                lowered += lower_daq(gm, node, quantizer, self.target, self.name)
+                lowered += lower_daq(gm, node, quantizer, self.target, self.name, self.planes)
                 continue
             if isinstance(quantizer, SubsetQuantizer):  # fxquant/lower/subset.py
                 lowered += lower_subset(gm, node, quantizer, self.target, self.name,
-                                        structure_only=not ctx.calibrate)
+                                        structure_only=not ctx.calibrate, planes=self.planes)
                 continue
             if str(node.target).endswith(OUTPUT_QUANTIZER):  # observe{outputs=true}
                 self._lower_output(gm, node, quantizer, layer_cls)

@@ -12,9 +12,11 @@ write separate sections; one call takes one kind.
 
 Both lowered targets are built from the same fake-quant model (``fxquant.lowered_copy``), so
 any difference is the lowered execution alone; ``cpu`` is scored with its default two int8
-planes of the per-image folded weights and with one (``CpuDaqConv2d.weight_planes = 1``). Per layer, each lowered codes+conv pair is run
-on the raw input its fake-quant quantizer saw (first two Set5 images) and compared with the
-fake-quant conv's output, relative to that output's largest magnitude. The largest code is
+planes of the per-image folded weights and with one (``CpuDaqConv2d.weight_planes = 1``);
+for DAQ, one plane also with the codes unbalanced (``DaqQuantize.code_limit = 0``). Per
+layer, each lowered codes+conv pair is run on the raw input its fake-quant quantizer saw
+(first two Set5 images) and compared with the fake-quant conv's output, relative to that
+output's largest magnitude. The largest code is
 over those probes and the whole Set5 run of the ``reference`` model (the unclipped post-ReLU
 branch has no upper bound: this is its measured range).
 """
@@ -48,10 +50,9 @@ def check(model: str, scale: int, recipe: str, data: str | None) -> dict:
     zoo = prepare(model, scale, recipe, data_root=data)
     fake = zoo.quant_model
     lowered = {t: fxquant.lowered_copy(fake, t) for t in ("reference", "cpu")}
-    lowered["cpu1"] = fxquant.lowered_copy(fake, "cpu")  # one int8 weight plane
-    for m in lowered["cpu1"].modules():
-        if isinstance(m, CpuDaqConv2d):
-            m.weight_planes = 1
+    lowered["cpu1"] = one_plane(fake, balanced=True)
+    if any(isinstance(m, DaqQuantize) for m in lowered["cpu"].modules()):
+        lowered["cpu1u"] = one_plane(fake, balanced=False)  # what balancing the codes gains
     to_input = to_y_tensor if zoo.spec.color == "y" else to_tensor
     probes = [to_input(p.lr) for p in BenchmarkSet("Set5", scale, root=data, limit=2)]
     row = {"model": model, "scale": scale, "recipe": recipe}
@@ -74,6 +75,18 @@ def check(model: str, scale: int, recipe: str, data: str | None) -> dict:
     return row
 
 
+def one_plane(fake, balanced: bool):
+    """The cpu target with one int8 plane of the folded weights; DAQ codes balanced (the
+    default, ``m·q`` with step ``Δ/m``) or handed as they are (``code_limit = 0``)."""
+    gm = fxquant.lowered_copy(fake, "cpu")
+    for m in gm.modules():
+        if isinstance(m, CpuDaqConv2d):
+            m.weight_planes = 1
+        if isinstance(m, DaqQuantize) and not balanced:
+            m.code_limit = 0
+    return gm
+
+
 def render(rows: list[dict], command: str, section: str = SECTION) -> str:
     dfsq = section == SECTIONS["dfsq"]
     codes = ("Largest code: the largest point code (I − b_c)/g_c of any subset quantizer "
@@ -89,6 +102,10 @@ def render(rows: list[dict], command: str, section: str = SECTION) -> str:
              "| max layer diff ref / cpu / cpu 1-plane | "
              f"largest {'' if dfsq else 'relu '}code (layers > 255) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    unbalanced = all("cpu1u_psnr" in r for r in rows)
+    if unbalanced:  # DAQ: the one-plane cpu model without balanced codes, for comparison
+        lines[-2] += " cpu 1-plane, codes unbalanced: Δ − fake / max layer diff |"
+        lines[-1] += "---|"
     for r in rows:
         lines.append(
             f"| {r['model']} ×{r['scale']} | {r['recipe']} | {r['layers']} | "
@@ -97,7 +114,9 @@ def render(rows: list[dict], command: str, section: str = SECTION) -> str:
             f"{r['reference_psnr'] - r['fake_psnr']:+.4f} | {r['cpu_psnr'] - r['fake_psnr']:+.4f} | "
             f"{r['cpu1_psnr'] - r['fake_psnr']:+.4f} | "
             f"{r['reference_max_rel']:.1e} / {r['cpu_max_rel']:.1e} / {r['cpu1_max_rel']:.1e} | "
-            f"{r['relu_max_code']} ({r['relu_over_255']}/{r['relu_layers']}) |")
+            f"{r['relu_max_code']} ({r['relu_over_255']}/{r['relu_layers']}) |"
+            + (f" {r['cpu1u_psnr'] - r['fake_psnr']:+.4f} / {r['cpu1u_max_rel']:.1e} |"
+               if unbalanced else ""))
     return "\n".join(lines) + "\n"
 
 

@@ -38,6 +38,17 @@ Targets (the conv classes and the shared lowering step are in fxquant/lower/fold
   faster, 4–6 % per layer and up to 0.1 dB on Set5 (docs/lowering.md). Unclipped relu codes above
   255 are split into uint8 planes ``q = q_lo + 256·q_hi`` and convolved with the same packed
   weights.
+
+Balanced codes (``cpu`` and ``gpu``, the bounded branches): a b-bit code uses 4 of uint8's 8
+bits, so each (image, channel) is handed as ``m·q`` with step ``Δ/m`` — the same value
+``(Δ/m)·(m·q) = Δ·q`` — for the integer ``m_{n,c} = ⌈M·Δ_{n,c}/max_c Δ_{n,c}⌉``, ``1 <= m <=
+M = ⌊L/(2^b − 1)⌋`` (``L`` = 255, or 128 where the CPU's int8 pairs saturate, so that no
+weight split is needed). The folded weights ``Ŵ·Δ/m`` are then balanced across input
+channels, and their per-(image, output channel) int8 requantization keeps up to log2(M) more
+bits for the channels with small steps (M = 17 at 4 bits): the one-plane error falls from
+``max|W'|/254`` per weight to about each channel's own ``|W'_c|/254`` (docs/lowering.md).
+The codes are still exactly the fake-quant levels; ``reference`` keeps ``m = 1`` (its fold is
+exact in float64) and so does ``DaqQuantize.code_limit = 0``.
 """
 
 from __future__ import annotations
@@ -48,6 +59,7 @@ from torch import fx, nn
 from fxquant.errors import PassError
 from fxquant.lower.conv import INT32_MAX, LoweringError
 from fxquant.lower.folded import LAYERS, NON_FINITE, lower_folded
+from fxquant.lower.int8_pairs import int8_pairs_saturate
 from fxquant.quant.base import ones_if_missing
 from fxquant.quant.daq import DAQActivationQuantizer, _daq_params
 from fxquant.quant.daq_weights import DAQWeightQuantizer
@@ -89,12 +101,31 @@ def daq_input_codes(x: torch.Tensor, bits, branch: str, qq_bits: int = 0,
         return q * valid, step, mu * ~valid
 
 
+def balanced_multipliers(step: torch.Tensor, top_code, limit: int) -> torch.Tensor:
+    """Per-(image, channel) integers ``1 <= m <= M = max(⌊limit/top_code⌋, 1)``, about
+    proportional to the step (``m = ⌈M·Δ_{n,c}/max_c Δ_{n,c}⌉``): codes ``m·q`` with step
+    ``Δ/m`` hold the same values (module doc) and stay below ``limit`` where ``m > 1`` (a
+    channel whose own codes reach the limit keeps ``m = 1``). ``top_code``: the largest code,
+    an int or 1×C×1×1. Channels with Δ = 0 or a non-finite Δ get 1."""
+    most = torch.clamp(torch.floor(limit / top_code), min=1) \
+        if isinstance(top_code, torch.Tensor) else float(max(limit // top_code, 1))
+    largest = step.amax(dim=1, keepdim=True)
+    ratio = step / torch.where(largest > 0, largest, torch.ones_like(largest))
+    # ceil: Δ/m <= max Δ/M for every channel, so no folded weight outgrows the largest
+    # channel's and no channel's requantization error exceeds its unbalanced one
+    m = torch.clamp(torch.ceil(ratio * most), min=1)
+    m = torch.minimum(m, most) if isinstance(most, torch.Tensor) else m.clamp_(max=most)
+    return torch.where(torch.isfinite(m), m, torch.ones_like(m))
+
+
 class DaqQuantize(nn.Module):
     """Float tensor → ``(codes, Δ, β)`` of a DAQ activation quantizer (one per conv call).
 
     ``codes``: uint8 (signed / relu-clipped: at most 8 bits), int32 for the unclipped relu
     branch (``round(x/Δ)`` has no upper bound; :attr:`max_code` records the largest seen, a
-    value beyond int32 is refused); NHWC on ``cpu``."""
+    value beyond int32 is refused); NHWC on ``cpu``. :attr:`code_limit` > 0 (set for the
+    ``cpu`` and ``gpu`` targets): bounded codes are handed balanced, ``m·q`` with step
+    ``Δ/m`` (:func:`balanced_multipliers`); 0 hands ``q`` and ``Δ`` as they are."""
 
     def __init__(self, channels: int, branch: str, qq_bits: int, step_index: str,
                  channels_last: bool):
@@ -102,6 +133,9 @@ class DaqQuantize(nn.Module):
         self.channels, self.branch, self.qq_bits = channels, branch, qq_bits
         self.step_index, self.channels_last = step_index, channels_last
         self.source = ""
+        # largest balanced code (module doc): 0 = off (reference); decided on this CPU when
+        # the model is lowered or loaded (a saved model re-lowers on load)
+        self.code_limit = (128 if int8_pairs_saturate() else 255) if channels_last else 0
         self.max_code = 0  # largest code seen (not state: a statistic for reports)
         self.register_buffer("bits", torch.full((channels,), 4, dtype=torch.int64))
         # the quantizer's learned per-channel step factors (1: the official DAQ)
@@ -131,6 +165,12 @@ class DaqQuantize(nn.Module):
                                           self.step_index, strict=not self.channels_last,
                                           multiplier=self.step_multiplier)
         if self.branch != "relu":
+            if self.code_limit:
+                bits = self._bits
+                top = 2 ** bits - 1 if isinstance(bits, int) else \
+                    torch.exp2(bits.to(step.dtype)).view(1, -1, 1, 1) - 1
+                m = balanced_multipliers(step, top, self.code_limit)
+                q, step = q * m, step / m
             codes = q.to(torch.uint8)
         elif self.channels_last:  # cpu: integer-valued float32, split into u8 planes by the conv
             codes = q
@@ -150,15 +190,19 @@ class DaqQuantize(nn.Module):
         bits = lo if lo == hi else f"{lo}-{hi}"
         kind = "u8" if self.branch != "relu" else \
             ("integer-valued float32 (u8 planes in the conv)" if self.channels_last else "int32")
+        balanced = f", balanced to {self.code_limit}" if self.code_limit and \
+            self.branch != "relu" else ""
         return f"channels={self.channels}, bits={bits}, branch={self.branch}, " \
-               f"qq_bits={self.qq_bits}, {kind} codes" + (", NHWC" if self.channels_last else "")
+               f"qq_bits={self.qq_bits}, {kind} codes{balanced}" + \
+               (", NHWC" if self.channels_last else "")
 
 
 # --------------------------------------------------------------------------- the pass
 def lower_daq(gm: fx.GraphModule, node: fx.Node, quantizer: DAQActivationQuantizer,
-              target: str, pass_name: str = "lower") -> int:
+              target: str, pass_name: str = "lower", planes: int = 2) -> int:
     """Replace DAQ activation quantizer ``node`` and the QuantConv2d(s) it feeds by
-    :class:`DaqQuantize` and the target's DAQ conv; return how many convs were lowered."""
+    :class:`DaqQuantize` and the target's DAQ conv (``planes`` int8 weight planes on cpu and
+    gpu); return how many convs were lowered."""
     if target not in LAYERS:
         raise PassError(pass_name, f"DAQ lowers to targets {', '.join(LAYERS)}, not "
                         f"'{target}'", node=node.name)
@@ -174,4 +218,4 @@ def lower_daq(gm: fx.GraphModule, node: fx.Node, quantizer: DAQActivationQuantiz
                             "with DAQ weights only", node=user.name)
 
     codes = DaqQuantize.from_quantizer(quantizer, LAYERS[target].channels_last, str(node.target))
-    return lower_folded(gm, node, codes, target, pass_name, "DAQ", check_weights)
+    return lower_folded(gm, node, codes, target, pass_name, "DAQ", check_weights, planes)

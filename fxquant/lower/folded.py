@@ -294,10 +294,11 @@ LAYERS = {"reference": ReferenceDaqConv2d, "cpu": CpuDaqConv2d}  # "gpu" added b
 
 
 def lower_folded(gm: fx.GraphModule, node: fx.Node, codes: nn.Module, target: str,
-                 pass_name: str, method: str, check_weights) -> int:
+                 pass_name: str, method: str, check_weights, planes: int = 2) -> int:
     """Replace quantizer ``node`` by ``codes`` (a module returning ``(codes, Δ, β)``) and each
-    QuantConv2d it feeds by the target's per-image folded conv; ``check_weights(node, conv)``
-    refuses weights the method cannot lower. Returns how many convs were lowered."""
+    QuantConv2d it feeds by the target's per-image folded conv (``planes`` int8 weight
+    planes where the target requantizes); ``check_weights(node, conv)`` refuses weights the
+    method cannot lower. Returns how many convs were lowered."""
     from fxquant.quant import QuantConv2d
 
     users = list(node.users)
@@ -321,6 +322,8 @@ def lower_folded(gm: fx.GraphModule, node: fx.Node, codes: nn.Module, target: st
             layers.append(layer_cls.from_quantized(conv, str(user.target)))
         except LoweringError as exc:
             raise PassError(pass_name, str(exc), node=user.name) from None
+        if hasattr(layers[-1], "weight_planes"):
+            layers[-1].weight_planes = planes
     replace_module_node(gm, node, codes, str(node.target).replace("_quantizer", "_codes"))
     for user, layer in zip(users, layers):
         replace_module_node(gm, user, layer, str(user.target).replace(".", "_"))

@@ -148,7 +148,8 @@ class SubsetQuantize(nn.Module):
 
 
 def lower_subset(gm: fx.GraphModule, node: fx.Node, quantizer: SubsetQuantizer, target: str,
-                 pass_name: str = "lower", structure_only: bool = False) -> int:
+                 pass_name: str = "lower", structure_only: bool = False,
+                 planes: int = 2) -> int:
     """Replace subset quantizer ``node`` and the QuantConv2d(s) it feeds by
     :class:`SubsetQuantize` and the target's folded conv; return how many convs were
     lowered. ``structure_only`` (``fxquant.load`` rebuilding a saved lowered model, whose
@@ -170,4 +171,4 @@ def lower_subset(gm: fx.GraphModule, node: fx.Node, quantizer: SubsetQuantizer, 
                                               str(node.target), copy_points=not structure_only)
     except ValueError as exc:
         raise PassError(pass_name, str(exc), node=node.name) from None
-    return lower_folded(gm, node, codes, target, pass_name, "DFSQ", check_weights)
+    return lower_folded(gm, node, codes, target, pass_name, "DFSQ", check_weights, planes)

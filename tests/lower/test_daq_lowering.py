@@ -281,10 +281,9 @@ def test_one_weight_plane_is_the_lossy_requantization(tiny_sr, calib):
     cpu = fxquant.lowered_copy(fake, "cpu")
     x = torch.rand(2, 3, 12, 10)
     two = max(rel for _, rel, _ in daq_layer_agreement(fake, cpu, [x]))
-    for m in cpu.modules():
-        if isinstance(m, CpuDaqConv2d):
-            m.weight_planes = 1
-    one = max(rel for _, rel, _ in daq_layer_agreement(fake, cpu, [x]))
+    one_plane = fxquant.lowered_copy(fake, "cpu", planes=1)  # lower{target=cpu,planes=1}
+    assert {m.weight_planes for m in one_plane.modules() if isinstance(m, CpuDaqConv2d)} == {1}
+    one = max(rel for _, rel, _ in daq_layer_agreement(fake, one_plane, [x]))
     assert two < 1e-3 < one < 0.05
 
 
