@@ -6,20 +6,14 @@ the per-round FP32/variant ratios (fxquant.bench.interleaved). Needs $FXQUANT_DA
 """
 import statistics, torch, fxquant
 from fxquant.bench import interleaved
-from fxquant.lower.folded import CpuDaqConv2d
 from fxquant.workflow import prepare
 zoo = prepare("imdn", 4, "daq-w4a4")
 fake = zoo.quant_model
-def planes(gm, k):
-    for m in gm.modules():
-        if isinstance(m, CpuDaqConv2d):
-            m.weight_planes = k
-    return gm
 x = torch.rand(1, 3, 256, 256)
 v = {"fp32_eager": zoo.float_model.eval(),
-     "cpu compiled, 2 planes": planes(fxquant.lowered_copy(fake, "cpu", compile=True), 2),
-     "cpu compiled, 1 plane": planes(fxquant.lowered_copy(fake, "cpu", compile=True), 1),
-     "cpu eager, 1 plane": planes(fxquant.lowered_copy(fake, "cpu"), 1)}
+     "cpu compiled, 2 planes": fxquant.lowered_copy(fake, "cpu", compile=True, planes=2),
+     "cpu compiled, 1 plane": fxquant.lowered_copy(fake, "cpu", compile=True, planes=1),
+     "cpu eager, 1 plane": fxquant.lowered_copy(fake, "cpu", planes=1)}
 with torch.inference_mode():
     for m in v.values():
         m(x)
