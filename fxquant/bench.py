@@ -1,7 +1,8 @@
 """``fxquant bench``: end-to-end latency, peak memory and Set5 PSNR of a model's variants.
 
 Variants (FP32 eager is the 1.0): FP32 channels-last, FP32 ``torch.compile``, bf16 autocast,
-fxquant fake-quant, fxquant lowered ``reference`` and ``cpu`` (Inductor-compiled), ONNX Runtime
+fxquant fake-quant, fxquant lowered ``reference`` and ``cpu`` (Inductor-compiled; ``lowered cpu
+1-plane``, when named, with one int8 plane of DAQ's/DFSQ's folded weights), ONNX Runtime
 on fxquant's ONNX export and on the float model's (``ort_int8``, ``ort_fp32``,
 ``fxquant.deploy``), torch.ao
 FX int8 and torchao PT2E int8 (``fxquant.bench_variants``). Everything runs in one process:
@@ -35,10 +36,17 @@ from fxquant.bench_variants import BUILDERS, Variant, VariantUnavailable
 from fxquant.cli_args import positive_int
 from fxquant.errors import FxquantError
 
-FXQUANT_VARIANTS = ("fake-quant", "lowered reference", "lowered cpu", "ort_int8", "ort_fp32")
+FXQUANT_VARIANTS = ("fake-quant", "lowered reference", "lowered cpu", "lowered cpu 1-plane",
+                    "ort_int8", "ort_fp32")
 BREAKDOWN_VARIANTS = ("fp32_eager", "lowered cpu", "pt2e_int8")
 ORDER = ("fp32_eager", "fp32_channels_last", "fp32_compile", "bf16_autocast", *FXQUANT_VARIANTS,
          "torch_ao_fx_int8", "pt2e_int8")
+# run only when named in --variants: one plane differs from "lowered cpu" for DAQ/DFSQ alone
+OPTIONAL = ("lowered cpu 1-plane",)
+DEFAULT_ORDER = tuple(name for name in ORDER if name not in OPTIONAL)
+LOWERED = {"lowered reference": {"target": "reference"},
+           "lowered cpu": {"target": "cpu", "compile": True},
+           "lowered cpu 1-plane": {"target": "cpu", "compile": True, "planes": 1}}
 
 
 @dataclass
@@ -172,28 +180,33 @@ def sign_test(ratios: list[float]) -> tuple[int, int, float]:
 
 
 def fxquant_variants(model, calib: torch.Tensor, recipe, example: torch.Tensor,
-                     concrete_args: dict | None, input_range: float = 1.0) -> list[Variant]:
-    """Fake-quant and the two lowered targets, all from one compile of ``recipe``
-    (``input_range``: 255 for an own model that takes 0..255)."""
+                     concrete_args: dict | None, input_range: float = 1.0,
+                     names=DEFAULT_ORDER) -> list[Variant]:
+    """Fake-quant and the lowered targets among ``names`` (:data:`LOWERED`), all from one
+    compile of ``recipe`` (``input_range``: 255 for an own model that takes 0..255)."""
     import fxquant
 
     ranged = {"input_range": (0.0, input_range)} if input_range != 1 else {}
     fake = fxquant.compile(model, recipe, calib=calib, concrete_args=concrete_args, **ranged)
-    reference = fxquant.lowered_copy(fake, "reference")
-    cpu = fxquant.lowered_copy(fake, "cpu", compile=True)
-    with torch.inference_mode():
-        cpu(example)  # compile now, outside the timed rounds
-    return [Variant("fake-quant", fake, f"fxquant {fake.fxquant_recipe.name} fake-quant graph"),
-            Variant("lowered reference", reference, "lower{target=reference}"),
-            Variant("lowered cpu", cpu, "lower{target=cpu,compile=true}")]
+    variants = [Variant("fake-quant", fake, f"fxquant {fake.fxquant_recipe.name} fake-quant graph")]
+    for name, options in LOWERED.items():
+        if name not in names:
+            continue
+        lowered = fxquant.lowered_copy(fake, **options)
+        if options.get("compile"):
+            with torch.inference_mode():
+                lowered(example)  # compile now, outside the timed rounds
+        text = ",".join(f"{k}={str(v).lower()}" for k, v in options.items())
+        variants.append(Variant(name, lowered, f"lower{{{text}}}"))
+    return variants
 
 
 def build_all(model, example, calib_batches, calib, recipe, concrete_args, names=None,
               input_range: float = 1.0) -> tuple[list[Variant], dict[str, str]]:
-    names = list(names or ORDER)
+    names = list(names or DEFAULT_ORDER)
     built, missing = [], {}
     ours = {v.name: v for v in fxquant_variants(model, calib, recipe, example, concrete_args,
-                                                input_range)} \
+                                                input_range, names)} \
         if set(FXQUANT_VARIANTS) & set(names) else {}
     for name in names:
         if name in ours:
@@ -273,7 +286,8 @@ def bench_model(name: str, args) -> list:
 
 def variant_names(args) -> list[str]:
     """The variants to build (``--variants`` or all), checked, with the ``--baseline`` one."""
-    names = [n.strip() for n in args.variants.split(",")] if args.variants else list(ORDER)
+    names = [n.strip() for n in args.variants.split(",")] if args.variants \
+        else list(DEFAULT_ORDER)
     unknown = [n for n in names + [args.baseline] if n not in ORDER]
     if unknown:
         raise FxquantError(f"unknown variant '{unknown[0]}'; valid: {', '.join(ORDER)}")
@@ -298,7 +312,8 @@ def build_parser(parser: argparse.ArgumentParser | None = None) -> argparse.Argu
                         help="LR input side (default 256)")
     parser.add_argument("--rounds", type=positive_int, default=5)
     parser.add_argument("--recipe", default="mse-w8a8-sym-outputs")
-    parser.add_argument("--variants", help="comma-separated subset (default: all)")
+    parser.add_argument("--variants", help="comma-separated subset (default: all but "
+                        f"{', '.join(OPTIONAL)}; valid: {', '.join(ORDER)})")
     parser.add_argument("--baseline", default="fp32_eager",
                         help="the variant each per-round ratio is taken against (default "
                              "fp32_eager; e.g. pt2e_int8 to compare two int8 paths directly)")

@@ -143,3 +143,22 @@ def test_zero_rounds_or_size_is_refused_by_argparse(flag, capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args([flag, "0"])
     assert f"argument {flag}: 0 must be 1 or more" in capsys.readouterr().err
+
+
+def test_one_plane_variant_runs_only_when_named_and_lowers_with_one_plane(tiny_sr, calib):
+    """``lowered cpu 1-plane`` is ``lower{target=cpu,compile=true,planes=1}``: not in the
+    default set, built (and only the named lowered variants built) when asked for."""
+    from fxquant.bench import build_parser, fxquant_variants, variant_names
+    from fxquant.lower.folded import CpuDaqConv2d
+
+    assert "lowered cpu 1-plane" not in variant_names(build_parser().parse_args([]))
+    named = build_parser().parse_args(["--variants", "fp32_eager,lowered cpu 1-plane"])
+    assert variant_names(named) == ["fp32_eager", "lowered cpu 1-plane"]
+    example = torch.rand(1, 3, 12, 12)
+    built = fxquant_variants(tiny_sr, calib, "daq-w4a4", example, None,
+                             names=["lowered cpu 1-plane"])
+    assert [v.name for v in built] == ["fake-quant", "lowered cpu 1-plane"]
+    assert built[1].note == "lower{target=cpu,compile=true,planes=1}"
+    planes = {m.weight_planes for m in built[1].fn.modules()
+              if isinstance(m, CpuDaqConv2d)}
+    assert planes == {1}
