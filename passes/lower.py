@@ -109,7 +109,7 @@ class LowerPass(Pass):
             raise RecipeError("lower.compile applies to target=cpu only")
         if not self.fuse and self.target not in ("cpu", "gpu"):
             raise RecipeError("lower.fuse applies to targets cpu and gpu only")
-        if self.planes not in (1, 2):
+        if isinstance(self.planes, bool) or self.planes not in (1, 2):
             raise RecipeError(f"lower.planes={self.planes}: 2 (the folded weights' int8 "
                               "residual in a second conv) or 1 (faster, lossier)")
         if self.planes != 2 and self.target not in ("cpu", "gpu"):

@@ -149,6 +149,12 @@ def test_planes_option_refuses_what_it_cannot_do(pipeline, message):
         fxquant.parse_pipeline(pipeline)
 
 
+def test_planes_option_refuses_a_bool_from_python(tiny_sr, calib):
+    fake = fxquant.compile(tiny_sr, "daq-w4a4", calib=calib)
+    with pytest.raises(RecipeError, match="lower.planes=True: 2"):
+        fxquant.lowered_copy(fake, "cpu", planes=True)
+
+
 def test_where_int8_pairs_saturate_balanced_codes_stop_at_128_and_need_no_weight_split(
         monkeypatch):
     """On a CPU without VNNI a u8·s8 pair saturates int16 above 32 767; codes of at most 128
