@@ -34,10 +34,10 @@ Targets (the conv classes and the shared lowering step are in fxquant/lower/fold
   accumulation of u8 × int8 (bounded by ``fan-in·255·127``), float32 rescale and bias in
   oneDNN, offset term in float32. The requantization of the folded weights to int8 is lossy,
   so a second int8 plane carries its residual (two u8 × s8 convs of the same codes; layer
-  outputs within ~2e-4 of their range). ``CpuDaqConv2d.weight_planes = 1`` keeps one plane:
-  faster, 4–6 % per layer and up to 0.1 dB on Set5 (docs/lowering.md). Unclipped relu codes above
-  255 are split into uint8 planes ``q = q_lo + 256·q_hi`` and convolved with the same packed
-  weights.
+  outputs within ~2e-4 of their range). ``lower{planes=1}`` keeps one plane: faster, a few
+  per cent per layer and, with the balanced codes below, within 0.03 dB of fake-quant on Set5
+  (docs/lowering.md). Unclipped relu codes above 255 are split into uint8 planes
+  ``q = q_lo + 256·q_hi`` and convolved with the same packed weights.
 
 Balanced codes (``cpu`` and ``gpu``, the bounded branches): a b-bit code uses 4 of uint8's 8
 bits, so each (image, channel) is handed as ``m·q`` with step ``Δ/m`` — the same value
