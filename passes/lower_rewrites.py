@@ -11,11 +11,12 @@ from fxquant.graph import is_relu, module_of, pixel_shuffle_factor, replace_modu
 # importing fxquant.lower.ops registers fxquant::pixel_shuffle(_phase_major) and ::upsample
 from fxquant.lower.ops import phase_major_order
 from fxquant.lower.conv import CpuConv2d
+from fxquant.lower.daq import DaqQuantize
 from fxquant.lower.subpixel import SubpixelConvTranspose2d, convertible
 from fxquant.lower.uniform_codes import IntegerDequantize, IntegerQuantize
 
-__all__ = ["phase_major_shuffles", "quantize_cat_pieces", "route_pixel_shuffles",
-           "route_smooth_upsampling", "subpixel_deconvs"]
+__all__ = ["daq_cat_pieces", "phase_major_shuffles", "quantize_cat_pieces",
+           "route_pixel_shuffles", "route_smooth_upsampling", "subpixel_deconvs"]
 
 
 def route_pixel_shuffles(gm: fx.GraphModule) -> None:
@@ -127,6 +128,32 @@ def quantize_cat_pieces(gm: fx.GraphModule) -> int:
             joined = gm.graph.call_function(torch.cat, (codes,), {"dim": dim})
         node.replace_all_uses_with(joined)
         gm.graph.erase_node(node)
+        if not cat.users:
+            gm.graph.erase_node(cat)
+        rewritten += 1
+    return rewritten
+
+
+def daq_cat_pieces(gm: fx.GraphModule) -> int:
+    """``DaqQuantize(cat(xs, dim=1))`` becomes ``DaqQuantize(xs)``: DAQ's statistics are per
+    (image, channel), so the codes of the concatenation are each piece's codes side by side;
+    the quantizer reads every piece where it lies and concatenates uint8 codes, instead of
+    Inductor reducing over the float concat (IMDN's 384-channel concat, whose fused
+    statistics ran 3× slower than per piece). Exact. Returns the number rewritten."""
+    rewritten = 0
+    for node in list(gm.graph.nodes):
+        if not isinstance(module_of(gm, node), DaqQuantize):
+            continue
+        cat = node.args[0]
+        if not (isinstance(cat, fx.Node) and cat.op == "call_function"
+                and cat.target in (torch.cat, torch.concat)):
+            continue
+        pieces = cat.args[0] if cat.args else cat.kwargs.get("tensors")
+        dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
+        if dim not in (1, -3) or not isinstance(pieces, (list, tuple)) \
+                or not all(isinstance(p, fx.Node) for p in pieces):
+            continue
+        node.args = (list(pieces),)
         if not cat.users:
             gm.graph.erase_node(cat)
         rewritten += 1

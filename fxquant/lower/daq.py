@@ -68,37 +68,61 @@ LOWERED_BRANCHES = ("signed", "relu", "relu-clipped")
 
 
 # --------------------------------------------------------------------------- codes
-def daq_input_codes(x: torch.Tensor, bits, branch: str, qq_bits: int = 0,
-                    step_index: str = "head", strict: bool = True,
-                    multiplier: torch.Tensor | None = None
+def daq_input_codes(x, bits, branch: str, qq_bits: int = 0, step_index: str = "head",
+                    strict: bool = True, multiplier: torch.Tensor | None = None,
+                    balance: int = 0, dtype: torch.dtype | None = None
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(q, Δ, β)`` with ``x̂ = Δ·q + β`` equal to :func:`~fxquant.quant.daq.daq_quantize`'s
-    output: ``q`` integer-valued float (>= 0), ``Δ`` and ``β`` N×C×1×1 (see module doc).
+    output: ``q`` integer-valued (>= 0), ``Δ`` and ``β`` N×C×1×1 (see module doc).
 
     The statistics and the rounding are the fake-quantizer's own (``_daq_params``, the same
     division/round/clamp), so the codes are exactly the fake-quant levels. Channels whose
     statistics overflow raise here (``strict``), or get a NaN step for the caller to refuse
-    (no data-dependent branch: the cpu target compiles this function)."""
+    (no data-dependent branch: the cpu target compiles this function). ``x`` may be a list of
+    channel pieces: the codes of their concatenation, computed piece by piece (each piece
+    read where it lies, the codes concatenated, in ``dtype`` if given). ``balance`` > 0 (the
+    bounded branches): balanced codes ``m·q`` with step ``Δ/m`` up to that limit
+    (:func:`balanced_multipliers`)."""
     if branch not in LOWERED_BRANCHES:
         raise LoweringError(f"DAQ branch '{branch}' has no integer form; lowered: "
                             f"{', '.join(LOWERED_BRANCHES)}")
+    pieces = list(x) if isinstance(x, (list, tuple)) else [x]
     with torch.no_grad():
-        mu, safe, valid, finite, h = _daq_params(x, bits, branch, qq_bits, step_index,
+        mu, safe, valid, finite, h = _daq_params(pieces, bits, branch, qq_bits, step_index,
                                                  multiplier)
         if strict and not bool(finite.all()):
             raise LoweringError(NON_FINITE)
         step = safe * valid
         if not strict:
             step = torch.where(finite, step, torch.full_like(step, float("nan")))
-        if branch == "signed":
-            c = torch.clamp(torch.round((x - mu) / safe + 0.5), -h + 0.5, h + 0.5)
-            return c + (h - 0.5), step, mu - h * step
-        if branch == "relu":
-            k = h - 0.5
-            q = torch.round(x / safe - k) + k
-        else:
-            q = torch.clamp(torch.clamp(torch.round(x / safe), min=0), max=2 * h)
-        return q * valid, step, mu * ~valid
+        offset = mu - h * step if branch == "signed" else mu * ~valid
+        m = None
+        if balance and branch != "relu":
+            top = 2 * h  # 2^b − 1: the largest bounded code
+            m = balanced_multipliers(step, top, balance)
+        codes, first = [], 0
+        for piece in pieces:
+            part = slice(first, first + piece.shape[1])
+            first = part.stop
+            h_part = h[:, part] if isinstance(h, torch.Tensor) else h
+            q = _piece_codes(piece, mu[:, part], safe[:, part], valid[:, part], h_part, branch)
+            q = q if m is None else q * m[:, part]
+            codes.append(q if dtype is None else q.to(dtype))
+        q = codes[0] if len(codes) == 1 else torch.cat(codes, 1)
+        return q, (step if m is None else step / m), offset
+
+
+def _piece_codes(x, mu, safe, valid, h, branch: str) -> torch.Tensor:
+    """The integer codes of one channel piece from its parameters (module doc)."""
+    if branch == "signed":
+        c = torch.clamp(torch.round((x - mu) / safe + 0.5), -h + 0.5, h + 0.5)
+        return c + (h - 0.5)
+    if branch == "relu":
+        k = h - 0.5
+        q = torch.round(x / safe - k) + k
+    else:
+        q = torch.clamp(torch.clamp(torch.round(x / safe), min=0), max=2 * h)
+    return q * valid
 
 
 def balanced_multipliers(step: torch.Tensor, top_code, limit: int) -> torch.Tensor:
@@ -160,18 +184,17 @@ class DaqQuantize(nn.Module):
         module._cache_bits()
         return module
 
-    def forward(self, x: torch.Tensor):
+    def forward(self, x):
+        """``x``: the quantizer's input, or the channel pieces it is the concatenation of
+        (``quantize_cat_pieces``: the statistics are per channel, so no piece is copied)."""
+        bounded = self.branch != "relu"
         q, step, offset = daq_input_codes(x, self._bits, self.branch, self.qq_bits,
                                           self.step_index, strict=not self.channels_last,
-                                          multiplier=self.step_multiplier)
-        if self.branch != "relu":
-            if self.code_limit:
-                bits = self._bits
-                top = 2 ** bits - 1 if isinstance(bits, int) else \
-                    torch.exp2(bits.to(step.dtype)).view(1, -1, 1, 1) - 1
-                m = balanced_multipliers(step, top, self.code_limit)
-                q, step = q * m, step / m
-            codes = q.to(torch.uint8)
+                                          multiplier=self.step_multiplier,
+                                          balance=self.code_limit if bounded else 0,
+                                          dtype=torch.uint8 if bounded else None)
+        if bounded:
+            codes = q
         elif self.channels_last:  # cpu: integer-valued float32, split into u8 planes by the conv
             codes = q
         else:

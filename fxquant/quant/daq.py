@@ -126,16 +126,20 @@ def quantize_sigma(sigma: torch.Tensor, qq_bits: int, step_index: str = "head") 
 
 
 # --------------------------------------------------------------------------- fake-quant
-def _daq_params(x: torch.Tensor, bits, branch: str, qq_bits: int, step_index: str,
+def _daq_params(x, bits, branch: str, qq_bits: int, step_index: str,
                 multiplier: torch.Tensor | None = None):
     """Per-(image, channel) ``(μ, Δ, valid, finite, h)`` of the DAQ quantizer (no gradient):
     ``valid`` channels quantize with step Δ, the others output μ; channels that are not
     ``finite`` pass through. ``multiplier`` (length C, learned by reconstruction) scales each
-    channel's step, ``Δ = s·σ·γ_c``; 1 is the official quantizer, bit for bit."""
-    x = x.detach()
-    channels = x.shape[1]
+    channel's step, ``Δ = s·σ·γ_c``; 1 is the official quantizer, bit for bit. ``x`` may be a
+    list of N×C_i×H×W pieces: the parameters of their channel concatenation, without building
+    it (the statistics are per channel, so each piece's are its own)."""
+    pieces = [p.detach() for p in x] if isinstance(x, (list, tuple)) else [x.detach()]
+    stats = [signed_stats(p) if branch == "signed" else relu_stats(p) for p in pieces]
+    mu, sigma = (torch.cat(t, 1) for t in zip(*stats)) if len(stats) > 1 else stats[0]
+    x = pieces[0]  # dtype, device and pixel count
+    channels = mu.shape[1]
     s, h = steps_and_half(bits, step_index, x, (1, channels, 1, 1))
-    mu, sigma = signed_stats(x) if branch == "signed" else relu_stats(x)
     finite = torch.isfinite(mu) & torch.isfinite(sigma)
     spread = sigma > 0  # σ = 0 channels output μ, also when σ is quantized
     raw_sigma = sigma

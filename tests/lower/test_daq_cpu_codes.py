@@ -1,7 +1,9 @@
-"""Balanced DAQ codes on the cpu target (fxquant/lower/daq.py, ``balanced_multipliers``): each
-(image, channel) is handed as ``m·q`` with step ``Δ/m``. The codes stay below the limit, hold
-the same values as the reference's, and make the one-plane int8 requantization of the folded
-weights finer for the channels with small steps; ``lower{planes=1}`` selects that one plane."""
+"""DAQ codes on the cpu target (fxquant/lower/daq.py). Balanced codes
+(``balanced_multipliers``): each (image, channel) is handed as ``m·q`` with step ``Δ/m``; the
+codes stay below the limit, hold the same values as the reference's, and make the one-plane
+int8 requantization of the folded weights finer for the channels with small steps;
+``lower{planes=1}`` selects that one plane. A quantized concat is coded piece by piece
+(``daq_cat_pieces``), with the same result."""
 
 from __future__ import annotations
 
@@ -169,3 +171,44 @@ def test_where_int8_pairs_saturate_balanced_codes_stop_at_128_and_need_no_weight
     cpu = CpuDaqConv2d.from_quantized(qconv)
     wcodes, _ = requantize_folded(cpu.folded_weight(step.float(), cpu.weight(torch.float32)))
     assert not needs_split(int(q.max()), wcodes)
+
+
+class CatNet(nn.Module):
+    """A DAQ conv whose input is the channel concat of two branches (IMDN's fusion conv)."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Conv2d(3, 8, 3, padding=1)
+        self.left = nn.Conv2d(8, 8, 3, padding=1)
+        self.right = nn.Conv2d(8, 4, 1)
+        self.fuse = nn.Conv2d(12, 8, 1)
+        self.tail = nn.Conv2d(8, 3, 3, padding=1)
+
+    def forward(self, x):
+        h = torch.relu(self.head(x))
+        return self.tail(torch.relu(self.fuse(torch.cat([self.left(h), self.right(h)], 1))))
+
+
+@pytest.mark.parametrize("recipe", ["daq-w4a4", "daq-mp4"])
+def test_a_quantized_concat_is_coded_piece_by_piece_with_the_same_result(recipe, monkeypatch):
+    """``lower{target=cpu}`` hands the concat's pieces to the DAQ codes module (no cat node
+    left in front of it) and the lowered model's output is bit-identical to coding the
+    concatenated tensor."""
+    import fxquant.passes.lower as lower_pass
+
+    torch.manual_seed(0)
+    model = CatNet().eval()
+    calib = torch.rand(8, 3, 12, 12, generator=torch.Generator().manual_seed(1))
+    fake = fxquant.compile(model, recipe, calib=calib)
+    pieces = fxquant.lowered_copy(fake, "cpu")
+    codes = [n for n in pieces.graph.nodes
+             if isinstance(pieces.get_submodule(n.target) if n.op == "call_module" else None,
+                           DaqQuantize) and isinstance(n.args[0], list)]
+    assert len(codes) == 1 and len(codes[0].args[0]) == 2
+    assert not any(n.target in (torch.cat, torch.concat) for n in pieces.graph.nodes)
+    monkeypatch.setattr(lower_pass, "daq_cat_pieces", lambda gm: 0)
+    whole = fxquant.lowered_copy(fake, "cpu")
+    assert any(n.target is torch.cat for n in whole.graph.nodes)
+    x = torch.rand(2, 3, 10, 9)
+    with torch.no_grad():
+        assert torch.equal(pieces(x), whole(x))
