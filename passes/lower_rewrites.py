@@ -104,6 +104,18 @@ def subpixel_deconvs(gm: fx.GraphModule) -> int:
     return converted
 
 
+def _concat_of(node) -> tuple[list[fx.Node] | None, int]:
+    """``(pieces, dim)`` when ``node`` is a ``torch.cat`` of graph values, else ``(None, 0)``."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function"
+            and node.target in (torch.cat, torch.concat)):
+        return None, 0
+    pieces = node.args[0] if node.args else node.kwargs.get("tensors")
+    dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+    if not isinstance(pieces, (list, tuple)) or not all(isinstance(p, fx.Node) for p in pieces):
+        return None, 0
+    return list(pieces), dim
+
+
 def quantize_cat_pieces(gm: fx.GraphModule) -> int:
     """``quantize(cat(xs))`` with a per-tensor quantizer becomes ``cat(quantize(x) for x in
     xs)``: the same codes (quantization is elementwise with one scale), but the concat moves a
@@ -116,12 +128,8 @@ def quantize_cat_pieces(gm: fx.GraphModule) -> int:
         if not isinstance(quantize, IntegerQuantize) or quantize.channels is not None:
             continue
         cat = node.args[0]
-        if not (isinstance(cat, fx.Node) and cat.op == "call_function"
-                and cat.target in (torch.cat, torch.concat)):
-            continue
-        pieces = cat.args[0] if cat.args else cat.kwargs.get("tensors")
-        dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
-        if not isinstance(pieces, (list, tuple)) or not all(isinstance(p, fx.Node) for p in pieces):
+        pieces, dim = _concat_of(cat)
+        if pieces is None:
             continue
         with gm.graph.inserting_before(node):
             codes = [gm.graph.call_module(node.target, (piece,)) for piece in pieces]
@@ -145,15 +153,10 @@ def daq_cat_pieces(gm: fx.GraphModule) -> int:
         if not isinstance(module_of(gm, node), DaqQuantize):
             continue
         cat = node.args[0]
-        if not (isinstance(cat, fx.Node) and cat.op == "call_function"
-                and cat.target in (torch.cat, torch.concat)):
+        pieces, dim = _concat_of(cat)
+        if pieces is None or dim not in (1, -3):
             continue
-        pieces = cat.args[0] if cat.args else cat.kwargs.get("tensors")
-        dim = cat.args[1] if len(cat.args) > 1 else cat.kwargs.get("dim", 0)
-        if dim not in (1, -3) or not isinstance(pieces, (list, tuple)) \
-                or not all(isinstance(p, fx.Node) for p in pieces):
-            continue
-        node.args = (list(pieces),)
+        node.args = (pieces,)
         if not cat.users:
             gm.graph.erase_node(cat)
         rewritten += 1
