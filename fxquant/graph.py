@@ -106,30 +106,16 @@ def nothing_selected(state: dict) -> bool:
 UPSAMPLING_MODULES = (nn.PixelShuffle, nn.Upsample, nn.ConvTranspose2d)
 UPSAMPLING_FUNCTIONS = (F.pixel_shuffle, torch.pixel_shuffle, F.interpolate, F.upsample,
                         F.upsample_nearest, F.upsample_bilinear, F.conv_transpose2d)
-PIXEL_SHUFFLES = (F.pixel_shuffle, torch.pixel_shuffle)
 # What may stand between a sub-pixel upsampler's conv and its pixel shuffle (CARN's ReLU).
 PASS_THROUGH_MODULES = (nn.ReLU, nn.LeakyReLU, nn.PReLU, Observer, Quantizer)
 PASS_THROUGH_FUNCTIONS = (F.relu, torch.relu, F.leaky_relu, F.prelu)
 
 
-def _is_upsampling(gm: fx.GraphModule, node: fx.Node) -> bool:
+def _is_op(gm: fx.GraphModule, node: fx.Node, functions: tuple, modules: tuple) -> bool:
+    """``node`` calls one of ``functions`` or one of the ``modules`` types."""
     if node.op == "call_function":
-        return node.target in UPSAMPLING_FUNCTIONS
-    return isinstance(module_of(gm, node), UPSAMPLING_MODULES)
-
-
-def _is_pixel_shuffle(gm: fx.GraphModule, node: fx.Node) -> bool:
-    if node.op == "call_function":
-        return node.target in PIXEL_SHUFFLES
-    return isinstance(module_of(gm, node), nn.PixelShuffle)
-
-
-def _passes_through(gm: fx.GraphModule, node: fx.Node) -> bool:
-    if not node.all_input_nodes:
-        return False
-    if node.op == "call_function":
-        return node.target in PASS_THROUGH_FUNCTIONS
-    return isinstance(module_of(gm, node), PASS_THROUGH_MODULES)
+        return node.target in functions
+    return isinstance(module_of(gm, node), modules)
 
 
 def upsampling_tail(gm: fx.GraphModule) -> set[str]:
@@ -148,7 +134,8 @@ def upsampling_tail(gm: fx.GraphModule) -> set[str]:
         if any(a in after_conv or isinstance(module_of(gm, a), CONV_TYPES)
                for a in node.all_input_nodes):
             after_conv.add(node)
-        if start is None and node in after_conv and _is_upsampling(gm, node):
+        if start is None and node in after_conv and \
+                _is_op(gm, node, UPSAMPLING_FUNCTIONS, UPSAMPLING_MODULES):
             start = node
     if start is None:
         return set()
@@ -156,9 +143,10 @@ def upsampling_tail(gm: fx.GraphModule) -> set[str]:
     for node in gm.graph.nodes:
         if node is not start and any(a in below for a in node.all_input_nodes):
             below.add(node)
-        if node in below and _is_pixel_shuffle(gm, node) and node.all_input_nodes:
+        if node in below and pixel_shuffle_factor(gm, node) is not None:
             source = node.all_input_nodes[0]
-            while _passes_through(gm, source):
+            while source.all_input_nodes and \
+                    _is_op(gm, source, PASS_THROUGH_FUNCTIONS, PASS_THROUGH_MODULES):
                 source = source.all_input_nodes[0]
             if isinstance(module_of(gm, source), CONV_TYPES):
                 tail.add(source.name)
@@ -198,6 +186,13 @@ def select_layers(gm: fx.GraphModule, layers: LayerConfig) -> Selection:
             elif node.name in tail:
                 bits[node.name] = layers.tail_bits
     return Selection(tuple(chosen), skipped, bits)
+
+
+def input_bits(layer_bits: dict[str, int], consumers, default: int) -> int:
+    """The width of an activation quantizer read by ``consumers`` (nodes): the widest of
+    their own widths in ``layer_bits`` (:attr:`Selection.bits`: first_last_bits,
+    tail_bits), ``default`` for the others."""
+    return max((layer_bits.get(c.name, default) for c in consumers), default=default)
 
 
 def refuse_bit_overrides(selection: Selection, method: str) -> None:

@@ -9,8 +9,8 @@ from typing import ClassVar
 from torch import fx, nn
 
 from fxquant.errors import CalibrationError
-from fxquant.graph import (nothing_selected, produces_nonnegative, replace_module_node,
-                           select_layers)
+from fxquant.graph import (input_bits, nothing_selected, produces_nonnegative,
+                           replace_module_node, select_layers)
 from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
 from fxquant.quant import QuantConv2d, swap_in_quant_conv
 from fxquant.quant.fitting import weight_quantizer
@@ -137,7 +137,7 @@ class NonUniformQuantizePass(Pass):
             consumers = list(node.users)
             convs = [gm.get_submodule(c.target) for c in consumers]
             channels = convs[0].in_channels
-            bits = max((layer_bits.get(c.name, a_bits) for c in consumers), default=a_bits)
+            bits = input_bits(layer_bits, consumers, a_bits)
             quantizer = NonUniformQuantizer(bits, channels if per_channel else None,
                                             learnable=options.learnable)
             if observer.has_data:

@@ -8,7 +8,8 @@ from typing import ClassVar
 from torch import fx, nn
 
 from fxquant.errors import CalibrationError
-from fxquant.graph import OUTPUT_OBSERVER, OUTPUT_QUANTIZER, replace_module_node, select_layers
+from fxquant.graph import (OUTPUT_OBSERVER, OUTPUT_QUANTIZER, input_bits, replace_module_node,
+                           select_layers)
 from fxquant.observers import Observer
 from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
 from fxquant.quant import QuantConv2d, swap_in_quant_conv
@@ -63,7 +64,7 @@ class QuantizePass(Pass):
             consumers = list(node.users)
             convs = [gm.get_submodule(c.target) for c in consumers]
             channels = convs[0].in_channels if recipe.activations.granularity == "per-channel" else None
-            bits = max((layer_bits.get(c.name, a_bits) for c in consumers), default=a_bits)
+            bits = input_bits(layer_bits, consumers, a_bits)
             quantizer = activation_quantizer(observer, bits, channels)
             if not observer.has_data and ctx.calibrate:
                 raise CalibrationError(f"observer '{node.target}' saw no calibration data: "
