@@ -12,7 +12,7 @@ write separate sections; one call takes one kind.
 
 Both lowered targets are built from the same fake-quant model (``fxquant.lowered_copy``), so
 any difference is the lowered execution alone; ``cpu`` is scored with its default two int8
-planes of the per-image folded weights and with one (``CpuDaqConv2d.weight_planes = 1``);
+planes of the per-image folded weights and with one (``lower{planes=1}``);
 for DAQ, one plane also with the codes unbalanced (``DaqQuantize.code_limit = 0``). Per
 layer, each lowered codes+conv pair is run on the raw input its fake-quant quantizer saw
 (first two Set5 images) and compared with the fake-quant conv's output, relative to that
@@ -35,7 +35,6 @@ from fxquant.errors import FxquantError
 from fxquant.files import atomic_write_text, check_output_path
 from fxquant.lower.compare import daq_layer_agreement
 from fxquant.lower.daq import DaqQuantize
-from fxquant.lower.folded import CpuDaqConv2d
 from fxquant.lower.subset import SubsetQuantize
 from fxquant.markdown import tool_command, write_section
 from fxquant.workflow import as_sr_function, evaluate_sets, prepare
@@ -78,10 +77,8 @@ def check(model: str, scale: int, recipe: str, data: str | None) -> dict:
 def one_plane(fake, balanced: bool):
     """The cpu target with one int8 plane of the folded weights; DAQ codes balanced (the
     default, ``m·q`` with step ``Δ/m``) or handed as they are (``code_limit = 0``)."""
-    gm = fxquant.lowered_copy(fake, "cpu")
+    gm = fxquant.lowered_copy(fake, "cpu", planes=1)
     for m in gm.modules():
-        if isinstance(m, CpuDaqConv2d):
-            m.weight_planes = 1
         if isinstance(m, DaqQuantize) and not balanced:
             m.code_limit = 0
     return gm
