@@ -4,7 +4,7 @@ checks, with every failed stage named."""
 
 from __future__ import annotations
 
-STAGES = ("layers", "tiles", "models", "set5", "upscale", "bench")
+STAGES = ("layers", "tiles", "models", "set5", "upscale", "bench", "profile")
 
 
 def failed(stage) -> bool:
@@ -39,17 +39,32 @@ def markdown(result: dict) -> str:
                   f"bit-exact; largest difference {max(r['max_abs_diff'] for r in layers):.3g}.",
                   ""]
     if isinstance(result.get("set5"), list):
+        one = any("gpu_1plane" in r for r in result["set5"])  # (runs after 3c02a99)
         lines += ["IMDN ×4, Set5 PSNR-Y (dB), each recipe calibrated as its preset says:", "",
-                  "| recipe | fake-quant | reference (CPU) | gpu | gpu − reference |",
-                  "|---|---|---|---|---|"]
+                  "| recipe | fake-quant | reference (CPU) | gpu | gpu − reference |"
+                  + (" gpu, 1 weight plane | 1 plane − fake-quant |" if one else ""),
+                  "|---|---|---|---|---|" + ("---|---|" if one else "")]
         lines += [f"| {r['recipe']} | {r['fake-quant']:.4f} | {r['reference']:.4f} | "
-                  f"{r['gpu']:.4f} | {r['gpu'] - r['reference']:+.4f} |" for r in result["set5"]]
+                  f"{r['gpu']:.4f} | {r['gpu'] - r['reference']:+.4f} |"
+                  + ((f" {r['gpu_1plane']:.4f} | {r['gpu_1plane'] - r['fake-quant']:+.4f} |"
+                      if "gpu_1plane" in r else " | |") if one else "")
+                  for r in result["set5"]]
         lines.append("")
     if isinstance(result.get("upscale"), dict) and "max_grey_level_diff" in result["upscale"]:
         u = result["upscale"]
         lines += [f"`fxquant upscale --lower gpu` against `--lower reference` ({u['image']}, "
                   f"{u['model']} {u['recipe']}): largest difference {u['max_grey_level_diff']} "
                   f"grey levels, {100 * u['differing']:.3f} % of values differ.", ""]
+    profile = result.get("profile")
+    if isinstance(profile, dict) and "ops" in profile:
+        lines += [f"{profile['model']} ×4 daq-w4a4 lowered to gpu (two planes, eager) on "
+                  f"{'×'.join(map(str, profile['input']))}, torch.profiler over "
+                  f"{profile['calls']} calls, per call, the ops with the most self time on the "
+                  "device:", "",
+                  "| op | calls | self ms | total CPU ms |", "|---|---|---|---|"]
+        lines += [f"| `{r['op']}` | {r['calls_per_run']:g} | {r['self_ms_per_run']:.3f} | "
+                  f"{r['cpu_ms_per_run']:.3f} |" for r in profile["ops"]]
+        lines.append("")
     if isinstance(result.get("models"), list):
         lines += ["| model | recipe | gpu vs reference PSNR | bit-exact | largest difference | "
                   "SQNR vs FP dB |", "|---|---|---|---|---|---|"]

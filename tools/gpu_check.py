@@ -13,15 +13,18 @@ In order (the stages of the output):
    dynamic quantizers ``daq-w4a4`` and ``dfsq-w4a4`` (per-(image, channel) scales folded
    into per-image weights);
 4. ``set5``: the same three on Set5, each calibrated as its preset says (needs Set5, T91 and
-   General100 under the data root): PSNR of the fake-quant, ``reference`` and ``gpu`` models;
+   General100 under the data root): PSNR of the fake-quant, ``reference`` and ``gpu`` models
+   (and daq-w4a4's ``gpu`` with one folded-weight plane);
 5. ``upscale``: ``fxquant upscale --lower gpu`` against ``--lower reference`` on one Set5
    image (the command line's CUDA path end to end);
 6. ``bench``: interleaved rounds, medians, CUDA-synchronized: fp32 eager, bf16 autocast, fp16
    eager (cuDNN; NCHW and channels-last), fp32 ``torch.compile``, and the Triton int8
    lowerings (mse-w8a8-sym fused, with the default tile and the sweep's fastest, and with
-   the 1×1 convs' ``torch._int_mm`` switched off; daq-w4a4, dfsq-w4a4), each static graph
-   also replayed as a CUDA graph, for EDSR-baseline ×4 at a
-   320×180 LR input (720p out) and IMDN ×4 at 128×128.
+   the 1×1 convs' ``torch._int_mm`` switched off; daq-w4a4 with two and one folded-weight
+   planes, dfsq-w4a4), each also replayed as a CUDA graph, for EDSR-baseline ×4 at a
+   320×180 LR input (720p out) and IMDN ×4 at 128×128;
+7. ``profile``: IMDN's lowered daq-w4a4, eager, under torch.profiler: the ops taking the
+   most device time per call.
 
 Each stage runs on its own: one that fails records its error and traceback in the output
 and the others still run; the JSON is rewritten after every stage, so a run cut short keeps
@@ -137,6 +140,10 @@ def check_set5(device: str, smoke: bool, target: str = "gpu") -> list[dict]:
                    "reference": as_sr_function(fxquant.lowered_copy(fake, "reference"),
                                                zoo.spec, 4),
                    target: lambda x, f=on_target: f(x.to(device)).cpu()}
+        if recipe == "daq-w4a4":  # its folded weights as one int8 plane (balanced codes)
+            one = as_sr_function(fxquant.lowered_copy(fake, target, planes=1).to(device),
+                                 zoo.spec, 4)
+            runners[f"{target}_1plane"] = lambda x, f=one: f(x.to(device)).cpu()
         row = {"model": "imdn", "scale": 4, "recipe": recipe}
         for name, fn in runners.items():
             with torch.inference_mode():
@@ -149,10 +156,10 @@ def check_set5(device: str, smoke: bool, target: str = "gpu") -> list[dict]:
 _BUILT: dict = {}
 
 
-def build(name: str, device: str, smoke: bool, recipe: str = "mse-w8a8-sym"):
+def build(name: str, device: str, smoke: bool, recipe: str = "mse-w8a8-sym", planes: int = 2):
     """(float model, lowered gpu model, lowered reference model, example input), built once
-    per (model, recipe): compiling (calibration) runs on the CPU."""
-    key = (name, device, smoke, recipe)
+    per (model, recipe, folded-weight planes): compiling (calibration) runs on the CPU."""
+    key = (name, device, smoke, recipe, planes)
     if key in _BUILT:
         return _BUILT[key]
     from fxquant.models import build_model
@@ -166,7 +173,7 @@ def build(name: str, device: str, smoke: bool, recipe: str = "mse-w8a8-sym"):
     calib = torch.rand(4 if smoke else 16, 3, 24 if smoke else 48, 24 if smoke else 48,
                        generator=generator)
     fake = fxquant.compile(model, recipe, calib=calib)
-    gpu = fxquant.lowered_copy(fake, "gpu").to(device)
+    gpu = fxquant.lowered_copy(fake, "gpu", planes=planes).to(device)
     reference = fxquant.lowered_copy(fake, "reference")  # the reference target: CPU only
     x = torch.rand((1, 3) + side, generator=generator).to(device)
     _BUILT[key] = (model.to(device), gpu, reference, x)
@@ -216,6 +223,32 @@ def check_upscale(target: str = "gpu") -> dict:
     diff = np.abs(images[target] - images["reference"])
     return {"image": "Set5 baby x4", "model": "imdn", "recipe": "mse-w8a8-sym",
             "max_grey_level_diff": int(diff.max()), "differing": float((diff > 0).mean())}
+
+
+def profile_dynamic(device: str, smoke: bool, calls: int = 5, top: int = 12) -> dict:
+    """Where IMDN's lowered daq-w4a4 (two planes, eager) spends its time: torch.profiler's
+    ops by self time on the device (the CPU under --smoke), per call, the largest first."""
+    from torch.profiler import ProfilerActivity, profile
+
+    name = "edsr_baseline" if smoke else "imdn"
+    _, gpu, _, x = build(name, device, smoke, "daq-w4a4")
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with torch.inference_mode():
+        gpu(x)
+        with profile(activities=activities) as prof:
+            for _ in range(calls):
+                gpu(x)
+            if device == "cuda":
+                torch.cuda.synchronize()
+    kind = "device" if device == "cuda" else "cpu"
+    rows = [{"op": e.key[:60], "calls_per_run": e.count / calls,
+             "self_ms_per_run": getattr(e, f"self_{kind}_time_total") / 1e3 / calls,
+             "cpu_ms_per_run": e.cpu_time_total / 1e3 / calls}
+            for e in prof.key_averages()]
+    rows.sort(key=lambda r: -r["self_ms_per_run"])
+    return {"model": name, "input": list(x.shape), "calls": calls,
+            "ops": [{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}
+                    for r in rows[:top]]}
 
 
 def with_tile(tile: tuple[int, int, int], fn):
@@ -270,6 +303,9 @@ def bench(device: str, smoke: bool, rounds: int, tile) -> list[dict]:
                                                           USE_INT_MM=False)
         for recipe in () if smoke else DYNAMIC:  # (the interpreter: checked, not timed)
             fns[f"triton_{recipe}"] = lambda g=build(name, device, smoke, recipe)[1]: g(x)
+        if not smoke:  # DAQ's folded weights as one int8 plane (balanced codes)
+            fns["triton_daq-w4a4_1plane"] = \
+                lambda g=build(name, device, smoke, "daq-w4a4", planes=1)[1]: g(x)
         if device == "cuda":
             half = copy.deepcopy(model).half()
             half_cl = copy.deepcopy(half).to(memory_format=torch.channels_last)
@@ -281,10 +317,9 @@ def bench(device: str, smoke: bool, rounds: int, tile) -> list[dict]:
                         "fp32_compiled": lambda c=torch.compile(model): c(x)})
         failed, matches = {}, {}
         if device == "cuda":
-            # the static graphs again as CUDA graphs; DAQ and DFSQ read their per-image
-            # scales on the host, which a graph cannot capture
-            static = [v for v in fns if not v.startswith(("triton_daq", "triton_dfsq", "bf16",
-                                                          "fp32_compiled"))]
+            # every graph again as a CUDA graph (DAQ and DFSQ too: their folding runs on the
+            # GPU with no host read while captured)
+            static = [v for v in fns if not v.startswith(("bf16", "fp32_compiled"))]
             for variant in static:
                 try:
                     replay, out = graphed(fns[variant])
@@ -393,6 +428,7 @@ def main(argv: list[str] | None = None) -> int:
         run_stage(result, "upscale", check_upscale, save)
     run_stage(result, "bench", lambda: bench(args.device, args.smoke, rounds,
                                              fastest_tile(result["tiles"])), save)
+    run_stage(result, "profile", lambda: profile_dynamic(args.device, args.smoke), save)
     print(markdown(result))
     return 1 if any(failed(result[s]) for s in STAGES) else 0
 

@@ -241,4 +241,6 @@ def lower_daq(gm: fx.GraphModule, node: fx.Node, quantizer: DAQActivationQuantiz
                             "with DAQ weights only", node=user.name)
 
     codes = DaqQuantize.from_quantizer(quantizer, LAYERS[target].channels_last, str(node.target))
+    if target == "gpu":  # Triton's s8×s8 dot on shifted codes cannot saturate: all of uint8
+        codes.code_limit = 255
     return lower_folded(gm, node, codes, target, pass_name, "DAQ", check_weights, planes)

@@ -236,15 +236,15 @@ class CpuDaqConv2d(DaqConv2d):
         return outs
 
 
-def add_border(y: torch.Tensor, v: torch.Tensor, rows: torch.Tensor,
-               cols: torch.Tensor) -> torch.Tensor:
+def add_border(y: torch.Tensor, v: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+               border: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Add the offset plane's border correction to ``y`` (which holds its interior value
     ``Σ_ij V_ij``), in place on the border strips only. With ``R = 1 + R'`` and ``C = 1 + C'``
     (``R'``, ``C'`` nonzero on border rows/columns only), ``Σ_ij V_ij R_iy C_jx − Σ_ij V_ij =
-    Σ_i (Σ_j V_ij) R'_iy + Σ_j (Σ_i V_ij) C'_jx + Σ_ij V_ij R'_iy C'_jx``."""
+    Σ_i (Σ_j V_ij) R'_iy + Σ_j (Σ_i V_ij) C'_jx + Σ_ij V_ij R'_iy C'_jx``. ``border``: the
+    border rows' and columns' indices (:func:`border_indices`), or None to find them here."""
     rd, cd = rows - 1, cols - 1
-    rb = (rd != 0).any(0).nonzero().flatten()
-    cb = (cd != 0).any(0).nonzero().flatten()
+    rb, cb = border if border is not None else border_indices(rows, cols)
     if len(rb):
         row_term = torch.einsum("noi,iy->noy", v.sum(3), rd[:, rb])
         y[:, :, rb, :] += row_term.unsqueeze(-1)
@@ -256,6 +256,12 @@ def add_border(y: torch.Tensor, v: torch.Tensor, rows: torch.Tensor,
                               cd[:, cb])
         y[:, :, rb.view(-1, 1), cb.view(1, -1)] += corner
     return y
+
+
+def border_indices(rows: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The output rows and columns some tap of which lands in the zero padding (a host
+    read: the gpu target finds them once per input size)."""
+    return tuple((mask != 1).any(0).nonzero().flatten() for mask in (rows, cols))
 
 
 def code_planes(codes) -> list[torch.Tensor]:

@@ -32,7 +32,8 @@ import torch
 from fxquant.lower import int_mm
 from fxquant.lower.conv import TARGETS, FusedOutputConv2d, LoweringError
 from fxquant.lower.folded import LAYERS as FOLDED_LAYERS
-from fxquant.lower.folded import CpuDaqConv2d
+from fxquant.lower.folded import (NON_FINITE, CpuDaqConv2d, add_border, border_indices,
+                                  code_planes, requantize_folded)
 
 # BLOCK_K a multiple of 32 (the int8 mma's k). On an H200 (tools/gpu_check.py, CUDA graphs,
 # EDSR-baseline ×4 at 720p) 128×64×64 ran in 4.60 ms against 5.80 for 32×32×32; 64×64×64
@@ -59,16 +60,25 @@ def _build_kernel():
 
     @triton.jit
     def int8_conv_kernel(x_ptr, w_ptr, wsum_ptr, scale_ptr, bias_ptr, res_ptr, out_ptr,
-                         M, H, W, C, OH, OW, COUT, CIN_G, COUT_G,
+                         MI, TILES, w_img_stride, v_img_stride,
+                         H, W, C, OH, OW, COUT, CIN_G, COUT_G,
                          stride_h, stride_w, pad_h, pad_w, dil_h, dil_w,
                          x_zp, out_scale, out_zp, out_qmax,
                          KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
                          HAS_RES: tl.constexpr, RELU: tl.constexpr, QUANT_OUT: tl.constexpr,
                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         pid_m, pid_n, g = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-        offs_m = pid_m * BM + tl.arange(0, BM)
+        # rows (output pixels) in blocks of MI (all of them, or one image's with per-image
+        # weights), TILES row tiles per block; block ``img`` reads its own weights
+        img = pid_m // TILES
+        local = (pid_m % TILES) * BM + tl.arange(0, BM)
+        offs_m = img * MI + local
         offs_n = pid_n * BN + tl.arange(0, BN)
-        m_ok = offs_m < M
+        m_ok = local < MI
+        w_ptr += img * w_img_stride
+        wsum_ptr += img * v_img_stride
+        scale_ptr += img * v_img_stride
+        bias_ptr += img * v_img_stride
         n_ok = offs_n < COUT_G
         ow = offs_m % OW
         oh = (offs_m // OW) % OH
@@ -122,11 +132,14 @@ def int8_conv(codes: torch.Tensor, weight_t: torch.Tensor, weight_sum: torch.Ten
               scale: torch.Tensor, bias: torch.Tensor | None, x_zero_point: int, *,
               kernel_size, stride, padding, dilation, groups: int,
               residual: torch.Tensor | None = None, relu: bool = False,
-              out_quant: tuple[float, int, int] | None = None) -> torch.Tensor:
+              out_quant: tuple[float, int, int] | None = None,
+              per_image: bool = False) -> torch.Tensor:
     """The Triton conv on uint8 codes (N×C×H×W in channels_last memory): float32 NCHW
     (channels_last) output, or uint8 codes when ``out_quant = (scale, zero_point, qmax)``.
     ``weight_t`` is the int8 weight as KH×KW×C/g×O, ``weight_sum`` its int32 per-channel sum,
-    ``scale`` the float32 ``s_x·s_w``; ``residual`` (N×O×H'×W') is added before ReLU."""
+    ``scale`` the float32 ``s_x·s_w``; ``residual`` (N×O×H'×W') is added before ReLU.
+    ``per_image``: each image has its own weights (DAQ's and DFSQ's folded ones), all
+    launched at once: ``weight_t`` N×KH×KW×C/g×O, ``weight_sum``, ``scale`` and ``bias`` N×O."""
     global _KERNEL
     reason = triton_available()
     if reason is not None:
@@ -144,12 +157,17 @@ def int8_conv(codes: torch.Tensor, weight_t: torch.Tensor, weight_sum: torch.Ten
     res = None
     if residual is not None:
         res = residual.float().permute(0, 2, 3, 1).contiguous()
-    m = n * oh * ow
+    # rows per weight block: one image's with per-image weights, else all of them
+    rows = oh * ow if per_image else n * oh * ow
+    tiles = triton_cdiv(rows, BLOCK_M)
+    w_stride = weight_t[0].numel() if per_image else 0
+    v_stride = cout if per_image else 0
     o_scale, o_zp, o_qmax = out_quant if out_quant is not None else (1.0, 0, 255)
-    grid = (triton_cdiv(m, BLOCK_M), triton_cdiv(cout // groups, BLOCK_N), groups)
+    grid = ((n if per_image else 1) * tiles, triton_cdiv(cout // groups, BLOCK_N), groups)
     _KERNEL[grid](x, weight_t, weight_sum, scale, bias if bias is not None else scale,
                   res if res is not None else scale, out,
-                  m, h, w, c, oh, ow, cout, c // groups, cout // groups,
+                  rows, tiles, w_stride, v_stride,
+                  h, w, c, oh, ow, cout, c // groups, cout // groups,
                   stride[0], stride[1], padding[0], padding[1], dilation[0], dilation[1],
                   int(x_zero_point), float(o_scale), float(o_zp), float(o_qmax),
                   KH=kh, KW=kw, HAS_BIAS=bias is not None, HAS_RES=res is not None,
@@ -228,11 +246,17 @@ class GpuConv2d(FusedOutputConv2d):
 class GpuDaqConv2d(CpuDaqConv2d):
     """DAQ's and DFSQ's per-(image, channel) input scales on the gpu target: the same
     per-image folded weights as :class:`~fxquant.lower.daq.CpuDaqConv2d` (requantized to
-    int8 per (image, output channel), two planes), each image's code planes convolved by the
-    Triton kernel instead of oneDNN (input zero point 0: a padded code is 0, and the offset
+    int8 per (image, output channel); ``weight_planes`` planes), convolved by the Triton
+    kernel with per-image weights (input zero point 0: a padded code is 0, and the offset
     term, border-exact, carries β). The scales vary along the reduction (input channels), so
-    they cannot scale the int32 accumulator inside the kernel; folding them into the weights
-    keeps the kernel the static one, launched once per image and plane."""
+    they cannot scale the int32 accumulator inside the kernel; folded into the weights they
+    leave it the static one.
+
+    One launch per (weight plane, code plane) for the whole batch, each adding the previous
+    launch's output in its epilogue (the cpu target's order of additions; a code plane ``k``
+    scales by ``256^k``, exactly), the folding on the GPU, and no host read but the NaN-step
+    refusal (skipped while a CUDA graph is captured) and, once per input size, the border
+    rows: the layer can be replayed as a CUDA graph."""
 
     target = "gpu"
 
@@ -243,15 +267,42 @@ class GpuDaqConv2d(CpuDaqConv2d):
             raise LoweringError(f"lower target 'gpu' cannot run here: {reason}")
         return super().from_quantized(conv, source)
 
-    def image_conv(self, planes, wcodes, wscale, bias):
-        weight_t = wcodes.permute(2, 3, 1, 0).contiguous()  # KH×KW×C/g×O
-        weight_sum = wcodes.to(torch.int32).sum(dim=(1, 2, 3)).contiguous()
-        scale = wscale.float().contiguous()
-        return [int8_conv(plane, weight_t, weight_sum, scale,
-                          bias.float().contiguous() if k == 0 and bias is not None else None, 0,
-                          kernel_size=self.kernel_size, stride=self.stride, padding=self.padding,
-                          dilation=self.dilation, groups=self.groups)
-                for k, plane in enumerate(planes)]
+    def forward(self, packed) -> torch.Tensor:
+        codes, step, offset = packed
+        capturing = step.is_cuda and torch.cuda.is_current_stream_capturing()
+        if not capturing and bool(torch.isnan(step).any()):
+            raise LoweringError(NON_FINITE)
+        planes = code_planes(codes)
+        n, _, h, w = planes[0].shape
+        weight = self.weight(torch.float32)
+        folded = self.folded_weight(step.float(), weight)
+        wplanes = [requantize_folded(folded)]
+        if self.weight_planes > 1:
+            k1, s1 = wplanes[0]
+            wplanes.append(requantize_folded(folded - k1.float() * s1[:, :, None, None, None]))
+        v, rows, cols, border = self._offset(offset.float(), weight, (h, w))
+        bias = v.sum((2, 3)) if self.bias is None else v.sum((2, 3)) + self.bias.float()
+        y = None
+        for j, (wcodes, wscale) in enumerate(wplanes):
+            weight_t = wcodes.permute(0, 3, 4, 2, 1).contiguous()  # N×KH×KW×C/g×O
+            weight_sum = wcodes.to(torch.int32).sum(dim=(2, 3, 4))
+            for k, plane in enumerate(planes):
+                scale = wscale if k == 0 else wscale * float(256 ** k)  # exact
+                y = int8_conv(plane, weight_t, weight_sum, scale.float().contiguous(),
+                              bias.contiguous() if j == 0 and k == 0 else None, 0,
+                              kernel_size=self.kernel_size, stride=self.stride,
+                              padding=self.padding, dilation=self.dilation,
+                              groups=self.groups, residual=y, per_image=True)
+        return add_border(y, v, rows, cols, border)
+
+    def _offset(self, offset: torch.Tensor, weight: torch.Tensor, size):
+        """:meth:`offset_taps` and the border indices, kept per input size and device."""
+        v, rows, cols = self.offset_taps(offset, weight, size)
+        key = (tuple(size), str(weight.device))
+        cache = self.__dict__.setdefault("_borders", {})
+        if key not in cache:
+            cache[key] = border_indices(rows, cols)
+        return v, rows, cols, cache[key]
 
 
 TARGETS["gpu"] = GpuConv2d

@@ -209,3 +209,72 @@ def test_daq_and_dfsq_lower_on_gpu_as_on_cpu(recipe, tiny_sr, calib):
         out_cpu = cpu(x)
     rel = float((out_gpu - out_cpu).abs().max() / out_cpu.abs().max())
     assert rel < 1e-2
+
+
+def test_per_image_weights_in_one_launch_equal_one_launch_per_image():
+    """``per_image``: each image's rows read their own weights, scales and bias; the same
+    integers as launching the static kernel image by image, bit for bit."""
+    from fxquant.lower.triton_conv import int8_conv
+
+    gen = torch.Generator().manual_seed(11)
+    n, cin, cout, k, groups = 3, 10, 14, 3, 2
+    q = codes(n, cin, 9, 7, seed=12)  # 63 rows per image: tiles end inside an image
+    weights = torch.randint(-127, 128, (n, k, k, cin // groups, cout), generator=gen,
+                            dtype=torch.int8)
+    sums = weights.to(torch.int32).sum(dim=(1, 2, 3))
+    scale = torch.rand(n, cout, generator=gen) * 0.01 + 1e-3
+    bias = torch.randn(n, cout, generator=gen)
+    residual = torch.randn(n, cout, 9, 7, generator=gen)
+    geometry = dict(kernel_size=(k, k), stride=(1, 1), padding=(1, 1), dilation=(1, 1),
+                    groups=groups)
+    batched = int8_conv(q, weights, sums, scale, bias, 0, residual=residual, per_image=True,
+                        **geometry)
+    for i in range(n):
+        alone = int8_conv(q[i:i + 1], weights[i], sums[i], scale[i].contiguous(),
+                          bias[i].contiguous(), 0, residual=residual[i:i + 1], **geometry)
+        assert torch.equal(batched[i:i + 1], alone)
+
+
+@pytest.mark.parametrize("planes", [1, 2])
+def test_a_batch_of_images_through_the_gpu_daq_conv_equals_the_cpu_conv(planes, tiny_sr, calib):
+    """Three images at once (per-image folded weights, one launch per plane, the border rows
+    found once and kept): each conv's output equals its cpu twin's on the same packed input."""
+    from fxquant.lower.folded import CpuDaqConv2d
+    from fxquant.lower.triton_conv import GpuDaqConv2d
+
+    fake = fxquant.compile(tiny_sr, "daq-w4a4", calib=calib)
+    cpu = fxquant.lowered_copy(fake, "cpu", planes=planes)
+    gpu = fxquant.lowered_copy(fake, "gpu", planes=planes)
+    seen = {}
+
+    def keep(name):
+        def hook(_module, args, out):
+            seen[name] = (args[0], out)
+        return hook
+
+    handles = [m.register_forward_hook(keep(name)) for name, m in gpu.named_modules()
+               if isinstance(m, GpuDaqConv2d)]
+    x = calib[:3]
+    with torch.no_grad():
+        gpu(x)
+        gpu(x)  # the second call reads the kept border rows
+    for h in handles:
+        h.remove()
+    cpu_modules = dict(cpu.named_modules())
+    assert seen and all(isinstance(cpu_modules[name], CpuDaqConv2d) for name in seen)
+    assert all(m.weight_planes == planes for m in gpu.modules() if isinstance(m, GpuDaqConv2d))
+    with torch.no_grad():
+        for name, (packed, out) in seen.items():
+            assert out.shape[0] == 3
+            torch.testing.assert_close(cpu_modules[name](packed), out, rtol=1e-5, atol=1e-5)
+
+
+def test_gpu_daq_codes_use_all_of_uint8(tiny_sr, calib):
+    """The Triton dot on shifted codes cannot saturate, so balanced codes go up to 255
+    whatever this CPU's int8 pairs do."""
+    from fxquant.lower.daq import DaqQuantize
+
+    fake = fxquant.compile(tiny_sr, "daq-w4a4", calib=calib)
+    lowered = fxquant.lowered_copy(fake, "gpu")
+    limits = {m.code_limit for m in lowered.modules() if isinstance(m, DaqQuantize)}
+    assert limits == {255}
