@@ -213,7 +213,8 @@ class QATTrainer(Resumable):
             q.constrain()
         self.step += 1
         return {"loss": loss.detach(), **{k: v.detach() for k, v in parts.items()},
-                **{k: torch.as_tensor(float(v)) for k, v in logged.items()}}
+                # on the loss's device: all are stacked into one tensor for the log
+                **{k: torch.as_tensor(float(v), device=loss.device) for k, v in logged.items()}}
 
     def _mean_over_ranks(self, values: dict[str, torch.Tensor]) -> dict[str, float]:
         stacked = torch.stack([v.float().reshape(()) for v in values.values()])
