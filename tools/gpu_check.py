@@ -20,7 +20,7 @@ In order (the stages of the output):
 6. ``bench``: interleaved rounds, medians, CUDA-synchronized: fp32 eager, bf16 autocast, fp16
    eager (cuDNN; NCHW and channels-last), fp32 ``torch.compile``, and the Triton int8
    lowerings (mse-w8a8-sym fused, with the default tile and the sweep's fastest, and with
-   the 1×1 convs' ``torch._int_mm`` switched off; daq-w4a4 with two and one folded-weight
+   the 1×1 convs as ``torch._int_mm`` GEMMs; daq-w4a4 with two and one folded-weight
    planes, dfsq-w4a4), each also replayed as a CUDA graph, for EDSR-baseline ×4 at a
    320×180 LR input (720p out) and IMDN ×4 at 128×128;
 7. ``profile``: IMDN's lowered daq-w4a4, eager, under torch.profiler: the ops taking the
@@ -299,8 +299,7 @@ def bench(device: str, smoke: bool, rounds: int, tile) -> list[dict]:
                                                 triton_conv.BLOCK_K):
             fns["triton_int8_tile" + "x".join(map(str, tile))] = with_tile(tile, lambda: gpu(x))
         if any(getattr(m, "_gemm", False) for m in gpu.modules()):  # its 1×1 convs' GEMM
-            fns["triton_int8_no_int_mm"] = with_constants(lambda: gpu(x), int_mm,
-                                                          USE_INT_MM=False)
+            fns["triton_int8_int_mm"] = with_constants(lambda: gpu(x), int_mm, USE_INT_MM=True)
         for recipe in () if smoke else DYNAMIC:  # (the interpreter: checked, not timed)
             fns[f"triton_{recipe}"] = lambda g=build(name, device, smoke, recipe)[1]: g(x)
         if not smoke:  # DAQ's folded weights as one int8 plane (balanced codes)

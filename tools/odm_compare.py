@@ -6,6 +6,7 @@ the CPU with a short schedule or on a GPU with a long one.
         [--patch 48] [--lr 1e-4] [--teacher-weight 0] [--hr-weight 1] [--quantizer-lr 1]
         [--device cpu|cuda]
         [--eval-sets Set5,Urban100] [--json out.json] [--write docs/methods/odm.md]
+        [--render-only] [--section "## heading"]
 
 The start is compiled once per model and saved (``<out>/<model>-x<scale>-<start>.fxq``):
 by default, at each of ``--bits``, ``odm-v1-wbab`` without its offsets (per-channel
@@ -187,7 +188,7 @@ def store_cells(rows: list[dict], limit: int | None, command: str) -> dict:
 
 def render(rows: list[dict], command: str, args) -> str:
     sets = args.eval_sets.split(",")
-    lines = [SECTION, "", f"`{command}`", "",
+    lines = [args.section, "", f"`{command}`", "",
              f"{args.steps} steps, batch {args.batch_size}, patch {args.patch}, lr {args.lr} "
              f"(cosine), device {args.device or 'default'}; PSNR dB (Δ from FP). Start: the "
              "PTQ start's recipe, its compile minutes and its Set5 PSNR before training; "
@@ -257,6 +258,11 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-limit", type=int, help="first N images of each set")
     parser.add_argument("--json", help="write every row here")
     parser.add_argument("--write", help="replace the section of this Markdown file")
+    parser.add_argument("--render-only", action="store_true",
+                        help="train nothing: render the rows of --json (e.g. trained on a GPU "
+                             "elsewhere) with this command's schedule arguments")
+    parser.add_argument("--section", default=SECTION,
+                        help="the Markdown heading of the section (--write replaces it)")
     parser.add_argument("--store", help="also write the rows as cells of this results store "
                         "(docs/results/odm.json: make results renders it into docs/results.md)")
     args = parser.parse_args(argv)
@@ -290,11 +296,14 @@ def main(argv=None) -> int:
         # with --json, rows already there (an earlier, maybe interrupted, run) are kept and
         # their runs skipped; each new row is written as soon as it is scored
         rows = read_rows(args.json) if args.json else []
+        if args.render_only and not rows:
+            raise FxquantError("--render-only renders the rows of --json: give a --json file "
+                               "that has rows")
         suffix = objective(args.hr_weight, args.teacher_weight, args.quantizer_lr)
         done = {(r["model"], r["scale"], start_of(r), method_of(r)) for r in rows}
         command = "python tools/odm_compare.py " + shlex.join(argv if argv is not None else sys.argv[1:])
         fp_cache = {(r["model"], r["scale"]): r["fp"] for r in rows}
-        for start in starts:
+        for start in [] if args.render_only else starts:
             bits = start.activations.bits
             for model in args.models.split(","):
                 todo = [m for m in methods
@@ -324,7 +333,7 @@ def main(argv=None) -> int:
             cells = {**load_store(args.store), **store_cells(rows, args.eval_limit, command)}
             atomic_write_text(args.store, store_text(cells), "results store")
         if args.write:
-            write_section(args.write, SECTION, text)
+            write_section(args.write, args.section, text)
         print(text)
     except FxquantError as exc:
         print(f"odm_compare: error: {exc}", file=sys.stderr)

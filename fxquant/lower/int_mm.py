@@ -11,9 +11,15 @@ reference quantizer's rounding), so the result equals the reference bit for bit.
 cuBLASLt's int8 GEMM wants M > 16 and K and N multiples of 8 (LOWERING.md §10 in the shared
 reference): :func:`layer_fits` says when a layer qualifies, and the caller checks M. The
 weights go in as the transpose of a contiguous O × C matrix (column-major: the "TN" layout
-int8 GEMMs are built around; other layouts have had wrong results on some GPUs). Not yet
-run on a GPU. On the CPU ``torch._int_mm`` is exact with no shape constraints, which is how
-the tests check this path under ``TRITON_INTERPRET=1``.
+int8 GEMMs are built around; other layouts have had wrong results on some GPUs). On the CPU
+``torch._int_mm`` is exact with no shape constraints, which is how the tests check this path
+under ``TRITON_INTERPRET=1``.
+
+Off by default (:data:`USE_INT_MM`): on an H200 (tools/gpu_check.py, docs/performance.md)
+the path was bit-exact with the reference, but IMDN ×4 ran slower with it than with its 1×1
+convs in the Triton kernel (CUDA graphs: 1.97 against 1.79 ms; eager 7.87 against 6.91):
+the GEMM is fast, but its epilogue here is half a dozen separate torch ops where the
+kernel's is fused.
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ import torch
 from fxquant.lower.uniform_codes import quantize_codes
 
 MIN_ROWS, MULTIPLE = 17, 8  # cuBLASLt: M > 16, K % 8 == 0, N % 8 == 0
-USE_INT_MM = True  # read at each call: tools/gpu_check.py times the layers both ways
+USE_INT_MM = False  # read at each call: tools/gpu_check.py times the layers both ways
 
 
 def layer_fits(in_channels: int, out_channels: int, kernel_size, stride, padding, dilation,

@@ -23,6 +23,15 @@ if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
                 allow_module_level=True)
 
 
+@pytest.fixture(autouse=True, scope="module")
+def gemm_on():
+    """The path is off by default (slower than the fused kernel on an H200): on for these
+    tests. Module-scoped, so that hypothesis's re-runs see it too."""
+    saved, int_mm.USE_INT_MM = int_mm.USE_INT_MM, True
+    yield
+    int_mm.USE_INT_MM = saved
+
+
 def pair(cin, cout, zero_point, seed, k=1):
     gen = torch.Generator().manual_seed(seed)
     args = (cin, cout, (k, k), (1, 1), (k // 2, k // 2), (1, 1), 1, True, 8)

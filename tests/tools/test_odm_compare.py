@@ -170,3 +170,36 @@ def test_outputs_that_would_fail_after_the_runs_fail_before_them(tool, data, tmp
     err = capsys.readouterr().err
     assert re.search(message, err), err
     assert content is None or path.read_text() == content  # left as it was
+
+
+def test_render_only_trains_nothing_and_writes_its_own_section(tool, data, tmp_path, monkeypatch):
+    """Rows trained elsewhere (the H200 run in docs/methods/odm_h200_rows.json) rendered
+    under a heading of their own; the comparison's section is left as it was."""
+    from pathlib import Path
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("--render-only must build and train nothing")
+
+    monkeypatch.setattr(tool, "build_start", no_work)
+    monkeypatch.setattr(tool, "train", no_work)
+    rows = Path(__file__).parents[2] / "docs" / "methods" / "odm_h200_rows.json"
+    before = rows.read_text()
+    md = tmp_path / "odm.md"
+    md.write_text(f"# ODM\n\n{tool.SECTION}\n\nkept\n")
+    argv = ["--out", str(tmp_path / "runs"), "--render-only", "--json", str(rows),
+            "--models", "imdn,pan", "--steps", "600", "--device", "cuda", "--eval-sets", "Set5",
+            "--section", "## On a GPU", "--write", str(md), "--data", str(data)]
+    assert tool.main(argv) == 0
+    text = md.read_text()
+    assert f"{tool.SECTION}\n\nkept" in text
+    gpu = text.split("## On a GPU", 1)[1]
+    assert "600 steps, batch 16, patch 48, lr 0.0001 (cosine), device cuda" in gpu
+    assert "| imdn ×4 | W4A4 | `qat-w4a4-common` (0.0 min) | qat | 28.090 | 31.160 (-1.05) |" in gpu
+    assert "| pan ×4 | W4A4 |" in gpu and gpu.count("| odm-v") == 2
+    assert rows.read_text() == before  # read, not rewritten
+
+
+def test_render_only_needs_rows(tool, data, tmp_path, capsys):
+    assert tool.main(["--out", str(tmp_path), "--render-only", "--json",
+                      str(tmp_path / "none.json"), "--data", str(data)]) == 2
+    assert "--render-only renders the rows of --json" in capsys.readouterr().err
