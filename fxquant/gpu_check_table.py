@@ -23,7 +23,8 @@ def markdown(result: dict) -> str:
         lines += [f"| {r['model']} | {'×'.join(map(str, r['input']))} | {r['variant']}"
                   + ("" if r.get("graph_equals_eager", True) else " (output ≠ eager's)") + " | "
                   + (f"{r['median_ms']} | {r['speedup_vs_fp32']} |" if r["median_ms"] is not None
-                     else f"failed: {r['error']} | |") for r in result["bench"]]
+                     else f"failed: {' '.join(r['error'].split())} | |")  # one table row
+                  for r in result["bench"]]
         lines.append("")
     if isinstance(result.get("tiles"), list):
         side = "8×8" if result.get("smoke") else "180×320"
@@ -60,7 +61,7 @@ def markdown(result: dict) -> str:
         lines += [f"{profile['model']} ×4 daq-w4a4 lowered to gpu (two planes, eager) on "
                   f"{'×'.join(map(str, profile['input']))}, torch.profiler over "
                   f"{profile['calls']} calls, per call, the ops with the most self time on the "
-                  "device:", "",
+                  f"{profile.get('clock', 'device')}:", "",
                   "| op | calls | self ms | total CPU ms |", "|---|---|---|---|"]
         lines += [f"| `{r['op']}` | {r['calls_per_run']:g} | {r['self_ms_per_run']:.3f} | "
                   f"{r['cpu_ms_per_run']:.3f} |" for r in profile["ops"]]

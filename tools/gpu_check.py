@@ -246,7 +246,7 @@ def profile_dynamic(device: str, smoke: bool, calls: int = 5, top: int = 12) -> 
              "cpu_ms_per_run": e.cpu_time_total / 1e3 / calls}
             for e in prof.key_averages()]
     rows.sort(key=lambda r: -r["self_ms_per_run"])
-    return {"model": name, "input": list(x.shape), "calls": calls,
+    return {"model": name, "input": list(x.shape), "calls": calls, "clock": kind,
             "ops": [{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}
                     for r in rows[:top]]}
 

@@ -186,15 +186,7 @@ class CpuDaqConv2d(DaqConv2d):
             raise LoweringError(NON_FINITE)
         planes = code_planes(codes)
         n, _, h, w = planes[0].shape
-        weight = self.weight(torch.float32)
-        folded = self.folded_weight(step.float(), weight)
-        wplanes = [requantize_folded(folded)]
-        if self.weight_planes > 1:
-            k1, s1 = wplanes[0]
-            wplanes.append(requantize_folded(folded - k1.float() * s1[:, :, None, None, None]))
-        # the offset plane's interior value rides in the int8 conv's bias; the border strips after
-        v, rows, cols = self.offset_taps(offset.float(), weight, (h, w))
-        bias = v.sum((2, 3)) if self.bias is None else v.sum((2, 3)) + self.bias.float()
+        wplanes, (v, rows, cols), bias = self.folded_planes(step, offset, (h, w))
         outs = []
         for i in range(n):
             y = None
@@ -206,6 +198,22 @@ class CpuDaqConv2d(DaqConv2d):
             outs.append(y)
         y = outs[0] if n == 1 else torch.cat(outs)
         return add_border(y, v, rows, cols)
+
+    def folded_planes(self, step: torch.Tensor, offset: torch.Tensor, size):
+        """``(weight planes, offset taps, bias)`` for images of ``size``: the per-image folded
+        weights requantized to ``weight_planes`` int8 planes ``[(codes, scale), ...]`` (a
+        plane's codes N×O×C/g×k×k, its scale N×O), :meth:`offset_taps`, and the per-image
+        bias N×O — the offset plane's interior value plus the conv's bias; the border strips
+        are added after the conv (:func:`add_border`)."""
+        weight = self.weight(torch.float32)
+        folded = self.folded_weight(step.float(), weight)
+        wplanes = [requantize_folded(folded)]
+        if self.weight_planes > 1:
+            k1, s1 = wplanes[0]
+            wplanes.append(requantize_folded(folded - k1.float() * s1[:, :, None, None, None]))
+        v, rows, cols = self.offset_taps(offset.float(), weight, size)
+        bias = v.sum((2, 3)) if self.bias is None else v.sum((2, 3)) + self.bias.float()
+        return wplanes, (v, rows, cols), bias
 
     def image_conv(self, planes: list[torch.Tensor], wcodes: torch.Tensor, wscale: torch.Tensor,
                    bias: torch.Tensor | None) -> list[torch.Tensor]:

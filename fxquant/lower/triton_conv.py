@@ -32,8 +32,7 @@ import torch
 from fxquant.lower import int_mm
 from fxquant.lower.conv import TARGETS, FusedOutputConv2d, LoweringError
 from fxquant.lower.folded import LAYERS as FOLDED_LAYERS
-from fxquant.lower.folded import (NON_FINITE, CpuDaqConv2d, add_border, border_indices,
-                                  code_planes, requantize_folded)
+from fxquant.lower.folded import NON_FINITE, CpuDaqConv2d, add_border, border_indices, code_planes
 
 # BLOCK_K a multiple of 32 (the int8 mma's k). On an H200 (tools/gpu_check.py, CUDA graphs,
 # EDSR-baseline ×4 at 720p) 128×64×64 ran in 4.60 ms against 5.80 for 32×32×32; 64×64×64
@@ -274,14 +273,7 @@ class GpuDaqConv2d(CpuDaqConv2d):
             raise LoweringError(NON_FINITE)
         planes = code_planes(codes)
         n, _, h, w = planes[0].shape
-        weight = self.weight(torch.float32)
-        folded = self.folded_weight(step.float(), weight)
-        wplanes = [requantize_folded(folded)]
-        if self.weight_planes > 1:
-            k1, s1 = wplanes[0]
-            wplanes.append(requantize_folded(folded - k1.float() * s1[:, :, None, None, None]))
-        v, rows, cols, border = self._offset(offset.float(), weight, (h, w))
-        bias = v.sum((2, 3)) if self.bias is None else v.sum((2, 3)) + self.bias.float()
+        wplanes, (v, rows, cols), bias = self.folded_planes(step, offset, (h, w))
         y = None
         for j, (wcodes, wscale) in enumerate(wplanes):
             weight_t = wcodes.permute(0, 3, 4, 2, 1).contiguous()  # N×KH×KW×C/g×O
@@ -293,16 +285,16 @@ class GpuDaqConv2d(CpuDaqConv2d):
                               kernel_size=self.kernel_size, stride=self.stride,
                               padding=self.padding, dilation=self.dilation,
                               groups=self.groups, residual=y, per_image=True)
-        return add_border(y, v, rows, cols, border)
+        return add_border(y, v, rows, cols, self._border(rows, cols, (h, w)))
 
-    def _offset(self, offset: torch.Tensor, weight: torch.Tensor, size):
-        """:meth:`offset_taps` and the border indices, kept per input size and device."""
-        v, rows, cols = self.offset_taps(offset, weight, size)
-        key = (tuple(size), str(weight.device))
+    def _border(self, rows: torch.Tensor, cols: torch.Tensor, size):
+        """The border indices (:func:`border_indices`: a host read), kept per input size and
+        device."""
+        key = (tuple(size), str(rows.device))
         cache = self.__dict__.setdefault("_borders", {})
         if key not in cache:
             cache[key] = border_indices(rows, cols)
-        return v, rows, cols, cache[key]
+        return cache[key]
 
 
 TARGETS["gpu"] = GpuConv2d

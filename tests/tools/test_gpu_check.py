@@ -69,7 +69,13 @@ def test_the_markdown_names_a_failed_stage_and_renders_the_others(load_tool):
                         {"model": "imdn", "input": [1, 3, 128, 128], "variant": "fp16_cudagraph",
                          "median_ms": 1.0, "speedup_vs_fp32": 3.0, "graph_equals_eager": False},
                         {"model": "imdn", "input": [1, 3, 128, 128], "variant": "x_cudagraph",
-                         "median_ms": None, "speedup_vs_fp32": None, "error": "RuntimeError: y"}]}
+                         "median_ms": None, "speedup_vs_fp32": None,
+                         "error": "RuntimeError: y\nSearch for more"}],
+              "profile": {"model": "imdn", "input": [1, 3, 128, 128], "calls": 5,
+                          "clock": "device", "ops": [{"op": "int8_conv_kernel",
+                                                      "calls_per_run": 12.8,
+                                                      "self_ms_per_run": 0.992,
+                                                      "cpu_ms_per_run": 0.0}]}}
     text = tool.markdown(result)
     assert "on NVIDIA H200 (torch 2.11.0, triton 3.6.0" in text
     assert "**Stage tiles failed**: RuntimeError: out of resources" in text
@@ -78,7 +84,9 @@ def test_the_markdown_names_a_failed_stage_and_renders_the_others(load_tool):
     assert "| imdn | daq-w4a4 | inf | True | 0 | 30.00 |" in text
     assert "| daq-w4a4 | 29.1279 | 29.1224 | 29.1292 | +0.0068 |" in text
     assert "| fp16_cudagraph (output ≠ eager's) | 1.0 | 3.0 |" in text
-    assert "| x_cudagraph | failed: RuntimeError: y | |" in text
+    assert "| x_cudagraph | failed: RuntimeError: y Search for more | |" in text  # one row
+    assert "over 5 calls, per call, the ops with the most self time on the device" in text
+    assert "| `int8_conv_kernel` | 12.8 | 0.992 | 0.000 |" in text
     assert ("`fxquant upscale --lower gpu` against `--lower reference` (Set5 baby x4, imdn "
             "mse-w8a8-sym): largest difference 1 grey levels, 0.025 % of values differ.") in text
 
