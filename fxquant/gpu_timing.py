@@ -1,5 +1,6 @@
 """Timing on a GPU (or the CPU) for tools/gpu_check.py and anything like it: interleaved,
-synchronized medians, CUDA-graph replays, and module constants switched for one call.
+synchronized medians, CUDA-graph replays, module constants switched for one call, and an
+op-by-op profile.
 
 Ratios measured side by side in one process, variants interleaved within each round, and
 medians (the project's benchmarking rule); absolute times only mean something on a GPU.
@@ -68,3 +69,25 @@ def graphed(fn):
         with torch.cuda.graph(graph):
             out = fn()
     return graph.replay, out
+
+
+def op_profile(fn, device: str, calls: int = 5, top: int = 12) -> list[dict]:
+    """torch.profiler's ops for ``calls`` calls of ``fn`` (after one warm-up call), by self
+    time on the device (on the CPU when ``device`` is ``cpu``), the ``top`` largest: the op,
+    its calls, its self milliseconds and its total CPU milliseconds, each per call of ``fn``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with torch.inference_mode():
+        fn()
+        sync(device)
+        with profile(activities=activities) as prof:
+            for _ in range(calls):
+                fn()
+            sync(device)
+    clock = "device" if device == "cuda" else "cpu"
+    rows = [{"op": e.key[:60], "calls_per_run": round(e.count / calls, 4),
+             "self_ms_per_run": round(getattr(e, f"self_{clock}_time_total") / 1e3 / calls, 4),
+             "cpu_ms_per_run": round(e.cpu_time_total / 1e3 / calls, 4)}
+            for e in prof.key_averages()]
+    return sorted(rows, key=lambda r: -r["self_ms_per_run"])[:top]

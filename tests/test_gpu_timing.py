@@ -36,3 +36,19 @@ def test_constants_are_restored_even_when_the_call_raises():
     with pytest.raises(ValueError):
         gpu_timing.with_constants(fails, module, X=7, Y=8)()
     assert (module.X, module.Y) == (1, 2)
+
+
+def test_the_op_profile_counts_calls_per_run_and_sorts_by_self_time():
+    import torch
+
+    a = torch.rand(256, 256)
+
+    def fn():  # per call: two matmuls and one add
+        return torch.mm(a, a) + torch.mm(a, a)
+
+    rows = gpu_timing.op_profile(fn, "cpu", calls=4, top=50)
+    by_op = {r["op"]: r for r in rows}
+    assert by_op["aten::mm"]["calls_per_run"] == 2 and by_op["aten::add"]["calls_per_run"] == 1
+    times = [r["self_ms_per_run"] for r in rows]
+    assert times == sorted(times, reverse=True) and times[0] > 0
+    assert len(gpu_timing.op_profile(fn, "cpu", calls=1, top=2)) == 2

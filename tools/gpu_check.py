@@ -53,7 +53,7 @@ import fxquant
 from fxquant.analysis import psnr_db
 from fxquant.files import atomic_write_text, check_output_path
 from fxquant.gpu_check_table import STAGES, failed, markdown
-from fxquant.gpu_timing import graphed, time_variants, with_constants
+from fxquant.gpu_timing import graphed, op_profile, time_variants, with_constants
 from fxquant.lower import int_mm, triton_conv
 from fxquant.lower.conv import ReferenceConv2d
 from fxquant.lower.triton_conv import GpuConv2d
@@ -225,30 +225,15 @@ def check_upscale(target: str = "gpu") -> dict:
             "max_grey_level_diff": int(diff.max()), "differing": float((diff > 0).mean())}
 
 
-def profile_dynamic(device: str, smoke: bool, calls: int = 5, top: int = 12) -> dict:
-    """Where IMDN's lowered daq-w4a4 (two planes, eager) spends its time: torch.profiler's
-    ops by self time on the device (the CPU under --smoke), per call, the largest first."""
-    from torch.profiler import ProfilerActivity, profile
-
+def profile_dynamic(device: str, smoke: bool) -> dict:
+    """Where IMDN's lowered daq-w4a4 (two planes, eager) spends its time: the ops by self time
+    on the device (the CPU under --smoke), per call, the largest first."""
     name = "edsr_baseline" if smoke else "imdn"
     _, gpu, _, x = build(name, device, smoke, "daq-w4a4")
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
-    with torch.inference_mode():
-        gpu(x)
-        with profile(activities=activities) as prof:
-            for _ in range(calls):
-                gpu(x)
-            if device == "cuda":
-                torch.cuda.synchronize()
-    kind = "device" if device == "cuda" else "cpu"
-    rows = [{"op": e.key[:60], "calls_per_run": e.count / calls,
-             "self_ms_per_run": getattr(e, f"self_{kind}_time_total") / 1e3 / calls,
-             "cpu_ms_per_run": e.cpu_time_total / 1e3 / calls}
-            for e in prof.key_averages()]
-    rows.sort(key=lambda r: -r["self_ms_per_run"])
-    return {"model": name, "input": list(x.shape), "calls": calls, "clock": kind,
-            "ops": [{k: round(v, 4) if isinstance(v, float) else v for k, v in r.items()}
-                    for r in rows[:top]]}
+    calls = 5
+    return {"model": name, "input": list(x.shape), "calls": calls,
+            "clock": "device" if device == "cuda" else "cpu",
+            "ops": op_profile(lambda: gpu(x), device, calls)}
 
 
 def with_tile(tile: tuple[int, int, int], fn):
