@@ -38,7 +38,7 @@ from fxquant.errors import FxquantError
 
 FXQUANT_VARIANTS = ("fake-quant", "lowered reference", "lowered cpu", "lowered cpu 1-plane",
                     "ort_int8", "ort_fp32")
-BREAKDOWN_VARIANTS = ("fp32_eager", "lowered cpu", "pt2e_int8")
+BREAKDOWN_VARIANTS = ("fp32_eager", "lowered cpu", "lowered cpu 1-plane", "pt2e_int8")
 ORDER = ("fp32_eager", "fp32_channels_last", "fp32_compile", "bf16_autocast", *FXQUANT_VARIANTS,
          "torch_ao_fx_int8", "pt2e_int8")
 # run only when named in --variants: one plane differs from "lowered cpu" for DAQ/DFSQ alone
