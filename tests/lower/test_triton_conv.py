@@ -269,12 +269,19 @@ def test_a_batch_of_images_through_the_gpu_daq_conv_equals_the_cpu_conv(planes, 
             torch.testing.assert_close(cpu_modules[name](packed), out, rtol=1e-5, atol=1e-5)
 
 
-def test_gpu_daq_codes_use_all_of_uint8(tiny_sr, calib):
+def test_gpu_daq_codes_use_all_of_uint8(tiny_sr, calib, monkeypatch):
     """The Triton dot on shifted codes cannot saturate, so balanced codes go up to 255
-    whatever this CPU's int8 pairs do."""
+    whatever this CPU's int8 pairs do (here: a CPU whose pairs saturate, where cpu keeps
+    its codes to 128)."""
+    from fxquant.lower import daq
     from fxquant.lower.daq import DaqQuantize
 
+    monkeypatch.setattr(daq, "int8_pairs_saturate", lambda: True)
     fake = fxquant.compile(tiny_sr, "daq-w4a4", calib=calib)
-    lowered = fxquant.lowered_copy(fake, "gpu")
-    limits = {m.code_limit for m in lowered.modules() if isinstance(m, DaqQuantize)}
-    assert limits == {255}
+
+    def limits(target):
+        lowered = fxquant.lowered_copy(fake, target)
+        return {m.code_limit for m in lowered.modules() if isinstance(m, DaqQuantize)}
+
+    assert limits("cpu") == {128}
+    assert limits("gpu") == {255}
