@@ -42,8 +42,8 @@ Targets (the conv classes and the shared lowering step are in fxquant/lower/fold
 Balanced codes (``cpu`` and ``gpu``, the bounded branches): a b-bit code uses 4 of uint8's 8
 bits, so each (image, channel) is handed as ``m·q`` with step ``Δ/m`` — the same value
 ``(Δ/m)·(m·q) = Δ·q`` — for the integer ``m_{n,c} = ⌈M·Δ_{n,c}/max_c Δ_{n,c}⌉``, ``1 <= m <=
-M = ⌊L/(2^b − 1)⌋`` (``L`` = 255, or 128 where the CPU's int8 pairs saturate, so that no
-weight split is needed). The folded weights ``Ŵ·Δ/m`` are then balanced across input
+M = ⌊L/(2^b − 1)⌋`` (``L`` = 255, or on ``cpu`` 128 where the CPU's int8 pairs saturate, so
+that no weight split is needed). The folded weights ``Ŵ·Δ/m`` are then balanced across input
 channels, and their per-(image, output channel) int8 requantization keeps up to log2(M) more
 bits for the channels with small steps (M = 17 at 4 bits): the one-plane error falls from
 ``max|W'|/254`` per weight to about each channel's own ``|W'_c|/254`` (docs/lowering.md).
@@ -157,8 +157,9 @@ class DaqQuantize(nn.Module):
         self.channels, self.branch, self.qq_bits = channels, branch, qq_bits
         self.step_index, self.channels_last = step_index, channels_last
         self.source = ""
-        # largest balanced code (module doc): 0 = off (reference); decided on this CPU when
-        # the model is lowered or loaded (a saved model re-lowers on load)
+        # largest balanced code (module doc): 0 = off (reference); 255 on gpu (lower_daq);
+        # on cpu decided on this CPU when the model is lowered or loaded (a saved model
+        # re-lowers on load)
         self.code_limit = (128 if int8_pairs_saturate() else 255) if channels_last else 0
         self.max_code = 0  # largest code seen (not state: a statistic for reports)
         self.register_buffer("bits", torch.full((channels,), 4, dtype=torch.int64))
