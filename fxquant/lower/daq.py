@@ -42,11 +42,12 @@ Targets (the conv classes and the shared lowering step are in fxquant/lower/fold
 Balanced codes (``cpu`` and ``gpu``, the bounded branches): a b-bit code uses 4 of uint8's 8
 bits, so each (image, channel) is handed as ``m·q`` with step ``Δ/m`` — the same value
 ``(Δ/m)·(m·q) = Δ·q`` — for the integer ``m_{n,c} = ⌈M·Δ_{n,c}/max_c Δ_{n,c}⌉``, ``1 <= m <=
-M = ⌊L/(2^b − 1)⌋`` (``L`` = 255, or on ``cpu`` 128 where the CPU's int8 pairs saturate, so
-that no weight split is needed). The folded weights ``Ŵ·Δ/m`` are then balanced across input
-channels, and their per-(image, output channel) int8 requantization keeps up to log2(M) more
-bits for the channels with small steps (M = 17 at 4 bits): the one-plane error falls from
-``max|W'|/254`` per weight to about each channel's own ``|W'_c|/254`` (docs/lowering.md).
+M = ⌊L/(2^b − 1)⌋`` (``L``: the target conv's ``code_limit()``, 255, or on ``cpu`` 128
+where the CPU's int8 pairs saturate, so that no weight split is needed). The folded weights
+``Ŵ·Δ/m`` are then balanced across input channels, and their per-(image, output channel)
+int8 requantization keeps up to log2(M) more bits for the channels with small steps (M = 17
+at 4 bits): the one-plane error falls from ``max|W'|/254`` per weight to about each
+channel's own ``|W'_c|/254`` (docs/lowering.md).
 The codes are still exactly the fake-quant levels; ``reference`` keeps ``m = 1`` (its fold is
 exact in float64) and so does ``DaqQuantize.code_limit = 0``.
 """
@@ -59,7 +60,6 @@ from torch import fx, nn
 from fxquant.errors import PassError
 from fxquant.lower.conv import INT32_MAX, LoweringError
 from fxquant.lower.folded import LAYERS, NON_FINITE, lower_folded
-from fxquant.lower.int8_pairs import int8_pairs_saturate
 from fxquant.quant.base import ones_if_missing
 from fxquant.quant.daq import DAQActivationQuantizer, _daq_params
 from fxquant.quant.daq_weights import DAQWeightQuantizer
@@ -147,20 +147,22 @@ class DaqQuantize(nn.Module):
 
     ``codes``: uint8 (signed / relu-clipped: at most 8 bits), int32 for the unclipped relu
     branch (``round(x/Δ)`` has no upper bound; :attr:`max_code` records the largest seen, a
-    value beyond int32 is refused); NHWC on ``cpu``. :attr:`code_limit` > 0 (set for the
-    ``cpu`` and ``gpu`` targets): bounded codes are handed balanced, ``m·q`` with step
+    value beyond int32 is refused); NHWC on ``cpu``. :attr:`code_limit` > 0 (the ``cpu`` and
+    ``gpu`` convs' ``code_limit()``): bounded codes are handed balanced, ``m·q`` with step
     ``Δ/m`` (:func:`balanced_multipliers`); 0 hands ``q`` and ``Δ`` as they are."""
 
     def __init__(self, channels: int, branch: str, qq_bits: int, step_index: str,
-                 channels_last: bool):
+                 channels_last: bool, code_limit: int | None = None):
         super().__init__()
         self.channels, self.branch, self.qq_bits = channels, branch, qq_bits
         self.step_index, self.channels_last = step_index, channels_last
         self.source = ""
-        # largest balanced code (module doc): 0 = off (reference); 255 on gpu (lower_daq);
-        # on cpu decided on this CPU when the model is lowered or loaded (a saved model
+        # largest balanced code (module doc), the target conv's (None: the cpu conv's for NHWC
+        # codes, else 0); decided when the model is lowered or loaded (a saved model
         # re-lowers on load)
-        self.code_limit = (128 if int8_pairs_saturate() else 255) if channels_last else 0
+        if code_limit is None:
+            code_limit = LAYERS["cpu"].code_limit() if channels_last else 0
+        self.code_limit = code_limit
         self.max_code = 0  # largest code seen (not state: a statistic for reports)
         self.register_buffer("bits", torch.full((channels,), 4, dtype=torch.int64))
         # the quantizer's learned per-channel step factors (1: the official DAQ)
@@ -175,9 +177,9 @@ class DaqQuantize(nn.Module):
 
     @classmethod
     def from_quantizer(cls, quantizer: DAQActivationQuantizer, channels_last: bool,
-                       source: str = "") -> "DaqQuantize":
+                       source: str = "", code_limit: int | None = None) -> "DaqQuantize":
         module = cls(quantizer.channels, quantizer.branch, quantizer.qq_bits,
-                     quantizer.step_index, channels_last)
+                     quantizer.step_index, channels_last, code_limit)
         module.source = source
         with torch.no_grad():
             module.bits.copy_(quantizer.bits)
@@ -194,10 +196,8 @@ class DaqQuantize(nn.Module):
                                           multiplier=self.step_multiplier,
                                           balance=self.code_limit if bounded else 0,
                                           dtype=torch.uint8 if bounded else None)
-        if bounded:
-            codes = q
-        elif self.channels_last:  # cpu: integer-valued float32, split into u8 planes by the conv
-            codes = q
+        if bounded or self.channels_last:  # relu on cpu/gpu: integer-valued float32,
+            codes = q  # split into u8 planes by the conv
         else:
             top = float(q.max()) if q.numel() else 0.0
             if top > INT32_MAX:
@@ -241,7 +241,7 @@ def lower_daq(gm: fx.GraphModule, node: fx.Node, quantizer: DAQActivationQuantiz
                             f"{conv.weight_quantizer.kind} quantizer; a DAQ activation lowers "
                             "with DAQ weights only", node=user.name)
 
-    codes = DaqQuantize.from_quantizer(quantizer, LAYERS[target].channels_last, str(node.target))
-    if target == "gpu":  # Triton's s8×s8 dot on shifted codes cannot saturate: all of uint8
-        codes.code_limit = 255
+    layer_cls = LAYERS[target]
+    codes = DaqQuantize.from_quantizer(quantizer, layer_cls.channels_last, str(node.target),
+                                       layer_cls.code_limit())
     return lower_folded(gm, node, codes, target, pass_name, "DAQ", check_weights, planes)

@@ -90,6 +90,12 @@ class DaqConv2d(nn.Module):
                 layer.bias.copy_(conv.bias.detach())
         return layer
 
+    @staticmethod
+    def code_limit() -> int:
+        """The largest balanced input code this target's conv takes (fxquant/lower/daq.py,
+        "Balanced codes"); 0: codes as they are (``reference``: its fold is exact)."""
+        return 0
+
     @property
     def fan_in(self) -> int:
         return self.in_channels // self.groups * self.kernel_size[0] * self.kernel_size[1]
@@ -174,6 +180,12 @@ class CpuDaqConv2d(DaqConv2d):
 
     target = "cpu"
     channels_last = True
+
+    @staticmethod
+    def code_limit() -> int:
+        """All of uint8, or 128 where this CPU's int8 pairs saturate (codes up to 128 keep
+        every pair below 32 767, so balancing adds no weight split)."""
+        return 128 if int8_pairs_saturate() else 255
     # int8 planes of the folded weights: 1 = W' ≈ s1·K1 (error <= s1/2 = max|W'|/254 per
     # weight: up to 0.1 dB on Set5); 2 (default) adds the residual, W' ≈ s1·K1 + s2·K2 with
     # s2 <= s1/254 (error <= max|W'|/64 516), at the price of a second u8 × s8 conv

@@ -259,6 +259,10 @@ class GpuDaqConv2d(CpuDaqConv2d):
 
     target = "gpu"
 
+    @staticmethod
+    def code_limit() -> int:
+        return 255  # the s8×s8 dot on shifted codes cannot saturate: all of uint8
+
     @classmethod
     def from_quantized(cls, conv, source: str = ""):
         reason = triton_available()

@@ -273,10 +273,9 @@ def test_gpu_daq_codes_use_all_of_uint8(tiny_sr, calib, monkeypatch):
     """The Triton dot on shifted codes cannot saturate, so balanced codes go up to 255
     whatever this CPU's int8 pairs do (here: a CPU whose pairs saturate, where cpu keeps
     its codes to 128)."""
-    from fxquant.lower import daq
     from fxquant.lower.daq import DaqQuantize
 
-    monkeypatch.setattr(daq, "int8_pairs_saturate", lambda: True)
+    monkeypatch.setenv("FXQUANT_INT8_PAIRS", "saturating")
     fake = fxquant.compile(tiny_sr, "daq-w4a4", calib=calib)
 
     def limits(target):
