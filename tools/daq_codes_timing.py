@@ -10,12 +10,13 @@ c2–c4 inputs. Checks that both give the same codes, then interleaved rounds (d
 
 from __future__ import annotations
 
+import argparse
 import statistics
-import sys
 
 import torch
 
 from fxquant.bench import interleaved
+from fxquant.cli_args import positive_int
 from fxquant.lower.daq import _piece_codes, balanced_multipliers, daq_input_codes
 from fxquant.quant.daq import _daq_params
 
@@ -39,9 +40,12 @@ def inlined(x: torch.Tensor):
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = argv if argv is not None else sys.argv[1:]
-    size = int(args[0]) if args else 256
-    rounds = int(args[1]) if len(args) > 1 else 15
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("size", nargs="?", type=positive_int, default=256,
+                        help="the conv output's height and width (default 256)")
+    parser.add_argument("rounds", nargs="?", type=positive_int, default=15)
+    args = parser.parse_args(argv)
+    size, rounds = args.size, args.rounds
     torch.set_num_threads(2)
     torch.manual_seed(0)
     x = torch.randn(1, 64, size, size).contiguous(memory_format=torch.channels_last)

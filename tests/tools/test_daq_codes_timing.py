@@ -19,3 +19,15 @@ def test_stored_and_inlined_forms_agree_with_a_constant_channel(load_tool):
     assert step[0, 4].item() == 0.0  # channel 20 of the input is channel 4 of the split
     assert int(q[0].max()) > 15  # similar steps: every channel's codes multiplied
     assert int(q[1, 24].max()) > 15 and int(q[1, :24].max()) <= 15
+
+
+def test_bad_arguments_get_an_argparse_error(load_tool, capsys):
+    import pytest
+
+    tool = load_tool("daq_codes_timing")
+    for argv in (["abc"], ["8", "0"]):
+        with pytest.raises(SystemExit) as exit_info:
+            tool.main(argv)
+        assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "'abc' is not an integer" in err and "0 must be 1 or more" in err
