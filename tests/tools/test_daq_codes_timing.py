@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 
@@ -22,8 +23,6 @@ def test_stored_and_inlined_forms_agree_with_a_constant_channel(load_tool):
 
 
 def test_bad_arguments_get_an_argparse_error(load_tool, capsys):
-    import pytest
-
     tool = load_tool("daq_codes_timing")
     for argv in (["abc"], ["8", "0"]):
         with pytest.raises(SystemExit) as exit_info:
