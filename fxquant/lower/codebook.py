@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fxquant.quant.nonuniform import bucket_table, half_step_index, lookup
+from fxquant.quant.nonuniform import bucket_table, half_step_index
+from fxquant.quant.table_lookup import lookup
 
 
 class CodebookQuantize(nn.Module):

@@ -15,9 +15,10 @@ universal-set values, multiples of 2^-e (official set: e = 10), so each is an in
 
 — the ``(codes, Δ, β)`` contract of DAQ's folded conv, which then does the rest exactly as
 for DAQ (per-image weight fold, border-exact offset term; ``cpu`` splits codes above 255
-into uint8 planes). The normalization and the nearest-point lookup are the fake-quantizer's
-own functions (:func:`~fxquant.quant.subset.subset_normalize`, the same grid table), so the
-codes are exactly the fake-quant points. DFSQ's weights (uniform, asymmetric, per output
+into uint8 planes). The normalization and the grid index are the fake-quantizer's own
+functions (:func:`~fxquant.quant.subset.subset_normalize`,
+:func:`~fxquant.quant.subset.grid_index`), and the table holds each grid entry's code in
+place of its point, so the codes are exactly those of the fake-quant points. DFSQ's weights (uniform, asymmetric, per output
 channel) become the conv's integer weight codes ``2(k − z)`` with step ``Δ_w/2``.
 
 Codes span up to 2^(e+1) + 1 values (11 bits for the official set): on ``cpu`` that is two
@@ -105,7 +106,11 @@ class SubsetQuantize(nn.Module):
         gcd = torch.where(gcd > 0, gcd, torch.ones_like(gcd))
         self.lookup_exponent, self.point_exponent = s, e
         self.max_code = int(((ints.max(dim=1).values - base) // gcd).max())
-        self.table = grid_table(self.points, s, torch.float32)
+        # the grid table of the codes themselves (exact integers): the forward looks a code
+        # up directly, with no arithmetic on the point after the lookup
+        points = grid_table(self.points.double(), s, torch.float64)
+        codes = ((points * 2.0 ** e).round().long() - base[:, None]) // gcd[:, None]
+        self.table = codes.to(torch.uint8 if self.max_code <= 255 else torch.int32)
         self.base = base.float().view(-1, 1, 1)
         self.gcd = gcd.float().view(-1, 1, 1)
 
@@ -117,22 +122,20 @@ class SubsetQuantize(nn.Module):
             post=self.post if self.mode == "static" else None,
             multiplier=self.step_multiplier)
         with torch.no_grad():
-            points = grid_lookup(normalized, self.lookup_exponent, self.table)
+            codes = grid_lookup(normalized, self.lookup_exponent, self.table)
             unit = 2.0 ** -self.point_exponent
-            codes = (points * 2.0 ** self.point_exponent - self.base) / self.gcd
             n = x.shape[0]
             scale = scale.expand(n, self.channels, 1, 1)
             step = scale * (self.gcd * unit)
             offset = scale * (self.base * unit)
             if mean is not None:
                 offset = offset + mean
-        if self.max_code <= 255:
-            codes = codes.to(torch.uint8)
-        elif not self.channels_last:  # reference: integer codes
-            return codes.to(torch.int32), step, offset
-        else:  # cpu: uint8 planes q = lo + 256·hi made here, where lower{compile} fuses them
-            codes = [torch.remainder(codes, 256).to(torch.uint8),
-                     torch.div(codes, 256, rounding_mode="floor").to(torch.uint8)]
+        if codes.dtype == torch.int32:
+            if not self.channels_last:  # reference: int32 codes
+                return codes, step, offset
+            # cpu: uint8 planes q = lo + 256·hi, made here where lower{compile} fuses them
+            codes = [torch.bitwise_and(codes, 255).to(torch.uint8),
+                     torch.bitwise_right_shift(codes, 8).to(torch.uint8)]
         if self.channels_last:
             codes = codes.contiguous(memory_format=torch.channels_last) \
                 if isinstance(codes, torch.Tensor) else \

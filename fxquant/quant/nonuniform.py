@@ -25,6 +25,7 @@ from torch import nn
 
 from fxquant.quant.base import CodebookCodes, Quantizer
 from fxquant.quant.subset import midpoints
+from fxquant.quant.table_lookup import flat_index, lookup
 
 LEVEL_METHODS = ("lloyd-max", "quantile", "uniform")
 MIN_GAP = 1e-6  # relative to the channel's range: levels closer than this are pushed apart
@@ -69,43 +70,21 @@ def half_step_index(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tens
                     rows: int) -> torch.Tensor:
     """Flat int32 index into a ``rows × 2^(b+1)`` bucket table for every element of ``x``
     (``N × C × ...``, row = channel, or row 0 for all when ``rows`` is 1), in ``x``'s memory
-    order (:func:`memory_order`).
+    order (:func:`~fxquant.quant.table_lookup.memory_order`).
 
     The bucket is ``h = clamp(ceil(x / (s/2)) + 2z, 0, 2^(b+1) − 1)``: which half-step of a
     ``bits``-bit grid ``x`` falls in; bucket h holds ``((h − 1 − 2z)·s/2, (h − 2z)·s/2]``.
     Every midpoint between two grid values is a bucket boundary, so the bucket decides the
-    nearest level (:func:`bucket_table`). Computed in float32 in place and cast once to int32
-    for ``index_select`` (about 8× faster than a comparison per level, and than int64
-    indices). Shared by the fake-quantizer and the lowered lookup, which therefore pick
-    the same level for the same input."""
+    nearest level (:func:`bucket_table`). Computed in float32 in place
+    (fxquant/quant/table_lookup.py). Shared by the fake-quantizer and the lowered lookup,
+    which therefore pick the same level for the same input."""
     width = 2 ** (bits + 1)
     h = torch.ceil(x / (scale / 2))
     h.add_(2 * zero_point).clamp_(0, width - 1)
     if rows > 1:  # row offsets, exact in float32 while rows·width < 2^24
         h.add_(torch.arange(rows, device=x.device, dtype=h.dtype).mul_(width)
                .view((1, -1) + (1,) * (x.ndim - 2)))
-    order = memory_order(x)  # h has x's layout: flatten it in memory order, without a copy
-    return (h if order is None else h.permute(order)).to(torch.int32).reshape(-1)
-
-
-def memory_order(x: torch.Tensor) -> tuple[int, ...] | None:
-    """The permutation that puts a channels-last ``x`` in memory order (None for any other
-    layout, flattened in logical order): the flat index and the looked-up values then keep
-    channels-last, so the convs that read them need no conversion (``reconstruct`` and QAT
-    train channels-last on CPU, tools/train_layout.py)."""
-    if x.ndim == 4 and x.stride(1) == 1 and x.stride(3) > 1:  # channels innermost (also a
-        return (0, 2, 3, 1)                                   # channel slice of such a tensor)
-    return None
-
-
-def lookup(table: torch.Tensor, index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``table`` (flattened) at ``index`` (:func:`half_step_index` of ``like``), in the shape
-    and memory layout of ``like``."""
-    values = torch.index_select(table.reshape(-1), 0, index)
-    order = memory_order(like)
-    if order is None:
-        return values.reshape(like.shape)
-    return values.reshape([like.shape[d] for d in order]).permute(0, 3, 1, 2)
+    return flat_index(h)  # h has x's layout
 
 
 def bucket_table(codes: torch.Tensor, bits: int) -> torch.Tensor:

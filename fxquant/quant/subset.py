@@ -31,9 +31,9 @@ from fxquant.quant.channel_norm import (
     dynamic_stats,
     dynamic_stats_minmax,
     normalize,
-    normalize_dynamic,
     static_scale,
 )
+from fxquant.quant.table_lookup import flat_index, lookup
 
 MODES = ("dynamic", "static")
 
@@ -78,13 +78,24 @@ def grid_table(points: torch.Tensor, s: int, dtype: torch.dtype = torch.float32)
     return points.to(dtype).gather(1, index)
 
 
+def grid_index(x: torch.Tensor, s: int, width: int) -> torch.Tensor:
+    """Flat int32 index into a ``C × width`` :func:`grid_table` for every element of ``x``
+    (``N × C × ...``), in ``x``'s memory order: ``ceil(x·2^s)`` clamped to ``±2^s`` (exact:
+    2^s is a power of two), plus the channel's row offset, added in float32 while
+    ``C·width < 2^24`` (exact there; float64 above)."""
+    c, half = x.shape[1], 2 ** s
+    t = torch.ceil(x * float(half)).clamp_(-half, half)
+    exact = torch.float32 if c * width < 2 ** 24 else torch.float64
+    t = t.to(torch.promote_types(t.dtype, exact))
+    t.add_(torch.arange(c, device=x.device, dtype=t.dtype).mul_(width).add_(half)
+           .view((1, c) + (1,) * (x.ndim - 2)))
+    return flat_index(t)
+
+
 def grid_lookup(x: torch.Tensor, s: int, table: torch.Tensor) -> torch.Tensor:
-    """Nearest points from a :func:`grid_table`: scale by 2^s (exact), ceil, clamp, look up."""
-    c = x.shape[1]
-    half = 2 ** s
-    t = torch.ceil(x * float(half)).clamp_(-half, half).to(torch.int64)
-    offset = (torch.arange(c, device=x.device) * table.shape[1] + half).view((1, c) + (1,) * (x.ndim - 2))
-    return torch.take(table, t + offset)
+    """Nearest points from a :func:`grid_table` (or any table of its shape), in ``x``'s shape
+    and memory layout."""
+    return lookup(table, grid_index(x, s, table.shape[1]), x)
 
 
 def point_exponent(points: torch.Tensor) -> int | None:
@@ -113,10 +124,13 @@ def subset_normalize(x: torch.Tensor, mode: str, post_relu: bool, eps: float, *,
     if guard is not None:
         x = torch.clamp(x, guard[0].view(shape), guard[1].view(shape))
     if mode == "dynamic":
-        if multiplier is None:
-            return normalize_dynamic(x, post_relu, eps)
         scale, mean = dynamic_stats(x, post_relu, eps)
-        scale = scale * multiplier.view(shape)
+        if multiplier is not None:
+            scale = scale * multiplier.view(shape)
+        if mean is not None:
+            # one tensor, which Inductor stores: the compiled per-pixel loop then reads the
+            # scale instead of recomputing it from the sums (fxquant/lower/daq.py, the same)
+            scale, mean = torch.cat([scale, mean], 1).split(scale.shape[1], 1)
         return normalize(x, scale, mean), scale, mean
     if multiplier is None:
         return x * pre.view(shape), post.view(shape), None
