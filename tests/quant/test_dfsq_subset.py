@@ -13,6 +13,7 @@ from fxquant.quant.subset import (
     SampleObserver,
     SubsetQuantizer,
     grid_exponent,
+    grid_index,
     nearest_index,
     nearest_point,
 )
@@ -178,6 +179,25 @@ def test_grid_table_equals_the_searchsorted_reference_including_ties(seed, k):
     q = SubsetQuantizer(2, 3)
     q.points = points  # any K works for the lookup
     assert torch.equal(q.quantize_normalized(x), ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("s, channels", [(11, 3), (16, 300)])  # 300·(2^17 + 1) > 2^24
+def test_grid_index_is_the_exact_integer_position_in_memory_order(dtype, s, channels):
+    """The float index arithmetic (float32, or float64 where float32 would round) gives the
+    integer position of every value, flattened in the input's memory order."""
+    g = torch.Generator().manual_seed(0)
+    x = (torch.rand(2, channels, 3, 5, generator=g) * 2.4 - 1.2).to(dtype)
+    x[0, 0, 0, :3] = torch.tensor([-1.0, 0.0, 1.0], dtype=dtype)  # exactly on grid points
+    width = 2 ** (s + 1) + 1
+    position = torch.ceil(x.double() * 2 ** s).clamp(-2 ** s, 2 ** s).long() + 2 ** s
+    expected = position + torch.arange(channels).view(1, -1, 1, 1) * width
+    index = grid_index(x, s, width)
+    assert index.dtype == torch.int32
+    assert torch.equal(index.long(), expected.reshape(-1))
+    nhwc = x.contiguous(memory_format=torch.channels_last)
+    assert torch.equal(grid_index(nhwc, s, width).long(),
+                       expected.permute(0, 2, 3, 1).reshape(-1))
 
 
 def test_non_dyadic_points_use_the_searchsorted_path():
