@@ -84,7 +84,7 @@ def half_step_index(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tens
     if rows > 1:  # row offsets, exact in float32 while rows·width < 2^24
         h.add_(torch.arange(rows, device=x.device, dtype=h.dtype).mul_(width)
                .view((1, -1) + (1,) * (x.ndim - 2)))
-    return flat_index(h)  # h has x's layout
+    return flat_index(h, x)
 
 
 def bucket_table(codes: torch.Tensor, bits: int) -> torch.Tensor:

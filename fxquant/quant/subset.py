@@ -89,7 +89,7 @@ def grid_index(x: torch.Tensor, s: int, width: int) -> torch.Tensor:
     t = t.to(torch.promote_types(t.dtype, exact))
     t.add_(torch.arange(c, device=x.device, dtype=t.dtype).mul_(width).add_(half)
            .view((1, c) + (1,) * (x.ndim - 2)))
-    return flat_index(t)
+    return flat_index(t, x)
 
 
 def grid_lookup(x: torch.Tensor, s: int, table: torch.Tensor) -> torch.Tensor:

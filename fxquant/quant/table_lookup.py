@@ -18,16 +18,18 @@ def memory_order(x: torch.Tensor) -> tuple[int, ...] | None:
     return None
 
 
-def flat_index(index: torch.Tensor) -> torch.Tensor:
-    """A float tensor of integer-valued table positions (in some input's layout) as the flat
-    int32 index :func:`lookup` takes: flattened in memory order, without a copy."""
-    order = memory_order(index)
+def flat_index(index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A float tensor of integer-valued table positions, one per element of ``like``, as the
+    flat int32 index :func:`lookup` takes: flattened in ``like``'s memory order (the order
+    :func:`lookup` restores, so the two always agree; no copy when ``index`` has ``like``'s
+    layout, as an elementwise function of it does)."""
+    order = memory_order(like)
     return (index if order is None else index.permute(order)).to(torch.int32).reshape(-1)
 
 
 def lookup(table: torch.Tensor, index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """``table`` (flattened) at ``index`` (:func:`flat_index` of a tensor laid out as
-    ``like``), in the shape and memory layout of ``like``."""
+    """``table`` (flattened) at ``index`` (:func:`flat_index` for ``like``), in the shape and
+    memory layout of ``like``."""
     values = torch.index_select(table.reshape(-1), 0, index)
     order = memory_order(like)
     if order is None:

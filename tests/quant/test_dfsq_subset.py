@@ -14,6 +14,8 @@ from fxquant.quant.subset import (
     SubsetQuantizer,
     grid_exponent,
     grid_index,
+    grid_lookup,
+    grid_table,
     nearest_index,
     nearest_point,
 )
@@ -217,3 +219,19 @@ def test_table_cache_follows_point_updates():
     q.set_points(random_points(g, 2, 4))
     assert torch.equal(q.quantize_normalized(x), nearest_point(x, q.points))
     assert not torch.equal(first, q.quantize_normalized(x))
+
+
+@pytest.mark.parametrize("shape", [(2, 6, 5, 1), (2, 6, 1, 1), (2, 6, 1, 4), (1, 6, 3, 3)])
+def test_grid_lookup_is_the_same_in_every_layout(shape):
+    """Channels-last inputs with size-1 dims (ambiguous strides) and channel slices look up
+    the same points as the contiguous input, in the input's own layout."""
+    g = torch.Generator().manual_seed(1)
+    points = torch.sort(torch.randint(-1024, 1025, (6, 16), generator=g).float() / 1024,
+                        1).values
+    table = grid_table(points, 11)
+    x = torch.rand(*shape, generator=g) * 2.4 - 1.2
+    expected = grid_lookup(x.contiguous(), 11, table)
+    nhwc = x.contiguous(memory_format=torch.channels_last)
+    assert torch.equal(grid_lookup(nhwc, 11, table), expected)
+    wide = torch.cat([x, x], 1).contiguous(memory_format=torch.channels_last)[:, 6:]
+    assert torch.equal(grid_lookup(wide, 11, table), expected)
