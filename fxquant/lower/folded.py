@@ -194,8 +194,7 @@ class CpuDaqConv2d(DaqConv2d):
     @torch.compiler.disable  # per-image prepack: eager (lower{compile=true} compiles the codes)
     def forward(self, packed) -> torch.Tensor:
         codes, step, offset = packed
-        if bool(torch.isnan(step).any()):
-            raise LoweringError(NON_FINITE)
+        self.refuse_non_finite(step)
         planes = code_planes(codes)
         n, _, h, w = planes[0].shape
         wplanes, (v, rows, cols), bias = self.folded_planes(step, offset, (h, w))
@@ -210,6 +209,13 @@ class CpuDaqConv2d(DaqConv2d):
             outs.append(y)
         y = outs[0] if n == 1 else torch.cat(outs)
         return add_border(y, v, rows, cols)
+
+    @staticmethod
+    def refuse_non_finite(step: torch.Tensor) -> None:
+        """Channels whose statistics overflowed come with a NaN step (``daq_input_codes``,
+        not strict): refused by name (a host read)."""
+        if bool(torch.isnan(step).any()):
+            raise LoweringError(NON_FINITE)
 
     def folded_planes(self, step: torch.Tensor, offset: torch.Tensor, size):
         """``(weight planes, offset taps, bias)`` for images of ``size``: the per-image folded
