@@ -30,3 +30,4 @@ def test_bad_arguments_get_an_argparse_error(load_tool, capsys):
         assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "'abc' is not an integer" in err and "0 must be 1 or more" in err
+
