@@ -24,7 +24,7 @@ from fxquant.quant.daq import _daq_params
 def stored(x: torch.Tensor):
     act = torch.nn.functional.leaky_relu(x, 0.05)
     kept, rest = torch.split(act, (16, 48), 1)
-    q, step, offset = daq_input_codes(rest, 4, "signed", strict=False, balance=128,
+    q, step, offset, _ = daq_input_codes(rest, 4, "signed", strict=False, balance=128,
                                       dtype=torch.uint8)
     return kept, q, step, offset
 

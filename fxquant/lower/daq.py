@@ -71,9 +71,10 @@ LOWERED_BRANCHES = ("signed", "relu", "relu-clipped")
 def daq_input_codes(x, bits, branch: str, qq_bits: int = 0, step_index: str = "head",
                     strict: bool = True, multiplier: torch.Tensor | None = None,
                     balance: int = 0, dtype: torch.dtype | None = None
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``(q, Δ, β)`` with ``x̂ = Δ·q + β`` equal to :func:`~fxquant.quant.daq.daq_quantize`'s
-    output: ``q`` integer-valued (>= 0), ``Δ`` and ``β`` N×C×1×1 (see module doc).
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(q, Δ, β, ĉ)`` with ``x̂ = Δ·q + β`` equal to :func:`~fxquant.quant.daq.daq_quantize`'s
+    output: ``q`` integer-valued (>= 0), ``Δ``, ``β`` and the codes' expected value ``ĉ``
+    (:func:`code_centre`) N×C×1×1 (see module doc).
 
     The statistics and the rounding are the fake-quantizer's own (``_daq_params``, the same
     division/round/clamp), so the codes are exactly the fake-quant levels. Channels whose
@@ -111,6 +112,7 @@ def daq_input_codes(x, bits, branch: str, qq_bits: int = 0, step_index: str = "h
         # docs/performance.md, "DAQ codes: per-channel parameters stored once").
         channels = mu.shape[1]
         mu, safe, factor = torch.cat([mu, safe, factor], 1).split(channels, 1)
+        centre = code_centre(mu, offset, safe, valid, factor, h, branch)
         codes, first = [], 0
         for piece in pieces:
             part = slice(first, first + piece.shape[1])
@@ -119,7 +121,21 @@ def daq_input_codes(x, bits, branch: str, qq_bits: int = 0, step_index: str = "h
             q = _piece_codes(piece, mu[:, part], safe[:, part], factor[:, part], h_part, branch)
             codes.append(q if dtype is None else q.to(dtype))
         q = codes[0] if len(codes) == 1 else torch.cat(codes, 1)
-        return q, (step if m is None else step / m), offset
+        return q, (step if m is None else step / m), offset, centre
+
+
+def code_centre(mu, offset, safe, valid, factor, h, branch: str) -> torch.Tensor:
+    """Per (image, channel), about the mean of the codes as handed (``factor·q``): the
+    statistics' ``(μ − β)/Δ``, clamped to the codes' range. Exact for a signed channel up to
+    its clipping (``β = μ − hΔ``: the middle code ``h``); a relu channel's ``μ`` is the mean
+    of its positive entries (``relu_stats``), an upper bound. The folded conv charges its
+    weight requantization error with it (:meth:`~fxquant.lower.folded.DaqConv2d.folded_planes`)."""
+    if branch == "signed":
+        return h * factor
+    centre = torch.clamp((mu - offset) / safe, min=0) * valid
+    if branch == "relu-clipped":
+        centre = torch.clamp(centre, max=2 * h)
+    return centre * factor
 
 
 def _piece_codes(x, mu, safe, factor, h, branch: str) -> torch.Tensor:
@@ -202,7 +218,7 @@ class DaqQuantize(nn.Module):
         """``x``: the quantizer's input, or the channel pieces it is the concatenation of
         (``quantize_cat_pieces``: the statistics are per channel, so no piece is copied)."""
         bounded = self.branch != "relu"
-        q, step, offset = daq_input_codes(x, self._bits, self.branch, self.qq_bits,
+        q, step, offset, centre = daq_input_codes(x, self._bits, self.branch, self.qq_bits,
                                           self.step_index, strict=not self.channels_last,
                                           multiplier=self.step_multiplier,
                                           balance=self.code_limit if bounded else 0,
@@ -218,7 +234,7 @@ class DaqQuantize(nn.Module):
             codes = q.to(torch.int32)
         if self.channels_last:
             codes = codes.contiguous(memory_format=torch.channels_last)
-        return codes, step, offset
+        return codes, step, offset, centre
 
     def extra_repr(self) -> str:
         lo, hi = int(self.bits.min()), int(self.bits.max())

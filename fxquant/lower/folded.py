@@ -8,8 +8,15 @@ codes ``q`` and a per-(image, channel) step and offset; the conv is
 zero padding, computed exactly and separably (see fxquant/lower/daq.py's docstring for the
 algebra and the targets: ``reference`` in float64, ``cpu`` with int8 weight planes on oneDNN;
 ``gpu``, fxquant/lower/triton_conv.py, with the Triton kernel). A codes module returns
-``(codes, Δ, β)``; codes are uint8, integer-valued (split into uint8 planes here) or a list
-of uint8 planes ``q = Σ_k 256^k·plane_k``.
+``(codes, Δ, β)`` or ``(codes, Δ, β, ĉ)``; codes are uint8, integer-valued (split into uint8
+planes here) or a list of uint8 planes ``q = Σ_k 256^k·plane_k``.
+
+``ĉ`` (DAQ: its statistics' ``(μ − β)/Δ``) is about each (image, channel)'s mean code. Where
+the folded weights are requantized to int8 (``cpu``, ``gpu``), ``W' = W_q + E``, the conv
+computes ``W_q ⋆ q + E ⋆ ĉ·1`` — the second term a constant plane, added with the offset
+term's own exact border algebra — so only ``E ⋆ (q − ĉ)`` is lost, not ``E ⋆ q``: a signed
+4-bit channel's codes sit about 7.5 from zero and a few from their mean, and the one-plane
+layer error falls 2–3× (docs/lowering.md, "DAQ lowered vs fake-quant").
 """
 
 from __future__ import annotations
@@ -151,7 +158,7 @@ class ReferenceDaqConv2d(DaqConv2d):
     target = "reference"
 
     def forward(self, packed) -> torch.Tensor:
-        codes, step, offset = packed
+        codes, step, offset = packed[:3]  # exact: no requantization error to charge ĉ with
         n, c, h, w = codes.shape
         weight = self.weight(torch.float64)
         folded = self.folded_weight(step, weight)
@@ -162,6 +169,17 @@ class ReferenceDaqConv2d(DaqConv2d):
         if self.bias is not None:
             y = y + self.bias.double().view(1, -1, 1, 1)
         return y.float()
+
+
+def unpack(packed) -> tuple:
+    """``(codes, Δ, β, ĉ or None)`` from a codes module's output (module doc)."""
+    return (*packed, None) if len(packed) == 3 else tuple(packed)
+
+
+def planes_value(plane: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """The float32 weights an int8 plane ``(codes N×O×…, scale N×O)`` stands for."""
+    codes, scale = plane
+    return codes.float() * scale[:, :, None, None, None]
 
 
 def requantize_folded(folded: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -193,11 +211,11 @@ class CpuDaqConv2d(DaqConv2d):
 
     @torch.compiler.disable  # per-image prepack: eager (lower{compile=true} compiles the codes)
     def forward(self, packed) -> torch.Tensor:
-        codes, step, offset = packed
+        codes, step, offset, centre = unpack(packed)
         self.refuse_non_finite(step)
         planes = code_planes(codes)
         n, _, h, w = planes[0].shape
-        wplanes, (v, rows, cols), bias = self.folded_planes(step, offset, (h, w))
+        wplanes, (v, rows, cols), bias = self.folded_planes(step, offset, (h, w), centre)
         outs = []
         for i in range(n):
             y = None
@@ -217,19 +235,25 @@ class CpuDaqConv2d(DaqConv2d):
         if bool(torch.isnan(step).any()):
             raise LoweringError(NON_FINITE)
 
-    def folded_planes(self, step: torch.Tensor, offset: torch.Tensor, size):
+    def folded_planes(self, step: torch.Tensor, offset: torch.Tensor, size,
+                      centre: torch.Tensor | None = None):
         """``(weight planes, offset taps, bias)`` for images of ``size``: the per-image folded
         weights requantized to ``weight_planes`` int8 planes ``[(codes, scale), ...]`` (a
         plane's codes N×O×C/g×k×k, its scale N×O), :meth:`offset_taps`, and the per-image
         bias N×O — the offset plane's interior value plus the conv's bias; the border strips
-        are added after the conv (:func:`add_border`)."""
+        are added after the conv (:func:`add_border`). ``centre`` (N×C×1×1, the codes'
+        expected value ĉ): the planes' error on a constant ĉ plane is charged to the offset
+        taps (module doc)."""
         weight = self.weight(torch.float32)
         folded = self.folded_weight(step.float(), weight)
         wplanes = [requantize_folded(folded)]
+        residual = folded - planes_value(wplanes[0])
         if self.weight_planes > 1:
-            k1, s1 = wplanes[0]
-            wplanes.append(requantize_folded(folded - k1.float() * s1[:, :, None, None, None]))
+            wplanes.append(requantize_folded(residual))
+            residual = residual - planes_value(wplanes[1])
         v, rows, cols = self.offset_taps(offset.float(), weight, size)
+        if centre is not None:  # + Σ_c E[:, c]·ĉ_c per tap, E = W' − the planes' value
+            v = v + (residual * self.per_output(centre.float())).sum(2)
         bias = v.sum((2, 3)) if self.bias is None else v.sum((2, 3)) + self.bias.float()
         return wplanes, (v, rows, cols), bias
 

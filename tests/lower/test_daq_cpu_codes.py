@@ -55,8 +55,8 @@ def test_balanced_codes_stay_below_the_limit_and_hold_the_reference_values(
     cpu = DaqQuantize.from_quantizer(act, True)
     cpu.code_limit = limit
     with torch.no_grad():
-        q, step, offset = reference(x)
-        codes, balanced_step, balanced_offset = cpu(x)
+        q, step, offset, _ = reference(x)
+        codes, balanced_step, balanced_offset, _ = cpu(x)
     top = 2.0 ** act.bits.view(1, -1, 1, 1).double() - 1
     assert codes.dtype == torch.uint8
     assert bool((codes.double() <= torch.clamp(top, min=limit)).all())
@@ -87,8 +87,8 @@ def test_unclipped_relu_codes_are_not_balanced():
     cpu = DaqQuantize.from_quantizer(act, True)
     reference = DaqQuantize.from_quantizer(act, False)
     with torch.no_grad():
-        codes, step, _ = cpu(x)
-        q, ref_step, _ = reference(x)
+        codes, step, _, _ = cpu(x)
+        q, ref_step, _, _ = reference(x)
     assert torch.equal(codes.double(), q.double()) and torch.equal(step, ref_step)
 
 
@@ -96,32 +96,61 @@ def test_unclipped_relu_codes_are_not_balanced():
 def test_one_plane_error_is_within_the_balanced_bound_and_below_the_unbalanced(seed):
     """With one int8 weight plane each output differs from the reference by at most half an
     int8 step of its (image, output channel)'s folded weights ``Ŵ·Δ/m`` times the window sum
-    of the codes ``m·q`` (plus float32 rounding); with channel scales spread over three
-    decades its RMS is well below the unbalanced codes' (m = 1; 1.6–4.6× on seeds 0–11)."""
+    of ``|m·q − ĉ|`` (the requantization error on the codes' expected value ĉ is charged to
+    the offset term; plus float32 rounding); with channel scales spread over three decades its
+    RMS is well below the unbalanced codes' (m = 1) and below the same conv without ĉ."""
     act, qconv, x = daq_pair(seed, 12, 4, "signed", 3.0, out_channels=6)
     codes_ref = DaqQuantize.from_quantizer(act, False)
     ref = ReferenceDaqConv2d.from_quantized(qconv)
     with torch.no_grad():
         expected = ref(codes_ref(x)).double()
         errors = {}
-        for limit in (255, 0):
+        for limit, centred in ((255, True), (0, True), (255, False)):
             codes = DaqQuantize.from_quantizer(act, True)
             codes.code_limit = limit
             cpu = CpuDaqConv2d.from_quantized(qconv)
             cpu.weight_planes = 1
             packed = codes(x)
-            errors[limit] = (cpu(packed).double() - expected).abs()
-            if limit:
-                q, step, _ = packed
+            errors[limit, centred] = (cpu(packed if centred else packed[:3]).double()
+                                      - expected).abs()
+            if limit and centred:
+                q, step, _, centre = packed
                 _, wscale = requantize_folded(cpu.folded_weight(step.float(),
                                                                 cpu.weight(torch.float32)))
-                window = F.conv2d(q.double(), torch.ones(1, 12, 3, 3, dtype=torch.float64),
-                                  None, 1, 1)
+                window = F.conv2d((q.double() - centre.double()).abs(),
+                                  torch.ones(1, 12, 3, 3, dtype=torch.float64), None, 1, 1)
                 tol = 0.5 * wscale.double().view(2, -1, 1, 1) * window \
                     + 1e-5 * expected.abs() + 1e-6
-                assert bool((errors[limit] <= tol).all())
-    rms = {limit: float(e.pow(2).mean().sqrt()) for limit, e in errors.items()}
-    assert rms[255] * 1.5 < rms[0]
+                assert bool((errors[limit, centred] <= tol).all())
+    rms = {key: float(e.pow(2).mean().sqrt()) for key, e in errors.items()}
+    assert rms[255, True] * 1.5 < rms[0, True]
+    assert rms[255, True] * 1.5 < rms[255, False]
+
+
+@pytest.mark.parametrize("planes", [1, 2])
+def test_codes_equal_to_their_centre_give_the_reference_output(planes):
+    """Where every code equals its channel's ĉ the requantization error is all on ĉ, which the
+    offset term carries exactly (border included): the one- and two-plane outputs equal the
+    reference's up to float32 rounding, and without ĉ they do not (one plane)."""
+    torch.manual_seed(planes)
+    conv = nn.Conv2d(6, 4, 3, padding=1)
+    qconv = QuantConv2d(conv, DAQWeightQuantizer(conv.weight.shape, 4, step_index="initial"))
+    ref = ReferenceDaqConv2d.from_quantized(qconv)
+    cpu = CpuDaqConv2d.from_quantized(qconv)
+    cpu.weight_planes = planes
+    centre = torch.randint(0, 200, (2, 6, 1, 1)).float()
+    codes = centre.expand(2, 6, 7, 5).to(torch.uint8).contiguous(
+        memory_format=torch.channels_last)
+    step = 10.0 ** (-3 * torch.rand(2, 6, 1, 1))
+    offset = torch.randn(2, 6, 1, 1)
+    with torch.no_grad():
+        expected = ref((codes, step, offset)).double()
+        out = cpu((codes, step, offset, centre)).double()
+        plain = cpu((codes, step, offset)).double()
+    scale = float(expected.abs().max())
+    assert float((out - expected).abs().max()) <= 1e-5 * scale
+    if planes == 1:
+        assert float((plain - expected).abs().max()) > 1e-4 * scale
 
 
 def test_planes_option_reaches_every_folded_conv_and_survives_save_and_load(tiny_sr, calib,
@@ -166,7 +195,7 @@ def test_where_int8_pairs_saturate_balanced_codes_stop_at_128_and_need_no_weight
     codes = DaqQuantize.from_quantizer(act, True)
     assert codes.code_limit == 128
     with torch.no_grad():
-        q, step, _ = codes(x)
+        q, step, _, _ = codes(x)
     assert int(q.max()) <= 128 and int(q.max()) > 15  # balanced, within the pair bound
     cpu = CpuDaqConv2d.from_quantized(qconv)
     wcodes, _ = requantize_folded(cpu.folded_weight(step.float(), cpu.weight(torch.float32)))

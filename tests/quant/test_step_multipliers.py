@@ -53,7 +53,7 @@ def test_scaled_steps_keep_codes_and_fake_quant_in_agreement(seed, bits, branch,
     q.step_multiplier.copy_(torch.tensor(gammas))
     fake = q.fake_quant(x)
     torch.testing.assert_close(q.integer_codes(x).dequantize(), fake, rtol=0, atol=1e-5)
-    codes, step, offset = DaqQuantize.from_quantizer(q, channels_last=False)(x)
+    codes, step, offset, _ = DaqQuantize.from_quantizer(q, channels_last=False)(x)
     torch.testing.assert_close(codes.double() * step.double() + offset.double(), fake.double(),
                                rtol=0, atol=1e-5)
     # the step of channel c is γ_c times the official one
