@@ -90,8 +90,8 @@ class LowerPass(Pass):
     same folded conv (fxquant/lower/subset.py); on ``gpu`` the folded weights go through the
     Triton kernel per image. Their per-image folded weights are requantized to int8 in two
     planes (``planes=2``, the residual in a second conv: layer outputs within ~2e-4 of the
-    reference) or one (``planes=1``: one conv, a few per cent per layer; DAQ's balanced
-    codes keep Set5 within ~0.03 dB, docs/lowering.md).
+    reference) or one (``planes=1``: one conv, 1–2 % of a layer's range; DAQ's balanced
+    codes and expected codes keep Set5 within 0.01 dB, docs/lowering.md).
     ``gpu`` runs the same integer semantics in a Triton int8 implicit-GEMM conv (CUDA, or the
     CPU under ``TRITON_INTERPRET=1``); with ``fuse`` a symmetric-weight conv also takes the
     residual of a ``conv + r`` it alone feeds, and ReLU and requantization, into its epilogue.

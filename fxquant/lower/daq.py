@@ -34,8 +34,9 @@ Targets (the conv classes and the shared lowering step are in fxquant/lower/fold
   accumulation of u8 × int8 (bounded by ``fan-in·255·127``), float32 rescale and bias in
   oneDNN, offset term in float32. The requantization of the folded weights to int8 is lossy,
   so a second int8 plane carries its residual (two u8 × s8 convs of the same codes; layer
-  outputs within ~2e-4 of their range). ``lower{planes=1}`` keeps one plane: faster, a few
-  per cent per layer and, with the balanced codes below, within 0.03 dB of fake-quant on Set5
+  outputs within ~2e-4 of their range). ``lower{planes=1}`` keeps one plane: faster, 1–2 %
+  of a layer's range and, with the balanced codes below and the codes' expected value ĉ
+  charged to the offset term (fxquant/lower/folded.py), within 0.01 dB of fake-quant on Set5
   (docs/lowering.md). Unclipped relu codes above 255 are split into uint8 planes
   ``q = q_lo + 256·q_hi`` and convolved with the same packed weights.
 
