@@ -45,7 +45,8 @@ from fxquant.quant.subset import (
 )
 
 class SubsetQuantize(nn.Module):
-    """Float tensor → ``(codes, Δ, β)`` of a DFSQ subset quantizer (module doc).
+    """Float tensor → ``(codes, Δ, β)`` of a DFSQ subset quantizer (module doc), and the
+    codes' expected value ``ĉ`` after them where it is known (dynamic, not post-ReLU).
 
     Persistent state is the quantizer's (points, range guard, static multiplies); the lookup
     table and the per-channel code base and gcd are derived from the points, recomputed on
@@ -128,11 +129,18 @@ class SubsetQuantize(nn.Module):
             scale = scale.expand(n, self.channels, 1, 1)
             step = scale * (self.gcd * unit)
             offset = scale * (self.base * unit)
+            centre = None
             if mean is not None:
                 offset = offset + mean
+                # the codes' expected value (μ − β)/Δ = −b_c/g_c: the code of point 0, where
+                # the normalized input's mean lies (fxquant/lower/folded.py charges the
+                # requantized weights' error on it to the offset term); unknown post-ReLU
+                # and static, where the conv charges nothing
+                centre = (-self.base / self.gcd).unsqueeze(0).expand(n, self.channels, 1, 1)
+        packed = (step, offset) if centre is None else (step, offset, centre)
         if codes.dtype == torch.int32:
             if not self.channels_last:  # reference: int32 codes
-                return codes, step, offset
+                return codes, *packed
             # cpu: uint8 planes q = lo + 256·hi, made here where lower{compile} fuses them
             codes = [torch.bitwise_and(codes, 255).to(torch.uint8),
                      torch.bitwise_right_shift(codes, 8).to(torch.uint8)]
@@ -140,7 +148,7 @@ class SubsetQuantize(nn.Module):
             codes = codes.contiguous(memory_format=torch.channels_last) \
                 if isinstance(codes, torch.Tensor) else \
                 [c.contiguous(memory_format=torch.channels_last) for c in codes]
-        return codes, step, offset
+        return codes, *packed
 
     def extra_repr(self) -> str:
         kind = "u8" if self.max_code <= 255 else \
