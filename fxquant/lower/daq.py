@@ -171,7 +171,8 @@ def balanced_multipliers(step: torch.Tensor, top_code, limit: int) -> torch.Tens
 
 
 class DaqQuantize(nn.Module):
-    """Float tensor → ``(codes, Δ, β)`` of a DAQ activation quantizer (one per conv call).
+    """Float tensor → ``(codes, Δ, β, ĉ)`` of a DAQ activation quantizer (one per conv call;
+    ``ĉ``: :func:`code_centre`).
 
     ``codes``: uint8 (signed / relu-clipped: at most 8 bits), int32 for the unclipped relu
     branch (``round(x/Δ)`` has no upper bound; :attr:`max_code` records the largest seen, a
