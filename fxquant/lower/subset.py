@@ -46,7 +46,7 @@ from fxquant.quant.subset import (
 
 class SubsetQuantize(nn.Module):
     """Float tensor → ``(codes, Δ, β)`` of a DFSQ subset quantizer (module doc), and the
-    codes' expected value ``ĉ`` after them where it is known (dynamic, not post-ReLU).
+    codes' expected value ``ĉ`` after them in dynamic mode.
 
     Persistent state is the quantizer's (points, range guard, static multiplies); the lookup
     table and the per-channel code base and gcd are derived from the points, recomputed on
@@ -129,14 +129,16 @@ class SubsetQuantize(nn.Module):
             scale = scale.expand(n, self.channels, 1, 1)
             step = scale * (self.gcd * unit)
             offset = scale * (self.base * unit)
+            # the codes' expected value ĉ = (E[x] − β)/Δ (fxquant/lower/folded.py charges the
+            # requantized weights' error on it to the offset term): mean-shifted, the code of
+            # point 0, −b_c/g_c, exactly; post-ReLU from the input's mean, one more reduction
+            # beside the maximum (Inductor takes both in one pass); static: none
             centre = None
             if mean is not None:
                 offset = offset + mean
-                # the codes' expected value (μ − β)/Δ = −b_c/g_c: the code of point 0, where
-                # the normalized input's mean lies (fxquant/lower/folded.py charges the
-                # requantized weights' error on it to the offset term); unknown post-ReLU
-                # and static, where the conv charges nothing
                 centre = (-self.base / self.gcd).unsqueeze(0).expand(n, self.channels, 1, 1)
+            elif self.mode == "dynamic":
+                centre = (x.mean((2, 3), keepdim=True) - offset) / step
         packed = (step, offset) if centre is None else (step, offset, centre)
         if codes.dtype == torch.int32:
             if not self.channels_last:  # reference: int32 codes
