@@ -6,12 +6,13 @@ medians of 10 calls (no interleaving: a quick breakdown, not a benchmark).
 
 from __future__ import annotations
 
-import sys
+import argparse
 import time
 
 import torch
 from torch import nn
 
+from fxquant.cli_args import positive_int
 from fxquant.lower.daq import DaqQuantize
 from fxquant.lower.folded import CpuDaqConv2d, requantize_folded
 from fxquant.quant import QuantConv2d
@@ -30,8 +31,10 @@ def median_ms(fn, rounds: int = 10) -> float:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = argv if argv is not None else sys.argv[1:]
-    size = int(args[0]) if args else 256
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("size", nargs="?", type=positive_int, default=256,
+                        help="the input's height and width (default 256)")
+    size = parser.parse_args(argv).size
     torch.set_num_threads(2)
     torch.manual_seed(0)
     conv = nn.Conv2d(64, 64, 3, padding=1)
@@ -42,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     xl = x.contiguous(memory_format=torch.channels_last)
     with torch.inference_mode():
         packed = codes(x)
-        q, step, _ = packed
+        q, step, _, _ = packed
         wc, ws = requantize_folded(layer.folded_weight(step, layer.weight(torch.float32)))
         zp = torch.zeros(64, dtype=torch.int64)
 
