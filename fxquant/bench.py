@@ -35,6 +35,7 @@ from fxquant.bench_table import SECTION, render
 from fxquant.bench_variants import BUILDERS, Variant, VariantUnavailable
 from fxquant.cli_args import positive_int
 from fxquant.errors import FxquantError
+from fxquant.heap import OFF_SWITCH, keep_freed_blocks
 
 FXQUANT_VARIANTS = ("fake-quant", "lowered reference", "lowered cpu", "lowered cpu 1-plane",
                     "ort_int8", "ort_fp32")
@@ -340,6 +341,9 @@ def run(args) -> int:
             check_output_path(path, what)
     variant_names(args)  # an unknown variant or baseline fails now, not after the first model
 
+    # freed feature maps stay on the heap for every variant alike (fxquant/heap.py; the lower
+    # pass would set it anyway, part-way through); FXQUANT_KEEP_HEAP=0 measures glibc's defaults
+    keep_freed_blocks()
     if args.breakdown:  # name Inductor's kernels in the profile (before anything compiles)
         import torch._inductor.config as inductor_config
 
@@ -352,7 +356,8 @@ def run(args) -> int:
             breakdowns[name.strip()] = breakdown
         print(render(rows, args, "(partial)", breakdowns), file=sys.stderr, flush=True)
     # allocator settings change every variant's times: the command records them
-    malloc = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_"))
+    malloc = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items())
+                      if k.startswith("MALLOC_") or k in ("GLIBC_TUNABLES", OFF_SWITCH))
     command = (malloc + " " if malloc else "") + "fxquant bench " + shlex.join(args.argv)
     text = render(rows, args, command.strip(), breakdowns)
     print(text)

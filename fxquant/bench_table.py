@@ -8,6 +8,7 @@ import platform
 
 import torch
 
+from fxquant.heap import freed_blocks_kept
 from fxquant.lower.int8_pairs import int8_pairs_saturate
 
 SECTION = "## Integer execution (fxquant bench)"
@@ -41,6 +42,12 @@ def int8_kind() -> str:
             else "int8 with VNNI")
 
 
+def heap_description() -> str:
+    """How freed memory was handled while the variants ran (they share the process)."""
+    return ("freed blocks kept on the heap (fxquant/heap.py)" if freed_blocks_kept()
+            else "glibc's default malloc settings or the user's own")
+
+
 def render(rows: list, args, command: str, breakdowns: dict | None = None) -> str:
     """The Markdown section: the table, then ``{model: {variant: op_breakdown(...)}}``."""
     baseline = getattr(args, "baseline", "fp32_eager")
@@ -50,7 +57,8 @@ def render(rows: list, args, command: str, breakdowns: dict | None = None) -> st
              f"×{args.scale}, 1×C×{args.size}×{args.size} LR input, {cpu_description()} "
              f"({int8_kind()}), "
              f"torch {torch.__version__}, torch threads "
-             f"{torch.get_num_threads()}, {args.rounds} interleaved rounds after warm-up; ratio "
+             f"{torch.get_num_threads()}, {heap_description()}, {args.rounds} interleaved "
+             "rounds after warm-up; ratio "
              f"= {baseline} time / variant time (higher is faster), median with the min–max of "
              f"the per-round ratio; faster in k/n: rounds in which the variant beat {baseline}, "
              "p: one-sided sign test of faster in most rounds. recipe "

@@ -1,4 +1,4 @@
-"""Keep freed memory on the C heap while training on the CPU.
+"""Keep freed memory on the C heap while training or running a lowered model on the CPU.
 
 A training step allocates and frees the same large blocks (activations saved for backward,
 their gradients) every step. glibc's malloc serves a block over its mmap threshold (at most
@@ -53,3 +53,8 @@ def keep_freed_blocks() -> bool:
     _applied = bool(libc.mallopt(M_MMAP_THRESHOLD, THRESHOLD)) and \
         bool(libc.mallopt(M_TRIM_THRESHOLD, THRESHOLD))
     return _applied
+
+
+def freed_blocks_kept() -> bool:
+    """Whether :func:`keep_freed_blocks` set the thresholds in this process (no side effect)."""
+    return bool(_applied)

@@ -25,6 +25,7 @@ from fxquant.lower.conv import (
     accumulator_bound,
 )
 from fxquant.lower.codebook import CodebookQuantize
+from fxquant.heap import keep_freed_blocks
 from fxquant.lower.daq import DaqQuantize, lower_daq
 from fxquant.lower.folded import DaqConv2d
 from fxquant.lower.subset import SubsetQuantize, lower_subset
@@ -173,6 +174,12 @@ class LowerPass(Pass):
         first_input = self._add_guard(gm, cpu_only=self.target != "gpu")
         gm.recompile()
         gm.fxquant_lowered = self.target
+        if self.target == "cpu":
+            # an SR forward allocates and frees feature maps of many MiB; with glibc's default
+            # thresholds each is a fresh mmap whose pages fault in on every call (IMDN x4 at
+            # 256²: 130 000 faults and a third of the lowered forward; docs/performance.md,
+            # "Page faults"): keep freed blocks for reuse, process-wide, as training does
+            keep_freed_blocks()
         if self.compile:
             # Inductor's C++ wrapper calls the kernels and the 40–120 oneDNN convs of an SR
             # network without a Python line per op: IMDN ×4 at 128×128 ran 40 → 31 ms,

@@ -53,3 +53,31 @@ def test_freed_blocks_are_reused_without_page_faults():
 def test_the_users_own_malloc_settings_win():
     assert probe(MALLOC_ARENA_MAX="2")["applied"] is False
     assert probe(GLIBC_TUNABLES="glibc.malloc.trim_threshold=1000")["applied"] is False
+
+
+LOWER = """
+import json, torch
+import fxquant
+from fxquant.heap import freed_blocks_kept
+model = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                            torch.nn.Conv2d(8, 8, 3, padding=1), torch.nn.ReLU(),
+                            torch.nn.Conv2d(8, 3, 3, padding=1)).eval()
+fake = fxquant.compile(model, "minmax-w8a8", calib=torch.rand(2, 3, 16, 16))
+before = freed_blocks_kept()
+fxquant.lowered_copy(fake, "reference")
+after_reference = freed_blocks_kept()
+fxquant.lowered_copy(fake, "cpu")
+print(json.dumps([before, after_reference, freed_blocks_kept()]))
+"""
+
+
+@pytest.mark.parametrize("env, expected", [({}, [False, False, True]),
+                                           ({"FXQUANT_KEEP_HEAP": "0"}, [False, False, False])])
+def test_lowering_for_the_cpu_keeps_freed_blocks_unless_switched_off(env, expected):
+    """A lowered cpu model runs in the process that lowered it: the lower pass keeps freed
+    blocks for it (an SR forward's feature maps are the training step's large blocks again);
+    calibration alone and the reference target leave malloc alone."""
+    clean = {k: v for k, v in os.environ.items() if k not in malloc_settings(os.environ)}
+    out = subprocess.run([sys.executable, "-c", LOWER], env={**clean, "OMP_NUM_THREADS": "1", **env},
+                         capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == expected
