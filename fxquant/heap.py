@@ -5,9 +5,12 @@ their gradients) every step. glibc's malloc serves a block over its mmap thresho
 32 MB) with a fresh ``mmap`` and gives it back on ``free``, so every step faults in every page
 of those blocks again: on a 2-core AMD EPYC Zen 3 an IMDN ×4 QAT run spent 31 s in the kernel
 against 83 s of user time, and its steps ran 1.31× slower than with the blocks kept
-(docs/performance.md, "Training with freed blocks kept on the heap"). Raising the mmap and trim thresholds keeps the blocks on the heap for reuse, as the
-``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` environment variables would, but without
-asking the user to set them before the process starts.
+(docs/performance.md, "Training with freed blocks kept on the heap"). An inference forward
+does the same with its feature maps: a lowered IMDN ×4 at 256² faulted in 130 000 pages per
+forward (docs/performance.md, "Page faults"), so the ``lower`` pass for the ``cpu`` target and
+``fxquant bench`` set it too. Raising the mmap and trim thresholds keeps the blocks on the heap
+for reuse, as the ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` environment variables
+would, but without asking the user to set them before the process starts.
 
 The setting is process-wide and only raises how much freed memory the process may keep (up
 to :data:`THRESHOLD` bytes); it changes no result. It is skipped where the C library is not
