@@ -3,6 +3,7 @@ its arguments are checked."""
 
 from __future__ import annotations
 
+import mmap
 import platform
 
 import pytest
@@ -14,9 +15,10 @@ def test_a_call_that_touches_fresh_pages_counts_their_faults(load_tool):
     tool = load_tool("forward_faults")
     kept = []
 
-    def touch(x):  # 8 MiB, kept alive: every page is new to the process
-        block = torch.empty(2 * 2 ** 20)
-        block.fill_(1.0)
+    def touch(x):  # a fresh anonymous 8 MiB mapping, written once per 4 KiB page: new pages
+        block = mmap.mmap(-1, 8 * 2 ** 20)  # whatever malloc keeps (fxquant/heap.py may be on
+        for offset in range(0, len(block), 4096):  # in this worker already)
+            block[offset] = 1
         kept.append(block)
 
     ms, faults = tool.one_call(touch, torch.zeros(1))
