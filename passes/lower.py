@@ -17,6 +17,7 @@ from fxquant.graph import (
     module_of,
     replace_module_node,
 )
+from fxquant.heap import keep_freed_blocks
 from fxquant.lower.conv import (
     INT32_MAX,
     TARGETS,
@@ -25,7 +26,6 @@ from fxquant.lower.conv import (
     accumulator_bound,
 )
 from fxquant.lower.codebook import CodebookQuantize
-from fxquant.heap import keep_freed_blocks
 from fxquant.lower.daq import DaqQuantize, lower_daq
 from fxquant.lower.folded import DaqConv2d
 from fxquant.lower.subset import SubsetQuantize, lower_subset

@@ -113,7 +113,7 @@ def daq_input_codes(x, bits, branch: str, qq_bits: int = 0, step_index: str = "h
         # docs/performance.md, "DAQ codes: per-channel parameters stored once").
         channels = mu.shape[1]
         mu, safe, factor = torch.cat([mu, safe, factor], 1).split(channels, 1)
-        centre = code_centre(mu, offset, safe, valid, factor, h, branch)
+        centre = code_centre(mu, safe, factor, h, branch)
         codes, first = [], 0
         for piece in pieces:
             part = slice(first, first + piece.shape[1])
@@ -125,15 +125,16 @@ def daq_input_codes(x, bits, branch: str, qq_bits: int = 0, step_index: str = "h
         return q, (step if m is None else step / m), offset, centre
 
 
-def code_centre(mu, offset, safe, valid, factor, h, branch: str) -> torch.Tensor:
+def code_centre(mu, safe, factor, h, branch: str) -> torch.Tensor:
     """Per (image, channel), about the mean of the codes as handed (``factor·q``): the
     statistics' ``(μ − β)/Δ``, clamped to the codes' range. Exact for a signed channel up to
-    its clipping (``β = μ − hΔ``: the middle code ``h``); a relu channel's ``μ`` is the mean
-    of its positive entries (``relu_stats``), an upper bound. The folded conv charges its
-    weight requantization error with it (:meth:`~fxquant.lower.folded.DaqConv2d.folded_planes`)."""
+    its clipping (``β = μ − hΔ``: the middle code ``h``); a relu channel has ``β = 0`` where it
+    has a step (``factor`` is 0 elsewhere), and its ``μ`` is the mean of its positive entries
+    (``relu_stats``), an upper bound. The folded conv charges its weight requantization error
+    with it (:meth:`~fxquant.lower.folded.CpuDaqConv2d.folded_planes`)."""
     if branch == "signed":
         return h * factor
-    centre = torch.clamp((mu - offset) / safe, min=0) * valid
+    centre = torch.clamp(mu / safe, min=0)
     if branch == "relu-clipped":
         centre = torch.clamp(centre, max=2 * h)
     return centre * factor

@@ -8,10 +8,10 @@ codes ``q`` and a per-(image, channel) step and offset; the conv is
 zero padding, computed exactly and separably (see fxquant/lower/daq.py's docstring for the
 algebra and the targets: ``reference`` in float64, ``cpu`` with int8 weight planes on oneDNN;
 ``gpu``, fxquant/lower/triton_conv.py, with the Triton kernel). A codes module returns
-``(codes, Δ, β)`` or ``(codes, Δ, β, ĉ)``; codes are uint8, integer-valued (split into uint8
-planes here) or a list of uint8 planes ``q = Σ_k 256^k·plane_k``.
+``(codes, Δ, β, ĉ)``; codes are uint8, integer-valued (split into uint8 planes here) or a
+list of uint8 planes ``q = Σ_k 256^k·plane_k``; ``ĉ`` may be None.
 
-``ĉ`` (DAQ: its statistics' ``(μ − β)/Δ``) is about each (image, channel)'s mean code. Where
+``ĉ`` (the statistics' ``(μ − β)/Δ``) is about each (image, channel)'s mean code. Where
 the folded weights are requantized to int8 (``cpu``, ``gpu``), ``W' = W_q + E``, the conv
 computes ``W_q ⋆ q + E ⋆ ĉ·1`` — the second term a constant plane, added with the offset
 term's own exact border algebra — so only ``E ⋆ (q − ĉ)`` is lost, not ``E ⋆ q``: a signed
@@ -158,7 +158,7 @@ class ReferenceDaqConv2d(DaqConv2d):
     target = "reference"
 
     def forward(self, packed) -> torch.Tensor:
-        codes, step, offset = packed[:3]  # exact: no requantization error to charge ĉ with
+        codes, step, offset, _ = packed  # exact: no requantization error to charge ĉ with
         n, c, h, w = codes.shape
         weight = self.weight(torch.float64)
         folded = self.folded_weight(step, weight)
@@ -169,11 +169,6 @@ class ReferenceDaqConv2d(DaqConv2d):
         if self.bias is not None:
             y = y + self.bias.double().view(1, -1, 1, 1)
         return y.float()
-
-
-def unpack(packed) -> tuple:
-    """``(codes, Δ, β, ĉ or None)`` from a codes module's output (module doc)."""
-    return (*packed, None) if len(packed) == 3 else tuple(packed)
 
 
 def planes_value(plane: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -211,7 +206,7 @@ class CpuDaqConv2d(DaqConv2d):
 
     @torch.compiler.disable  # per-image prepack: eager (lower{compile=true} compiles the codes)
     def forward(self, packed) -> torch.Tensor:
-        codes, step, offset, centre = unpack(packed)
+        codes, step, offset, centre = packed
         self.refuse_non_finite(step)
         planes = code_planes(codes)
         n, _, h, w = planes[0].shape

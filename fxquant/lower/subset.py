@@ -45,8 +45,8 @@ from fxquant.quant.subset import (
 )
 
 class SubsetQuantize(nn.Module):
-    """Float tensor → ``(codes, Δ, β)`` of a DFSQ subset quantizer (module doc), and the
-    codes' expected value ``ĉ`` after them in dynamic mode.
+    """Float tensor → ``(codes, Δ, β, ĉ)`` of a DFSQ subset quantizer (module doc); ``ĉ``,
+    the codes' expected value, is None in static mode.
 
     Persistent state is the quantizer's (points, range guard, static multiplies); the lookup
     table and the per-channel code base and gcd are derived from the points, recomputed on
@@ -139,10 +139,9 @@ class SubsetQuantize(nn.Module):
                 centre = (-self.base / self.gcd).unsqueeze(0).expand(n, self.channels, 1, 1)
             elif self.mode == "dynamic":
                 centre = (x.mean((2, 3), keepdim=True) - offset) / step
-        packed = (step, offset) if centre is None else (step, offset, centre)
         if codes.dtype == torch.int32:
             if not self.channels_last:  # reference: int32 codes
-                return codes, *packed
+                return codes, step, offset, centre
             # cpu: uint8 planes q = lo + 256·hi, made here where lower{compile} fuses them
             codes = [torch.bitwise_and(codes, 255).to(torch.uint8),
                      torch.bitwise_right_shift(codes, 8).to(torch.uint8)]
@@ -150,7 +149,7 @@ class SubsetQuantize(nn.Module):
             codes = codes.contiguous(memory_format=torch.channels_last) \
                 if isinstance(codes, torch.Tensor) else \
                 [c.contiguous(memory_format=torch.channels_last) for c in codes]
-        return codes, *packed
+        return codes, step, offset, centre
 
     def extra_repr(self) -> str:
         kind = "u8" if self.max_code <= 255 else \

@@ -32,13 +32,7 @@ import torch
 from fxquant.lower import int_mm
 from fxquant.lower.conv import TARGETS, FusedOutputConv2d, LoweringError
 from fxquant.lower.folded import LAYERS as FOLDED_LAYERS
-from fxquant.lower.folded import (
-    CpuDaqConv2d,
-    add_border,
-    border_indices,
-    code_planes,
-    unpack,
-)
+from fxquant.lower.folded import CpuDaqConv2d, add_border, border_indices, code_planes
 
 # BLOCK_K a multiple of 32 (the int8 mma's k). On an H200 (tools/gpu_check.py, CUDA graphs,
 # EDSR-baseline ×4 at 720p) 128×64×64 ran in 4.60 ms against 5.80 for 32×32×32; 64×64×64
@@ -277,7 +271,7 @@ class GpuDaqConv2d(CpuDaqConv2d):
         return super().from_quantized(conv, source)
 
     def forward(self, packed) -> torch.Tensor:
-        codes, step, offset, centre = unpack(packed)
+        codes, step, offset, centre = packed
         if not (step.is_cuda and torch.cuda.is_current_stream_capturing()):  # no host read
             self.refuse_non_finite(step)                                    # while captured
         planes = code_planes(codes)

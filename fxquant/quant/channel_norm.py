@@ -56,13 +56,6 @@ def denormalize(x: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor | None)
     return x * scale + mean if mean is not None else x * scale
 
 
-def normalize_dynamic(x: torch.Tensor, post_relu: bool, eps: float = EPS
-                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """``(x̃, m + eps, μ)`` exactly as the official code (μ is None for post-ReLU inputs)."""
-    scale, mean = dynamic_stats(x, post_relu, eps)
-    return normalize(x, scale, mean), scale, mean
-
-
 def static_scale(max_abs: torch.Tensor, eps: float = EPS) -> torch.Tensor:
     """Static per-channel scale from the calibration max-abs (``eps`` keeps dead channels finite)."""
     return max_abs.float() + eps

@@ -50,14 +50,14 @@ def test_codes_are_the_fake_quant_points(seed, channels, bits, post_relu, mode, 
     if post_relu:
         x = x.relu()
     module = SubsetQuantize.from_quantizer(q, channels_last)
-    codes, step, offset, *centre = module(x)
+    codes, step, offset, centre = module(x)
     _, _, mean = q._normalize(x)
     # the codes' expected value ĉ (charged by the cpu/gpu conv to its offset term): given in
     # dynamic mode, where Δ·ĉ + β is the mean the input was shifted by, or post-ReLU its mean
-    assert len(centre) == (mode == "dynamic")
-    if centre:
+    assert (centre is not None) == (mode == "dynamic")
+    if centre is not None:
         expect = mean if mean is not None else x.mean((2, 3), keepdim=True)
-        value = step * centre[0]  # + β: float32 rounding of the larger of the two terms
+        value = step * centre  # + β: float32 rounding of the larger of the two terms
         torch.testing.assert_close(value + offset, expect.expand_as(offset), rtol=1e-5,
                                    atol=4e-7 * float(torch.maximum(value.abs(), offset.abs()).max()))
     if channels_last and module.max_code > 255:  # cpu: two uint8 planes lo + 256·hi

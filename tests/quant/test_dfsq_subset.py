@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fxquant.quant.channel_norm import EPS, denormalize, normalize_dynamic
+from fxquant.quant.channel_norm import EPS, denormalize
 from fxquant.quant.point_selection import kmeans_select
 from fxquant.quant.subset import (
     SampleObserver,
@@ -18,6 +18,7 @@ from fxquant.quant.subset import (
     grid_table,
     nearest_index,
     nearest_point,
+    subset_normalize,
 )
 from fxquant.quant.universal_set import universal_set
 
@@ -56,7 +57,7 @@ def test_normalization_round_trips_and_ranges(seed, post_relu, spread):
     x = torch.randn(2, 3, 6, 6, generator=g) * spread + spread
     if post_relu:
         x = x.clamp_min(0)
-    xn, scale, mean = normalize_dynamic(x, post_relu)
+    xn, scale, mean = subset_normalize(x, "dynamic", post_relu, EPS)
     assert torch.allclose(denormalize(xn, scale, mean), x, rtol=1e-5, atol=1e-5 * spread)
     assert xn.abs().max() <= 1.0
     if post_relu:
@@ -85,7 +86,7 @@ def test_dynamic_quantizer_matches_the_official_formula():
 def test_post_relu_quantized_values_are_universal_points():
     g = torch.Generator().manual_seed(1)
     x = torch.rand(3, 2, 5, 5, generator=g)
-    xn, _, _ = normalize_dynamic(x, True)
+    xn, _, _ = subset_normalize(x, "dynamic", True, EPS)
     sel = kmeans_select(xn.transpose(0, 1).reshape(2, -1), U, 4, restarts=2, iters=10)
     q = SubsetQuantizer(2, 2, post_relu=True)
     q.set_points(sel.points)
@@ -150,7 +151,7 @@ def test_observer_samples_uniformly_within_its_cap():
         assert torch.equal(obs(batch), batch)
     samples = obs.normalized_samples()
     assert samples.shape == (2, 100) and obs.seen == 400
-    allowed = normalize_dynamic(x, False)[0].transpose(0, 1).reshape(2, -1)
+    allowed = subset_normalize(x, "dynamic", False, EPS)[0].transpose(0, 1).reshape(2, -1)
     for c in range(2):
         assert torch.isin(samples[c], allowed[c]).all()
     again = SampleObserver("n", 2, max_samples=100, seed=0)
