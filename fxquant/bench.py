@@ -38,16 +38,20 @@ from fxquant.errors import FxquantError
 from fxquant.heap import OFF_SWITCH, keep_freed_blocks
 
 FXQUANT_VARIANTS = ("fake-quant", "lowered reference", "lowered cpu", "lowered cpu 1-plane",
-                    "ort_int8", "ort_fp32")
-BREAKDOWN_VARIANTS = ("fp32_eager", "lowered cpu", "lowered cpu 1-plane", "pt2e_int8")
+                    "lowered cpu 1-plane u8", "ort_int8", "ort_fp32")
+BREAKDOWN_VARIANTS = ("fp32_eager", "lowered cpu", "lowered cpu 1-plane",
+                      "lowered cpu 1-plane u8", "pt2e_int8")
 ORDER = ("fp32_eager", "fp32_channels_last", "fp32_compile", "bf16_autocast", *FXQUANT_VARIANTS,
          "torch_ao_fx_int8", "pt2e_int8")
-# run only when named in --variants: one plane differs from "lowered cpu" for DAQ/DFSQ alone
-OPTIONAL = ("lowered cpu 1-plane",)
+# run only when named in --variants: one plane differs from "lowered cpu" for DAQ/DFSQ alone,
+# one-byte subset codes for DFSQ alone
+OPTIONAL = ("lowered cpu 1-plane", "lowered cpu 1-plane u8")
 DEFAULT_ORDER = tuple(name for name in ORDER if name not in OPTIONAL)
 LOWERED = {"lowered reference": {"target": "reference"},
            "lowered cpu": {"target": "cpu", "compile": True},
-           "lowered cpu 1-plane": {"target": "cpu", "compile": True, "planes": 1}}
+           "lowered cpu 1-plane": {"target": "cpu", "compile": True, "planes": 1},
+           "lowered cpu 1-plane u8": {"target": "cpu", "compile": True, "planes": 1,
+                                      "subset_codes": "u8"}}
 
 
 @dataclass

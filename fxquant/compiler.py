@@ -113,9 +113,11 @@ def transformed_copy(gm: fx.GraphModule, pipeline, *, calib: object = None,
 
 
 def lowered_copy(gm: fx.GraphModule, target: str = "cpu", *, compile: bool = False,
-                 fuse: bool = True, planes: int = 2) -> fx.GraphModule:
+                 fuse: bool = True, planes: int = 2,
+                 subset_codes: str = "exact") -> fx.GraphModule:
     """A copy of compiled model ``gm`` run through ``lower{target=...}`` (options as the
-    pass's: ``planes`` is DAQ's/DFSQ's int8 weight planes); ``gm`` stays as it is. The copy's
+    pass's: ``planes`` is DAQ's/DFSQ's int8 weight planes, ``subset_codes`` DFSQ's codes,
+    exact or one byte); ``gm`` stays as it is. The copy's
     pipeline and history record the lower pass, so :func:`save` and :func:`load` round-trip
     the lowered model."""
     from fxquant.lower.conv import LoweringError
@@ -126,7 +128,7 @@ def lowered_copy(gm: fx.GraphModule, target: str = "cpu", *, compile: bool = Fal
         raise LoweringError(f"the model is already lowered (target '{gm.fxquant_lowered}'); "
                             "lower the compiled fake-quant model instead")
     return transformed_copy(gm, [LowerPass(target=target, compile=compile, fuse=fuse,
-                                           planes=planes)])
+                                           planes=planes, subset_codes=subset_codes)])
 
 
 def save(gm: fx.GraphModule, path: str | os.PathLike, *, model_name: str | None = None,

@@ -28,7 +28,7 @@ from fxquant.lower.conv import (
 from fxquant.lower.codebook import CodebookQuantize
 from fxquant.lower.daq import DaqQuantize, lower_daq
 from fxquant.lower.folded import DaqConv2d
-from fxquant.lower.subset import SubsetQuantize, lower_subset
+from fxquant.lower.subset import CODE_GRIDS, SubsetQuantize, lower_subset
 from fxquant.lower.uniform_codes import IntegerDequantize, IntegerQuantize
 from fxquant.lower.guard import InputGuard
 from fxquant.lower.triton_conv import GpuConv2d
@@ -92,7 +92,10 @@ class LowerPass(Pass):
     Triton kernel per image. Their per-image folded weights are requantized to int8 in two
     planes (``planes=2``, the residual in a second conv: layer outputs within ~2e-4 of the
     reference) or one (``planes=1``: one conv, 1–2 % of a layer's range; DAQ's balanced
-    codes and expected codes keep Set5 within 0.01 dB, docs/lowering.md).
+    codes and expected codes keep Set5 within 0.01 dB, docs/lowering.md). DFSQ's official
+    set needs 11-bit codes, two uint8 planes on ``cpu``; ``subset_codes=u8`` re-grids each
+    channel whose codes pass 255 to 256 levels over its points' span: one plane, half the
+    int8 convs, at a Set5 cost measured in docs/lowering.md.
     ``gpu`` runs the same integer semantics in a Triton int8 implicit-GEMM conv (CUDA, or the
     CPU under ``TRITON_INTERPRET=1``); with ``fuse`` a symmetric-weight conv also takes the
     residual of a ``conv + r`` it alone feeds, and ReLU and requantization, into its epilogue.
@@ -103,6 +106,7 @@ class LowerPass(Pass):
     compile: bool = False
     fuse: bool = True
     planes: int = 2  # int8 planes of DAQ's/DFSQ's per-image folded weights (cpu, gpu)
+    subset_codes: str = "exact"  # DFSQ's codes: its points' own integers, or "u8": one byte
 
     def __post_init__(self):
         if self.target not in TARGETS:
@@ -117,6 +121,10 @@ class LowerPass(Pass):
         if self.planes != 2 and self.target not in ("cpu", "gpu"):
             raise RecipeError("lower.planes applies to targets cpu and gpu only (reference "
                               "folds exactly in float64)")
+        if self.subset_codes not in CODE_GRIDS:
+            raise RecipeError(f"lower.subset_codes='{self.subset_codes}': valid are "
+                              f"{', '.join(CODE_GRIDS)} (DFSQ's points as their exact integer "
+                              "codes, or re-gridded to one byte per code)")
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if getattr(gm, "fxquant_lowered", None):
@@ -132,7 +140,8 @@ class LowerPass(Pass):
                 continue
             if isinstance(quantizer, SubsetQuantizer):  # fxquant/lower/subset.py
                 lowered += lower_subset(gm, node, quantizer, self.target, self.name,
-                                        structure_only=not ctx.calibrate, planes=self.planes)
+                                        structure_only=not ctx.calibrate, planes=self.planes,
+                                        codes=self.subset_codes)
                 continue
             if str(node.target).endswith(OUTPUT_QUANTIZER):  # observe{outputs=true}
                 self._lower_output(gm, node, quantizer, layer_cls)

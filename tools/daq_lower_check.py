@@ -13,7 +13,9 @@ write separate sections; one call takes one kind.
 Both lowered targets are built from the same fake-quant model (``fxquant.lowered_copy``), so
 any difference is the lowered execution alone; ``cpu`` is scored with its default two int8
 planes of the per-image folded weights and with one (``lower{planes=1}``);
-for DAQ, one plane also with the codes unbalanced (``DaqQuantize.code_limit = 0``). Per
+for DAQ, one plane also with the codes unbalanced (``DaqQuantize.code_limit = 0``); for
+DFSQ, ``reference`` and one-plane ``cpu`` also with the codes re-gridded to one byte
+(``lower{subset_codes=u8}``). Per
 layer, each lowered codes+conv pair is run on the raw input its fake-quant quantizer saw
 (first two Set5 images) and compared with the fake-quant conv's output, relative to that
 output's largest magnitude. The largest code is
@@ -52,6 +54,9 @@ def check(model: str, scale: int, recipe: str, data: str | None) -> dict:
     lowered["cpu1"] = one_plane(fake, balanced=True)
     if any(isinstance(m, DaqQuantize) for m in lowered["cpu"].modules()):
         lowered["cpu1u"] = one_plane(fake, balanced=False)  # what balancing the codes gains
+    else:  # DFSQ: its codes re-gridded to one byte (lower{subset_codes=u8}), exactly and fast
+        lowered["refu8"] = fxquant.lowered_copy(fake, "reference", subset_codes="u8")
+        lowered["cpu1u8"] = fxquant.lowered_copy(fake, "cpu", planes=1, subset_codes="u8")
     to_input = to_y_tensor if zoo.spec.color == "y" else to_tensor
     probes = [to_input(p.lr) for p in BenchmarkSet("Set5", scale, root=data, limit=2)]
     row = {"model": model, "scale": scale, "recipe": recipe}
@@ -59,7 +64,8 @@ def check(model: str, scale: int, recipe: str, data: str | None) -> dict:
         agreement = daq_layer_agreement(fake, gm, probes)
         row["layers"] = len(agreement)
         row[f"{target}_max_rel"] = max(a[1] for a in agreement)
-        row["max_code"] = max(row.get("max_code", 0), max(a[2] for a in agreement))
+        if not target.endswith("u8"):  # the exact codes' range
+            row["max_code"] = max(row.get("max_code", 0), max(a[2] for a in agreement))
     for name, gm in {"fake": fake, **lowered}.items():
         score = evaluate_sets(as_sr_function(gm, zoo.spec, scale), zoo.spec, scale, ["Set5"],
                               data_root=data)["Set5"]
@@ -103,6 +109,11 @@ def render(rows: list[dict], command: str, section: str = SECTION) -> str:
     if unbalanced:  # DAQ: the one-plane cpu model without balanced codes, for comparison
         lines[-2] += " cpu 1-plane, codes unbalanced: Δ − fake / max layer diff |"
         lines[-1] += "---|"
+    one_byte = all("cpu1u8_psnr" in r for r in rows)
+    if one_byte:  # DFSQ: codes re-gridded to one byte (lower{subset_codes=u8})
+        lines[-2] += (" u8 codes: Δ ref − fake / Δ cpu 1-plane − fake / max layer diff ref / "
+                      "cpu 1-plane |")
+        lines[-1] += "---|"
     for r in rows:
         lines.append(
             f"| {r['model']} ×{r['scale']} | {r['recipe']} | {r['layers']} | "
@@ -113,7 +124,9 @@ def render(rows: list[dict], command: str, section: str = SECTION) -> str:
             f"{r['reference_max_rel']:.1e} / {r['cpu_max_rel']:.1e} / {r['cpu1_max_rel']:.1e} | "
             f"{r['relu_max_code']} ({r['relu_over_255']}/{r['relu_layers']}) |"
             + (f" {r['cpu1u_psnr'] - r['fake_psnr']:+.4f} / {r['cpu1u_max_rel']:.1e} |"
-               if unbalanced else ""))
+               if unbalanced else "")
+            + (f" {r['refu8_psnr'] - r['fake_psnr']:+.4f} / {r['cpu1u8_psnr'] - r['fake_psnr']:+.4f}"
+               f" / {r['refu8_max_rel']:.1e} / {r['cpu1u8_max_rel']:.1e} |" if one_byte else ""))
     return "\n".join(lines) + "\n"
 
 

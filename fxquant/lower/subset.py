@@ -24,6 +24,13 @@ channel) become the conv's integer weight codes ``2(k − z)`` with step ``Δ_w/
 Codes span up to 2^(e+1) + 1 values (11 bits for the official set): on ``cpu`` that is two
 uint8 planes ``q = lo + 256·hi`` (a list; two u8 × s8 convs per weight plane), on
 ``reference`` int32 codes.
+
+``codes="u8"`` (``lower{subset_codes=u8}``) trades exactness for one uint8 plane: a channel
+whose codes pass 255 gets 256 levels over its points' span, step ``g'_c = (max I − b_c)/255``
+grid units in place of ``g_c``, and each point the nearest level (the point chosen is still
+the fake-quantizer's nearest; only its value moves, by at most half a level, span/510). Both
+ends of the span stay exact, so do channels that already fit a byte. Its Set5 cost against
+the exact codes is measured in docs/lowering.md ("DFSQ codes on one byte").
 """
 
 from __future__ import annotations
@@ -44,6 +51,9 @@ from fxquant.quant.subset import (
     subset_normalize,
 )
 
+CODE_GRIDS = ("exact", "u8")  # the points' own integers; one byte per code (module doc)
+
+
 class SubsetQuantize(nn.Module):
     """Float tensor → ``(codes, Δ, β, ĉ)`` of a DFSQ subset quantizer (module doc); ``ĉ``,
     the codes' expected value, is None in static mode.
@@ -53,9 +63,11 @@ class SubsetQuantize(nn.Module):
     ``load_state_dict``."""
 
     def __init__(self, channels: int, bits: int, post_relu: bool, mode: str, eps: float,
-                 guard: bool, channels_last: bool):
+                 guard: bool, channels_last: bool, codes: str = "exact"):
         super().__init__()
-        self.channels, self.bits, self.post_relu = channels, bits, post_relu
+        if codes not in CODE_GRIDS:
+            raise ValueError(f"subset codes '{codes}': valid are {', '.join(CODE_GRIDS)}")
+        self.channels, self.bits, self.post_relu, self.codes = channels, bits, post_relu, codes
         self.mode, self.eps, self.guard, self.channels_last = mode, eps, guard, channels_last
         self.source = ""
         k = 2 ** bits
@@ -72,16 +84,17 @@ class SubsetQuantize(nn.Module):
         self.register_load_state_dict_pre_hook(ones_if_missing("step_multiplier", channels))
         self.register_buffer("table", torch.zeros(channels, 3), persistent=False)
         self.register_buffer("base", torch.zeros(channels, 1, 1), persistent=False)
-        self.register_buffer("gcd", torch.ones(channels, 1, 1), persistent=False)
+        self.register_buffer("code_step", torch.ones(channels, 1, 1), persistent=False)
         self.lookup_exponent, self.point_exponent, self.max_code = 0, 0, 0
         self._derive()
         self.register_load_state_dict_post_hook(lambda module, _keys: module._derive())
 
     @classmethod
     def from_quantizer(cls, quantizer: SubsetQuantizer, channels_last: bool,
-                       source: str = "", copy_points: bool = True) -> "SubsetQuantize":
+                       source: str = "", copy_points: bool = True,
+                       codes: str = "exact") -> "SubsetQuantize":
         module = cls(quantizer.channels, quantizer.bits, quantizer.post_relu, quantizer.mode,
-                     quantizer.eps, quantizer.guard, channels_last)
+                     quantizer.eps, quantizer.guard, channels_last, codes)
         module.source = source
         with torch.no_grad():
             for name, buffer in module.named_buffers(recurse=False):
@@ -91,10 +104,11 @@ class SubsetQuantize(nn.Module):
         module._derive()
         return module
 
-    _derived = ("table", "base", "gcd")
+    _derived = ("table", "base", "code_step")
 
     def _derive(self) -> None:
-        """Lookup table, code base ``b_c`` and gcd ``g_c`` from the points."""
+        """Lookup table, code base ``b_c`` and code step (``g_c``, or ``u8``'s span/255)
+        from the points."""
         s, e = grid_exponent(self.points), point_exponent(self.points)
         if s is None or e is None:
             raise ValueError("subset points are not on a dyadic grid (multiples of 2^-16): "
@@ -104,16 +118,20 @@ class SubsetQuantize(nn.Module):
         gcd = torch.zeros_like(base)
         for j in range(ints.shape[1]):  # gcd over the K points of every channel at once
             gcd = torch.gcd(gcd, ints[:, j] - base)
-        gcd = torch.where(gcd > 0, gcd, torch.ones_like(gcd))
+        gcd = torch.where(gcd > 0, gcd, torch.ones_like(gcd)).double()
+        step = gcd
+        if self.codes == "u8":  # a channel whose codes pass 255: 256 levels over its span
+            span = (ints.max(dim=1).values - base).double()
+            step = torch.where(span / gcd > 255, span / 255, gcd)
         self.lookup_exponent, self.point_exponent = s, e
-        self.max_code = int(((ints.max(dim=1).values - base) // gcd).max())
-        # the grid table of the codes themselves (exact integers): the forward looks a code
-        # up directly, with no arithmetic on the point after the lookup
+        # the grid table of the codes themselves (integers; exact unless u8 re-grids): the
+        # forward looks a code up directly, with no arithmetic on the point after the lookup
         points = grid_table(self.points.double(), s, torch.float64)
-        codes = ((points * 2.0 ** e).round().long() - base[:, None]) // gcd[:, None]
+        codes = (((points * 2.0 ** e).round() - base[:, None]) / step[:, None]).round()
+        self.max_code = int(codes.max())
         self.table = codes.to(torch.uint8 if self.max_code <= 255 else torch.int32)
         self.base = base.float().view(-1, 1, 1)
-        self.gcd = gcd.float().view(-1, 1, 1)
+        self.code_step = step.float().view(-1, 1, 1)
 
     def forward(self, x: torch.Tensor):
         normalized, scale, mean = subset_normalize(
@@ -127,7 +145,7 @@ class SubsetQuantize(nn.Module):
             unit = 2.0 ** -self.point_exponent
             n = x.shape[0]
             scale = scale.expand(n, self.channels, 1, 1)
-            step = scale * (self.gcd * unit)
+            step = scale * (self.code_step * unit)
             offset = scale * (self.base * unit)
             # the codes' expected value ĉ = (E[x] − β)/Δ (fxquant/lower/folded.py charges the
             # requantized weights' error on it to the offset term): mean-shifted, the code of
@@ -136,7 +154,7 @@ class SubsetQuantize(nn.Module):
             centre = None
             if mean is not None:
                 offset = offset + mean
-                centre = (-self.base / self.gcd).unsqueeze(0).expand(n, self.channels, 1, 1)
+                centre = (-self.base / self.code_step).unsqueeze(0).expand(n, self.channels, 1, 1)
             elif self.mode == "dynamic":
                 centre = (x.mean((2, 3), keepdim=True) - offset) / step
         if codes.dtype == torch.int32:
@@ -152,7 +170,7 @@ class SubsetQuantize(nn.Module):
         return codes, step, offset, centre
 
     def extra_repr(self) -> str:
-        kind = "u8" if self.max_code <= 255 else \
+        kind = ("u8, re-gridded" if self.codes == "u8" else "u8") if self.max_code <= 255 else \
             ("two u8 planes lo + 256·hi" if self.channels_last else "int32")
         return (f"channels={self.channels}, points={2 ** self.bits} on 2^-{self.point_exponent},"
                 f" mode={self.mode}, codes 0..{self.max_code} ({kind})"
@@ -161,10 +179,10 @@ class SubsetQuantize(nn.Module):
 
 def lower_subset(gm: fx.GraphModule, node: fx.Node, quantizer: SubsetQuantizer, target: str,
                  pass_name: str = "lower", structure_only: bool = False,
-                 planes: int = 2) -> int:
+                 planes: int = 2, codes: str = "exact") -> int:
     """Replace subset quantizer ``node`` and the QuantConv2d(s) it feeds by
-    :class:`SubsetQuantize` and the target's folded conv; return how many convs were
-    lowered. ``structure_only`` (``fxquant.load`` rebuilding a saved lowered model, whose
+    :class:`SubsetQuantize` (its ``codes``: exact or re-gridded to one byte, module doc) and
+    the target's folded conv; return how many convs were lowered. ``structure_only`` (``fxquant.load`` rebuilding a saved lowered model, whose
     quantizers hold no points yet) keeps the module's placeholder points for the state dict
     to replace."""
     if target not in LAYERS:  # reference, cpu, gpu (fxquant/lower/triton_conv.py)
@@ -180,7 +198,8 @@ def lower_subset(gm: fx.GraphModule, node: fx.Node, quantizer: SubsetQuantizer, 
 
     try:
         codes = SubsetQuantize.from_quantizer(quantizer, LAYERS[target].channels_last,
-                                              str(node.target), copy_points=not structure_only)
+                                              str(node.target), copy_points=not structure_only,
+                                              codes=codes)
     except ValueError as exc:
         raise PassError(pass_name, str(exc), node=node.name) from None
     return lower_folded(gm, node, codes, target, pass_name, "DFSQ", check_weights, planes)

@@ -87,7 +87,7 @@ def test_official_points_need_eleven_bit_codes_and_small_sets_one_byte():
                               torch.arange(16) / 1024.0]))
     module = SubsetQuantize.from_quantizer(q, False)
     assert module.point_exponent == 10 and module.max_code == 2048
-    assert module.gcd.flatten().tolist() == [1.0, 1.0] and module.base.flatten()[1] == 0
+    assert module.code_step.flatten().tolist() == [1.0, 1.0] and module.base.flatten()[1] == 0
     q.set_points(torch.stack([torch.arange(16) / 16.0, torch.arange(16) / 8.0 - 1]))
     small = SubsetQuantize.from_quantizer(q, False)
     assert small.max_code == 15  # gcd 64 (and 128) on the 2^-10 grid: one uint8 plane
@@ -144,3 +144,69 @@ def test_the_u8_preset_lowers_to_one_uint8_plane(tiny_sr, calib):
     with torch.no_grad():
         packed = modules[0](torch.randn(1, modules[0].channels, 6, 6))
     assert isinstance(packed[0], torch.Tensor) and packed[0].dtype == torch.uint8
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(0, 10_000), st.integers(1, 6), st.sampled_from([2, 3, 4]), st.booleans(),
+       st.sampled_from(["dynamic", "static"]), st.booleans())
+def test_u8_codes_move_each_point_by_at_most_half_a_level(seed, channels, bits, post_relu,
+                                                          mode, channels_last):
+    """``codes="u8"``: one uint8 plane; each value is the fake-quant point's, moved by at most
+    half of its channel's u8 level; a channel whose exact codes fit a byte keeps them, and
+    ĉ still gives the mean the input was shifted by."""
+    q = random_quantizer(seed, channels, bits, post_relu, mode, guard=False)
+    x = torch.randn(2, channels, 5, 4, generator=torch.Generator().manual_seed(seed)) * 2
+    if post_relu:
+        x = x.relu()
+    exact = SubsetQuantize.from_quantizer(q, channels_last)
+    u8 = SubsetQuantize.from_quantizer(q, channels_last, codes="u8")
+    assert u8.max_code <= 255 and u8.table.dtype == torch.uint8
+    codes, step, offset, centre = u8(x)
+    assert isinstance(codes, torch.Tensor) and codes.dtype == torch.uint8
+    assert codes.is_contiguous(memory_format=torch.channels_last) or not channels_last
+    with torch.no_grad():
+        expected = q(x)
+    value = step.double() * codes.double() + offset.double()
+    tolerance = step.double() / 2 + 2e-6 * float(expected.abs().max())
+    assert bool(((value - expected.double()).abs() <= tolerance).all())
+    exact_codes, exact_step, _, exact_centre = exact(x)
+    fits = (exact.code_step == u8.code_step).view(1, -1, 1, 1)
+    assert bool(((code_values(exact_codes) == codes.double()) | ~fits).all())
+    assert bool(((exact_step == step) | ~fits).all())
+    # channels that re-grid span 255 levels, both ends exact
+    span = u8.code_step * 255
+    assert bool(((u8.code_step == exact.code_step) | (span > 255 * exact.code_step)).all())
+    if centre is not None and exact_centre is not None:
+        torch.testing.assert_close(step * centre, exact_step * exact_centre, rtol=1e-5,
+                                   atol=1e-6 * float(offset.abs().max() + 1))
+
+
+def test_u8_subset_codes_lower_whole_models_and_round_trip(tiny_sr, calib, tmp_path):
+    fake = fxquant.compile(tiny_sr, "dfsq-w4a4", calib=calib)
+    x = calib[:2]
+    with torch.no_grad():
+        expected, exact = fake(x), fxquant.lowered_copy(fake, "cpu")(x)
+    lowered = fxquant.lowered_copy(fake, "cpu", subset_codes="u8")
+    modules = [m for m in lowered.modules() if isinstance(m, SubsetQuantize)]
+    assert modules and all(m.codes == "u8" and m.max_code <= 255 for m in modules)
+    assert any(m.max_code == 255 for m in modules)  # a re-gridded channel's top level
+    with torch.no_grad():
+        out = lowered(x)
+    # one byte per code costs at most half a level per value: the model stays close to
+    # the exact lowering, and not equal to it (the official set's codes need 11 bits)
+    scale = float(expected.abs().max())
+    assert float((out - expected).abs().max()) < 5e-2 * scale
+    assert not torch.equal(out, exact)
+    assert "subset_codes=u8" in lowered.fxquant_pipeline
+    path = tmp_path / "u8.fxq"
+    fxquant.save(lowered, path)
+    with torch.no_grad():
+        assert torch.equal(fxquant.load(path, tiny_sr)(x), out)
+
+
+def test_unknown_subset_codes_are_refused_by_name():
+    from fxquant.errors import RecipeError
+    from fxquant.passes.lower import LowerPass
+
+    with pytest.raises(RecipeError, match="subset_codes='u4'.*exact, u8"):
+        LowerPass(target="cpu", subset_codes="u4")
