@@ -15,7 +15,7 @@ from fxquant.lower.compare import daq_layer_agreement
 from fxquant.lower.folded import CpuDaqConv2d, ReferenceDaqConv2d, code_values
 from fxquant.lower.subset import SubsetQuantize
 from fxquant.quant import Quantizer
-from fxquant.quant.subset import SubsetQuantizer, point_exponent
+from fxquant.quant.subset import SubsetQuantizer, grid_lookup, point_exponent
 from fxquant.quant.universal_set import universal_set
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -65,6 +65,11 @@ def test_codes_are_the_fake_quant_points(seed, channels, bits, post_relu, mode, 
         assert all(c.is_contiguous(memory_format=torch.channels_last) for c in codes)
     levels = code_values(codes)
     assert levels.min() >= 0 and levels.max() <= module.max_code
+    # the compiled path's threshold sums give the table's codes exactly, ties included
+    on_mids = module.mids.t().reshape(1, channels, 1, -1)  # every value on a midpoint
+    for probe in (q._normalize(x)[0], on_mids, on_mids * 3):
+        by_table = grid_lookup(probe, module.lookup_exponent, module.table)
+        assert torch.equal(module.codes_by_thresholds(probe), by_table)
     assert step.shape == offset.shape == (3, channels, 1, 1)
     with torch.no_grad():
         expected = q(x)
@@ -169,6 +174,9 @@ def test_u8_codes_move_each_point_by_at_most_half_a_level(seed, channels, bits, 
     value = step.double() * codes.double() + offset.double()
     tolerance = step.double() / 2 + 2e-6 * float(expected.abs().max())
     assert bool(((value - expected.double()).abs() <= tolerance).all())
+    normalized = q._normalize(x)[0]
+    assert torch.equal(u8.codes_by_thresholds(normalized),
+                       grid_lookup(normalized, u8.lookup_exponent, u8.table))
     exact_codes, exact_step, _, exact_centre = exact(x)
     fits = (exact.code_step == u8.code_step).view(1, -1, 1, 1)
     assert bool(((code_values(exact_codes) == codes.double()) | ~fits).all())
@@ -210,3 +218,17 @@ def test_unknown_subset_codes_are_refused_by_name():
 
     with pytest.raises(RecipeError, match="subset_codes='u4'.*exact, u8"):
         LowerPass(target="cpu", subset_codes="u4")
+
+
+@pytest.mark.parametrize("subset_codes", ["exact", "u8"])
+def test_compiled_cpu_target_matches_eager(subset_codes, tiny_sr, calib):
+    """lower{target=cpu,compile=true}: under Inductor the codes come from threshold sums in
+    place of the table (SubsetQuantize.codes_by_thresholds); the model follows the eager one
+    up to rounding-boundary ties of Inductor's reductions (as for DAQ, seeded inputs)."""
+    fake = fxquant.compile(tiny_sr, "dfsq-w4a4", calib=calib)
+    eager = fxquant.lowered_copy(fake, "cpu", subset_codes=subset_codes)
+    compiled = fxquant.lowered_copy(fake, "cpu", compile=True, subset_codes=subset_codes)
+    for seed in range(2):
+        x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(x), eager(x), rtol=1e-4, atol=1e-4)
