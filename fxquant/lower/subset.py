@@ -186,9 +186,9 @@ class SubsetQuantize(nn.Module):
         a multiple of 2^-s, so ``ceil(x̃·2^s) > mid·2^s`` exactly when ``x̃ > mid``; the table's
         clamp to ±1 changes nothing, every point lying in [−1, 1]. Under
         ``lower{compile=true}`` Inductor fuses the 2^b − 1 compares into one vectorized
-        kernel, where the table's data-dependent gather runs one element at a time (a 64-channel
-        256² map: 2.7 against 3.8 ms, docs/performance.md); eager keeps the table, where each
-        compare would be a pass of its own."""
+        kernel, where the table's data-dependent gather runs one element at a time
+        (``tools/dfsq_codes_timing.py``, docs/performance.md); eager keeps the table, where
+        each compare would be a pass of its own."""
         view = (1, self.channels) + (1,) * (normalized.ndim - 2)
         codes = torch.zeros_like(normalized)
         for mid, rise in zip(self.mids, self.rises):

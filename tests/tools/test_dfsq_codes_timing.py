@@ -1,0 +1,27 @@
+"""tools/dfsq_codes_timing.py: its table and threshold forms are the same codes, the one-byte
+form stays within a byte, and bad arguments get argparse's error."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def test_table_and_thresholds_agree_and_u8_fits_a_byte(load_tool):
+    tool = load_tool("dfsq_codes_timing")
+    forms = tool.forms(tool.codes_modules(seed=3))
+    x = torch.randn(2, tool.CHANNELS, 7, 5).contiguous(memory_format=torch.channels_last)
+    table, thresholds = forms["grid table (gather)"](x), forms["thresholds"](x)
+    assert torch.equal(table, thresholds) and int(table.max()) > 255  # 11-bit codes
+    one_byte = forms["thresholds, one-byte codes"](x)
+    assert one_byte.dtype == torch.uint8 and int(one_byte.max()) > 0
+
+
+def test_bad_arguments_get_an_argparse_error(load_tool, capsys):
+    tool = load_tool("dfsq_codes_timing")
+    for argv in (["abc"], ["8", "0"]):
+        with pytest.raises(SystemExit) as exit_info:
+            tool.main(argv)
+        assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "'abc' is not an integer" in err and "0 must be 1 or more" in err

@@ -1,0 +1,81 @@
+"""The compiled DFSQ codes of one layer three ways: the grid table's gather (what Inductor ran
+before thresholds), the threshold sums ``lower{compile=true}`` runs now
+(fxquant.lower.subset.SubsetQuantize.codes_by_thresholds), and the same with the codes
+re-gridded to one byte (``lower{subset_codes=u8}``); beside them the normalization alone
+(rounded to a byte, no nearest point), the floor any codes kernel pays. The input: a
+1×64×S×S NHWC map, signed (mean-shifted) dynamic DFSQ with 16 random points per channel from
+the official 4-bit universal set. Checks that the table and the thresholds give the same
+codes, then interleaved rounds (default 15), 2 threads, medians.
+
+    python tools/dfsq_codes_timing.py [S] [ROUNDS]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+
+import torch
+
+from fxquant.bench import interleaved
+from fxquant.cli_args import positive_int
+from fxquant.lower.subset import SubsetQuantize
+from fxquant.quant.subset import SubsetQuantizer, grid_lookup, subset_normalize
+from fxquant.quant.universal_set import universal_set
+
+CHANNELS = 64
+
+
+def codes_modules(seed: int = 0) -> dict[str, SubsetQuantize]:
+    """NHWC codes modules, exact and one-byte, of one random official-set quantizer."""
+    g = torch.Generator().manual_seed(seed)
+    official = universal_set(4, [], True)
+    q = SubsetQuantizer(4, CHANNELS, post_relu=False, mode="dynamic")
+    q.set_points(torch.stack([official[torch.randperm(len(official), generator=g)[:16]]
+                              for _ in range(CHANNELS)]))
+    return {codes: SubsetQuantize.from_quantizer(q, True, codes=codes) for codes in ("exact", "u8")}
+
+
+def normalized(module: SubsetQuantize, x: torch.Tensor) -> torch.Tensor:
+    return subset_normalize(x, "dynamic", False, module.eps, multiplier=module.step_multiplier)[0]
+
+
+def forms(modules: dict[str, SubsetQuantize]) -> dict:
+    exact, u8 = modules["exact"], modules["u8"]
+    return {
+        "grid table (gather)": lambda x: grid_lookup(normalized(exact, x), exact.lookup_exponent,
+                                                     exact.table),
+        "thresholds": lambda x: exact.codes_by_thresholds(normalized(exact, x)),
+        "thresholds, one-byte codes": lambda x: u8.codes_by_thresholds(normalized(u8, x)),
+        "normalization alone": lambda x: (normalized(exact, x) * 127 + 128).round()
+        .clamp(0, 255).to(torch.uint8),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("size", nargs="?", type=positive_int, default=256,
+                        help="the map's height and width (default 256)")
+    parser.add_argument("rounds", nargs="?", type=positive_int, default=15)
+    args = parser.parse_args(argv)
+    size, rounds = args.size, args.rounds
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    x = torch.randn(1, CHANNELS, size, size).contiguous(memory_format=torch.channels_last)
+    compiled = {name: torch.compile(f) for name, f in forms(codes_modules()).items()}
+    with torch.inference_mode():
+        same = torch.equal(compiled["grid table (gather)"](x), compiled["thresholds"](x))
+        times = interleaved({k: (lambda f=f: f(x)) for k, f in compiled.items()}, rounds)
+    print(f"DFSQ codes, 1×{CHANNELS}×{size}² NHWC, official set, 16 points per channel, "
+          f"compiled, torch threads 2, {rounds} interleaved rounds; table and thresholds give "
+          f"the same codes: {same}\n")
+    print("| form | median ms |\n|---|---|")
+    for name, t in times.items():
+        print(f"| {name} | {1e3 * statistics.median(t):.2f} |")
+    return 0 if same else 1
+
+
+if __name__ == "__main__":
+    from fxquant.cli_args import run_tool
+
+    run_tool(main)
