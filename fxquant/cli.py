@@ -349,6 +349,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lower", choices=("cpu", "reference", "gpu"),
                    help="run the integer model (fxquant.lowered_copy) instead of fake-quant; "
                         "gpu: the Triton int8 target on a CUDA GPU")
+    p.add_argument("--lower-options", metavar="KEY=VALUE,...",
+                   help="the lower pass's options, as in a pipeline: e.g. "
+                        "compile=true,planes=1 (faster, docs/passes.md 'lower')")
     p.add_argument("--tile", type=non_negative_int,
                    help="largest LR tile side (default 512; 0 = whole image at once)")
     p.add_argument("--overlap", type=non_negative_int,

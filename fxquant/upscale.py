@@ -290,16 +290,41 @@ def _outputs(images: list[Path], out: Path, to_folder: bool, scale: int) -> list
     return targets
 
 
+def lower_options(target: str, text: str | None) -> dict:
+    """``fxquant.lowered_copy`` keywords for ``--lower TARGET --lower-options TEXT``; TEXT
+    holds the lower pass's own options, ``key=value,...`` as in a pipeline (docs/passes.md),
+    checked by the pass itself."""
+    import dataclasses
+
+    from fxquant.pipeline import parse_pipeline
+
+    if not text:
+        return {"target": target}
+    if any(c in text for c in "{}"):
+        raise FxquantError(f"--lower-options '{text}': give key=value,... without braces, "
+                           "e.g. compile=true,planes=1")
+    keys = {item.split("=", 1)[0].strip().replace("-", "_") for item in text.split(",")}
+    if "target" in keys:
+        raise FxquantError("--lower-options: the target is --lower's; give the other options "
+                           "(compile, fuse, planes, subset_codes)")
+    (lower,) = parse_pipeline(f"lower{{target={target},{text}}}")
+    return {f.name: getattr(lower, f.name) for f in dataclasses.fields(lower)}
+
+
 def sr_function(args) -> tuple[SRFunction, object, int, str]:
     """The SR callable for the command line's model flags: ``--compiled FILE``, or ``--model``
     (zoo or own) compiled here with ``--recipe`` (``fp``: the float model), optionally
     ``--lower cpu|reference|gpu`` (gpu: on CUDA when torch sees a GPU, else under the Triton
-    interpreter when ``TRITON_INTERPRET=1``, slowly).
+    interpreter when ``TRITON_INTERPRET=1``, slowly) with the pass's ``--lower-options``.
     Returns ``(fn, spec, scale, description)``."""
     import fxquant
     from fxquant.models.user import own_model_flags, source_from_args
     from fxquant.workflow import as_sr_function, load_compiled, prepare, refuse_with_compiled
 
+    if args.lower_options and not args.lower:
+        raise FxquantError("--lower-options needs --lower cpu|reference|gpu")
+    # checked before compiling, which can take minutes
+    lowered = lower_options(args.lower, args.lower_options) if args.lower else {}
     if args.compiled:
         refuse_with_compiled(recipe=args.recipe, checkpoint=args.checkpoint)
         models = load_compiled(args.compiled, model=args.model, scale=args.scale,
@@ -323,8 +348,9 @@ def sr_function(args) -> tuple[SRFunction, object, int, str]:
                 not getattr(model, "fxquant_recipe", None):
             raise FxquantError("--lower needs a quantized model: --compiled FILE or --recipe "
                                "PRESET, not --recipe fp")
-        model = fxquant.lowered_copy(model, args.lower)
-        what += f", lowered ({args.lower})"
+        model = fxquant.lowered_copy(model, **lowered)
+        what += f", lowered ({args.lower}" + (f"; {args.lower_options})" if args.lower_options
+                                              else ")")
         if args.lower == "gpu" and torch.cuda.is_available():  # else the Triton interpreter
             fn = as_sr_function(model.to("cuda"), models.spec, models.scale)
             on_gpu = lambda x: fn(x.to("cuda")).cpu()  # noqa: E731  tiles go there and back

@@ -349,3 +349,38 @@ def test_lower_gpu_writes_the_reference_targets_image(data, tmp_path, monkeypatc
                  *own, "--lower", "gpu", "--quiet"]) == 2
     assert "no CUDA device (set TRITON_INTERPRET=1" in capsys.readouterr().err
     assert not (tmp_path / "o.png").exists()
+
+
+def test_lower_options_reach_the_lower_pass_and_bad_ones_are_named(data, tmp_path, capsys):
+    """--lower-options: the lower pass's own options (here one weight plane and one-byte DFSQ
+    codes, which change the image against the default lowering); wrong ones are refused
+    before anything is compiled or written."""
+    saved = str(tmp_path / "tiny.fxq")
+    own = ["--model", TINY, "--init", '{"upscale": 2}']
+    assert main(["compile", *own, "--recipe", "dfsq-w4a4", "--out", saved]) == 0
+    good = tmp_path / "in.png"
+    Image.fromarray(_image(12, 14)).save(good)
+    outs = {}
+    for name, extra in (("default", []), ("fast", ["--lower-options", "planes=1,subset_codes=u8"]),
+                        ("again", ["--lower-options", "planes=1, subset-codes=u8"])):
+        outs[name] = tmp_path / f"{name}.png"
+        assert main(["upscale", str(good), "--out", str(outs[name]), "--compiled", saved, *own,
+                     "--lower", "cpu", *extra]) == 0
+    err = capsys.readouterr().err
+    assert "lowered (cpu; planes=1,subset_codes=u8)" in err and "lowered (cpu)" in err
+    images = {k: np.asarray(Image.open(v)) for k, v in outs.items()}
+    assert np.array_equal(images["fast"], images["again"])
+    assert not np.array_equal(images["fast"], images["default"])
+    cases = [(["--lower", "cpu", "--lower-options", "planes=3"], "lower.planes=3"),
+             (["--lower", "cpu", "--lower-options", "speed=max"], "unknown option 'speed'"),
+             (["--lower", "cpu", "--lower-options", "target=gpu"], "the target is --lower's"),
+             (["--lower", "cpu", "--lower-options", "{planes=1}"], "without braces"),
+             (["--lower", "reference", "--lower-options", "compile=true"],
+              "lower.compile applies to target=cpu only"),
+             (["--lower-options", "planes=1"], "--lower-options needs --lower")]
+    for extra, message in cases:
+        assert main(["upscale", str(good), "--out", str(tmp_path / "o.png"), "--compiled", saved,
+                     *own, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert err.startswith("fxquant upscale: error: ") and message in err, err
+    assert not (tmp_path / "o.png").exists()
