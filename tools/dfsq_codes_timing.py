@@ -3,11 +3,13 @@ before thresholds), the threshold sums ``lower{compile=true}`` runs now
 (fxquant.lower.subset.SubsetQuantize.codes_by_thresholds), and the same with the codes
 re-gridded to one byte (``lower{subset_codes=u8}``); beside them the normalization alone
 (rounded to a byte, no nearest point), the floor any codes kernel pays. The input: a
-1×64×S×S NHWC map, signed (mean-shifted) dynamic DFSQ with 16 random points per channel from
-the official 4-bit universal set. Checks that the table and the thresholds give the same
-codes, then interleaved rounds (default 15), 2 threads, medians.
+1×64×S×S NHWC map, signed (mean-shifted) dynamic DFSQ with 2^bits random points per channel
+(default 16) from the official universal set (four words, 377 values). Checks that the table
+and the thresholds give the same codes, then interleaved rounds (default 15), 2 threads,
+medians. ``--bits`` shows where the compares stop paying (``lower{compile=true}`` sums
+thresholds up to :data:`fxquant.lower.subset.THRESHOLD_BITS` and gathers above).
 
-    python tools/dfsq_codes_timing.py [S] [ROUNDS]
+    python tools/dfsq_codes_timing.py [S] [ROUNDS] [--bits B]
 """
 
 from __future__ import annotations
@@ -26,12 +28,12 @@ from fxquant.quant.universal_set import universal_set
 CHANNELS = 64
 
 
-def codes_modules(seed: int = 0) -> dict[str, SubsetQuantize]:
+def codes_modules(seed: int = 0, bits: int = 4) -> dict[str, SubsetQuantize]:
     """NHWC codes modules, exact and one-byte, of one random official-set quantizer."""
     g = torch.Generator().manual_seed(seed)
     official = universal_set(4, [], True)
-    q = SubsetQuantizer(4, CHANNELS, post_relu=False, mode="dynamic")
-    q.set_points(torch.stack([official[torch.randperm(len(official), generator=g)[:16]]
+    q = SubsetQuantizer(bits, CHANNELS, post_relu=False, mode="dynamic")
+    q.set_points(torch.stack([official[torch.randperm(len(official), generator=g)[:2 ** bits]]
                               for _ in range(CHANNELS)]))
     return {codes: SubsetQuantize.from_quantizer(q, True, codes=codes) for codes in ("exact", "u8")}
 
@@ -57,16 +59,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("size", nargs="?", type=positive_int, default=256,
                         help="the map's height and width (default 256)")
     parser.add_argument("rounds", nargs="?", type=positive_int, default=15)
+    parser.add_argument("--bits", type=int, choices=range(2, 9), default=4,
+                        help="points per channel 2^bits (default 4: 16 points)")
     args = parser.parse_args(argv)
     size, rounds = args.size, args.rounds
     torch.set_num_threads(2)
     torch.manual_seed(0)
     x = torch.randn(1, CHANNELS, size, size).contiguous(memory_format=torch.channels_last)
-    compiled = {name: torch.compile(f) for name, f in forms(codes_modules()).items()}
+    compiled = {name: torch.compile(f)
+                for name, f in forms(codes_modules(bits=args.bits)).items()}
     with torch.inference_mode():
         same = torch.equal(compiled["grid table (gather)"](x), compiled["thresholds"](x))
         times = interleaved({k: (lambda f=f: f(x)) for k, f in compiled.items()}, rounds)
-    print(f"DFSQ codes, 1×{CHANNELS}×{size}² NHWC, official set, 16 points per channel, "
+    print(f"DFSQ codes, 1×{CHANNELS}×{size}² NHWC, official set, {2 ** args.bits} points per "
+          "channel, "
           f"compiled, torch threads 2, {rounds} interleaved rounds; table and thresholds give "
           f"the same codes: {same}\n")
     print("| form | median ms |\n|---|---|")

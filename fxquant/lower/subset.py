@@ -53,6 +53,9 @@ from fxquant.quant.subset import (
 )
 
 CODE_GRIDS = ("exact", "u8")  # the points' own integers; one byte per code (module doc)
+# compiled codes by threshold sums up to 4-bit points (15 compares), by the table's gather
+# above: 5 bits already cost more in compares than the gather (tools/dfsq_codes_timing.py)
+THRESHOLD_BITS = 4
 
 
 class SubsetQuantize(nn.Module):
@@ -149,7 +152,7 @@ class SubsetQuantize(nn.Module):
             post=self.post if self.mode == "static" else None,
             multiplier=self.step_multiplier)
         with torch.no_grad():
-            if torch.compiler.is_compiling():
+            if torch.compiler.is_compiling() and self.bits <= THRESHOLD_BITS:
                 codes = self.codes_by_thresholds(normalized)
             else:
                 codes = grid_lookup(normalized, self.lookup_exponent, self.table)
@@ -186,9 +189,10 @@ class SubsetQuantize(nn.Module):
         a multiple of 2^-s, so ``ceil(x̃·2^s) > mid·2^s`` exactly when ``x̃ > mid``; the table's
         clamp to ±1 changes nothing, every point lying in [−1, 1]. Under
         ``lower{compile=true}`` Inductor fuses the 2^b − 1 compares into one vectorized
-        kernel, where the table's data-dependent gather runs one element at a time
-        (``tools/dfsq_codes_timing.py``, docs/performance.md); eager keeps the table, where
-        each compare would be a pass of its own."""
+        kernel, where the table's data-dependent gather runs one element at a time; that
+        pays up to 4 bits (:data:`THRESHOLD_BITS`; ``tools/dfsq_codes_timing.py``,
+        docs/performance.md). Eager keeps the table, where each compare would be a pass of
+        its own."""
         view = (1, self.channels) + (1,) * (normalized.ndim - 2)
         codes = torch.zeros_like(normalized)
         for mid, rise in zip(self.mids, self.rises):

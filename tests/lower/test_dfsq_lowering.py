@@ -232,3 +232,24 @@ def test_compiled_cpu_target_matches_eager(subset_codes, tiny_sr, calib):
         x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
         with torch.no_grad():
             torch.testing.assert_close(compiled(x), eager(x), rtol=1e-4, atol=1e-4)
+
+
+def test_compiled_codes_above_four_bits_keep_the_table(tiny_sr, calib, monkeypatch):
+    """8-bit points would take 255 compares per value: the compiled path gathers from the
+    table there (THRESHOLD_BITS), and still follows the eager model (up to codes flipped at
+    rounding ties, which 8-bit steps meet more often, each costing less)."""
+    from fxquant.lower.subset import THRESHOLD_BITS
+
+    fake = fxquant.compile(tiny_sr, "dfsq-w8a8", calib=calib)
+    eager = fxquant.lowered_copy(fake, "cpu")
+    assert {m.bits for m in eager.modules() if isinstance(m, SubsetQuantize)} == {8} \
+        and THRESHOLD_BITS < 8
+
+    def refuse(*_args):
+        raise AssertionError("threshold sums used above THRESHOLD_BITS")
+
+    monkeypatch.setattr(SubsetQuantize, "codes_by_thresholds", refuse)
+    compiled = fxquant.lowered_copy(fake, "cpu", compile=True)
+    x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():  # 8-bit steps: codes at Inductor's rounding ties flip more often
+        torch.testing.assert_close(compiled(x), eager(x), rtol=1e-3, atol=1e-3)

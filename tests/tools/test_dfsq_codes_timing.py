@@ -25,3 +25,12 @@ def test_bad_arguments_get_an_argparse_error(load_tool, capsys):
         assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert "'abc' is not an integer" in err and "0 must be 1 or more" in err
+
+
+def test_more_bits_mean_more_points_and_thresholds_still_agree(load_tool):
+    tool = load_tool("dfsq_codes_timing")
+    modules = tool.codes_modules(seed=1, bits=5)
+    assert modules["exact"].points.shape == (tool.CHANNELS, 32)
+    forms = tool.forms(modules)
+    x = torch.randn(1, tool.CHANNELS, 4, 4).contiguous(memory_format=torch.channels_last)
+    assert torch.equal(forms["grid table (gather)"](x), forms["thresholds"](x))
