@@ -53,8 +53,8 @@ from fxquant.quant.subset import (
 )
 
 CODE_GRIDS = ("exact", "u8")  # the points' own integers; one byte per code (module doc)
-# compiled codes by threshold sums up to 4-bit points (15 compares), by the table's gather
-# above: 5 bits already cost more in compares than the gather (tools/dfsq_codes_timing.py)
+# compiled codes by a branch-free search of the midpoints up to 4-bit points, by the table's
+# gather above, where the search's selects outgrow it (tools/dfsq_codes_timing.py)
 THRESHOLD_BITS = 4
 
 
@@ -90,7 +90,7 @@ class SubsetQuantize(nn.Module):
         self.register_buffer("base", torch.zeros(channels, 1, 1), persistent=False)
         self.register_buffer("code_step", torch.ones(channels, 1, 1), persistent=False)
         self.register_buffer("mids", torch.zeros(k - 1, channels), persistent=False)
-        self.register_buffer("rises", torch.zeros(k - 1, channels), persistent=False)
+        self.register_buffer("point_codes", torch.zeros(k, channels), persistent=False)
         self.lookup_exponent, self.point_exponent, self.max_code = 0, 0, 0
         self._derive()
         self.register_load_state_dict_post_hook(lambda module, _keys: module._derive())
@@ -110,7 +110,7 @@ class SubsetQuantize(nn.Module):
         module._derive()
         return module
 
-    _derived = ("table", "base", "code_step", "mids", "rises")
+    _derived = ("table", "base", "code_step", "mids", "point_codes")
 
     def _derive(self) -> None:
         """Lookup table, code base ``b_c`` and code step (``g_c``, or ``u8``'s span/255)
@@ -138,11 +138,11 @@ class SubsetQuantize(nn.Module):
         self.table = codes.to(torch.uint8 if self.max_code <= 255 else torch.int32)
         self.base = base.float().view(-1, 1, 1)
         self.code_step = step.float().view(-1, 1, 1)
-        # the compiled path's thresholds (codes_by_thresholds): K−1 rows of one value per
+        # the compiled path's search (codes_by_thresholds): rows of one value per
         # channel, so that each row is one contiguous vector load along NHWC's channels
         point_codes = ((ints.double() - base[:, None]) / step[:, None]).round()
         self.mids = midpoints(self.points.double()).float().t().contiguous()  # dyadic: exact
-        self.rises = (point_codes[:, 1:] - point_codes[:, :-1]).float().t().contiguous()
+        self.point_codes = point_codes.float().t().contiguous()
 
     def forward(self, x: torch.Tensor):
         normalized, scale, mean = subset_normalize(
@@ -184,19 +184,25 @@ class SubsetQuantize(nn.Module):
         return codes, step, offset, centre
 
     def codes_by_thresholds(self, normalized: torch.Tensor) -> torch.Tensor:
-        """The table's codes as ``Σ_k [x̃ > mid_k]·(code_{k+1} − code_k)``, in the table's
-        dtype. Ties (x̃ on a midpoint) go to the lower point as in the table: every midpoint is
-        a multiple of 2^-s, so ``ceil(x̃·2^s) > mid·2^s`` exactly when ``x̃ > mid``; the table's
-        clamp to ±1 changes nothing, every point lying in [−1, 1]. Under
-        ``lower{compile=true}`` Inductor fuses the 2^b − 1 compares into one vectorized
-        kernel, where the table's data-dependent gather runs one element at a time; that
-        pays up to 4 bits (:data:`THRESHOLD_BITS`; ``tools/dfsq_codes_timing.py``,
-        docs/performance.md). Eager keeps the table, where each compare would be a pass of
-        its own."""
+        """The table's codes by a binary search of the sorted midpoints with no branch and no
+        gather: compare ``j`` tests the midpoint that the ``j`` compares before it select
+        (``torch.where`` over the candidates, one value per channel), and the ``b`` outcomes
+        select the code: ``b`` compares and ``2^(b+1) − b − 2`` selects per value (4 and 26 at
+        4 bits, against 15 compares and 30 adds and selects summing them). Ties (x̃ on a
+        midpoint) go to the lower point as in the table: every midpoint is a multiple of
+        2^-s, so ``ceil(x̃·2^s) > mid·2^s`` exactly when ``x̃ > mid``; the table's clamp to ±1
+        changes nothing, every point lying in [−1, 1]. Under ``lower{compile=true}``
+        Inductor fuses it into one vectorized kernel, where the table's data-dependent
+        gather runs one element at a time; that pays up to 4 bits (:data:`THRESHOLD_BITS`;
+        ``tools/dfsq_codes_timing.py``, docs/performance.md). Eager keeps the table, where
+        each select would be a pass of its own."""
         view = (1, self.channels) + (1,) * (normalized.ndim - 2)
-        codes = torch.zeros_like(normalized)
-        for mid, rise in zip(self.mids, self.rises):
-            codes = codes + torch.where(normalized > mid.view(view), rise.view(view), 0.0)
+        outcomes: list[torch.Tensor] = []  # most significant first
+        for level in range(self.bits):
+            half = 2 ** (self.bits - level - 1)  # midpoint p·2·half + half − 1 splits prefix p
+            candidates = [self.mids[p * 2 * half + half - 1].view(view) for p in range(2 ** level)]
+            outcomes.append(normalized > _select(candidates, outcomes))
+        codes = _select([c.view(view) for c in self.point_codes], outcomes)
         return codes.to(self.table.dtype)
 
     def extra_repr(self) -> str:
@@ -205,6 +211,15 @@ class SubsetQuantize(nn.Module):
         return (f"channels={self.channels}, points={2 ** self.bits} on 2^-{self.point_exponent},"
                 f" mode={self.mode}, codes 0..{self.max_code} ({kind})"
                 + (", NHWC" if self.channels_last else ""))
+
+
+def _select(values: list[torch.Tensor], outcomes: list[torch.Tensor]) -> torch.Tensor:
+    """``values[i]`` where ``i``'s bits, most significant first, are ``outcomes``."""
+    if not outcomes:
+        return values[0]
+    half = len(values) // 2
+    return torch.where(outcomes[0], _select(values[half:], outcomes[1:]),
+                       _select(values[:half], outcomes[1:]))
 
 
 def lower_subset(gm: fx.GraphModule, node: fx.Node, quantizer: SubsetQuantizer, target: str,
