@@ -1,13 +1,13 @@
 """The compiled DFSQ codes of one layer three ways: the grid table's gather (what Inductor ran
-before thresholds), the threshold sums ``lower{compile=true}`` runs now
-(fxquant.lower.subset.SubsetQuantize.codes_by_thresholds), and the same with the codes
-re-gridded to one byte (``lower{subset_codes=u8}``); beside them the normalization alone
-(rounded to a byte, no nearest point), the floor any codes kernel pays. The input: a
-1×64×S×S NHWC map, signed (mean-shifted) dynamic DFSQ with 2^bits random points per channel
-(default 16) from the official universal set (four words, 377 values). Checks that the table
-and the thresholds give the same codes, then interleaved rounds (default 15), 2 threads,
-medians. ``--bits`` shows where the compares stop paying (``lower{compile=true}`` sums
-thresholds up to :data:`fxquant.lower.subset.THRESHOLD_BITS` and gathers above).
+before the search), the branch-free search of the midpoints ``lower{compile=true}`` runs up
+to :data:`fxquant.lower.subset.THRESHOLD_BITS` (``SubsetQuantize.codes_by_thresholds``), and
+the same with the codes re-gridded to one byte (``lower{subset_codes=u8}``); beside them the
+normalization alone (rounded to a byte, no nearest point), the floor any codes kernel pays.
+The input: a 1×64×S×S NHWC map, signed (mean-shifted) dynamic DFSQ with 2^bits random points
+per channel (default 16) from the official universal set (four words, 377 values). Checks
+that the table and the search give the same codes, then interleaved rounds (default 15), 2
+threads, freed blocks kept on the heap (fxquant/heap.py, as ``fxquant bench``), medians.
+``--bits`` shows where the search stops paying.
 
     python tools/dfsq_codes_timing.py [S] [ROUNDS] [--bits B]
 """
@@ -21,6 +21,8 @@ import torch
 
 from fxquant.bench import interleaved
 from fxquant.cli_args import positive_int
+from fxquant.bench_table import heap_description
+from fxquant.heap import keep_freed_blocks
 from fxquant.lower.subset import SubsetQuantize
 from fxquant.quant.subset import SubsetQuantizer, grid_lookup, subset_normalize
 from fxquant.quant.universal_set import universal_set
@@ -47,8 +49,8 @@ def forms(modules: dict[str, SubsetQuantize]) -> dict:
     return {
         "grid table (gather)": lambda x: grid_lookup(normalized(exact, x), exact.lookup_exponent,
                                                      exact.table),
-        "thresholds": lambda x: exact.codes_by_thresholds(normalized(exact, x)),
-        "thresholds, one-byte codes": lambda x: u8.codes_by_thresholds(normalized(u8, x)),
+        "search": lambda x: exact.codes_by_thresholds(normalized(exact, x)),
+        "search, one-byte codes": lambda x: u8.codes_by_thresholds(normalized(u8, x)),
         "normalization alone": lambda x: (normalized(exact, x) * 127 + 128).round()
         .clamp(0, 255).to(torch.uint8),
     }
@@ -64,16 +66,18 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     size, rounds = args.size, args.rounds
     torch.set_num_threads(2)
+    keep_freed_blocks()  # as fxquant bench: no page faults from fresh output buffers per call
     torch.manual_seed(0)
     x = torch.randn(1, CHANNELS, size, size).contiguous(memory_format=torch.channels_last)
     compiled = {name: torch.compile(f)
                 for name, f in forms(codes_modules(bits=args.bits)).items()}
     with torch.inference_mode():
-        same = torch.equal(compiled["grid table (gather)"](x), compiled["thresholds"](x))
+        same = torch.equal(compiled["grid table (gather)"](x), compiled["search"](x))
         times = interleaved({k: (lambda f=f: f(x)) for k, f in compiled.items()}, rounds)
     print(f"DFSQ codes, 1×{CHANNELS}×{size}² NHWC, official set, {2 ** args.bits} points per "
           "channel, "
-          f"compiled, torch threads 2, {rounds} interleaved rounds; table and thresholds give "
+          f"compiled, torch threads 2, {heap_description()}, {rounds} interleaved rounds; "
+          "table and search give "
           f"the same codes: {same}\n")
     print("| form | median ms |\n|---|---|")
     for name, t in times.items():

@@ -1,4 +1,4 @@
-"""tools/dfsq_codes_timing.py: its table and threshold forms are the same codes, the one-byte
+"""tools/dfsq_codes_timing.py: its table and search forms are the same codes, the one-byte
 form stays within a byte, and bad arguments get argparse's error."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ def test_table_and_thresholds_agree_and_u8_fits_a_byte(load_tool):
     tool = load_tool("dfsq_codes_timing")
     forms = tool.forms(tool.codes_modules(seed=3))
     x = torch.randn(2, tool.CHANNELS, 7, 5).contiguous(memory_format=torch.channels_last)
-    table, thresholds = forms["grid table (gather)"](x), forms["thresholds"](x)
+    table, thresholds = forms["grid table (gather)"](x), forms["search"](x)
     assert torch.equal(table, thresholds) and int(table.max()) > 255  # 11-bit codes
-    one_byte = forms["thresholds, one-byte codes"](x)
+    one_byte = forms["search, one-byte codes"](x)
     assert one_byte.dtype == torch.uint8 and int(one_byte.max()) > 0
 
 
@@ -27,10 +27,10 @@ def test_bad_arguments_get_an_argparse_error(load_tool, capsys):
     assert "'abc' is not an integer" in err and "0 must be 1 or more" in err
 
 
-def test_more_bits_mean_more_points_and_thresholds_still_agree(load_tool):
+def test_more_bits_mean_more_points_and_the_search_still_agrees(load_tool):
     tool = load_tool("dfsq_codes_timing")
     modules = tool.codes_modules(seed=1, bits=5)
     assert modules["exact"].points.shape == (tool.CHANNELS, 32)
     forms = tool.forms(modules)
     x = torch.randn(1, tool.CHANNELS, 4, 4).contiguous(memory_format=torch.channels_last)
-    assert torch.equal(forms["grid table (gather)"](x), forms["thresholds"](x))
+    assert torch.equal(forms["grid table (gather)"](x), forms["search"](x))
