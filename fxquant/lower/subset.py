@@ -53,9 +53,9 @@ from fxquant.quant.subset import (
 )
 
 CODE_GRIDS = ("exact", "u8")  # the points' own integers; one byte per code (module doc)
-# compiled codes by a branch-free search of the midpoints up to 4-bit points, by the table's
-# gather above, where the search's selects outgrow it (tools/dfsq_codes_timing.py)
-THRESHOLD_BITS = 4
+# compiled codes by a branch-free search of the midpoints up to 5-bit points, by the table's
+# gather above, where the search's selects outgrow it (tools/dfsq_codes_timing.py --bits 6)
+THRESHOLD_BITS = 5
 
 
 class SubsetQuantize(nn.Module):
@@ -193,7 +193,7 @@ class SubsetQuantize(nn.Module):
         2^-s, so ``ceil(x̃·2^s) > mid·2^s`` exactly when ``x̃ > mid``; the table's clamp to ±1
         changes nothing, every point lying in [−1, 1]. Under ``lower{compile=true}``
         Inductor fuses it into one vectorized kernel, where the table's data-dependent
-        gather runs one element at a time; that pays up to 4 bits (:data:`THRESHOLD_BITS`;
+        gather runs one element at a time; that pays up to 5 bits (:data:`THRESHOLD_BITS`;
         ``tools/dfsq_codes_timing.py``, docs/performance.md). Eager keeps the table, where
         each select would be a pass of its own."""
         view = (1, self.channels) + (1,) * (normalized.ndim - 2)
