@@ -171,24 +171,28 @@ def test_without_cuda_or_the_interpreter_the_error_says_how_to_run(monkeypatch, 
 
 
 # ------------------------------------------------------- DAQ and DFSQ: per-(image, channel) scales
-@pytest.mark.parametrize("recipe", ["daq-w4a4", "dfsq-w4a4"])
-def test_daq_and_dfsq_lower_on_gpu_as_on_cpu(recipe, tiny_sr, calib):
+@pytest.mark.parametrize("recipe, subset_codes", [("daq-w4a4", "exact"), ("dfsq-w4a4", "exact"),
+                                                  ("dfsq-w4a4", "u8")])
+def test_daq_and_dfsq_lower_on_gpu_as_on_cpu(recipe, subset_codes, tiny_sr, calib):
     """The gpu target runs the cpu target's per-image folded int8 weight planes through the
     Triton kernel: each conv equals its cpu twin up to the epilogue's float rounding, and the
-    whole model follows the cpu-lowered one."""
+    whole model follows the cpu-lowered one (DFSQ's one-byte codes too)."""
     from fxquant.lower.compare import daq_layer_agreement
     from fxquant.lower.folded import CpuDaqConv2d
     from fxquant.lower.triton_conv import GpuDaqConv2d
 
     fake = fxquant.compile(tiny_sr, recipe, calib=calib)
-    cpu, gpu = fxquant.lowered_copy(fake, "cpu"), fxquant.lowered_copy(fake, "gpu")
+    cpu, gpu = (fxquant.lowered_copy(fake, target, subset_codes=subset_codes)
+                for target in ("cpu", "gpu"))
     gpu_convs = [m for m in gpu.modules() if isinstance(m, GpuDaqConv2d)]
     assert gpu_convs and len(gpu_convs) == sum(isinstance(m, CpuDaqConv2d) and
                                                not isinstance(m, GpuDaqConv2d)
                                                for m in cpu.modules())
     x = calib[:1]  # (the interpreter is slow)
     per_layer = dict((n, d) for n, d, _ in daq_layer_agreement(fake, gpu, [x]))
-    assert max(per_layer.values()) < 3e-4  # the two int8 weight planes, as on cpu
+    # the two int8 weight planes, as on cpu; one-byte codes move each value by up to half a
+    # level (span/510 of the normalized range)
+    assert max(per_layer.values()) < (3e-4 if subset_codes == "exact" else 2e-2)
     seen = {}
 
     def keep(name):
