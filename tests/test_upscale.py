@@ -327,14 +327,21 @@ def test_upscale_equals_eval_output_bit_for_bit_on_set5(data, tmp_path):
     assert np.array_equal(y.astype(np.float64), super_resolve(fsrcnn, lr, "y"))
 
 
+def _saved_tiny(tmp_path, recipe: str):
+    """The tiny own model compiled with ``recipe`` and saved, its model flags, and a 12×14
+    input image: ``(saved path, flags, image path)``."""
+    saved = str(tmp_path / "tiny.fxq")
+    own = ["--model", TINY, "--init", '{"upscale": 2}']
+    assert main(["compile", *own, "--recipe", recipe, "--out", saved]) == 0
+    good = tmp_path / "in.png"
+    Image.fromarray(_image(12, 14)).save(good)
+    return saved, own, good
+
+
 def test_lower_gpu_writes_the_reference_targets_image(data, tmp_path, monkeypatch, capsys):
     """--lower gpu (here the Triton interpreter, as on a machine without CUDA) writes the PNG
     that --lower reference writes; without CUDA or the interpreter it says how to run it."""
-    saved = str(tmp_path / "tiny.fxq")
-    own = ["--model", TINY, "--init", '{"upscale": 2}']
-    assert main(["compile", *own, "--recipe", "minmax-w8a8", "--out", saved]) == 0
-    good = tmp_path / "in.png"
-    Image.fromarray(_image(12, 14)).save(good)
+    saved, own, good = _saved_tiny(tmp_path, "minmax-w8a8")
     outs = {}
     for target in ("reference", "gpu"):
         outs[target] = tmp_path / f"{target}.png"
@@ -355,11 +362,7 @@ def test_lower_options_reach_the_lower_pass_and_bad_ones_are_named(data, tmp_pat
     """--lower-options: the lower pass's own options (here one weight plane and one-byte DFSQ
     codes, which change the image against the default lowering); wrong ones are refused
     before anything is compiled or written."""
-    saved = str(tmp_path / "tiny.fxq")
-    own = ["--model", TINY, "--init", '{"upscale": 2}']
-    assert main(["compile", *own, "--recipe", "dfsq-w4a4", "--out", saved]) == 0
-    good = tmp_path / "in.png"
-    Image.fromarray(_image(12, 14)).save(good)
+    saved, own, good = _saved_tiny(tmp_path, "dfsq-w4a4")
     outs = {}
     for name, extra in (("default", []), ("fast", ["--lower-options", "planes=1,subset_codes=u8"]),
                         ("again", ["--lower-options", "planes=1, subset-codes=u8"])):
