@@ -125,8 +125,9 @@ def render(rows: list[dict], command: str, section: str = SECTION) -> str:
             f"{r['relu_max_code']} ({r['relu_over_255']}/{r['relu_layers']}) |"
             + (f" {r['cpu1u_psnr'] - r['fake_psnr']:+.4f} / {r['cpu1u_max_rel']:.1e} |"
                if unbalanced else "")
-            + (f" {r['refu8_psnr'] - r['fake_psnr']:+.4f} / {r['cpu1u8_psnr'] - r['fake_psnr']:+.4f}"
-               f" / {r['refu8_max_rel']:.1e} / {r['cpu1u8_max_rel']:.1e} |" if one_byte else ""))
+            + (f" {r['refu8_psnr'] - r['fake_psnr']:+.4f} / "
+               f"{r['cpu1u8_psnr'] - r['fake_psnr']:+.4f} / "
+               f"{r['refu8_max_rel']:.1e} / {r['cpu1u8_max_rel']:.1e} |" if one_byte else ""))
     return "\n".join(lines) + "\n"
 
 

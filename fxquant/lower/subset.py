@@ -227,9 +227,9 @@ def lower_subset(gm: fx.GraphModule, node: fx.Node, quantizer: SubsetQuantizer, 
                  planes: int = 2, codes: str = "exact") -> int:
     """Replace subset quantizer ``node`` and the QuantConv2d(s) it feeds by
     :class:`SubsetQuantize` (its ``codes``: exact or re-gridded to one byte, module doc) and
-    the target's folded conv; return how many convs were lowered. ``structure_only`` (``fxquant.load`` rebuilding a saved lowered model, whose
-    quantizers hold no points yet) keeps the module's placeholder points for the state dict
-    to replace."""
+    the target's folded conv; return how many convs were lowered. ``structure_only``
+    (``fxquant.load`` rebuilding a saved lowered model, whose quantizers hold no points yet)
+    keeps the module's placeholder points for the state dict to replace."""
     if target not in LAYERS:  # reference, cpu, gpu (fxquant/lower/triton_conv.py)
         raise PassError(pass_name, f"DFSQ subset quantizers lower to targets "
                         f"{', '.join(LAYERS)}, not '{target}'", node=node.name)
