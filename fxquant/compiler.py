@@ -117,9 +117,8 @@ def lowered_copy(gm: fx.GraphModule, target: str = "cpu", *, compile: bool = Fal
                  subset_codes: str = "exact") -> fx.GraphModule:
     """A copy of compiled model ``gm`` run through ``lower{target=...}`` (options as the
     pass's: ``planes`` is DAQ's/DFSQ's int8 weight planes, ``subset_codes`` DFSQ's codes,
-    exact or one byte); ``gm`` stays as it is. The copy's
-    pipeline and history record the lower pass, so :func:`save` and :func:`load` round-trip
-    the lowered model."""
+    exact or one byte); ``gm`` stays as it is. The copy's pipeline and history record the
+    lower pass, so :func:`save` and :func:`load` round-trip the lowered model."""
     from fxquant.lower.conv import LoweringError
     from fxquant.passes.lower import LowerPass
 

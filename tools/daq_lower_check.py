@@ -54,7 +54,7 @@ def check(model: str, scale: int, recipe: str, data: str | None) -> dict:
     lowered["cpu1"] = one_plane(fake, balanced=True)
     if any(isinstance(m, DaqQuantize) for m in lowered["cpu"].modules()):
         lowered["cpu1u"] = one_plane(fake, balanced=False)  # what balancing the codes gains
-    else:  # DFSQ: its codes re-gridded to one byte (lower{subset_codes=u8}), exactly and fast
+    else:  # DFSQ codes on one byte (lower{subset_codes=u8}): the grid's own cost, the fast setting
         lowered["refu8"] = fxquant.lowered_copy(fake, "reference", subset_codes="u8")
         lowered["cpu1u8"] = fxquant.lowered_copy(fake, "cpu", planes=1, subset_codes="u8")
     to_input = to_y_tensor if zoo.spec.color == "y" else to_tensor
