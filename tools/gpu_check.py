@@ -21,8 +21,9 @@ In order (the stages of the output):
    eager (cuDNN; NCHW and channels-last), fp32 ``torch.compile``, and the Triton int8
    lowerings (mse-w8a8-sym fused, with the default tile and the sweep's fastest, and with
    the 1×1 convs as ``torch._int_mm`` GEMMs; daq-w4a4 with two and one folded-weight
-   planes, dfsq-w4a4), each also replayed as a CUDA graph, for EDSR-baseline ×4 at a
-   320×180 LR input (720p out) and IMDN ×4 at 128×128;
+   planes, dfsq-w4a4 with two planes and with one and one-byte codes), each also replayed
+   as a CUDA graph, for EDSR-baseline ×4 at a 320×180 LR input (720p out) and IMDN ×4 at
+   128×128;
 7. ``profile``: IMDN's lowered daq-w4a4, eager, under torch.profiler: the ops taking the
    most device time per call.
 
@@ -156,10 +157,12 @@ def check_set5(device: str, smoke: bool, target: str = "gpu") -> list[dict]:
 _BUILT: dict = {}
 
 
-def build(name: str, device: str, smoke: bool, recipe: str = "mse-w8a8-sym", planes: int = 2):
+def build(name: str, device: str, smoke: bool, recipe: str = "mse-w8a8-sym", planes: int = 2,
+          subset_codes: str = "exact"):
     """(float model, lowered gpu model, lowered reference model, example input), built once
-    per (model, recipe, folded-weight planes): compiling (calibration) runs on the CPU."""
-    key = (name, device, smoke, recipe, planes)
+    per (model, recipe, folded-weight planes, DFSQ codes): compiling (calibration) runs on the
+    CPU."""
+    key = (name, device, smoke, recipe, planes, subset_codes)
     if key in _BUILT:
         return _BUILT[key]
     from fxquant.models import build_model
@@ -173,7 +176,7 @@ def build(name: str, device: str, smoke: bool, recipe: str = "mse-w8a8-sym", pla
     calib = torch.rand(4 if smoke else 16, 3, 24 if smoke else 48, 24 if smoke else 48,
                        generator=generator)
     fake = fxquant.compile(model, recipe, calib=calib)
-    gpu = fxquant.lowered_copy(fake, "gpu", planes=planes).to(device)
+    gpu = fxquant.lowered_copy(fake, "gpu", planes=planes, subset_codes=subset_codes).to(device)
     reference = fxquant.lowered_copy(fake, "reference")  # the reference target: CPU only
     x = torch.rand((1, 3) + side, generator=generator).to(device)
     _BUILT[key] = (model.to(device), gpu, reference, x)
@@ -287,9 +290,12 @@ def bench(device: str, smoke: bool, rounds: int, tile) -> list[dict]:
             fns["triton_int8_int_mm"] = with_constants(lambda: gpu(x), int_mm, USE_INT_MM=True)
         for recipe in () if smoke else DYNAMIC:  # (the interpreter: checked, not timed)
             fns[f"triton_{recipe}"] = lambda g=build(name, device, smoke, recipe)[1]: g(x)
-        if not smoke:  # DAQ's folded weights as one int8 plane (balanced codes)
+        if not smoke:  # the fast settings: one int8 plane of the folded weights (DAQ's
+            # balanced codes; DFSQ's codes on one byte as well)
             fns["triton_daq-w4a4_1plane"] = \
                 lambda g=build(name, device, smoke, "daq-w4a4", planes=1)[1]: g(x)
+            fns["triton_dfsq-w4a4_1plane_u8"] = \
+                lambda g=build(name, device, smoke, "dfsq-w4a4", 1, "u8")[1]: g(x)
         if device == "cuda":
             half = copy.deepcopy(model).half()
             half_cl = copy.deepcopy(half).to(memory_format=torch.channels_last)
