@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import operator
+import warnings
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -126,22 +127,34 @@ class LowerPass(Pass):
                               f"{', '.join(CODE_GRIDS)} (DFSQ's points as their exact integer "
                               "codes, or re-gridded to one byte per code)")
 
+    def _warn_unused_options(self, folded: int, subset: int) -> None:
+        """An option given for DAQ's/DFSQ's folded convs on a model that has none changes
+        nothing: say so rather than let the user believe it applied."""
+        if self.planes != 2 and not folded:
+            warnings.warn(f"lower.planes={self.planes} changes nothing here: it sets the int8 "
+                          "planes of DAQ's and DFSQ's per-image folded weights, and this model "
+                          "has no DAQ or DFSQ quantizer", UserWarning, stacklevel=3)
+        if self.subset_codes != "exact" and not subset:
+            warnings.warn(f"lower.subset_codes={self.subset_codes} changes nothing here: it "
+                          "sets DFSQ's codes, and this model has no DFSQ subset quantizer",
+                          UserWarning, stacklevel=3)
+
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if getattr(gm, "fxquant_lowered", None):
             raise PassError(self.name, f"the graph is already lowered (target "
                             f"'{gm.fxquant_lowered}')")
-        lowered = 0
+        lowered = folded = subset = 0
         quantizer_nodes = [n for n in gm.graph.nodes if isinstance(module_of(gm, n), Quantizer)]
         layer_cls = TARGETS[self.target]
         for node in quantizer_nodes:
             quantizer = gm.get_submodule(node.target)
             if isinstance(quantizer, DAQActivationQuantizer):  # fxquant/lower/daq.py
-                lowered += lower_daq(gm, node, quantizer, self.target, self.name, self.planes)
+                folded += lower_daq(gm, node, quantizer, self.target, self.name, self.planes)
                 continue
             if isinstance(quantizer, SubsetQuantizer):  # fxquant/lower/subset.py
-                lowered += lower_subset(gm, node, quantizer, self.target, self.name,
-                                        structure_only=not ctx.calibrate, planes=self.planes,
-                                        codes=self.subset_codes)
+                subset += lower_subset(gm, node, quantizer, self.target, self.name,
+                                       structure_only=not ctx.calibrate, planes=self.planes,
+                                       codes=self.subset_codes)
                 continue
             if str(node.target).endswith(OUTPUT_QUANTIZER):  # observe{outputs=true}
                 self._lower_output(gm, node, quantizer, layer_cls)
@@ -159,6 +172,8 @@ class LowerPass(Pass):
                 layer = layer_cls.from_quantized(grid, conv, str(conv_node.target))
                 replace_module_node(gm, conv_node, layer, str(conv_node.target).replace(".", "_"))
                 lowered += 1
+        lowered += folded + subset
+        self._warn_unused_options(folded + subset, subset)
         if not lowered:
             raise PassError(self.name, "nothing to lower: the graph has no quantizers; put "
                             "'lower' after 'quantize' (e.g. 'trace,observe,calibrate,quantize,"

@@ -253,3 +253,17 @@ def test_compiled_codes_above_four_bits_keep_the_table(tiny_sr, calib, monkeypat
     x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():  # 8-bit steps: codes at Inductor's rounding ties flip more often
         torch.testing.assert_close(compiled(x), eager(x), rtol=1e-3, atol=1e-3)
+
+
+def test_folded_conv_options_on_a_model_without_them_warn(tiny_sr, calib, recwarn):
+    """planes and subset_codes set DAQ's/DFSQ's folded convs: on a uniform model they change
+    nothing, which the pass says; on a DFSQ model it does not."""
+    uniform = fxquant.compile(tiny_sr, "minmax-w8a8", calib=calib)
+    with pytest.warns(UserWarning, match="lower.planes=1 changes nothing here"):
+        fxquant.lowered_copy(uniform, "cpu", planes=1)
+    with pytest.warns(UserWarning, match="lower.subset_codes=u8 changes nothing here"):
+        fxquant.lowered_copy(uniform, "cpu", subset_codes="u8")
+    dfsq = fxquant.compile(tiny_sr, "dfsq-w4a4", calib=calib)
+    recwarn.clear()
+    fxquant.lowered_copy(dfsq, "cpu", planes=1, subset_codes="u8")
+    assert not [w for w in recwarn if "changes nothing" in str(w.message)]
