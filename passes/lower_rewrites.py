@@ -12,6 +12,7 @@ from fxquant.graph import is_relu, module_of, pixel_shuffle_factor, replace_modu
 from fxquant.lower.ops import phase_major_order
 from fxquant.lower.conv import CpuConv2d
 from fxquant.lower.daq import DaqQuantize
+from fxquant.lower.folded import CpuDaqConv2d
 from fxquant.lower.subpixel import SubpixelConvTranspose2d, convertible
 from fxquant.lower.uniform_codes import IntegerDequantize, IntegerQuantize
 
@@ -165,11 +166,12 @@ def daq_cat_pieces(gm: fx.GraphModule) -> int:
 
 def phase_major_shuffles(gm: fx.GraphModule) -> int:
     """A pixel shuffle whose input is an integer conv's output (floats, or its fused uint8
-    codes) read by nothing else: the conv's output channels are permuted from ``c·r² + i·r +
-    j`` to ``(i·r + j)·C + c`` and the shuffle becomes ``fxquant::pixel_shuffle_phase_major``
-    (fxquant/lower/ops.py), which moves runs of ``r·C`` contiguous values out of the NHWC
-    conv output instead of gathering them one by one. Exact
-    (:meth:`~fxquant.lower.conv.IntegerConv2d.permute_outputs`). Run
+    codes; DAQ's and DFSQ's per-image folded convs too) read by nothing else: the conv's
+    output channels are permuted from ``c·r² + i·r + j`` to ``(i·r + j)·C + c`` and the
+    shuffle becomes ``fxquant::pixel_shuffle_phase_major`` (fxquant/lower/ops.py), which
+    moves runs of ``r·C`` contiguous values out of the NHWC conv output instead of gathering
+    them one by one. Exact (:meth:`~fxquant.lower.conv.IntegerConv2d.permute_outputs`,
+    :meth:`~fxquant.lower.folded.DaqConv2d.permute_outputs`). Run
     after the uint8 fusion, so that a fused conv's codes are covered too; groups of 1 only
     (a permutation across groups would mix them). Returns the number of shuffles rewritten."""
     rewritten = 0
@@ -178,7 +180,8 @@ def phase_major_shuffles(gm: fx.GraphModule) -> int:
             continue
         source, factor = node.args[0], node.args[1]
         conv = module_of(gm, source)
-        if not isinstance(conv, CpuConv2d) or conv.groups != 1 or len(source.users) != 1:
+        if not isinstance(conv, (CpuConv2d, CpuDaqConv2d)) or conv.groups != 1 \
+                or len(source.users) != 1:
             continue
         conv.permute_outputs(phase_major_order(conv.out_channels // (factor * factor), factor))
         node.target = torch.ops.fxquant.pixel_shuffle_phase_major

@@ -97,6 +97,22 @@ class DaqConv2d(nn.Module):
                 layer.bias.copy_(conv.bias.detach())
         return layer
 
+    # output channel k computes the conv's channel output_order[k] (set by the lower pass's
+    # phase-major shuffle rewrite, passes/lower_rewrites.py); None: the conv's own order
+    output_order: torch.Tensor | None = None
+
+    def permute_outputs(self, order: torch.Tensor) -> None:
+        """Compute output channel ``order[k]`` of the conv as channel ``k``: its weight codes,
+        their step and its bias move together. Each output channel's fold, int8
+        requantization (one scale per image and output channel) and offset term are its own,
+        so no value changes; recorded in :attr:`output_order`."""
+        with torch.no_grad():
+            for name in ("weight_codes", "weight_scale", "bias"):
+                buffer = getattr(self, name)
+                if buffer is not None:
+                    buffer.copy_(buffer[order].clone())
+        self.output_order = order
+
     @staticmethod
     def code_limit() -> int:
         """The largest balanced input code this target's conv takes (fxquant/lower/daq.py,

@@ -77,6 +77,50 @@ class TwoShuffles(nn.Module):
         return nn.functional.pixel_shuffle(self.last(self.mid(h)), 2)
 
 
+class ShuffledTail(nn.Module):
+    """EDSR's tail: two quantized ×2 sub-pixel convs, each read by its pixel shuffle alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.head = nn.Conv2d(3, 8, 3, padding=1)
+        self.body = nn.Conv2d(8, 8, 3, padding=1)
+        self.up1 = nn.Conv2d(8, 8 * 4, 3, padding=1)
+        self.up2 = nn.Conv2d(8, 8 * 4, 3, padding=1)
+        self.last = nn.Conv2d(8, 3, 3, padding=1)
+
+    def forward(self, x):
+        h = self.head(x)
+        h = self.body(torch.relu(h)) + h
+        h = nn.functional.pixel_shuffle(self.up1(h), 2)
+        return self.last(nn.functional.pixel_shuffle(self.up2(h), 2))
+
+
+@pytest.mark.parametrize("recipe", ["daq-w4a4", "dfsq-w4a4"])
+def test_folded_convs_before_a_shuffle_are_phase_major_and_change_no_value(
+        recipe, calib, monkeypatch, tmp_path):
+    """DAQ's and DFSQ's per-image folded convs take the phase-major rewrite too: the same
+    output bit for bit, the layers still follow fake-quant, and save/load round-trips."""
+    from fxquant.lower.compare import daq_layer_agreement
+
+    torch.manual_seed(0)
+    model = ShuffledTail().eval()
+    gm = fxquant.compile(model, recipe, calib=calib)
+    lowered = fxquant.lowered_copy(gm, "cpu")
+    shuffles = [n for n in lowered.graph.nodes
+                if n.target is torch.ops.fxquant.pixel_shuffle_phase_major]
+    assert [n.args[0].target for n in shuffles] == ["up1", "up2"]
+    assert dict(lowered.fxquant_history)["lower{target=cpu}"]["phase_major_shuffles"] == 2
+    x = torch.rand(2, 3, 7, 9)
+    assert max(diff for _, diff, _ in daq_layer_agreement(gm, lowered, [x])) < 3e-4
+    with torch.no_grad():
+        out = lowered(x)
+        monkeypatch.setattr(lower_pass, "phase_major_shuffles", lambda gm: 0)
+        assert torch.equal(out, fxquant.lowered_copy(gm, "cpu")(x))
+        monkeypatch.undo()
+        fxquant.save(lowered, tmp_path / "m.fxq")
+        assert torch.equal(fxquant.load(tmp_path / "m.fxq", model)(x), out)
+
+
 def test_shuffled_conv_outputs_are_phase_major_and_change_no_value(calib, monkeypatch,
                                                                    tmp_path):
     torch.manual_seed(0)
