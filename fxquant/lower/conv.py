@@ -74,6 +74,18 @@ def window_sum(codes: torch.Tensor, zero_point: torch.Tensor, groups: int, kerne
     return F.conv2d(plane, ones, None, stride, padding, dilation, groups)
 
 
+def permute_output_buffers(module: nn.Module, names, order: torch.Tensor) -> None:
+    """Reorder ``module``'s per-output-channel buffers ``names`` (dim 0; None ones skipped)
+    so that channel ``k`` holds what channel ``order[k]`` held, and record ``order`` as its
+    ``output_order`` (the phase-major shuffle rewrite, passes/lower_rewrites.py)."""
+    with torch.no_grad():
+        for name in names:
+            buffer = getattr(module, name)
+            if buffer is not None:
+                buffer.copy_(buffer[order].clone())
+    module.output_order = order
+
+
 class IntegerConv2d(nn.Module):
     """State shared by the integer targets: int8 weight codes, scales, the input quantizer's
     integer parameters. Built by :meth:`from_quantized`; ``state_dict`` round-trips."""
@@ -149,12 +161,8 @@ class IntegerConv2d(nn.Module):
         """Compute output channel ``order[k]`` of the float conv as channel ``k`` (weights,
         centres, scales and bias move together; each output channel is computed on its own,
         so nothing else changes) and record it in :attr:`output_order`."""
-        with torch.no_grad():
-            for name in ("weight_codes", "weight_centre", "weight_scale", "bias"):
-                buffer = getattr(self, name)
-                if buffer is not None:
-                    buffer.copy_(buffer[order].clone())
-        self.output_order = order
+        permute_output_buffers(self, ("weight_codes", "weight_centre", "weight_scale", "bias"),
+                               order)
         self.prepare()
 
     def window_sum(self, codes: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -27,7 +27,7 @@ from torch import fx, nn
 
 from fxquant.errors import PassError
 from fxquant.graph import replace_module_node
-from fxquant.lower.conv import INT32_MAX, LoweringError
+from fxquant.lower.conv import INT32_MAX, LoweringError, permute_output_buffers
 from fxquant.lower.int8_pairs import int8_pairs_saturate, needs_split, split_weight_codes
 
 U8_MAX, INT8_MAX = 255, 127
@@ -106,12 +106,7 @@ class DaqConv2d(nn.Module):
         their step and its bias move together. Each output channel's fold, int8
         requantization (one scale per image and output channel) and offset term are its own,
         so no value changes; recorded in :attr:`output_order`."""
-        with torch.no_grad():
-            for name in ("weight_codes", "weight_scale", "bias"):
-                buffer = getattr(self, name)
-                if buffer is not None:
-                    buffer.copy_(buffer[order].clone())
-        self.output_order = order
+        permute_output_buffers(self, ("weight_codes", "weight_scale", "bias"), order)
 
     @staticmethod
     def code_limit() -> int:
