@@ -42,6 +42,12 @@ def run_hooked(model: torch.nn.Module, hooks: list, inputs: list[torch.Tensor]) 
             handle.remove()
 
 
+def in_layer_order(layer, out: torch.Tensor) -> torch.Tensor:
+    """A fake-quant conv's output in its lowered layer's channel order (permuted where the
+    lower pass made it phase-major for the pixel shuffle after it)."""
+    return out if layer.output_order is None else out[:, layer.output_order]
+
+
 def layer_agreement(fake: fx.GraphModule, lowered: fx.GraphModule,
                     inputs: list[torch.Tensor]) -> list[LayerAgreement]:
     """Per integer conv of ``lowered``: the largest output difference against its
@@ -65,8 +71,7 @@ def layer_agreement(fake: fx.GraphModule, lowered: fx.GraphModule,
             calls[source] += 1
             layer = layers[name]
             y = layer(layer.codes_of(args[0]))
-            if layer.output_order is not None:  # channels permuted for a phase-major shuffle
-                out = out[:, layer.output_order]
+            out = in_layer_order(layer, out)
             if float(getattr(layer, "output_scale", 0)) > 0:  # fused: uint8 codes out
                 diff = (y.float() - _output_codes(layer, out)).abs()  # in output steps
             else:
@@ -113,8 +118,7 @@ def daq_layer_agreement(fake: fx.GraphModule, lowered: fx.GraphModule,
         name, codes, layer = pairs[seen["q"]]
         packed = codes(seen["x"])
         top[name] = max(top[name], int(code_values(packed[0]).max()))
-        if layer.output_order is not None:  # channels permuted for a phase-major shuffle
-            out = out[:, layer.output_order]
+        out = in_layer_order(layer, out)
         diff = float((layer(packed) - out).abs().max()) / max(float(out.abs().max()), 1e-30)
         worst[name] = max(worst[name], diff)
         seen["q"] = None
