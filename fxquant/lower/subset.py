@@ -130,17 +130,17 @@ class SubsetQuantize(nn.Module):
             span = (ints.max(dim=1).values - base).double()
             step = torch.where(span / gcd > 255, span / 255, gcd)
         self.lookup_exponent, self.point_exponent = s, e
-        # the grid table of the codes themselves (integers; exact unless u8 re-grids): the
-        # forward looks a code up directly, with no arithmetic on the point after the lookup
-        points = grid_table(self.points.double(), s, torch.float64)
-        codes = (((points * 2.0 ** e).round() - base[:, None]) / step[:, None]).round()
-        self.max_code = int(codes.max())
-        self.table = codes.to(torch.uint8 if self.max_code <= 255 else torch.int32)
+        # each point's code (integers; exact unless u8 re-grids), then the grid table of the
+        # codes themselves: the forward looks a code up directly, with no arithmetic on the
+        # point after the lookup
+        point_codes = ((ints.double() - base[:, None]) / step[:, None]).round()
+        self.max_code = int(point_codes.max())
+        self.table = grid_table(self.points.double(), s, torch.float64, values=point_codes) \
+            .to(torch.uint8 if self.max_code <= 255 else torch.int32)
         self.base = base.float().view(-1, 1, 1)
         self.code_step = step.float().view(-1, 1, 1)
         # the compiled path's search (codes_by_thresholds): rows of one value per
         # channel, so that each row is one contiguous vector load along NHWC's channels
-        point_codes = ((ints.double() - base[:, None]) / step[:, None]).round()
         self.mids = midpoints(self.points.double()).float().t().contiguous()  # dyadic: exact
         self.point_codes = point_codes.float().t().contiguous()
 

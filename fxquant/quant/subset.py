@@ -66,16 +66,19 @@ def grid_exponent(points: torch.Tensor) -> int | None:
     return None
 
 
-def grid_table(points: torch.Tensor, s: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def grid_table(points: torch.Tensor, s: int, dtype: torch.dtype = torch.float32,
+               values: torch.Tensor | None = None) -> torch.Tensor:
     """``C × (2^(s+1) + 1)`` table: entry ``i + 2^s`` is channel c's nearest point for every x
     with ``ceil(x·2^s) = i``. Every midpoint is a multiple of 2^-s, so the count of midpoints
     below x is the same for all x in ``((i−1)/2^s, i/2^s]``: the table is exact, with ties (x
-    on a midpoint) to the lower point, as :func:`nearest_index`."""
+    on a midpoint) to the lower point, as :func:`nearest_index`. ``values`` (``C × K``, one
+    per point; default the points): what the table holds for each nearest point (the lowered
+    quantizer's codes, fxquant/lower/subset.py)."""
     mids = midpoints(points.double())
     c = points.shape[0]
     lower = (torch.arange(-2 ** s, 2 ** s + 1, dtype=torch.float64, device=points.device) - 1) / 2 ** s
     index = torch.searchsorted(mids.contiguous(), lower.expand(c, -1).contiguous(), right=True)
-    return points.to(dtype).gather(1, index)
+    return (points if values is None else values).to(dtype).gather(1, index)
 
 
 def grid_index(x: torch.Tensor, s: int, width: int) -> torch.Tensor:
