@@ -21,3 +21,17 @@ def load_tool():
         return module
 
     return load
+
+
+@pytest.fixture
+def argparse_error(load_tool, capsys):
+    """``argparse_error("forward_faults", argv)``: the tool's ``main(argv)`` exits with
+    argparse's status 2; returns what it printed to stderr."""
+
+    def run(name: str, argv: list[str]) -> str:
+        with pytest.raises(SystemExit) as exit_info:
+            load_tool(name).main(argv)
+        assert exit_info.value.code == 2
+        return capsys.readouterr().err
+
+    return run

@@ -17,8 +17,5 @@ def test_every_step_runs_and_prints_a_time(load_tool, capsys):
 
 @pytest.mark.parametrize("argv, message", [(["abc"], "'abc' is not an integer"),
                                            (["0"], "0 must be 1 or more")])
-def test_a_bad_size_gets_an_argparse_error(load_tool, capsys, argv, message):
-    tool = load_tool("daq_layer_timing")
-    with pytest.raises(SystemExit) as exit_info:
-        tool.main(argv)
-    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+def test_a_bad_size_gets_an_argparse_error(argparse_error, argv, message):
+    assert message in argparse_error("daq_layer_timing", argv)

@@ -20,11 +20,8 @@ def test_table_and_thresholds_agree_and_u8_fits_a_byte(load_tool):
 @pytest.mark.parametrize("argv, message", [(["abc"], "'abc' is not an integer"),
                                            (["8", "0"], "0 must be 1 or more"),
                                            (["--bits", "9"], "invalid choice: 9")])
-def test_bad_arguments_get_an_argparse_error(load_tool, capsys, argv, message):
-    tool = load_tool("dfsq_codes_timing")
-    with pytest.raises(SystemExit) as exit_info:
-        tool.main(argv)
-    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+def test_bad_arguments_get_an_argparse_error(argparse_error, argv, message):
+    assert message in argparse_error("dfsq_codes_timing", argv)
 
 
 def test_more_bits_mean_more_points_and_the_search_still_agrees(load_tool):

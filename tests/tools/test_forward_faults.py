@@ -29,8 +29,5 @@ def test_a_call_that_touches_fresh_pages_counts_their_faults(load_tool):
 
 @pytest.mark.parametrize("argv, message", [(["--planes", "3"], "invalid choice: 3"),
                                            (["--size", "0"], "0 must be 1 or more")])
-def test_bad_arguments_get_an_argparse_error(load_tool, capsys, argv, message):
-    tool = load_tool("forward_faults")
-    with pytest.raises(SystemExit) as exit_info:
-        tool.main(argv)
-    assert exit_info.value.code == 2 and message in capsys.readouterr().err
+def test_bad_arguments_get_an_argparse_error(argparse_error, argv, message):
+    assert message in argparse_error("forward_faults", argv)
