@@ -34,7 +34,7 @@ from fxquant.lower.uniform_codes import IntegerDequantize, IntegerQuantize
 from fxquant.lower.guard import InputGuard
 from fxquant.lower.triton_conv import GpuConv2d
 from fxquant.passes.lower_rewrites import (
-    daq_cat_pieces,
+    dynamic_cat_pieces,
     phase_major_shuffles,
     quantize_cat_pieces,
     route_pixel_shuffles,
@@ -187,7 +187,7 @@ class LowerPass(Pass):
             route_pixel_shuffles(gm)
             route_smooth_upsampling(gm)
             quantize_cat_pieces(gm)
-            daq_cat_pieces(gm)
+            dynamic_cat_pieces(gm)
             subpixel = subpixel_deconvs(gm)
         if self.target == "gpu" and self.fuse:
             residuals = _fuse_residuals(gm)

@@ -13,10 +13,11 @@ from fxquant.lower.ops import phase_major_order
 from fxquant.lower.conv import CpuConv2d
 from fxquant.lower.daq import DaqQuantize
 from fxquant.lower.folded import CpuDaqConv2d
+from fxquant.lower.subset import SubsetQuantize
 from fxquant.lower.subpixel import SubpixelConvTranspose2d, convertible
 from fxquant.lower.uniform_codes import IntegerDequantize, IntegerQuantize
 
-__all__ = ["daq_cat_pieces", "phase_major_shuffles", "quantize_cat_pieces",
+__all__ = ["dynamic_cat_pieces", "phase_major_shuffles", "quantize_cat_pieces",
            "route_pixel_shuffles", "route_smooth_upsampling", "subpixel_deconvs"]
 
 
@@ -143,15 +144,18 @@ def quantize_cat_pieces(gm: fx.GraphModule) -> int:
     return rewritten
 
 
-def daq_cat_pieces(gm: fx.GraphModule) -> int:
-    """``DaqQuantize(cat(xs, dim=1))`` becomes ``DaqQuantize(xs)``: DAQ's statistics are per
-    (image, channel), so the codes of the concatenation are each piece's codes side by side;
-    the quantizer reads every piece where it lies and concatenates uint8 codes, instead of
-    Inductor reducing over the float concat (IMDN's 384-channel concat: 1.09–1.36× on the
-    whole one-plane model, tools/daq_bench_planes.py). Exact. Returns the number rewritten."""
+def dynamic_cat_pieces(gm: fx.GraphModule) -> int:
+    """``codes(cat(xs, dim=1))`` becomes ``codes(xs)`` for DAQ's and DFSQ's quantizers
+    (:class:`~fxquant.lower.daq.DaqQuantize`, :class:`~fxquant.lower.subset.SubsetQuantize`):
+    their statistics and parameters are per (image, channel), so the codes of the
+    concatenation are each piece's codes side by side; the quantizer reads every piece where
+    it lies and concatenates uint8 codes, instead of Inductor writing the float concat out
+    and reducing over it (IMDN's 384-channel concat: DAQ 1.09–1.36× on the whole one-plane
+    model, tools/daq_bench_planes.py; DFSQ's codes of it in half the time,
+    docs/performance.md). Exact. Returns the number rewritten."""
     rewritten = 0
     for node in list(gm.graph.nodes):
-        if not isinstance(module_of(gm, node), DaqQuantize):
+        if not isinstance(module_of(gm, node), (DaqQuantize, SubsetQuantize)):
             continue
         cat = node.args[0]
         pieces, dim = _concat_of(cat)

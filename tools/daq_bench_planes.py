@@ -1,6 +1,6 @@
 """IMDN ×4 daq-w4a4 at 256²: FP32 eager vs lowered cpu (compiled) with 2 and 1 int8 weight
 planes, the 1-plane model with its 384-channel concat coded whole (the lower pass's
-``daq_cat_pieces`` rewrite switched off), and lowered cpu eager (1 plane); interleaved rounds
+``dynamic_cat_pieces`` rewrite switched off), and lowered cpu eager (1 plane); interleaved rounds
 (default 9), medians of the times and of the per-round FP32/variant ratios
 (fxquant.bench.interleaved). Needs $FXQUANT_DATA.
 
@@ -25,13 +25,13 @@ def variants(fake, float_model) -> dict:
     v = {"fp32_eager": float_model.eval(),
          "cpu compiled, 2 planes": fxquant.lowered_copy(fake, "cpu", compile=True, planes=2),
          "cpu compiled, 1 plane": fxquant.lowered_copy(fake, "cpu", compile=True, planes=1)}
-    pieces = lower_pass.daq_cat_pieces
-    lower_pass.daq_cat_pieces = lambda gm: 0  # the concat quantized whole, as before the rewrite
+    pieces = lower_pass.dynamic_cat_pieces
+    lower_pass.dynamic_cat_pieces = lambda gm: 0  # the concat quantized whole, as before the rewrite
     try:
         v["cpu compiled, 1 plane, concat coded whole"] = fxquant.lowered_copy(
             fake, "cpu", compile=True, planes=1)
     finally:
-        lower_pass.daq_cat_pieces = pieces
+        lower_pass.dynamic_cat_pieces = pieces
     v["cpu eager, 1 plane"] = fxquant.lowered_copy(fake, "cpu", planes=1)
     return v
 

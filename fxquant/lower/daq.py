@@ -219,7 +219,7 @@ class DaqQuantize(nn.Module):
 
     def forward(self, x):
         """``x``: the quantizer's input, or the channel pieces it is the concatenation of
-        (``quantize_cat_pieces``: the statistics are per channel, so no piece is copied)."""
+        (``dynamic_cat_pieces``: the statistics are per channel, so no piece is copied)."""
         bounded = self.branch != "relu"
         q, step, offset, centre = daq_input_codes(x, self._bits, self.branch, self.qq_bits,
                                           self.step_index, strict=not self.channels_last,

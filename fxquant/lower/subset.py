@@ -144,33 +144,20 @@ class SubsetQuantize(nn.Module):
         self.mids = midpoints(self.points.double()).float().t().contiguous()  # dyadic: exact
         self.point_codes = point_codes.float().t().contiguous()
 
-    def forward(self, x: torch.Tensor):
-        normalized, scale, mean = subset_normalize(
-            x, self.mode, self.post_relu, self.eps,
-            guard=(self.guard_lo, self.guard_hi) if self.guard else None,
-            pre=self.pre if self.mode == "static" else None,
-            post=self.post if self.mode == "static" else None,
-            multiplier=self.step_multiplier)
-        with torch.no_grad():
-            if torch.compiler.is_compiling() and self.bits <= THRESHOLD_BITS:
-                codes = self.codes_by_thresholds(normalized)
-            else:
-                codes = grid_lookup(normalized, self.lookup_exponent, self.table)
-            unit = 2.0 ** -self.point_exponent
-            n = x.shape[0]
-            scale = scale.expand(n, self.channels, 1, 1)
-            step = scale * (self.code_step * unit)
-            offset = scale * (self.base * unit)
-            # the codes' expected value ĉ = (E[x] − β)/Δ (fxquant/lower/folded.py charges the
-            # requantized weights' error on it to the offset term): mean-shifted, the code of
-            # point 0, −b_c/g_c, exactly; post-ReLU from the input's mean, one more reduction
-            # beside the maximum (Inductor takes both in one pass); static: none
-            centre = None
-            if mean is not None:
-                offset = offset + mean
-                centre = (-self.base / self.code_step).unsqueeze(0).expand(n, self.channels, 1, 1)
-            elif self.mode == "dynamic":
-                centre = (x.mean((2, 3), keepdim=True) - offset) / step
+    def forward(self, x: torch.Tensor | list[torch.Tensor]):
+        """``x``: the quantizer's input, or the channel pieces it is the concatenation of
+        (``dynamic_cat_pieces``, passes/lower_rewrites.py): the statistics and the points
+        are per channel, so each piece's codes are computed where it lies and only the codes
+        are concatenated."""
+        if isinstance(x, (list, tuple)):
+            parts, start = [], 0
+            for piece in x:
+                parts.append(self._quantize(piece, start, start + piece.shape[1]))
+                start += piece.shape[1]
+            codes, step, offset = (torch.cat([part[i] for part in parts], 1) for i in range(3))
+            centre = None if parts[0][3] is None else torch.cat([part[3] for part in parts], 1)
+        else:
+            codes, step, offset, centre = self._quantize(x, 0, self.channels)
         if codes.dtype == torch.int32:
             if not self.channels_last:  # reference: int32 codes
                 return codes, step, offset, centre
@@ -183,7 +170,41 @@ class SubsetQuantize(nn.Module):
                 [c.contiguous(memory_format=torch.channels_last) for c in codes]
         return codes, step, offset, centre
 
-    def codes_by_thresholds(self, normalized: torch.Tensor) -> torch.Tensor:
+    def _quantize(self, x: torch.Tensor, first: int, end: int):
+        """``(codes, Δ, β, ĉ)`` of channels ``first..end-1`` of the quantizer, ``x`` holding
+        just those channels."""
+        channels = slice(first, end)
+        normalized, scale, mean = subset_normalize(
+            x, self.mode, self.post_relu, self.eps,
+            guard=(self.guard_lo[channels], self.guard_hi[channels]) if self.guard else None,
+            pre=self.pre[channels] if self.mode == "static" else None,
+            post=self.post[channels] if self.mode == "static" else None,
+            multiplier=self.step_multiplier[channels])
+        with torch.no_grad():
+            if torch.compiler.is_compiling() and self.bits <= THRESHOLD_BITS:
+                codes = self.codes_by_thresholds(normalized, channels)
+            else:
+                codes = grid_lookup(normalized, self.lookup_exponent, self.table[channels])
+            unit = 2.0 ** -self.point_exponent
+            n, width = x.shape[0], end - first
+            base, code_step = self.base[channels], self.code_step[channels]
+            scale = scale.expand(n, width, 1, 1)
+            step = scale * (code_step * unit)
+            offset = scale * (base * unit)
+            # the codes' expected value ĉ = (E[x] − β)/Δ (fxquant/lower/folded.py charges the
+            # requantized weights' error on it to the offset term): mean-shifted, the code of
+            # point 0, −b_c/g_c, exactly; post-ReLU from the input's mean, one more reduction
+            # beside the maximum (Inductor takes both in one pass); static: none
+            centre = None
+            if mean is not None:
+                offset = offset + mean
+                centre = (-base / code_step).unsqueeze(0).expand(n, width, 1, 1)
+            elif self.mode == "dynamic":
+                centre = (x.mean((2, 3), keepdim=True) - offset) / step
+        return codes, step, offset, centre
+
+    def codes_by_thresholds(self, normalized: torch.Tensor,
+                            channels: slice = slice(None)) -> torch.Tensor:
         """The table's codes by a binary search of the sorted midpoints with no branch and no
         gather: compare ``j`` tests the midpoint that the ``j`` compares before it select
         (``torch.where`` over the candidates, one value per channel), and the ``b`` outcomes
@@ -195,14 +216,16 @@ class SubsetQuantize(nn.Module):
         Inductor fuses it into one vectorized kernel, where the table's data-dependent
         gather runs one element at a time; that pays up to 5 bits (:data:`THRESHOLD_BITS`;
         ``tools/dfsq_codes_timing.py``, docs/performance.md). Eager keeps the table, where
-        each select would be a pass of its own."""
-        view = (1, self.channels) + (1,) * (normalized.ndim - 2)
+        each select would be a pass of its own. ``channels``: the quantizer's channels that
+        ``normalized`` holds (all by default)."""
+        mids, point_codes = self.mids[:, channels], self.point_codes[:, channels]
+        view = (1, mids.shape[1]) + (1,) * (normalized.ndim - 2)
         outcomes: list[torch.Tensor] = []  # most significant first
         for level in range(self.bits):
             half = 2 ** (self.bits - level - 1)  # midpoint p·2·half + half − 1 splits prefix p
-            candidates = [self.mids[p * 2 * half + half - 1].view(view) for p in range(2 ** level)]
+            candidates = [mids[p * 2 * half + half - 1].view(view) for p in range(2 ** level)]
             outcomes.append(normalized > _select(candidates, outcomes))
-        codes = _select([c.view(view) for c in self.point_codes], outcomes)
+        codes = _select([c.view(view) for c in point_codes], outcomes)
         return codes.to(self.table.dtype)
 
     def extra_repr(self) -> str:

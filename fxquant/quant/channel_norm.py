@@ -40,12 +40,40 @@ def dynamic_stats_minmax(x: torch.Tensor, post_relu: bool, eps: float = EPS):
     with torch.no_grad():
         n, c = x.shape[0], x.shape[1]
         shape = (n, c) + (1,) * (x.ndim - 2)
-        lo, hi = torch.aminmax(x.reshape(n, c, -1), dim=2)
+        flat = x.reshape(n, c, -1)
+        chunks = reduction_chunks(flat.shape[2]) if torch.compiler.is_compiling() else 1
+        if chunks > 1:  # N × C × chunks × L: partial results per chunk, then across chunks
+            pieces = flat.unflatten(2, (chunks, -1))
+            lo, hi = torch.aminmax(pieces, dim=3)
+            lo, hi = lo.amin(2), hi.amax(2)
+        else:
+            lo, hi = torch.aminmax(flat, dim=2)
         lo, hi = lo.view(shape), hi.view(shape)
         if post_relu:
             return torch.maximum(-lo, hi) + eps, None, lo, hi
-        mean = x.mean(dim=tuple(range(2, x.ndim)), keepdim=True)
+        if chunks > 1:
+            mean = (pieces.sum(3).sum(2) / flat.shape[2]).view(shape)
+        else:
+            mean = x.mean(dim=tuple(range(2, x.ndim)), keepdim=True)
         return torch.maximum(hi - mean, mean - lo) + eps, mean, lo, hi
+
+
+# Inductor parallelizes a per-(n, c) reduction over its outer n·C/16 vector rows only: one
+# image of 48 channels is 3 rows for 2 threads, and each row strides through the whole map.
+# Split into chunks of the spatial positions it has n·C/16·chunks independent rows; a DFSQ
+# codes kernel's statistics take about a third less time (docs/performance.md). Eager keeps
+# one reduction (ATen's own kernels), so the fake-quantizer's statistics are unchanged;
+# minimum and maximum are exact either way, the mean moves by float rounding.
+MAX_REDUCTION_CHUNKS = 32
+
+
+def reduction_chunks(positions: int) -> int:
+    """The largest divisor of ``positions`` up to :data:`MAX_REDUCTION_CHUNKS`, leaving at
+    least 64 positions per chunk (1 for small maps)."""
+    for chunks in range(MAX_REDUCTION_CHUNKS, 1, -1):
+        if positions % chunks == 0 and positions // chunks >= 64:
+            return chunks
+    return 1
 
 
 def normalize(x: torch.Tensor, scale: torch.Tensor, mean: torch.Tensor | None) -> torch.Tensor:

@@ -3,7 +3,7 @@
 codes stay below the limit, hold the same values as the reference's, and make the one-plane
 int8 requantization of the folded weights finer for the channels with small steps;
 ``lower{planes=1}`` selects that one plane. A quantized concat is coded piece by piece
-(``daq_cat_pieces``), with the same result."""
+(``dynamic_cat_pieces``), with the same result."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from fxquant.errors import RecipeError
 from fxquant.lower.daq import DaqQuantize, balanced_multipliers
 from fxquant.lower.folded import CpuDaqConv2d, ReferenceDaqConv2d, requantize_folded
 from fxquant.lower.int8_pairs import needs_split
+from fxquant.lower.subset import SubsetQuantize
 from fxquant.quant import QuantConv2d
 from fxquant.quant.daq import DAQActivationQuantizer
 from fxquant.quant.daq_weights import DAQWeightQuantizer
@@ -218,11 +219,12 @@ class CatNet(nn.Module):
         return self.tail(torch.relu(self.fuse(torch.cat([self.left(h), self.right(h)], 1))))
 
 
-@pytest.mark.parametrize("recipe", ["daq-w4a4", "daq-mp4"])
+@pytest.mark.parametrize("recipe", ["daq-w4a4", "daq-mp4", "dfsq-w4a4", "dfsq-static-w4a4"])
 def test_a_quantized_concat_is_coded_piece_by_piece_with_the_same_result(recipe, monkeypatch):
-    """``lower{target=cpu}`` hands the concat's pieces to the DAQ codes module (no cat node
-    left in front of it) and the lowered model's output is bit-identical to coding the
-    concatenated tensor."""
+    """``lower{target=cpu}`` hands the concat's pieces to the DAQ or DFSQ codes module (no
+    cat node left in front of it) and the lowered model's output is bit-identical to coding
+    the concatenated tensor (DFSQ: the same codes; its per-channel mean, reduced over a piece
+    instead of a slice of the concat, may differ in the last bit, and the output with it)."""
     import fxquant.passes.lower as lower_pass
 
     torch.manual_seed(0)
@@ -232,12 +234,22 @@ def test_a_quantized_concat_is_coded_piece_by_piece_with_the_same_result(recipe,
     pieces = fxquant.lowered_copy(fake, "cpu")
     codes = [n for n in pieces.graph.nodes
              if isinstance(pieces.get_submodule(n.target) if n.op == "call_module" else None,
-                           DaqQuantize) and isinstance(n.args[0], list)]
+                           (DaqQuantize, SubsetQuantize)) and isinstance(n.args[0], list)]
     assert len(codes) == 1 and len(codes[0].args[0]) == 2
     assert not any(n.target in (torch.cat, torch.concat) for n in pieces.graph.nodes)
-    monkeypatch.setattr(lower_pass, "daq_cat_pieces", lambda gm: 0)
+    monkeypatch.setattr(lower_pass, "dynamic_cat_pieces", lambda gm: 0)
     whole = fxquant.lowered_copy(fake, "cpu")
     assert any(n.target is torch.cat for n in whole.graph.nodes)
     x = torch.rand(2, 3, 10, 9)
+    codes = {}
+    for name, model in (("pieces", pieces), ("whole", whole)):
+        module = model.get_submodule("fuse_input_codes")
+        module.register_forward_hook(lambda m, i, out, name=name: codes.update({name: out[0]}))
     with torch.no_grad():
-        assert torch.equal(pieces(x), whole(x))
+        a, b = pieces(x), whole(x)
+    if recipe.startswith("daq"):
+        assert torch.equal(a, b)
+    else:
+        assert len(codes["pieces"]) == 2  # the official set's codes: two uint8 planes
+        assert all(torch.equal(p, w) for p, w in zip(codes["pieces"], codes["whole"]))
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6 * float(b.abs().max()))

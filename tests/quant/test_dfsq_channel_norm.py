@@ -8,7 +8,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from fxquant.quant.channel_norm import fold_input_scale, fold_output_scale
+from fxquant.quant.channel_norm import (
+    MAX_REDUCTION_CHUNKS,
+    dynamic_stats_minmax,
+    fold_input_scale,
+    fold_output_scale,
+    reduction_chunks,
+)
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -56,3 +62,32 @@ def test_fold_rejects_bad_factors():
         fold_output_scale(conv, torch.tensor([1.0, -1.0, 1.0]))
     with pytest.raises(ValueError, match="2 factors for 3 channels"):
         fold_input_scale(conv, torch.ones(2))
+
+
+@given(st.integers(1, 10 ** 6))
+def test_reduction_chunks_divide_the_positions_into_chunks_of_at_least_64(positions):
+    chunks = reduction_chunks(positions)
+    assert 1 <= chunks <= MAX_REDUCTION_CHUNKS and positions % chunks == 0
+    assert chunks == 1 or positions // chunks >= 64
+    # the largest such divisor: none between it and the cap qualifies
+    assert not any(positions % k == 0 and positions // k >= 64
+                   for k in range(chunks + 1, MAX_REDUCTION_CHUNKS + 1))
+
+
+@pytest.mark.parametrize("post_relu", [False, True])
+def test_compiled_statistics_in_chunks_equal_the_eager_ones(post_relu):
+    """Under torch.compile the per-(image, channel) statistics reduce in chunks of the
+    positions (Inductor then has more rows to share among threads): the minimum and maximum
+    are exactly eager's, the mean and scale equal up to float rounding."""
+    x = torch.randn(2, 5, 24, 16).contiguous(memory_format=torch.channels_last)  # 384 → 6 chunks
+    if post_relu:
+        x = x.relu()
+    assert reduction_chunks(24 * 16) == 6
+    eager = dynamic_stats_minmax(x, post_relu)
+    compiled = torch.compile(dynamic_stats_minmax, fullgraph=True)(x, post_relu)
+    assert torch.equal(eager[2], compiled[2]) and torch.equal(eager[3], compiled[3])
+    torch.testing.assert_close(compiled[0], eager[0], rtol=1e-6, atol=0)
+    if post_relu:
+        assert eager[1] is None and compiled[1] is None
+    else:
+        torch.testing.assert_close(compiled[1], eager[1], rtol=0, atol=1e-6)
