@@ -12,8 +12,11 @@ forward (docs/performance.md, "Page faults"), so the ``lower`` pass for the ``cp
 for reuse, as the ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` environment variables
 would, but without asking the user to set them before the process starts.
 
-The setting is process-wide and only raises how much freed memory the process may keep (up
-to :data:`THRESHOLD` bytes); it changes no result. It is skipped where the C library is not
+The setting is process-wide and only raises how much freed memory the process may keep: blocks
+up to :data:`THRESHOLD` bytes come from the heap, and the heap's free top is never trimmed
+(a trim threshold of 1 GiB was not enough: lowered EDSR-baseline ×4 at 256², whose HR maps
+take 256 MB each, freed more than that at the top of the heap every forward and faulted
+120 000–200 000 pages back in on the next; docs/performance.md). It changes no result. It is skipped where the C library is not
 glibc, where the user chose malloc settings already (``MALLOC_*`` or ``GLIBC_TUNABLES`` in the
 environment: :func:`malloc_settings`), and with ``FXQUANT_KEEP_HEAP=0``.
 """
@@ -26,6 +29,7 @@ import platform
 from typing import Mapping
 
 THRESHOLD = 1 << 30  # bytes: mallopt takes an int, and no SR training block comes near 1 GiB
+NEVER_TRIM = -1  # M_TRIM_THRESHOLD -1: "disables trimming completely" (mallopt(3))
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
 OFF_SWITCH = "FXQUANT_KEEP_HEAP"
 
@@ -54,7 +58,7 @@ def keep_freed_blocks() -> bool:
     except OSError:
         return False
     _applied = bool(libc.mallopt(M_MMAP_THRESHOLD, THRESHOLD)) and \
-        bool(libc.mallopt(M_TRIM_THRESHOLD, THRESHOLD))
+        bool(libc.mallopt(M_TRIM_THRESHOLD, NEVER_TRIM))
     return _applied
 
 

@@ -50,6 +50,39 @@ def test_freed_blocks_are_reused_without_page_faults():
     assert sum(kept["faults"][-8:]) < 0.01 * sum(default["faults"][-8:])
 
 
+# three 400 MB blocks allocated, touched and freed last-first, as a forward at a large output
+# size does with its HR feature maps: more than 1 GiB freed at the top of the heap at once
+LARGE = """
+import json, resource, torch
+from fxquant.heap import keep_freed_blocks
+applied = keep_freed_blocks()
+faults = []
+for _ in range(8):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    blocks = [torch.empty(100_000_000) for _ in range(3)]
+    for block in blocks:
+        block.fill_(1.0)
+    del block
+    while blocks:
+        blocks.pop()
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps({"applied": applied, "faults": faults}))
+"""
+
+
+def test_more_than_a_gibibyte_freed_at_once_is_kept():
+    """The heap's top is never trimmed: with the 1 GiB trim threshold fxquant set before,
+    this probe gave all three blocks back to the system every round and faulted them in again
+    (292 936 pages a round)."""
+    clean = {k: v for k, v in os.environ.items() if k not in malloc_settings(os.environ)}
+    out = subprocess.run([sys.executable, "-c", LARGE], env={**clean, "OMP_NUM_THREADS": "1"},
+                         capture_output=True, text=True, check=True)
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["applied"] is True
+    assert result["faults"][0] > 1000  # the first round faults the blocks in ...
+    assert sum(result["faults"][-3:]) < 0.01 * result["faults"][0]  # ... then they stay
+
+
 def test_the_users_own_malloc_settings_win():
     assert probe(MALLOC_ARENA_MAX="2")["applied"] is False
     assert probe(GLIBC_TUNABLES="glibc.malloc.trim_threshold=1000")["applied"] is False
