@@ -31,3 +31,14 @@ def test_more_bits_mean_more_points_and_the_search_still_agrees(load_tool):
     forms = tool.forms(modules)
     x = torch.randn(1, tool.CHANNELS, 4, 4).contiguous(memory_format=torch.channels_last)
     assert torch.equal(forms["grid table (gather)"](x), forms["search"](x))
+
+
+def test_a_concat_coded_piece_by_piece_gives_the_codes_of_the_whole(load_tool):
+    tool = load_tool("dfsq_codes_timing")
+    forms = tool.concat_forms(3)
+    maps = [torch.randn(1, tool.CHANNELS, 5, 6).contiguous(memory_format=torch.channels_last)
+            for _ in range(3)]
+    whole, pieces = forms["concat, coded whole"](maps), forms["concat, coded piece by piece"](maps)
+    assert whole[0].shape == (1, 3 * tool.CHANNELS, 5, 6) and whole[0].dtype == torch.uint8
+    assert torch.equal(whole[0], pieces[0])
+    torch.testing.assert_close(whole[1], pieces[1], rtol=1e-6, atol=0)  # the steps
