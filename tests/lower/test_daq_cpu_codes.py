@@ -220,7 +220,8 @@ class CatNet(nn.Module):
 
 
 @pytest.mark.parametrize("recipe", ["daq-w4a4", "daq-mp4", "dfsq-w4a4", "dfsq-static-w4a4"])
-def test_a_quantized_concat_is_coded_piece_by_piece_with_the_same_result(recipe, monkeypatch):
+def test_a_quantized_concat_is_coded_piece_by_piece_with_the_same_result(recipe, monkeypatch,
+                                                                      tmp_path):
     """``lower{target=cpu}`` hands the concat's pieces to the DAQ or DFSQ codes module (no
     cat node left in front of it) and the lowered model's output is bit-identical to coding
     the concatenated tensor (DFSQ: the same codes; its per-channel mean, reduced over a piece
@@ -237,10 +238,14 @@ def test_a_quantized_concat_is_coded_piece_by_piece_with_the_same_result(recipe,
                            (DaqQuantize, SubsetQuantize)) and isinstance(n.args[0], list)]
     assert len(codes) == 1 and len(codes[0].args[0]) == 2
     assert not any(n.target in (torch.cat, torch.concat) for n in pieces.graph.nodes)
+    x = torch.rand(2, 3, 10, 9)
+    path = tmp_path / "pieces.fxq"  # a saved lowered model is rebuilt with the pieces again
+    fxquant.save(pieces, path)
+    with torch.no_grad():
+        assert torch.equal(fxquant.load(path, CatNet().eval())(x), pieces(x))
     monkeypatch.setattr(lower_pass, "dynamic_cat_pieces", lambda gm: 0)
     whole = fxquant.lowered_copy(fake, "cpu")
     assert any(n.target is torch.cat for n in whole.graph.nodes)
-    x = torch.rand(2, 3, 10, 9)
     codes = {}
     for name, model in (("pieces", pieces), ("whole", whole)):
         module = model.get_submodule("fuse_input_codes")
