@@ -60,8 +60,9 @@ def dynamic_stats_minmax(x: torch.Tensor, post_relu: bool, eps: float = EPS):
 
 # Inductor parallelizes a per-(n, c) reduction over its outer n·C/16 vector rows only: one
 # image of 48 channels is 3 rows for 2 threads, and each row strides through the whole map.
-# Split into chunks of the spatial positions it has n·C/16·chunks independent rows; a DFSQ
-# codes kernel's statistics take about a third less time (docs/performance.md). Eager keeps
+# Split into chunks of the spatial positions it has n·C/16·chunks independent rows (its gain
+# on a whole model is not measured apart, docs/performance.md "The concat's codes piece by
+# piece"). Eager keeps
 # one reduction (ATen's own kernels), so the fake-quantizer's statistics are unchanged;
 # minimum and maximum are exact either way, the mean moves by float rounding.
 MAX_REDUCTION_CHUNKS = 32
