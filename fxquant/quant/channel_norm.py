@@ -41,7 +41,9 @@ def dynamic_stats_minmax(x: torch.Tensor, post_relu: bool, eps: float = EPS):
         n, c = x.shape[0], x.shape[1]
         shape = (n, c) + (1,) * (x.ndim - 2)
         flat = x.reshape(n, c, -1)
-        chunks = reduction_chunks(flat.shape[2]) if torch.compiler.is_compiling() else 1
+        # Inductor only: an exported program would keep the divisibility as a guard
+        inductor = torch.compiler.is_compiling() and not torch.compiler.is_exporting()
+        chunks = reduction_chunks(flat.shape[2]) if inductor else 1
         if chunks > 1:  # N × C × chunks × L: partial results per chunk, then across chunks
             pieces = flat.unflatten(2, (chunks, -1))
             lo, hi = torch.aminmax(pieces, dim=3)
