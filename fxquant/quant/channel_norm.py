@@ -64,9 +64,8 @@ def dynamic_stats_minmax(x: torch.Tensor, post_relu: bool, eps: float = EPS):
 # image of 48 channels is 3 rows for 2 threads, and each row strides through the whole map.
 # Split into chunks of the spatial positions it has n·C/16·chunks independent rows (its gain
 # on a whole model is not measured apart, docs/performance.md "The concat's codes piece by
-# piece"). Eager keeps
-# one reduction (ATen's own kernels), so the fake-quantizer's statistics are unchanged;
-# minimum and maximum are exact either way, the mean moves by float rounding.
+# piece"). Eager keeps one reduction (ATen's own kernels), so the fake-quantizer's statistics
+# are unchanged; minimum and maximum are exact either way, the mean moves by float rounding.
 MAX_REDUCTION_CHUNKS = 32
 
 
