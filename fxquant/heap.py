@@ -13,10 +13,11 @@ for reuse, as the ``MALLOC_MMAP_THRESHOLD_``/``MALLOC_TRIM_THRESHOLD_`` environm
 would, but without asking the user to set them before the process starts.
 
 The setting is process-wide and only raises how much freed memory the process may keep: blocks
-up to :data:`THRESHOLD` bytes come from the heap, and the heap's free top is never trimmed
-(a trim threshold of 1 GiB was not enough: lowered EDSR-baseline ×4 at 256², whose HR maps
-take 256 MB each, freed more than that at the top of the heap every forward and faulted
-120 000–200 000 pages back in on the next; docs/performance.md). It changes no result. It is skipped where the C library is not
+up to :data:`THRESHOLD` bytes come from the heap, and the heap's free top is never trimmed.
+A trim threshold of 1 GiB was not enough: lowered EDSR-baseline ×4 at 256², whose HR maps
+take 256 MB each, gave more than that back after every forward and faulted it in again on
+the next (docs/performance.md, "The concat's codes piece by piece, and the heap's top
+kept"; ``tests/test_heap.py``). It changes no result. It is skipped where the C library is not
 glibc, where the user chose malloc settings already (``MALLOC_*`` or ``GLIBC_TUNABLES`` in the
 environment: :func:`malloc_settings`), and with ``FXQUANT_KEEP_HEAP=0``.
 """

@@ -42,6 +42,7 @@ from fxquant.errors import PassError
 from fxquant.lower.folded import LAYERS, lower_folded
 from fxquant.quant import UniformQuantizer
 from fxquant.quant.base import ones_if_missing
+from fxquant.quant.channel_norm import channel_mean
 from fxquant.quant.subset import (
     SubsetQuantizer,
     grid_exponent,
@@ -194,13 +195,14 @@ class SubsetQuantize(nn.Module):
             # the codes' expected value ĉ = (E[x] − β)/Δ (fxquant/lower/folded.py charges the
             # requantized weights' error on it to the offset term): mean-shifted, the code of
             # point 0, −b_c/g_c, exactly; post-ReLU from the input's mean, one more reduction
-            # beside the maximum (Inductor takes both in one pass); static: none
+            # beside the maximum over the same chunks (Inductor takes both in one pass);
+            # static: none
             centre = None
             if mean is not None:
                 offset = offset + mean
                 centre = (-base / code_step).unsqueeze(0).expand(n, width, 1, 1)
             elif self.mode == "dynamic":
-                centre = (x.mean((2, 3), keepdim=True) - offset) / step
+                centre = (channel_mean(x) - offset) / step
         return codes, step, offset, centre
 
     def codes_by_thresholds(self, normalized: torch.Tensor,

@@ -40,24 +40,39 @@ def dynamic_stats_minmax(x: torch.Tensor, post_relu: bool, eps: float = EPS):
     with torch.no_grad():
         n, c = x.shape[0], x.shape[1]
         shape = (n, c) + (1,) * (x.ndim - 2)
-        flat = x.reshape(n, c, -1)
-        # Inductor only: an exported program would keep the divisibility as a guard
-        inductor = torch.compiler.is_compiling() and not torch.compiler.is_exporting()
-        chunks = reduction_chunks(flat.shape[2]) if inductor else 1
-        if chunks > 1:  # N × C × chunks × L: partial results per chunk, then across chunks
-            pieces = flat.unflatten(2, (chunks, -1))
+        pieces = _position_chunks(x)
+        if pieces is not None:  # N × C × chunks × L: per chunk, then across chunks
             lo, hi = torch.aminmax(pieces, dim=3)
             lo, hi = lo.amin(2), hi.amax(2)
         else:
-            lo, hi = torch.aminmax(flat, dim=2)
+            lo, hi = torch.aminmax(x.reshape(n, c, -1), dim=2)
         lo, hi = lo.view(shape), hi.view(shape)
         if post_relu:
             return torch.maximum(-lo, hi) + eps, None, lo, hi
-        if chunks > 1:
-            mean = (pieces.sum(3).sum(2) / flat.shape[2]).view(shape)
-        else:
-            mean = x.mean(dim=tuple(range(2, x.ndim)), keepdim=True)
+        mean = channel_mean(x)
         return torch.maximum(hi - mean, mean - lo) + eps, mean, lo, hi
+
+
+def channel_mean(x: torch.Tensor) -> torch.Tensor:
+    """Per (n, c) mean over the positions, ``N × C × 1 × …``; under Inductor over the same
+    chunks as :func:`dynamic_stats_minmax`, so that it takes the same pass as the minimum and
+    maximum (the lowered DFSQ codes read a post-ReLU input's mean beside its maximum)."""
+    pieces = _position_chunks(x)
+    if pieces is None:
+        return x.mean(dim=tuple(range(2, x.ndim)), keepdim=True)
+    shape = tuple(x.shape[:2]) + (1,) * (x.ndim - 2)
+    return (pieces.sum(3).sum(2) / (pieces.shape[2] * pieces.shape[3])).view(shape)
+
+
+def _position_chunks(x: torch.Tensor) -> torch.Tensor | None:
+    """``x`` as ``N × C × chunks × L`` when compiled by Inductor and the positions split
+    (:func:`reduction_chunks`); None otherwise (eager, torch.export: one reduction). An
+    exported program would keep the divisibility as a guard."""
+    if not torch.compiler.is_compiling() or torch.compiler.is_exporting():
+        return None
+    flat = x.reshape(x.shape[0], x.shape[1], -1)
+    chunks = reduction_chunks(flat.shape[2])
+    return flat.unflatten(2, (chunks, -1)) if chunks > 1 else None
 
 
 # Inductor parallelizes a per-(n, c) reduction over its outer n·C/16 vector rows only: one

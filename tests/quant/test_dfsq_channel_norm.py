@@ -10,6 +10,7 @@ from torch import nn
 
 from fxquant.quant.channel_norm import (
     MAX_REDUCTION_CHUNKS,
+    channel_mean,
     dynamic_stats_minmax,
     fold_input_scale,
     fold_output_scale,
@@ -91,3 +92,6 @@ def test_compiled_statistics_in_chunks_equal_the_eager_ones(post_relu):
         assert eager[1] is None and compiled[1] is None
     else:
         torch.testing.assert_close(compiled[1], eager[1], rtol=0, atol=1e-6)
+    # the post-ReLU codes' centre reads the same chunked mean (fxquant/lower/subset.py)
+    torch.testing.assert_close(torch.compile(channel_mean, fullgraph=True)(x),
+                               x.mean((2, 3), keepdim=True), rtol=0, atol=1e-6)
