@@ -49,7 +49,7 @@ def dynamic_stats_minmax(x: torch.Tensor, post_relu: bool, eps: float = EPS):
         lo, hi = lo.view(shape), hi.view(shape)
         if post_relu:
             return torch.maximum(-lo, hi) + eps, None, lo, hi
-        mean = channel_mean(x)
+        mean = _mean(x, pieces)
         return torch.maximum(hi - mean, mean - lo) + eps, mean, lo, hi
 
 
@@ -57,7 +57,11 @@ def channel_mean(x: torch.Tensor) -> torch.Tensor:
     """Per (n, c) mean over the positions, ``N × C × 1 × …``; under Inductor over the same
     chunks as :func:`dynamic_stats_minmax`, so that it takes the same pass as the minimum and
     maximum (the lowered DFSQ codes read a post-ReLU input's mean beside its maximum)."""
-    pieces = _position_chunks(x)
+    return _mean(x, _position_chunks(x))
+
+
+def _mean(x: torch.Tensor, pieces: torch.Tensor | None) -> torch.Tensor:
+    """:func:`channel_mean` over the chunks :func:`_position_chunks` gave (None: at once)."""
     if pieces is None:
         return x.mean(dim=tuple(range(2, x.ndim)), keepdim=True)
     shape = tuple(x.shape[:2]) + (1,) * (x.ndim - 2)
