@@ -7,10 +7,8 @@ model two ways, interleaved, in one process:
 ``--compare layout`` (default): NCHW against channels-last input. ``--compare gradient``:
 both channels-last, the non-uniform quantizers' clipped straight-through gradient as the
 arithmetic ``q + (x − x.detach())·inside`` against the autograd function that replaced it
-(fxquant.quant.nonuniform.ClippedStraightThrough). ``--compare table-gradient``: both
-channels-last, the table look-up's gradient by autograd's ``index_add_`` against
-``scatter_add_`` (fxquant.quant.table_lookup.TableGather). For both gradient comparisons the
-tool also checks that the two forms give every parameter the same gradient, bit for bit.
+(fxquant.quant.nonuniform.ClippedStraightThrough); the tool also checks that both give every
+parameter the same gradient, bit for bit.
 
 This is the step the ``reconstruct`` pass (``channels_last``) and ``fxquant train``
 (``--channels-last``) repeat: every quantizer's parameters trainable, a batch of the recipe's
@@ -37,24 +35,10 @@ def arithmetic_straight_through(x, q, lo, hi):
     return q + (x - x.detach()) * ((x >= lo) & (x <= hi))
 
 
-class AutogradIndexSelect:
-    """The look-up TableGather replaced: ``index_select`` with autograd's own backward
-    (``index_add_``), the baseline of ``--compare table-gradient``."""
-
-    @staticmethod
-    def apply(table, index):
-        return torch.index_select(table, 0, index)
-
-
-# name → the two variants: (column, channels-last input, (patched name, replacement) or None)
-COMPARISONS = {
+COMPARISONS = {  # name → the two variants: (column, channels-last input, gradient form)
     "layout": (("NCHW", False, None), ("channels-last", True, None)),
-    "gradient": (("arithmetic STE", True, ("fxquant.quant.nonuniform.clipped_straight_through",
-                                           arithmetic_straight_through)),
+    "gradient": (("arithmetic STE", True, arithmetic_straight_through),
                  ("autograd function", True, None)),
-    "table-gradient": (("index_add_", True, ("fxquant.quant.table_lookup.TableGather",
-                                             AutogradIndexSelect)),
-                       ("scatter_add_", True, None)),
 }
 
 
@@ -87,7 +71,8 @@ def step_times(model: str, scale: int, recipe_name: str, rounds: int, batch: int
             x = calib[:batch].contiguous(memory_format=layout)
             for p in params:  # as the optimizer's zero_grad(set_to_none=True)
                 p.grad = None
-            swap = mock.patch(*form) if form else contextlib.nullcontext()
+            swap = (mock.patch("fxquant.quant.nonuniform.clipped_straight_through", form)
+                    if form else contextlib.nullcontext())
             with swap:
                 started = time.perf_counter()
                 (gm(x) - target).abs().mean().backward()
@@ -95,7 +80,7 @@ def step_times(model: str, scale: int, recipe_name: str, rounds: int, batch: int
             if round_:
                 times[name].append(elapsed)
             grads[name] = [p.grad for p in params]
-    if compare != "layout":
+    if compare == "gradient":
         first, second = (grads[name] for name, _, _ in variants)
         if not all(torch.equal(a, b) for a, b in zip(first, second)):
             raise SystemExit(f"train_layout: {model}: the two gradient forms disagree")
@@ -104,15 +89,11 @@ def step_times(model: str, scale: int, recipe_name: str, rounds: int, batch: int
 
 SECTIONS = {"layout": "## Training step layout (tools/train_layout.py)",
             "gradient": "## Training step: the clipped straight-through gradient "
-                        "(tools/train_layout.py)",
-            "table-gradient": "## Training step: the table gradient (tools/train_layout.py)"}
+                        "(tools/train_layout.py)"}
 NOTES = {"layout": "ratio = NCHW time / channels-last time (above 1: channels-last is faster)",
          "gradient": "both channels-last; ratio = arithmetic-STE time / autograd-function time "
                      "(above 1: the function is faster); both gave every parameter the same "
-                     "gradient, bit for bit",
-         "table-gradient": "both channels-last; ratio = `index_add_` time / `scatter_add_` time "
-                           "(above 1: `scatter_add_` is faster); both gave every parameter the "
-                           "same gradient, bit for bit"}
+                     "gradient, bit for bit"}
 
 
 def render(rows: dict[str, dict[str, list[float]]], args, command: str) -> str:

@@ -1,8 +1,7 @@
 """Nearest-level look-ups through a table, shared by the non-uniform (I²NQ) and subset (DFSQ)
 quantizers and their lowered codes: a float index of integer values, flattened in the input's
 memory order and cast once to int32, then one ``index_select`` (about 8× faster than a
-comparison per level, and than int64 indices or ``torch.take``). Training sends the gradient
-back to the table with ``scatter_add_`` (:class:`TableGather`)."""
+comparison per level, and than int64 indices or ``torch.take``)."""
 
 from __future__ import annotations
 
@@ -28,32 +27,10 @@ def flat_index(index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return (index if order is None else index.permute(order)).to(torch.int32).reshape(-1)
 
 
-class TableGather(torch.autograd.Function):
-    """``index_select(table, 0, index)`` for a 1-D table, whose backward sums the gradient into
-    the table with ``scatter_add_`` instead of autograd's ``index_add_``: the same serial sum
-    in index order, so the same bits, in about two thirds of the time on CPU
-    (docs/performance.md, "Training step: the table gradient")."""
-
-    @staticmethod
-    def forward(ctx, table, index):
-        ctx.save_for_backward(index)
-        ctx.size = table.shape[0]
-        return torch.index_select(table, 0, index)
-
-    @staticmethod
-    def backward(ctx, grad):
-        (index,) = ctx.saved_tensors
-        if not ctx.needs_input_grad[0]:
-            return None, None
-        return grad.new_zeros(ctx.size).scatter_add_(0, index.long(), grad.contiguous()), None
-
-
 def lookup(table: torch.Tensor, index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``table`` (flattened) at ``index`` (:func:`flat_index` for ``like``), in the shape and
     memory layout of ``like``."""
-    flat = table.reshape(-1)
-    values = (TableGather.apply(flat, index) if flat.requires_grad and torch.is_grad_enabled()
-              else torch.index_select(flat, 0, index))
+    values = torch.index_select(table.reshape(-1), 0, index)
     order = memory_order(like)
     if order is None:
         return values.reshape(like.shape)
