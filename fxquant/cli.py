@@ -98,11 +98,13 @@ def cmd_compile(args: argparse.Namespace) -> int:
                      dump_dir=args.dump_dir)
     fxquant.save(models.quant_model, args.out, model_name=None if source.is_user else args.model,
                  scale=models.scale, user_model=source.reference())
-    summary = {"out": args.out, "pipeline": models.quant_model.fxquant_pipeline,
-               "passes": [{"pass": p, **info} for p, info in models.quant_model.fxquant_history]}
+    gm = models.quant_model
+    summary = {"out": args.out, "pipeline": gm.fxquant_pipeline,
+               "passes": [{"pass": p, "wall_s": round(seconds, 2), **info} for (p, info), seconds
+                          in zip(gm.fxquant_history, gm.fxquant_pass_seconds)]}
     print(json.dumps(summary) if args.json else
           f"saved {args.out}\npipeline: {summary['pipeline']}\n" +
-          "\n".join(f"  {p['pass']}: {p}" for p in summary["passes"]))
+          "\n".join(f"  {p['pass']} ({p['wall_s']:.1f} s): {p}" for p in summary["passes"]))
     return 0
 
 

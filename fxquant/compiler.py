@@ -68,6 +68,7 @@ def compile(model: nn.Module, recipe: RecipeLike = "minmax-w8a8", calib: object 
     gm.fxquant_recipe = recipe
     gm.fxquant_pipeline = manager.spec
     gm.fxquant_history = list(ctx.history)
+    gm.fxquant_pass_seconds = list(ctx.seconds)  # wall time of each history entry
     gm.fxquant_concrete_args = dict(concrete_args or {})
     return gm
 
@@ -77,7 +78,7 @@ def compiled_copy(gm: fx.GraphModule) -> fx.GraphModule:
     included (GraphModule's deepcopy keeps modules and graph, not these attributes)."""
     result = copy.deepcopy(gm)
     for name in ("fxquant_recipe", "fxquant_concrete_args", "fxquant_pipeline",
-                 "fxquant_history"):
+                 "fxquant_history", "fxquant_pass_seconds"):
         if hasattr(gm, name):
             setattr(result, name, copy.copy(getattr(gm, name)))
     return result
@@ -109,6 +110,7 @@ def transformed_copy(gm: fx.GraphModule, pipeline, *, calib: object = None,
     result.fxquant_recipe = recipe
     result.fxquant_pipeline = f"{gm.fxquant_pipeline},{manager.spec}"
     result.fxquant_history = list(gm.fxquant_history) + ctx.history
+    result.fxquant_pass_seconds = list(getattr(gm, "fxquant_pass_seconds", [])) + ctx.seconds
     return result
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import time
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,8 @@ class PassContext:
     ``calib`` is a list of input batches (each a tuple of model arguments); ``calibrate``
     is false when a compiled model is being rebuilt for loading, so passes build their
     modules' structure without statistics. ``state`` carries data between passes.
+    ``history`` gets each pass's spec and info, ``seconds`` its wall time (the pass and the
+    verification after it), in the same order.
     """
 
     recipe: Recipe
@@ -52,6 +55,7 @@ class PassContext:
     progress: bool = False
     state: dict = field(default_factory=dict)
     history: list[tuple[str, dict]] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
 
 
 class Pass:
@@ -216,6 +220,7 @@ class PassManager:
         done: list[str] = []
         current: Any = module
         for index, p in enumerate(passes):
+            started = time.perf_counter()
             try:
                 result = p(current, ctx)
             except FxquantError as exc:
@@ -240,6 +245,7 @@ class PassManager:
                     raise PassError(p.name, f"graph does not verify: {exc}",
                                     previous=tuple(done)) from None
             ctx.history.append((p.spec(), dict(result.info)))
+            ctx.seconds.append(time.perf_counter() - started)
             done.append(p.name)
             if self.dump_dir is not None:
                 dump = self.dump_fn or _default_dump

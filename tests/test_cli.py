@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -67,7 +68,9 @@ def test_eval_scores_a_saved_compiled_model_as_it_scores_the_compile(tmp_path, c
     saved = str(tmp_path / "f.fxq")
     assert main(["compile", "--model", "fsrcnn", "--scale", "2", "--recipe", "minmax-w8a8",
                  "--out", saved]) == 0
-    capsys.readouterr()
+    printed = capsys.readouterr().out  # every pass with its wall time
+    assert re.findall(r"^  ([\w-]+) \(\d+\.\d s\): ", printed, re.M) == [
+        "trace", "observe", "calibrate", "quantize", "verify"]
     common = ["--datasets", "Set5", "--limit", "1", "--json"]
     assert main(["eval", "--model", "fsrcnn", "--scale", "2", "--recipe", "minmax-w8a8",
                  *common]) == 0

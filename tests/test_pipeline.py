@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -59,6 +60,24 @@ class _Explode(Pass):
 
     def __call__(self, gm, ctx):
         raise ZeroDivisionError("boom")
+
+
+@register_pass
+@dataclass(frozen=True)
+class _Sleep(Pass):
+    name: ClassVar[str] = "test-sleep"
+
+    def __call__(self, gm, ctx):
+        time.sleep(0.05)
+        return PassResult(gm, False, {})
+
+
+def test_each_pass_wall_time_is_recorded_beside_its_history(tiny_sr):
+    ctx = PassContext(Recipe())
+    PassManager("trace,test-sleep,verify").run(tiny_sr, ctx)
+    assert [name for name, _ in ctx.history] == ["trace", "test-sleep", "verify"]
+    assert len(ctx.seconds) == 3 and all(s >= 0 for s in ctx.seconds)
+    assert 0.05 <= ctx.seconds[1] < 5 and ctx.seconds[2] < ctx.seconds[1]
 
 
 def test_verifier_names_the_failing_pass_and_node(tiny_sr):
