@@ -122,6 +122,14 @@ def _decide(plan: TablePlan, key: str, known: dict, current: dict, force: bool) 
     return None
 
 
+def pass_seconds(gm) -> list[list]:
+    """``[[pass name, seconds], ...]`` of a compile, in pipeline order (where its time went)."""
+    if gm is None or not hasattr(gm, "fxquant_pass_seconds"):
+        return []
+    return [[spec.split("{")[0], round(seconds, 1)]
+            for (spec, _), seconds in zip(gm.fxquant_history, gm.fxquant_pass_seconds)]
+
+
 def run_table(config: str | Path, out: str | Path, *, data_root: str | None = None,
               force: bool = False, dry_run: bool = False) -> dict:
     """Run every cell of ``config`` that is missing from its store or stale (every cell with
@@ -152,6 +160,7 @@ def run_table(config: str | Path, out: str | Path, *, data_root: str | None = No
                          data_root=data_root, progress=True)
         compile_s = time.perf_counter() - started
         which = "fp" if recipe == FP else "quant"
+        passes = pass_seconds(models.quant_model)
         scores = evaluate_sets(models.runner(which), models.spec, scale, [ds for ds, _ in cells],
                                data_root=data_root, limit=limit, progress=True,
                                label=f"{model} x{scale} {recipe}")
@@ -160,7 +169,7 @@ def run_table(config: str | Path, out: str | Path, *, data_root: str | None = No
                 "model": model, "scale": scale, "recipe": recipe, "dataset": ds,
                 "limit": limit, "psnr": score.psnr, "ssim": score.ssim,
                 "images": len(score.images), "compile_s": round(compile_s, 2),
-                "fingerprint": current}
+                **({"pass_s": passes} if passes else {}), "fingerprint": current}
         atomic_write_text(store, store_text(results), "results store")
         print(f"{model} x{scale} {recipe}: " + ", ".join(
             f"{ds} {s.psnr:.3f}/{s.ssim:.4f}" for ds, s in scores.items()), flush=True)

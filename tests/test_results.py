@@ -79,8 +79,14 @@ def test_headline_marks_the_best_quantized_result_of_each_row():
     assert "| pan | Set5 | 32.10 | 29.20 | 29.40 | **30.90** |" in text
 
 
+class FakeCompiled:  # what a compile records: each pass and its wall time
+    fxquant_history = [("trace", {"nodes": 3}), ("reconstruct{steps=5}", {"steps": 5})]
+    fxquant_pass_seconds = [0.04, 12.34]
+
+
 class FakeModels:
     spec = None
+    quant_model = FakeCompiled()
 
     def runner(self, which):
         return which
@@ -127,6 +133,7 @@ def test_run_table_runs_only_missing_cells_and_reuses_fp_from_other_stores(tmp_p
     stored = run_table(config, out, data_root=root)
     assert calls == [("daq-w3a3", ("Set5",))]  # FP came from uniform.json, daq-w4a4 was stored
     assert stored["imdn|x4|daq-w3a3|Set5|all"]["psnr"] == 28.7
+    assert stored["imdn|x4|daq-w3a3|Set5|all"]["pass_s"] == [["trace", 0.0], ["reconstruct", 12.3]]
     assert stored["imdn|x4|fp|Set5|all"]["psnr"] == 32.2
     assert "| imdn | daq-w3a3 | 28.70 / 0.8000 (-3.50) |" in out.read_text()
     run_table(config, out, data_root=root)  # everything present: nothing runs

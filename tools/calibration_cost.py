@@ -35,6 +35,37 @@ def cost_table(entries: dict, scale: int, recipes: list[str] | None) -> dict:
     return table
 
 
+def pass_split(entries: dict, scale: int, recipes: list[str] | None) -> dict:
+    """``{(recipe, model): (compile_s, [[pass, seconds], ...])}`` for the cells that recorded their passes'
+    wall times (``pass_s``, stored since the passes were timed)."""
+    return {(e["recipe"], e["model"]): (e["compile_s"], e["pass_s"]) for e in entries.values()
+            if e.get("pass_s") and e["scale"] == scale and (not recipes or e["recipe"] in recipes)}
+
+
+def render_split(split: dict, share: float = 0.02) -> str:
+    """One line per (preset, model): the passes that took at least ``share`` of the compile,
+    the rest summed, and what the compile spent outside the passes (model build, reading the
+    calibration patches)."""
+    lines = ["", "Where the time went, per pass (wall seconds, the `pass_s` stored with each "
+             f"cell; passes under {share:.0%} of the compile summed as *other*):", "",
+             "| preset | model | compile | passes | outside the passes |",
+             "|---|---|---:|---|---:|"]
+    for (recipe, model), (compile_s, passes) in sorted(
+            split.items(), key=lambda kv: (recipe_sort_key(kv[0][0]), kv[0][1])):
+        total = sum(seconds for _, seconds in passes)
+        big = [(name, s) for name, s in passes if s >= share * compile_s]
+        rest = total - sum(s for _, s in big)
+        parts = [f"{name} {_seconds(s)}" for name, s in big] + (
+            [f"other {_seconds(rest)}"] if rest else [])
+        lines.append(f"| `{recipe}` | {model} | {compile_s:.0f} | {', '.join(parts)} | "
+                     f"{compile_s - total:.0f} |")
+    return "\n".join(lines) + "\n"
+
+
+def _seconds(value: float) -> str:
+    return f"{value:.1f}" if value < 10 else f"{value:.0f}"
+
+
 def render(table: dict, scale: int, budget: float, command: str) -> str:
     models = sorted({m for row in table.values() for m in row})
     lines = [SECTION, "", f"`{command}`", "",
@@ -65,7 +96,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         recipes = args.recipes.split(",") if args.recipes else None
-        table = cost_table(load_all_stores(args.results), args.scale, recipes)
+        entries = load_all_stores(args.results)
+        table = cost_table(entries, args.scale, recipes)
         if not table:
             raise FxquantError(f"no stored result at x{args.scale} in {args.results}"
                                + (f" for {args.recipes}" if args.recipes else ""))
@@ -73,6 +105,9 @@ def main(argv=None) -> int:
             f" --{k} {v}" for k, v in (("scale", args.scale), ("recipes", args.recipes))
             if v is not None and not (k == "scale" and v == 4))
         text = render(table, args.scale, args.budget, command)
+        split = pass_split(entries, args.scale, recipes)
+        if split:
+            text += render_split(split)
         if args.write:
             write_section(args.write, SECTION, text)
         print(text)

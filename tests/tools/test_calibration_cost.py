@@ -33,6 +33,21 @@ def test_one_row_per_preset_and_the_budget_marked(tool, tmp_path):
     assert "| `mse-w4a4` | — | 49 |" in text and "| `fp`" not in text
 
 
+def test_the_passes_wall_times_split_each_compile(tool, tmp_path, capsys):
+    timed = {**entry("carn_m", 4, "recon-w4a4", "Set5", 900.0),
+             "pass_s": [["trace", 0.3], ["calibrate", 58.0], ["fswa", 23.0],
+                        ["reconstruct", 780.0], ["verify", 0.1]]}
+    store = {"carn_m|x4|recon-w4a4|Set5|all": timed,
+             "imdn|x4|recon-w4a4|Set5|all": entry("imdn", 4, "recon-w4a4", "Set5", 500.0)}
+    (tmp_path / "a.json").write_text(json.dumps(store))
+    assert tool.main(["--results", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    # passes under 2 % of the 900 s summed as other; 38.6 s spent outside the passes
+    assert ("| `recon-w4a4` | carn_m | 900 | calibrate 58, fswa 23, reconstruct 780, other 0.4 | 39 |"
+            in text)
+    assert "| imdn |" not in text.split("Where the time went")[1]  # no pass times stored
+
+
 def test_nothing_stored_is_an_error(tool, tmp_path, capsys):
     assert tool.main(["--results", str(tmp_path), "--scale", "3"]) == 2
     assert "no stored result at x3" in capsys.readouterr().err
