@@ -135,6 +135,36 @@ def test_the_float_model_runs_once_per_calibration_batch(tiny_sr, calib, monkeyp
     assert teacher == student
 
 
+@pytest.mark.parametrize("recipe, head", [
+    ("minmax-w4a4", "trace,observe,calibrate,quantize,"),
+    ("i2nq-w4a4", "trace,observe{observer=samples},calibrate,nonuniform-quant,fswa,")])
+def test_held_out_evaluations_leave_the_training_path_alone(tiny_sr, calib, monkeypatch, recipe,
+                                                            head):
+    """How often the held-out loss is measured (``eval_every``) changes which step is kept,
+    never the steps themselves: with the last step always kept, evaluating after every step
+    and only at the end give the same parameters bit for bit (what lets a preset evaluate
+    less often to save time without changing a result that is best at its last step)."""
+    from fxquant.train.engine import Trainer
+
+    evaluate = Trainer._evaluate
+
+    def keep_last(self, train_loss):
+        stop = evaluate(self, train_loss)
+        self.best = [p.detach().clone() for p in self.params]
+        return stop
+
+    monkeypatch.setattr(Trainer, "_evaluate", keep_last)
+    states = []
+    for every in (1, 30):
+        pipeline = head + f"reconstruct{{steps=30,eval_every={every},patience=100}},verify"
+        gm = fxquant.compile(tiny_sr, recipe, calib=calib, pipeline=pipeline)
+        info = next(i for spec, i in gm.fxquant_history if spec.startswith("reconstruct"))
+        assert len(info["history"]) == 30 // every
+        states.append(gm.state_dict())
+    a, b = states
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 BLOCKS = UNIFORM.replace("patience=10}", "patience=10,granularity=block}")
 
 
