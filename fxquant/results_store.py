@@ -132,7 +132,18 @@ def load_store(path: str | os.PathLike) -> dict:
         if not isinstance(entry, dict) or any(f not in entry for f in ENTRY_FIELDS):
             raise StoreError(f"{path}: entry '{key}' is not a result (expected an object with "
                              f"{', '.join(ENTRY_FIELDS)}); {fix}")
+        if "pass_s" in entry and not _is_pass_seconds(entry["pass_s"]):
+            raise StoreError(f"{path}: entry '{key}' has 'pass_s' {entry['pass_s']!r}; expected "
+                             "a list of [pass name, seconds] pairs, e.g. [[\"calibrate\", 40.3]]; "
+                             f"{fix}")
     return data
+
+
+def _is_pass_seconds(value) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(pair, list) and len(pair) == 2 and isinstance(pair[0], str)
+        and isinstance(pair[1], (int, float)) and not isinstance(pair[1], bool) and pair[1] >= 0
+        for pair in value)
 
 
 def load_all_stores(folder: str | os.PathLike) -> dict:

@@ -258,6 +258,10 @@ def test_bad_configs_name_the_file_and_key(tmp_path, capsys, content, message):
     ('{"imdn|x4|fp|Set5|all": 32.1}', "entry 'imdn|x4|fp|Set5|all' is not a result"),
     ('{"a": {"model": "imdn"}}', "entry 'a' is not a result"),
     (b"\x80\x81binary", "is not UTF-8 text"),
+    (json.dumps({"a": {**_row("imdn", "fp", "Set5", 32.2), "pass_s": [["trace", -1]]}}),
+     r"entry 'a' has 'pass_s' \[\['trace', -1\]\]; expected a list of \[pass name, seconds\]"),
+    (json.dumps({"a": {**_row("imdn", "fp", "Set5", 32.2), "pass_s": {"trace": 0.1}}}),
+     "entry 'a' has 'pass_s'"),
 ])
 def test_corrupt_or_foreign_stores_are_clear_errors(tmp_path, fake_run, content, message):
     calls, root = fake_run
