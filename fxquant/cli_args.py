@@ -5,6 +5,7 @@ types, the own-model flags, the model flags of eval/compile, and the compiled-mo
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 
@@ -39,6 +40,24 @@ def _int_at_least(minimum: int, meaning: str):
 
 positive_int = _int_at_least(1, "1 or more")
 non_negative_int = _int_at_least(0, "0 or more")
+
+
+def _finite_float(strictly_positive: bool, meaning: str):
+    """An argparse type: a finite float > 0 (or >= 0); ``--budget nan`` would compare false
+    with everything and silently mark nothing."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        if not math.isfinite(value) or value < 0 or (strictly_positive and value == 0):
+            raise argparse.ArgumentTypeError(f"{text} must be a finite number {meaning}")
+        return value
+    return parse
+
+
+positive_float = _finite_float(True, "above 0")
+non_negative_float = _finite_float(False, "0 or more")
 
 
 MODEL_HELP = ("zoo model name (see `fxquant models`), or your own: path/to/file.py:ClassName "

@@ -21,6 +21,7 @@ import time
 import torch
 
 import fxquant
+from fxquant.cli_args import positive_float
 from fxquant.models import build_model, get_spec
 from fxquant.pipeline import PassContext, PassManager
 from fxquant.quant.exhaustive_selection import exhaustive_select, subset_count
@@ -65,7 +66,7 @@ def main() -> None:
                         help="calibration values of the channel (the recipes' per-channel cap)")
     parser.add_argument("--words", default="1,2,3,4,5")
     parser.add_argument("--bits", default="1,2,3,4")
-    parser.add_argument("--budget", type=float, default=20.0,
+    parser.add_argument("--budget", type=positive_float, default=20.0,
                         help="seconds per exhaustive run before extrapolating")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-pin-zero", action="store_true",

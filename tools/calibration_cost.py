@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from fxquant.cli_args import positive_float
 from fxquant.errors import FxquantError
 from fxquant.markdown import write_section
 from fxquant.results import recipe_sort_key
@@ -91,7 +92,7 @@ def main(argv=None) -> int:
     parser.add_argument("--results", default="docs/results", help="folder of the JSON stores")
     parser.add_argument("--scale", type=int, default=4)
     parser.add_argument("--recipes", help="comma-separated presets (default: all stored)")
-    parser.add_argument("--budget", type=float, default=900.0, help="seconds (default 900)")
+    parser.add_argument("--budget", type=positive_float, default=900.0, help="seconds (default 900)")
     parser.add_argument("--write", help="replace the section of this Markdown file")
     args = parser.parse_args(argv)
     try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from fxquant.cli_args import non_negative_float
 from fxquant.errors import FxquantError
 from fxquant.results import load_all_stores
 from fxquant.workflow import evaluate_sets, prepare
@@ -26,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dataset", default="Set5")
     parser.add_argument("--models", help="comma-separated (default: every stored model)")
     parser.add_argument("--recipes", help="comma-separated (default: every stored recipe)")
-    parser.add_argument("--tol", type=float, default=0.01)
+    parser.add_argument("--tol", type=non_negative_float, default=0.01)
     parser.add_argument("--data", help="data root (default: $FXQUANT_DATA)")
     args = parser.parse_args(argv)
     whole_sets = [r for r in load_all_stores(RESULTS).values()

@@ -51,3 +51,11 @@ def test_the_passes_wall_times_split_each_compile(tool, tmp_path, capsys):
 def test_nothing_stored_is_an_error(tool, tmp_path, capsys):
     assert tool.main(["--results", str(tmp_path), "--scale", "3"]) == 2
     assert "no stored result at x3" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("budget", ["nan", "inf", "-5", "0", "ten"])
+def test_a_budget_that_is_not_a_positive_number_is_refused(tool, tmp_path, capsys, budget):
+    with pytest.raises(SystemExit) as stop:  # nan would mark nothing and print "nan-minute"
+        tool.main(["--results", str(tmp_path), "--budget", budget])
+    assert stop.value.code == 2
+    assert "argument --budget:" in capsys.readouterr().err
