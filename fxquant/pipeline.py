@@ -62,6 +62,9 @@ class Pass:
     """Base class of every pass. Subclasses are frozen dataclasses with ``name`` set."""
 
     name: ClassVar[str] = ""
+    # True for a pass that reuses the graph outputs ``calibrate`` computed for each batch:
+    # calibrate keeps them (ctx.state["calibration_outputs"]) only when a pass of the run says so
+    reads_calibration_outputs: ClassVar[bool] = False
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:  # pragma: no cover
         raise NotImplementedError
@@ -217,6 +220,7 @@ class PassManager:
             passes.insert(0, registered_passes()["trace"]())
         if self.dump_dir is not None:
             prepare_dump_dir(self.dump_dir)
+        ctx.state["keep_calibration_outputs"] = any(p.reads_calibration_outputs for p in passes)
         done: list[str] = []
         current: Any = module
         for index, p in enumerate(passes):

@@ -22,7 +22,10 @@ class CalibratePass(Pass):
 
     The graph is not changed; observers (and any module with calibration state) record
     statistics. ``batches`` limits how many batches are used. Skipped when a compiled model
-    is being rebuilt for loading (``ctx.calibrate`` false). A batch the model cannot run
+    is being rebuilt for loading (``ctx.calibrate`` false). When a later pass reuses them
+    (``reconstruct``: the float model's outputs, its distillation targets), the graph's
+    outputs are kept by batch index in ``ctx.state["calibration_outputs"]`` (in-memory
+    batches only; streamed ones are not held). A batch the model cannot run
     (wrong channel count, wrong rank) is a ``CalibrationError`` naming the batch and its shape.
     """
 
@@ -43,13 +46,17 @@ class CalibratePass(Pass):
         batches = as_batches(ctx.calib, ctx.recipe.calibration.batch_size)
         if self.batches is not None:
             batches = batches[: self.batches]
+        keep = ctx.state.get("keep_calibration_outputs", False) and isinstance(batches, list)
+        outputs: dict[int, object] = {}
         was_training = gm.training
         gm.eval()
         with torch.no_grad():
             for index, batch in enumerate(tqdm(batches, desc="calibrate",
                                                disable=not ctx.progress, leave=False)):
                 try:
-                    gm(*batch)
+                    out = gm(*batch)
+                    if keep:
+                        outputs[index] = out
                 except FxquantError:
                     raise
                 except Exception as exc:  # wrong channels or rank: torch's message, with the batch
@@ -62,5 +69,7 @@ class CalibratePass(Pass):
                         f"model: {type(exc).__name__}: {exc}; give batches the float model "
                         f"accepts as input{pair}") from exc
         gm.train(was_training)
+        if keep:
+            ctx.state["calibration_outputs"] = outputs
         return PassResult(gm, False, {"batches": len(batches),
                                       "samples": sum(b[0].shape[0] for b in batches)})

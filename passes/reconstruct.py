@@ -77,6 +77,7 @@ class ReconstructPass(Pass):
     """
 
     name: ClassVar[str] = "reconstruct"
+    reads_calibration_outputs: ClassVar[bool] = True
     steps: int = 500
     lr: float = 1e-3
     rounding_lr: float = 1e-2
@@ -132,13 +133,30 @@ class ReconstructPass(Pass):
         # streamed batches (LazyBatches) are new tensors on every read: no cache
         targets: dict[int, tuple] = {}
         cache = isinstance(batches, list) and not (self.feature_weight and names)
+        # calibrate ran the same batches through the observed graph, whose outputs are the
+        # float model's when its observers only watch: reused once one batch shows them equal
+        # bit for bit (CARN-M x4, 512 patches: 64 float forwards, ~19 s)
+        calibrated = ctx.state.pop("calibration_outputs", None) or {}
+        index_of = {id(b[0]): i for i, b in enumerate(batches)} if cache and calibrated else {}
+
+        checked = False
 
         def teacher_outputs(batch):
+            nonlocal checked
             if not cache:
                 return teacher_f(*batch)
             key = id(batch[0])  # the list keeps every batch alive: ids are not reused
             if key not in targets:
-                targets[key] = (teacher_f(*batch)[0], None)
+                known = calibrated.pop(index_of.get(key, -1), None)
+                if known is not None and checked:
+                    targets[key] = (known, None)
+                else:
+                    computed = teacher_f(*batch)[0]
+                    if known is not None:  # the first one: compared
+                        checked = True
+                        if not _equal(known, computed):
+                            calibrated.clear()  # not the float model's outputs: compute all
+                    targets[key] = (computed, None)
             return targets[key]
 
         def loss_fn(batch):
@@ -238,6 +256,15 @@ class ReconstructPass(Pass):
                         and source.name not in names and source.op != "placeholder":
                     names.append(source.name)
         return names
+
+
+def _equal(a, b) -> bool:
+    """Outputs equal bit for bit (a tensor, or tuples/lists of them)."""
+    if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor):
+        return a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b)
+    if isinstance(a, (tuple, list)) and isinstance(b, (tuple, list)) and len(a) == len(b):
+        return all(_equal(x, y) for x, y in zip(a, b))
+    return False
 
 
 def _qdrop(gm: fx.GraphModule, drop: float, seed: int) -> list:

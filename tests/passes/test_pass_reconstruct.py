@@ -5,12 +5,16 @@ train is refused by name."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import pytest
 import torch
 
 import fxquant
 from fxquant.errors import PassError
 from fxquant.lower.codebook import CodebookQuantize
+from fxquant.pipeline import Pass, PassResult, register_pass
 from fxquant.quant import QuantConv2d, UniformQuantizer
 from fxquant.quant.nonuniform import NonUniformQuantizer
 
@@ -105,9 +109,8 @@ def test_qdrop_probability_must_lie_in_0_1():
                         pipeline="trace,observe,calibrate,quantize,reconstruct{drop=1.0}")
 
 
-def test_the_float_model_runs_once_per_calibration_batch(tiny_sr, calib, monkeypatch):
-    """Without the feature loss the teacher's outputs are computed once per batch and reused
-    by every step and held-out evaluation; with it, every step."""
+def _count_calls(monkeypatch) -> list:
+    """Calls of the student's and the teacher's graph in the reconstruct pass, in that order."""
     import fxquant.passes.reconstruct as module
 
     calls = []
@@ -124,10 +127,43 @@ def test_the_float_model_runs_once_per_calibration_batch(tiny_sr, calib, monkeyp
         return run
 
     monkeypatch.setattr(module, "with_outputs", counting)
+    return calls
+
+
+@register_pass
+@dataclass(frozen=True)
+class _ChangeCalibrationOutputs(Pass):
+    """Test pass: what calibrate kept no longer equals the float model's outputs (``drop``:
+    or is gone)."""
+    name: ClassVar[str] = "test-change-calibration-outputs"
+    drop: bool = False
+
+    def __call__(self, gm, ctx):
+        kept = ctx.state["calibration_outputs"]
+        if self.drop:
+            kept.clear()
+        for index in kept:
+            kept[index] = kept[index] + 1
+        return PassResult(gm, False, {})
+
+
+def test_the_float_model_runs_once_per_calibration_batch(tiny_sr, calib, monkeypatch):
+    """Without the feature loss the teacher's outputs are computed once per batch and reused
+    by every step and held-out evaluation; calibrate's forward of the same batches already
+    gave them, so the float model runs once, to check that they are its outputs. With the
+    feature loss it runs every step."""
+    calls = _count_calls(monkeypatch)
     batches = len(calib) // fxquant.resolve_recipe("minmax-w4a4").calibration.batch_size
-    fxquant.compile(tiny_sr, "minmax-w4a4", calib=calib, pipeline=UNIFORM)
+    reused = fxquant.compile(tiny_sr, "minmax-w4a4", calib=calib, pipeline=UNIFORM).state_dict()
     student, teacher = calls
-    assert teacher == batches and student > 40
+    assert teacher == 1 and student > 40
+    for change, runs in (("drop=True", batches), ("", batches)):  # none kept, or wrong ones
+        calls.clear()
+        pipeline = UNIFORM.replace("quantize,", f"quantize,test-change-calibration-outputs{{{change}}},")
+        computed = fxquant.compile(tiny_sr, "minmax-w4a4", calib=calib, pipeline=pipeline)
+        assert calls[1] == runs  # every target computed from the float model ...
+        state = computed.state_dict()  # ... and the same result as with calibrate's outputs
+        assert all(torch.equal(state[k], reused[k]) for k in reused)
     calls.clear()
     fxquant.compile(tiny_sr, "minmax-w4a4", calib=calib, pipeline=UNIFORM.replace(
         "patience=10}", "patience=10,feature_weight=0.1}"))
