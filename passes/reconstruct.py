@@ -73,6 +73,10 @@ class ReconstructPass(Pass):
     fast as NCHW (``tools/train_layout.py``, docs/performance.md). Float results differ in
     rounding from NCHW, so it is off by default and the presets that use it say so.
 
+    Without the feature loss, the float model's output for each calibration batch is
+    computed once; ``calibrate`` already computed it for the same batches, so those are
+    taken once the first one equals the float model's bit for bit.
+
     Skipped when a saved model is rebuilt for loading (its state dict holds the result).
     """
 
