@@ -147,7 +147,7 @@ class _ChangeCalibrationOutputs(Pass):
         return PassResult(gm, False, {})
 
 
-def test_the_float_model_runs_once_per_calibration_batch(tiny_sr, calib, monkeypatch):
+def test_float_targets_come_from_calibrate_after_one_check(tiny_sr, calib, monkeypatch):
     """Without the feature loss the teacher's outputs are computed once per batch and reused
     by every step and held-out evaluation; calibrate's forward of the same batches already
     gave them, so the float model runs once, to check that they are its outputs. With the
