@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from fxquant.errors import CheckpointError, FxquantError
+from fxquant.pipeline import spec_name
 
 
 def non_finite(tensors: Iterable[tuple[str, torch.Tensor]]) -> list[tuple[str, int]]:
@@ -101,7 +102,7 @@ def check_not_compiled(model: nn.Module) -> None:
 
 def explain_unquantized(pipeline: str, history: list, skipped: dict | None) -> str:
     """Why a compile produced no quantized layer: the pipeline, or the layer rules."""
-    passes = [spec.split("{")[0] for spec, _ in history]
+    passes = [spec_name(spec) for spec, _ in history]
     if skipped is None:
         return (f"the pipeline '{pipeline}' inserts no quantizer (passes run: "
                 f"{', '.join(passes)}); add a quantizing pass such as observe,calibrate,quantize")

@@ -37,6 +37,7 @@ from fxquant.graph_layout import (
     node_style,
 )
 from fxquant.inspect import graph_table, node_rows
+from fxquant.pipeline import spec_name
 
 __all__ = [
     "to_dot", "to_svg", "to_html", "GraphDumper", "write_dumps", "render", "FORMATS",
@@ -290,7 +291,7 @@ class GraphDumper:
     def __call__(self, gm: fx.GraphModule) -> str:
         name = "graph"
         if self.ctx is not None and self.ctx.history:
-            name = self.ctx.history[-1][0].split("{")[0]
+            name = spec_name(self.ctx.history[-1][0])
         stem = self.dump_dir / f"{self.index:02d}-{name}"
         self.index += 1
         write_dumps(gm, stem, self.formats)

@@ -58,6 +58,11 @@ class PassContext:
     seconds: list[float] = field(default_factory=list)
 
 
+def spec_name(spec: str) -> str:
+    """The pass name of a pipeline item: ``"reconstruct{steps=750}"`` → ``"reconstruct"``."""
+    return spec.split("{", 1)[0]
+
+
 class Pass:
     """Base class of every pass. Subclasses are frozen dataclasses with ``name`` set."""
 

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fxquant.files import atomic_write_text, check_output_path
+from fxquant.pipeline import spec_name
 from fxquant.results_store import (  # noqa: F401  - re-exported
     CODE_VERSION, FP, RunSpec, cell_key, fingerprint, fingerprint_change, load_all_stores,
     load_store, read_config, store_text,
@@ -126,7 +127,7 @@ def pass_seconds(gm) -> list[list]:
     """``[[pass name, seconds], ...]`` of a compile, in pipeline order (where its time went)."""
     if gm is None or not hasattr(gm, "fxquant_pass_seconds"):
         return []
-    return [[spec.split("{")[0], round(seconds, 1)]
+    return [[spec_name(spec), round(seconds, 1)]
             for (spec, _), seconds in zip(gm.fxquant_history, gm.fxquant_pass_seconds)]
 
 
