@@ -23,24 +23,41 @@ from fxquant.results_store import FP, load_all_stores
 SECTION = "## Calibration cost"
 
 
-def cost_table(entries: dict, scale: int, recipes: list[str] | None) -> dict:
-    """``{recipe: {model: seconds}}`` from stored cells (one compile per model × recipe)."""
-    table: dict[str, dict[str, float]] = {}
+def stored_compiles(entries: dict, scale: int, recipes: list[str] | None) -> dict:
+    """``{(recipe, model): [cell, ...]}``: the stored cells of each model × recipe at
+    ``scale``. The cells of one compile share its ``compile_s``; a model × recipe whose
+    datasets were computed in separate runs, or by several configs, has several compiles."""
+    compiles: dict[tuple[str, str], list[dict]] = {}
     for entry in entries.values():
-        recipe = entry["recipe"]
-        if recipe == FP or entry["scale"] != scale or "compile_s" not in entry:
+        if entry["recipe"] == FP or entry["scale"] != scale or "compile_s" not in entry:
             continue
-        if recipes and recipe not in recipes:
+        if recipes and entry["recipe"] not in recipes:
             continue
-        table.setdefault(recipe, {})[entry["model"]] = entry["compile_s"]
+        compiles.setdefault((entry["recipe"], entry["model"]), []).append(entry)
+    return compiles
+
+
+def cost_table(compiles: dict) -> dict:
+    """``{recipe: {model: (fastest, slowest)}}`` compile seconds from :func:`stored_compiles`
+    (the same where a model × recipe was compiled once)."""
+    table: dict[str, dict[str, tuple[float, float]]] = {}
+    for (recipe, model), cells in compiles.items():
+        seconds = [cell["compile_s"] for cell in cells]
+        table.setdefault(recipe, {})[model] = (min(seconds), max(seconds))
     return table
 
 
-def pass_split(entries: dict, scale: int, recipes: list[str] | None) -> dict:
-    """``{(recipe, model): (compile_s, [[pass, seconds], ...])}`` for the cells that recorded their passes'
-    wall times (``pass_s``, stored since the passes were timed)."""
-    return {(e["recipe"], e["model"]): (e["compile_s"], e["pass_s"]) for e in entries.values()
-            if e.get("pass_s") and e["scale"] == scale and (not recipes or e["recipe"] in recipes)}
+def pass_split(compiles: dict) -> dict:
+    """``{(recipe, model): (compile_s, [[pass, seconds], ...])}`` for the compiles that
+    recorded their passes' wall times (``pass_s``, stored since the passes were timed); of
+    several, the slowest."""
+    split = {}
+    for key, cells in compiles.items():
+        timed = [cell for cell in cells if cell.get("pass_s")]
+        if timed:
+            cell = max(timed, key=lambda c: c["compile_s"])
+            split[key] = (cell["compile_s"], cell["pass_s"])
+    return split
 
 
 def render_split(split: dict, share: float = 0.02) -> str:
@@ -74,14 +91,20 @@ def render(table: dict, scale: int, budget: float, command: str) -> str:
              "range search, FSWA and reconstruction where the preset has them), as `fxquant "
              "table` stored them; 2 CPU cores, torch's default threads. The stores do not "
              "record the machine's load, so a time may include contention from another job. "
-             f"**Bold**: over the {budget / 60:.0f}-minute budget.", "",
+             "Two numbers: the fastest and slowest of several stored compiles (datasets "
+             "computed in separate runs or by several configs, often with other code). "
+             f"**Bold**: a compile over the {budget / 60:.0f}-minute budget.", "",
              "| preset | " + " | ".join(models) + " |", "|---|" + "---:|" * len(models)]
     for recipe in sorted(table, key=recipe_sort_key):
         cells = []
         for model in models:
-            seconds = table[recipe].get(model)
-            text = "—" if seconds is None else f"{seconds:.0f}"
-            cells.append(f"**{text}**" if seconds is not None and seconds > budget else text)
+            span = table[recipe].get(model)
+            if span is None:
+                cells.append("—")
+                continue
+            low, high = (f"{seconds:.0f}" for seconds in span)
+            text = low if low == high else f"{low}–{high}"
+            cells.append(f"**{text}**" if span[1] > budget else text)
         lines.append(f"| `{recipe}` | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -97,8 +120,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         recipes = args.recipes.split(",") if args.recipes else None
-        entries = load_all_stores(args.results)
-        table = cost_table(entries, args.scale, recipes)
+        compiles = stored_compiles(load_all_stores(args.results), args.scale, recipes)
+        table = cost_table(compiles)
         if not table:
             raise FxquantError(f"no stored result at x{args.scale} in {args.results}"
                                + (f" for {args.recipes}" if args.recipes else ""))
@@ -106,7 +129,7 @@ def main(argv=None) -> int:
             f" --{k} {v}" for k, v in (("scale", args.scale), ("recipes", args.recipes))
             if v is not None and not (k == "scale" and v == 4))
         text = render(table, args.scale, args.budget, command)
-        split = pass_split(entries, args.scale, recipes)
+        split = pass_split(compiles)
         if split:
             text += render_split(split)
         if args.write:

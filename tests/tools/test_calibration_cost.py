@@ -48,6 +48,20 @@ def test_the_passes_wall_times_split_each_compile(tool, tmp_path, capsys):
     assert "| imdn |" not in text.split("Where the time went")[1]  # no pass times stored
 
 
+def test_a_model_compiled_twice_shows_both_compiles(tool, tmp_path, capsys):
+    """Set5 and Urban100 computed in separate runs: two compiles, shown as a span whichever
+    order they are stored in (before, the last one read was shown alone)."""
+    for order in ((434.0, 478.0), (478.0, 434.0), (434.0, 912.0)):
+        store = {f"pan|x4|dfsq-w4a4-recon|{d}|all": entry("pan", 4, "dfsq-w4a4-recon", d, t)
+                 for d, t in zip(("Set5", "Urban100"), order)}
+        (tmp_path / "a.json").write_text(json.dumps(store))
+        assert tool.main(["--results", str(tmp_path)]) == 0
+        low, high = sorted(order)
+        text = f"{low:.0f}–{high:.0f}"
+        assert f"| `dfsq-w4a4-recon` | {f'**{text}**' if high > 900 else text} |" in \
+            capsys.readouterr().out
+
+
 def test_nothing_stored_is_an_error(tool, tmp_path, capsys):
     assert tool.main(["--results", str(tmp_path), "--scale", "3"]) == 2
     assert "no stored result at x3" in capsys.readouterr().err
