@@ -3,6 +3,8 @@ uint8-grid snapping, and flex-scale weight adjustment against its objective."""
 
 from __future__ import annotations
 
+from unittest import mock
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -14,9 +16,11 @@ from fxquant.quant.fswa import adjust_weights, flex_scale, input_gram, output_er
 from fxquant.quant.nonuniform import (
     LEVEL_METHODS,
     NonUniformQuantizer,
+    _cell_sums,
     fit_levels,
     grid_codes,
 )
+from fxquant.quant.subset import midpoints
 
 SHAPES = st.sampled_from(["normal", "laplace", "relu", "constant", "bimodal"])
 
@@ -116,6 +120,39 @@ def test_fitting_is_deterministic_and_lloyd_max_beats_quantiles():
     assert mse(a) < mse(q)
     # on a heavy-tailed distribution non-uniform levels beat the best uniform grid
     assert mse(a) < mse(fit_levels(samples, 16, method="uniform"))
+
+
+def scattered_cell_sums(ordered, levels):
+    """The Lloyd-Max step's sums as fit_levels computed them before _cell_sums: every
+    sample's cell index, then two scatter-adds."""
+    index = torch.searchsorted(midpoints(levels).contiguous(), ordered)
+    sums = torch.zeros_like(levels).scatter_add_(1, index, ordered)
+    return sums, torch.zeros_like(levels).scatter_add_(1, index, torch.ones_like(ordered))
+
+
+@settings(max_examples=60, deadline=None)
+@given(kind=SHAPES, bits=st.integers(1, 5), rows=st.integers(1, 5),
+       count=st.integers(1, 3000), seed=st.integers(0, 999), ties=st.booleans())
+def test_cell_sums_are_the_scattered_sums_bit_for_bit(kind, bits, rows, count, seed, ties):
+    samples = draw_samples(kind, rows, count, seed).double()
+    levels = fit_levels(samples, 2 ** bits, method="quantile").double()
+    if ties:  # samples exactly on midpoints go to the lower level in both
+        mids = midpoints(levels)
+        samples[:, : mids.shape[1]] = mids[:, : samples.shape[1]]
+    ordered = samples.sort(dim=1).values.contiguous()
+    sums, counts = _cell_sums(ordered, levels)
+    expected_sums, expected_counts = scattered_cell_sums(ordered, levels)
+    assert torch.equal(counts, expected_counts)
+    assert int(counts.sum()) == rows * count
+    filled = counts > 0  # an empty cell's sum is never read (fit_levels keeps its level)
+    assert torch.equal(sums[filled], expected_sums[filled])
+
+
+def test_lloyd_max_levels_are_those_of_the_scattered_sums():
+    samples = draw_samples("laplace", 6, 4000, 11)
+    with mock.patch("fxquant.quant.nonuniform._cell_sums", scattered_cell_sums):
+        expected = fit_levels(samples, 16)
+    assert torch.equal(fit_levels(samples, 16), expected)
 
 
 def test_grid_codes_collide_apart_and_stay_in_range():
