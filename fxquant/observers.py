@@ -24,6 +24,11 @@ class Observer(nn.Module):
     """Base observer: ``forward`` returns its input unchanged after recording it."""
 
     kind = "observer"
+    # True for an observer whose observe() takes every value's minimum and maximum and passes
+    # them to check_range() before it records anything: min and max propagate NaN and ±inf,
+    # so they are finite exactly when every value is, and forward skips its own full-size
+    # isfinite pass (5 s of CARN-M's 40 s calibration on 512 patches)
+    finite_from_range = False
 
     def __init__(self, node_name: str = ""):
         super().__init__()
@@ -36,13 +41,20 @@ class Observer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            if not torch.isfinite(x).all():
-                raise CalibrationError(
-                    f"activation at '{self.node_name}' is not finite during calibration "
-                    "(NaN or inf): check the calibration data")
+            if not self.finite_from_range and not torch.isfinite(x).all():
+                raise self.not_finite()
             self.observe(x.detach().float())
         self.batches += 1
         return x
+
+    def not_finite(self) -> CalibrationError:
+        return CalibrationError(f"activation at '{self.node_name}' is not finite during "
+                                "calibration (NaN or inf): check the calibration data")
+
+    def check_range(self, lo: torch.Tensor, hi: torch.Tensor) -> None:
+        """Raise :meth:`not_finite` unless the observed minima and maxima are finite."""
+        if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+            raise self.not_finite()
 
     def observe(self, x: torch.Tensor) -> None:  # pragma: no cover - abstract
         raise NotImplementedError
@@ -55,6 +67,7 @@ class MinMaxObserver(Observer):
     """Running min/max over everything (per tensor) or per channel (dim 1)."""
 
     kind = "minmax"
+    finite_from_range = True
 
     def __init__(self, node_name: str = "", per_channel: bool = False):
         super().__init__(node_name)
@@ -68,6 +81,7 @@ class MinMaxObserver(Observer):
             lo, hi = flat.min(dim=1).values, flat.max(dim=1).values
         else:
             lo, hi = x.min(), x.max()
+        self.check_range(lo, hi)
         self.min_val = lo if self.min_val is None else torch.minimum(self.min_val, lo)
         self.max_val = hi if self.max_val is None else torch.maximum(self.max_val, hi)
 

@@ -7,6 +7,7 @@ import torch
 
 from fxquant import CalibrationError
 from fxquant.observers import HistogramObserver, MinMaxObserver, MomentsObserver, make_activation_observer
+from fxquant.quant.subset import SampleObserver
 
 
 def test_minmax_per_tensor_and_per_channel():
@@ -45,6 +46,38 @@ def test_non_finite_activation_names_the_node():
     observer = MinMaxObserver("body_0_conv1")
     with pytest.raises(CalibrationError, match="'body_0_conv1' is not finite"):
         observer(torch.tensor([1.0, float("nan")]))
+
+
+OBSERVERS = {  # the ones that find non-finite values through their own min and max
+    "minmax": lambda: MinMaxObserver("n"),
+    "minmax per channel": lambda: MinMaxObserver("n", per_channel=True),
+    "samples": lambda: SampleObserver("n", 3, max_samples=64),
+    "samples static": lambda: SampleObserver("n", 3, mode="static", max_samples=64),
+    "samples post-ReLU": lambda: SampleObserver("n", 3, post_relu=True, max_samples=64),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(OBSERVERS))
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("where", [(0, 0, 0, 0), (1, 2, 4, 3)])
+def test_every_non_finite_value_is_refused_before_anything_is_recorded(kind, bad, where):
+    observer = OBSERVERS[kind]()
+    good = torch.rand(2, 3, 5, 4, generator=torch.Generator().manual_seed(0))
+    observer(good)
+    def state(value):
+        if isinstance(value, torch.Generator):  # a refused batch draws no sample keys
+            return value.get_state()
+        return value.clone() if isinstance(value, torch.Tensor) else value
+
+    before = {k: state(v) for k, v in vars(observer).items() if not k.startswith("_")}
+    x = good.clone()
+    x[where] = bad
+    for layout in (torch.contiguous_format, torch.channels_last):
+        with pytest.raises(CalibrationError, match="'n' is not finite"):
+            observer(x.contiguous(memory_format=layout))
+    for key, value in before.items():
+        now = state(getattr(observer, key))
+        assert torch.equal(now, value) if isinstance(value, torch.Tensor) else now == value, key
 
 
 def test_percentile_per_channel_is_refused():

@@ -317,6 +317,7 @@ class SampleObserver(Observer):
     """
 
     kind = "subset-samples"
+    finite_from_range = True
 
     def __init__(self, node_name: str = "", channels: int = 0, *, post_relu: bool = False,
                  mode: str = "dynamic", max_samples: int = 16384, seed: int = 0,
@@ -342,6 +343,7 @@ class SampleObserver(Observer):
         flat = x.reshape(n, c, -1)
         scale, mean, lo, hi = dynamic_stats_minmax(x, self.post_relu, self.eps)
         lo, hi = lo.reshape(n, c), hi.reshape(n, c)
+        self.check_range(lo, hi)
         ch_lo, ch_hi = lo.amin(0), hi.amax(0)
         self.min_val = ch_lo if self.min_val is None else torch.minimum(self.min_val, ch_lo)
         self.max_val = ch_hi if self.max_val is None else torch.maximum(self.max_val, ch_hi)
