@@ -45,7 +45,8 @@ class FSWAPass(Pass):
     calibration batches run once, in lockstep (:func:`fxquant.lockstep.run_in_lockstep`), and
     each conv is fitted when every batch has reached it (before: every batch ran from the
     input up to each conv in turn, 2.5–4× the time on IMDN and PAN, the same weights). A conv
-    module called at several sites is fitted again at each, to the inputs of its first call.
+    module called at several sites is fitted again at each, to the inputs of its first call;
+    the batches then resume at that call, the values before it kept.
     ``mode`` (``adjust``/``scale``/``off``) overrides the recipe option. Skipped when a saved
     model is rebuilt for loading (its state dict holds the result).
     """
@@ -79,11 +80,12 @@ class FSWAPass(Pass):
         errors = [0.0, 0.0]  # output error summed over convs, before and after
         bar = tqdm(total=len(convs), desc="fswa", disable=not ctx.progress, leave=False)
 
-        def adjust(node: fx.Node, inputs: list[tuple]) -> bool:
-            """Fit ``node``'s conv unless done; True when the conv already ran in this run."""
+        def adjust(node: fx.Node, inputs: list[tuple]) -> fx.Node | None:
+            """Fit ``node``'s conv unless done; when the conv already ran in this run (at its
+            first site), that site, where the run must resume."""
             conv = targets.get(node)
             if conv is None:
-                return False
+                return None
             if not inputs:
                 raise PassError(self.name, f"no calibration input reached '{node.target}'",
                                 node=node.name)
@@ -91,7 +93,7 @@ class FSWAPass(Pass):
             if first_site[node.target] is node and not done.issuperset(sites[node.target]):
                 grams[node.target] = _gram(conv, inputs)
             if node in done:
-                return False
+                return None
             quantizer = conv.weight_quantizer
             if not isinstance(quantizer, UniformQuantizer) or quantizer.channels is None:
                 raise PassError(self.name, f"weights of '{node.target}' need a per-channel "
@@ -105,17 +107,17 @@ class FSWAPass(Pass):
             errors[1] += float(output_error(weight, quantizer.fake_quant(conv.weight), gram).sum())
             done.add(node)
             bar.update()
-            return first_site[node.target] is not node
+            return None if first_site[node.target] is node else first_site[node.target]
 
         was_training = gm.training
         gm.eval()
         try:
             with torch.no_grad():
                 # a module called at several sites (CARN-M's shared residual blocks) is fitted
-                # again at each, to the inputs of its first call; what ran after that call is
-                # then stale, and the batches run again from the start
-                while not run_in_lockstep(gm, batches, adjust, until=convs[-1]):
-                    pass
+                # again at each, to the inputs of its first call; what ran from that call on
+                # is then stale, and the batches resume there
+                shared = {first_site[t] for t, nodes in sites.items() if len(nodes) > 1}
+                run_in_lockstep(gm, batches, adjust, until=convs[-1], keep_at=shared)
         finally:
             bar.close()
         gm.train(was_training)

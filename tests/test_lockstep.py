@@ -1,5 +1,5 @@
 """``run_in_lockstep``: every batch sees exactly the values of its own forward, the callback
-comes before a module runs on any batch, and a True from it abandons the run."""
+comes before a module runs on any batch, and a node it returns resumes the run there."""
 
 from __future__ import annotations
 
@@ -46,9 +46,9 @@ def test_inputs_are_bit_for_bit_those_of_separate_forwards():
 
     def before(node, inputs):
         seen.extend((node.target, i, args[0]) for i, args in enumerate(inputs))
-        return False
+        return None
 
-    assert run_in_lockstep(gm, batches(), before) is True
+    assert run_in_lockstep(gm, batches(), before) is None
     assert [(name, i) for name, i, _ in seen] == [
         (name, i) for name in ("a", "b", "b", "c") for i in range(3)]
     assert len(seen) == len(expected)
@@ -72,28 +72,58 @@ def test_a_module_changed_before_it_runs_is_changed_for_every_batch():
         if node.target == "c":
             with torch.no_grad():
                 gm.c.weight.mul_(2)
-        return False
+        return None
 
-    assert run_in_lockstep(gm, batches(), before)
+    run_in_lockstep(gm, batches(), before)
     for batch in batches():
         reference(*batch)
     assert len(outputs["gm"]) == 3
     assert all(torch.equal(a, b) for a, b in zip(outputs["gm"], outputs["reference"]))
 
 
-def test_true_abandons_the_run_and_until_stops_it():
+def test_a_returned_node_resumes_the_run_there_with_the_values_of_that_moment():
+    """Changing ``b`` at its second site and resuming at its first: every batch's inputs from
+    then on are those of separate forwards of the changed model, and the nodes before the
+    first site do not run again."""
     torch.manual_seed(0)
     gm = fx.symbolic_trace(Shared().eval())
-    visits = []
+    first_b = next(n for n in gm.graph.nodes if n.name == "b")
+    changed = fx.symbolic_trace(Shared().eval())
+    changed.load_state_dict(gm.state_dict())
+    with torch.no_grad():
+        changed.b.weight.mul_(0.5)
+    expected = []  # inputs to c from separate forwards of the changed model
+    hook = changed.c.register_forward_pre_hook(lambda mod, args: expected.append(args[0]))
+    for batch in batches():
+        changed(*batch)
+    hook.remove()
+    visits, seen_c = [], []
 
-    def stop_at_second_b(node, inputs):
+    def before(node, inputs):
         visits.append(node.name)
-        return node.name == "b_1"
+        if node.name == "b_1" and visits.count("b_1") == 1:
+            with torch.no_grad():
+                gm.b.weight.mul_(0.5)
+            return first_b
+        if node.name == "c":
+            seen_c.extend(args[0] for args in inputs)
+        return None
 
-    assert run_in_lockstep(gm, batches(), stop_at_second_b) is False
-    assert visits == ["a", "b", "b_1"]
-    visits.clear()
-    until = next(n for n in gm.graph.nodes if n.name == "b")
-    assert run_in_lockstep(gm, batches(), lambda node, inputs: visits.append(node.name),
-                           until=until) is True
+    run_in_lockstep(gm, batches(), before, keep_at={first_b})
+    assert visits == ["a", "b", "b_1", "b", "b_1", "c"]
+    assert len(seen_c) == 3 and all(torch.equal(a, b) for a, b in zip(seen_c, expected))
+
+
+def test_resuming_needs_a_kept_node_the_run_reached_and_until_stops_it():
+    torch.manual_seed(0)
+    gm = fx.symbolic_trace(Shared().eval())
+    nodes = {n.name: n for n in gm.graph.nodes}
+    with pytest.raises(ValueError, match="cannot resume at 'a'"):  # not kept
+        run_in_lockstep(gm, batches(), lambda node, inputs: nodes["a"] if node.name == "b" else None)
+    with pytest.raises(ValueError, match="cannot resume at 'c'"):  # kept, not reached
+        run_in_lockstep(gm, batches(), lambda node, inputs: nodes["c"] if node.name == "b" else None,
+                        keep_at={nodes["c"]})
+    visits = []
+    run_in_lockstep(gm, batches(), lambda node, inputs: visits.append(node.name),
+                    until=nodes["b"])
     assert visits == ["a", "b"]
