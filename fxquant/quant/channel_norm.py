@@ -44,8 +44,10 @@ def dynamic_stats_minmax(x: torch.Tensor, post_relu: bool, eps: float = EPS):
         if pieces is not None:  # N × C × chunks × L: per chunk, then across chunks
             lo, hi = torch.aminmax(pieces, dim=3)
             lo, hi = lo.amin(2), hi.amax(2)
-        else:
-            lo, hi = torch.aminmax(x.reshape(n, c, -1), dim=2)
+        else:  # eager: amin and amax, not aminmax, whose CPU kernel along a dim runs about
+            # 20× slower than the two (8×64×48²: 1.3 ms against 0.07; the same values)
+            flat = x.reshape(n, c, -1)
+            lo, hi = flat.amin(2), flat.amax(2)
         lo, hi = lo.view(shape), hi.view(shape)
         if post_relu:
             return torch.maximum(-lo, hi) + eps, None, lo, hi
