@@ -181,7 +181,7 @@ def cmd_table(args: argparse.Namespace) -> int:
     from fxquant.results import run_table
 
     run_table(args.config, args.out, data_root=args.data, force=args.force,
-              dry_run=args.dry_run)
+              dry_run=args.dry_run, force_recipes=args.force_recipe or ())
     return 0
 
 
@@ -315,6 +315,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="data root (default: $FXQUANT_DATA)")
     p.add_argument("--force", action="store_true",
                    help="recompute every cell of the config, even those stored and up to date")
+    p.add_argument("--force-recipe", action="append", metavar="RECIPE",
+                   help="recompute the cells of this recipe (repeatable), e.g. to time its "
+                   "compiles again")
     p.add_argument("--dry-run", action="store_true",
                    help="list the cells that would be computed (and why); write nothing")
     p.set_defaults(func=cmd_table)

@@ -9,7 +9,9 @@ A stored cell is reused only while its fingerprint (recipe content, weights file
 version: see :mod:`fxquant.results_store`) matches; otherwise it is recomputed, with a line
 saying why. Entries written before fingerprints existed carry none: they are *adopted* on
 the next run, i.e. assumed to have been measured with the current recipes, weights and code,
-and the current fingerprint is written into them. ``force`` recomputes every cell.
+and the current fingerprint is written into them. ``force`` recomputes every cell,
+``force_recipes`` the cells of those recipes (e.g. to time their compiles again after a
+change that moves no number).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import platform
 import re
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,7 +58,7 @@ class TablePlan:
 
 
 def plan_table(config: str | Path, *, data_root: str | None = None,
-               force: bool = False) -> TablePlan:
+               force: bool = False, force_recipes: Collection[str] = ()) -> TablePlan:
     """Decide, without computing anything, which cells of ``config`` are reused, adopted or
     (re)computed. Raises on a bad config, store, recipe, model or dataset before any work
     starts."""
@@ -76,6 +79,11 @@ def plan_table(config: str | Path, *, data_root: str | None = None,
                 raise FxquantError(f"{config}: [[run]] {index}: no pretrained {model} for x"
                                    f"{', x'.join(map(str, missing))}; the zoo has {model} at x"
                                    f"{', x'.join(map(str, sorted(weights)))}")
+    in_config = list(dict.fromkeys(r for run in runs for r in (FP,) + run.recipes))
+    unknown = [r for r in force_recipes if r not in in_config]
+    if unknown:
+        raise FxquantError(f"{config}: --force-recipe {', '.join(unknown)}: no [[run]] has it; "
+                           f"its recipes are {', '.join(in_config)}")
     plan = TablePlan(results=dict(load_store(config.with_suffix(".json"))))
     known = load_all_stores(config.parent)
     prints: dict[tuple, dict] = {}
@@ -92,22 +100,26 @@ def plan_table(config: str | Path, *, data_root: str | None = None,
                         if (model, scale, recipe) not in prints:
                             prints[model, scale, recipe] = fingerprint(model, scale, recipe,
                                                                        data_root)
-                        reason = _decide(plan, key, known, prints[model, scale, recipe], force)
+                        forced = "--force" if force else \
+                            "--force-recipe" if recipe in force_recipes else None
+                        reason = _decide(plan, key, known, prints[model, scale, recipe], forced)
                         if reason:
                             plan.to_run.setdefault((model, scale, recipe, run.limit), []).append(
                                 (ds, reason))
     return plan
 
 
-def _decide(plan: TablePlan, key: str, known: dict, current: dict, force: bool) -> str | None:
-    """Update ``plan`` for one cell; return why it must be computed, or None."""
+def _decide(plan: TablePlan, key: str, known: dict, current: dict,
+            forced: str | None) -> str | None:
+    """Update ``plan`` for one cell; return why it must be computed (``forced``: the option
+    that asks for it), or None."""
     results = plan.results
     entry = results.get(key)
     copied = False
     if entry is None and key.split("|")[2] == FP and key in known:
         entry, copied = known[key], True  # an FP row measured for another config
-    if force:
-        return "--force"
+    if forced:
+        return forced
     if entry is None:
         return "not measured yet"
     stored = entry.get("fingerprint")
@@ -132,15 +144,16 @@ def pass_seconds(gm) -> list[list]:
 
 
 def run_table(config: str | Path, out: str | Path, *, data_root: str | None = None,
-              force: bool = False, dry_run: bool = False) -> dict:
+              force: bool = False, dry_run: bool = False,
+              force_recipes: Collection[str] = ()) -> dict:
     """Run every cell of ``config`` that is missing from its store or stale (every cell with
-    ``force``), then re-render ``out`` from all stores beside the config. ``dry_run`` prints
-    the plan and writes nothing."""
+    ``force``, and those of ``force_recipes``), then re-render ``out`` from all stores beside
+    the config. ``dry_run`` prints the plan and writes nothing."""
     from fxquant.workflow import evaluate_sets, prepare
 
     config = Path(config)
     store = config.with_suffix(".json")
-    plan = plan_table(config, data_root=data_root, force=force)
+    plan = plan_table(config, data_root=data_root, force=force, force_recipes=force_recipes)
     if dry_run:
         print("\n".join(plan.lines()))
         return plan.results

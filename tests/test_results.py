@@ -10,7 +10,7 @@ import pytest
 from fxquant import RecipeError
 from fxquant import results as results_mod
 from fxquant.cli import main
-from fxquant.errors import StoreError
+from fxquant.errors import FxquantError, StoreError
 from fxquant.evaluate import ImageScore, SetScore
 from fxquant.results import read_config, recipe_sort_key, render_markdown, run_table
 
@@ -215,6 +215,22 @@ def test_cli_table_dry_run_and_force_flags(tmp_path, fake_run, capsys):
     assert calls == [] and not out.exists() and not config.with_suffix(".json").exists()
     assert main(argv) == 0 and len(calls) == 2
     assert main(argv + ["--force"]) == 0 and len(calls) == 4
+
+
+def test_force_recipe_recomputes_that_recipe_alone(tmp_path, fake_run, capsys):
+    calls, root = fake_run
+    config = _config(tmp_path, ["mse-w4a4", "minmax-w4a4"])
+    out = tmp_path / "results.md"
+    argv = ["table", "--config", str(config), "--out", str(out), "--data", str(root)]
+    assert main(argv) == 0 and len(calls) == 3  # FP and both recipes
+    assert main(argv + ["--force-recipe", "mse-w4a4", "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert "run imdn x4 mse-w4a4 Set5: --force-recipe" in text and "1 to compute" in text
+    assert main(argv + ["--force-recipe", "mse-w4a4"]) == 0
+    assert calls[3:] == [("mse-w4a4", ("Set5",))]
+    with pytest.raises(FxquantError, match="--force-recipe recon-w4a4: no \\[\\[run\\]\\] has it; "
+                       "its recipes are fp, mse-w4a4, minmax-w4a4"):
+        run_table(config, out, data_root=root, force_recipes=["recon-w4a4"])
 
 
 BAD_CONFIGS = [
