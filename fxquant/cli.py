@@ -316,8 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="recompute every cell of the config, even those stored and up to date")
     p.add_argument("--force-recipe", action="append", metavar="RECIPE",
-                   help="recompute the cells of this recipe (repeatable), e.g. to time its "
-                   "compiles again")
+                   help="recompute the cells of this recipe (repeatable): time them again")
     p.add_argument("--dry-run", action="store_true",
                    help="list the cells that would be computed (and why); write nothing")
     p.set_defaults(func=cmd_table)

@@ -29,6 +29,9 @@ def run_in_lockstep(gm: fx.GraphModule, batches: Sequence[tuple],
     from the graph's input, spares the nodes before it: FSWA refits CARN-M's shared
     residual block at each of its call sites, and rerunning the calibration batches from the
     input every time took about 9 of the pass's 23 s."""
+    if any(node.op != "call_module" for node in keep_at):
+        raise ValueError("lockstep: keep_at takes call_module nodes (a run resumes only where "
+                         "before() is called)")
     runners = []
     for batch in batches:
         runner = fx.Interpreter(gm)  # frees each value after its last use

@@ -123,6 +123,8 @@ def test_resuming_needs_a_kept_node_the_run_reached_and_until_stops_it():
     with pytest.raises(ValueError, match="cannot resume at 'c'"):  # kept, not reached
         run_in_lockstep(gm, batches(), lambda node, inputs: nodes["c"] if node.name == "b" else None,
                         keep_at={nodes["c"]})
+    with pytest.raises(ValueError, match="keep_at takes call_module nodes"):
+        run_in_lockstep(gm, batches(), lambda node, inputs: None, keep_at={nodes["x"]})
     visits = []
     run_in_lockstep(gm, batches(), lambda node, inputs: visits.append(node.name),
                     until=nodes["b"])
