@@ -28,7 +28,8 @@ def run_in_lockstep(gm: fx.GraphModule, batches: Sequence[tuple],
     node of ``keep_at`` still holds them). Resuming where the change took effect, instead of
     from the graph's input, spares the nodes before it: FSWA refits CARN-M's shared
     residual block at each of its call sites, and rerunning the calibration batches from the
-    input every time took about 9 of the pass's 23 s."""
+    input every time took about half of the pass's 22 s (docs/performance.md, "Calibration,
+    level fitting and FSWA in half the time")."""
     if any(node.op != "call_module" for node in keep_at):
         raise ValueError("lockstep: keep_at takes call_module nodes (a run resumes only where "
                          "before() is called)")
