@@ -3,19 +3,27 @@
 table of uint8 grid codes (the code of the nearest level), and the ordinary u8 × int8
 convolution reads those codes with the grid's scale and zero point. The buckets are computed
 by the same function as the fake-quantizer's, so the codes are exactly the fake-quant
-levels' grid codes."""
+levels' grid codes. Under ``lower{compile=true}`` the table's gather gives way to the
+branch-free search of the same buckets (fxquant/lower/search.py), which Inductor fuses and
+vectorizes: the same codes, ties included."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
 
-from fxquant.quant.nonuniform import bucket_table, half_step_index
+from fxquant.lower.search import THRESHOLD_BITS, codes_by_search
+from fxquant.quant.nonuniform import bucket_table, half_step_index, half_steps
 from fxquant.quant.table_lookup import lookup
 
 
 class CodebookQuantize(nn.Module):
-    """Float tensor → uint8 grid codes: ``table[c, searchsorted(midpoints[c], x)]``."""
+    """Float tensor → uint8 grid codes: ``table[c, searchsorted(midpoints[c], x)]``.
+
+    State is the table, scale and zero point; the search's rows (:meth:`_derive`) are
+    derived from the table, again on ``load_state_dict``."""
 
     def __init__(self, rows: int, count: int, channels_last: bool):
         super().__init__()
@@ -24,6 +32,13 @@ class CodebookQuantize(nn.Module):
         self.register_buffer("table", torch.zeros(rows, 2 ** (self.bits + 1), dtype=torch.uint8))
         self.register_buffer("scale", torch.ones(()))
         self.register_buffer("zero_point", torch.zeros((), dtype=torch.int64))
+        self.search_bits = max(1, math.ceil(math.log2(count)))
+        # the codes kernel under lower{compile=true} (fxquant/lower/search.py)
+        self.compiled_codes = "search" if self.search_bits <= THRESHOLD_BITS else "table"
+        k = 2 ** self.search_bits
+        self.register_buffer("mids", torch.zeros(k - 1, rows), persistent=False)
+        self.register_buffer("level_codes", torch.zeros(k, rows), persistent=False)
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._derive())
 
     @classmethod
     def from_quantizer(cls, quantizer, channels_last: bool) -> "CodebookQuantize":
@@ -39,11 +54,39 @@ class CodebookQuantize(nn.Module):
             module.table.copy_(torch.gather(codes, 1, bucket_table(codes, 8)).to(torch.uint8))
             module.scale.copy_(grid.scale)
             module.zero_point.copy_(grid.zero_point)
+        module._derive()
         return module
 
+    def _derive(self) -> None:
+        """The search's rows from the table: per row, each level's code in bucket order and
+        the bucket before each level's first (the midpoint, in half steps, that the search
+        compares ``h > mid`` with); rows with fewer distinct codes than ``2^search_bits`` are
+        padded with midpoints above every bucket."""
+        table = self.table.long()
+        width = table.shape[1]
+        mids = torch.full_like(self.mids, float(width))
+        codes = torch.empty_like(self.level_codes)
+        for row in range(table.shape[0]):
+            starts = torch.cat([torch.zeros(1, dtype=torch.long),
+                                (table[row, 1:] != table[row, :-1]).nonzero().flatten() + 1])
+            if len(starts) > codes.shape[0]:
+                raise ValueError(f"codebook row {row} has {len(starts)} levels; the module "
+                                 f"holds at most {self.levels}")
+            codes[:, row] = table[row, starts[-1]].float()
+            codes[:len(starts), row] = table[row, starts].float()
+            mids[:len(starts) - 1, row] = (starts[1:] - 1).float()
+        self.mids.copy_(mids)
+        self.level_codes.copy_(codes)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        index = half_step_index(x, self.scale, self.zero_point, self.bits, self.table.shape[0])
-        codes = lookup(self.table, index, x)
+        if torch.compiler.is_compiling() and self.compiled_codes == "search":
+            h = half_steps(x, self.scale, self.zero_point, self.bits)
+            codes = codes_by_search(h, self.mids, self.level_codes, self.search_bits) \
+                .to(torch.uint8)
+        else:
+            index = half_step_index(x, self.scale, self.zero_point, self.bits,
+                                    self.table.shape[0])
+            codes = lookup(self.table, index, x)
         return codes.contiguous(memory_format=torch.channels_last) if self.channels_last else codes
 
     def extra_repr(self) -> str:

@@ -40,6 +40,7 @@ from torch import fx, nn
 
 from fxquant.errors import PassError
 from fxquant.lower.folded import LAYERS, lower_folded
+from fxquant.lower.search import THRESHOLD_BITS, codes_by_search
 from fxquant.quant import UniformQuantizer
 from fxquant.quant.base import ones_if_missing
 from fxquant.quant.channel_norm import channel_mean
@@ -54,9 +55,6 @@ from fxquant.quant.subset import (
 )
 
 CODE_GRIDS = ("exact", "u8")  # the points' own integers; one byte per code (module doc)
-# compiled codes by a branch-free search of the midpoints up to 5-bit points, by the table's
-# gather above, where the search's selects outgrow it (tools/dfsq_codes_timing.py --bits 6)
-THRESHOLD_BITS = 5
 
 
 class SubsetQuantize(nn.Module):
@@ -93,6 +91,8 @@ class SubsetQuantize(nn.Module):
         self.register_buffer("mids", torch.zeros(k - 1, channels), persistent=False)
         self.register_buffer("point_codes", torch.zeros(k, channels), persistent=False)
         self.lookup_exponent, self.point_exponent, self.max_code = 0, 0, 0
+        # the codes kernel under lower{compile=true} (fxquant/lower/search.py)
+        self.compiled_codes = "search" if bits <= THRESHOLD_BITS else "table"
         self._derive()
         self.register_load_state_dict_post_hook(lambda module, _keys: module._derive())
 
@@ -182,7 +182,7 @@ class SubsetQuantize(nn.Module):
             post=self.post[channels] if self.mode == "static" else None,
             multiplier=self.step_multiplier[channels])
         with torch.no_grad():
-            if torch.compiler.is_compiling() and self.bits <= THRESHOLD_BITS:
+            if torch.compiler.is_compiling() and self.compiled_codes == "search":
                 codes = self.codes_by_thresholds(normalized, channels)
             else:
                 codes = grid_lookup(normalized, self.lookup_exponent, self.table[channels])
@@ -207,27 +207,16 @@ class SubsetQuantize(nn.Module):
 
     def codes_by_thresholds(self, normalized: torch.Tensor,
                             channels: slice = slice(None)) -> torch.Tensor:
-        """The table's codes by a binary search of the sorted midpoints with no branch and no
-        gather: compare ``j`` tests the midpoint that the ``j`` compares before it select
-        (``torch.where`` over the candidates, one value per channel), and the ``b`` outcomes
-        select the code: ``b`` compares and ``2^(b+1) − b − 2`` selects per value (4 and 26 at
-        4 bits, against 15 compares and 30 adds and selects summing them). Ties (x̃ on a
+        """The table's codes by the branch-free search of the sorted midpoints
+        (:func:`~fxquant.lower.search.codes_by_search`), used under ``lower{compile=true}``
+        up to :data:`~fxquant.lower.search.THRESHOLD_BITS` (:attr:`compiled_codes`); eager
+        keeps the table, where each select would be a pass of its own. Ties (x̃ on a
         midpoint) go to the lower point as in the table: every midpoint is a multiple of
         2^-s, so ``ceil(x̃·2^s) > mid·2^s`` exactly when ``x̃ > mid``; the table's clamp to ±1
-        changes nothing, every point lying in [−1, 1]. Under ``lower{compile=true}``
-        Inductor fuses it into one vectorized kernel, where the table's data-dependent
-        gather runs one element at a time; that pays up to 5 bits (:data:`THRESHOLD_BITS`;
-        ``tools/dfsq_codes_timing.py``, docs/performance.md). Eager keeps the table, where
-        each select would be a pass of its own. ``channels``: the quantizer's channels that
-        ``normalized`` holds (all by default)."""
-        mids, point_codes = self.mids[:, channels], self.point_codes[:, channels]
-        view = (1, mids.shape[1]) + (1,) * (normalized.ndim - 2)
-        outcomes: list[torch.Tensor] = []  # most significant first
-        for level in range(self.bits):
-            half = 2 ** (self.bits - level - 1)  # midpoint p·2·half + half − 1 splits prefix p
-            candidates = [mids[p * 2 * half + half - 1].view(view) for p in range(2 ** level)]
-            outcomes.append(normalized > _select(candidates, outcomes))
-        codes = _select([c.view(view) for c in point_codes], outcomes)
+        changes nothing, every point lying in [−1, 1]. ``channels``: the quantizer's channels
+        that ``normalized`` holds (all by default)."""
+        codes = codes_by_search(normalized, self.mids[:, channels],
+                                self.point_codes[:, channels], self.bits)
         return codes.to(self.table.dtype)
 
     def extra_repr(self) -> str:
@@ -236,15 +225,6 @@ class SubsetQuantize(nn.Module):
         return (f"channels={self.channels}, points={2 ** self.bits} on 2^-{self.point_exponent},"
                 f" mode={self.mode}, codes 0..{self.max_code} ({kind})"
                 + (", NHWC" if self.channels_last else ""))
-
-
-def _select(values: list[torch.Tensor], outcomes: list[torch.Tensor]) -> torch.Tensor:
-    """``values[i]`` where ``i``'s bits, most significant first, are ``outcomes``."""
-    if not outcomes:
-        return values[0]
-    half = len(values) // 2
-    return torch.where(outcomes[0], _select(values[half:], outcomes[1:]),
-                       _select(values[:half], outcomes[1:]))
 
 
 def lower_subset(gm: fx.GraphModule, node: fx.Node, quantizer: SubsetQuantizer, target: str,

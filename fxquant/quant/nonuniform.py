@@ -79,12 +79,19 @@ def half_step_index(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tens
     (fxquant/quant/table_lookup.py). Shared by the fake-quantizer and the lowered lookup,
     which therefore pick the same level for the same input."""
     width = 2 ** (bits + 1)
-    h = torch.ceil(x / (scale / 2))
-    h.add_(2 * zero_point).clamp_(0, width - 1)
+    h = half_steps(x, scale, zero_point, bits)
     if rows > 1:  # row offsets, exact in float32 while rows·width < 2^24
         h.add_(torch.arange(rows, device=x.device, dtype=h.dtype).mul_(width)
                .view((1, -1) + (1,) * (x.ndim - 2)))
     return flat_index(h, x)
+
+
+def half_steps(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+               bits: int) -> torch.Tensor:
+    """The half-step bucket ``h = clamp(ceil(x / (s/2)) + 2z, 0, 2^(b+1) − 1)`` of every
+    element (float32, integer-valued, ``x``'s shape and layout; :func:`half_step_index`)."""
+    h = torch.ceil(x / (scale / 2))
+    return h.add_(2 * zero_point).clamp_(0, 2 ** (bits + 1) - 1)
 
 
 def bucket_table(codes: torch.Tensor, bits: int) -> torch.Tensor:

@@ -1,0 +1,49 @@
+"""Nearest-level codes by a branch-free binary search, for the compiled (Inductor) codes
+kernels of the lowered non-uniform quantizers: DFSQ's subset points
+(fxquant/lower/subset.py) and I²NQ's levels on a uint8 grid (fxquant/lower/codebook.py).
+
+Their eager forwards look each value's code up in a table (fxquant/quant/table_lookup.py).
+Under ``lower{compile=true}`` that gather is a data-dependent load, which Inductor runs one
+element at a time; the search below is elementwise, so Inductor fuses it into one vectorized
+kernel with whatever computes the value. Compare ``j`` tests the midpoint that the ``j``
+compares before it select (``torch.where`` over the candidates, one value per row), and the
+``b`` outcomes select the code: ``b`` compares and ``2^(b+1) − b − 2`` selects per value (4
+and 26 at 16 levels). The selects grow as 2^(b+1) and the gather does not, so the search
+pays up to :data:`THRESHOLD_BITS` (``tools/dfsq_codes_timing.py --bits B``,
+docs/performance.md, "The compiled codes without the gather").
+"""
+
+from __future__ import annotations
+
+import torch
+
+THRESHOLD_BITS = 5  # up to 32 levels; from 64 the table's gather is faster
+
+
+def codes_by_search(values: torch.Tensor, mids: torch.Tensor, codes: torch.Tensor,
+                    bits: int) -> torch.Tensor:
+    """The code of the interval of sorted ``mids`` that each of ``values`` (``N × C × ...``)
+    falls in: ``codes[k]`` for ``mids[k−1] < v <= mids[k]``, that is the count of midpoints
+    strictly below ``v`` (ties go to the lower level, as the tables'). ``mids``: ``2^bits − 1``
+    rows, ``codes``: ``2^bits`` rows, each row one value per channel (``C``, or 1 for all
+    channels); a row is then one contiguous vector load along NHWC's channels. Pad a row
+    set with fewer levels by midpoints above every value."""
+    if mids.shape[0] != 2 ** bits - 1 or codes.shape[0] != 2 ** bits:
+        raise ValueError(f"{bits}-bit search takes {2 ** bits - 1} midpoint rows and "
+                         f"{2 ** bits} code rows, got {mids.shape[0]} and {codes.shape[0]}")
+    view = (1, mids.shape[1]) + (1,) * (values.ndim - 2)
+    outcomes: list[torch.Tensor] = []  # most significant first
+    for level in range(bits):
+        half = 2 ** (bits - level - 1)  # midpoint p·2·half + half − 1 splits prefix p
+        candidates = [mids[p * 2 * half + half - 1].view(view) for p in range(2 ** level)]
+        outcomes.append(values > _select(candidates, outcomes))
+    return _select([c.view(view) for c in codes], outcomes)
+
+
+def _select(values: list[torch.Tensor], outcomes: list[torch.Tensor]) -> torch.Tensor:
+    """``values[i]`` where ``i``'s bits, most significant first, are ``outcomes``."""
+    if not outcomes:
+        return values[0]
+    half = len(values) // 2
+    return torch.where(outcomes[0], _select(values[half:], outcomes[1:]),
+                       _select(values[:half], outcomes[1:]))
