@@ -72,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     zoo = prepare(args.model, args.scale, args.recipe, data_root=args.data)
     torch.manual_seed(0)
     example = torch.rand(1, zoo.spec.channels, args.size, args.size)
-    models = {"fp32 eager": deepcopy(zoo.float_model).eval(), "fake-quant": zoo.quant_model,
+    float_model = deepcopy(zoo.float_model).eval()
+    fp32 = (lambda x: float_model(x, args.scale)) if zoo.spec.takes_scale else float_model
+    models = {"fp32 eager": fp32, "fake-quant": zoo.quant_model,
               **lowered_pair(zoo.quant_model, example, args.planes, args.subset_codes)}
     with torch.inference_mode():
         same = torch.equal(models["lowered, search"](example), models["lowered, table"](example))

@@ -14,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from fxquant.lower.search import THRESHOLD_BITS, codes_by_search
+from fxquant.lower.search import THRESHOLD_BITS, codes_by_search, search_vectorizes
 from fxquant.quant.nonuniform import bucket_table, half_step_index, half_steps
 from fxquant.quant.table_lookup import lookup
 
@@ -33,7 +33,8 @@ class CodebookQuantize(nn.Module):
         self.register_buffer("scale", torch.ones(()))
         self.register_buffer("zero_point", torch.zeros((), dtype=torch.int64))
         self.search_bits = max(1, math.ceil(math.log2(count)))
-        # the codes kernel under lower{compile=true} (fxquant/lower/search.py)
+        # the codes kernel under lower{compile=true} (fxquant/lower/search.py): the search
+        # where the channels fill whole vectors, else the table
         self.compiled_codes = "search" if self.search_bits <= THRESHOLD_BITS else "table"
         k = 2 ** self.search_bits
         self.register_buffer("mids", torch.zeros(k - 1, rows), persistent=False)
@@ -79,7 +80,8 @@ class CodebookQuantize(nn.Module):
         self.level_codes.copy_(codes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling() and self.compiled_codes == "search":
+        if torch.compiler.is_compiling() and self.compiled_codes == "search" \
+                and search_vectorizes(x.shape[1]):
             h = half_steps(x, self.scale, self.zero_point, self.bits)
             codes = codes_by_search(h, self.mids, self.level_codes, self.search_bits) \
                 .to(torch.uint8)

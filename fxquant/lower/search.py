@@ -15,9 +15,33 @@ docs/performance.md, "The compiled codes without the gather").
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 THRESHOLD_BITS = 5  # up to 32 levels; from 64 the table's gather is faster
+
+
+@functools.cache
+def float_lanes() -> int:
+    """float32 values per vector in Inductor's C++ kernels on this CPU (16 with AVX-512, 8
+    with AVX2; 0 where it emits no vector code)."""
+    from torch._inductor.cpu_vec_isa import pick_vec_isa
+
+    isa = pick_vec_isa()
+    return isa.nelements(torch.float32) if isa else 0
+
+
+def search_vectorizes(channels: int) -> bool:
+    """Whether Inductor runs the search over NHWC maps of ``channels`` channels in whole
+    vectors. It vectorizes along the channels (each midpoint row is one vector load), and a
+    kernel made mostly of masks, as the search is, gets no vector tail: the channels past the
+    last whole vector run one value at a time, each value a few dozen scalar loads and
+    selects. PAN's 20-, 24- and 40-channel maps ran their lowered `i2nq-w4a4` model 2× slower
+    with the search than with the gather (tools/codes_search_ab.py; docs/performance.md), so
+    such maps keep the gather."""
+    lanes = float_lanes()
+    return lanes > 0 and channels % lanes == 0
 
 
 def codes_by_search(values: torch.Tensor, mids: torch.Tensor, codes: torch.Tensor,

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fxquant
-from fxquant.lower import codebook
+from fxquant.lower import codebook, search
 from fxquant.lower.codebook import CodebookQuantize
 from fxquant.lower.search import codes_by_search
 from fxquant.quant.nonuniform import bucket_table, half_steps
@@ -80,10 +80,11 @@ def test_a_table_with_more_levels_than_the_module_holds_is_refused():
 @pytest.mark.parametrize("granularity", ["per-channel", "per-tensor"])
 def test_the_compiled_model_searches_and_equals_the_compiled_table(tiny_sr, calib, granularity,
                                                                    monkeypatch):
-    """lower{target=cpu,compile=true} on an I²NQ model: the codes come from the search (it is
-    traced), and the output equals, bit for bit, that of the same model compiled with the
-    table's gather (Inductor's fused float ops move both from the eager model by float
-    rounding alone)."""
+    """lower{target=cpu,compile=true} on an I²NQ model whose 8-channel maps fill whole
+    vectors (8 float lanes, as with AVX2; set here, whatever this CPU has): the codes come
+    from the search (it is traced), and the output equals, bit for bit, that of the same model
+    compiled with the table's gather (Inductor's fused float ops move both from the eager
+    model by float rounding alone)."""
     r = fxquant.load_preset("i2nq-w4a4")
     r.activations.granularity = granularity
     r.validate()
@@ -95,6 +96,7 @@ def test_the_compiled_model_searches_and_equals_the_compiled_table(tiny_sr, cali
         return codes_by_search(*args)
 
     monkeypatch.setattr(codebook, "codes_by_search", spy)
+    monkeypatch.setattr(search, "float_lanes", lambda: 8)
     inputs = [torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
               for seed in range(2)]
     searched = fxquant.lowered_copy(fake, "cpu", compile=True)
@@ -114,3 +116,21 @@ def test_the_compiled_model_searches_and_equals_the_compiled_table(tiny_sr, cali
         for x, out in zip(inputs, outs):
             assert torch.equal(out, gathered(x)) and torch.equal(out, searched(x))
             torch.testing.assert_close(out, eager(x), rtol=0, atol=1e-6)
+
+
+def test_maps_that_leave_a_vector_tail_keep_the_table(tiny_sr, calib, monkeypatch):
+    """With 16 float lanes (AVX-512) TinySR's 8-channel maps would run the search one value
+    at a time: the compiled model gathers from the table there (search_vectorizes)."""
+    fake = fxquant.compile(tiny_sr, "i2nq-w4a4", calib=calib)
+
+    def refuse(*_args):
+        raise AssertionError("the search was traced for maps that leave a vector tail")
+
+    monkeypatch.setattr(codebook, "codes_by_search", refuse)
+    monkeypatch.setattr(search, "float_lanes", lambda: 16)
+    compiled = fxquant.lowered_copy(fake, "cpu", compile=True)
+    eager = fxquant.lowered_copy(fake, "cpu")
+    x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), eager(x), rtol=0, atol=1e-6)
+    assert search.search_vectorizes(32) and not search.search_vectorizes(40)

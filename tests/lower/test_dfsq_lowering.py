@@ -221,10 +221,18 @@ def test_unknown_subset_codes_are_refused_by_name():
 
 
 @pytest.mark.parametrize("subset_codes", ["exact", "u8"])
-def test_compiled_cpu_target_matches_eager(subset_codes, tiny_sr, calib):
+def test_compiled_cpu_target_matches_eager(subset_codes, tiny_sr, calib, monkeypatch):
     """lower{target=cpu,compile=true}: under Inductor the codes come from threshold sums in
     place of the table (SubsetQuantize.codes_by_thresholds); the model follows the eager one
-    up to rounding-boundary ties of Inductor's reductions (as for DAQ, seeded inputs)."""
+    up to rounding-boundary ties of Inductor's reductions (as for DAQ, seeded inputs). Eight
+    float lanes (as with AVX2), so that TinySR's 8-channel maps take the search whatever this
+    CPU's vectors (fxquant.lower.search.search_vectorizes)."""
+    from fxquant.lower import search
+
+    monkeypatch.setattr(search, "float_lanes", lambda: 8)
+    traced, by_search = [], SubsetQuantize.codes_by_thresholds
+    monkeypatch.setattr(SubsetQuantize, "codes_by_thresholds",
+                        lambda self, *a: traced.append(1) or by_search(self, *a))
     fake = fxquant.compile(tiny_sr, "dfsq-w4a4", calib=calib)
     eager = fxquant.lowered_copy(fake, "cpu", subset_codes=subset_codes)
     compiled = fxquant.lowered_copy(fake, "cpu", compile=True, subset_codes=subset_codes)
@@ -232,6 +240,7 @@ def test_compiled_cpu_target_matches_eager(subset_codes, tiny_sr, calib):
         x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
         with torch.no_grad():
             torch.testing.assert_close(compiled(x), eager(x), rtol=1e-4, atol=1e-4)
+    assert traced
 
 
 def test_compiled_codes_above_four_bits_keep_the_table(tiny_sr, calib, monkeypatch):
