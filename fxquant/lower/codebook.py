@@ -14,7 +14,12 @@ import math
 import torch
 from torch import nn
 
-from fxquant.lower.search import THRESHOLD_BITS, codes_by_search, search_vectorizes
+from fxquant.lower.search import (
+    THRESHOLD_BITS,
+    codes_by_search,
+    float_lanes,
+    search_vectorizes,
+)
 from fxquant.quant.nonuniform import bucket_table, half_step_index, half_steps
 from fxquant.quant.table_lookup import lookup
 
@@ -36,6 +41,7 @@ class CodebookQuantize(nn.Module):
         # the codes kernel under lower{compile=true} (fxquant/lower/search.py): the search
         # where the channels fill whole vectors, else the table
         self.compiled_codes = "search" if self.search_bits <= THRESHOLD_BITS else "table"
+        self.float_lanes = float_lanes()
         k = 2 ** self.search_bits
         self.register_buffer("mids", torch.zeros(k - 1, rows), persistent=False)
         self.register_buffer("level_codes", torch.zeros(k, rows), persistent=False)
@@ -81,7 +87,7 @@ class CodebookQuantize(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling() and self.compiled_codes == "search" \
-                and search_vectorizes(x.shape[1]):
+                and search_vectorizes(x.shape[1], self.float_lanes):
             h = half_steps(x, self.scale, self.zero_point, self.bits)
             codes = codes_by_search(h, self.mids, self.level_codes, self.search_bits) \
                 .to(torch.uint8)

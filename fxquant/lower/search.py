@@ -32,15 +32,15 @@ def float_lanes() -> int:
     return isa.nelements(torch.float32) if isa else 0
 
 
-def search_vectorizes(channels: int) -> bool:
+def search_vectorizes(channels: int, lanes: int) -> bool:
     """Whether Inductor runs the search over NHWC maps of ``channels`` channels in whole
-    vectors. It vectorizes along the channels (each midpoint row is one vector load), and a
-    kernel made mostly of masks, as the search is, gets no vector tail: the channels past the
-    last whole vector run one value at a time, each value a few dozen scalar loads and
-    selects. PAN's 20-, 24- and 40-channel maps ran their lowered `i2nq-w4a4` model 2× slower
-    with the search than with the gather (tools/codes_search_ab.py; docs/performance.md), so
-    such maps keep the gather."""
-    lanes = float_lanes()
+    vectors of ``lanes`` floats (:func:`float_lanes`, read by the codes modules when built:
+    Dynamo would trace into its cache). It vectorizes along the channels (each midpoint row is
+    one vector load), and a kernel made mostly of masks, as the search is, gets no vector
+    tail: the channels past the last whole vector run one value at a time, each value a few
+    dozen scalar loads and selects. PAN's 20-, 24- and 40-channel maps ran its lowered
+    `i2nq-w4a4` model 2× slower with the search than with the gather
+    (tools/codes_search_ab.py; docs/performance.md), so such maps keep the gather."""
     return lanes > 0 and channels % lanes == 0
 
 

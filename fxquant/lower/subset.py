@@ -40,7 +40,12 @@ from torch import fx, nn
 
 from fxquant.errors import PassError
 from fxquant.lower.folded import LAYERS, lower_folded
-from fxquant.lower.search import THRESHOLD_BITS, codes_by_search, search_vectorizes
+from fxquant.lower.search import (
+    THRESHOLD_BITS,
+    codes_by_search,
+    float_lanes,
+    search_vectorizes,
+)
 from fxquant.quant import UniformQuantizer
 from fxquant.quant.base import ones_if_missing
 from fxquant.quant.channel_norm import channel_mean
@@ -94,6 +99,7 @@ class SubsetQuantize(nn.Module):
         # the codes kernel under lower{compile=true} (fxquant/lower/search.py): the search
         # where the channels fill whole vectors, else the table
         self.compiled_codes = "search" if bits <= THRESHOLD_BITS else "table"
+        self.float_lanes = float_lanes()
         self._derive()
         self.register_load_state_dict_post_hook(lambda module, _keys: module._derive())
 
@@ -184,7 +190,7 @@ class SubsetQuantize(nn.Module):
             multiplier=self.step_multiplier[channels])
         with torch.no_grad():
             if torch.compiler.is_compiling() and self.compiled_codes == "search" \
-                    and search_vectorizes(end - first):
+                    and search_vectorizes(end - first, self.float_lanes):
                 codes = self.codes_by_thresholds(normalized, channels)
             else:
                 codes = grid_lookup(normalized, self.lookup_exponent, self.table[channels])

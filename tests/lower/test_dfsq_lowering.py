@@ -226,10 +226,10 @@ def test_compiled_cpu_target_matches_eager(subset_codes, tiny_sr, calib, monkeyp
     place of the table (SubsetQuantize.codes_by_thresholds); the model follows the eager one
     up to rounding-boundary ties of Inductor's reductions (as for DAQ, seeded inputs). Eight
     float lanes (as with AVX2), so that TinySR's 8-channel maps take the search whatever this
-    CPU's vectors (fxquant.lower.search.search_vectorizes)."""
-    from fxquant.lower import search
+    CPU's vectors (fxquant.lower.search.search_vectorizes; the modules read the lanes when built)."""
+    from fxquant.lower import subset
 
-    monkeypatch.setattr(search, "float_lanes", lambda: 8)
+    monkeypatch.setattr(subset, "float_lanes", lambda: 8)
     traced, by_search = [], SubsetQuantize.codes_by_thresholds
     monkeypatch.setattr(SubsetQuantize, "codes_by_thresholds",
                         lambda self, *a: traced.append(1) or by_search(self, *a))
