@@ -30,15 +30,24 @@ from fxquant.heap import keep_freed_blocks
 from fxquant.errors import FxquantError
 from fxquant.lower.codebook import CodebookQuantize
 from fxquant.lower.subset import CODE_GRIDS, SubsetQuantize
+from fxquant.quant.subset import SubsetQuantizer
 from fxquant.workflow import prepare
+
+
+def lower_options(fake, planes: int, subset_codes: str) -> dict:
+    """``lower``'s options: compiled on cpu, and DFSQ's folded-conv options where it has DFSQ."""
+    options = {"target": "cpu", "compile": True}
+    if any(isinstance(m, SubsetQuantizer) for m in fake.modules()):
+        options.update(planes=planes, subset_codes=subset_codes)
+    return options
 
 
 def lowered_pair(fake, example: torch.Tensor, planes: int, subset_codes: str) -> dict:
     """The compiled lowered copy with the search, and one whose codes modules are set to the
     table's gather (``compiled_codes``) before its first call compiles it."""
-    options = {"compile": True, "planes": planes, "subset_codes": subset_codes}
-    searched = fxquant.lowered_copy(fake, "cpu", **options)
-    gathered = fxquant.lowered_copy(fake, "cpu", **options)
+    options = lower_options(fake, planes, subset_codes)
+    searched = fxquant.lowered_copy(fake, **options)
+    gathered = fxquant.lowered_copy(fake, **options)
     codes = [m for m in gathered.modules() if isinstance(m, (SubsetQuantize, CodebookQuantize))]
     if not any(m.compiled_codes == "search" for m in codes):
         raise FxquantError("the lowered model has no codes module that searches (DFSQ's or "
@@ -64,8 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--size", type=positive_int, default=256)
     parser.add_argument("--rounds", type=positive_int, default=9)
     parser.add_argument("--planes", type=int, choices=(1, 2), default=1,
-                        help="DFSQ's int8 weight planes (default 1)")
-    parser.add_argument("--subset-codes", choices=CODE_GRIDS, default="exact")
+                        help="DFSQ's int8 weight planes (default 1; DFSQ models only)")
+    parser.add_argument("--subset-codes", choices=CODE_GRIDS, default="exact",
+                        help="DFSQ's codes (default exact; DFSQ models only)")
     parser.add_argument("--data", default=None, help="data root (default $FXQUANT_DATA)")
     args = parser.parse_args(argv)
     keep_freed_blocks()
@@ -78,11 +88,12 @@ def main(argv: list[str] | None = None) -> int:
               **lowered_pair(zoo.quant_model, example, args.planes, args.subset_codes)}
     with torch.inference_mode():
         same = torch.equal(models["lowered, search"](example), models["lowered, table"](example))
+    options = lower_options(zoo.quant_model, args.planes, args.subset_codes)
+    lowered = "lower{" + ",".join(f"{k}={str(v).lower()}" for k, v in options.items()) + "}"
     times = interleaved({k: (lambda m=m: m(example)) for k, m in models.items()}, args.rounds)
     print(f"{args.model} ×{args.scale} `{args.recipe}`, 1×{zoo.spec.channels}×{args.size}² "
           f"input, {cpu_description()}, torch threads {torch.get_num_threads()}, "
-          f"{heap_description()}, {args.rounds} interleaved rounds; lowered{{target=cpu,"
-          f"compile=true,planes={args.planes},subset_codes={args.subset_codes}}}; search and "
+          f"{heap_description()}, {args.rounds} interleaved rounds; {lowered}; search and "
           f"table give the same output bit for bit: {same}\n")
     print("| variant | median ms |\n|---|---:|")
     for name, t in times.items():
