@@ -4,8 +4,8 @@ table of uint8 grid codes (the code of the nearest level), and the ordinary u8 Ã
 convolution reads those codes with the grid's scale and zero point. The buckets are computed
 by the same function as the fake-quantizer's, so the codes are exactly the fake-quant
 levels' grid codes. Under ``lower{compile=true}`` the table's gather gives way to the
-branch-free search of the same buckets (fxquant/lower/search.py), which Inductor fuses and
-vectorizes: the same codes, ties included."""
+branch-free search (fxquant/lower/search.py) of the input values where the bucket passes each
+midpoint, which Inductor fuses and vectorizes: the same codes, ties included."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from fxquant.lower.search import (
     float_lanes,
     search_vectorizes,
 )
-from fxquant.quant.nonuniform import bucket_table, half_step_index, half_steps
+from fxquant.quant.nonuniform import bucket_table, bucket_thresholds, half_step_index
 from fxquant.quant.table_lookup import lookup
 
 
@@ -65,10 +65,12 @@ class CodebookQuantize(nn.Module):
         return module
 
     def _derive(self) -> None:
-        """The search's rows from the table: per row, each level's code in bucket order and
-        the bucket before each level's first (the midpoint, in half steps, that the search
-        compares ``h > mid`` with); rows with fewer distinct codes than ``2^search_bits`` are
-        padded with midpoints above every bucket."""
+        """The search's rows from the table, scale and zero point: per row, each level's code
+        in bucket order, and for the bucket before each level's first (the half-step
+        midpoint ``m``) the input value ``t`` past which the bucket is above ``m``
+        (:func:`~fxquant.quant.nonuniform.bucket_thresholds`), so the search compares the
+        input itself, with no division per value; rows with fewer distinct codes than
+        ``2^search_bits`` are padded with midpoints above every bucket."""
         table = self.table.long()
         width = table.shape[1]
         mids = torch.full_like(self.mids, float(width))
@@ -82,14 +84,13 @@ class CodebookQuantize(nn.Module):
             codes[:, row] = table[row, starts[-1]].float()
             codes[:len(starts), row] = table[row, starts].float()
             mids[:len(starts) - 1, row] = (starts[1:] - 1).float()
-        self.mids.copy_(mids)
+        self.mids.copy_(bucket_thresholds(mids, self.scale, self.zero_point, self.bits))
         self.level_codes.copy_(codes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling() and self.compiled_codes == "search" \
                 and search_vectorizes(x.shape[1], self.float_lanes):
-            h = half_steps(x, self.scale, self.zero_point, self.bits)
-            codes = codes_by_search(h, self.mids, self.level_codes, self.search_bits) \
+            codes = codes_by_search(x, self.mids, self.level_codes, self.search_bits) \
                 .to(torch.uint8)
         else:
             index = half_step_index(x, self.scale, self.zero_point, self.bits,

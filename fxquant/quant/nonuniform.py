@@ -94,6 +94,28 @@ def half_steps(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
     return h.add_(2 * zero_point).clamp_(0, 2 ** (bits + 1) - 1)
 
 
+def bucket_thresholds(mids: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
+                      bits: int) -> torch.Tensor:
+    """For integer half-step midpoints ``mids`` (any shape), the float32 ``t`` with
+    ``half_steps(x) > m`` exactly when ``x > t``, for every float32 ``x``, the rounding of
+    :func:`half_steps`' division included: ``ceil(q) + 2z > m`` iff ``q > m − 2z``, and
+    ``q = fl(x / (s/2))`` grows with ``x``, so ``t`` is the largest float whose quotient is at
+    most ``m − 2z``, found from ``fl((m − 2z)·s/2)`` by a few ulp steps and checked.
+    Midpoints at or past the last bucket (``2^(b+1) − 1``) are never passed: ``t = +inf``."""
+    half = scale.float() / 2
+    n = (mids.double() - 2 * float(zero_point)).float()  # small integers: exact
+    t = n * half
+    inf = torch.tensor(float("inf"))
+    for _ in range(8):  # up while the next float's quotient stays at most n
+        up = torch.nextafter(t, inf)
+        t = torch.where(up / half <= n, up, t)
+    for _ in range(8):  # down while the quotient is above n
+        t = torch.where(t / half > n, torch.nextafter(t, -inf), t)
+    if not (bool((t / half <= n).all()) and bool((torch.nextafter(t, inf) / half > n).all())):
+        raise ArithmeticError("bucket thresholds did not settle within 8 ulps of m·s/2")
+    return torch.where(mids >= 2 ** (bits + 1) - 1, inf, t)
+
+
 def bucket_table(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """``rows × 2^(b+1)``: the level index of every half-step bucket, for sorted grid codes
     ``codes`` (``rows × L``): bucket h → #{i : g_i + g_{i+1} < h} (the midpoint of grid values

@@ -13,12 +13,13 @@ import fxquant
 from fxquant.lower import codebook
 from fxquant.lower.codebook import CodebookQuantize
 from fxquant.lower.search import codes_by_search, search_vectorizes
-from fxquant.quant.nonuniform import bucket_table, half_steps
+from fxquant.quant.nonuniform import bucket_table
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def _module(rows: int, levels: int, seed: int, duplicates: bool) -> CodebookQuantize:
+def _module(rows: int, levels: int, seed: int, duplicates: bool, scale: float = 0.03125,
+            zero_point: int = 0) -> CodebookQuantize:
     """A codebook over ``levels`` sorted uint8 grid codes per row, built as
     ``from_quantizer`` builds it (some rows with repeated codes: snapping can merge levels)."""
     g = torch.Generator().manual_seed(seed)
@@ -29,34 +30,38 @@ def _module(rows: int, levels: int, seed: int, duplicates: bool) -> CodebookQuan
     module = CodebookQuantize(rows, levels, channels_last=False)
     with torch.no_grad():
         module.table.copy_(torch.gather(codes, 1, bucket_table(codes, 8)).to(torch.uint8))
-        module.scale.fill_(0.03125 * (1 + seed % 3))
-        module.zero_point.fill_(seed % 40)
+        module.scale.fill_(scale)
+        module.zero_point.fill_(zero_point)
     module._derive()
     return module
 
 
 @settings(max_examples=40, deadline=None)
 @given(rows=st.sampled_from([1, 3, 8]), bits=st.integers(1, 5), seed=st.integers(0, 10 ** 6),
-       duplicates=st.booleans(), channels_last=st.booleans())
+       duplicates=st.booleans(), channels_last=st.booleans(),
+       scale=st.floats(2 ** -10, 0.5, width=32), zero_point=st.integers(0, 255))
 def test_the_search_gives_the_tables_codes_bit_for_bit(rows, bits, seed, duplicates,
-                                                      channels_last):
-    """Every half-step bucket edge (a value exactly on a midpoint goes to the lower level),
-    values beyond the grid at both ends, and random values between."""
+                                                      channels_last, scale, zero_point):
+    """The search of the input against the buckets' thresholds (no division) gives the
+    table's codes: every half-step bucket edge and the floats on either side of it (a value
+    whose quotient lands exactly on a midpoint goes to the lower level), values beyond the
+    grid at both ends, and random values between."""
     levels = 2 ** bits
-    module = _module(rows, levels, seed, duplicates and levels > 2)
-    scale, zero = float(module.scale), int(module.zero_point)
+    module = _module(rows, levels, seed, duplicates and levels > 2, scale, zero_point)
     channels = 8
-    edges = (torch.arange(-4, 516, dtype=torch.float32) - 2 * zero) * (scale / 2)
+    half = module.scale / 2
+    edges = (torch.arange(-4, 516, dtype=torch.float32) - 2 * zero_point) * half
+    edges = torch.cat([torch.nextafter(edges, torch.tensor(-float("inf"))), edges,
+                       torch.nextafter(edges, torch.tensor(float("inf"))), edges / half * half])
     g = torch.Generator().manual_seed(seed)
-    spread = (torch.rand(2, channels, 40, edges.numel() // 40, generator=g) - 0.5) * 600 * scale
+    spread = (torch.rand(2, channels, 40, edges.numel() // 40, generator=g) - 0.5) * 600 * half
     x = torch.cat([edges.view(1, 1, 40, -1).expand(1, channels, 40, -1), spread])
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     if rows > 1:  # a per-channel codebook has one row per channel
         x = x[:, :rows]
     by_table = module(x)
-    by_search = codes_by_search(half_steps(x, module.scale, module.zero_point, 8),
-                                module.mids, module.level_codes, module.search_bits)
+    by_search = codes_by_search(x, module.mids, module.level_codes, module.search_bits)
     assert torch.equal(by_search.to(torch.uint8), by_table)
 
 
