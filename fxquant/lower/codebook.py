@@ -20,7 +20,7 @@ from fxquant.lower.search import (
     float_lanes,
     search_vectorizes,
 )
-from fxquant.quant.nonuniform import bucket_table, bucket_thresholds, half_step_index
+from fxquant.quant.grid_buckets import bucket_table, bucket_thresholds, half_step_index
 from fxquant.quant.table_lookup import lookup
 
 
@@ -68,7 +68,7 @@ class CodebookQuantize(nn.Module):
         """The search's rows from the table, scale and zero point: per row, each level's code
         in bucket order, and for the bucket before each level's first (the half-step
         midpoint ``m``) the input value ``t`` past which the bucket is above ``m``
-        (:func:`~fxquant.quant.nonuniform.bucket_thresholds`), so the search compares the
+        (:func:`~fxquant.quant.grid_buckets.bucket_thresholds`), so the search compares the
         input itself, with no division per value; rows with fewer distinct codes than
         ``2^search_bits`` are padded with midpoints above every bucket."""
         table = self.table.long()

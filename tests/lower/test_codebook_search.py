@@ -13,7 +13,7 @@ import fxquant
 from fxquant.lower import codebook
 from fxquant.lower.codebook import CodebookQuantize
 from fxquant.lower.search import codes_by_search, search_vectorizes
-from fxquant.quant.nonuniform import bucket_table
+from fxquant.quant.grid_buckets import bucket_table
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
