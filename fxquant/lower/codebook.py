@@ -43,7 +43,7 @@ class CodebookQuantize(nn.Module):
         self.compiled_codes = "search" if self.search_bits <= THRESHOLD_BITS else "table"
         self.float_lanes = float_lanes()
         k = 2 ** self.search_bits
-        self.register_buffer("mids", torch.zeros(k - 1, rows), persistent=False)
+        self.register_buffer("thresholds", torch.zeros(k - 1, rows), persistent=False)
         self.register_buffer("level_codes", torch.zeros(k, rows), persistent=False)
         self.register_load_state_dict_post_hook(lambda module, _keys: module._derive())
 
@@ -73,7 +73,7 @@ class CodebookQuantize(nn.Module):
         ``2^search_bits`` are padded with midpoints above every bucket."""
         table = self.table.long()
         width = table.shape[1]
-        mids = torch.full_like(self.mids, float(width))
+        mids = torch.full_like(self.thresholds, float(width))  # half steps; padding: none reached
         codes = torch.empty_like(self.level_codes)
         for row in range(table.shape[0]):
             starts = torch.cat([torch.zeros(1, dtype=torch.long),
@@ -84,13 +84,13 @@ class CodebookQuantize(nn.Module):
             codes[:, row] = table[row, starts[-1]].float()
             codes[:len(starts), row] = table[row, starts].float()
             mids[:len(starts) - 1, row] = (starts[1:] - 1).float()
-        self.mids.copy_(bucket_thresholds(mids, self.scale, self.zero_point, self.bits))
+        self.thresholds.copy_(bucket_thresholds(mids, self.scale, self.zero_point, self.bits))
         self.level_codes.copy_(codes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.compiler.is_compiling() and self.compiled_codes == "search" \
                 and search_vectorizes(x.shape[1], self.float_lanes):
-            codes = codes_by_search(x, self.mids, self.level_codes, self.search_bits) \
+            codes = codes_by_search(x, self.thresholds, self.level_codes, self.search_bits) \
                 .to(torch.uint8)
         else:
             index = half_step_index(x, self.scale, self.zero_point, self.bits,

@@ -61,7 +61,7 @@ def test_the_search_gives_the_tables_codes_bit_for_bit(rows, bits, seed, duplica
     if rows > 1:  # a per-channel codebook has one row per channel
         x = x[:, :rows]
     by_table = module(x)
-    by_search = codes_by_search(x, module.mids, module.level_codes, module.search_bits)
+    by_search = codes_by_search(x, module.thresholds, module.level_codes, module.search_bits)
     assert torch.equal(by_search.to(torch.uint8), by_table)
 
 
@@ -70,7 +70,7 @@ def test_the_search_rows_are_derived_again_on_load():
     fresh = CodebookQuantize(3, 16, channels_last=False)
     fresh.load_state_dict(module.state_dict())
     assert set(module.state_dict()) == {"table", "scale", "zero_point"}
-    assert torch.equal(fresh.mids, module.mids) and torch.equal(fresh.level_codes,
+    assert torch.equal(fresh.thresholds, module.thresholds) and torch.equal(fresh.level_codes,
                                                                  module.level_codes)
 
 
