@@ -85,7 +85,9 @@ class LowerPass(Pass):
     the NHWC copy moves contiguous runs). On ``cpu`` a float strided ``ConvTranspose2d`` (FSRCNN's tail)
     runs as the equal conv + pixel shuffle (fxquant/lower/subpixel.py).
     ``compile`` (cpu only) compiles the module with Inductor on first call, which fuses each
-    input quantization into the float op before it.
+    input quantization into the float op before it. The graphs are static: each new input
+    size compiles again (seconds), and after Dynamo's limit of 8 sizes further sizes run
+    eagerly, with Dynamo's "hit config.recompile_limit" warning; same outputs, slower.
     DAQ's dynamic quantizers lower on ``reference`` and ``cpu`` to per-(image, channel)
     integer codes with the steps folded into per-image weights (fxquant/lower/daq.py);
     DFSQ's subset quantizers to their points' integer codes on the 2^-10 grid, read by the
