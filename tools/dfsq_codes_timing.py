@@ -1,6 +1,6 @@
 """The compiled DFSQ codes of one layer three ways: the grid table's gather (what Inductor ran
 before the search), the branch-free search of the midpoints ``lower{compile=true}`` runs up
-to :data:`fxquant.lower.subset.THRESHOLD_BITS` (``SubsetQuantize.codes_by_thresholds``), and
+to :data:`fxquant.lower.search.THRESHOLD_BITS` (``SubsetQuantize.codes_by_thresholds``), and
 the same with the codes re-gridded to one byte (``lower{subset_codes=u8}``); beside them the
 normalization alone (rounded to a byte, no nearest point), the floor any codes kernel pays.
 The input: a 1×64×S×S NHWC map, signed (mean-shifted) dynamic DFSQ with 2^bits random points

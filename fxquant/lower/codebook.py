@@ -14,17 +14,12 @@ import math
 import torch
 from torch import nn
 
-from fxquant.lower.search import (
-    THRESHOLD_BITS,
-    codes_by_search,
-    float_lanes,
-    search_vectorizes,
-)
+from fxquant.lower.search import SearchedCodes, codes_by_search
 from fxquant.quant.grid_buckets import bucket_table, bucket_thresholds, half_step_index
 from fxquant.quant.table_lookup import lookup
 
 
-class CodebookQuantize(nn.Module):
+class CodebookQuantize(SearchedCodes, nn.Module):
     """Float tensor → uint8 grid codes: ``table[c, searchsorted(midpoints[c], x)]``.
 
     State is the table, scale and zero point; the search's rows (:meth:`_derive`) are
@@ -38,10 +33,7 @@ class CodebookQuantize(nn.Module):
         self.register_buffer("scale", torch.ones(()))
         self.register_buffer("zero_point", torch.zeros((), dtype=torch.int64))
         self.search_bits = max(1, math.ceil(math.log2(count)))
-        # the codes kernel under lower{compile=true} (fxquant/lower/search.py): the search
-        # where the channels fill whole vectors, else the table
-        self.compiled_codes = "search" if self.search_bits <= THRESHOLD_BITS else "table"
-        self.float_lanes = float_lanes()
+        self.choose_compiled_codes(self.search_bits)
         k = 2 ** self.search_bits
         self.register_buffer("thresholds", torch.zeros(k - 1, rows), persistent=False)
         self.register_buffer("level_codes", torch.zeros(k, rows), persistent=False)
@@ -88,8 +80,7 @@ class CodebookQuantize(nn.Module):
         self.level_codes.copy_(codes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.compiler.is_compiling() and self.compiled_codes == "search" \
-                and search_vectorizes(x.shape[1], self.float_lanes):
+        if self.searches(x.shape[1]):
             codes = codes_by_search(x, self.thresholds, self.level_codes, self.search_bits) \
                 .to(torch.uint8)
         else:

@@ -44,6 +44,23 @@ def search_vectorizes(channels: int, lanes: int) -> bool:
     return lanes > 0 and channels % lanes == 0
 
 
+class SearchedCodes:
+    """What a codes module (DFSQ's, I²NQ's) compiles under ``lower{compile=true}``:
+    :attr:`compiled_codes` is ``search`` up to :data:`THRESHOLD_BITS`, else ``table`` (set
+    it to ``table`` to time the gather, tools/codes_search_ab.py); a map searches when its
+    channels also fill whole vectors (:func:`search_vectorizes`, with the lanes read here,
+    when the module is built)."""
+
+    def choose_compiled_codes(self, bits: int) -> None:
+        self.compiled_codes = "search" if bits <= THRESHOLD_BITS else "table"
+        self.float_lanes = float_lanes()
+
+    def searches(self, channels: int) -> bool:
+        """Whether this call, over a map of ``channels`` channels, runs the search."""
+        return torch.compiler.is_compiling() and self.compiled_codes == "search" \
+            and search_vectorizes(channels, self.float_lanes)
+
+
 def codes_by_search(values: torch.Tensor, mids: torch.Tensor, codes: torch.Tensor,
                     bits: int) -> torch.Tensor:
     """The code of the interval of sorted ``mids`` that each of ``values`` (``N × C × ...``)

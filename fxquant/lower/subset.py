@@ -40,12 +40,7 @@ from torch import fx, nn
 
 from fxquant.errors import PassError
 from fxquant.lower.folded import LAYERS, lower_folded
-from fxquant.lower.search import (
-    THRESHOLD_BITS,
-    codes_by_search,
-    float_lanes,
-    search_vectorizes,
-)
+from fxquant.lower.search import SearchedCodes, codes_by_search
 from fxquant.quant import UniformQuantizer
 from fxquant.quant.base import ones_if_missing
 from fxquant.quant.channel_norm import channel_mean
@@ -62,7 +57,7 @@ from fxquant.quant.subset import (
 CODE_GRIDS = ("exact", "u8")  # the points' own integers; one byte per code (module doc)
 
 
-class SubsetQuantize(nn.Module):
+class SubsetQuantize(SearchedCodes, nn.Module):
     """Float tensor → ``(codes, Δ, β, ĉ)`` of a DFSQ subset quantizer (module doc); ``ĉ``,
     the codes' expected value, is None in static mode.
 
@@ -96,10 +91,7 @@ class SubsetQuantize(nn.Module):
         self.register_buffer("mids", torch.zeros(k - 1, channels), persistent=False)
         self.register_buffer("point_codes", torch.zeros(k, channels), persistent=False)
         self.lookup_exponent, self.point_exponent, self.max_code = 0, 0, 0
-        # the codes kernel under lower{compile=true} (fxquant/lower/search.py): the search
-        # where the channels fill whole vectors, else the table
-        self.compiled_codes = "search" if bits <= THRESHOLD_BITS else "table"
-        self.float_lanes = float_lanes()
+        self.choose_compiled_codes(bits)
         self._derive()
         self.register_load_state_dict_post_hook(lambda module, _keys: module._derive())
 
@@ -189,8 +181,7 @@ class SubsetQuantize(nn.Module):
             post=self.post[channels] if self.mode == "static" else None,
             multiplier=self.step_multiplier[channels])
         with torch.no_grad():
-            if torch.compiler.is_compiling() and self.compiled_codes == "search" \
-                    and search_vectorizes(end - first, self.float_lanes):
+            if self.searches(end - first):
                 codes = self.codes_by_thresholds(normalized, channels)
             else:
                 codes = grid_lookup(normalized, self.lookup_exponent, self.table[channels])

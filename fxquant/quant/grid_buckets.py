@@ -24,28 +24,21 @@ def half_step_index(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tens
     (fxquant/quant/table_lookup.py). Shared by the fake-quantizer and the lowered lookup,
     which therefore pick the same level for the same input."""
     width = 2 ** (bits + 1)
-    h = half_steps(x, scale, zero_point, bits)
+    h = torch.ceil(x / (scale / 2))
+    h.add_(2 * zero_point).clamp_(0, width - 1)
     if rows > 1:  # row offsets, exact in float32 while rows·width < 2^24
         h.add_(torch.arange(rows, device=x.device, dtype=h.dtype).mul_(width)
                .view((1, -1) + (1,) * (x.ndim - 2)))
     return flat_index(h, x)
 
 
-def half_steps(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
-               bits: int) -> torch.Tensor:
-    """The half-step bucket ``h = clamp(ceil(x / (s/2)) + 2z, 0, 2^(b+1) − 1)`` of every
-    element (float32, integer-valued, ``x``'s shape and layout; :func:`half_step_index`)."""
-    h = torch.ceil(x / (scale / 2))
-    return h.add_(2 * zero_point).clamp_(0, 2 ** (bits + 1) - 1)
-
-
 def bucket_thresholds(mids: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor,
                       bits: int) -> torch.Tensor:
-    """For integer half-step midpoints ``mids`` (any shape), the float32 ``t`` with
-    ``half_steps(x) > m`` exactly when ``x > t``, for every float32 ``x``, the rounding of
-    :func:`half_steps`' division included: ``ceil(q) + 2z > m`` iff ``q > m − 2z``, and
-    ``q = fl(x / (s/2))`` grows with ``x``, so ``t`` is the largest float whose quotient is at
-    most ``m − 2z``, found from ``fl((m − 2z)·s/2)`` by a few ulp steps and checked.
+    """For integer half-step midpoints ``mids`` (any shape), the float32 ``t`` with bucket
+    ``h > m`` (:func:`half_step_index`'s ``h``) exactly when ``x > t``, for every float32
+    ``x``, the rounding of its division included: ``ceil(q) + 2z > m`` iff ``q > m − 2z``,
+    and ``q = fl(x / (s/2))`` grows with ``x``, so ``t`` is the largest float whose quotient
+    is at most ``m − 2z``, found from ``fl((m − 2z)·s/2)`` by a few ulp steps and checked.
     Midpoints at or past the last bucket (``2^(b+1) − 1``) are never passed: ``t = +inf``."""
     half = scale.float() / 2
     n = (mids.double() - 2 * float(zero_point)).float()  # small integers: exact

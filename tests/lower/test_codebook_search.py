@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import fxquant
-from fxquant.lower import codebook
+from fxquant.lower import codebook, search
 from fxquant.lower.codebook import CodebookQuantize
 from fxquant.lower.search import codes_by_search, search_vectorizes
 from fxquant.quant.grid_buckets import bucket_table
@@ -101,7 +101,7 @@ def test_the_compiled_model_searches_and_equals_the_compiled_table(tiny_sr, cali
         return codes_by_search(*args)
 
     monkeypatch.setattr(codebook, "codes_by_search", spy)
-    monkeypatch.setattr(codebook, "float_lanes", lambda: 8)
+    monkeypatch.setattr(search, "float_lanes", lambda: 8)
     inputs = [torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
               for seed in range(2)]
     searched = fxquant.lowered_copy(fake, "cpu", compile=True)
@@ -132,7 +132,7 @@ def test_maps_that_leave_a_vector_tail_keep_the_table(tiny_sr, calib, monkeypatc
         raise AssertionError("the search was traced for maps that leave a vector tail")
 
     monkeypatch.setattr(codebook, "codes_by_search", refuse)
-    monkeypatch.setattr(codebook, "float_lanes", lambda: 16)
+    monkeypatch.setattr(search, "float_lanes", lambda: 16)
     compiled = fxquant.lowered_copy(fake, "cpu", compile=True)
     eager = fxquant.lowered_copy(fake, "cpu")
     x = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))

@@ -227,9 +227,9 @@ def test_compiled_cpu_target_matches_eager(subset_codes, tiny_sr, calib, monkeyp
     up to rounding-boundary ties of Inductor's reductions (as for DAQ, seeded inputs). Eight
     float lanes (as with AVX2), so that TinySR's 8-channel maps take the search whatever this
     CPU's vectors (fxquant.lower.search.search_vectorizes; the modules read the lanes when built)."""
-    from fxquant.lower import subset
+    from fxquant.lower import search
 
-    monkeypatch.setattr(subset, "float_lanes", lambda: 8)
+    monkeypatch.setattr(search, "float_lanes", lambda: 8)
     traced, by_search = [], SubsetQuantize.codes_by_thresholds
     monkeypatch.setattr(SubsetQuantize, "codes_by_thresholds",
                         lambda self, *a: traced.append(1) or by_search(self, *a))
@@ -247,7 +247,7 @@ def test_compiled_codes_above_four_bits_keep_the_table(tiny_sr, calib, monkeypat
     """8-bit points would take 255 compares per value: the compiled path gathers from the
     table there (THRESHOLD_BITS), and still follows the eager model (up to codes flipped at
     rounding ties, which 8-bit steps meet more often, each costing less)."""
-    from fxquant.lower.subset import THRESHOLD_BITS
+    from fxquant.lower.search import THRESHOLD_BITS
 
     fake = fxquant.compile(tiny_sr, "dfsq-w8a8", calib=calib)
     eager = fxquant.lowered_copy(fake, "cpu")

@@ -9,7 +9,7 @@ import torch
 
 import fxquant
 from fxquant.errors import FxquantError
-from fxquant.lower import codebook
+from fxquant.lower import search
 from fxquant.lower.codebook import CodebookQuantize
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -17,7 +17,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 def test_the_pair_searches_and_gathers_with_the_same_output(load_tool, tiny_sr, calib,
                                                            monkeypatch):
-    monkeypatch.setattr(codebook, "float_lanes", lambda: 8)  # TinySR's 8 channels search
+    monkeypatch.setattr(search, "float_lanes", lambda: 8)  # TinySR's 8 channels search
     fake = fxquant.compile(tiny_sr, "i2nq-w4a4", calib=calib)
     x = torch.rand(1, 3, 12, 12, generator=torch.Generator().manual_seed(0))
     pair = load_tool("codes_search_ab").lowered_pair(fake, x, 1, "exact")
