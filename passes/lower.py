@@ -85,9 +85,12 @@ class LowerPass(Pass):
     the NHWC copy moves contiguous runs). On ``cpu`` a float strided ``ConvTranspose2d`` (FSRCNN's tail)
     runs as the equal conv + pixel shuffle (fxquant/lower/subpixel.py).
     ``compile`` (cpu only) compiles the module with Inductor on first call, which fuses each
-    input quantization into the float op before it. The graphs are static: each new input
-    size compiles again (seconds), and after Dynamo's limit of 8 sizes further sizes run
-    eagerly, with Dynamo's "hit config.recompile_limit" warning; same outputs, slower.
+    input quantization into the float op before it. The first input size compiles static
+    kernels; a second size compiles once more for any height and width (Dynamo's automatic
+    dynamic shapes; tens of seconds for an SR network on 2 cores), which later sizes reuse,
+    but for one more across a size threshold of Inductor's own (maps of 4096 positions);
+    these kernels ran 2-10 % slower than the static ones (docs/performance.md, "Many input
+    sizes").
     DAQ's dynamic quantizers lower on ``reference`` and ``cpu`` to per-(image, channel)
     integer codes with the steps folded into per-image weights (fxquant/lower/daq.py);
     DFSQ's subset quantizers to their points' integer codes on the 2^-10 grid, read by the
@@ -214,8 +217,12 @@ class LowerPass(Pass):
             # PAN's modules, and checking them took 4-5 ms of its 50 ms per call at
             # 128x128. The lowered modules are fixed once built (a changed attribute would
             # need lowering again anyway); the guards on the input's shape, dtype and
-            # layout stay.
-            gm.compile(dynamic=False, options={
+            # layout stay. dynamic=None is Dynamo's automatic dynamic shapes: the first input
+            # size compiles static kernels; a second size compiles once more with symbolic
+            # height and width, which every later size reuses (static, each size compiled
+            # anew and past Dynamo's limit of 8 sizes ran eagerly: Set14 with IMDN x4 int8,
+            # 276.5 s against 98.7 s eager; docs/performance.md "Many input sizes").
+            gm.compile(dynamic=None, options={
                 "cpp_wrapper": True,
                 "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
         islands = _float_ops(gm)

@@ -20,6 +20,7 @@ import copy
 
 import torch
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 EPS = 1e-8
 
@@ -72,8 +73,10 @@ def _mean(x: torch.Tensor, pieces: torch.Tensor | None) -> torch.Tensor:
 
 def _position_chunks(x: torch.Tensor) -> torch.Tensor | None:
     """``x`` as ``N × C × chunks × L`` when compiled by Inductor and the positions split
-    (:func:`reduction_chunks`); None otherwise (eager, torch.export: one reduction). An
-    exported program would keep the divisibility as a guard."""
+    (:func:`reduction_chunks`); None otherwise (eager, torch.export, or a graph compiled for
+    any input size: one reduction). An exported program, or a dynamic-shape graph, would keep
+    the divisibility as a guard: Dynamo recompiled a dynamic-shape DFSQ model for each new
+    pattern of divisors until its limit of 8, then ran it eagerly."""
     if not torch.compiler.is_compiling() or torch.compiler.is_exporting():
         return None
     flat = x.reshape(x.shape[0], x.shape[1], -1)
@@ -92,9 +95,11 @@ MAX_REDUCTION_CHUNKS = 32
 
 def reduction_chunks(positions: int) -> int:
     """The largest divisor of ``positions`` up to :data:`MAX_REDUCTION_CHUNKS`, leaving at
-    least 64 positions per chunk (1 for small maps)."""
+    least 64 positions per chunk (1 for small maps, and for a symbolic count: a divisor
+    of a dynamic-shape graph's positions would be a guard, one recompile per pattern)."""
     for chunks in range(MAX_REDUCTION_CHUNKS, 1, -1):
-        if positions % chunks == 0 and positions // chunks >= 64:
+        # a plain int is known; a SymInt is not, and Dynamo adds no guard for asking
+        if statically_known_true(positions % chunks == 0) and positions // chunks >= 64:
             return chunks
     return 1
 
