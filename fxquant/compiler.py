@@ -115,11 +115,12 @@ def transformed_copy(gm: fx.GraphModule, pipeline, *, calib: object = None,
 
 
 def lowered_copy(gm: fx.GraphModule, target: str = "cpu", *, compile: bool = False,
-                 fuse: bool = True, planes: int = 2,
+                 dynamic: bool = False, fuse: bool = True, planes: int = 2,
                  subset_codes: str = "exact") -> fx.GraphModule:
     """A copy of compiled model ``gm`` run through ``lower{target=...}`` (options as the
-    pass's: ``planes`` is DAQ's/DFSQ's int8 weight planes, ``subset_codes`` DFSQ's codes,
-    exact or one byte); ``gm`` stays as it is. The copy's pipeline and history record the
+    pass's: ``dynamic`` compiles one graph for every input size, ``planes`` is DAQ's/DFSQ's
+    int8 weight planes, ``subset_codes`` DFSQ's codes, exact or one byte); ``gm`` stays as
+    it is. The copy's pipeline and history record the
     lower pass, so :func:`save` and :func:`load` round-trip the lowered model."""
     from fxquant.lower.conv import LoweringError
     from fxquant.passes.lower import LowerPass
@@ -128,8 +129,8 @@ def lowered_copy(gm: fx.GraphModule, target: str = "cpu", *, compile: bool = Fal
     if getattr(gm, "fxquant_lowered", None):
         raise LoweringError(f"the model is already lowered (target '{gm.fxquant_lowered}'); "
                             "lower the compiled fake-quant model instead")
-    return transformed_copy(gm, [LowerPass(target=target, compile=compile, fuse=fuse,
-                                           planes=planes, subset_codes=subset_codes)])
+    return transformed_copy(gm, [LowerPass(target=target, compile=compile, dynamic=dynamic,
+                                           fuse=fuse, planes=planes, subset_codes=subset_codes)])
 
 
 def save(gm: fx.GraphModule, path: str | os.PathLike, *, model_name: str | None = None,

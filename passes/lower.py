@@ -85,12 +85,15 @@ class LowerPass(Pass):
     the NHWC copy moves contiguous runs). On ``cpu`` a float strided ``ConvTranspose2d`` (FSRCNN's tail)
     runs as the equal conv + pixel shuffle (fxquant/lower/subpixel.py).
     ``compile`` (cpu only) compiles the module with Inductor on first call, which fuses each
-    input quantization into the float op before it. The first input size compiles static
-    kernels; a second size compiles once more for any height and width (Dynamo's automatic
-    dynamic shapes; tens of seconds for an SR network on 2 cores), which later sizes reuse,
-    but for one more across a size threshold of Inductor's own (maps of 4096 positions);
-    these kernels ran 2-10 % slower than the static ones (docs/performance.md, "Many input
-    sizes").
+    input quantization into the float op before it. Its graphs are static: each new input
+    size compiles again (tens of seconds for an SR network on 2 cores), and after Dynamo's
+    limit of 8 sizes further sizes run eagerly, with Dynamo's "hit config.recompile_limit"
+    warning; same outputs, slower. ``dynamic`` (with ``compile``) compiles once for any
+    height and width instead (once more for the first non-square input after a square one,
+    whose sides Dynamo gives one symbol, and across a size threshold of Inductor's own, maps
+    of 4096 positions): each compile takes longer and its kernels ran 2-10 % slower than
+    static ones, so it pays for many large inputs of many sizes (docs/performance.md, "Many
+    input sizes").
     DAQ's dynamic quantizers lower on ``reference`` and ``cpu`` to per-(image, channel)
     integer codes with the steps folded into per-image weights (fxquant/lower/daq.py);
     DFSQ's subset quantizers to their points' integer codes on the 2^-10 grid, read by the
@@ -110,6 +113,7 @@ class LowerPass(Pass):
     name: ClassVar[str] = "lower"
     target: str = "reference"
     compile: bool = False
+    dynamic: bool = False  # with compile: one graph for every input size
     fuse: bool = True
     planes: int = 2  # int8 planes of DAQ's/DFSQ's per-image folded weights (cpu, gpu)
     subset_codes: str = "exact"  # DFSQ's codes: its points' own integers, or "u8": one byte
@@ -119,6 +123,9 @@ class LowerPass(Pass):
             raise RecipeError(f"lower target '{self.target}' unknown; valid: {', '.join(TARGETS)}")
         if self.compile and self.target != "cpu":
             raise RecipeError("lower.compile applies to target=cpu only")
+        if self.dynamic and not self.compile:
+            raise RecipeError("lower.dynamic chooses what compile=true compiles: give "
+                              "compile=true,dynamic=true (target=cpu)")
         if not self.fuse and self.target not in ("cpu", "gpu"):
             raise RecipeError("lower.fuse applies to targets cpu and gpu only")
         if isinstance(self.planes, bool) or self.planes not in (1, 2):
@@ -217,12 +224,11 @@ class LowerPass(Pass):
             # PAN's modules, and checking them took 4-5 ms of its 50 ms per call at
             # 128x128. The lowered modules are fixed once built (a changed attribute would
             # need lowering again anyway); the guards on the input's shape, dtype and
-            # layout stay. dynamic=None is Dynamo's automatic dynamic shapes: the first input
-            # size compiles static kernels; a second size compiles once more with symbolic
-            # height and width, which every later size reuses (static, each size compiled
-            # anew and past Dynamo's limit of 8 sizes ran eagerly: Set14 with IMDN x4 int8,
-            # 276.5 s against 98.7 s eager; docs/performance.md "Many input sizes").
-            gm.compile(dynamic=None, options={
+            # layout stay. Static by default, not Dynamo's automatic dynamic shapes (static
+            # first, symbolic sizes from the second, as at cb4cc7c): a dynamic compile took
+            # 1.5-4x as long and its kernels were 2-10 % slower; upscaling Set14 with IMDN x4
+            # took 304.7 s against 272.7 static (docs/performance.md, "Many input sizes").
+            gm.compile(dynamic=self.dynamic, options={
                 "cpp_wrapper": True,
                 "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
         islands = _float_ops(gm)
