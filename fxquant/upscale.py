@@ -121,7 +121,9 @@ def upscale_tiled(fn: SRFunction, lr: torch.Tensor, scale: int, tile: int, overl
                                          np.float32), band
                 band[:carried.shape[0]] = carried
             for x0, x1, wx0, wx1 in cols:
-                out = fn(lr[:, :, wy0:wy1, wx0:wx1])
+                # a fresh contiguous tensor: a view's strides and offset into the image would
+                # be guards of a compiled model, one compile per image width and window
+                out = fn(lr[:, :, wy0:wy1, wx0:wx1].clone(memory_format=torch.contiguous_format))
                 expected = (1, channels, (wy1 - wy0) * scale, (wx1 - wx0) * scale)
                 if tuple(out.shape) != expected:
                     raise FxquantError(f"the model returned {tuple(out.shape)} for a "
@@ -166,11 +168,11 @@ def receptive_radius(fn: SRFunction, channels: int, scale: int, *,
     around the probe, hence the margin :func:`default_tiling` adds."""
     threshold = 0.25 / 255
     for size in sizes:
-        x = 0.25 + 0.5 * torch.rand(1, channels, size, size,
-                                    generator=torch.Generator().manual_seed(0))
         centre = size // 2
         profile = torch.zeros(centre + 1)
-        with torch.inference_mode():
+        with torch.inference_mode():  # every input an inference tensor, as the tiles are
+            x = 0.25 + 0.5 * torch.rand(1, channels, size, size,
+                                        generator=torch.Generator().manual_seed(0))
             base = fn(x)
             rows = torch.arange(base.shape[-2]) // scale - centre
             cols = torch.arange(base.shape[-1]) // scale - centre
@@ -306,7 +308,7 @@ def lower_options(target: str, text: str | None) -> dict:
     keys = {item.split("=", 1)[0].strip().replace("-", "_") for item in text.split(",")}
     if "target" in keys:
         raise FxquantError("--lower-options: the target is --lower's; give the other options "
-                           "(compile, fuse, planes, subset_codes)")
+                           "(compile, dynamic, fuse, planes, subset_codes)")
     (lower,) = parse_pipeline(f"lower{{target={target},{text}}}")
     return {f.name: getattr(lower, f.name) for f in dataclasses.fields(lower)}
 

@@ -64,6 +64,22 @@ def test_receptive_radius_of_three_3x3_convs_is_measured_as_3():
     assert default_tiling(8, local=False) == (512, 32, 22)
 
 
+def test_the_model_sees_fresh_contiguous_inference_tensors():
+    """A compiled model guards its input's strides, storage offset and whether it is an
+    inference tensor: windows handed over as views of the image (strides of each image's
+    width, an offset per window) or a mix of tensor kinds recompiled it per image and window."""
+    model, seen = _tiny(), []
+
+    def spy(x):
+        seen.append((x.is_contiguous(), x.storage_offset(), x.is_inference()))
+        return model(x)
+
+    receptive_radius(spy, 3, 2)
+    lr = to_tensor(_image(40, 52))
+    upscale_tiled(spy, lr, 2, 24, 4)
+    assert len(seen) > 6 and set(seen) == {(True, 0, True)}, seen
+
+
 def test_tiled_equals_whole_within_one_grey_level_on_512x512():
     model = _tiny(2)
     lr = to_tensor(_image(512, 512))
