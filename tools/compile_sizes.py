@@ -98,11 +98,13 @@ def main(argv: list[str] | None = None) -> int:
     sizes = parse_sizes(args.sizes)
     if "compile" in (args.lower_options or ""):
         raise FxquantError("--lower-options: compile is always true here; leave it out")
-    options = {**lower_options("cpu", args.lower_options), "compile": True}
+    options = lower_options("cpu", ",".join(["compile=true"] + ([args.lower_options]
+                                                               if args.lower_options else [])))
     keep_freed_blocks()
     zoo = prepare(args.model, args.scale, args.recipe, data_root=args.data)
     channels = zoo.spec.channels
-    eager = fxquant.lowered_copy(zoo.quant_model, **{**options, "compile": False})
+    eager = fxquant.lowered_copy(zoo.quant_model, **{**options, "compile": False,
+                                                     "dynamic": False})
     compiled = fxquant.lowered_copy(zoo.quant_model, **options)
     print(f"{args.model} ×{args.scale} `{args.recipe}` lowered, "
           f"lower{{{','.join(f'{k}={str(v).lower()}' for k, v in options.items())}}}; "

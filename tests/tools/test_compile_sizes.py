@@ -57,3 +57,19 @@ def test_compile_in_the_options_is_refused_before_any_work(load_tool):
     with pytest.raises(FxquantError, match="compile is always true here"):
         load_tool("compile_sizes").main(["imdn", "minmax-w8a8", "--lower-options",
                                          "compile=false"])
+
+
+def test_dynamic_is_taken_without_compile_in_the_options(load_tool, monkeypatch):
+    """``--lower-options dynamic=true`` reaches the pass with compile=true (the pass alone
+    refuses dynamic without compile)."""
+    tool = load_tool("compile_sizes")
+    seen = {}
+
+    def stop(model, scale, recipe, data_root=None):
+        seen.update(model=model)
+        raise tool.FxquantError("stopped before compiling")
+
+    monkeypatch.setattr(tool, "prepare", stop)
+    with pytest.raises(FxquantError, match="stopped before compiling"):
+        tool.main(["imdn", "minmax-w8a8", "--lower-options", "dynamic=true,planes=1"])
+    assert seen == {"model": "imdn"}
