@@ -313,12 +313,14 @@ def lower_options(target: str, text: str | None) -> dict:
     return {f.name: getattr(lower, f.name) for f in dataclasses.fields(lower)}
 
 
-def sr_function(args) -> tuple[SRFunction, object, int, str]:
+def sr_function(args) -> tuple[SRFunction, SRFunction, object, int, str]:
     """The SR callable for the command line's model flags: ``--compiled FILE``, or ``--model``
     (zoo or own) compiled here with ``--recipe`` (``fp``: the float model), optionally
     ``--lower cpu|reference|gpu`` (gpu: on CUDA when torch sees a GPU, else under the Triton
     interpreter when ``TRITON_INTERPRET=1``, slowly) with the pass's ``--lower-options``.
-    Returns ``(fn, spec, scale, description)``."""
+    Returns ``(fn, probe, spec, scale, description)``: ``probe`` is what the receptive-field
+    probe runs, ``fn`` itself or, for ``compile=true``, the same lowered model uncompiled (the
+    same integer ops), so that the probe's three image sizes compile nothing."""
     import fxquant
     from fxquant.models.user import own_model_flags, source_from_args
     from fxquant.workflow import as_sr_function, load_compiled, prepare, refuse_with_compiled
@@ -350,14 +352,21 @@ def sr_function(args) -> tuple[SRFunction, object, int, str]:
                 not getattr(model, "fxquant_recipe", None):
             raise FxquantError("--lower needs a quantized model: --compiled FILE or --recipe "
                                "PRESET, not --recipe fp")
-        model = fxquant.lowered_copy(model, **lowered)
+        quantized, model = model, fxquant.lowered_copy(model, **lowered)
         what += f", lowered ({args.lower}" + (f"; {args.lower_options})" if args.lower_options
                                               else ")")
         if args.lower == "gpu" and torch.cuda.is_available():  # else the Triton interpreter
             fn = as_sr_function(model.to("cuda"), models.spec, models.scale)
             on_gpu = lambda x: fn(x.to("cuda")).cpu()  # noqa: E731  tiles go there and back
-            return on_gpu, models.spec, models.scale, what + " on CUDA"
-    return as_sr_function(model, models.spec, models.scale), models.spec, models.scale, what
+            return on_gpu, on_gpu, models.spec, models.scale, what + " on CUDA"
+        if lowered.get("compile"):
+            eager = fxquant.lowered_copy(quantized, **{**lowered, "compile": False,
+                                                       "dynamic": False})
+            return (as_sr_function(model, models.spec, models.scale),
+                    as_sr_function(eager, models.spec, models.scale), models.spec,
+                    models.scale, what)
+    fn = as_sr_function(model, models.spec, models.scale)
+    return fn, fn, models.spec, models.scale, what
 
 
 def run(args) -> int:
@@ -369,10 +378,10 @@ def run(args) -> int:
     if args.tile is not None and args.overlap is not None:
         check_tiling(args.tile, args.overlap)
     to_folder = _check_out(source, out)
-    fn, spec, scale, what = sr_function(args)
+    fn, probe, spec, scale, what = sr_function(args)
     targets = _outputs(images, out, to_folder, scale)
     channels = spec.channels
-    radius, local = receptive_radius(fn, channels, scale)
+    radius, local = receptive_radius(probe, channels, scale)
     tile, overlap, blend = default_tiling(radius, local, args.tile, args.overlap)
     if not args.quiet:
         print(f"{what}: x{scale}, receptive-field radius {radius} LR pixels (measured), tiles "

@@ -403,3 +403,27 @@ def test_lower_options_reach_the_lower_pass_and_bad_ones_are_named(data, tmp_pat
         err = capsys.readouterr().err
         assert err.startswith("fxquant upscale: error: ") and message in err, err
     assert not (tmp_path / "o.png").exists()
+
+
+def test_the_probe_of_a_compiled_lowered_model_compiles_nothing(data, tmp_path, monkeypatch):
+    """With compile=true the receptive-field probe runs the same lowered model uncompiled:
+    its three sizes would each have compiled the graph (seconds to minutes each) for nothing;
+    the image itself still runs compiled."""
+    import fxquant.upscale as upscale
+    from torch._dynamo.utils import counters
+
+    saved, own, good = _saved_tiny(tmp_path, "minmax-w8a8")
+    measured, graphs = upscale.receptive_radius, []
+
+    def probe(fn, channels, scale):
+        before = counters["stats"]["unique_graphs"]
+        result = measured(fn, channels, scale)
+        graphs.append(counters["stats"]["unique_graphs"] - before)
+        return result
+
+    monkeypatch.setattr(upscale, "receptive_radius", probe)
+    torch._dynamo.reset()
+    before = counters["stats"]["unique_graphs"]
+    assert main(["upscale", str(good), "--out", str(tmp_path / "o.png"), "--compiled", saved,
+                 *own, "--lower", "cpu", "--lower-options", "compile=true", "--quiet"]) == 0
+    assert graphs == [0] and counters["stats"]["unique_graphs"] > before
