@@ -30,6 +30,7 @@ from fxquant.heap import keep_freed_blocks
 from fxquant.errors import FxquantError
 from fxquant.lower.codebook import CodebookQuantize
 from fxquant.lower.subset import CODE_GRIDS, SubsetQuantize
+from fxquant.passes.lower import LowerPass
 from fxquant.quant.subset import SubsetQuantizer
 from fxquant.workflow import prepare
 
@@ -88,8 +89,7 @@ def main(argv: list[str] | None = None) -> int:
               **lowered_pair(zoo.quant_model, example, args.planes, args.subset_codes)}
     with torch.inference_mode():
         same = torch.equal(models["lowered, search"](example), models["lowered, table"](example))
-    options = lower_options(zoo.quant_model, args.planes, args.subset_codes)
-    lowered = "lower{" + ",".join(f"{k}={str(v).lower()}" for k, v in options.items()) + "}"
+    lowered = LowerPass(**lower_options(zoo.quant_model, args.planes, args.subset_codes)).spec()
     times = interleaved({k: (lambda m=m: m(example)) for k, m in models.items()}, args.rounds)
     print(f"{args.model} ×{args.scale} `{args.recipe}`, 1×{zoo.spec.channels}×{args.size}² "
           f"input, {cpu_description()}, torch threads {torch.get_num_threads()}, "

@@ -25,6 +25,7 @@ from fxquant.bench_table import cpu_description
 from fxquant.cli_args import positive_int
 from fxquant.errors import FxquantError
 from fxquant.heap import keep_freed_blocks
+from fxquant.passes.lower import LowerPass
 from fxquant.upscale import lower_options
 from fxquant.workflow import prepare
 
@@ -107,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
                                                      "dynamic": False})
     compiled = fxquant.lowered_copy(zoo.quant_model, **options)
     print(f"{args.model} ×{args.scale} `{args.recipe}` lowered, "
-          f"lower{{{','.join(f'{k}={str(v).lower()}' for k, v in options.items())}}}; "
+          f"{LowerPass(**options).spec()}; "
           f"{cpu_description()}, torch threads {torch.get_num_threads()}\n")
     print("| LR size | first call s | graphs compiled | then ms | max abs diff to eager |\n"
           "|---|---:|---:|---:|---:|")
