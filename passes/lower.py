@@ -91,9 +91,9 @@ class LowerPass(Pass):
     warning; same outputs, slower. ``dynamic`` (with ``compile``) compiles once for any
     height and width instead (once more for the first non-square input after a square one,
     whose sides Dynamo gives one symbol, and across a size threshold of Inductor's own, maps
-    of 4096 positions): each compile takes longer and its kernels ran 2-10 % slower than
-    static ones, so it pays for many large inputs of many sizes (docs/performance.md, "Many
-    input sizes").
+    of 4096 positions); its kernels ran 0-4 % slower than static ones (medians, IMDN x4 at
+    256x256), so it pays for inputs of many sizes (docs/performance.md, "Many input
+    sizes").
     DAQ's dynamic quantizers lower on ``reference`` and ``cpu`` to per-(image, channel)
     integer codes with the steps folded into per-image weights (fxquant/lower/daq.py);
     DFSQ's subset quantizers to their points' integer codes on the 2^-10 grid, read by the
@@ -225,9 +225,9 @@ class LowerPass(Pass):
             # 128x128. The lowered modules are fixed once built (a changed attribute would
             # need lowering again anyway); the guards on the input's shape, dtype and
             # layout stay. Static by default, not Dynamo's automatic dynamic shapes (static
-            # first, symbolic sizes from the second, as at cb4cc7c): a dynamic compile took
-            # 1.5-4x as long and its kernels were 2-10 % slower; upscaling Set14 with IMDN x4
-            # took 304.7 s against 272.7 static (docs/performance.md, "Many input sizes").
+            # first, symbolic sizes from the second, as at cb4cc7c): symbolic-size kernels ran
+            # 0-4 % slower, and upscaling Set14 with IMDN x4 took 304.7 s against 272.7
+            # static (docs/performance.md, "Many input sizes").
             gm.compile(dynamic=self.dynamic, options={
                 "cpp_wrapper": True,
                 "guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
