@@ -14,14 +14,7 @@ import torch.nn.functional as F
 from fxquant.observers import Observer
 from fxquant.quant.daq import daq_quantize
 from fxquant.quant.daq_weights import daq_weight_quantize
-
-
-def _padding(conv_padding, kernel_size, dilation) -> tuple[int, int]:
-    if isinstance(conv_padding, str):
-        if conv_padding == "valid":
-            return (0, 0)
-        return tuple(d * (k - 1) // 2 for k, d in zip(kernel_size, dilation))  # 'same'
-    return tuple(conv_padding)
+from fxquant.quant.layers import conv_input_pads, pad_like
 
 
 def channel_weight_vectors(weight: torch.Tensor, groups: int) -> torch.Tensor:
@@ -34,6 +27,7 @@ def channel_weight_vectors(weight: torch.Tensor, groups: int) -> torch.Tensor:
 
 def channel_output_errors(x: torch.Tensor, weight: torch.Tensor, bits_choices: Sequence[int], *,
                           groups: int = 1, stride=(1, 1), padding=(0, 0), dilation=(1, 1),
+                          padding_mode: str = "zeros",
                           branch: str = "signed", qq_bits: int = 0, step_index: str = "head",
                           weight_mode: str = "match", weight_bits: int = 4,
                           weight_granularity: str = "per-tensor",
@@ -56,6 +50,8 @@ def channel_output_errors(x: torch.Tensor, weight: torch.Tensor, bits_choices: S
     over output positions ``p`` is exact up to ``max_positions`` positions per call and
     otherwise a uniform random sample of that many (fixed seed), rescaled. ``measure = "input"`` returns the
     plain activation error ``Σ (x̂_c − x_c)²`` instead (ignores the weights).
+    ``padding``: (rows, columns) on both sides, or a conv's four pads (left, right, top,
+    bottom), with zeros or ``padding_mode`` as the conv pads.
     ``output_gains`` (length O) weights each output channel's squared error, e.g. by
     :func:`downstream_gains`, so that ``E`` estimates the error at the network output;
     with ``dc_gains`` the error's per-image spatial mean (DC) is weighted by those instead
@@ -64,7 +60,8 @@ def channel_output_errors(x: torch.Tensor, weight: torch.Tensor, bits_choices: S
     x = x.detach().float()
     weight = weight.detach().float()
     n, c_in = x.shape[:2]
-    geometry = (tuple(weight.shape[2:]), tuple(stride), tuple(padding), tuple(dilation))
+    geometry = (tuple(weight.shape[2:]), tuple(stride), _pads(padding), tuple(dilation),
+                padding_mode)
     sample = None if measure == "input" else _sample_positions(x.shape, *geometry, max_positions)
     results = []
     if weight_mode == "fixed":
@@ -180,12 +177,20 @@ def downstream_gains(gm: torch.fx.GraphModule, nodes: Sequence[torch.fx.Node], b
     return {name: (w / count, d / count) for name, (w, d) in gains.items()}
 
 
-def _sample_positions(shape, kernel, stride, padding, dilation, max_positions: int):
+def _pads(padding) -> tuple[int, int, int, int]:
+    """``F.pad``'s (left, right, top, bottom) of ``padding``: (rows, columns) on both sides,
+    or those four already (a conv's pads, :func:`~fxquant.quant.layers.conv_input_pads`)."""
+    padding = tuple(int(p) for p in padding)
+    return padding if len(padding) == 4 else (padding[1], padding[1], padding[0], padding[0])
+
+
+def _sample_positions(shape, kernel, stride, pads, dilation, _mode, max_positions: int):
     """Output positions (n, i, j) to evaluate: all of them, or ``max_positions`` drawn
     uniformly (fixed seed), with the factor that rescales sums to all positions."""
     n, _, h, w = shape
-    ho = (h + 2 * padding[0] - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
-    wo = (w + 2 * padding[1] - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
+    left, right, top, bottom = pads
+    ho = (h + top + bottom - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
+    wo = (w + left + right - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
     total = n * ho * wo
     if total <= max_positions:
         flat = torch.arange(total)
@@ -196,9 +201,11 @@ def _sample_positions(shape, kernel, stride, padding, dilation, max_positions: i
 
 
 def _patches(t: torch.Tensor, geometry, index) -> torch.Tensor:
-    """The k×k input patches of ``t`` at output positions ``index``: C × k² × P."""
-    kernel, stride, padding, dilation = geometry
-    padded = F.pad(t, (padding[1], padding[1], padding[0], padding[0]))
+    """The k×k input patches of ``t`` at output positions ``index``: C × k² × P, ``t``
+    padded as the conv pads its input (a DAQ error of a reflected value is the reflected
+    error: the statistics are per (image, channel))."""
+    kernel, stride, pads, dilation, mode = geometry
+    padded = pad_like(t, pads, mode)
     n_idx, i_idx, j_idx = index
     rows = i_idx[None, :] * stride[0] + (torch.arange(kernel[0]) * dilation[0])[:, None]
     cols = j_idx[None, :] * stride[1] + (torch.arange(kernel[1]) * dilation[1])[:, None]
@@ -226,8 +233,8 @@ class DAQSensitivityObserver(Observer):
         self.bits_choices = tuple(int(b) for b in bits_choices)
         self.branch = branch
         self.geometry = dict(groups=conv.groups, stride=tuple(conv.stride),
-                             dilation=tuple(conv.dilation),
-                             padding=_padding(conv.padding, conv.kernel_size, conv.dilation))
+                             dilation=tuple(conv.dilation), padding=conv_input_pads(conv),
+                             padding_mode=conv.padding_mode)
         self.options = dict(branch=branch, qq_bits=qq_bits, step_index=step_index,
                             weight_mode=weight_mode, weight_bits=weight_bits,
                             weight_granularity=weight_granularity,
@@ -248,8 +255,9 @@ class DAQSensitivityObserver(Observer):
                                        **self.options)
         errors = errors.cpu()
         self.errors = errors if self.errors is None else self.errors + errors
-        y = F.conv2d(x, self.weight, None, self.geometry["stride"], self.geometry["padding"],
-                     self.geometry["dilation"], self.geometry["groups"])
+        y = F.conv2d(pad_like(x, self.geometry["padding"], self.geometry["padding_mode"]),
+                     self.weight, None, self.geometry["stride"], 0, self.geometry["dilation"],
+                     self.geometry["groups"])
         self.output_energy += float(y.double().pow(2).sum())
         # multiply-accumulates per image that each input channel feeds (for bit budgets per MAC)
         self.macs_per_channel = (self.weight.shape[0] // self.geometry["groups"]) \

@@ -25,13 +25,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fxquant.quant.layers import padded_like_conv
 from fxquant.quant.uniform import UniformQuantizer, affine_qparams, symmetric_qparams
 
 
 def input_gram(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """``Σ x xᵀ`` of the conv's receptive fields in ``x``: ``groups × K × K`` (float64)."""
-    cols = F.unfold(x.detach().float(), conv.kernel_size, conv.dilation, conv.padding,
-                    conv.stride)  # N × (C·kh·kw) × positions, channel-major like the weight
+    # padded as the conv pads ('same', reflect, ...): F.unfold pads zeros, symmetrically
+    cols = F.unfold(padded_like_conv(conv, x.detach().float()), conv.kernel_size,
+                    conv.dilation, 0, conv.stride)  # N × (C·kh·kw) × positions, like the weight
     n, _, positions = cols.shape
     # groups × K × (N·positions); float32 products (sgemm), summed per batch into float64
     cols = cols.view(n, conv.groups, -1, positions).permute(1, 2, 0, 3).reshape(conv.groups, -1, n * positions)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from fxquant.quant.base import Quantizer
@@ -29,6 +30,24 @@ class QuantConv2d(nn.Conv2d):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, self.weight_quantizer(self.weight), self.bias)
+
+
+def conv_input_pads(conv: nn.Conv2d) -> tuple[int, int, int, int]:
+    """The pads ``conv`` gives its input, in ``F.pad``'s order (left, right, top, bottom):
+    numbers, ``'valid'`` and ``'same'`` (which pads the right/bottom one more where the
+    kernel's reach is odd) alike."""
+    return tuple(int(p) for p in conv._reversed_padding_repeated_twice)
+
+
+def pad_like(x: torch.Tensor, pads, padding_mode: str) -> torch.Tensor:
+    """``x`` padded by ``pads`` (``F.pad``'s order) as a conv of ``padding_mode`` pads."""
+    return F.pad(x, tuple(pads), mode="constant" if padding_mode == "zeros" else padding_mode)
+
+
+def padded_like_conv(conv: nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+    """``x`` padded as ``conv`` pads it, for computations over the conv's receptive fields
+    that then run unpadded (``F.unfold``)."""
+    return pad_like(x, conv_input_pads(conv), conv.padding_mode)
 
 
 def swap_in_quant_conv(root: nn.Module, target: str, weight_quantizer: Quantizer) -> QuantConv2d:

@@ -20,6 +20,7 @@ from fxquant.quant.daq import (
 from fxquant.quant.daq_weights import DAQWeightQuantizer, daq_weight_quantize
 from fxquant.quant.daq_bit_allocation import allocate_bits, channel_sensitivity
 from fxquant.quant.daq_mixed import channel_output_errors
+from fxquant.quant.layers import conv_input_pads
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -255,15 +256,21 @@ def test_weight_bits_follow_the_input_channel_in_grouped_convs():
 
 
 # ----------------------------------------------------------------------------- mixed precision
-@pytest.mark.parametrize("groups, kernel, mode", [(1, 3, "match"), (2, 3, "match"),
-                                                  (1, 1, "fixed"), (2, 3, "fixed")])
-def test_channel_output_errors_equal_brute_force(groups, kernel, mode):
+@pytest.mark.filterwarnings("ignore:Using padding='same' with even kernel")
+@pytest.mark.parametrize("groups, kernel, mode, padding_mode", [
+    (1, 3, "match", "zeros"), (2, 3, "match", "zeros"), (1, 1, "fixed", "zeros"),
+    (2, 3, "fixed", "zeros"), (1, 3, "match", "reflect"), (2, 3, "fixed", "circular"),
+    (1, 4, "match", "zeros")])  # 4×4 'same': one more row and column on the bottom/right
+def test_channel_output_errors_equal_brute_force(groups, kernel, mode, padding_mode):
     torch.manual_seed(0)
-    c_in, c_out, pad = 4, 6, kernel // 2
+    c_in, c_out = 4, 6
     x = torch.randn(2, c_in, 7, 6)
     w = torch.randn(c_out, c_in // groups, kernel, kernel)
-    errors = channel_output_errors(x, w, [2, 3], groups=groups, padding=(pad, pad),
-                                   weight_mode=mode, weight_bits=3)
+    conv = torch.nn.Conv2d(c_in, c_out, kernel, padding="same", groups=groups, bias=False,
+                           padding_mode=padding_mode)
+    pads = conv_input_pads(conv)
+    errors = channel_output_errors(x, w, [2, 3], groups=groups, padding=pads,
+                                   padding_mode=padding_mode, weight_mode=mode, weight_bits=3)
     for row, b in enumerate([2, 3]):
         for c in range(c_in):
             xq = x.clone()
@@ -275,8 +282,7 @@ def test_channel_output_errors_equal_brute_force(groups, kernel, mode):
                 wq[rows, local] = daq_weight_quantize(w, b)[rows, local]
             else:
                 wq = ref_w = daq_weight_quantize(w, 3)
-            y = F.conv2d(x, ref_w, padding=pad, groups=groups)
-            yq = F.conv2d(xq, wq, padding=pad, groups=groups)
+            y, yq = conv._conv_forward(x, ref_w, None), conv._conv_forward(xq, wq, None)
             brute = float((yq - y).double().square().sum())
             assert float(errors[row, c]) == pytest.approx(brute, rel=1e-4)
 

@@ -185,22 +185,26 @@ def test_quantizer_refuses_bad_levels_by_name():
         quantizer.check()
 
 
-def _layer(groups: int = 1):
+def _layer(groups: int = 1, padding=1, padding_mode: str = "zeros"):
     torch.manual_seed(0)
-    conv = nn.Conv2d(8, 8, 3, padding=1, groups=groups)
+    conv = nn.Conv2d(8, 8, 3, padding=padding, groups=groups, padding_mode=padding_mode)
     # spatially smooth, like features of natural images: neighbouring inputs correlate,
     # which is what error feedback along H⁻¹ exploits
     x = nn.functional.interpolate(torch.randn(16, 8, 4, 4), size=(10, 10), mode="bilinear")
     return conv, x * torch.linspace(0.2, 3, 8).view(1, 8, 1, 1)
 
 
-@pytest.mark.parametrize("groups", [1, 4])
-def test_gram_gives_the_output_error_of_the_conv(groups):
-    conv, x = _layer(groups)
+@pytest.mark.parametrize("groups, padding, mode", [
+    (1, 1, "zeros"), (4, 1, "zeros"), (1, "same", "zeros"), (1, 1, "reflect"),
+    (4, 1, "circular"), (1, "same", "replicate")])
+def test_gram_gives_the_output_error_of_the_conv(groups, padding, mode):
+    """``eᵀ G e`` is the output energy of the conv with weights ``e``, padded as the conv
+    pads (its ``padding_mode``; ``'same'`` resolved), not always with zeros."""
+    conv, x = _layer(groups, padding, mode)
     noise = torch.randn_like(conv.weight) * 0.05
     quantized = conv.weight.detach() + noise
     gram = input_gram(conv, x)
-    direct = (nn.functional.conv2d(x, noise, None, 1, 1, 1, groups)).pow(2).sum((0, 2, 3))
+    direct = conv._conv_forward(x, noise, None).pow(2).sum((0, 2, 3))
     assert torch.allclose(output_error(conv.weight, quantized, gram).float(), direct, rtol=1e-4)
 
 
