@@ -166,6 +166,34 @@ def test_torch_export_round_trip(tiny_sr, calib, tmp_path, recipe, target):
             assert torch.equal(loaded(x), original(x))
 
 
+@pytest.mark.parametrize("mode", ["reflect", "circular"])
+def test_padding_modes_export_as_a_pad_of_the_codes(calib, tmp_path, mode):
+    """A conv with reflect/circular padding lowers to a pad of its uint8 codes
+    (fxquant/lower/padding.py); ONNX (both forms) and torch.export write that pad too."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, padding=1, padding_mode=mode), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, padding="same"), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 3, 3, padding=1)).eval()
+    gm = compiled(model, calib, "mse-w8a8-sym")
+    reference = fxquant.lowered_copy(gm, "reference")
+    x = torch.rand(1, 3, 12, 10, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = reference(x)
+    span = float(ref.max() - ref.min())
+    for form in ("integer", "qdq"):
+        y = ort_run(to_onnx(gm, form=form), x)
+        assert y.shape == ref.shape and float((y - ref).abs().max()) < 1e-4 * span
+    path = tmp_path / "padded.pt2"
+    export(gm, path, format="torch-export", target="reference")
+    loaded = load_program(path)
+    for shape in [(1, 3, 12, 10), (2, 3, 9, 13)]:
+        x = torch.rand(*shape)
+        with torch.no_grad():
+            assert torch.equal(loaded(x), reference(x))
+
+
 def test_torch_export_errors_name_what_cannot_export(tiny_sr, calib, tmp_path):
     gm = compiled(tiny_sr, calib, "mse-w8a8-sym")
     with pytest.raises(ExportError, match="cpu target holds oneDNN's prepacked weights"):

@@ -56,6 +56,7 @@ from fxquant.graph import is_relu, module_of
 from fxquant.lower.codebook import CodebookQuantize
 from fxquant.lower.conv import ReferenceConv2d
 from fxquant.lower.guard import InputGuard
+from fxquant.lower.padding import pad_codes
 from fxquant.lower.uniform_codes import IntegerQuantize
 from fxquant.quant import QuantConv2d, Quantizer, UniformQuantizer
 
@@ -174,7 +175,8 @@ class _Conv(nn.Module):
         self.module, self.form = [module], form
 
     def forward(self, codes):
-        return _ConvFn.apply(codes, self.module[0], self.form)
+        conv = self.module[0]  # a padding mode other than zeros: an ONNX Pad of the codes
+        return _ConvFn.apply(pad_codes(codes, conv.pre_pad, conv.pad_mode), conv, self.form)
 
 
 def _quantize_reader(gm: fx.GraphModule, node: fx.Node):

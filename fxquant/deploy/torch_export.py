@@ -29,6 +29,7 @@ from torch import fx, nn
 from fxquant.deploy.errors import ExportError
 from fxquant.files import atomic_write_bytes
 from fxquant.lower.conv import ReferenceConv2d
+from fxquant.lower.padding import pad_codes
 from fxquant.quant import Quantizer
 
 TARGETS = ("fake-quant", "reference", "cpu")
@@ -44,6 +45,7 @@ class _ExportReferenceConv2d(nn.Module):
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
         conv = self.conv
+        codes = pad_codes(codes, conv.pre_pad, conv.pad_mode)  # reflect, replicate, circular
         q = codes.double() - conv.input_zero_point.double()
         acc = torch.nn.functional.conv2d(q, conv.weight_codes.double(), None, conv.stride,
                                          conv.padding, conv.dilation, conv.groups)

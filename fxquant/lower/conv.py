@@ -32,6 +32,7 @@ from torch import nn
 
 from fxquant.errors import FxquantError
 from fxquant.lower.int8_pairs import needs_split, split_weight_codes
+from fxquant.lower.padding import lowered_padding, pad_codes
 from fxquant.lower.uniform_codes import IntegerQuantize, quantize_codes
 
 INT8_MIN, INT8_MAX = -128, 127
@@ -106,6 +107,8 @@ class IntegerConv2d(nn.Module):
         self.act_bits = act_bits
         self.qmin, self.qmax = 0, 2 ** act_bits - 1
         self.source = ""
+        # a padding mode other than zeros pads the input codes first (fxquant/lower/padding.py)
+        self.pre_pad, self.pad_mode = None, "zeros"
         self.symmetric_weights = False  # set from the weight quantizer: no centring possible
         self.register_buffer("weight_codes", torch.zeros(
             (out_channels, in_channels // groups) + self.kernel_size, dtype=torch.int8))
@@ -123,15 +126,11 @@ class IntegerConv2d(nn.Module):
     def from_quantized(cls, input_quantizer, conv, source: str = "") -> "IntegerConv2d":
         """From a static uniform input quantizer (per tensor, or per channel and folded) and a
         QuantConv2d (uniform weights); ``source`` names the conv in the fake-quant graph."""
-        if isinstance(conv.padding, str):
-            raise LoweringError(f"padding='{conv.padding}' has no lowered form; give numbers")
-        if conv.padding_mode != "zeros":
-            raise LoweringError(f"padding_mode='{conv.padding_mode}' has no lowered form; "
-                                "only zero padding is supported")
+        padding, pre_pad, mode = lowered_padding(conv)
         layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
-                    conv.padding, conv.dilation, conv.groups, conv.bias is not None,
+                    padding, conv.dilation, conv.groups, conv.bias is not None,
                     input_quantizer.bits, bool(getattr(input_quantizer, "folded", False)))
-        layer.source = source
+        layer.source, layer.pre_pad, layer.pad_mode = source, pre_pad, mode
         layer.symmetric_weights = bool(getattr(conv.weight_quantizer, "symmetric", False))
         codes = conv.weight_quantizer.integer_codes(conv.weight)
         k = codes.codes.long() - codes.zero_point.long()
@@ -198,6 +197,7 @@ class IntegerConv2d(nn.Module):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
                 f"stride={self.stride}, padding={self.padding}, groups={self.groups}, "
                 f"a{self.act_bits} u8 x int8, centred_channels={centred}"
+                + (f", codes padded {self.pad_mode} {self.pre_pad}" if self.pre_pad else "")
                 + (", per-channel input zero points" if self.per_channel_input else ""))
 
     def describe(self) -> dict:
@@ -234,7 +234,7 @@ class ReferenceConv2d(IntegerConv2d):
         return acc.to(torch.int32), None if window_sum is None else window_sum.to(torch.int32)
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
-        acc, window_sum = self.integer_accumulators(codes)
+        acc, window_sum = self.integer_accumulators(pad_codes(codes, self.pre_pad, self.pad_mode))
         y = acc.float() * (self.input_scale * self.weight_scale).view(1, -1, 1, 1)
         if self.bias is not None:
             y = y + self.bias.view(1, -1, 1, 1)
@@ -322,7 +322,8 @@ class CpuConv2d(FusedOutputConv2d):
             "relu" if bool(self.output_relu) else "none"
 
     def forward(self, codes: torch.Tensor) -> torch.Tensor:
-        q = codes.contiguous(memory_format=torch.channels_last)  # no copy when already NHWC
+        q = pad_codes(codes, self.pre_pad, self.pad_mode) \
+            .contiguous(memory_format=torch.channels_last)  # no copy when already NHWC
         if self._out_scale > 0 and len(self._packed) == 1:  # uint8 codes for the next conv
             y = torch.ops.onednn.qconv_pointwise(
                 q, self._x_scale, self._x_zp, self._packed[0], self._scale, self._zero_points,

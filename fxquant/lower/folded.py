@@ -29,6 +29,7 @@ from fxquant.errors import PassError
 from fxquant.graph import replace_module_node
 from fxquant.lower.conv import INT32_MAX, LoweringError, permute_output_buffers
 from fxquant.lower.int8_pairs import int8_pairs_saturate, needs_split, split_weight_codes
+from fxquant.lower.padding import lowered_padding, pad_codes
 
 U8_MAX, INT8_MAX = 255, 127
 
@@ -68,6 +69,8 @@ class DaqConv2d(nn.Module):
         self.kernel_size, self.stride = tuple(kernel_size), tuple(stride)
         self.padding, self.dilation = tuple(padding), tuple(dilation)
         self.source = ""
+        # a padding mode other than zeros pads the input codes first (fxquant/lower/padding.py)
+        self.pre_pad, self.pad_mode = None, "zeros"
         shape = (out_channels, in_channels // groups) + self.kernel_size
         self.register_buffer("weight_codes", torch.zeros(shape, dtype=torch.int16))
         self.register_buffer("weight_scale", torch.ones(shape[:2] + (1, 1)))
@@ -75,15 +78,10 @@ class DaqConv2d(nn.Module):
 
     @classmethod
     def from_quantized(cls, conv, source: str = "") -> "DaqConv2d":
-        if isinstance(conv.padding, str):
-            raise LoweringError(f"padding='{conv.padding}' has no lowered form; give numbers")
-        if conv.padding_mode != "zeros":
-            raise LoweringError(f"padding_mode='{conv.padding_mode}' has no lowered form; "
-                                "only zero padding is supported (the offset term's border "
-                                "correction assumes zeros)")
+        padding, pre_pad, mode = lowered_padding(conv)
         layer = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
-                    conv.padding, conv.dilation, conv.groups, conv.bias is not None)
-        layer.source = source
+                    padding, conv.dilation, conv.groups, conv.bias is not None)
+        layer.source, layer.pre_pad, layer.pad_mode = source, pre_pad, mode
         # Ŵ = (c − z)·Δ_w = (2c − 2z)·Δ_w/2: DAQ's mid-rise z = ½ gives odd integer codes,
         # an integer z (DFSQ's affine weights) even ones; both exact
         codes = conv.weight_quantizer.integer_codes(conv.weight)
@@ -156,7 +154,8 @@ class DaqConv2d(nn.Module):
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
                 f"stride={self.stride}, padding={self.padding}, groups={self.groups}, "
-                f"DAQ codes x odd int weight codes, per-image fold")
+                f"DAQ codes x odd int weight codes, per-image fold"
+                + (f", codes padded {self.pad_mode} {self.pre_pad}" if self.pre_pad else ""))
 
     def describe(self) -> dict:
         return {"target": self.target, "kind": "daq"}
@@ -170,6 +169,7 @@ class ReferenceDaqConv2d(DaqConv2d):
 
     def forward(self, packed) -> torch.Tensor:
         codes, step, offset, _ = packed  # exact: no requantization error to charge ĉ with
+        codes = pad_codes(codes, self.pre_pad, self.pad_mode)
         n, c, h, w = codes.shape
         weight = self.weight(torch.float64)
         folded = self.folded_weight(step, weight)
@@ -219,7 +219,7 @@ class CpuDaqConv2d(DaqConv2d):
     def forward(self, packed) -> torch.Tensor:
         codes, step, offset, centre = packed
         self.refuse_non_finite(step)
-        planes = code_planes(codes)
+        planes = pad_codes(code_planes(codes), self.pre_pad, self.pad_mode)
         n, _, h, w = planes[0].shape
         wplanes, (v, rows, cols), bias = self.folded_planes(step, offset, (h, w), centre)
         outs = []

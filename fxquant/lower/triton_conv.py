@@ -33,6 +33,7 @@ from fxquant.lower import int_mm
 from fxquant.lower.conv import TARGETS, FusedOutputConv2d, LoweringError
 from fxquant.lower.folded import LAYERS as FOLDED_LAYERS
 from fxquant.lower.folded import CpuDaqConv2d, add_border, border_indices, code_planes
+from fxquant.lower.padding import pad_codes
 
 # BLOCK_K a multiple of 32 (the int8 mma's k). On an H200 (tools/gpu_check.py, CUDA graphs,
 # EDSR-baseline ×4 at 720p) 128×64×64 ran in 4.60 ms against 5.80 for 32×32×32; 64×64×64
@@ -222,6 +223,7 @@ class GpuConv2d(FusedOutputConv2d):
         epilogue (the ``lower`` pass fuses ``conv + r`` into it)."""
         if codes.dtype != torch.uint8:
             raise LoweringError(f"the gpu conv takes uint8 codes, got {codes.dtype}")
+        codes = pad_codes(codes, self.pre_pad, self.pad_mode)
         relu = self._relu
         if (residual is not None or relu) and self._corrected:
             raise LoweringError("a centred (asymmetric-weight) conv adds its correction after "
@@ -274,7 +276,7 @@ class GpuDaqConv2d(CpuDaqConv2d):
         codes, step, offset, centre = packed
         if not (step.is_cuda and torch.cuda.is_current_stream_capturing()):  # no host read
             self.refuse_non_finite(step)                                    # while captured
-        planes = code_planes(codes)
+        planes = pad_codes(code_planes(codes), self.pre_pad, self.pad_mode)
         n, _, h, w = planes[0].shape
         wplanes, (v, rows, cols), bias = self.folded_planes(step, offset, (h, w), centre)
         y = None

@@ -327,13 +327,6 @@ def test_initial_commit_relu_branch_has_no_integer_form(tiny_sr, calib):
         fxquant.compile(tiny_sr, recipe, calib=calib, pipeline=pipeline)
 
 
-def test_reflect_padding_is_refused(tiny_sr, calib):
-    tiny_sr.blocks[0][0].padding_mode = "reflect"
-    pipeline = _daq_pipeline(tiny_sr, calib, "daq-w4a4", "reference")
-    with pytest.raises(PassError, match="padding_mode='reflect'.*only zero padding"):
-        fxquant.compile(tiny_sr, "daq-w4a4", calib=calib, pipeline=pipeline)
-
-
 def test_fan_in_beyond_the_onednn_bound_is_refused_on_cpu():
     """3×3 conv over 7 400 channels: fan-in 66 600 > 66 311, the int32 bound at 255·127."""
     model = nn.Sequential(nn.Conv2d(3, 7400, 1), nn.Conv2d(7400, 2, 3, padding=1),

@@ -170,6 +170,27 @@ def test_without_cuda_or_the_interpreter_the_error_says_how_to_run(monkeypatch, 
         fxquant.lowered_copy(fake, "gpu")
 
 
+@pytest.mark.parametrize("recipe", ["minmax-w8a8", "daq-w4a4"])
+def test_reflect_and_circular_padding_lower_on_gpu(recipe):
+    """The gpu convs pad their codes with the mode first, as the other targets do
+    (fxquant/lower/padding.py): the uniform model equals the reference target up to the float
+    order of the asymmetric weights' centring correction (as with zero padding), the DAQ
+    model its cpu twin up to the per-image weight planes' float rounding."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, padding=1, padding_mode="reflect"), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 8, 3, padding=1, padding_mode="circular"), torch.nn.ReLU(),
+        torch.nn.Conv2d(8, 3, 3, padding=1)).eval()
+    fake = fxquant.compile(model, recipe, calib=torch.rand(8, 3, 12, 12))
+    uniform = recipe == "minmax-w8a8"
+    gpu = fxquant.lowered_copy(fake, "gpu")
+    other = fxquant.lowered_copy(fake, "reference" if uniform else "cpu")
+    x = torch.rand(1, 3, 9, 10)
+    with torch.no_grad():
+        torch.testing.assert_close(gpu(x), other(x), rtol=0, atol=1e-6 if uniform else 1e-4)
+
+
 # ------------------------------------------------------- DAQ and DFSQ: per-(image, channel) scales
 @pytest.mark.parametrize("recipe, subset_codes", [("daq-w4a4", "exact"), ("dfsq-w4a4", "exact"),
                                                   ("dfsq-w4a4", "u8")])
