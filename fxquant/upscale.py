@@ -37,12 +37,12 @@ from fxquant.data.imresize import imresize
 from fxquant.errors import FxquantError
 from fxquant.upscale_inputs import (SUFFIXES, InputImage, list_inputs, probe_input,
                                     read_input)
+from fxquant.upscale_tiling import (DEFAULT_TILE, SRFunction, check_tiling, default_tiling,
+                                    receptive_radius, seam_ramp, window_shapes, window_spans)
 
 __all__ = ["upscale_tiled", "receptive_radius", "default_tiling", "read_input",
            "upscale_image", "SUFFIXES", "DEFAULT_TILE"]
 
-SRFunction = Callable[[torch.Tensor], torch.Tensor]
-DEFAULT_TILE = 512     # LR pixels a side: IMDN x4 fake-quant, 4000x3000 in: 3.5 GiB peak RSS
 _CHROMA_MARGIN = 4     # LR rows around a bicubic strip: the cubic kernel reaches 2 (+ rounding)
 _STRIP = 256           # LR rows per strip of the bicubic chroma/alpha and recombination
 
@@ -54,39 +54,6 @@ def _to_pixels(out: torch.Tensor) -> np.ndarray:
         return values.to(torch.uint8).numpy()
     values = torch.round(out[0].float().clamp(0.0, 1.0) * 255.0).to(torch.uint8)  # to_uint8
     return values.permute(1, 2, 0).numpy()
-
-
-def _spans(length: int, step: int, overlap: int) -> list[tuple[int, int, int, int]]:
-    """(core start, core end, window start, window end) along one axis."""
-    spans = []
-    for start in range(0, length, step):
-        end = min(start + step, length)
-        spans.append((start, end, max(0, start - overlap), min(length, end + overlap)))
-    return spans
-
-
-def _ramp(r0: int, r1: int, c0: int, c1: int, length: int, half: int, scale: int
-          ) -> np.ndarray:
-    """A window's cross-fade weight along one axis, over HR rows ``r0·s .. r1·s``: linear
-    ramps of ``2·half`` LR pixels centred on its core's inner edges, so that neighbouring
-    windows' weights sum to 1 (partition of unity; image borders get no ramp)."""
-    u = np.arange(r0 * scale, r1 * scale, dtype=np.float32) + 0.5
-    weight = np.ones_like(u)
-    if c0 > 0:
-        weight *= np.clip((u - (c0 - half) * scale) / (2 * half * scale), 0, 1)
-    if c1 < length:
-        weight *= np.clip(((c1 + half) * scale - u) / (2 * half * scale), 0, 1)
-    return weight
-
-
-def check_tiling(tile: int, overlap: int) -> None:
-    """:class:`FxquantError` unless windows of ``tile`` LR pixels (0: whole) with ``overlap``
-    pixels of context on each side leave an interior."""
-    if tile and tile <= 2 * overlap:
-        raise FxquantError(f"--tile {tile} must be larger than 2 × --overlap ({2 * overlap}): "
-                           "each window keeps its interior only")
-    if overlap < 0:
-        raise FxquantError(f"--overlap must be 0 or more, got {overlap}")
 
 
 def upscale_tiled(fn: SRFunction, lr: torch.Tensor, scale: int, tile: int, overlap: int, *,
@@ -106,7 +73,7 @@ def upscale_tiled(fn: SRFunction, lr: torch.Tensor, scale: int, tile: int, overl
     check_tiling(tile, overlap)
     step = (tile - 2 * overlap) if tile else max(height, width)
     half = min(blend, overlap, step // 2)
-    rows, cols = _spans(height, step, overlap), _spans(width, step, overlap)
+    rows, cols = window_spans(height, step, overlap), window_spans(width, step, overlap)
     shape = (height * scale, width * scale) + ((3,) if channels == 3 else ())
     result = np.empty(shape, dtype=np.uint8)
     band = np.zeros((0, width * scale, channels), np.float32)
@@ -116,7 +83,7 @@ def upscale_tiled(fn: SRFunction, lr: torch.Tensor, scale: int, tile: int, overl
         for y0, y1, wy0, wy1 in rows:
             if half:  # a float band of HR rows for this row of windows; the seam rows above
                 ry0, ry1 = max(0, y0 - half), min(height, y1 + half)  # are carried over
-                ramp_y = _ramp(ry0, ry1, y0, y1, height, half, scale)
+                ramp_y = seam_ramp(ry0, ry1, y0, y1, height, half, scale)
                 band, carried = np.zeros(((ry1 - ry0) * scale, width * scale, channels),
                                          np.float32), band
                 band[:carried.shape[0]] = carried
@@ -134,7 +101,7 @@ def upscale_tiled(fn: SRFunction, lr: torch.Tensor, scale: int, tile: int, overl
                     region = out[0, :, (ry0 - wy0) * scale:(ry1 - wy0) * scale,
                                  (rx0 - wx0) * scale:(rx1 - wx0) * scale]
                     values = region.float().clamp(0.0, 1.0).mul(255.0).permute(1, 2, 0)
-                    weight = ramp_y[:, None, None] * _ramp(rx0, rx1, x0, x1, width, half,
+                    weight = ramp_y[:, None, None] * seam_ramp(rx0, rx1, x0, x1, width, half,
                                                            scale)[None, :, None]
                     band[:, rx0 * scale:rx1 * scale] += weight * values.numpy()
                 else:
@@ -150,66 +117,6 @@ def upscale_tiled(fn: SRFunction, lr: torch.Tensor, scale: int, tile: int, overl
                 band = band[done * scale:]
     bar.close()
     return result
-
-
-def receptive_radius(fn: SRFunction, channels: int, scale: int, *,
-                     sizes: tuple[int, ...] = (48, 96, 192)) -> tuple[int, bool]:
-    """The model's receptive-field radius in LR pixels, *measured* (not read off the graph,
-    so it works for any callable: compiled, lowered, Inductor), and whether it is local.
-
-    Radius: one pixel in the middle of a random mid-grey image is raised and lowered by 0.25
-    and the output change is taken at each LR (Chebyshev) distance; the far-field floor (the
-    largest change in the outer quarter: image-wide operations move every output a little)
-    is subtracted, and the radius is the farthest distance whose change still exceeds it by
-    1/4 grey level. Locality: the right quarter of the image is raised by 0.25, as if a
-    window's cut edge had removed it; if outputs farther than 2 × radius + 4 from that edge
-    move by more than 1/4 grey level, the model uses image-wide statistics (IMDN's contrast
-    channel attention) and is not local. The measurement can fall short where ReLUs are dead
-    around the probe, hence the margin :func:`default_tiling` adds."""
-    threshold = 0.25 / 255
-    for size in sizes:
-        centre = size // 2
-        profile = torch.zeros(centre + 1)
-        with torch.inference_mode():  # every input an inference tensor, as the tiles are
-            x = 0.25 + 0.5 * torch.rand(1, channels, size, size,
-                                        generator=torch.Generator().manual_seed(0))
-            base = fn(x)
-            rows = torch.arange(base.shape[-2]) // scale - centre
-            cols = torch.arange(base.shape[-1]) // scale - centre
-            dist = torch.maximum(rows.abs()[:, None], cols.abs()[None, :]).flatten()
-            for delta in (0.25, -0.25):
-                probe = x.clone()
-                probe[:, :, centre, centre] += delta
-                change = (fn(probe) - base).abs().amax(dim=1)[0].flatten().float()
-                ring = torch.zeros(centre + 1).scatter_reduce(0, dist, change, "amax")
-                profile = torch.maximum(profile, ring)
-            floor = float(profile[(3 * len(profile)) // 4:].max())
-            above = torch.nonzero(profile > floor + threshold).flatten()
-            radius = int(above.max()) if len(above) else 0
-            cut, reach = (3 * size) // 4, 2 * radius + 4
-            if radius >= (3 * len(profile)) // 4 - 1 or cut <= reach:
-                continue  # the probe is too small to see the whole neighbourhood
-            probe = x.clone()
-            probe[:, :, :, cut:] += 0.25
-            far = (fn(probe) - base)[..., :(cut - reach) * scale].abs().max()
-        return radius, float(far) <= threshold
-    return sizes[-1] // 2, False
-
-
-def default_tiling(radius: int, local: bool = True, tile: int | None = None,
-                   overlap: int | None = None) -> tuple[int, int, int]:
-    """``(tile, overlap, blend)`` from a measured radius (``tile``/``overlap`` given by the
-    user are kept). overlap = 2 × radius + 4: a margin over the measurement, since a
-    window's cut edge changes a whole half-plane, not one pixel, and small far contributions
-    add up. A model with image-wide statistics (``local`` False) gets at least 32 and
-    cross-fades its windows (``blend``) over the overlap less the radius, where each
-    window's output is unaffected by its own edge. tile = ``DEFAULT_TILE``, at least
-    4 × overlap."""
-    if overlap is None:
-        overlap = 2 * radius + 4 if local else max(2 * radius + 4, 32)
-    if tile is None:
-        tile = max(DEFAULT_TILE, 4 * overlap)
-    return tile, overlap, (0 if local else max(0, overlap - radius - 2))
 
 
 def _bicubic_strips(plane: np.ndarray, scale: int,
@@ -369,12 +276,32 @@ def sr_function(args) -> tuple[SRFunction, SRFunction, object, int, str]:
     return fn, fn, models.spec, models.scale, what
 
 
+def static_compile_note(args, shapes: set[tuple[int, int]]) -> str | None:
+    """What to say when ``--lower-options compile=true`` (static shapes) meets windows of
+    several shapes: each compiles a graph of its own (tens of seconds on a few cores), and
+    past Dynamo's limit the rest run uncompiled; ``dynamic=true`` compiles one for all
+    (docs/performance.md, "Many input sizes": Set14 with IMDN x4, 340.1 s static against
+    110.5 s)."""
+    if not args.lower or len(shapes) < 2:
+        return None
+    options = lower_options(args.lower, args.lower_options)
+    if not options.get("compile") or options.get("dynamic"):
+        return None
+    from torch._dynamo import config as dynamo_config
+
+    limit = dynamo_config.recompile_limit
+    return (f"note: the windows come in {len(shapes)} shapes, and compile=true compiles a "
+            f"graph for each" + (f" (the first {limit}; the rest run uncompiled)"
+                                 if len(shapes) > limit else "")
+            + ": add dynamic=true (--lower-options compile=true,dynamic=true) to compile one "
+            "graph for every size")
+
+
 def run(args) -> int:
     """``fxquant upscale`` (arguments parsed in :mod:`fxquant.cli`)."""
     source, out = Path(args.input), Path(args.out)
     images = list_inputs(source)
-    for image_path in images:  # before compiling, which can take minutes
-        probe_input(image_path)
+    sizes = [probe_input(path) for path in images]  # before compiling, which takes minutes
     if args.tile is not None and args.overlap is not None:
         check_tiling(args.tile, args.overlap)
     to_folder = _check_out(source, out)
@@ -390,6 +317,9 @@ def run(args) -> int:
             print("note: the model also uses image-wide statistics, so a tile's output differs "
                   f"a little from the whole image's; seams are cross-faded over {2 * blend} LR "
                   "pixels (--tile 0 runs each image whole)", file=sys.stderr)
+        note = static_compile_note(args, window_shapes(sizes, tile, overlap))
+        if note:
+            print(note, file=sys.stderr)
     for image_path, target in tqdm(list(zip(images, targets)), desc="images", unit="image",
                                    disable=args.quiet or len(images) == 1):
         array = upscale_image(fn, read_input(image_path), spec.color, scale, tile, overlap,

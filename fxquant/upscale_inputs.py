@@ -40,11 +40,12 @@ def read_input(path: str | os.PathLike) -> InputImage:
         return InputImage(_to_rgb_uint8(image), alpha, image.mode in _GREY_MODES)
 
 
-def probe_input(path: Path) -> None:
-    """:class:`DataError` if ``path`` is not an image Pillow can identify: its header only,
-    read before the model is compiled (which can take minutes) rather than after."""
-    with opened_image(path, _EXPECTED):
-        pass
+def probe_input(path: Path) -> tuple[int, int]:
+    """The (height, width) of image ``path`` from its header, or :class:`DataError` if it is
+    not an image Pillow can identify: read before the model is compiled (which can take
+    minutes) rather than after."""
+    with opened_image(path, _EXPECTED) as image:
+        return image.size[1], image.size[0]
 
 
 def list_inputs(source: Path) -> list[Path]:

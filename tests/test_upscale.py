@@ -17,9 +17,10 @@ from fxquant.data import (
 from fxquant.evaluate import super_resolve
 from fxquant.models.user import resolve_model
 from fxquant.upscale import (
-    InputImage, _bicubic_strips, _spans, default_tiling, read_input, receptive_radius,
-    upscale_image, upscale_tiled,
+    InputImage, _bicubic_strips, default_tiling, read_input, receptive_radius, upscale_image,
+    upscale_tiled,
 )
+from fxquant.upscale_tiling import seam_ramp, window_shapes, window_spans
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.filterwarnings("ignore:no --weights")]
@@ -48,13 +49,28 @@ def _image(height: int, width: int, seed: int = 0) -> np.ndarray:
 @pytest.mark.parametrize("length, step, overlap", [(512, 96, 8), (100, 100, 5), (7, 3, 2),
                                                    (513, 64, 0)])
 def test_tile_interiors_cover_the_image_once(length, step, overlap):
-    spans = _spans(length, step, overlap)
+    spans = window_spans(length, step, overlap)
     covered = np.zeros(length, int)
     for start, end, w0, w1 in spans:
         covered[start:end] += 1
         assert w0 == max(0, start - overlap) and w1 == min(length, end + overlap)
         assert w1 - w0 <= step + 2 * overlap
     assert (covered == 1).all()
+
+
+@pytest.mark.parametrize("sizes, tile, overlap", [([(40, 52), (40, 52)], 24, 4),
+                                                   ([(17, 9), (9, 17), (30, 30)], 0, 3),
+                                                   ([(100, 61)], 512, 10)])
+def test_window_shapes_are_the_shapes_the_model_sees(sizes, tile, overlap):
+    seen = set()
+
+    def spy(x):
+        seen.add(tuple(x.shape[-2:]))
+        return torch.zeros(1, 3, x.shape[-2] * 2, x.shape[-1] * 2)
+
+    for height, width in sizes:
+        upscale_tiled(spy, torch.zeros(1, 3, height, width), 2, tile, overlap)
+    assert window_shapes(sizes, tile, overlap) == seen
 
 
 def test_receptive_radius_of_three_3x3_convs_is_measured_as_3():
@@ -97,8 +113,6 @@ def test_tiled_equals_whole_within_one_grey_level_on_512x512():
 
 @pytest.mark.parametrize("channels", [1, 3])
 def test_cross_fade_weights_sum_to_one_so_each_pixel_is_their_weighted_mean(channels):
-    from fxquant.upscale import _ramp
-
     size, scale, tile, overlap, half = 200, 2, 100, 20, 15
     levels = []
 
@@ -110,14 +124,14 @@ def test_cross_fade_weights_sum_to_one_so_each_pixel_is_their_weighted_mean(chan
                         blend=half).astype(float)
     out = out if channels == 1 else out[:, :, 0]
     expected, total = np.zeros(out.shape), np.zeros(out.shape)
-    spans = _spans(size, tile - 2 * overlap, overlap)
+    spans = window_spans(size, tile - 2 * overlap, overlap)
     windows = [(ys, xs) for ys in spans for xs in spans]
     assert len(levels) == len(windows) == 16
     for level, ((y0, y1, _, _), (x0, x1, _, _)) in zip(levels, windows):
         ry0, ry1, rx0, rx1 = max(0, y0 - half), min(size, y1 + half), max(0, x0 - half), \
             min(size, x1 + half)
-        weight = np.outer(_ramp(ry0, ry1, y0, y1, size, half, scale),
-                          _ramp(rx0, rx1, x0, x1, size, half, scale))
+        weight = np.outer(seam_ramp(ry0, ry1, y0, y1, size, half, scale),
+                          seam_ramp(rx0, rx1, x0, x1, size, half, scale))
         expected[ry0 * scale:ry1 * scale, rx0 * scale:rx1 * scale] += weight * level * 255
         total[ry0 * scale:ry1 * scale, rx0 * scale:rx1 * scale] += weight
     np.testing.assert_allclose(total, 1, atol=1e-6)

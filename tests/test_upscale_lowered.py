@@ -5,6 +5,7 @@ lowered model costs the receptive-field probe."""
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -104,3 +105,32 @@ def test_the_probe_of_a_compiled_lowered_model_compiles_nothing(data, tmp_path, 
     assert main(["upscale", str(good), "--out", str(tmp_path / "o.png"), "--compiled", saved,
                  *own, "--lower", "cpu", "--lower-options", "compile=true", "--quiet"]) == 0
     assert graphs == [0] and counters["stats"]["unique_graphs"] > before
+
+
+@pytest.mark.parametrize("options, noted", [("compile=true", True),
+                                            ("compile=true,dynamic=true", False),
+                                            ("planes=1", False)])
+def test_static_compile_over_several_window_shapes_is_noted(tmp_path, capsys, monkeypatch,
+                                                            options, noted):
+    """Images of two sizes run whole (--tile 0) are two window shapes: with compile=true
+    (static shapes) each compiles a graph of its own, so the command suggests dynamic=true;
+    nothing is compiled here (the model is a stand-in), only what is said is checked."""
+    import fxquant.upscale as upscale
+
+    spec = SimpleNamespace(channels=3, color="rgb")
+
+    def stand_in(x):
+        return torch.nn.functional.interpolate(x, scale_factor=2)
+
+    monkeypatch.setattr(upscale, "sr_function",
+                        lambda args: (stand_in, stand_in, spec, 2, "stand-in"))
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i, size in enumerate([(12, 14), (10, 9)]):
+        Image.fromarray(np.zeros(size + (3,), np.uint8)).save(folder / f"im{i}.png")
+    assert main(["upscale", str(folder), "--out", str(tmp_path / "out"), "--model", TINY,
+                 "--recipe", "minmax-w8a8", "--lower", "cpu", "--lower-options", options,
+                 "--tile", "0"]) == 0
+    err = capsys.readouterr().err
+    assert ("the windows come in 2 shapes, and compile=true compiles a graph for each: add "
+            "dynamic=true" in err) == noted, err
