@@ -181,18 +181,19 @@ def test_the_demo_runs_eval_with_every_option_eval_reads(monkeypatch):
     not: its eval step is now parsed by the eval parser."""
     from fxquant import cli
 
-    seen = {}
+    seen = []
 
     def fake_eval(args):
-        seen.update(vars(args))
-        return 1  # stop before the lowered half
+        seen.append(vars(args))
+        return 1 if len(seen) == 2 else 0  # stop before the lowered half
 
     monkeypatch.setattr(cli, "cmd_eval", fake_eval)
     assert cli.main(["demo", "--data", "/some/root"]) == 1
     eval_defaults = vars(cli.build_parser().parse_args(["eval", "--model", "imdn"]))
-    assert set(eval_defaults) <= set(seen)
-    assert (seen["model"], seen["scale"], seen["recipe"], seen["datasets"], seen["runtime"],
-            seen["data"]) == ("imdn", 4, "mse-w4a4", "Set5", "torch", "/some/root")
+    assert all(set(eval_defaults) <= set(step) for step in seen)
+    assert [(step["model"], step["scale"], step["recipe"], step["datasets"], step["runtime"],
+             step["data"]) for step in seen] == [
+        ("imdn", 4, recipe, "Set5", "torch", "/some/root") for recipe in ("mse-w4a4", "i2nq-w4a4")]
 
 
 def test_the_demo_table_shows_psnr_latency_and_speed_up():
