@@ -32,14 +32,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
         refuse_with_compiled(recipe=args.recipe, checkpoint=args.checkpoint)
     elif not args.model:
         raise FxquantError("give --model (a zoo model or file.py:Class), or --compiled FILE")
-    datasets = dataset_list(args.datasets, args.data)  # before the work: a bad name fails now
+    # before the work, a misspelt model first: a bad name fails now
+    source = None if args.compiled else source_from_args(args)
+    datasets = dataset_list(args.datasets, args.data)
     if args.compiled:
         models = load_compiled(args.compiled, model=args.model, scale=args.scale,
                                data_root=args.data, **own_model_flags(args))
         args.model, args.recipe = args.model or models.spec.name, models.recipe.name
     else:
         args.recipe = args.recipe or EVAL_RECIPE
-        models = prepare(source_from_args(args), None,
+        models = prepare(source, None,
                          None if args.recipe == FLOAT_ONLY else args.recipe,
                          data_root=args.data, progress=not args.json)
     float_only = models.quant_model is None
@@ -185,31 +187,10 @@ def cmd_table(args: argparse.Namespace) -> int:
     return 0
 
 
-# the demo's 4-bit half: uniform PTQ, then fxquant's most accurate preset that compiles in
-# under a minute (docs/results.md; the reconstruction presets take 10-15 minutes)
-DEMO_RECIPES = (("mse-w4a4", "the 4-bit uniform preset"),
-                ("i2nq-w4a4", "I²NQ at 4 bits (non-uniform levels, flex-scale weights)"))
-
-
-def demo_eval_args(data: str | None, recipe: str) -> argparse.Namespace:
-    """A demo step as ``fxquant eval`` arguments, parsed by the eval parser itself, so that
-    every option eval reads has its default (a hand-built namespace missed one)."""
-    return build_parser().parse_args(["eval", "--model", "imdn", "--scale", "4", "--recipe",
-                                      recipe, "--datasets", "Set5"]
-                                     + (["--data", data] if data else []))
-
-
 def cmd_demo(args: argparse.Namespace) -> int:
-    for recipe, what in DEMO_RECIPES:
-        print(f"fxquant demo: IMDN x4 compiled with {what} ({recipe})")
-        code = cmd_eval(demo_eval_args(args.data, recipe))
-        if code:
-            return code
-    from fxquant.demo import RECIPE, lowered_table, measure_lowered
+    from fxquant.demo import run
 
-    print(f"\nInteger execution: IMDN x4, {RECIPE} lowered to oneDNN int8 (lower{{target=cpu}})")
-    print(lowered_table(measure_lowered(args.data)))
-    return 0
+    return run(args.data)
 
 
 def cmd_export(args: argparse.Namespace) -> int:

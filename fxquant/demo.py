@@ -1,6 +1,8 @@
-"""The second half of ``make demo``: IMDN ×4 with ``mse-w8a8-sym-outputs`` lowered to oneDNN
-int8 (``lower{target=cpu}``), its Set5 PSNR beside FP and fake-quant, and its speed against
-FP32 eager. :func:`measure_lowered` computes the numbers; :func:`lowered_table` renders them."""
+"""``make demo`` (``fxquant demo``): IMDN ×4 on Set5 with two 4-bit presets against FP
+(``fxquant eval`` each), then ``mse-w8a8-sym-outputs`` lowered to oneDNN int8
+(``lower{target=cpu}``), its Set5 PSNR beside FP and fake-quant, and its speed against FP32
+eager. :func:`measure_lowered` computes the second half's numbers; :func:`lowered_table`
+renders them."""
 
 from __future__ import annotations
 
@@ -15,6 +17,10 @@ from fxquant.bench import Row
 RECIPE = "mse-w8a8-sym-outputs"
 INPUT = (1, 3, 128, 128)
 ROUNDS = 5
+# the 4-bit half: uniform PTQ, then fxquant's most accurate preset that compiles in under a
+# minute (docs/results.md; the reconstruction presets take 10-15 minutes)
+RECIPES_4BIT = (("mse-w4a4", "the 4-bit uniform preset"),
+                ("i2nq-w4a4", "I²NQ at 4 bits (non-uniform levels, flex-scale weights)"))
 
 
 @dataclass
@@ -66,3 +72,27 @@ def lowered_table(demo: LoweredDemo) -> str:
         f"{'W8A8 lowered, oneDNN int8':<28} {demo.psnr['lowered']:>9.3f} "
         f"{low.median_ms:>8.1f}ms {low.ratio:>8.2f}x  (per-round {low.ratio_min:.2f}-"
         f"{low.ratio_max:.2f}x, {demo.threads} threads)"] + note)
+
+
+def eval_args(data: str | None, recipe: str):
+    """A 4-bit step as ``fxquant eval`` arguments, parsed by the eval parser itself, so that
+    every option eval reads has its default (a hand-built namespace missed one)."""
+    from fxquant.cli import build_parser
+
+    return build_parser().parse_args(["eval", "--model", "imdn", "--scale", "4", "--recipe",
+                                      recipe, "--datasets", "Set5"]
+                                     + (["--data", data] if data else []))
+
+
+def run(data: str | None) -> int:
+    """The whole demo; a non-zero exit code of a step stops it."""
+    from fxquant import cli
+
+    for recipe, what in RECIPES_4BIT:
+        print(f"fxquant demo: IMDN x4 compiled with {what} ({recipe})")
+        code = cli.cmd_eval(eval_args(data, recipe))
+        if code:
+            return code
+    print(f"\nInteger execution: IMDN x4, {RECIPE} lowered to oneDNN int8 (lower{{target=cpu}})")
+    print(lowered_table(measure_lowered(data)))
+    return 0
