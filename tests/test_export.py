@@ -139,6 +139,28 @@ def test_onnx_refuses_dynamic_quantizers_naming_them(tiny_sr, calib, recipe, kin
         to_onnx(gm)
 
 
+def test_i2nq_levels_on_the_uint8_grid_export_as_a_table_lookup(tiny_sr, calib):
+    """I²NQ's codes: the half-step bucket (Div, Ceil, Add, Clip, as the lowering computes it
+    in float32) gathers each value's uint8 grid code, read by ConvInteger: the reference
+    lowering, in ONNX Runtime, to float rounding (ORT's 'all' level also reorders the float
+    head conv, which may flip a code at a bucket edge; 'extended' keeps the exporter's ops)."""
+    gm = compiled(tiny_sr, calib, "i2nq-w4a4")
+    reference = fxquant.lowered_copy(gm, "reference")
+    model = to_onnx(gm)
+    counts = ops(model)
+    assert counts["Gather"] == counts["Ceil"] == 4 and counts["ConvInteger"] >= 4
+    assert counts["QuantizeLinear"] == 0
+    for shape in [(1, 3, 12, 10), (2, 3, 17, 9)]:
+        x = torch.rand(*shape, generator=torch.Generator().manual_seed(sum(shape)))
+        with torch.no_grad():
+            ref = reference(x)
+        assert float((ort_run(model, x, optimization="extended") - ref).abs().max()) < 1e-5
+    with pytest.raises(ExportError, match=r"\(nonuniform, recipe 'i2nq-w4a4'\).*form='integer'"):
+        to_onnx(gm, form="qdq")
+    with pytest.raises(ExportError, match="refused the model.*integer form"):
+        to_onnx(compiled(tiny_sr, calib, "i2nq-w4a4-float"))
+
+
 def test_onnx_refuses_other_inputs(tiny_sr, calib):
     with pytest.raises(ExportError, match="compiled by fxquant.compile"):
         to_onnx(tiny_sr)

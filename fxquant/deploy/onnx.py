@@ -63,7 +63,7 @@ from fxquant.quant import QuantConv2d, Quantizer, UniformQuantizer
 OPSET = 13
 FORMS = ("integer", "qdq", "fake-quant")
 INPUT, OUTPUT = "lr", "sr"
-_FLOAT, _UINT8, _INT8, _INT32 = 1, 2, 3, 6  # onnx.TensorProto data types
+_FLOAT, _UINT8, _INT8, _INT32, _INT64 = 1, 2, 3, 6, 7  # onnx.TensorProto data types
 
 
 def _const(g, value: torch.Tensor):
@@ -160,6 +160,26 @@ class _ConvFn(torch.autograd.Function):
         return g.op("Add", y, term)
 
 
+class _CodebookFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, module: CodebookQuantize):
+        return _untraced(module, x)
+
+    @staticmethod
+    def symbolic(g, x, module: CodebookQuantize):
+        # half_step_index's float32 arithmetic, op for op (exact, so the same buckets), then
+        # the bucket's uint8 grid code: one Gather from the flattened per-channel table
+        rows, width = module.table.shape
+        h = g.op("Ceil", g.op("Div", x, _const(g, (module.scale.float() / 2).reshape(()))))
+        h = g.op("Add", h, _const(g, (2 * module.zero_point).float().reshape(())))
+        h = g.op("Clip", h, _const(g, torch.tensor(0.0)), _const(g, torch.tensor(width - 1.0)))
+        if rows > 1:
+            offsets = torch.arange(rows, dtype=torch.float32).mul_(width).view(1, rows, 1, 1)
+            h = g.op("Add", h, _const(g, offsets))
+        index = g.op("Cast", h, to_i=_INT64)
+        return g.op("Gather", _const(g, module.table.reshape(-1)), index, axis_i=0)
+
+
 class _Quantize(nn.Module):
     def __init__(self, module: IntegerQuantize):
         super().__init__()
@@ -167,6 +187,15 @@ class _Quantize(nn.Module):
 
     def forward(self, x):
         return _QuantizeFn.apply(x, self.module[0])
+
+
+class _Codebook(nn.Module):
+    def __init__(self, module: CodebookQuantize):
+        super().__init__()
+        self.module = [module]
+
+    def forward(self, x):
+        return _CodebookFn.apply(x, self.module[0])
 
 
 class _Conv(nn.Module):
@@ -196,9 +225,10 @@ def _quantize_reader(gm: fx.GraphModule, node: fx.Node):
     return user, relu
 
 
-def check_exportable(gm: fx.GraphModule) -> None:
+def check_exportable(gm: fx.GraphModule, form: str = "integer") -> None:
     """Refuse, naming the quantizer, what has no static ONNX form (before lowering, whose
-    own errors speak of integer kernels)."""
+    own errors speak of integer kernels). The integer form also writes non-uniform levels on
+    a uint8 grid (I²NQ: a table lookup of the grid codes)."""
     check_compiled(gm, "export", ExportError)
     if getattr(gm, "fxquant_lowered", None):
         raise ExportError(f"the model is already lowered (target '{gm.fxquant_lowered}'); export "
@@ -206,14 +236,17 @@ def check_exportable(gm: fx.GraphModule) -> None:
     for name, module in gm.named_modules():
         if not isinstance(module, Quantizer) or isinstance(module, UniformQuantizer):
             continue
+        if module.kind == "nonuniform" and form == "integer":
+            continue  # lowered to a codebook (or refused by the lowering if off the grid)
         what = {"daq": "DAQ's per-(image, channel) ranges (mean ± k·std computed per input)",
                 "subset": "DFSQ's per-input channel normalization and subset levels",
                 "nonuniform": "non-uniform level lookup (I²NQ)"}.get(module.kind, module.kind)
         raise ExportError(
             f"quantizer '{name}' ({module.kind}, recipe '{gm.fxquant_recipe.name}'): {what} has "
             "no static ONNX QuantizeLinear/DequantizeLinear form; ONNX export takes static uniform "
-            "presets (minmax-w8a8, mse-w8a8, mse-w8a8-sym, percentile-w8a8); use "
-            "form='fake-quant' (the statistics as float graph ops, no integer kernels) for this model")
+            "presets (minmax-w8a8, mse-w8a8, mse-w8a8-sym, percentile-w8a8), and I²NQ's levels "
+            "on a uint8 grid in form='integer'; use form='fake-quant' (the statistics as float "
+            "graph ops, no integer kernels) for this model")
 
 
 def integer_graph(gm: fx.GraphModule, form: str = "integer") -> fx.GraphModule:
@@ -224,7 +257,7 @@ def integer_graph(gm: fx.GraphModule, form: str = "integer") -> fx.GraphModule:
 
     if form not in ("integer", "qdq"):
         raise ExportError(f"ONNX form '{form}' unknown; valid: {', '.join(FORMS)}")
-    check_exportable(gm)
+    check_exportable(gm, form)
     try:
         lowered = fxquant.lowered_copy(gm, "reference")
     except PassError as exc:
@@ -236,7 +269,7 @@ def integer_graph(gm: fx.GraphModule, form: str = "integer") -> fx.GraphModule:
             node.replace_all_uses_with(node.args[0])
             graph.erase_node(node)
         elif isinstance(module, CodebookQuantize):
-            raise ExportError(f"'{node.target}': the non-uniform level lookup has no ONNX form yet")
+            lowered.add_submodule(node.target, _Codebook(module))
     for node in list(graph.nodes):
         module = module_of(lowered, node)
         if isinstance(module, IntegerQuantize):
