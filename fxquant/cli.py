@@ -252,7 +252,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--runtime", choices=("torch", "onnxruntime"), default="torch",
                    help="run the quantized model in torch (fake-quant) or export it to ONNX and "
-                        "run it in ONNX Runtime (integer kernels; static uniform recipes)")
+                        "run it in ONNX Runtime (integer kernels; static uniform and I²NQ recipes)")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("compile", help="compile a zoo model and save it")

@@ -23,7 +23,7 @@ def build_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scale", type=positive_int, help="upscaling factor")
     p.add_argument("--recipe",
                    help="preset or .toml recipe (default mse-w8a8-sym; ONNX takes the static "
-                        "uniform presets)")
+                        "uniform presets, and I²NQ's in the integer form)")
     p.add_argument("--checkpoint", help="float weights instead of the pretrained ones")
     p.add_argument("--data", help="data root (default: $FXQUANT_DATA)")
     p.add_argument("--format", choices=("onnx", "torch-export", "torchscript"), default="onnx")

@@ -1,4 +1,5 @@
-"""ONNX export of static uniform models: the ``reference`` lowering written as ONNX integer ops.
+"""ONNX export of static uniform and I²NQ models: the ``reference`` lowering written as ONNX
+integer ops.
 
 The compiled model is lowered (``fxquant.lowered_copy(gm, "reference")``: uint8 activation
 codes, int8 weight codes, the exact integer semantics of docs/lowering.md) and traced by
@@ -7,7 +8,8 @@ interpolate → Resize, cat, add, mul, sigmoid, leaky ReLU, IMDN's mean/std) is 
 own translation, and the integer modules emit their ONNX form:
 
 - activation quantizer → ``QuantizeLinear`` (per tensor, uint8 zero point; ``Clip`` below 8
-  bits);
+  bits); I²NQ's levels on a uint8 grid → their half-step bucket (``Div``, ``Ceil``, ``Add``,
+  ``Clip``, as the lowering computes it) and a ``Gather`` of the grid codes (integer form);
 - quantized conv, two forms:
 
   ``qdq``: ``DequantizeLinear`` of the uint8 codes, of the weight initializer (per output
