@@ -89,11 +89,16 @@ def _untraced(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
         torch._C._set_tracing_state(state)
 
 
-class _QuantizeFn(torch.autograd.Function):
+class _CodesFn(torch.autograd.Function):
+    """An activation's codes module run as it is (the tracer paused); a subclass gives its
+    ONNX symbolic."""
+
     @staticmethod
-    def forward(ctx, x, module: IntegerQuantize):
+    def forward(ctx, x, module):
         return _untraced(module, x)
 
+
+class _QuantizeFn(_CodesFn):
     @staticmethod
     def symbolic(g, x, module: IntegerQuantize):
         zero_point = _const(g, module.zero_point.to(torch.uint8).reshape(()))
@@ -162,11 +167,7 @@ class _ConvFn(torch.autograd.Function):
         return g.op("Add", y, term)
 
 
-class _CodebookFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, module: CodebookQuantize):
-        return _untraced(module, x)
-
+class _CodebookFn(_CodesFn):
     @staticmethod
     def symbolic(g, x, module: CodebookQuantize):
         # half_step_index's float32 arithmetic, op for op (exact, so the same buckets), then
@@ -182,22 +183,17 @@ class _CodebookFn(torch.autograd.Function):
         return g.op("Gather", _const(g, module.table.reshape(-1)), index, axis_i=0)
 
 
-class _Quantize(nn.Module):
-    def __init__(self, module: IntegerQuantize):
+class _Codes(nn.Module):
+    """An activation's codes through ``fn``'s symbolic: :class:`_QuantizeFn` (uniform) or
+    :class:`_CodebookFn` (I²NQ's grid codes)."""
+
+    def __init__(self, module: IntegerQuantize | CodebookQuantize, fn):
         super().__init__()
         self.module = [module]  # a plain reference: its buffers are constants of the symbolic
+        self.fn = fn
 
     def forward(self, x):
-        return _QuantizeFn.apply(x, self.module[0])
-
-
-class _Codebook(nn.Module):
-    def __init__(self, module: CodebookQuantize):
-        super().__init__()
-        self.module = [module]
-
-    def forward(self, x):
-        return _CodebookFn.apply(x, self.module[0])
+        return self.fn.apply(x, self.module[0])
 
 
 class _Conv(nn.Module):
@@ -271,7 +267,7 @@ def integer_graph(gm: fx.GraphModule, form: str = "integer") -> fx.GraphModule:
             node.replace_all_uses_with(node.args[0])
             graph.erase_node(node)
         elif isinstance(module, CodebookQuantize):
-            lowered.add_submodule(node.target, _Codebook(module))
+            lowered.add_submodule(node.target, _Codes(module, _CodebookFn))
     for node in list(graph.nodes):
         module = module_of(lowered, node)
         if isinstance(module, IntegerQuantize):
@@ -283,7 +279,7 @@ def integer_graph(gm: fx.GraphModule, form: str = "integer") -> fx.GraphModule:
             if form == "qdq" and module.bits != 8:
                 raise ExportError(f"'{node.target}' is a {module.bits}-bit activation quantizer; "
                                   "the QDQ form writes 8-bit ones only; use form='integer'")
-            lowered.add_submodule(node.target, _Quantize(module))
+            lowered.add_submodule(node.target, _Codes(module, _QuantizeFn))
         elif isinstance(module, ReferenceConv2d):
             centred = bool((module.weight_centre != 0).any())
             reader = _quantize_reader(lowered, node)
