@@ -38,7 +38,8 @@ from fxquant.errors import FxquantError
 from fxquant.upscale_inputs import (SUFFIXES, InputImage, list_inputs, probe_input,
                                     read_input)
 from fxquant.upscale_tiling import (DEFAULT_TILE, SRFunction, check_tiling, default_tiling,
-                                    receptive_radius, seam_ramp, window_shapes, window_spans)
+                                    receptive_radius, seam_ramp, window_shapes, window_spans,
+                                    window_step)
 
 __all__ = ["upscale_tiled", "receptive_radius", "default_tiling", "read_input",
            "upscale_image", "SUFFIXES", "DEFAULT_TILE"]
@@ -71,7 +72,7 @@ def upscale_tiled(fn: SRFunction, lr: torch.Tensor, scale: int, tile: int, overl
         raise ValueError(f"upscale_tiled takes one 1×C×H×W image, got {tuple(lr.shape)}")
     _, channels, height, width = lr.shape
     check_tiling(tile, overlap)
-    step = (tile - 2 * overlap) if tile else max(height, width)
+    step = window_step(tile, overlap, height, width)
     half = min(blend, overlap, step // 2)
     rows, cols = window_spans(height, step, overlap), window_spans(width, step, overlap)
     shape = (height * scale, width * scale) + ((3,) if channels == 3 else ())
@@ -220,11 +221,20 @@ def lower_options(target: str, text: str | None) -> dict:
     return {f.name: getattr(lower, f.name) for f in dataclasses.fields(lower)}
 
 
-def sr_function(args) -> tuple[SRFunction, SRFunction, object, int, str]:
+def requested_lowering(args) -> dict:
+    """``fxquant.lowered_copy`` keywords for ``--lower``/``--lower-options`` ({} without
+    ``--lower``), checked before anything is compiled (which can take minutes)."""
+    if args.lower_options and not args.lower:
+        raise FxquantError("--lower-options needs --lower cpu|reference|gpu")
+    return lower_options(args.lower, args.lower_options) if args.lower else {}
+
+
+def sr_function(args, lowered: dict) -> tuple[SRFunction, SRFunction, object, int, str]:
     """The SR callable for the command line's model flags: ``--compiled FILE``, or ``--model``
     (zoo or own) compiled here with ``--recipe`` (``fp``: the float model), optionally
     ``--lower cpu|reference|gpu`` (gpu: on CUDA when torch sees a GPU, else under the Triton
-    interpreter when ``TRITON_INTERPRET=1``, slowly) with the pass's ``--lower-options``.
+    interpreter when ``TRITON_INTERPRET=1``, slowly) with the pass's ``--lower-options``
+    (``lowered``: :func:`requested_lowering`).
     Returns ``(fn, probe, spec, scale, description)``: ``probe`` is what the receptive-field
     probe runs, ``fn`` itself or, for ``compile=true``, the same lowered model uncompiled (the
     same integer ops), so that the probe's three image sizes compile nothing."""
@@ -232,10 +242,6 @@ def sr_function(args) -> tuple[SRFunction, SRFunction, object, int, str]:
     from fxquant.models.user import own_model_flags, source_from_args
     from fxquant.workflow import as_sr_function, load_compiled, prepare, refuse_with_compiled
 
-    if args.lower_options and not args.lower:
-        raise FxquantError("--lower-options needs --lower cpu|reference|gpu")
-    # checked before compiling, which can take minutes
-    lowered = lower_options(args.lower, args.lower_options) if args.lower else {}
     if args.compiled:
         refuse_with_compiled(recipe=args.recipe, checkpoint=args.checkpoint)
         models = load_compiled(args.compiled, model=args.model, scale=args.scale,
@@ -276,16 +282,13 @@ def sr_function(args) -> tuple[SRFunction, SRFunction, object, int, str]:
     return fn, fn, models.spec, models.scale, what
 
 
-def static_compile_note(args, shapes: set[tuple[int, int]]) -> str | None:
+def static_compile_note(lowered: dict, shapes: set[tuple[int, int]]) -> str | None:
     """What to say when ``--lower-options compile=true`` (static shapes) meets windows of
     several shapes: each compiles a graph of its own (tens of seconds on a few cores), and
     past Dynamo's limit the rest run uncompiled; ``dynamic=true`` compiles one for all
     (docs/performance.md, "Many input sizes": Set14 with IMDN x4, 340.1 s static against
     110.5 s)."""
-    if not args.lower or len(shapes) < 2:
-        return None
-    options = lower_options(args.lower, args.lower_options)
-    if not options.get("compile") or options.get("dynamic"):
+    if len(shapes) < 2 or not lowered.get("compile") or lowered.get("dynamic"):
         return None
     from torch._dynamo import config as dynamo_config
 
@@ -305,7 +308,8 @@ def run(args) -> int:
     if args.tile is not None and args.overlap is not None:
         check_tiling(args.tile, args.overlap)
     to_folder = _check_out(source, out)
-    fn, probe, spec, scale, what = sr_function(args)
+    lowered = requested_lowering(args)
+    fn, probe, spec, scale, what = sr_function(args, lowered)
     targets = _outputs(images, out, to_folder, scale)
     channels = spec.channels
     radius, local = receptive_radius(probe, channels, scale)
@@ -317,7 +321,7 @@ def run(args) -> int:
             print("note: the model also uses image-wide statistics, so a tile's output differs "
                   f"a little from the whole image's; seams are cross-faded over {2 * blend} LR "
                   "pixels (--tile 0 runs each image whole)", file=sys.stderr)
-        note = static_compile_note(args, window_shapes(sizes, tile, overlap))
+        note = static_compile_note(lowered, window_shapes(sizes, tile, overlap))
         if note:
             print(note, file=sys.stderr)
     for image_path, target in tqdm(list(zip(images, targets)), desc="images", unit="image",

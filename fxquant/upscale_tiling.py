@@ -24,6 +24,12 @@ def window_spans(length: int, step: int, overlap: int) -> list[tuple[int, int, i
     return spans
 
 
+def window_step(tile: int, overlap: int, height: int, width: int) -> int:
+    """The LR pixels between window starts: ``tile`` less both overlaps (0: one window for
+    the whole image)."""
+    return (tile - 2 * overlap) if tile else max(height, width)
+
+
 def seam_ramp(r0: int, r1: int, c0: int, c1: int, length: int, half: int, scale: int
               ) -> np.ndarray:
     """A window's cross-fade weight along one axis, over HR rows ``r0·s .. r1·s``: linear
@@ -114,7 +120,7 @@ def window_shapes(sizes, tile: int, overlap: int) -> set[tuple[int, int]]:
     for static shapes."""
     shapes = set()
     for height, width in sizes:
-        step = (tile - 2 * overlap) if tile else max(height, width)
+        step = window_step(tile, overlap, height, width)
         rows, cols = window_spans(height, step, overlap), window_spans(width, step, overlap)
         shapes |= {(wy1 - wy0, wx1 - wx0) for _, _, wy0, wy1 in rows for _, _, wx0, wx1 in cols}
     return shapes

@@ -123,7 +123,7 @@ def test_static_compile_over_several_window_shapes_is_noted(tmp_path, capsys, mo
         return torch.nn.functional.interpolate(x, scale_factor=2)
 
     monkeypatch.setattr(upscale, "sr_function",
-                        lambda args: (stand_in, stand_in, spec, 2, "stand-in"))
+                        lambda args, lowered: (stand_in, stand_in, spec, 2, "stand-in"))
     folder = tmp_path / "in"
     folder.mkdir()
     for i, size in enumerate([(12, 14), (10, 9)]):

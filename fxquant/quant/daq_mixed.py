@@ -62,7 +62,7 @@ def channel_output_errors(x: torch.Tensor, weight: torch.Tensor, bits_choices: S
     n, c_in = x.shape[:2]
     geometry = (tuple(weight.shape[2:]), tuple(stride), _pads(padding), tuple(dilation),
                 padding_mode)
-    sample = None if measure == "input" else _sample_positions(x.shape, *geometry, max_positions)
+    sample = None if measure == "input" else _sample_positions(x.shape, geometry, max_positions)
     results = []
     if weight_mode == "fixed":
         fixed_w = daq_weight_quantize(weight, weight_bits, granularity=weight_granularity,
@@ -184,10 +184,11 @@ def _pads(padding) -> tuple[int, int, int, int]:
     return padding if len(padding) == 4 else (padding[1], padding[1], padding[0], padding[0])
 
 
-def _sample_positions(shape, kernel, stride, pads, dilation, _mode, max_positions: int):
+def _sample_positions(shape, geometry, max_positions: int):
     """Output positions (n, i, j) to evaluate: all of them, or ``max_positions`` drawn
     uniformly (fixed seed), with the factor that rescales sums to all positions."""
     n, _, h, w = shape
+    kernel, stride, pads, dilation, _ = geometry
     left, right, top, bottom = pads
     ho = (h + top + bottom - dilation[0] * (kernel[0] - 1) - 1) // stride[0] + 1
     wo = (w + left + right - dilation[1] * (kernel[1] - 1) - 1) // stride[1] + 1
