@@ -44,10 +44,12 @@ from fxquant.files import atomic_write_text, check_output_path
 from fxquant.markdown import write_section
 from fxquant.recipe import Recipe, load_preset, resolve_recipe
 from fxquant.results_store import cell_key, load_store, store_text
+from fxquant.train.config import QATConfig
 
 SECTION = "## Same-start comparison: plain QAT, ODM v1, ODM v2"
 METHODS = ("qat", "odm-v1", "odm-v2")
 EXTRA_PASS = {"odm-v1": "inject-offsets", "odm-v2": "wcc"}
+DEFAULT_LR = QATConfig.lr  # fxquant train's --lr default
 
 
 def common_start(bits: int) -> Recipe:
@@ -209,10 +211,13 @@ def render(rows: list[dict], command: str, args) -> str:
     return "\n".join(lines) + "\n"
 
 
-def objective(hr_weight: float, teacher_weight: float, quantizer_lr: float = 1.0) -> str:
-    """The suffix that names a training objective other than the HR target alone, and a
-    quantizer learning-rate multiplier other than 1."""
-    qlr = "" if quantizer_lr == 1 else f"+qlr{quantizer_lr:g}"
+def objective(hr_weight: float, teacher_weight: float, quantizer_lr: float = 1.0,
+              lr: float = DEFAULT_LR) -> str:
+    """The suffix that names a training objective other than the HR target alone, a
+    quantizer learning-rate multiplier other than 1 and a learning rate other than the
+    default (so a run at another rate gets its own row and store cell)."""
+    qlr = ("" if quantizer_lr == 1 else f"+qlr{quantizer_lr:g}") + \
+        ("" if lr == DEFAULT_LR else f"+lr{lr:g}")
     if not teacher_weight:
         return ("" if hr_weight == 1 else f"+hr{hr_weight:g}") + qlr
     return ("+distil" if not hr_weight else "+teacher") + qlr
@@ -243,7 +248,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--patch", type=int, default=48)
-    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--lr", type=float, default=DEFAULT_LR)
     parser.add_argument("--teacher-weight", type=float, default=0.0,
                         help="fxquant train --teacher-weight: L1 to the float model's output")
     parser.add_argument("--hr-weight", type=float, default=1.0,
@@ -299,7 +304,7 @@ def main(argv=None) -> int:
         if args.render_only and not rows:
             raise FxquantError("--render-only renders the rows of --json: give a --json file "
                                "that has rows")
-        suffix = objective(args.hr_weight, args.teacher_weight, args.quantizer_lr)
+        suffix = objective(args.hr_weight, args.teacher_weight, args.quantizer_lr, args.lr)
         done = {(r["model"], r["scale"], start_of(r), method_of(r)) for r in rows}
         command = "python tools/odm_compare.py " + shlex.join(argv if argv is not None else sys.argv[1:])
         fp_cache = {(r["model"], r["scale"]): r["fp"] for r in rows}

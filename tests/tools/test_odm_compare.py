@@ -119,6 +119,8 @@ def test_a_two_step_comparison_writes_its_table(tool, data, tmp_path):
     (0, 1, 0, "+distil+qlr0"), (1, 0, 10, "+qlr10")])
 def test_objectives_are_named(tool, hr, teacher, qlr, suffix):
     assert tool.objective(hr, teacher, qlr) == suffix
+    assert tool.objective(hr, teacher, qlr, 1e-4) == suffix  # fxquant train's default rate
+    assert tool.objective(hr, teacher, qlr, 2e-4) == suffix + "+lr0.0002"
     assert tool.method_of({"method": "qat", "objective": suffix}) == "qat" + suffix
     assert tool.method_of({"method": "odm-v2"}) == "odm-v2"  # rows from before objectives
 
