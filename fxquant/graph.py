@@ -171,6 +171,10 @@ def select_layers(gm: fx.GraphModule, layers: LayerConfig) -> Selection:
         name = str(node.target)
         if not isinstance(module, wanted):
             skipped[node.name] = f"op type {type(module).__name__} not in layers.op_types"
+        elif isinstance(module, nn.ConvTranspose2d):  # quantized as the conv deconv-to-conv makes
+            skipped[node.name] = ("transposed conv kept float: the deconv-to-conv pass (after "
+                                  "trace) converts those with groups 1, dilation 1, zero "
+                                  "padding and equal strides")
         elif is_channel_affine(module):
             skipped[node.name] = "per-channel affine 1x1 conv (e.g. mean shift) kept full precision"
         elif node.name in edge and not layers.first_last_bits:

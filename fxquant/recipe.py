@@ -31,10 +31,11 @@ MIN_BITS, MAX_BITS = 2, 16
 WEIGHT_OBSERVERS = ("minmax", "symmetric")
 ACTIVATION_OBSERVERS = ("minmax", "percentile", "mse")
 GRANULARITIES = ("per-tensor", "per-channel")
-OP_TYPES = ("conv2d",)
-# Named so the error can say they are known but have no quantized layer (no fake-quant
-# weights, no integer kernel) yet: offering them would leave them silently in float.
-UNSUPPORTED_OP_TYPES = ("conv_transpose2d", "linear")
+# conv_transpose2d: quantized as the conv + pixel shuffle the deconv-to-conv pass makes of it
+OP_TYPES = ("conv2d", "conv_transpose2d")
+# Named so the error can say it is known but has no quantized layer (no fake-quant
+# weights, no integer kernel) yet: offering it would leave it silently in float.
+UNSUPPORTED_OP_TYPES = ("linear",)
 # Methods whose quantizing pass (``quantize``, ``nonuniform-quant``) takes per-layer widths
 # (layers.first_last_bits, layers.tail_bits).
 LAYER_BITS_METHODS = ("uniform", "odm", "i2nq")
@@ -307,8 +308,14 @@ class Recipe:
 
     @property
     def pipeline_spec(self) -> str:
-        """The pass pipeline: the explicit one, else the method's default."""
-        return self.pipeline or _METHODS[self.method].pipeline
+        """The pass pipeline: the explicit one, else the method's default; with
+        ``conv_transpose2d`` among ``layers.op_types``, ``deconv-to-conv`` right after a
+        leading ``trace`` (where the pipeline does not name it already)."""
+        spec = self.pipeline or _METHODS[self.method].pipeline
+        if ("conv_transpose2d" in self.layers.op_types and "deconv-to-conv" not in spec
+                and (spec == "trace" or spec.startswith("trace,"))):
+            spec = "trace,deconv-to-conv" + spec[len("trace"):]
+        return spec
 
     # ----------------------------------------------------------------- conversion
     def to_dict(self) -> dict:

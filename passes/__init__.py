@@ -1,6 +1,7 @@
 """fxquant's FX passes, one per module. Importing this package registers them by name."""
 
 from fxquant.passes.calibrate import CalibratePass
+from fxquant.passes.deconv_to_conv import DeconvToConvPass
 from fxquant.passes.dfsq_observe import DFSQObservePass
 from fxquant.passes.fold_channel_norm import FoldChannelNormPass
 from fxquant.passes.fold_input_scales import FoldInputScalesPass
@@ -19,5 +20,5 @@ from fxquant.passes.trace import TracePass
 from fxquant.passes.verify import VerifyPass
 from fxquant.passes.wcc import WCCPass
 
-__all__ = ["CalibratePass", "DFSQObservePass", "DFSQOptions", "FoldChannelNormPass", "FoldInputScalesPass", "SubsetQuantizePass",
+__all__ = ["CalibratePass", "DeconvToConvPass", "DFSQObservePass", "DFSQOptions", "FoldChannelNormPass", "FoldInputScalesPass", "SubsetQuantizePass",
            "DAQPass", "DAQSensitivityPass", "EqualizePass", "FSWAPass", "FoldOffsetsPass", "I2NQOptions", "InjectOffsetsPass", "NonUniformQuantizePass", "LowerPass", "ObservePass", "QuantizePass", "ReconstructPass", "TracePass", "VerifyPass", "WCCPass"]

@@ -39,9 +39,74 @@ def _phase_offsets(kernel: int, stride: int, padding: int) -> tuple[int, int]:
 
 def convertible(deconv: nn.Module) -> bool:
     """True for a plain strided ConvTranspose2d this module reproduces."""
-    return (type(deconv) is nn.ConvTranspose2d and deconv.groups == 1
-            and deconv.dilation == (1, 1) and deconv.padding_mode == "zeros"
-            and deconv.stride[0] == deconv.stride[1] and deconv.stride[0] > 1)
+    return subpixel_refusal(deconv) is None and deconv.stride[0] > 1
+
+
+def subpixel_refusal(deconv: nn.Module) -> str | None:
+    """Why ``deconv`` has no conv + pixel shuffle form here, or None when it has one
+    (a ``ConvTranspose2d``: groups 1, dilation 1, zero padding, equal strides; stride 1 is the
+    plain conv of the flipped kernel)."""
+    if type(deconv) is not nn.ConvTranspose2d:
+        return f"{type(deconv).__name__} is not a ConvTranspose2d"
+    for ok, what in ((deconv.groups == 1, f"groups={deconv.groups}"),
+                     (deconv.dilation == (1, 1), f"dilation={deconv.dilation}"),
+                     (deconv.padding_mode == "zeros", f"padding_mode='{deconv.padding_mode}'"),
+                     (deconv.stride[0] == deconv.stride[1], f"stride={deconv.stride}")):
+        if not ok:
+            return f"{what} (only groups 1, dilation 1, zero padding and equal strides convert)"
+    return None
+
+
+def as_subpixel_conv(deconv: nn.ConvTranspose2d) -> tuple[nn.Conv2d, tuple[int, int, int, int]]:
+    """``deconv`` as an ordinary ``Conv2d`` with ``C_out·s²`` outputs whose pixel shuffle by
+    the stride ``s``, cropped by ``(top, bottom, left, right)`` output pixels, equals it for
+    every input size (up to float rounding). The conv pads equally on both sides (the larger
+    of the two pads the phases need, so that a quantized conv pads in code space as any
+    other); the rows and columns this computes beyond the transposed conv's output are the
+    crop. All four crops are constants: the output is ``s·n + c`` for an input of ``n``."""
+    why = subpixel_refusal(deconv)
+    if why:
+        raise ValueError(f"{deconv} has no sub-pixel conv form: {why}")
+    s = deconv.stride[0]
+    spans = [_phase_offsets(k, s, p) for k, p in zip(deconv.kernel_size, deconv.padding)]
+    low = tuple(lo for lo, _ in spans)
+    size = tuple(hi - lo + 1 for lo, hi in spans)
+    pads, crops = [], []
+    for k, p, o, lo, n in zip(deconv.kernel_size, deconv.padding, deconv.output_padding,
+                              low, size):
+        c = k - s - 2 * p + o  # output = s·input + c
+        extra = -(-c // s)  # conv rows beyond the input's: ceil(c / s)
+        before, after = -lo, extra + n - 1 + lo
+        pad = max(before, after, 0)
+        pads.append(pad)
+        crops.append((s * (pad - before), s * (pad - after) + s * extra - c))
+    conv = nn.Conv2d(deconv.in_channels, deconv.out_channels * s * s, size, padding=tuple(pads),
+                     bias=deconv.bias is not None)
+    w = deconv.weight.detach()
+    conv.to(device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        conv.weight.copy_(_subpixel_kernel(deconv, low, size))
+        if deconv.bias is not None:
+            conv.bias.copy_(deconv.bias.detach().repeat_interleave(s * s))
+    return conv, (crops[0][0], crops[0][1], crops[1][0], crops[1][1])
+
+
+def _subpixel_kernel(deconv: nn.ConvTranspose2d, low: tuple[int, int],
+                     size: tuple[int, int]) -> torch.Tensor:
+    """The ``(C_out·s², C_in, *size)`` kernel whose output channel ``(c, ry, rx)`` is phase
+    ``(ry, rx)`` of ``deconv``'s output channel ``c`` (pixel shuffle's channel order)."""
+    s = deconv.stride[0]
+    w = deconv.weight.detach()  # (C_in, C_out, kh, kw)
+    kernel = torch.zeros(deconv.out_channels, s, s, deconv.in_channels, *size,
+                         dtype=w.dtype, device=w.device)
+    for ry in range(s):
+        taps_y = _phase_taps(ry, s, deconv.kernel_size[0], deconv.padding[0], low[0])
+        for rx in range(s):
+            taps_x = _phase_taps(rx, s, deconv.kernel_size[1], deconv.padding[1], low[1])
+            for uy, ty in taps_y:
+                for ux, tx in taps_x:
+                    kernel[:, ry, rx, :, uy, ux] = w[:, :, ty, tx].t()
+    return kernel.flatten(0, 2)
 
 
 class SubpixelConvTranspose2d(nn.Module):
@@ -70,19 +135,9 @@ class SubpixelConvTranspose2d(nn.Module):
         module = cls(deconv.in_channels, deconv.out_channels, deconv.kernel_size, s,
                      deconv.padding, deconv.output_padding, deconv.bias is not None)
         w = deconv.weight.detach()
-        module.to(device=w.device, dtype=w.dtype)  # (C_in, C_out, kh, kw)
-        kernel = torch.zeros(deconv.out_channels, s, s, deconv.in_channels,
-                             *module.weight.shape[2:], dtype=w.dtype, device=w.device)
-        for ry in range(s):
-            taps_y = _phase_taps(ry, s, deconv.kernel_size[0], deconv.padding[0], module.low[0])
-            for rx in range(s):
-                taps_x = _phase_taps(rx, s, deconv.kernel_size[1], deconv.padding[1],
-                                     module.low[1])
-                for uy, ty in taps_y:
-                    for ux, tx in taps_x:
-                        kernel[:, ry, rx, :, uy, ux] = w[:, :, ty, tx].t()
+        module.to(device=w.device, dtype=w.dtype)
         with torch.no_grad():
-            module.weight.copy_(kernel.flatten(0, 2))
+            module.weight.copy_(_subpixel_kernel(deconv, module.low, module.weight.shape[2:]))
             if deconv.bias is not None:
                 module.bias.copy_(deconv.bias.detach().repeat_interleave(s * s))
         return module

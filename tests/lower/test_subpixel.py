@@ -11,14 +11,17 @@ from hypothesis import strategies as st
 from torch import nn
 
 import fxquant
-from fxquant.lower.subpixel import SubpixelConvTranspose2d, convertible
+import torch.nn.functional as F
+
+from fxquant.lower.subpixel import (SubpixelConvTranspose2d, as_subpixel_conv, convertible,
+                                     subpixel_refusal)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @st.composite
-def deconvs(draw):
-    stride = draw(st.integers(2, 4))
+def deconvs(draw, min_stride: int = 2):
+    stride = draw(st.integers(min_stride, 4))
     kernel = (draw(st.integers(1, 9)), draw(st.integers(1, 9)))
     padding = tuple(draw(st.integers(0, k - 1)) for k in kernel)
     output_padding = tuple(draw(st.integers(0, stride - 1)) for _ in kernel)
@@ -46,6 +49,37 @@ def test_equals_the_transposed_conv(case, seed):
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
 
 
+@settings(max_examples=150, deadline=None)
+@given(deconvs(min_stride=1), st.integers(0, 2 ** 31 - 1))
+def test_as_subpixel_conv_equals_the_transposed_conv(case, seed):
+    """The plain Conv2d (equal padding) + pixel shuffle + constant crop that deconv-to-conv
+    puts in the graph; stride 1 is the conv of the flipped kernel, no shuffle."""
+    stride, kernel, padding, output_padding, size, (cin, cout), bias = case
+    torch.manual_seed(seed)
+    deconv = nn.ConvTranspose2d(cin, cout, kernel, stride=stride, padding=padding,
+                                output_padding=output_padding, bias=bias).double()
+    conv, (top, bottom, left, right) = as_subpixel_conv(deconv)
+    assert type(conv) is nn.Conv2d and conv.out_channels == cout * stride ** 2
+    assert conv.padding[0] >= 0 and conv.padding[1] >= 0
+    x = torch.randn(2, cin, *size, dtype=torch.double)
+    with torch.no_grad():
+        expected, y = deconv(x), F.pixel_shuffle(conv(x), stride)
+    got = y[..., top:y.shape[-2] - bottom, left:y.shape[-1] - right]
+    assert got.shape == expected.shape
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
+
+
+def test_fsrcnn_tails_need_no_crop():
+    """FSRCNN's 9×9 tail (padding 4, output padding s − 1) pads equally at ×2 and ×4; at ×3
+    the phases need 1 row before and 2 after, so the conv pads 2 and one phase row is cut."""
+    for scale, (kernel, pad, crops) in {2: ((5, 5), (2, 2), (0, 0, 0, 0)),
+                                        3: ((4, 4), (2, 2), (3, 0, 3, 0)),
+                                        4: ((3, 3), (1, 1), (0, 0, 0, 0))}.items():
+        conv, got = as_subpixel_conv(nn.ConvTranspose2d(56, 1, 9, stride=scale, padding=4,
+                                                        output_padding=scale - 1))
+        assert (conv.kernel_size, conv.padding, got) == (kernel, pad, crops)
+
+
 def test_fsrcnn_tail_is_a_3x3_conv_into_16_phases():
     deconv = nn.ConvTranspose2d(56, 1, 9, stride=4, padding=4, output_padding=3)
     subpixel = SubpixelConvTranspose2d.from_conv_transpose(deconv)
@@ -63,6 +97,11 @@ def test_what_is_not_converted(module):
     assert not convertible(module)
     with pytest.raises(ValueError, match="not a plain strided ConvTranspose2d"):
         SubpixelConvTranspose2d.from_conv_transpose(module)
+    why = subpixel_refusal(module)  # deconv-to-conv converts stride 1 too, the rest not
+    assert (why is None) == (module.stride == (1, 1))
+    if why:
+        with pytest.raises(ValueError, match="has no sub-pixel conv form: (groups=2|dilation|stride)"):
+            as_subpixel_conv(module)
 
 
 class DeconvTail(nn.Module):

@@ -1,0 +1,80 @@
+"""``deconv-to-conv``: each transposed conv becomes a conv and a pixel shuffle, so it quantizes."""
+
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch.nn.functional as F
+from torch import fx, nn
+
+from fxquant.graph import module_of
+from fxquant.lower.subpixel import as_subpixel_conv, subpixel_refusal
+from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
+
+
+@register_pass
+@dataclass(frozen=True)
+class DeconvToConvPass(Pass):
+    """Replace each ``ConvTranspose2d`` by the ``Conv2d`` with ``C_out·s²`` outputs whose pixel
+    shuffle equals it (the sub-pixel convolution identity; fxquant/lower/subpixel.py).
+
+    Before::
+
+        x ──► up{ConvTranspose2d(C, C', k, stride=s, padding=p)} ──► relu
+
+    After::
+
+        x ──► up{Conv2d(C, C'·s², k', padding=p')} ──► pixel_shuffle(s) ──► [crop] ──► relu
+
+    The conv keeps the transposed conv's name, so ``layers.include``/``exclude`` patterns
+    still match it; the crop (a slice) appears only where the conv's equal padding computes
+    rows or columns beyond the transposed conv's output. Every quantizing pass, and every
+    lowering target, then treats the layer as any other conv: this is how ``layers.op_types =
+    ["conv2d", "conv_transpose2d"]`` quantizes transposed convs (the recipe puts this pass
+    right after ``trace``). Outputs are unchanged up to float rounding (the same products,
+    summed in another order). Transposed convs with groups, dilation, non-zero padding modes
+    or unequal strides have no such form: they stay float, each named with the reason in the
+    result's ``kept_float``.
+    """
+
+    name: ClassVar[str] = "deconv-to-conv"
+
+    def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        converted, kept = [], {}
+        for node in list(gm.graph.nodes):
+            deconv = module_of(gm, node)
+            if not isinstance(deconv, nn.ConvTranspose2d):
+                continue
+            why = subpixel_refusal(deconv)
+            if why:
+                kept[node.name] = why
+                continue
+            conv, crops = as_subpixel_conv(deconv)
+            _replace(gm, node, conv, deconv.stride[0], crops)
+            converted.append(node.name)
+        if converted:
+            gm.graph.lint()
+            gm.recompile()
+        return PassResult(gm, bool(converted), {"converted": converted, "kept_float": kept})
+
+
+def _replace(gm: fx.GraphModule, node: fx.Node, conv: nn.Conv2d, stride: int,
+             crops: tuple[int, int, int, int]) -> None:
+    """Swap ``node``'s module for ``conv`` (same name) and read its output through the pixel
+    shuffle and the crop."""
+    gm.add_submodule(str(node.target), conv)
+    readers = list(node.users)
+    last = node
+    with gm.graph.inserting_after(node):
+        if stride > 1:
+            last = gm.graph.call_function(F.pixel_shuffle, (last, stride))
+    top, bottom, left, right = crops
+    if any(crops):
+        rows = slice(top or None, -bottom or None)
+        cols = slice(left or None, -right or None)
+        with gm.graph.inserting_after(last):
+            last = gm.graph.call_function(operator.getitem, (last, (Ellipsis, rows, cols)))
+    for reader in readers:
+        reader.replace_input_with(node, last)

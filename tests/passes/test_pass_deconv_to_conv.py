@@ -1,0 +1,131 @@
+"""``deconv-to-conv`` and ``layers.op_types = ["conv2d", "conv_transpose2d"]``: a transposed
+conv becomes conv → pixel shuffle (→ crop) with the float function kept, and is then quantized
+and lowered like any conv; the ones it cannot convert stay float, named with the reason."""
+
+from __future__ import annotations
+
+import operator
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fxquant
+from fxquant import PassContext, Recipe
+from fxquant.graph import select_layers
+from fxquant.lower.conv import IntegerConv2d
+from fxquant.passes.deconv_to_conv import DeconvToConvPass
+from fxquant.passes.trace import TracePass
+from fxquant.quant import QuantConv2d
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+DECONVS = {"layers": {"op_types": ["conv2d", "conv_transpose2d"]}}
+
+
+class DeconvMiddle(nn.Module):
+    """×2 (or ×3): head, a transposed-conv upsampler in the body, convs after it."""
+
+    def __init__(self, up: nn.Module | None = None):
+        super().__init__()
+        self.head = nn.Conv2d(3, 8, 3, padding=1)
+        self.body = nn.Conv2d(8, 8, 3, padding=1)
+        self.up = up if up is not None else nn.ConvTranspose2d(8, 8, 4, stride=2, padding=1)
+        self.post = nn.Conv2d(8, 8, 3, padding=1)
+        self.tail = nn.Conv2d(8, 3, 3, padding=1)
+
+    def forward(self, x):
+        f = torch.relu(self.body(torch.relu(self.head(x))))
+        return self.tail(torch.relu(self.post(torch.relu(self.up(f)))))
+
+
+def model(up: nn.Module | None = None) -> DeconvMiddle:
+    torch.manual_seed(0)
+    return DeconvMiddle(up).eval()
+
+
+def converted(m: nn.Module):
+    ctx = PassContext(recipe=Recipe.from_dict(DECONVS))
+    gm = TracePass()(m, ctx).graph_module
+    return DeconvToConvPass()(gm, ctx)
+
+
+@pytest.mark.parametrize("up, crop", [
+    (nn.ConvTranspose2d(8, 8, 4, stride=2, padding=1), None),
+    (nn.ConvTranspose2d(8, 8, 9, stride=3, padding=4, output_padding=2), (3, 0)),
+    (nn.ConvTranspose2d(8, 8, 3, stride=1, padding=1), None),  # the flipped kernel, no shuffle
+])
+def test_graph_is_conv_shuffle_crop_with_the_float_function_kept(up, crop):
+    m = model(up)
+    result = converted(m)
+    gm = result.graph_module
+    assert result.modified and result.info == {"converted": ["up"], "kept_float": {}}
+    node = next(n for n in gm.graph.nodes if n.target == "up")
+    assert type(gm.get_submodule("up")) is nn.Conv2d  # the same name: include/exclude match
+    assert gm.get_submodule("up").out_channels == 8 * up.stride[0] ** 2
+    (reader,) = node.users
+    if up.stride[0] > 1:
+        assert reader.target is F.pixel_shuffle and reader.args[1] == up.stride[0]
+        (reader,) = reader.users
+    if crop:
+        assert reader.target is operator.getitem
+        _, rows, cols = reader.args[1]
+        assert (rows.start, rows.stop, cols.start, cols.stop) == (crop[0], None, crop[0], None)
+        (reader,) = reader.users
+    assert reader.target is torch.relu
+    x = torch.rand(2, 3, 7, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(gm(x), m(x), rtol=0, atol=1e-5)
+    assert type(m.up) is nn.ConvTranspose2d  # the user's model is not touched
+
+
+def test_transposed_convs_without_a_conv_form_stay_float_and_are_named():
+    m = model(nn.ConvTranspose2d(8, 8, 4, stride=2, padding=1, groups=2))
+    result = converted(m)
+    assert not result.modified
+    assert result.info["converted"] == []
+    assert "groups=2" in result.info["kept_float"]["up"]
+    selection = select_layers(result.graph_module, Recipe.from_dict(DECONVS).layers)
+    assert "up" not in [n.name for n in selection.nodes]
+    assert "transposed conv kept float" in selection.skipped["up"]
+
+
+def test_the_op_type_puts_the_pass_after_trace():
+    assert Recipe.from_dict({}).pipeline_spec == "trace,observe,calibrate,quantize,verify"
+    assert Recipe.from_dict(DECONVS).pipeline_spec == \
+        "trace,deconv-to-conv,observe,calibrate,quantize,verify"
+    explicit = {**DECONVS, "pipeline": "trace,observe,calibrate,quantize,reconstruct{steps=5},verify"}
+    assert Recipe.from_dict(explicit).pipeline_spec.startswith("trace,deconv-to-conv,observe,")
+    named = {**DECONVS, "pipeline": "trace,equalize,deconv-to-conv,observe,calibrate,quantize"}
+    assert Recipe.from_dict(named).pipeline_spec == named["pipeline"]
+
+
+@pytest.mark.parametrize("recipe", ["mse-w8a8", "daq-w4a4", "dfsq-w4a4", "i2nq-w4a4"])
+def test_the_transposed_conv_is_quantized_and_lowered(recipe, tmp_path):
+    m = model()
+    weights = {k: v.clone() for k, v in m.state_dict().items()}
+    spec = fxquant.load_preset(recipe).to_dict()
+    spec["layers"]["op_types"] = ["conv2d", "conv_transpose2d"]
+    calib = torch.rand(8, 3, 12, 12, generator=torch.Generator().manual_seed(1))
+    gm = fxquant.compile(m, Recipe.from_dict(spec), calib=calib)
+    assert isinstance(gm.get_submodule("up"), QuantConv2d)
+    plain = fxquant.compile(m, recipe, calib=calib)  # without the op type: float, as before
+    assert type(plain.get_submodule("up")) is nn.ConvTranspose2d
+    x = torch.rand(1, 3, 10, 11)
+    with torch.no_grad():
+        fake = gm(x)
+        lowered = {t: fxquant.lowered_copy(gm, t) for t in ("reference", "cpu")}
+        out = {t: lm(x) for t, lm in lowered.items()}
+    assert fake.shape == (1, 3, 20, 22)
+    assert isinstance(lowered["reference"].get_submodule("up"), IntegerConv2d) or \
+        type(lowered["reference"].get_submodule("up")).__name__.endswith("DaqConv2d")
+    # the reference lowering computes what fake-quant computes (float rounding apart)
+    torch.testing.assert_close(out["reference"], fake, rtol=0, atol=1e-5)
+    step = float(fake.abs().max()) / 2 ** 6  # cpu: a few codes may flip by float rounding
+    assert (out["cpu"] - out["reference"]).abs().mean() < step / 100
+    assert all(torch.equal(weights[k], v) for k, v in m.state_dict().items())
+    fxquant.save(gm, tmp_path / "m.fxq")
+    loaded = fxquant.load(tmp_path / "m.fxq", model=model())
+    with torch.no_grad():
+        assert torch.equal(loaded(x), fake)
