@@ -216,6 +216,33 @@ def test_padding_modes_export_as_a_pad_of_the_codes(calib, tmp_path, mode):
             assert torch.equal(loaded(x), reference(x))
 
 
+def test_a_quantized_transposed_conv_exports_as_conv_and_shuffle(calib, tmp_path):
+    """``op_types`` with conv_transpose2d: the deconv-to-conv conv, its pixel shuffle and its
+    crop (k=9, s=3 needs one) export in both ONNX forms and through torch.export."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+        torch.nn.ConvTranspose2d(8, 8, 9, stride=3, padding=4, output_padding=2),
+        torch.nn.ReLU(), torch.nn.Conv2d(8, 3, 3, padding=1)).eval()
+    gm = fxquant.compile(model, fxquant.Recipe.from_dict({
+        **fxquant.load_preset("mse-w8a8-sym").to_dict(),
+        "layers": {"op_types": ["conv2d", "conv_transpose2d"]}}), calib=calib)
+    reference = fxquant.lowered_copy(gm, "reference")
+    assert isinstance(reference.get_submodule("2"), ReferenceConv2d)
+    x = torch.rand(1, 3, 7, 6, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        ref = reference(x)
+    assert ref.shape == (1, 3, 21, 18)
+    span = float(ref.max() - ref.min())
+    for form in ("integer", "qdq"):
+        y = ort_run(to_onnx(gm, form=form), x)
+        assert y.shape == ref.shape and float((y - ref).abs().max()) < 1e-4 * span
+    path = tmp_path / "deconv.pt2"
+    export(gm, path, format="torch-export", target="reference")
+    with torch.no_grad():
+        assert torch.equal(load_program(path)(x), ref)
+
+
 def test_torch_export_errors_name_what_cannot_export(tiny_sr, calib, tmp_path):
     gm = compiled(tiny_sr, calib, "mse-w8a8-sym")
     with pytest.raises(ExportError, match="cpu target holds oneDNN's prepacked weights"):
