@@ -42,17 +42,20 @@ class DeconvToConvPass(Pass):
     name: ClassVar[str] = "deconv-to-conv"
 
     def __call__(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        converted, kept = [], {}
-        for node in list(gm.graph.nodes):
-            deconv = module_of(gm, node)
+        converted, kept, done = [], {}, {}
+        # every call site first: a module called twice is converted once, read twice
+        calls = [(n, module_of(gm, n)) for n in gm.graph.nodes]
+        for node, deconv in calls:
             if not isinstance(deconv, nn.ConvTranspose2d):
                 continue
             why = subpixel_refusal(deconv)
             if why:
                 kept[node.name] = why
                 continue
-            conv, crops = as_subpixel_conv(deconv)
-            _replace(gm, node, conv, deconv.stride[0], crops)
+            if node.target not in done:
+                done[node.target] = as_subpixel_conv(deconv)
+                gm.add_submodule(str(node.target), done[node.target][0])
+            _read_through_shuffle(gm, node, deconv.stride[0], done[node.target][1])
             converted.append(node.name)
         if converted:
             gm.graph.lint()
@@ -60,11 +63,10 @@ class DeconvToConvPass(Pass):
         return PassResult(gm, bool(converted), {"converted": converted, "kept_float": kept})
 
 
-def _replace(gm: fx.GraphModule, node: fx.Node, conv: nn.Conv2d, stride: int,
-             crops: tuple[int, int, int, int]) -> None:
-    """Swap ``node``'s module for ``conv`` (same name) and read its output through the pixel
-    shuffle and the crop."""
-    gm.add_submodule(str(node.target), conv)
+def _read_through_shuffle(gm: fx.GraphModule, node: fx.Node, stride: int,
+                          crops: tuple[int, int, int, int]) -> None:
+    """Make ``node``'s readers read its (now conv) output through the pixel shuffle and the
+    crop."""
     readers = list(node.users)
     last = node
     with gm.graph.inserting_after(node):

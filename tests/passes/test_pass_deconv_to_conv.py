@@ -80,6 +80,30 @@ def test_graph_is_conv_shuffle_crop_with_the_float_function_kept(up, crop):
     assert type(m.up) is nn.ConvTranspose2d  # the user's model is not touched
 
 
+class SharedUp(nn.Module):
+    """One transposed conv called twice (a weight-shared upsampler)."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = nn.ConvTranspose2d(3, 3, 4, stride=2, padding=1)
+
+    def forward(self, x):
+        return self.up(x) + self.up(2 * x)
+
+
+def test_a_transposed_conv_called_twice_is_converted_once_and_read_twice():
+    torch.manual_seed(0)
+    m = SharedUp().eval()
+    result = converted(m)
+    assert result.info["converted"] == ["up", "up_1"]
+    assert type(result.graph_module.get_submodule("up")) is nn.Conv2d
+    shuffles = [n for n in result.graph_module.graph.nodes if n.target is F.pixel_shuffle]
+    assert len(shuffles) == 2
+    x = torch.rand(1, 3, 5, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(result.graph_module(x), m(x), rtol=0, atol=1e-5)
+
+
 def test_transposed_convs_without_a_conv_form_stay_float_and_are_named():
     m = model(nn.ConvTranspose2d(8, 8, 4, stride=2, padding=1, groups=2))
     result = converted(m)
