@@ -26,14 +26,15 @@ class DeconvToConvPass(Pass):
 
     After::
 
-        x ──► up{Conv2d(C, C'·s², k', padding=p')} ──► pixel_shuffle(s) ──► [crop] ──► relu
+        x ──► up_subpixel{Conv2d(C, C'·s², k')} ──► pixel_shuffle(s) ──► [crop] ──► relu
 
-    The conv keeps the transposed conv's name, so ``layers.include``/``exclude`` patterns
-    still match it; the crop (a slice) appears only where the conv's equal padding computes
-    rows or columns beyond the transposed conv's output. Every quantizing pass, and every
-    lowering target, then treats the layer as any other conv: this is how ``layers.op_types =
-    ["conv2d", "conv_transpose2d"]`` quantizes transposed convs (the recipe puts this pass
-    right after ``trace``). Outputs are unchanged up to float rounding (the same products,
+    The conv module keeps the transposed conv's name (``up``), so ``layers.include`` and
+    ``exclude`` patterns still match it; its call is named ``<call>_subpixel``. The crop (a
+    slice) appears only where the conv's equal padding computes rows or columns beyond the
+    transposed conv's output. Every quantizing pass, and every lowering target, then treats
+    the layer as any other conv: this is how ``layers.op_types = ["conv2d",
+    "conv_transpose2d"]`` quantizes transposed convs (the recipe puts this pass right after
+    ``trace``). Outputs are unchanged up to float rounding (the same products,
     summed in another order). Transposed convs with groups, dilation, non-zero padding modes
     or unequal strides have no such form: they stay float, each named with the reason in the
     result's ``kept_float``.
@@ -65,11 +66,14 @@ class DeconvToConvPass(Pass):
 
 def _read_through_shuffle(gm: fx.GraphModule, node: fx.Node, stride: int,
                           crops: tuple[int, int, int, int]) -> None:
-    """Make ``node``'s readers read its (now conv) output through the pixel shuffle and the
-    crop."""
-    readers = list(node.users)
-    last = node
-    with gm.graph.inserting_after(node):
+    """Replace call ``node`` by a call of the (now conv) module named ``<node>_subpixel`` and
+    make its readers read that through the pixel shuffle and the crop. The new name keeps
+    the conv's phases apart from the transposed conv's output, which the float graph (the
+    reconstruct pass's teacher) holds under the old one."""
+    with gm.graph.inserting_before(node):
+        last = conv = gm.graph.create_node("call_module", node.target, node.args, node.kwargs,
+                                           name=f"{node.name}_subpixel")
+    with gm.graph.inserting_after(conv):
         if stride > 1:
             last = gm.graph.call_function(F.pixel_shuffle, (last, stride))
     top, bottom, left, right = crops
@@ -78,5 +82,5 @@ def _read_through_shuffle(gm: fx.GraphModule, node: fx.Node, stride: int,
         cols = slice(left or None, -right or None)
         with gm.graph.inserting_after(last):
             last = gm.graph.call_function(operator.getitem, (last, (Ellipsis, rows, cols)))
-    for reader in readers:
-        reader.replace_input_with(node, last)
+    node.replace_all_uses_with(last)
+    gm.graph.erase_node(node)

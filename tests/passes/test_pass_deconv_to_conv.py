@@ -61,7 +61,8 @@ def test_graph_is_conv_shuffle_crop_with_the_float_function_kept(up, crop):
     result = converted(m)
     gm = result.graph_module
     assert result.modified and result.info == {"converted": ["up"], "kept_float": {}}
-    node = next(n for n in gm.graph.nodes if n.target == "up")
+    (node,) = [n for n in gm.graph.nodes if n.target == "up"]
+    assert node.name == "up_subpixel"  # not the teacher's "up", the transposed conv's output
     assert type(gm.get_submodule("up")) is nn.Conv2d  # the same name: include/exclude match
     assert gm.get_submodule("up").out_channels == 8 * up.stride[0] ** 2
     (reader,) = node.users
@@ -119,7 +120,8 @@ def test_the_op_type_puts_the_pass_after_trace():
     assert Recipe.from_dict({}).pipeline_spec == "trace,observe,calibrate,quantize,verify"
     assert Recipe.from_dict(DECONVS).pipeline_spec == \
         "trace,deconv-to-conv,observe,calibrate,quantize,verify"
-    explicit = {**DECONVS, "pipeline": "trace,observe,calibrate,quantize,reconstruct{steps=5},verify"}
+    explicit = {**DECONVS,
+                "pipeline": "trace,observe,calibrate,quantize,reconstruct{steps=5},verify"}
     assert Recipe.from_dict(explicit).pipeline_spec.startswith("trace,deconv-to-conv,observe,")
     named = {**DECONVS, "pipeline": "trace,equalize,deconv-to-conv,observe,calibrate,quantize"}
     assert Recipe.from_dict(named).pipeline_spec == named["pipeline"]
