@@ -155,3 +155,31 @@ def test_the_transposed_conv_is_quantized_and_lowered(recipe, tmp_path):
     loaded = fxquant.load(tmp_path / "m.fxq", model=model())
     with torch.no_grad():
         assert torch.equal(loaded(x), fake)
+
+
+
+class DeconvAdd(DeconvMiddle):
+    """The transposed conv's output read by an add: observe{outputs=true} quantizes it."""
+
+    def forward(self, x):
+        f = torch.relu(self.body(torch.relu(self.head(x))))
+        u = self.up(f) + F.interpolate(f, scale_factor=2.0)
+        return self.tail(torch.relu(self.post(u)))
+
+
+def test_reconstruct_does_not_pair_the_conv_phases_with_the_transposed_conv_output():
+    """With output quantizers the conv's own output is quantized; the feature loss must not
+    match it to the float graph's ``up`` (the transposed conv's output, as many elements)."""
+    from fxquant.passes.reconstruct import ReconstructPass
+
+    torch.manual_seed(0)
+    m = DeconvAdd().eval()
+    calib = torch.rand(4, 3, 12, 12, generator=torch.Generator().manual_seed(1))
+    gm = fxquant.compile(m, Recipe.from_dict({**DECONVS, "pipeline": (
+        "trace,observe{outputs=true},calibrate,quantize,verify")}), calib=calib)
+    teacher = TracePass()(m, PassContext(recipe=Recipe.from_dict({}))).graph_module
+    readers = {n.args[0].name for n in gm.graph.nodes if n.name.endswith("output_quantizer")}
+    assert "up_subpixel" in readers  # the converted conv's output is quantized...
+    features = ReconstructPass._features(gm, teacher)
+    assert "up_subpixel" not in features and "up" not in features  # ...and not distilled
+    assert "add" in features  # the value after the shuffle is the same in both graphs
