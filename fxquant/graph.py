@@ -22,6 +22,9 @@ OP_TYPE_MODULES: dict[str, tuple[type[nn.Module], ...]] = {
     "linear": (nn.Linear,),
 }
 CONV_TYPES = (nn.Conv2d, nn.ConvTranspose2d)
+# Set on the Conv2d that deconv-to-conv makes of a ConvTranspose2d: its op type stays
+# conv_transpose2d, so layers.op_types selects it as the layer the user's model has.
+FROM_TRANSPOSED = "fxquant_from_transposed"
 
 
 # Names of the conv-output observers and quantizers (observe{outputs=true}): later passes
@@ -169,8 +172,9 @@ def select_layers(gm: fx.GraphModule, layers: LayerConfig) -> Selection:
         if module is None or not isinstance(module, wanted + CONV_TYPES):
             continue
         name = str(node.target)
-        if not isinstance(module, wanted):
-            skipped[node.name] = f"op type {type(module).__name__} not in layers.op_types"
+        kind = nn.ConvTranspose2d if getattr(module, FROM_TRANSPOSED, False) else type(module)
+        if not issubclass(kind, wanted):
+            skipped[node.name] = f"op type {kind.__name__} not in layers.op_types"
         elif isinstance(module, nn.ConvTranspose2d):  # quantized as the conv deconv-to-conv makes
             skipped[node.name] = ("transposed conv kept float: the deconv-to-conv pass (after "
                                   "trace) converts those with groups 1, dilation 1, zero "

@@ -9,7 +9,7 @@ from typing import ClassVar
 import torch.nn.functional as F
 from torch import fx, nn
 
-from fxquant.graph import module_of
+from fxquant.graph import FROM_TRANSPOSED, module_of
 from fxquant.lower.subpixel import as_subpixel_conv, subpixel_refusal
 from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
 
@@ -55,6 +55,7 @@ class DeconvToConvPass(Pass):
                 continue
             if node.target not in done:
                 done[node.target] = as_subpixel_conv(deconv)
+                setattr(done[node.target][0], FROM_TRANSPOSED, True)
                 gm.add_submodule(str(node.target), done[node.target][0])
             _read_through_shuffle(gm, node, deconv.stride[0], done[node.target][1])
             converted.append(node.name)

@@ -116,6 +116,17 @@ def test_transposed_convs_without_a_conv_form_stay_float_and_are_named():
     assert "transposed conv kept float" in selection.skipped["up"]
 
 
+def test_op_types_select_the_converted_conv_as_the_transposed_conv_it_was():
+    result = converted(model())
+    only = Recipe.from_dict({"layers": {"op_types": ["conv_transpose2d"],
+                                        "keep_first_last": False}}).layers
+    assert [n.name for n in select_layers(result.graph_module, only).nodes] == ["up_subpixel"]
+    plain = Recipe.from_dict({"layers": {"keep_first_last": False}}).layers  # conv2d alone
+    selection = select_layers(result.graph_module, plain)
+    assert "up_subpixel" not in [n.name for n in selection.nodes]
+    assert selection.skipped["up_subpixel"] == "op type ConvTranspose2d not in layers.op_types"
+
+
 def test_the_op_type_puts_the_pass_after_trace():
     assert Recipe.from_dict({}).pipeline_spec == "trace,observe,calibrate,quantize,verify"
     assert Recipe.from_dict(DECONVS).pipeline_spec == \
