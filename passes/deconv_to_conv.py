@@ -50,6 +50,8 @@ class DeconvToConvPass(Pass):
             if not isinstance(deconv, nn.ConvTranspose2d):
                 continue
             why = subpixel_refusal(deconv)
+            if len(node.args) + len(node.kwargs) > 1:  # forward(x, output_size=...)
+                why = "called with output_size, which sets its output padding per call"
             if why:
                 kept[node.name] = why
                 continue

@@ -116,6 +116,27 @@ def test_transposed_convs_without_a_conv_form_stay_float_and_are_named():
     assert "transposed conv kept float" in selection.skipped["up"]
 
 
+class SizedUp(nn.Module):
+    """A transposed conv told its output size at the call."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = nn.ConvTranspose2d(3, 3, 3, stride=2, padding=1)
+
+    def forward(self, x, skip):
+        return self.up(x, output_size=skip.shape) + skip
+
+
+def test_a_call_with_output_size_stays_float_and_is_named():
+    m = SizedUp().eval()
+    ctx = PassContext(recipe=Recipe.from_dict(DECONVS))
+    result = DeconvToConvPass()(TracePass()(m, ctx).graph_module, ctx)
+    assert not result.modified and "output_size" in result.info["kept_float"]["up"]
+    x, skip = torch.rand(1, 3, 5, 5), torch.rand(1, 3, 10, 10)
+    with torch.no_grad():
+        assert torch.equal(result.graph_module(x, skip), m(x, skip))
+
+
 def test_op_types_select_the_converted_conv_as_the_transposed_conv_it_was():
     result = converted(model())
     only = Recipe.from_dict({"layers": {"op_types": ["conv_transpose2d"],
