@@ -198,22 +198,29 @@ def test_padding_modes_export_as_a_pad_of_the_codes(calib, tmp_path, mode):
         torch.nn.Conv2d(8, 8, 3, padding=1, padding_mode=mode), torch.nn.ReLU(),
         torch.nn.Conv2d(8, 8, 3, padding="same"), torch.nn.ReLU(),
         torch.nn.Conv2d(8, 3, 3, padding=1)).eval()
-    gm = compiled(model, calib, "mse-w8a8-sym")
+    exports_like_the_reference(compiled(model, calib, "mse-w8a8-sym"), tmp_path,
+                               [(1, 3, 12, 10), (2, 3, 9, 13)])
+
+
+def exports_like_the_reference(gm, tmp_path, shapes) -> tuple:
+    """ONNX (both forms, at the first of ``shapes``) and torch.export (at each) give the
+    reference lowering's output; returns that lowering and its output at the first shape."""
     reference = fxquant.lowered_copy(gm, "reference")
-    x = torch.rand(1, 3, 12, 10, generator=torch.Generator().manual_seed(2))
+    x = torch.rand(*shapes[0], generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         ref = reference(x)
     span = float(ref.max() - ref.min())
     for form in ("integer", "qdq"):
         y = ort_run(to_onnx(gm, form=form), x)
         assert y.shape == ref.shape and float((y - ref).abs().max()) < 1e-4 * span
-    path = tmp_path / "padded.pt2"
+    path = tmp_path / "model.pt2"
     export(gm, path, format="torch-export", target="reference")
     loaded = load_program(path)
-    for shape in [(1, 3, 12, 10), (2, 3, 9, 13)]:
+    for shape in shapes:
         x = torch.rand(*shape)
         with torch.no_grad():
             assert torch.equal(loaded(x), reference(x))
+    return reference, ref
 
 
 def test_a_quantized_transposed_conv_exports_as_conv_and_shuffle(calib, tmp_path):
@@ -227,20 +234,9 @@ def test_a_quantized_transposed_conv_exports_as_conv_and_shuffle(calib, tmp_path
     gm = fxquant.compile(model, fxquant.Recipe.from_dict({
         **fxquant.load_preset("mse-w8a8-sym").to_dict(),
         "layers": {"op_types": ["conv2d", "conv_transpose2d"]}}), calib=calib)
-    reference = fxquant.lowered_copy(gm, "reference")
+    reference, ref = exports_like_the_reference(gm, tmp_path, [(1, 3, 7, 6), (2, 3, 5, 8)])
     assert isinstance(reference.get_submodule("2"), ReferenceConv2d)
-    x = torch.rand(1, 3, 7, 6, generator=torch.Generator().manual_seed(2))
-    with torch.no_grad():
-        ref = reference(x)
     assert ref.shape == (1, 3, 21, 18)
-    span = float(ref.max() - ref.min())
-    for form in ("integer", "qdq"):
-        y = ort_run(to_onnx(gm, form=form), x)
-        assert y.shape == ref.shape and float((y - ref).abs().max()) < 1e-4 * span
-    path = tmp_path / "deconv.pt2"
-    export(gm, path, format="torch-export", target="reference")
-    with torch.no_grad():
-        assert torch.equal(load_program(path)(x), ref)
 
 
 def test_torch_export_errors_name_what_cannot_export(tiny_sr, calib, tmp_path):
