@@ -110,60 +110,34 @@ def _subpixel_kernel(deconv: nn.ConvTranspose2d, low: tuple[int, int],
 
 
 class SubpixelConvTranspose2d(nn.Module):
-    """``ConvTranspose2d`` (groups 1, dilation 1, square stride > 1) as conv + pixel shuffle."""
+    """``ConvTranspose2d`` (groups 1, dilation 1, square stride > 1) as the conv, pixel shuffle
+    and crop of :func:`as_subpixel_conv`, in one float module for the lowered graph."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int],
-                 stride: int, padding: tuple[int, int], output_padding: tuple[int, int],
-                 bias: bool):
+    def __init__(self, conv: nn.Conv2d, stride: int, crops: tuple[int, int, int, int]):
         super().__init__()
-        self.in_channels, self.out_channels = in_channels, out_channels
-        self.kernel_size, self.stride = tuple(kernel_size), stride
-        self.padding, self.output_padding = tuple(padding), tuple(output_padding)
-        spans = [_phase_offsets(k, stride, p) for k, p in zip(self.kernel_size, self.padding)]
-        self.low = tuple(lo for lo, _ in spans)  # first offset read, per dimension
-        size = tuple(hi - lo + 1 for lo, hi in spans)
-        self.register_buffer("weight", torch.zeros(out_channels * stride * stride,
-                                                   in_channels, *size))
-        self.register_buffer("bias", torch.zeros(out_channels * stride * stride) if bias else None)
+        self.in_channels, self.out_channels = conv.in_channels, conv.out_channels // stride ** 2
+        self.stride, self.padding, self.crops = stride, tuple(conv.padding), tuple(crops)
+        self.register_buffer("weight", conv.weight.detach().clone())
+        self.register_buffer("bias", None if conv.bias is None else conv.bias.detach().clone())
 
     @classmethod
     def from_conv_transpose(cls, deconv: nn.ConvTranspose2d) -> "SubpixelConvTranspose2d":
         if not convertible(deconv):
             raise ValueError(f"{deconv} is not a plain strided ConvTranspose2d (groups 1, "
                              "dilation 1, zero padding, square stride > 1)")
-        s = deconv.stride[0]
-        module = cls(deconv.in_channels, deconv.out_channels, deconv.kernel_size, s,
-                     deconv.padding, deconv.output_padding, deconv.bias is not None)
-        w = deconv.weight.detach()
-        module.to(device=w.device, dtype=w.dtype)
-        with torch.no_grad():
-            module.weight.copy_(_subpixel_kernel(deconv, module.low, module.weight.shape[2:]))
-            if deconv.bias is not None:
-                module.bias.copy_(deconv.bias.detach().repeat_interleave(s * s))
-        return module
-
-    def output_size(self, size: int, dim: int) -> int:
-        return (size - 1) * self.stride - 2 * self.padding[dim] + self.kernel_size[dim] \
-            + self.output_padding[dim]
+        conv, crops = as_subpixel_conv(deconv)
+        return cls(conv, deconv.stride[0], crops)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[-2:]
-        out_h, out_w = self.output_size(h, 0), self.output_size(w, 1)
-        s = self.stride
-        kh, kw = self.weight.shape[2:]
-        # conv output m reads x[m + low .. m + low + k − 1]; pad so that m covers ceil(out/s)
-        need_h, need_w = -(-out_h // s), -(-out_w // s)
-        pad_top, pad_left = -self.low[0], -self.low[1]
-        pad_bottom = need_h + kh - 1 - pad_top - h
-        pad_right = need_w + kw - 1 - pad_left - w
-        x = F.pad(x, (pad_left, pad_right, pad_top, pad_bottom))
         # ATen's pixel shuffle, kept out of Inductor's code generation (fxquant/lower/ops.py)
-        y = torch.ops.fxquant.pixel_shuffle(F.conv2d(x, self.weight, self.bias), s)
-        return y[..., :out_h, :out_w]
+        y = torch.ops.fxquant.pixel_shuffle(
+            F.conv2d(x, self.weight, self.bias, padding=self.padding), self.stride)
+        top, bottom, left, right = self.crops
+        return y[..., top:y.shape[-2] - bottom, left:y.shape[-1] - right]
 
     def extra_repr(self) -> str:
-        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, "
-                f"stride={self.stride}, as conv {tuple(self.weight.shape[2:])} → pixel shuffle")
+        return (f"{self.in_channels}, {self.out_channels}, stride={self.stride}, "
+                f"as conv {tuple(self.weight.shape[2:])} → pixel shuffle")
 
 
 def _phase_taps(r: int, s: int, kernel: int, padding: int, low: int) -> list[tuple[int, int]]:
