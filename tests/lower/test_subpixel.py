@@ -69,7 +69,7 @@ def test_as_subpixel_conv_equals_the_transposed_conv(case, seed):
     torch.testing.assert_close(got, expected, rtol=0, atol=1e-12)
 
 
-def test_fsrcnn_tails_need_no_crop():
+def test_fsrcnn_tails_pads_and_crops():
     """FSRCNN's 9×9 tail (padding 4, output padding s − 1) pads equally at ×2 and ×4; at ×3
     the phases need 1 row before and 2 after, so the conv pads 2 and one phase row is cut."""
     for scale, (kernel, pad, crops) in {2: ((5, 5), (2, 2), (0, 0, 0, 0)),

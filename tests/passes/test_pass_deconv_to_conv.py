@@ -159,7 +159,8 @@ def test_the_op_type_puts_the_pass_after_trace():
     assert Recipe.from_dict(named).pipeline_spec == named["pipeline"]
 
 
-@pytest.mark.parametrize("recipe", ["mse-w8a8", "daq-w4a4", "dfsq-w4a4", "i2nq-w4a4"])
+@pytest.mark.parametrize("recipe", ["mse-w8a8", "daq-w4a4", "dfsq-w4a4", "i2nq-w4a4",
+                                    "odm-v2-w4a4"])
 def test_the_transposed_conv_is_quantized_and_lowered(recipe, tmp_path):
     m = model()
     weights = {k: v.clone() for k, v in m.state_dict().items()}
