@@ -1,6 +1,6 @@
 """Deployment formats: ONNX (structure, checker, dynamic sizes, ONNX Runtime against fxquant's
 own fake-quant and reference models, integer kernels in the graph ONNX Runtime runs),
-torch.export round trips, and the errors for what cannot export."""
+and the errors for what cannot export (torch.export and TorchScript: test_export_torch.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 
 import fxquant
 from fxquant.deploy import ExportError, export
-from fxquant.deploy.torch_export import exportable_module, load_program
+from fxquant.deploy.torch_export import load_program
 from fxquant.lower.conv import ReferenceConv2d
 
 onnx = pytest.importorskip("onnx", reason="ONNX export needs onnx (pip install 'fxquant[deploy]')")
@@ -173,21 +173,6 @@ def test_onnx_refuses_other_inputs(tiny_sr, calib):
         export(gm, "x.tflite", format="tflite")
 
 
-@pytest.mark.parametrize("recipe,target", [
-    (r, t) for r in ("mse-w8a8-sym", "minmax-w8a8") for t in ("fake-quant", "reference")]
-    + [("dfsq-w4a4", "reference")])  # DFSQ's integer form captures (its fake-quant: refused)
-def test_torch_export_round_trip(tiny_sr, calib, tmp_path, recipe, target):
-    gm = compiled(tiny_sr, calib, recipe)
-    path = tmp_path / "tiny.pt2"
-    export(gm, path, format="torch-export", target=target)
-    loaded = load_program(path)
-    original = exportable_module(gm, target)
-    for shape in [(1, 3, 12, 10), (3, 3, 9, 13)]:  # batch, height and width are dynamic
-        x = torch.rand(*shape)
-        with torch.no_grad():
-            assert torch.equal(loaded(x), original(x))
-
-
 @pytest.mark.parametrize("mode", ["reflect", "circular"])
 def test_padding_modes_export_as_a_pad_of_the_codes(calib, tmp_path, mode):
     """A conv with reflect/circular padding lowers to a pad of its uint8 codes
@@ -239,21 +224,6 @@ def test_a_quantized_transposed_conv_exports_as_conv_and_shuffle(calib, tmp_path
     assert ref.shape == (1, 3, 21, 18)
 
 
-def test_torch_export_errors_name_what_cannot_export(tiny_sr, calib, tmp_path):
-    gm = compiled(tiny_sr, calib, "mse-w8a8-sym")
-    with pytest.raises(ExportError, match="cpu target holds oneDNN's prepacked weights"):
-        export(gm, tmp_path / "x.pt2", format="torch-export", target="cpu")
-    for recipe, kind in (("daq-w4a4", "daq"), ("dfsq-w4a4", "subset")):
-        dynamic = compiled(tiny_sr, calib, recipe)
-        with pytest.raises(ExportError, match=rf"recipe '{recipe}'.*module '[\w.]+' \({kind}:"):
-            export(dynamic, tmp_path / "x.pt2", format="torch-export")
-    # DAQ's integer form is lowered but not capturable (DFSQ's is: the round trip above)
-    with pytest.raises(ExportError, match="cannot capture recipe"):
-        export(compiled(tiny_sr, calib, "daq-w4a4"), tmp_path / "x.pt2",
-               format="torch-export", target="reference")
-    assert not (tmp_path / "x.pt2").exists()
-
-
 @pytest.mark.slow
 @pytest.mark.data
 def test_zoo_model_ort_psnr_matches_fake_quant(data):
@@ -285,31 +255,6 @@ def test_bench_ort_int8_variant_runs_beside_the_lowered_ones(tiny_sr, calib):
     assert float((ort - ref).abs().mean()) < 1e-4
     with torch.inference_mode():
         assert torch.allclose(fns["ort_fp32"](x), fns["fp32_eager"](x), atol=1e-5)
-
-
-@pytest.mark.parametrize("recipe", ["mse-w8a8-sym", "daq-w4a4", "dfsq-w4a4"])
-def test_torchscript_trace_round_trip(tiny_sr, calib, tmp_path, recipe):
-    """DAQ's and DFSQ's per-input statistics are tensor ops: the checked trace keeps them
-    dynamic, so a reloaded trace matches the model on an input of another size and content."""
-    gm = compiled(tiny_sr, calib, recipe)
-    path = tmp_path / "tiny.ts"
-    export(gm, path, format="torchscript")
-    loaded = torch.jit.load(str(path))
-    x = torch.rand(2, 3, 11, 7, generator=torch.Generator().manual_seed(5)) * 1.3
-    with torch.no_grad():
-        assert torch.allclose(loaded(x), gm(x), rtol=0, atol=1e-6)
-
-
-def test_torchscript_names_a_quantizer_whose_trace_freezes_the_example(tiny_sr, calib, tmp_path):
-    gm = compiled(tiny_sr, calib, "mse-w8a8-sym")
-    quantizer = gm.get_submodule("blocks_0_0_input_quantizer")
-    forward = quantizer.fake_quant
-    # a quantizer reading a Python number off its input: the trace freezes the example's value
-    quantizer.fake_quant = lambda x: forward(x) * float(x.shape[-1] % 2 + 1)
-    with pytest.raises(ExportError, match="quantizer 'blocks_0_0_input_quantizer' \\(uniform: "
-                                          "the trace computes something else"):
-        export(gm, tmp_path / "x.ts", format="torchscript")
-    assert not (tmp_path / "x.ts").exists()
 
 
 @pytest.mark.parametrize("recipe", ["daq-w4a4", "dfsq-w4a4"])
