@@ -188,6 +188,13 @@ def store_cells(rows: list[dict], limit: int | None, command: str) -> dict:
     return cells
 
 
+def replaced_cells(stored: dict, new: dict) -> list[str]:
+    """Keys of ``new`` whose stored cell another command trained: the store keys a run by
+    model, method and start, not by its schedule, so a run with other steps replaces it."""
+    return [key for key, cell in new.items()
+            if key in stored and stored[key].get("command") != cell["command"]]
+
+
 def render(rows: list[dict], command: str, args) -> str:
     sets = args.eval_sets.split(",")
     lines = [args.section, "", f"`{command}`", "",
@@ -335,8 +342,12 @@ def main(argv=None) -> int:
                     print(json.dumps(rows[-1]), flush=True)
         text = render(rows, command, args)
         if args.store:
-            cells = {**load_store(args.store), **store_cells(rows, args.eval_limit, command)}
-            atomic_write_text(args.store, store_text(cells), "results store")
+            stored = load_store(args.store)
+            new = store_cells(rows, args.eval_limit, command)
+            for key in replaced_cells(stored, new):
+                print(f"odm_compare: cell {key} replaced; it was trained by "
+                      f"`{stored[key]['command']}`", file=sys.stderr)
+            atomic_write_text(args.store, store_text({**stored, **new}), "results store")
         if args.write:
             write_section(args.write, args.section, text)
         print(text)

@@ -205,3 +205,17 @@ def test_render_only_needs_rows(tool, data, tmp_path, capsys):
     assert tool.main(["--out", str(tmp_path), "--render-only", "--json",
                       str(tmp_path / "none.json"), "--data", str(data)]) == 2
     assert "--render-only renders the rows of --json" in capsys.readouterr().err
+
+
+def test_a_cell_trained_by_another_command_is_named_when_replaced(tool):
+    """The store keys a run by model, method and start; a run with another schedule (here
+    more steps) replaces the cell, and the tool names it with the command it replaces."""
+    row = {"model": "pan", "scale": 4, "bits": 4, "method": "qat", "objective": "+distil",
+           "start_recipe": "s", "quant": {"Set5": 31.0}, "seconds": 1.0,
+           "command": "python tools/odm_compare.py --steps 1200"}
+    stored = tool.store_cells([row], None, "")
+    assert tool.replaced_cells(stored, stored) == []  # the same run stored again
+    longer = tool.store_cells([{**row, "command": "python tools/odm_compare.py --steps 1350"}],
+                              None, "")
+    assert tool.replaced_cells(stored, longer) == ["pan|x4|qat+distil@s|Set5|all"]
+    assert tool.replaced_cells({}, longer) == []
