@@ -345,8 +345,10 @@ def main(argv=None) -> int:
             stored = load_store(args.store)
             new = store_cells(rows, args.eval_limit, command)
             for key in replaced_cells(stored, new):
+                before = stored[key].get("command")
                 print(f"odm_compare: cell {key} replaced; it was trained by "
-                      f"`{stored[key]['command']}`", file=sys.stderr)
+                      + (f"`{before}`" if before else "a command the store did not record"),
+                      file=sys.stderr)
             atomic_write_text(args.store, store_text({**stored, **new}), "results store")
         if args.write:
             write_section(args.write, args.section, text)

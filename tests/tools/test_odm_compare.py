@@ -207,15 +207,34 @@ def test_render_only_needs_rows(tool, data, tmp_path, capsys):
     assert "--render-only renders the rows of --json" in capsys.readouterr().err
 
 
-def test_a_cell_trained_by_another_command_is_named_when_replaced(tool):
+def test_a_cell_trained_by_another_command_is_named_when_replaced(tool, data, tmp_path,
+                                                                  capsys):
     """The store keys a run by model, method and start; a run with another schedule (here
     more steps) replaces the cell, and the tool names it with the command it replaces."""
     row = {"model": "pan", "scale": 4, "bits": 4, "method": "qat", "objective": "+distil",
-           "start_recipe": "s", "quant": {"Set5": 31.0}, "seconds": 1.0,
-           "command": "python tools/odm_compare.py --steps 1200"}
+           "start_recipe": "s", "quant": {"Set5": 31.0}, "fp": {"Set5": 32.0}, "start": 30.0,
+           "seconds": 1.0, "command": "python tools/odm_compare.py --steps 1200"}
     stored = tool.store_cells([row], None, "")
     assert tool.replaced_cells(stored, stored) == []  # the same run stored again
     longer = tool.store_cells([{**row, "command": "python tools/odm_compare.py --steps 1350"}],
                               None, "")
     assert tool.replaced_cells(stored, longer) == ["pan|x4|qat+distil@s|Set5|all"]
     assert tool.replaced_cells({}, longer) == []
+    # through the command line: --render-only stores the rows of --json and names the cell
+    store = tmp_path / "odm.json"
+    store.write_text(tool.store_text(stored))
+    (tmp_path / "rows.json").write_text(json.dumps([{**row, "command": "python x --steps 1350"}]))
+    argv = ["--out", str(tmp_path), "--render-only", "--json", str(tmp_path / "rows.json"),
+            "--store", str(store), "--eval-sets", "Set5", "--data", str(data)]
+    assert tool.main(argv) == 0
+    assert "cell pan|x4|qat+distil@s|Set5|all replaced; it was trained by `python " \
+           "tools/odm_compare.py --steps 1200`" in capsys.readouterr().err
+    assert json.loads(store.read_text())["pan|x4|qat+distil@s|Set5|all"]["command"] == \
+        "python x --steps 1350"
+    assert tool.main(argv) == 0 and "replaced" not in capsys.readouterr().err  # stored again
+    unrecorded = {key: {k: v for k, v in cell.items() if k != "command"}
+                  for key, cell in stored.items()}
+    store.write_text(tool.store_text(unrecorded))
+    assert tool.main(argv) == 0
+    assert "Set5|all replaced; it was trained by a command the store did not record" in \
+        capsys.readouterr().err
