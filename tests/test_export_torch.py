@@ -14,15 +14,11 @@ from fxquant.deploy.torch_export import exportable_module, load_program
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def compiled(model, calib, recipe):
-    return fxquant.compile(model, recipe, calib=calib)
-
-
 @pytest.mark.parametrize("recipe,target", [
     (r, t) for r in ("mse-w8a8-sym", "minmax-w8a8") for t in ("fake-quant", "reference")]
     + [("dfsq-w4a4", "reference")])  # DFSQ's integer form captures (its fake-quant: refused)
 def test_torch_export_round_trip(tiny_sr, calib, tmp_path, recipe, target):
-    gm = compiled(tiny_sr, calib, recipe)
+    gm = fxquant.compile(tiny_sr, recipe, calib=calib)
     path = tmp_path / "tiny.pt2"
     export(gm, path, format="torch-export", target=target)
     loaded = load_program(path)
@@ -34,16 +30,16 @@ def test_torch_export_round_trip(tiny_sr, calib, tmp_path, recipe, target):
 
 
 def test_torch_export_errors_name_what_cannot_export(tiny_sr, calib, tmp_path):
-    gm = compiled(tiny_sr, calib, "mse-w8a8-sym")
+    gm = fxquant.compile(tiny_sr, "mse-w8a8-sym", calib=calib)
     with pytest.raises(ExportError, match="cpu target holds oneDNN's prepacked weights"):
         export(gm, tmp_path / "x.pt2", format="torch-export", target="cpu")
     for recipe, kind in (("daq-w4a4", "daq"), ("dfsq-w4a4", "subset")):
-        dynamic = compiled(tiny_sr, calib, recipe)
+        dynamic = fxquant.compile(tiny_sr, recipe, calib=calib)
         with pytest.raises(ExportError, match=rf"recipe '{recipe}'.*module '[\w.]+' \({kind}:"):
             export(dynamic, tmp_path / "x.pt2", format="torch-export")
     # DAQ's integer form is lowered but not capturable (DFSQ's is: the round trip above)
     with pytest.raises(ExportError, match="cannot capture recipe"):
-        export(compiled(tiny_sr, calib, "daq-w4a4"), tmp_path / "x.pt2",
+        export(fxquant.compile(tiny_sr, "daq-w4a4", calib=calib), tmp_path / "x.pt2",
                format="torch-export", target="reference")
     assert not (tmp_path / "x.pt2").exists()
 
@@ -52,7 +48,7 @@ def test_torch_export_errors_name_what_cannot_export(tiny_sr, calib, tmp_path):
 def test_torchscript_trace_round_trip(tiny_sr, calib, tmp_path, recipe):
     """DAQ's and DFSQ's per-input statistics are tensor ops: the checked trace keeps them
     dynamic, so a reloaded trace matches the model on an input of another size and content."""
-    gm = compiled(tiny_sr, calib, recipe)
+    gm = fxquant.compile(tiny_sr, recipe, calib=calib)
     path = tmp_path / "tiny.ts"
     export(gm, path, format="torchscript")
     loaded = torch.jit.load(str(path))
@@ -62,7 +58,7 @@ def test_torchscript_trace_round_trip(tiny_sr, calib, tmp_path, recipe):
 
 
 def test_torchscript_names_a_quantizer_whose_trace_freezes_the_example(tiny_sr, calib, tmp_path):
-    gm = compiled(tiny_sr, calib, "mse-w8a8-sym")
+    gm = fxquant.compile(tiny_sr, "mse-w8a8-sym", calib=calib)
     quantizer = gm.get_submodule("blocks_0_0_input_quantizer")
     forward = quantizer.fake_quant
     # a quantizer reading a Python number off its input: the trace freezes the example's value
