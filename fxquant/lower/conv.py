@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxquant.errors import FxquantError
+from fxquant.lower.border import add_border, border_masks
 from fxquant.lower.int8_pairs import needs_split, split_weight_codes
 from fxquant.lower.padding import lowered_padding, pad_codes
 from fxquant.lower.uniform_codes import IntegerQuantize, quantize_codes
@@ -348,8 +349,6 @@ class CpuConv2d(FusedOutputConv2d):
 
     def add_zero_point_border(self, y: torch.Tensor, size) -> torch.Tensor:
         """The zero-point term where a tap falls in the padding (interior: in the bias)."""
-        from fxquant.lower.folded import add_border, border_masks  # folded imports this module
-
         rows, cols = (border_masks(size[i], y.shape[2 + i], self.kernel_size[i], self.stride[i],
                                    self.padding[i], self.dilation[i], torch.float32, y.device)
                       for i in range(2))

@@ -27,6 +27,7 @@ from torch import fx, nn
 
 from fxquant.errors import PassError
 from fxquant.graph import replace_module_node
+from fxquant.lower.border import BorderTaps, add_border
 from fxquant.lower.conv import INT32_MAX, LoweringError, permute_output_buffers
 from fxquant.lower.int8_pairs import int8_pairs_saturate, needs_split, split_weight_codes
 from fxquant.lower.padding import lowered_padding, pad_codes
@@ -44,15 +45,7 @@ NON_FINITE = ("DAQ input has channels whose statistics overflow float: they pass
 
 
 # --------------------------------------------------------------------------- convs
-def border_masks(size: int, out_size: int, kernel: int, stride: int, padding: int,
-                 dilation: int, dtype, device) -> torch.Tensor:
-    """``M[i, y] = 1`` when tap ``i`` of output ``y`` lands inside the input (kernel × out)."""
-    pos = (torch.arange(out_size, device=device) * stride - padding).view(1, -1) \
-        + (torch.arange(kernel, device=device) * dilation).view(-1, 1)
-    return ((pos >= 0) & (pos < size)).to(dtype)
-
-
-class DaqConv2d(nn.Module):
+class DaqConv2d(BorderTaps, nn.Module):
     """A conv reading per-(image, channel) dequantized codes ``x̂ = Δ_{n,c}·q + β_{n,c}``
     (DAQ's here, DFSQ's from fxquant/lower/subset.py). State shared by the targets: integer
     weight codes ``K`` (int16; odd for DAQ's mid-rise grid), the weight step ``Δ_w/2``
@@ -139,11 +132,7 @@ class DaqConv2d(nn.Module):
         beta = offset.to(weight.dtype).reshape(n, g, 1, per_group, 1, 1)
         v = (beta * weight.reshape(1, g, o_g, per_group, *self.kernel_size)).sum(3)
         v = v.reshape(n, self.out_channels, *self.kernel_size)
-        out_size = [(s + 2 * p - d * (k - 1) - 1) // st + 1 for s, p, d, k, st in
-                    zip(size, self.padding, self.dilation, self.kernel_size, self.stride)]
-        rows, cols = (border_masks(size[i], out_size[i], self.kernel_size[i], self.stride[i],
-                                   self.padding[i], self.dilation[i], weight.dtype, weight.device)
-                      for i in range(2))
+        rows, cols, _ = self.tap_masks(size, weight.dtype, weight.device)
         return v, rows, cols
 
     def offset_term(self, offset: torch.Tensor, weight: torch.Tensor, size) -> torch.Tensor:
@@ -232,7 +221,7 @@ class CpuDaqConv2d(DaqConv2d):
                     y = part if y is None else y.add_(part, alpha=float(256 ** k))
             outs.append(y)
         y = outs[0] if n == 1 else torch.cat(outs)
-        return add_border(y, v, rows, cols)
+        return add_border(y, v, rows, cols, self.tap_masks((h, w), rows.dtype, rows.device)[2])
 
     @staticmethod
     def refuse_non_finite(step: torch.Tensor) -> None:
@@ -290,34 +279,6 @@ class CpuDaqConv2d(DaqConv2d):
                 y = part if y is None else y.add_(part)
             outs.append(y)
         return outs
-
-
-def add_border(y: torch.Tensor, v: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
-               border: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-    """Add the offset plane's border correction to ``y`` (which holds its interior value
-    ``Σ_ij V_ij``), in place on the border strips only. With ``R = 1 + R'`` and ``C = 1 + C'``
-    (``R'``, ``C'`` nonzero on border rows/columns only), ``Σ_ij V_ij R_iy C_jx − Σ_ij V_ij =
-    Σ_i (Σ_j V_ij) R'_iy + Σ_j (Σ_i V_ij) C'_jx + Σ_ij V_ij R'_iy C'_jx``. ``border``: the
-    border rows' and columns' indices (:func:`border_indices`), or None to find them here."""
-    rd, cd = rows - 1, cols - 1
-    rb, cb = border if border is not None else border_indices(rows, cols)
-    if len(rb):
-        row_term = torch.einsum("noi,iy->noy", v.sum(3), rd[:, rb])
-        y[:, :, rb, :] += row_term.unsqueeze(-1)
-    if len(cb):
-        col_term = torch.einsum("noj,jx->nox", v.sum(2), cd[:, cb])
-        y[:, :, :, cb] += col_term.unsqueeze(-2)
-    if len(rb) and len(cb):
-        corner = torch.einsum("noyj,jx->noyx", torch.einsum("noij,iy->noyj", v, rd[:, rb]),
-                              cd[:, cb])
-        y[:, :, rb.view(-1, 1), cb.view(1, -1)] += corner
-    return y
-
-
-def border_indices(rows: torch.Tensor, cols: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The output rows and columns some tap of which lands in the zero padding (a host
-    read: the gpu target finds them once per input size)."""
-    return tuple((mask != 1).any(0).nonzero().flatten() for mask in (rows, cols))
 
 
 def code_planes(codes) -> list[torch.Tensor]:

@@ -24,6 +24,7 @@ IMDN ×4 W8A8 0.013 dB lower, 1.41× against 0.96× FP32 eager; docs/lowering.md
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -42,6 +43,12 @@ def int8_pairs_saturate() -> bool:
         return override == "saturating"
     if override:
         raise ValueError(f"{OVERRIDE}={override!r}: use 'saturating', 'exact' or leave it unset")
+    return _cpu_pairs_saturate()
+
+
+@functools.cache
+def _cpu_pairs_saturate() -> bool:
+    """The detection itself, once per process (the folded convs ask on every call)."""
     caps = torch.cpu.get_capabilities()
     if caps.get("architecture") != "x86_64":
         return False  # the saturating vpmaddubsw path is x86's

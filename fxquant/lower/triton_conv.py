@@ -32,7 +32,8 @@ import torch
 from fxquant.lower import int_mm
 from fxquant.lower.conv import TARGETS, FusedOutputConv2d, LoweringError
 from fxquant.lower.folded import LAYERS as FOLDED_LAYERS
-from fxquant.lower.folded import CpuDaqConv2d, add_border, border_indices, code_planes
+from fxquant.lower.border import add_border
+from fxquant.lower.folded import CpuDaqConv2d, code_planes
 from fxquant.lower.padding import pad_codes
 
 # BLOCK_K a multiple of 32 (the int8 mma's k). On an H200 (tools/gpu_check.py, CUDA graphs,
@@ -290,16 +291,8 @@ class GpuDaqConv2d(CpuDaqConv2d):
                               kernel_size=self.kernel_size, stride=self.stride,
                               padding=self.padding, dilation=self.dilation,
                               groups=self.groups, residual=y, per_image=True)
-        return add_border(y, v, rows, cols, self._border(rows, cols, (h, w)))
-
-    def _border(self, rows: torch.Tensor, cols: torch.Tensor, size):
-        """The border indices (:func:`border_indices`: a host read), kept per input size and
-        device."""
-        key = (tuple(size), str(rows.device))
-        cache = self.__dict__.setdefault("_borders", {})
-        if key not in cache:
-            cache[key] = border_indices(rows, cols)
-        return cache[key]
+        # the strips are kept per input size (a host read the first time only)
+        return add_border(y, v, rows, cols, self.tap_masks((h, w), rows.dtype, rows.device)[2])
 
 
 TARGETS["gpu"] = GpuConv2d

@@ -16,6 +16,7 @@ from torch import nn
 import fxquant
 from fxquant.errors import PassError
 from fxquant.lower.compare import daq_layer_agreement
+from fxquant.lower.border import add_border
 from fxquant.lower.conv import INT32_MAX
 from fxquant.lower.daq import DaqQuantize, daq_input_codes
 from fxquant.lower.int8_pairs import needs_split, split_weight_codes
@@ -23,7 +24,6 @@ from fxquant.lower.folded import (
     CpuDaqConv2d,
     DaqConv2d,
     ReferenceDaqConv2d,
-    add_border,
     onednn_accumulator_bound,
     requantize_folded,
     split_planes,

@@ -1,0 +1,105 @@
+"""The conv of a constant plane with zero padding, computed separably: its interior value
+everywhere, plus a correction on the border strips where some tap lands in the padding.
+
+The folded convs of the dynamic quantizers (fxquant/lower/folded.py: each channel's offset
+``β_c``) and the uniform convs with per-channel input zero points (fxquant/lower/conv.py)
+both need it. With the tap masks ``R`` (rows, k_h × out_h) and ``C`` (columns, k_w × out_w),
+``M[i, y] = 1`` when tap ``i`` of output ``y`` lands inside the input, the plane is
+``Σ_ij V_ij R_iy C_jx``; writing ``R = 1 + R'`` and ``C = 1 + C'`` (``R'``, ``C'`` nonzero on
+border rows and columns only) splits it into the interior value ``Σ_ij V_ij`` and
+``Σ_i (Σ_j V_ij) R'_iy + Σ_j (Σ_i V_ij) C'_jx + Σ_ij V_ij R'_iy C'_jx`` on the strips.
+
+The masks and the strips depend only on the conv's geometry and the input size, so
+:class:`BorderTaps` keeps them per size: the per-call work is then a few small einsums and
+in-place adds on slices of the output (the strips are runs of consecutive rows or columns).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def border_masks(size: int, out_size: int, kernel: int, stride: int, padding: int,
+                 dilation: int, dtype, device) -> torch.Tensor:
+    """``M[i, y] = 1`` when tap ``i`` of output ``y`` lands inside the input (kernel × out)."""
+    pos = (torch.arange(out_size, device=device) * stride - padding).view(1, -1) \
+        + (torch.arange(kernel, device=device) * dilation).view(-1, 1)
+    return ((pos >= 0) & (pos < size)).to(dtype)
+
+
+Runs = tuple[tuple[int, int, int], ...]  # (first output index, end, its column in the taps)
+
+
+@dataclass(frozen=True)
+class BorderStrips:
+    """The output rows and columns some tap of which lands in the zero padding, as runs of
+    consecutive indices, and the masks' corrections ``R' = R − 1``, ``C' = C − 1`` on them
+    (k × the strips' rows or columns)."""
+
+    rows: Runs
+    cols: Runs
+    row_taps: torch.Tensor
+    col_taps: torch.Tensor
+
+
+def _runs(indices: list[int]) -> Runs:
+    runs, j = [], 0
+    while j < len(indices):
+        end = j + 1
+        while end < len(indices) and indices[end] == indices[end - 1] + 1:
+            end += 1
+        runs.append((indices[j], indices[end - 1] + 1, j))
+        j = end
+    return tuple(runs)
+
+
+def border_strips(rows: torch.Tensor, cols: torch.Tensor) -> BorderStrips:
+    """The :class:`BorderStrips` of tap masks ``rows`` and ``cols`` (a host read)."""
+    rb, cb = ((mask != 1).any(0).nonzero().flatten() for mask in (rows, cols))
+    return BorderStrips(_runs(rb.tolist()), _runs(cb.tolist()), (rows - 1)[:, rb],
+                        (cols - 1)[:, cb])
+
+
+def add_border(y: torch.Tensor, v: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor,
+               strips: BorderStrips | None = None) -> torch.Tensor:
+    """Add the border correction of the plane ``Σ_ij V_ij R_iy C_jx`` (``v``: N×O×k_h×k_w) to
+    ``y``, which holds its interior value ``Σ_ij V_ij``, in place on the strips only (module
+    doc). ``strips``: :func:`border_strips` of ``rows`` and ``cols``, found here when None."""
+    strips = strips if strips is not None else border_strips(rows, cols)
+    if strips.rows:
+        row_term = torch.einsum("noi,iy->noy", v.sum(3), strips.row_taps)
+        for start, end, j in strips.rows:
+            y[:, :, start:end, :] += row_term[:, :, j:j + end - start, None]
+    if strips.cols:
+        col_term = torch.einsum("noj,jx->nox", v.sum(2), strips.col_taps)
+        for start, end, j in strips.cols:
+            y[:, :, :, start:end] += col_term[:, :, None, j:j + end - start]
+    if strips.rows and strips.cols:
+        corner = torch.einsum("noyj,jx->noyx", torch.einsum("noij,iy->noyj", v, strips.row_taps),
+                              strips.col_taps)
+        for r0, r1, rj in strips.rows:
+            for c0, c1, cj in strips.cols:
+                y[:, :, r0:r1, c0:c1] += corner[:, :, rj:rj + r1 - r0, cj:cj + c1 - c0]
+    return y
+
+
+class BorderTaps:
+    """For a conv module with ``kernel_size``, ``stride``, ``padding`` and ``dilation``: its tap
+    masks and border strips for an input size, made once per (size, dtype, device) and kept
+    on the module (not in its state: they follow from the geometry)."""
+
+    def tap_masks(self, size, dtype, device) -> tuple[torch.Tensor, torch.Tensor, BorderStrips]:
+        """``(rows, cols, strips)`` for inputs of spatial ``size`` (h, w)."""
+        key = (tuple(int(s) for s in size), dtype, str(device))
+        cache = self.__dict__.setdefault("_tap_masks", {})
+        if key not in cache:
+            masks = []
+            for i in range(2):
+                k, st, p, d = (self.kernel_size[i], self.stride[i], self.padding[i],
+                               self.dilation[i])
+                out = (key[0][i] + 2 * p - d * (k - 1) - 1) // st + 1
+                masks.append(border_masks(key[0][i], out, k, st, p, d, dtype, device))
+            cache[key] = (masks[0], masks[1], border_strips(masks[0], masks[1]))
+        return cache[key]
