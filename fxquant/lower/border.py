@@ -89,16 +89,30 @@ class BorderTaps:
     masks and border strips for an input size, made once per (size, dtype, device) and kept
     on the module (not in its state: they follow from the geometry)."""
 
-    def tap_masks(self, size, dtype, device) -> tuple[torch.Tensor, torch.Tensor, BorderStrips]:
-        """``(rows, cols, strips)`` for inputs of spatial ``size`` (h, w)."""
+    def tap_masks(self, size, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(rows, cols)`` for inputs of spatial ``size`` (h, w); made afresh while
+        torch.compile or torch.export traces the call (a traced tensor must not be kept)."""
+        if torch.compiler.is_compiling():
+            return self._make_masks(size, dtype, device)
         key = (tuple(int(s) for s in size), dtype, str(device))
         cache = self.__dict__.setdefault("_tap_masks", {})
         if key not in cache:
-            masks = []
-            for i in range(2):
-                k, st, p, d = (self.kernel_size[i], self.stride[i], self.padding[i],
-                               self.dilation[i])
-                out = (key[0][i] + 2 * p - d * (k - 1) - 1) // st + 1
-                masks.append(border_masks(key[0][i], out, k, st, p, d, dtype, device))
-            cache[key] = (masks[0], masks[1], border_strips(masks[0], masks[1]))
+            cache[key] = self._make_masks(size, dtype, device)
         return cache[key]
+
+    def strips(self, size, dtype, device) -> BorderStrips:
+        """:func:`border_strips` of the tap masks for ``size`` (a host read the first time:
+        eager callers only)."""
+        key = (tuple(int(s) for s in size), dtype, str(device))
+        cache = self.__dict__.setdefault("_border_strips", {})
+        if key not in cache:
+            cache[key] = border_strips(*self.tap_masks(size, dtype, device))
+        return cache[key]
+
+    def _make_masks(self, size, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
+        masks = []
+        for i in range(2):
+            k, st, p, d = self.kernel_size[i], self.stride[i], self.padding[i], self.dilation[i]
+            out = (size[i] + 2 * p - d * (k - 1) - 1) // st + 1  # symbolic under export
+            masks.append(border_masks(size[i], out, k, st, p, d, dtype, device))
+        return masks[0], masks[1]

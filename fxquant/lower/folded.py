@@ -132,7 +132,7 @@ class DaqConv2d(BorderTaps, nn.Module):
         beta = offset.to(weight.dtype).reshape(n, g, 1, per_group, 1, 1)
         v = (beta * weight.reshape(1, g, o_g, per_group, *self.kernel_size)).sum(3)
         v = v.reshape(n, self.out_channels, *self.kernel_size)
-        rows, cols, _ = self.tap_masks(size, weight.dtype, weight.device)
+        rows, cols = self.tap_masks(size, weight.dtype, weight.device)
         return v, rows, cols
 
     def offset_term(self, offset: torch.Tensor, weight: torch.Tensor, size) -> torch.Tensor:
@@ -221,7 +221,7 @@ class CpuDaqConv2d(DaqConv2d):
                     y = part if y is None else y.add_(part, alpha=float(256 ** k))
             outs.append(y)
         y = outs[0] if n == 1 else torch.cat(outs)
-        return add_border(y, v, rows, cols, self.tap_masks((h, w), rows.dtype, rows.device)[2])
+        return add_border(y, v, rows, cols, self.strips((h, w), rows.dtype, rows.device))
 
     @staticmethod
     def refuse_non_finite(step: torch.Tensor) -> None:

@@ -292,7 +292,7 @@ class GpuDaqConv2d(CpuDaqConv2d):
                               padding=self.padding, dilation=self.dilation,
                               groups=self.groups, residual=y, per_image=True)
         # the strips are kept per input size (a host read the first time only)
-        return add_border(y, v, rows, cols, self.tap_masks((h, w), rows.dtype, rows.device)[2])
+        return add_border(y, v, rows, cols, self.strips((h, w), rows.dtype, rows.device))
 
 
 TARGETS["gpu"] = GpuConv2d

@@ -36,6 +36,10 @@ def test_tap_masks_are_kept_per_input_size_and_match_a_fresh_computation():
     assert torch.equal(first[0], border_masks(9, 5, 3, 2, 1, 1, torch.float32, "cpu"))
     assert torch.equal(other[0], border_masks(8, 4, 3, 2, 1, 1, torch.float32, "cpu"))
     assert torch.equal(first[1], other[1])  # same width
+    strips = layer.strips((9, 7), torch.float32, "cpu")
+    assert layer.strips((9, 7), torch.float32, "cpu") is strips
+    # stride 2: output row 0 reads padding row −1, row 4 reads input row 9 (past 0..8)
+    assert strips.rows == ((0, 1, 0), (4, 5, 1)) and strips.cols == ((0, 1, 0), (3, 4, 1))
 
 
 def test_offset_plane_stays_exact_across_alternating_input_sizes():
@@ -48,6 +52,16 @@ def test_offset_plane_stays_exact_across_alternating_input_sizes():
         full = layer.offset_term(offset, weight, size)
         v, rows, cols = layer.offset_taps(offset, weight, size)
         y = v.sum((2, 3))[:, :, None, None].expand_as(full).contiguous()
-        out = add_border(y, v, rows, cols, layer.tap_masks(size, rows.dtype, rows.device)[2])
+        out = add_border(y, v, rows, cols, layer.strips(size, rows.dtype, rows.device))
         assert out.shape == full.shape
         assert float((out - full).abs().max()) <= 1e-12 * float(v.abs().sum((2, 3)).max())
+
+
+def test_masks_made_while_tracing_are_not_kept():
+    """Under torch.compile (or torch.export) the masks are traced values: none is kept on the
+    module for a later eager call."""
+    layer = CpuDaqConv2d(4, 3, (3, 3), (1, 1), (1, 1), (1, 1), 1, False)
+    traced = torch.compile(lambda: layer.tap_masks((6, 5), torch.float32, "cpu")[0].sum(),
+                           backend="eager", fullgraph=True)
+    assert float(traced()) == float(border_masks(6, 6, 3, 1, 1, 1, torch.float32, "cpu").sum())
+    assert not layer.__dict__.get("_tap_masks")
