@@ -10,8 +10,9 @@ border rows and columns only) splits it into the interior value ``Σ_ij V_ij`` a
 ``Σ_i (Σ_j V_ij) R'_iy + Σ_j (Σ_i V_ij) C'_jx + Σ_ij V_ij R'_iy C'_jx`` on the strips.
 
 The masks and the strips depend only on the conv's geometry and the input size, so
-:class:`BorderTaps` keeps them per size: the per-call work is then a few small einsums and
+:class:`BorderTaps` keeps them per size: the per-call work is then a few small matmuls and
 in-place adds on slices of the output (the strips are runs of consecutive rows or columns).
+The uniform convs (under ``lower{compile=true}`` traced by Dynamo) still find them per call.
 """
 
 from __future__ import annotations
