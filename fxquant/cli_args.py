@@ -100,6 +100,23 @@ def add_model_source_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", help="data root (default: $FXQUANT_DATA)")
 
 
+def add_lowered_timing_args(parser: argparse.ArgumentParser, rounds: int) -> None:
+    """``MODEL RECIPE`` and the flags of the tools/ scripts that time one lowered zoo model
+    (a random 1×C×S×S input, ``--rounds`` interleaved rounds, the folded convs' options)."""
+    from fxquant.lower.subset import CODE_GRIDS
+
+    parser.add_argument("model")
+    parser.add_argument("recipe")
+    parser.add_argument("--scale", type=positive_int, default=4)
+    parser.add_argument("--size", type=positive_int, default=256)
+    parser.add_argument("--rounds", type=positive_int, default=rounds)
+    parser.add_argument("--planes", type=int, choices=(1, 2), default=1,
+                        help="DAQ's/DFSQ's int8 weight planes (default 1; those models only)")
+    parser.add_argument("--subset-codes", choices=CODE_GRIDS, default="exact",
+                        help="DFSQ's codes (default exact; DFSQ models only)")
+    parser.add_argument("--data", default=None, help="data root (default $FXQUANT_DATA)")
+
+
 def models_from_source_args(args: argparse.Namespace, datasets: list[str] = ()):
     """The FP and quantized models that :func:`add_model_source_args`' flags name (a saved
     compiled model, or a zoo model compiled here). ``datasets``, the benchmark sets the caller

@@ -25,11 +25,11 @@ import torch
 import fxquant
 from fxquant.bench import interleaved
 from fxquant.bench_table import cpu_description, heap_description
-from fxquant.cli_args import positive_int
+from fxquant.cli_args import add_lowered_timing_args
 from fxquant.heap import keep_freed_blocks
 from fxquant.errors import FxquantError
 from fxquant.lower.codebook import CodebookQuantize
-from fxquant.lower.subset import CODE_GRIDS, SubsetQuantize
+from fxquant.lower.subset import SubsetQuantize
 from fxquant.passes.lower import LowerPass
 from fxquant.quant.subset import SubsetQuantizer
 from fxquant.workflow import prepare
@@ -68,16 +68,7 @@ def ratios(times: dict[str, list[float]], slow: str, fast: str) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model")
-    parser.add_argument("recipe", help="a DFSQ or I²NQ preset (dfsq-w4a4, i2nq-w4a4, ...)")
-    parser.add_argument("--scale", type=positive_int, default=4)
-    parser.add_argument("--size", type=positive_int, default=256)
-    parser.add_argument("--rounds", type=positive_int, default=9)
-    parser.add_argument("--planes", type=int, choices=(1, 2), default=1,
-                        help="DFSQ's int8 weight planes (default 1; DFSQ models only)")
-    parser.add_argument("--subset-codes", choices=CODE_GRIDS, default="exact",
-                        help="DFSQ's codes (default exact; DFSQ models only)")
-    parser.add_argument("--data", default=None, help="data root (default $FXQUANT_DATA)")
+    add_lowered_timing_args(parser, rounds=9)
     args = parser.parse_args(argv)
     keep_freed_blocks()
     zoo = prepare(args.model, args.scale, args.recipe, data_root=args.data)

@@ -27,10 +27,9 @@ import torch
 
 import fxquant
 from fxquant.bench_table import cpu_description, heap_description
-from fxquant.cli_args import positive_int
+from fxquant.cli_args import add_lowered_timing_args
 from fxquant.heap import keep_freed_blocks
 from fxquant.lower.folded import CpuDaqConv2d
-from fxquant.lower.subset import CODE_GRIDS
 from fxquant.quant.daq import DAQActivationQuantizer
 from fxquant.quant.subset import SubsetQuantizer
 from fxquant.passes.lower import LowerPass
@@ -123,16 +122,7 @@ def render(totals: list[float], parts: dict, rounds: int) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("model")
-    parser.add_argument("recipe")
-    parser.add_argument("--scale", type=positive_int, default=4)
-    parser.add_argument("--size", type=positive_int, default=256)
-    parser.add_argument("--rounds", type=positive_int, default=7)
-    parser.add_argument("--planes", type=int, choices=(1, 2), default=1,
-                        help="DAQ's/DFSQ's int8 weight planes (default 1)")
-    parser.add_argument("--subset-codes", choices=CODE_GRIDS, default="exact",
-                        help="DFSQ's codes (default exact)")
-    parser.add_argument("--data", default=None, help="data root (default $FXQUANT_DATA)")
+    add_lowered_timing_args(parser, rounds=7)
     args = parser.parse_args(argv)
     keep_freed_blocks()
     zoo = prepare(args.model, args.scale, args.recipe, data_root=args.data)
