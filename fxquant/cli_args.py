@@ -117,6 +117,37 @@ def add_lowered_timing_args(parser: argparse.ArgumentParser, rounds: int) -> Non
     parser.add_argument("--data", default=None, help="data root (default $FXQUANT_DATA)")
 
 
+def lowered_timing_options(fake, planes: int, subset_codes: str) -> dict:
+    """``lower``'s options for :func:`add_lowered_timing_args`' tools: compiled on cpu, with
+    the folded convs' options where the model has DAQ (``planes``) or DFSQ (``planes``,
+    ``subset_codes``) quantizers (elsewhere they would change nothing, and ``lower`` warns)."""
+    from fxquant.quant.daq import DAQActivationQuantizer
+    from fxquant.quant.subset import SubsetQuantizer
+
+    options = {"target": "cpu", "compile": True}
+    modules = list(fake.modules())
+    if any(isinstance(m, (DAQActivationQuantizer, SubsetQuantizer)) for m in modules):
+        options["planes"] = planes
+    if any(isinstance(m, SubsetQuantizer) for m in modules):
+        options["subset_codes"] = subset_codes
+    return options
+
+
+def prepare_lowered_timing(args: argparse.Namespace):
+    """``(zoo, example)`` for :func:`add_lowered_timing_args`' tools: freed blocks kept on the
+    heap (as ``fxquant bench``), ``args.recipe`` compiled for the zoo model, and a seeded
+    random 1×C×S×S input."""
+    import torch
+
+    from fxquant.heap import keep_freed_blocks
+    from fxquant.workflow import prepare
+
+    keep_freed_blocks()
+    zoo = prepare(args.model, args.scale, args.recipe, data_root=args.data)
+    torch.manual_seed(0)
+    return zoo, torch.rand(1, zoo.spec.channels, args.size, args.size)
+
+
 def models_from_source_args(args: argparse.Namespace, datasets: list[str] = ()):
     """The FP and quantized models that :func:`add_model_source_args`' flags name (a saved
     compiled model, or a zoo model compiled here). ``datasets``, the benchmark sets the caller

@@ -25,28 +25,18 @@ import torch
 import fxquant
 from fxquant.bench import interleaved
 from fxquant.bench_table import cpu_description, heap_description
-from fxquant.cli_args import add_lowered_timing_args
-from fxquant.heap import keep_freed_blocks
+from fxquant.cli_args import (add_lowered_timing_args, lowered_timing_options,
+                               prepare_lowered_timing)
 from fxquant.errors import FxquantError
 from fxquant.lower.codebook import CodebookQuantize
 from fxquant.lower.subset import SubsetQuantize
 from fxquant.passes.lower import LowerPass
-from fxquant.quant.subset import SubsetQuantizer
-from fxquant.workflow import prepare
-
-
-def lower_options(fake, planes: int, subset_codes: str) -> dict:
-    """``lower``'s options: compiled on cpu, and DFSQ's folded-conv options where it has DFSQ."""
-    options = {"target": "cpu", "compile": True}
-    if any(isinstance(m, SubsetQuantizer) for m in fake.modules()):
-        options.update(planes=planes, subset_codes=subset_codes)
-    return options
 
 
 def lowered_pair(fake, example: torch.Tensor, planes: int, subset_codes: str) -> dict:
     """The compiled lowered copy with the search, and one whose codes modules are set to the
     table's gather (``compiled_codes``) before its first call compiles it."""
-    options = lower_options(fake, planes, subset_codes)
+    options = lowered_timing_options(fake, planes, subset_codes)
     searched = fxquant.lowered_copy(fake, **options)
     gathered = fxquant.lowered_copy(fake, **options)
     codes = [m for m in gathered.modules() if isinstance(m, (SubsetQuantize, CodebookQuantize))]
@@ -70,17 +60,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_lowered_timing_args(parser, rounds=9)
     args = parser.parse_args(argv)
-    keep_freed_blocks()
-    zoo = prepare(args.model, args.scale, args.recipe, data_root=args.data)
-    torch.manual_seed(0)
-    example = torch.rand(1, zoo.spec.channels, args.size, args.size)
+    zoo, example = prepare_lowered_timing(args)
     float_model = deepcopy(zoo.float_model).eval()
     fp32 = (lambda x: float_model(x, args.scale)) if zoo.spec.takes_scale else float_model
     models = {"fp32 eager": fp32, "fake-quant": zoo.quant_model,
               **lowered_pair(zoo.quant_model, example, args.planes, args.subset_codes)}
     with torch.inference_mode():
         same = torch.equal(models["lowered, search"](example), models["lowered, table"](example))
-    lowered = LowerPass(**lower_options(zoo.quant_model, args.planes, args.subset_codes)).spec()
+    options = lowered_timing_options(zoo.quant_model, args.planes, args.subset_codes)
+    lowered = LowerPass(**options).spec()
     times = interleaved({k: (lambda m=m: m(example)) for k, m in models.items()}, args.rounds)
     print(f"{args.model} ×{args.scale} `{args.recipe}`, 1×{zoo.spec.channels}×{args.size}² "
           f"input, {cpu_description()}, torch threads {torch.get_num_threads()}, "

@@ -27,28 +27,13 @@ import torch
 
 import fxquant
 from fxquant.bench_table import cpu_description, heap_description
-from fxquant.cli_args import add_lowered_timing_args
-from fxquant.heap import keep_freed_blocks
+from fxquant.cli_args import (add_lowered_timing_args, lowered_timing_options,
+                               prepare_lowered_timing)
 from fxquant.lower.folded import CpuDaqConv2d
-from fxquant.quant.daq import DAQActivationQuantizer
-from fxquant.quant.subset import SubsetQuantizer
 from fxquant.passes.lower import LowerPass
-from fxquant.workflow import prepare
 
 FOLDED = "folded convs (eager)"
 INT8 = "  of which the int8 conv (per-image prepack, oneDNN qconv_pointwise)"
-
-
-def lower_options(fake, planes: int, subset_codes: str) -> dict:
-    """``lower``'s options: compiled on cpu, with the folded convs' options where the model
-    has DAQ (``planes``) or DFSQ (``planes``, ``subset_codes``) quantizers."""
-    options = {"target": "cpu", "compile": True}
-    modules = list(fake.modules())
-    if any(isinstance(m, (DAQActivationQuantizer, SubsetQuantizer)) for m in modules):
-        options["planes"] = planes
-    if any(isinstance(m, SubsetQuantizer) for m in modules):
-        options["subset_codes"] = subset_codes
-    return options
 
 
 def region_label(graph) -> str:
@@ -124,12 +109,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_lowered_timing_args(parser, rounds=7)
     args = parser.parse_args(argv)
-    keep_freed_blocks()
-    zoo = prepare(args.model, args.scale, args.recipe, data_root=args.data)
-    options = lower_options(zoo.quant_model, args.planes, args.subset_codes)
+    zoo, example = prepare_lowered_timing(args)
+    options = lowered_timing_options(zoo.quant_model, args.planes, args.subset_codes)
     lowered = fxquant.lowered_copy(zoo.quant_model, **options)
-    torch.manual_seed(0)
-    example = torch.rand(1, zoo.spec.channels, args.size, args.size)
     totals, parts = measure(lowered, example, args.rounds)
     print(f"{args.model} ×{args.scale} `{args.recipe}`, {LowerPass(**options).spec()}, "
           f"1×{zoo.spec.channels}×{args.size}² input, {cpu_description()}, torch threads "

@@ -12,7 +12,8 @@ border rows and columns only) splits it into the interior value ``Σ_ij V_ij`` a
 The masks and the strips depend only on the conv's geometry and the input size, so
 :class:`BorderTaps` keeps them per size: the per-call work is then a few small matmuls and
 in-place adds on slices of the output (the strips are runs of consecutive rows or columns).
-The uniform convs (under ``lower{compile=true}`` traced by Dynamo) still find them per call.
+The uniform convs keep their masks the same way; they find the strips per call (under
+``lower{compile=true}`` Dynamo traces them).
 """
 
 from __future__ import annotations
@@ -85,6 +86,10 @@ def add_border(y: torch.Tensor, v: torch.Tensor, rows: torch.Tensor, cols: torch
     return y
 
 
+def _size_key(size, dtype, device) -> tuple:
+    return tuple(int(s) for s in size), dtype, str(device)
+
+
 class BorderTaps:
     """For a conv module with ``kernel_size``, ``stride``, ``padding`` and ``dilation``: its tap
     masks and border strips for an input size, made once per (size, dtype, device) and kept
@@ -95,7 +100,7 @@ class BorderTaps:
         torch.compile or torch.export traces the call (a traced tensor must not be kept)."""
         if torch.compiler.is_compiling():
             return self._make_masks(size, dtype, device)
-        key = (tuple(int(s) for s in size), dtype, str(device))
+        key = _size_key(size, dtype, device)
         cache = self.__dict__.setdefault("_tap_masks", {})
         if key not in cache:
             cache[key] = self._make_masks(size, dtype, device)
@@ -104,7 +109,7 @@ class BorderTaps:
     def strips(self, size, dtype, device) -> BorderStrips:
         """:func:`border_strips` of the tap masks for ``size`` (a host read the first time:
         eager callers only)."""
-        key = (tuple(int(s) for s in size), dtype, str(device))
+        key = _size_key(size, dtype, device)
         cache = self.__dict__.setdefault("_border_strips", {})
         if key not in cache:
             cache[key] = border_strips(*self.tap_masks(size, dtype, device))

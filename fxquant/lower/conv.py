@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fxquant.errors import FxquantError
-from fxquant.lower.border import add_border, border_masks
+from fxquant.lower.border import BorderTaps, add_border
 from fxquant.lower.int8_pairs import needs_split, split_weight_codes
 from fxquant.lower.padding import lowered_padding, pad_codes
 from fxquant.lower.uniform_codes import IntegerQuantize, quantize_codes
@@ -273,7 +273,7 @@ class FusedOutputConv2d(IntegerConv2d):
         self.prepare()
 
 
-class CpuConv2d(FusedOutputConv2d):
+class CpuConv2d(BorderTaps, FusedOutputConv2d):
     """oneDNN int8 convolution on uint8 NHWC codes with prepacked int8 weights, fp32 output,
     or uint8 codes when fused: oneDNN requantizes in its epilogue, rounding ``y/s`` in its own
     float order (a code can differ by one from the reference's at an exact tie).
@@ -349,9 +349,7 @@ class CpuConv2d(FusedOutputConv2d):
 
     def add_zero_point_border(self, y: torch.Tensor, size) -> torch.Tensor:
         """The zero-point term where a tap falls in the padding (interior: in the bias)."""
-        rows, cols = (border_masks(size[i], y.shape[2 + i], self.kernel_size[i], self.stride[i],
-                                   self.padding[i], self.dilation[i], torch.float32, y.device)
-                      for i in range(2))
+        rows, cols = self.tap_masks(size, torch.float32, y.device)
         return add_border(y, self._zp_taps.unsqueeze(0), rows, cols)
 
 

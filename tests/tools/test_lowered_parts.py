@@ -9,6 +9,7 @@ import torch
 from torch._inductor.output_code import CompiledFxGraph
 
 import fxquant
+from fxquant.cli_args import lowered_timing_options
 from fxquant.lower.folded import CpuDaqConv2d
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -18,7 +19,7 @@ def test_parts_count_every_folded_conv_and_region_and_change_no_output(load_tool
                                                                       calib):
     tool = load_tool("lowered_parts")
     fake = fxquant.compile(tiny_sr, "dfsq-w4a4", calib=calib)
-    options = tool.lower_options(fake, 1, "u8")
+    options = lowered_timing_options(fake, 1, "u8")
     assert options == {"target": "cpu", "compile": True, "planes": 1, "subset_codes": "u8"}
     lowered = fxquant.lowered_copy(fake, **options)
     plain = fxquant.lowered_copy(fake, **options)
