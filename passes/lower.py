@@ -35,6 +35,7 @@ from fxquant.lower.guard import InputGuard
 from fxquant.lower.triton_conv import GpuConv2d
 from fxquant.passes.lower_rewrites import (
     dynamic_cat_pieces,
+    hoist_subset_pieces,
     phase_major_shuffles,
     quantize_cat_pieces,
     route_pixel_shuffles,
@@ -200,6 +201,7 @@ class LowerPass(Pass):
             route_smooth_upsampling(gm)
             quantize_cat_pieces(gm)
             dynamic_cat_pieces(gm)
+            hoist_subset_pieces(gm)
             subpixel = subpixel_deconvs(gm)
         if self.target == "gpu" and self.fuse:
             residuals = _fuse_residuals(gm)

@@ -4,8 +4,10 @@ kernels that beat Inductor's, a transposed conv as a conv)."""
 
 from __future__ import annotations
 
+import operator
+
 import torch
-from torch import fx
+from torch import fx, nn
 
 from fxquant.graph import is_relu, module_of, pixel_shuffle_factor, replace_module_node
 # importing fxquant.lower.ops registers fxquant::pixel_shuffle(_phase_major) and ::upsample
@@ -17,7 +19,7 @@ from fxquant.lower.subset import SubsetQuantize
 from fxquant.lower.subpixel import SubpixelConvTranspose2d, convertible
 from fxquant.lower.uniform_codes import IntegerDequantize, IntegerQuantize
 
-__all__ = ["dynamic_cat_pieces", "phase_major_shuffles", "quantize_cat_pieces",
+__all__ = ["dynamic_cat_pieces", "hoist_subset_pieces", "phase_major_shuffles", "quantize_cat_pieces",
            "route_pixel_shuffles", "route_smooth_upsampling", "subpixel_deconvs"]
 
 
@@ -166,6 +168,90 @@ def dynamic_cat_pieces(gm: fx.GraphModule) -> int:
             gm.graph.erase_node(cat)
         rewritten += 1
     return rewritten
+
+
+def hoist_subset_pieces(gm: fx.GraphModule) -> int:
+    """A DFSQ quantizer over channel pieces (:func:`dynamic_cat_pieces`) computes each
+    piece's codes right after the op that makes the piece
+    (:meth:`~fxquant.lower.subset.SubsetQuantize.piece_codes`) and only joins them where it
+    stood (:meth:`~fxquant.lower.subset.SubsetQuantize.join_codes`): its statistics and points
+    are per channel, so no piece waits for the others. Under ``lower{compile=true}`` each
+    piece's statistics and codes then join the compiled region that makes the piece, which
+    reads it while it is still in cache, instead of one region reading all of them back at
+    the end (IMDN's six 64-channel block outputs before its 384-channel 1×1 conv). DAQ's
+    codes are not hoisted: their balancing takes the largest step over all channels.
+    Pieces whose channel counts the graph does not tell (:func:`channels_of`) stay as they
+    are. Exact. Returns the number of quantizers rewritten.
+
+    Before::
+
+        add_1 = ...; ...; add_11 = ...
+        codes = c_0_input_codes([add_1, ..., add_11])
+
+    After::
+
+        add_1 = ...; piece = c_0_input_codes.piece_codes(add_1, 0, 64); ...
+        add_11 = ...; piece_5 = c_0_input_codes.piece_codes(add_11, 320, 384)
+        codes = c_0_input_codes.join_codes([piece, ..., piece_5])
+    """
+    rewritten = 0
+    for node in list(gm.graph.nodes):
+        module = module_of(gm, node)
+        if not isinstance(module, SubsetQuantize) or not isinstance(node.args[0], (list, tuple)):
+            continue
+        pieces = list(node.args[0])
+        widths = [channels_of(gm, piece) for piece in pieces]
+        if None in widths or sum(widths) != module.channels:
+            continue
+        parts, first = [], 0
+        for piece, width in zip(pieces, widths):
+            with gm.graph.inserting_after(piece):
+                owner = gm.graph.get_attr(node.target)
+            with gm.graph.inserting_after(owner):
+                parts.append(gm.graph.call_method("piece_codes", (owner, piece, first,
+                                                                  first + width)))
+            first += width
+        with gm.graph.inserting_before(node):
+            joined = gm.graph.call_method("join_codes", (gm.graph.get_attr(node.target), parts))
+        node.replace_all_uses_with(joined)
+        gm.graph.erase_node(node)
+        rewritten += 1
+    return rewritten
+
+
+# modules that keep their input's channels (elementwise)
+_ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.Sigmoid, nn.Tanh, nn.GELU,
+                nn.SiLU, nn.Identity)
+_BINARY = (operator.add, operator.mul, operator.sub, torch.add, torch.mul, torch.sub)
+
+
+def channels_of(gm: fx.GraphModule, node, _depth: int = 0) -> int | None:
+    """The channel count (dim 1) of ``node``'s value where the graph tells it: a module
+    with ``out_channels`` (convs, lowered convs), an elementwise module or a binary
+    add/mul/sub of such values (the widest operand: broadcasting), a piece of a split along
+    dim 1; None otherwise."""
+    if not isinstance(node, fx.Node) or _depth > 32:
+        return None
+    module = module_of(gm, node)
+    if module is not None:
+        if isinstance(getattr(module, "out_channels", None), int):
+            return module.out_channels
+        return channels_of(gm, node.args[0], _depth + 1) if node.args and isinstance(
+            module, _ELEMENTWISE) else None
+    if node.op != "call_function":
+        return None
+    if node.target in _BINARY:
+        known = [c for c in (channels_of(gm, a, _depth + 1) for a in node.args[:2]) if c]
+        return max(known) if known else None
+    if node.target is operator.getitem:
+        split, index = node.args
+        if isinstance(split, fx.Node) and split.op == "call_function" \
+                and split.target in (torch.split, torch.Tensor.split):
+            sizes = split.args[1] if len(split.args) > 1 else split.kwargs.get("split_size_or_sections")
+            dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
+            if dim in (1, -3) and isinstance(sizes, (list, tuple)) and isinstance(index, int):
+                return int(sizes[index])
+    return None
 
 
 def phase_major_shuffles(gm: fx.GraphModule) -> int:

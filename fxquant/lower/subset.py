@@ -39,6 +39,7 @@ import torch
 from torch import fx, nn
 
 from fxquant.errors import PassError
+from fxquant.lower.conv import LoweringError
 from fxquant.lower.folded import LAYERS, lower_folded
 from fxquant.lower.search import SearchedCodes, codes_by_search
 from fxquant.quant import UniformQuantizer
@@ -149,15 +150,32 @@ class SubsetQuantize(SearchedCodes, nn.Module):
         (``dynamic_cat_pieces``, passes/lower_rewrites.py): the statistics and the points
         are per channel, so each piece's codes are computed where it lies and only the codes
         are concatenated."""
-        if isinstance(x, (list, tuple)):
-            parts, start = [], 0
-            for piece in x:
-                parts.append(self._quantize(piece, start, start + piece.shape[1]))
-                start += piece.shape[1]
+        if not isinstance(x, (list, tuple)):
+            return self.join_codes([self.piece_codes(x, 0, self.channels)])
+        parts, start = [], 0
+        for piece in x:
+            parts.append(self.piece_codes(piece, start, start + piece.shape[1]))
+            start += piece.shape[1]
+        return self.join_codes(parts)
+
+    def piece_codes(self, x: torch.Tensor, first: int, end: int):
+        """``(codes, Δ, β, ĉ)`` of the quantizer's channels ``first..end-1``, ``x`` holding
+        just those channels, for :meth:`join_codes`. ``hoist_subset_pieces``
+        (passes/lower_rewrites.py) calls it where each piece of a concatenation is made."""
+        if x.shape[1] != end - first:
+            raise LoweringError(f"'{self.source}': a piece of channels {first}..{end - 1} "
+                                f"has {x.shape[1]} channels, not {end - first}")
+        return self._quantize(x, first, end)
+
+    def join_codes(self, parts: list[tuple]):
+        """The quantizer's output from its pieces' :meth:`piece_codes`, in channel order:
+        the codes side by side (uint8 planes ``lo + 256·hi`` on ``cpu`` where they pass 255,
+        NHWC there)."""
+        if len(parts) == 1:
+            codes, step, offset, centre = parts[0]
+        else:
             codes, step, offset = (torch.cat([part[i] for part in parts], 1) for i in range(3))
             centre = None if parts[0][3] is None else torch.cat([part[3] for part in parts], 1)
-        else:
-            codes, step, offset, centre = self._quantize(x, 0, self.channels)
         if codes.dtype == torch.int32:
             if not self.channels_last:  # reference: int32 codes
                 return codes, step, offset, centre

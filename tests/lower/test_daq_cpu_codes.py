@@ -219,6 +219,14 @@ class CatNet(nn.Module):
         return self.tail(torch.relu(self.fuse(torch.cat([self.left(h), self.right(h)], 1))))
 
 
+def _recording(join, codes: dict, name: str):
+    def recorded(parts):
+        out = join(parts)
+        codes[name] = out[0]
+        return out
+    return recorded
+
+
 @pytest.mark.parametrize("recipe", ["daq-w4a4", "daq-mp4", "dfsq-w4a4", "dfsq-static-w4a4"])
 def test_a_quantized_concat_is_coded_piece_by_piece_with_the_same_result(recipe, monkeypatch,
                                                                       tmp_path):
@@ -236,7 +244,9 @@ def test_a_quantized_concat_is_coded_piece_by_piece_with_the_same_result(recipe,
     codes = [n for n in pieces.graph.nodes
              if isinstance(pieces.get_submodule(n.target) if n.op == "call_module" else None,
                            (DaqQuantize, SubsetQuantize)) and isinstance(n.args[0], list)]
-    assert len(codes) == 1 and len(codes[0].args[0]) == 2
+    # DFSQ's pieces are coded where they are made (hoist_subset_pieces), then joined
+    joins = [n for n in pieces.graph.nodes if n.target == "join_codes"]
+    assert len(codes + joins) == 1 and len((codes + joins)[0].args[-1]) == 2
     assert not any(n.target in (torch.cat, torch.concat) for n in pieces.graph.nodes)
     x = torch.rand(2, 3, 10, 9)
     path = tmp_path / "pieces.fxq"  # a saved lowered model is rebuilt with the pieces again
@@ -249,7 +259,10 @@ def test_a_quantized_concat_is_coded_piece_by_piece_with_the_same_result(recipe,
     codes = {}
     for name, model in (("pieces", pieces), ("whole", whole)):
         module = model.get_submodule("fuse_input_codes")
-        module.register_forward_hook(lambda m, i, out, name=name: codes.update({name: out[0]}))
+        if joins and name == "pieces":  # the joined codes, recorded as the join returns them
+            module.join_codes = _recording(module.join_codes, codes, name)
+        else:
+            module.register_forward_hook(lambda m, i, out, name=name: codes.update({name: out[0]}))
     with torch.no_grad():
         a, b = pieces(x), whole(x)
     if recipe.startswith("daq"):

@@ -148,3 +148,61 @@ def test_shuffled_conv_outputs_are_phase_major_and_change_no_value(calib, monkey
         # saved and loaded: the pipeline rebuilds the same graph, the saved (permuted) state fits
         fxquant.save(lowered, tmp_path / "m.fxq")
         assert torch.equal(fxquant.load(tmp_path / "m.fxq", model)(x), out)
+
+
+def _piece_nodes(gm):
+    return [n for n in gm.graph.nodes if n.op == "call_method" and n.target == "piece_codes"]
+
+
+def test_dfsq_concat_codes_are_made_where_each_piece_is(calib, monkeypatch, tmp_path):
+    """DFSQ's codes of a concatenation are computed right after each piece's op (its channel
+    range named in the call) and joined where the quantizer stood; the output is bit for bit
+    the unhoisted model's, and a saved model loads with the same graph."""
+    torch.manual_seed(0)
+    fake = fxquant.compile(DistillBlock().eval(), "dfsq-w4a4", calib=calib)
+    lowered = fxquant.lowered_copy(fake, "cpu")
+    pieces = _piece_nodes(lowered)
+    for node in pieces:  # right after the op that makes the piece
+        owner = node.prev
+        assert owner.op == "get_attr" and owner.target == "fuse_input_codes"
+        assert node.args[0] is owner and owner.prev is node.args[1]
+    (join,) = [n for n in lowered.graph.nodes if n.target == "join_codes"]
+    assert [(p.args[2], p.args[3]) for p in join.args[1]] == [(0, 2), (2, 6), (6, 14)]
+    assert not any(n.op == "call_module" and n.target == "fuse_input_codes"
+                   for n in lowered.graph.nodes)
+    x = torch.rand(2, 3, 9, 11)
+    monkeypatch.setattr(lower_pass, "hoist_subset_pieces", lambda gm: 0)
+    plain = fxquant.lowered_copy(fake, "cpu")
+    assert not _piece_nodes(plain)
+    path = tmp_path / "hoisted.fxq"
+    fxquant.save(lowered, path)
+    monkeypatch.undo()
+    loaded = fxquant.load(path, DistillBlock().eval())
+    assert len(_piece_nodes(loaded)) == 3
+    with torch.no_grad():
+        out = lowered(x)
+        assert torch.equal(out, plain(x))
+        assert torch.equal(loaded(x), out)
+    with pytest.raises(fxquant.FxquantError, match="has 3 channels, not 2"):
+        lowered.get_submodule("fuse_input_codes").piece_codes(torch.rand(1, 3, 4, 4), 0, 2)
+
+
+class PooledPiece(DistillBlock):
+    """A concat piece made by an op whose channels the graph does not tell (a max pool)."""
+
+    def forward(self, x):
+        h = self.head(x)
+        distilled, rest = torch.split(self.act(self.c1(h)), (2, 6), dim=1)
+        pooled = nn.functional.max_pool2d(h, 3, 1, 1)
+        return self.tail(self.fuse(torch.cat([distilled, self.c2(rest), pooled], 1)) + h)
+
+
+def test_dfsq_pieces_of_unknown_width_are_not_hoisted(calib):
+    fake = fxquant.compile(PooledPiece().eval(), "dfsq-w4a4", calib=calib)
+    lowered = fxquant.lowered_copy(fake, "cpu")
+    assert not _piece_nodes(lowered)
+    (codes,) = [n for n in lowered.graph.nodes
+                if n.op == "call_module" and n.target == "fuse_input_codes"]
+    assert isinstance(codes.args[0], list) and len(codes.args[0]) == 3
+    with torch.no_grad():
+        assert lowered(torch.rand(1, 3, 8, 8)).shape == (1, 3, 8, 8)
