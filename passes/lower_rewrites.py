@@ -19,8 +19,9 @@ from fxquant.lower.subset import SubsetQuantize
 from fxquant.lower.subpixel import SubpixelConvTranspose2d, convertible
 from fxquant.lower.uniform_codes import IntegerDequantize, IntegerQuantize
 
-__all__ = ["dynamic_cat_pieces", "hoist_subset_pieces", "phase_major_shuffles", "quantize_cat_pieces",
-           "route_pixel_shuffles", "route_smooth_upsampling", "subpixel_deconvs"]
+__all__ = ["dynamic_cat_pieces", "hoist_subset_pieces", "phase_major_shuffles",
+           "quantize_cat_pieces", "route_pixel_shuffles", "route_smooth_upsampling",
+           "subpixel_deconvs"]
 
 
 def route_pixel_shuffles(gm: fx.GraphModule) -> None:
@@ -227,9 +228,9 @@ _BINARY = (operator.add, operator.mul, operator.sub, torch.add, torch.mul, torch
 
 def channels_of(gm: fx.GraphModule, node, _depth: int = 0) -> int | None:
     """The channel count (dim 1) of ``node``'s value where the graph tells it: a module
-    with ``out_channels`` (convs, lowered convs), an elementwise module or a binary
-    add/mul/sub of such values (the widest operand: broadcasting), a piece of a split along
-    dim 1; None otherwise."""
+    with ``out_channels`` (convs, lowered convs), an elementwise module, a binary add/mul/sub
+    whose tensor operands all tell theirs (the widest: broadcasting), a piece of a split
+    along dim 1 by sizes; None otherwise."""
     if not isinstance(node, fx.Node) or _depth > 32:
         return None
     module = module_of(gm, node)
@@ -241,14 +242,16 @@ def channels_of(gm: fx.GraphModule, node, _depth: int = 0) -> int | None:
     if node.op != "call_function":
         return None
     if node.target in _BINARY:
-        known = [c for c in (channels_of(gm, a, _depth + 1) for a in node.args[:2]) if c]
-        return max(known) if known else None
+        widths = [channels_of(gm, a, _depth + 1) for a in node.args[:2]
+                  if isinstance(a, fx.Node)]
+        return max(widths) if widths and None not in widths else None
     if node.target is operator.getitem:
         split, index = node.args
         if isinstance(split, fx.Node) and split.op == "call_function" \
                 and split.target in (torch.split, torch.Tensor.split):
-            sizes = split.args[1] if len(split.args) > 1 else split.kwargs.get("split_size_or_sections")
-            dim = split.args[2] if len(split.args) > 2 else split.kwargs.get("dim", 0)
+            args = dict(zip(("tensor", "sizes", "dim"), split.args))
+            sizes = args.get("sizes", split.kwargs.get("split_size_or_sections"))
+            dim = args.get("dim", split.kwargs.get("dim", 0))
             if dim in (1, -3) and isinstance(sizes, (list, tuple)) and isinstance(index, int):
                 return int(sizes[index])
     return None
