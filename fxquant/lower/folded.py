@@ -203,9 +203,38 @@ class CpuDaqConv2d(DaqConv2d):
     # weight: up to 0.1 dB on Set5); 2 (default) adds the residual, W' ≈ s1·K1 + s2·K2 with
     # s2 <= s1/254 (error <= max|W'|/64 516), at the price of a second u8 × s8 conv
     weight_planes = 2
+    # a map of at most this many pixels per image is convolved in float32 from the
+    # dequantized codes (:meth:`dequantized_conv`): at 1×1 (IMDN's channel attention) the
+    # int8 conv is a few hundred MACs, its per-image fold, prepack and border work about a
+    # millisecond, and an eager call a break in lower{compile=true}'s compiled region
+    small_map = 64
+
+    def forward(self, packed) -> torch.Tensor:
+        codes = packed[0]
+        plane = codes[0] if isinstance(codes, (list, tuple)) else codes
+        if plane.shape[-2] * plane.shape[-1] <= self.small_map:
+            return self.dequantized_conv(packed)
+        return self.integer_conv(packed)
+
+    def dequantized_conv(self, packed) -> torch.Tensor:
+        """The conv of ``x̂ = Δ·q + β`` with the de-quantized weights in float32: the
+        reference semantics without the int8 requantization of the fold (so closer to it
+        than :meth:`integer_conv`). Traced under lower{compile=true}, where the NaN-step
+        refusal (a host read) is left to the next integer conv, which the NaN reaches."""
+        codes, step, offset, _ = packed
+        if not torch.compiler.is_compiling():
+            self.refuse_non_finite(step)
+        values = codes.float() if isinstance(codes, torch.Tensor) else \
+            sum(plane.float() * float(256 ** k) for k, plane in enumerate(codes))
+        x = pad_codes(values * step + offset, self.pre_pad, self.pad_mode)
+        bias = None if self.bias is None else self.bias.float()
+        return F.conv2d(x, self.weight(torch.float32), bias, self.stride, self.padding,
+                        self.dilation, self.groups)
 
     @torch.compiler.disable  # per-image prepack: eager (lower{compile=true} compiles the codes)
-    def forward(self, packed) -> torch.Tensor:
+    def integer_conv(self, packed) -> torch.Tensor:
+        """oneDNN's u8 × s8 conv of the code planes with the per-image folded weights
+        (:meth:`folded_planes`), the offset term's border strips added after it."""
         codes, step, offset, centre = packed
         self.refuse_non_finite(step)
         planes = pad_codes(code_planes(codes), self.pre_pad, self.pad_mode)
