@@ -40,6 +40,7 @@ from fxquant.passes.lower_rewrites import (
     quantize_cat_pieces,
     route_pixel_shuffles,
     route_smooth_upsampling,
+    split_before_activation,
     subpixel_deconvs,
 )
 from fxquant.pipeline import Pass, PassContext, PassResult, register_pass
@@ -197,6 +198,7 @@ class LowerPass(Pass):
                             f"lower with it; supported: {SUPPORTED}")
         fused = residuals = subpixel = phase_major = 0
         if self.target == "cpu":
+            split_before_activation(gm)
             route_pixel_shuffles(gm)
             route_smooth_upsampling(gm)
             quantize_cat_pieces(gm)

@@ -3,6 +3,8 @@ becomes a concat of uint8 codes, bit for bit the same model."""
 
 from __future__ import annotations
 
+import operator
+
 import pytest
 import torch
 from torch import nn
@@ -206,3 +208,63 @@ def test_dfsq_pieces_of_unknown_width_are_not_hoisted(calib):
     assert isinstance(codes.args[0], list) and len(codes.args[0]) == 3
     with torch.no_grad():
         assert lowered(torch.rand(1, 3, 8, 8)).shape == (1, 3, 8, 8)
+
+
+class SharedActivation(DistillBlock):
+    """The activation before the split is read by something else too (the residual)."""
+
+    def forward(self, x):
+        h = self.head(x)
+        a = self.act(self.c1(h))
+        distilled, rest = torch.split(a, (2, 6), dim=1)
+        return self.tail(self.fuse(torch.cat([distilled, self.c2(rest), h], 1)) + a)
+
+
+class PReLUSplit(DistillBlock):
+    """A per-channel PReLU before the split: its weights follow the channels, so it stays."""
+
+    def __init__(self):
+        super().__init__()
+        self.act = nn.PReLU(8)
+
+
+def _split_inputs(lowered) -> list:
+    return [n.args[0] for n in lowered.graph.nodes if n.target is torch.split]
+
+
+@pytest.mark.parametrize("recipe", ["dfsq-w4a4", "mse-w8a8-sym"])
+def test_split_comes_before_the_activation_and_changes_no_value(calib, recipe, monkeypatch):
+    """``split(act(c1), ...)`` becomes ``act`` on each piece of ``split(c1, ...)``: the split
+    reads the conv, each piece is followed by its own call of the activation, and the output
+    is bit for bit the unrewritten model's."""
+    torch.manual_seed(0)
+    fake = fxquant.compile(DistillBlock().eval(), recipe, calib=calib)
+    lowered = fxquant.lowered_copy(fake, "cpu")
+    (source,) = _split_inputs(lowered)
+    assert source.op == "call_module" and source.target == "c1"
+    pieces = [n for n in lowered.graph.nodes if n.target is operator.getitem
+              and n.args[0].target is torch.split]
+    assert len(pieces) == 2
+    for piece in pieces:
+        (applied,) = piece.users
+        assert applied.op == "call_module" and applied.target == "act"
+    monkeypatch.setattr(lower_pass, "split_before_activation", lambda gm: 0)
+    plain = fxquant.lowered_copy(fake, "cpu")
+    assert _split_inputs(plain)[0].target == "act"
+    x = torch.rand(2, 3, 9, 11)
+    with torch.no_grad():
+        assert torch.equal(lowered(x), plain(x))
+
+
+@pytest.mark.parametrize("model_cls", [SharedActivation, PReLUSplit])
+def test_split_stays_after_a_shared_or_per_channel_activation(calib, model_cls):
+    torch.manual_seed(0)
+    model = model_cls().eval()
+    fake = fxquant.compile(model, "mse-w8a8-sym", calib=calib)
+    lowered = fxquant.lowered_copy(fake, "cpu")
+    (source,) = _split_inputs(lowered)
+    assert source.op == "call_module" and source.target == "act"
+    x = torch.rand(1, 3, 8, 8)
+    with torch.no_grad():
+        span = float(model(x).max() - model(x).min())
+        assert float((lowered(x) - model(x)).abs().max()) < 5e-2 * span
