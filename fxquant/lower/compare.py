@@ -101,6 +101,8 @@ def daq_layer_agreement(fake: fx.GraphModule, lowered: fx.GraphModule,
     for n in lowered.graph.nodes:
         if n.op == "call_module" and isinstance(modules[n.target], DaqConv2d):
             codes_node = n.args[0]
+            if codes_node.op == "call_method":  # join_codes(owner, pieces): hoist_subset_pieces
+                codes_node = codes_node.args[0]
             codes = modules[codes_node.target]
             pairs[codes.source] = (n.target, codes, modules[n.target])
     worst = {name: 0.0 for name, _, _ in pairs.values()}

@@ -187,6 +187,11 @@ def test_dfsq_concat_codes_are_made_where_each_piece_is(calib, monkeypatch, tmp_
         assert torch.equal(loaded(x), out)
     with pytest.raises(fxquant.FxquantError, match="has 3 channels, not 2"):
         lowered.get_submodule("fuse_input_codes").piece_codes(torch.rand(1, 3, 4, 4), 0, 2)
+    # the per-layer check finds the conv behind the join (tools/daq_lower_check.py)
+    from fxquant.lower.compare import daq_layer_agreement
+
+    agreement = {name: diff for name, diff, _ in daq_layer_agreement(fake, lowered, [x])}
+    assert set(agreement) == {"c1", "c2", "fuse"} and agreement["fuse"] < 1e-3
 
 
 class PooledPiece(DistillBlock):
