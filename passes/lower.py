@@ -35,6 +35,7 @@ from fxquant.lower.guard import InputGuard
 from fxquant.lower.triton_conv import GpuConv2d
 from fxquant.passes.lower_rewrites import (
     dynamic_cat_pieces,
+    fold_in_region,
     hoist_subset_pieces,
     phase_major_shuffles,
     quantize_cat_pieces,
@@ -211,6 +212,7 @@ class LowerPass(Pass):
             fused = _fuse_uint8_outputs(gm)
         if self.target == "cpu":
             phase_major = phase_major_shuffles(gm)
+            fold_in_region(gm)
         first_input = self._add_guard(gm, cpu_only=self.target != "gpu")
         gm.recompile()
         gm.fxquant_lowered = self.target
@@ -327,6 +329,9 @@ def _float_ops(gm: fx.GraphModule) -> list[str]:
         if node.op not in ("call_module", "call_function", "call_method"):
             continue
         module = module_of(gm, node)
+        owner = node.args[0] if node.op == "call_method" and node.args else None
+        if module is None and isinstance(owner, fx.Node) and owner.op == "get_attr":
+            module = gm.get_submodule(owner.target)  # a lowered module's method (rewrites)
         if module is None:
             names.add(getattr(node.target, "__name__", str(node.target)))
         elif not isinstance(module, integer):

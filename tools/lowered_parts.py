@@ -1,7 +1,8 @@
 """Where a compiled lowered model's forward spends its wall time: each compiled region (one
 Inductor graph, called once or many times per forward: the codes kernels, the float ops
-around them) and the per-image folded convs of DAQ and DFSQ (eager: their weight fold, the
-oneDNN prepack and int8 conv, the offset term's border strips), timed by wrapping the calls.
+around them, the folded convs' per-image weight fold) and the eager part of DAQ's and DFSQ's
+folded convs (the oneDNN prepack and int8 conv, the offset term's border strips), timed by
+wrapping the calls.
 
 One compile of ``RECIPE`` for ``MODEL`` (pretrained, its recipe's calibration patches),
 ``lower{target=cpu,compile=true}`` (DFSQ's ``planes`` and ``subset_codes`` as given), a random
@@ -63,15 +64,16 @@ def timed_parts(acc: dict[str, list[float]]):
             return out
         return timed
 
-    saved = (CompiledFxGraph.__call__, CpuDaqConv2d.forward, CpuDaqConv2d.image_conv)
+    saved = (CompiledFxGraph.__call__, CpuDaqConv2d.integer_conv, CpuDaqConv2d.image_conv)
     CompiledFxGraph.__call__ = wrap(saved[0], lambda args: region_label(args[0]))
-    # disabled as the forward it wraps is (Dynamo breaks the graph at the call, as without it)
-    CpuDaqConv2d.forward = torch.compiler.disable(wrap(saved[1], lambda args: FOLDED))
+    # disabled as the eager part it wraps is (Dynamo breaks the graph at the call, as
+    # without it); a small map's float conv and the fold (prepare) are traced into regions
+    CpuDaqConv2d.integer_conv = torch.compiler.disable(wrap(saved[1], lambda args: FOLDED))
     CpuDaqConv2d.image_conv = wrap(saved[2], lambda args: INT8)
     try:
         yield acc
     finally:
-        CompiledFxGraph.__call__, CpuDaqConv2d.forward, CpuDaqConv2d.image_conv = saved
+        CompiledFxGraph.__call__, CpuDaqConv2d.integer_conv, CpuDaqConv2d.image_conv = saved
 
 
 def measure(lowered, example: torch.Tensor, rounds: int) -> tuple[list[float], dict]:

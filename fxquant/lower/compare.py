@@ -20,7 +20,8 @@ import torch
 from torch import fx
 
 from fxquant.lower.conv import IntegerConv2d
-from fxquant.lower.folded import DaqConv2d, code_values
+from fxquant.lower.folded import DaqConv2d
+from fxquant.lower.planes import code_values
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from fxquant.lower.border import BorderTaps, add_border
 from fxquant.lower.conv import INT32_MAX, LoweringError, permute_output_buffers
 from fxquant.lower.int8_pairs import int8_pairs_saturate, needs_split, split_weight_codes
 from fxquant.lower.padding import lowered_padding, pad_codes
+from fxquant.lower.planes import code_planes
 
 U8_MAX, INT8_MAX = 255, 127
 
@@ -209,12 +210,32 @@ class CpuDaqConv2d(DaqConv2d):
     # millisecond, and an eager call a break in lower{compile=true}'s compiled region
     small_map = 64
 
-    def forward(self, packed) -> torch.Tensor:
+    def forward(self, packed, folded=None) -> torch.Tensor:
+        """``folded``: :meth:`prepare`'s value for ``packed``, where the graph computes it
+        before this call (``fold_in_region``, passes/lower_rewrites.py); made here if None."""
+        if self.small(packed):
+            return self.dequantized_conv(packed)
+        return self.integer_conv(packed, folded)
+
+    def small(self, packed) -> bool:
+        """Whether ``packed``'s map has at most :attr:`small_map` pixels per image."""
         codes = packed[0]
         plane = codes[0] if isinstance(codes, (list, tuple)) else codes
-        if plane.shape[-2] * plane.shape[-1] <= self.small_map:
-            return self.dequantized_conv(packed)
-        return self.integer_conv(packed)
+        return plane.shape[-2] * plane.shape[-1] <= self.small_map
+
+    def prepare(self, packed):
+        """:meth:`folded_planes` for ``packed``'s codes (None for a small map): traceable, so
+        that under lower{compile=true} the per-image fold (some twenty small ops) runs in
+        the compiled region before the conv instead of eagerly."""
+        if self.small(packed):
+            return None
+        codes, step, offset, centre = packed
+        plane = codes[0] if isinstance(codes, (list, tuple)) else codes
+        h, w = plane.shape[-2:]
+        if self.pre_pad is not None:
+            left, right, top, bottom = self.pre_pad
+            h, w = h + top + bottom, w + left + right
+        return self.folded_planes(step, offset, (h, w), centre)
 
     def dequantized_conv(self, packed) -> torch.Tensor:
         """The conv of ``x̂ = Δ·q + β`` with the de-quantized weights in float32: the
@@ -232,14 +253,17 @@ class CpuDaqConv2d(DaqConv2d):
                         self.dilation, self.groups)
 
     @torch.compiler.disable  # per-image prepack: eager (lower{compile=true} compiles the codes)
-    def integer_conv(self, packed) -> torch.Tensor:
+    def integer_conv(self, packed, folded=None) -> torch.Tensor:
         """oneDNN's u8 × s8 conv of the code planes with the per-image folded weights
-        (:meth:`folded_planes`), the offset term's border strips added after it."""
+        (``folded``: :meth:`prepare`'s, or made here), the offset term's border strips
+        added after it."""
         codes, step, offset, centre = packed
         self.refuse_non_finite(step)
         planes = pad_codes(code_planes(codes), self.pre_pad, self.pad_mode)
         n, _, h, w = planes[0].shape
-        wplanes, (v, rows, cols), bias = self.folded_planes(step, offset, (h, w), centre)
+        if folded is None:
+            folded = self.folded_planes(step, offset, (h, w), centre)
+        wplanes, (v, rows, cols), bias = folded
         outs = []
         for i in range(n):
             y = None
@@ -308,38 +332,6 @@ class CpuDaqConv2d(DaqConv2d):
                 y = part if y is None else y.add_(part)
             outs.append(y)
         return outs
-
-
-def code_planes(codes) -> list[torch.Tensor]:
-    """The uint8 planes of a codes value: uint8 codes are one plane, a list is planes
-    already (DFSQ on cpu), other integer-valued codes are split (:func:`split_planes`)."""
-    if isinstance(codes, (list, tuple)):
-        return list(codes)
-    return [codes] if codes.dtype == torch.uint8 else split_planes(codes)
-
-
-def code_values(codes) -> torch.Tensor:
-    """The integer codes ``Σ_k 256^k·plane_k`` of a codes value (int64), for checks."""
-    if not isinstance(codes, (list, tuple)):
-        return codes.long()
-    return sum(p.long() << (8 * k) for k, p in enumerate(codes))
-
-
-def split_planes(codes: torch.Tensor) -> list[torch.Tensor]:
-    """Non-negative integer-valued codes (float32 exact below 2^24, or int) → uint8 planes
-    ``q = Σ_k 256^k·plane_k`` (NHWC kept)."""
-    top = float(codes.max()) if codes.numel() else 0.0
-    if codes.is_floating_point() and top >= 2 ** 24:
-        raise LoweringError(f"DAQ relu-branch code {top:.0f} is beyond 2^24: the input is too "
-                            "large against its channel's step for the cpu target")
-    rest = codes.to(torch.int32)
-    planes, top = [], int(top)
-    while True:
-        planes.append((rest & U8_MAX).to(torch.uint8))
-        rest = rest >> 8
-        top >>= 8
-        if top == 0:
-            return [p.contiguous(memory_format=torch.channels_last) for p in planes]
 
 
 LAYERS = {"reference": ReferenceDaqConv2d, "cpu": CpuDaqConv2d}  # "gpu" added by triton_conv

@@ -33,7 +33,8 @@ from fxquant.lower import int_mm
 from fxquant.lower.conv import TARGETS, FusedOutputConv2d, LoweringError
 from fxquant.lower.folded import LAYERS as FOLDED_LAYERS
 from fxquant.lower.border import add_border
-from fxquant.lower.folded import CpuDaqConv2d, code_planes
+from fxquant.lower.folded import CpuDaqConv2d
+from fxquant.lower.planes import code_planes
 from fxquant.lower.padding import pad_codes
 
 # BLOCK_K a multiple of 32 (the int8 mma's k). On an H200 (tools/gpu_check.py, CUDA graphs,

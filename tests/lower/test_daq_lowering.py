@@ -26,8 +26,8 @@ from fxquant.lower.folded import (
     ReferenceDaqConv2d,
     onednn_accumulator_bound,
     requantize_folded,
-    split_planes,
 )
+from fxquant.lower.planes import split_planes
 from fxquant.quant import QuantConv2d
 from fxquant.quant.daq import DAQActivationQuantizer, daq_quantize, step_for_bits
 from fxquant.quant.daq_weights import DAQWeightQuantizer

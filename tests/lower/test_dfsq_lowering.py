@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 import fxquant
 from fxquant.errors import PassError
 from fxquant.lower.compare import daq_layer_agreement
-from fxquant.lower.folded import CpuDaqConv2d, ReferenceDaqConv2d, code_values
+from fxquant.lower.folded import CpuDaqConv2d, ReferenceDaqConv2d
+from fxquant.lower.planes import code_values
 from fxquant.lower.subset import SubsetQuantize
 from fxquant.quant import Quantizer
 from fxquant.quant.subset import SubsetQuantizer, grid_lookup, point_exponent

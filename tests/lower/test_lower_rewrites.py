@@ -273,3 +273,41 @@ def test_split_stays_after_a_shared_or_per_channel_activation(calib, model_cls):
     with torch.no_grad():
         span = float(model(x).max() - model(x).min())
         assert float((lowered(x) - model(x)).abs().max()) < 5e-2 * span
+
+
+@pytest.mark.parametrize("recipe", ["dfsq-w4a4", "daq-w4a4"])
+def test_folded_convs_take_their_fold_from_a_node_before_them(calib, recipe, monkeypatch,
+                                                              tmp_path):
+    """Each per-image folded conv reads its fold from a ``prepare`` node of its own (which
+    lower{compile=true} compiles into the region before the conv); eager, the output is the
+    unrewritten model's bit for bit, and a saved model rebuilds the same graph."""
+    from fxquant.lower.folded import CpuDaqConv2d
+
+    torch.manual_seed(0)
+    fake = fxquant.compile(DistillBlock().eval(), recipe, calib=calib)
+    lowered = fxquant.lowered_copy(fake, "cpu")
+    convs = [n for n in lowered.graph.nodes
+             if isinstance(lowered.get_submodule(n.target) if n.op == "call_module" else None,
+                           CpuDaqConv2d)]
+    assert convs
+    for node in convs:
+        codes, folded = node.args
+        assert folded.op == "call_method" and folded.target == "prepare"
+        assert folded.args[0].op == "get_attr" and folded.args[0].target == node.target
+        assert folded.args[1] is codes
+    # the lowered modules' own methods are integer machinery, not ops left in float
+    float_ops = dict(lowered.fxquant_history)["lower{target=cpu}"]["float_ops"]
+    assert not {"prepare", "piece_codes", "join_codes"} & set(float_ops.split(", "))
+    monkeypatch.setattr(lower_pass, "fold_in_region", lambda gm: 0)
+    plain = fxquant.lowered_copy(fake, "cpu")
+    assert not [n for n in plain.graph.nodes if n.target == "prepare"]
+    path = tmp_path / "folded.fxq"
+    fxquant.save(lowered, path)
+    monkeypatch.undo()
+    loaded = fxquant.load(path, DistillBlock().eval())
+    assert len([n for n in loaded.graph.nodes if n.target == "prepare"]) == len(convs)
+    x = torch.rand(2, 3, 9, 11)
+    with torch.no_grad():
+        out = lowered(x)
+        assert torch.equal(out, plain(x))
+        assert torch.equal(loaded(x), out)

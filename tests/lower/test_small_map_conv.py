@@ -45,11 +45,11 @@ def _conv_calls(monkeypatch):
     taken = {}
     float_conv, int_conv = CpuDaqConv2d.dequantized_conv, CpuDaqConv2d.integer_conv
     monkeypatch.setattr(CpuDaqConv2d, "dequantized_conv",
-                        lambda self, p: taken.setdefault(self.source, "float") and
-                        float_conv(self, p))
+                        lambda self, *a: taken.setdefault(self.source, "float") and
+                        float_conv(self, *a))
     monkeypatch.setattr(CpuDaqConv2d, "integer_conv",
-                        lambda self, p: taken.setdefault(self.source, "int8") and
-                        int_conv(self, p))
+                        lambda self, *a: taken.setdefault(self.source, "int8") and
+                        int_conv(self, *a))
     return taken
 
 
