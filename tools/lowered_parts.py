@@ -64,16 +64,16 @@ def timed_parts(acc: dict[str, list[float]]):
             return out
         return timed
 
-    saved = (CompiledFxGraph.__call__, CpuDaqConv2d.integer_conv, CpuDaqConv2d.image_conv)
+    saved = (CompiledFxGraph.__call__, CpuDaqConv2d.forward, CpuDaqConv2d.image_conv)
     CompiledFxGraph.__call__ = wrap(saved[0], lambda args: region_label(args[0]))
-    # disabled as the eager part it wraps is (Dynamo breaks the graph at the call, as
-    # without it); a small map's float conv and the fold (prepare) are traced into regions
-    CpuDaqConv2d.integer_conv = torch.compiler.disable(wrap(saved[1], lambda args: FOLDED))
+    # disabled as the forward it wraps is (Dynamo breaks the graph at the call, as without
+    # it); the fold and a small map's float conv (prepare) are traced into the regions
+    CpuDaqConv2d.forward = torch.compiler.disable(wrap(saved[1], lambda args: FOLDED))
     CpuDaqConv2d.image_conv = wrap(saved[2], lambda args: INT8)
     try:
         yield acc
     finally:
-        CompiledFxGraph.__call__, CpuDaqConv2d.integer_conv, CpuDaqConv2d.image_conv = saved
+        CompiledFxGraph.__call__, CpuDaqConv2d.forward, CpuDaqConv2d.image_conv = saved
 
 
 def measure(lowered, example: torch.Tensor, rounds: int) -> tuple[list[float], dict]:

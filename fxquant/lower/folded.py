@@ -206,16 +206,21 @@ class CpuDaqConv2d(DaqConv2d):
     weight_planes = 2
     # a map of at most this many pixels per image is convolved in float32 from the
     # dequantized codes (:meth:`dequantized_conv`): at 1×1 (IMDN's channel attention) the
-    # int8 conv is a few hundred MACs, its per-image fold, prepack and border work about a
-    # millisecond, and an eager call a break in lower{compile=true}'s compiled region
+    # int8 conv is a few hundred MACs and its per-image fold, prepack and border strips
+    # about a millisecond
     small_map = 64
 
-    def forward(self, packed, folded=None) -> torch.Tensor:
-        """``folded``: :meth:`prepare`'s value for ``packed``, where the graph computes it
-        before this call (``fold_in_region``, passes/lower_rewrites.py); made here if None."""
-        if self.small(packed):
-            return self.dequantized_conv(packed)
-        return self.integer_conv(packed, folded)
+    @torch.compiler.disable  # per-image prepack: eager (lower{compile=true} compiles the rest)
+    def forward(self, packed, prepared=None) -> torch.Tensor:
+        """``prepared``: :meth:`prepare`'s value for ``packed`` where the graph computes it
+        before this call (``fold_in_region``, passes/lower_rewrites.py), made here if None:
+        a small map's output, or the fold the int8 conv takes."""
+        self.refuse_non_finite(packed[1])
+        if prepared is None:
+            prepared = self.prepare(packed)
+        if isinstance(prepared, torch.Tensor):
+            return prepared
+        return self.integer_conv(packed, prepared)
 
     def small(self, packed) -> bool:
         """Whether ``packed``'s map has at most :attr:`small_map` pixels per image."""
@@ -224,11 +229,12 @@ class CpuDaqConv2d(DaqConv2d):
         return plane.shape[-2] * plane.shape[-1] <= self.small_map
 
     def prepare(self, packed):
-        """:meth:`folded_planes` for ``packed``'s codes (None for a small map): traceable, so
-        that under lower{compile=true} the per-image fold (some twenty small ops) runs in
-        the compiled region before the conv instead of eagerly."""
+        """A small map's output (:meth:`dequantized_conv`), else :meth:`folded_planes` for
+        ``packed``'s codes: traceable, so that under lower{compile=true} the per-image fold
+        (some twenty small ops), or the whole float conv of a small map, runs in the compiled
+        region before the conv's eager call."""
         if self.small(packed):
-            return None
+            return self.dequantized_conv(packed)
         codes, step, offset, centre = packed
         plane = codes[0] if isinstance(codes, (list, tuple)) else codes
         h, w = plane.shape[-2:]
@@ -240,11 +246,8 @@ class CpuDaqConv2d(DaqConv2d):
     def dequantized_conv(self, packed) -> torch.Tensor:
         """The conv of ``x̂ = Δ·q + β`` with the de-quantized weights in float32: the
         reference semantics without the int8 requantization of the fold (so closer to it
-        than :meth:`integer_conv`). Traced under lower{compile=true}, where the NaN-step
-        refusal (a host read) is left to the next integer conv, which the NaN reaches."""
+        than :meth:`integer_conv`)."""
         codes, step, offset, _ = packed
-        if not torch.compiler.is_compiling():
-            self.refuse_non_finite(step)
         values = codes.float() if isinstance(codes, torch.Tensor) else \
             sum(plane.float() * float(256 ** k) for k, plane in enumerate(codes))
         x = pad_codes(values * step + offset, self.pre_pad, self.pad_mode)
@@ -252,17 +255,11 @@ class CpuDaqConv2d(DaqConv2d):
         return F.conv2d(x, self.weight(torch.float32), bias, self.stride, self.padding,
                         self.dilation, self.groups)
 
-    @torch.compiler.disable  # per-image prepack: eager (lower{compile=true} compiles the codes)
-    def integer_conv(self, packed, folded=None) -> torch.Tensor:
+    def integer_conv(self, packed, folded) -> torch.Tensor:
         """oneDNN's u8 × s8 conv of the code planes with the per-image folded weights
-        (``folded``: :meth:`prepare`'s, or made here), the offset term's border strips
-        added after it."""
-        codes, step, offset, centre = packed
-        self.refuse_non_finite(step)
-        planes = pad_codes(code_planes(codes), self.pre_pad, self.pad_mode)
+        (``folded``: :meth:`prepare`'s), the offset term's border strips added after it."""
+        planes = pad_codes(code_planes(packed[0]), self.pre_pad, self.pad_mode)
         n, _, h, w = planes[0].shape
-        if folded is None:
-            folded = self.folded_planes(step, offset, (h, w), centre)
         wplanes, (v, rows, cols), bias = folded
         outs = []
         for i in range(n):
