@@ -19,9 +19,9 @@ from fxquant.lower.subset import SubsetQuantize
 from fxquant.lower.subpixel import SubpixelConvTranspose2d, convertible
 from fxquant.lower.uniform_codes import IntegerDequantize, IntegerQuantize
 
-__all__ = ["dynamic_cat_pieces", "fold_in_region", "hoist_subset_pieces", "phase_major_shuffles",
-           "quantize_cat_pieces", "route_pixel_shuffles", "route_smooth_upsampling",
-           "split_before_activation", "subpixel_deconvs"]
+__all__ = ["dynamic_cat_pieces", "fold_in_region", "hoist_subset_pieces",
+           "phase_major_shuffles", "quantize_cat_pieces", "route_pixel_shuffles",
+           "route_smooth_upsampling", "split_before_activation", "subpixel_deconvs"]
 
 
 def route_pixel_shuffles(gm: fx.GraphModule) -> None:
@@ -224,18 +224,20 @@ def fold_in_region(gm: fx.GraphModule) -> int:
     """Each per-image folded conv of the cpu target (DAQ's, DFSQ's
     :class:`~fxquant.lower.folded.CpuDaqConv2d`) gets its fold as a node of its own before
     it (:meth:`~fxquant.lower.folded.CpuDaqConv2d.prepare`): the per-image folded weights,
-    their int8 requantization, the offset taps and the bias, about twenty small ops. Under
-    ``lower{compile=true}`` they then run in the compiled region that makes the codes,
-    instead of eagerly inside the conv, whose oneDNN call stays eager. The same ops in the
-    same order: exact. Returns the number of convs rewritten.
+    their int8 requantization, the offset taps and the bias, about twenty small ops (on a
+    map of at most ``small_map`` pixels, the whole float conv). Under ``lower{compile=true}``
+    they then run in the compiled region that makes the codes, instead of eagerly inside
+    the conv, whose oneDNN call stays eager. Eager, the same ops in the same order: exact.
+    Returns the number of convs rewritten.
 
     Before::
 
-        codes = c2_input_codes(x);  c2 = c2(codes)
+        codes = c2_input_codes(x);  c2_1 = self.c2(codes)
 
     After::
 
-        codes = c2_input_codes(x);  c2_fold = c2.prepare(codes);  c2 = c2(codes, c2_fold)
+        codes = c2_input_codes(x);  prepare = c2.prepare(codes)
+        c2_1 = self.c2(codes, prepare)
     """
     rewritten = 0
     for node in list(gm.graph.nodes):
