@@ -67,6 +67,16 @@ def module_of(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
     return gm.get_submodule(node.target)
 
 
+def method_owner(gm: fx.GraphModule, node: fx.Node) -> nn.Module | None:
+    """The module whose method ``node`` calls, ``owner.method(...)`` with the owner a
+    ``get_attr`` (the lower pass's rewrites: ``prepare``, ``piece_codes``, ``join_codes``);
+    None for any other node."""
+    owner = node.args[0] if node.op == "call_method" and node.args else None
+    if not isinstance(owner, fx.Node) or owner.op != "get_attr":
+        return None
+    return gm.get_submodule(owner.target)
+
+
 def conv_nodes(gm: fx.GraphModule) -> list[fx.Node]:
     """Every call of a conv or transposed-conv module, in graph (topological) order."""
     return [n for n in gm.graph.nodes if isinstance(module_of(gm, n), CONV_TYPES)]

@@ -15,6 +15,7 @@ from fxquant.graph import (
     OUTPUT_QUANTIZER,
     insert_output_module,
     is_relu,
+    method_owner,
     module_of,
     replace_module_node,
 )
@@ -329,9 +330,8 @@ def _float_ops(gm: fx.GraphModule) -> list[str]:
         if node.op not in ("call_module", "call_function", "call_method"):
             continue
         module = module_of(gm, node)
-        owner = node.args[0] if node.op == "call_method" and node.args else None
-        if module is None and isinstance(owner, fx.Node) and owner.op == "get_attr":
-            module = gm.get_submodule(owner.target)  # a lowered module's method (rewrites)
+        if module is None:
+            module = method_owner(gm, node)
         if module is None:
             names.add(getattr(node.target, "__name__", str(node.target)))
         elif not isinstance(module, integer):

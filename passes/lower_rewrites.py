@@ -273,17 +273,13 @@ def split_before_activation(gm: fx.GraphModule) -> int:
     """
     rewritten = 0
     for split in list(gm.graph.nodes):
-        if split.op != "call_function" or split.target not in (torch.split, torch.Tensor.split):
+        if _channel_split(split) is None:
             continue
-        act = split.args[0]
+        act, pieces = split.args[0], list(split.users)
         if not isinstance(act, fx.Node) or not isinstance(module_of(gm, act), _STATELESS) \
-                or len(act.users) != 1 or len(act.args) != 1 or act.kwargs:
-            continue
-        args = dict(zip(("tensor", "sizes", "dim"), split.args))
-        dim = args.get("dim", split.kwargs.get("dim", 0))
-        pieces = list(split.users)
-        if dim not in (1, -3) or not all(p.op == "call_function" and p.target is operator.getitem
-                                         for p in pieces):
+                or len(act.users) != 1 or len(act.args) != 1 or act.kwargs \
+                or not all(p.op == "call_function" and p.target is operator.getitem
+                           for p in pieces):
             continue
         split.replace_input_with(act, act.args[0])
         for piece in pieces:
@@ -298,11 +294,19 @@ def split_before_activation(gm: fx.GraphModule) -> int:
 # stateless elementwise modules: the same function on every channel
 _STATELESS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Sigmoid, nn.Tanh, nn.GELU, nn.SiLU,
               nn.Hardtanh, nn.Identity)
+# modules that keep their input's channels (elementwise; PReLU's weights are per channel)
+_ELEMENTWISE = _STATELESS + (nn.PReLU,)
 
 
-# modules that keep their input's channels (elementwise)
-_ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.Sigmoid, nn.Tanh, nn.GELU,
-                nn.SiLU, nn.Identity)
+def _channel_split(node) -> tuple[list | tuple | int, int] | None:
+    """``(sizes, dim)`` of a ``torch.split`` call along the channels (dim 1), else None."""
+    if not isinstance(node, fx.Node) or node.op != "call_function" \
+            or node.target not in (torch.split, torch.Tensor.split):
+        return None
+    args = dict(zip(("tensor", "sizes", "dim"), node.args))
+    sizes = args.get("sizes", node.kwargs.get("split_size_or_sections"))
+    dim = args.get("dim", node.kwargs.get("dim", 0))
+    return (sizes, dim) if dim in (1, -3) else None
 _BINARY = (operator.add, operator.mul, operator.sub, torch.add, torch.mul, torch.sub)
 
 
@@ -327,13 +331,9 @@ def channels_of(gm: fx.GraphModule, node, _depth: int = 0) -> int | None:
         return max(widths) if widths and None not in widths else None
     if node.target is operator.getitem:
         split, index = node.args
-        if isinstance(split, fx.Node) and split.op == "call_function" \
-                and split.target in (torch.split, torch.Tensor.split):
-            args = dict(zip(("tensor", "sizes", "dim"), split.args))
-            sizes = args.get("sizes", split.kwargs.get("split_size_or_sections"))
-            dim = args.get("dim", split.kwargs.get("dim", 0))
-            if dim in (1, -3) and isinstance(sizes, (list, tuple)) and isinstance(index, int):
-                return int(sizes[index])
+        sizes = (_channel_split(split) or (None, None))[0]
+        if isinstance(sizes, (list, tuple)) and isinstance(index, int):
+            return int(sizes[index])
     return None
 
 

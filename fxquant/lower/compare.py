@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import fx
 
+from fxquant.graph import method_owner
 from fxquant.lower.conv import IntegerConv2d
 from fxquant.lower.folded import DaqConv2d
 from fxquant.lower.planes import code_values
@@ -101,10 +102,10 @@ def daq_layer_agreement(fake: fx.GraphModule, lowered: fx.GraphModule,
     pairs = {}  # fake quantizer name -> (lowered conv name, codes module, conv module)
     for n in lowered.graph.nodes:
         if n.op == "call_module" and isinstance(modules[n.target], DaqConv2d):
-            codes_node = n.args[0]
-            if codes_node.op == "call_method":  # join_codes(owner, pieces): hoist_subset_pieces
-                codes_node = codes_node.args[0]
-            codes = modules[codes_node.target]
+            # the codes module, or the one whose join_codes the conv reads (hoisted pieces)
+            codes = method_owner(lowered, n.args[0])
+            if codes is None:
+                codes = modules[n.args[0].target]
             pairs[codes.source] = (n.target, codes, modules[n.target])
     worst = {name: 0.0 for name, _, _ in pairs.values()}
     top = {name: 0 for name, _, _ in pairs.values()}

@@ -31,7 +31,7 @@ from fxquant.lower.border import BorderTaps, add_border
 from fxquant.lower.conv import INT32_MAX, LoweringError, permute_output_buffers
 from fxquant.lower.int8_pairs import int8_pairs_saturate, needs_split, split_weight_codes
 from fxquant.lower.padding import lowered_padding, pad_codes
-from fxquant.lower.planes import code_planes
+from fxquant.lower.planes import code_planes, code_values, plane_shape
 
 U8_MAX, INT8_MAX = 255, 127
 
@@ -224,9 +224,8 @@ class CpuDaqConv2d(DaqConv2d):
 
     def small(self, packed) -> bool:
         """Whether ``packed``'s map has at most :attr:`small_map` pixels per image."""
-        codes = packed[0]
-        plane = codes[0] if isinstance(codes, (list, tuple)) else codes
-        return plane.shape[-2] * plane.shape[-1] <= self.small_map
+        h, w = plane_shape(packed[0])[-2:]
+        return h * w <= self.small_map
 
     def prepare(self, packed):
         """A small map's output (:meth:`dequantized_conv`), else :meth:`folded_planes` for
@@ -236,8 +235,7 @@ class CpuDaqConv2d(DaqConv2d):
         if self.small(packed):
             return self.dequantized_conv(packed)
         codes, step, offset, centre = packed
-        plane = codes[0] if isinstance(codes, (list, tuple)) else codes
-        h, w = plane.shape[-2:]
+        h, w = plane_shape(codes)[-2:]
         if self.pre_pad is not None:
             left, right, top, bottom = self.pre_pad
             h, w = h + top + bottom, w + left + right
@@ -248,9 +246,7 @@ class CpuDaqConv2d(DaqConv2d):
         reference semantics without the int8 requantization of the fold (so closer to it
         than :meth:`integer_conv`)."""
         codes, step, offset, _ = packed
-        values = codes.float() if isinstance(codes, torch.Tensor) else \
-            sum(plane.float() * float(256 ** k) for k, plane in enumerate(codes))
-        x = pad_codes(values * step + offset, self.pre_pad, self.pad_mode)
+        x = pad_codes(code_values(codes).float() * step + offset, self.pre_pad, self.pad_mode)
         bias = None if self.bias is None else self.bias.float()
         return F.conv2d(x, self.weight(torch.float32), bias, self.stride, self.padding,
                         self.dilation, self.groups)

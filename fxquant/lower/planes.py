@@ -18,6 +18,11 @@ def code_planes(codes) -> list[torch.Tensor]:
     return [codes] if codes.dtype == torch.uint8 else split_planes(codes)
 
 
+def plane_shape(codes) -> torch.Size:
+    """The shape of a codes value's planes (all share it)."""
+    return (codes[0] if isinstance(codes, (list, tuple)) else codes).shape
+
+
 def code_values(codes) -> torch.Tensor:
     """The integer codes ``Σ_k 256^k·plane_k`` of a codes value (int64), for checks."""
     if not isinstance(codes, (list, tuple)):
